@@ -1,0 +1,3 @@
+//! Architecture-specific platform code. Only x86_64 is supported.
+
+pub mod x86_64;

@@ -1,0 +1,153 @@
+//! Per-vCPU CPUID: what KVM supports, with each vCPU's APIC ID and a topology of `n` cores in
+//! one socket, one thread per core, and the hypervisor bit set.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
+const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
+const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
+
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+/// CPUID.0BH level types.
+const LEVEL_TYPE_SMT: u32 = 1;
+const LEVEL_TYPE_CORE: u32 = 2;
+
+/// Bits needed to hold `n` distinct IDs.
+fn id_bits(n: u32) -> u32 {
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
+}
+
+/// Adapts one CPUID entry for vCPU `vcpu_id` of `vcpu_count`.
+pub fn adapt_entry(entry: &mut kvm_cpuid_entry2, vcpu_id: u8, vcpu_count: u8) {
+    let apic_id = u32::from(vcpu_id);
+    let count = u32::from(vcpu_count);
+    match entry.function {
+        LEAF_FEATURES => {
+            // EBX: [31:24] initial APIC ID, [23:16] logical processors per package,
+            // [15:8] CLFLUSH line size in quadwords.
+            entry.ebx = (apic_id << 24) | (count << 16) | (8 << 8);
+            entry.ecx |= ECX_HYPERVISOR;
+            if count > 1 {
+                entry.edx |= EDX_HTT;
+            } else {
+                entry.edx &= !EDX_HTT;
+            }
+        }
+        LEAF_CACHE_PARAMS => {
+            // EAX[31:26]: cores per package - 1; [25:14]: threads sharing this cache - 1
+            // (caches above L2 are shared by the package, the rest are per core).
+            let cache_level = (entry.eax >> 5) & 0x7;
+            let sharing = if cache_level >= 3 { count - 1 } else { 0 };
+            entry.eax = (entry.eax & 0x3fff) | ((count - 1) << 26) | (sharing << 14);
+        }
+        LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
+            entry.edx = apic_id;
+            match entry.index {
+                0 => {
+                    entry.eax = 0;
+                    entry.ebx = 1;
+                    entry.ecx = (LEVEL_TYPE_SMT << 8) | entry.index;
+                }
+                1 => {
+                    entry.eax = id_bits(count);
+                    entry.ebx = count;
+                    entry.ecx = (LEVEL_TYPE_CORE << 8) | entry.index;
+                }
+                _ => {
+                    entry.eax = 0;
+                    entry.ebx = 0;
+                    entry.ecx = entry.index;
+                }
+            }
+        }
+        LEAF_AMD_SIZE_IDS => {
+            // ECX[15:12]: APIC ID size; [7:0]: number of cores - 1.
+            entry.ecx = (id_bits(count).max(1) << 12) | (count - 1);
+        }
+        LEAF_AMD_EXT_APIC_ID => {
+            entry.eax = apic_id;
+            entry.ebx = apic_id & 0xff; // compute unit id, one thread per unit
+            entry.ecx = 0; // one node
+        }
+        _ => {}
+    }
+}
+
+/// The CPUID table of vCPU `vcpu_id`, derived from KVM's supported table.
+pub fn vcpu_cpuid(supported: &CpuId, vcpu_id: u8, vcpu_count: u8) -> CpuId {
+    let mut cpuid = supported.clone();
+    for entry in cpuid.as_mut_slice() {
+        adapt_entry(entry, vcpu_id, vcpu_count);
+    }
+    cpuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn apic_id_and_count_in_leaf_1() {
+        let mut e = entry(1, 0);
+        adapt_entry(&mut e, 3, 4);
+        assert_eq!(e.ebx >> 24, 3);
+        assert_eq!((e.ebx >> 16) & 0xff, 4);
+        assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(e.edx & EDX_HTT, 0);
+        let mut single = entry(1, 0);
+        single.edx = EDX_HTT;
+        adapt_entry(&mut single, 0, 1);
+        assert_eq!(single.edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn extended_topology_levels() {
+        let mut smt = entry(0xb, 0);
+        let mut core = entry(0xb, 1);
+        let mut end = entry(0xb, 2);
+        for e in [&mut smt, &mut core, &mut end] {
+            adapt_entry(e, 5, 6);
+            assert_eq!(e.edx, 5, "x2APIC id on every subleaf");
+        }
+        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8), (0, 1, LEVEL_TYPE_SMT));
+        assert_eq!((core.eax, core.ebx, core.ecx >> 8), (3, 6, LEVEL_TYPE_CORE));
+        assert_eq!(
+            (end.ebx, end.ecx >> 8),
+            (0, 0),
+            "invalid level ends the list"
+        );
+    }
+
+    #[test]
+    fn id_bits_values() {
+        assert_eq!(
+            [1, 2, 3, 4, 5, 32].map(id_bits),
+            [0, 1, 2, 2, 3, 5],
+            "bits for 1, 2, 3, 4, 5, 32 ids"
+        );
+    }
+
+    #[test]
+    fn amd_core_count() {
+        let mut e = entry(0x8000_0008, 0);
+        adapt_entry(&mut e, 0, 32);
+        assert_eq!(e.ecx & 0xff, 31);
+        assert_eq!((e.ecx >> 12) & 0xf, 5);
+    }
+}

@@ -1,0 +1,317 @@
+//! VM configuration: the command line and the JSON config file, merged and validated.
+//!
+//! Every flag can also be given in a JSON file (`--config FILE`, unknown fields rejected); a
+//! flag given on the command line wins over the file. Validation happens once, here, so the
+//! rest of the VMM works with a [`VmConfig`] that is known to be sane.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Default kernel command line: console on COM1, reboot through the ACPI reset register,
+/// reboot one second after a panic so a supervisor sees the reset status, no PCI probing
+/// (all devices are announced through ACPI).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1 pci=off";
+pub const DEFAULT_VCPUS: u8 = 1;
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+pub const MIN_MEMORY_MIB: u64 = 64;
+pub const MAX_VCPUS: u8 = 32;
+/// The x86 kernel's COMMAND_LINE_SIZE, including the terminating NUL.
+pub const MAX_CMDLINE_LEN: usize = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    ParseFile {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("no kernel given: use --kernel PATH or \"kernel\" in the config file")]
+    MissingKernel,
+    #[error("cpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Cpus(u64),
+    #[error("memory must be at least {MIN_MEMORY_MIB} MiB, got {0} MiB")]
+    MemoryTooSmall(u64),
+    #[error("memory {requested} MiB is more than this host's {host} MiB of RAM")]
+    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("kernel command line is {0} bytes long; the limit is {max} bytes", max = MAX_CMDLINE_LEN - 1)]
+    CmdlineTooLong(usize),
+    #[error("kernel command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("invalid serial '{0}': expected stdout, none or file:PATH")]
+    Serial(String),
+}
+
+/// Where the guest's COM1 output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    Stdout,
+    File(PathBuf),
+    None,
+}
+
+impl FromStr for SerialTarget {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => Ok(SerialTarget::Stdout),
+            "none" => Ok(SerialTarget::None),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialTarget::File(PathBuf::from(path))),
+                _ => Err(ConfigError::Serial(s.to_string())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for SerialTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SerialTarget::Stdout => f.write_str("stdout"),
+            SerialTarget::None => f.write_str("none"),
+            SerialTarget::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+/// The command line. Every option is optional here so that the config file can supply it.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "thvc-vmm",
+    version,
+    about = "A minimal KVM virtual machine monitor: one process per VM.",
+    after_help = "Exit status: 0 guest powered off or VMM stopped by SIGTERM/SIGINT; \
+                  1 error; 2 invalid usage or configuration; 3 guest reset (reboot, \
+                  or a panic with panic=N)."
+)]
+pub struct Cli {
+    /// Guest kernel: a bzImage or an uncompressed ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to hand to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; replaces the default "console=ttyS0 panic=1 pci=off".
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (1-32) [default: 1].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u64>,
+    /// Guest memory in MiB (at least 64) [default: 256].
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u64>,
+    /// Guest serial console (COM1): stdout, file:PATH or none [default: stdout].
+    #[arg(long, value_name = "TARGET")]
+    pub serial: Option<String>,
+    /// JSON file with any of the settings above; command-line flags take precedence.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The JSON config file: the same settings as the command line.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub cpus: Option<u64>,
+    pub memory: Option<u64>,
+    pub serial: Option<String>,
+}
+
+impl FileConfig {
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        serde_json::from_str(text).map_err(|source| ConfigError::ParseFile {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+}
+
+/// A validated VM configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub serial: SerialTarget,
+}
+
+impl VmConfig {
+    /// Merges the command line over the config file (if any) and validates the result.
+    /// `host_memory_mib` is the host's physical RAM, the upper bound for guest memory.
+    pub fn from_cli(cli: Cli, host_memory_mib: u64) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(cli, file, host_memory_mib)
+    }
+
+    pub fn merge(cli: Cli, file: FileConfig, host_memory_mib: u64) -> Result<Self, ConfigError> {
+        let kernel = cli
+            .kernel
+            .or(file.kernel)
+            .ok_or(ConfigError::MissingKernel)?;
+        let cpus = cli.cpus.or(file.cpus).unwrap_or(u64::from(DEFAULT_VCPUS));
+        let vcpus = match u8::try_from(cpus) {
+            Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
+            _ => return Err(ConfigError::Cpus(cpus)),
+        };
+        let memory_mib = cli.memory.or(file.memory).unwrap_or(DEFAULT_MEMORY_MIB);
+        if memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(memory_mib));
+        }
+        if memory_mib > host_memory_mib {
+            return Err(ConfigError::MemoryTooLarge {
+                requested: memory_mib,
+                host: host_memory_mib,
+            });
+        }
+        let cmdline = cli
+            .cmdline
+            .or(file.cmdline)
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        if cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
+        }
+        if cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        let serial = match cli.serial.or(file.serial) {
+            Some(s) => s.parse()?,
+            None => SerialTarget::Stdout,
+        };
+        Ok(VmConfig {
+            kernel,
+            initrd: cli.initrd.or(file.initrd),
+            cmdline,
+            vcpus,
+            memory_mib,
+            serial,
+        })
+    }
+}
+
+/// The host's physical RAM in MiB, from sysinfo(2).
+pub fn host_memory_mib() -> std::io::Result<u64> {
+    // SAFETY: sysinfo only writes into the zeroed struct we pass.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable sysinfo struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit)) >> 20)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST_MIB: u64 = 16 * 1024;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("thvc-vmm").chain(args.iter().copied()))
+            .expect("test arguments parse")
+    }
+
+    #[test]
+    fn defaults() {
+        let cfg = VmConfig::merge(cli(&["--kernel", "/k"]), FileConfig::default(), HOST_MIB)
+            .expect("valid");
+        assert_eq!(cfg.vcpus, 1);
+        assert_eq!(cfg.memory_mib, 256);
+        assert_eq!(cfg.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(cfg.serial, SerialTarget::Stdout);
+        assert_eq!(cfg.initrd, None);
+    }
+
+    #[test]
+    fn file_supplies_everything_and_cli_wins() {
+        let file = FileConfig::parse(
+            r#"{"kernel": "/file-k", "initrd": "/i", "cmdline": "x=1", "cpus": 4,
+                "memory": 512, "serial": "file:/tmp/s.log"}"#,
+            Path::new("cfg.json"),
+        )
+        .expect("valid file");
+        let cfg = VmConfig::merge(cli(&["--cpus", "2"]), file, HOST_MIB).expect("valid");
+        assert_eq!(cfg.kernel, PathBuf::from("/file-k"));
+        assert_eq!(cfg.initrd, Some(PathBuf::from("/i")));
+        assert_eq!(cfg.cmdline, "x=1");
+        assert_eq!(cfg.vcpus, 2, "the command line wins over the file");
+        assert_eq!(cfg.memory_mib, 512);
+        assert_eq!(cfg.serial, SerialTarget::File("/tmp/s.log".into()));
+    }
+
+    #[test]
+    fn unknown_field_in_file_is_rejected() {
+        let err = FileConfig::parse(r#"{"kernel": "/k", "cpu": 2}"#, Path::new("c.json"))
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("unknown field `cpu`"), "{err}");
+        assert!(err.to_string().contains("c.json"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_in_file_is_rejected() {
+        let err = FileConfig::parse(r#"{"cpus": "two"}"#, Path::new("c.json")).expect_err("type");
+        assert!(err.to_string().contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn limits() {
+        let bad = |args: &[&str]| {
+            VmConfig::merge(cli(args), FileConfig::default(), HOST_MIB)
+                .expect_err("must be rejected")
+                .to_string()
+        };
+        assert!(bad(&["--kernel", "k", "--cpus", "0"]).contains("between 1 and 32"));
+        assert!(bad(&["--kernel", "k", "--cpus", "33"]).contains("between 1 and 32"));
+        assert!(bad(&["--kernel", "k", "--cpus", "4294967297"]).contains("between 1 and 32"));
+        assert!(bad(&["--kernel", "k", "--memory", "63"]).contains("at least 64"));
+        assert!(bad(&["--kernel", "k", "--memory", "16385"]).contains("more than this host"));
+        assert!(bad(&["--cpus", "2"]).contains("no kernel"));
+        assert!(bad(&["--kernel", "k", "--serial", "tty"]).contains("invalid serial"));
+        assert!(bad(&["--kernel", "k", "--serial", "file:"]).contains("invalid serial"));
+        let long = "a".repeat(MAX_CMDLINE_LEN);
+        assert!(bad(&["--kernel", "k", "--cmdline", &long]).contains("limit is 2047"));
+        let ok = VmConfig::merge(
+            cli(&["--kernel", "k", "--cpus", "32", "--memory", "64"]),
+            FileConfig::default(),
+            HOST_MIB,
+        )
+        .expect("edge values are valid");
+        assert_eq!((ok.vcpus, ok.memory_mib), (32, 64));
+    }
+
+    #[test]
+    fn serial_round_trip() {
+        for s in ["stdout", "none", "file:/var/log/x.log"] {
+            assert_eq!(s.parse::<SerialTarget>().expect("valid").to_string(), s);
+        }
+    }
+
+    #[test]
+    fn host_memory_is_known() {
+        assert!(host_memory_mib().expect("sysinfo") > 0);
+    }
+}

@@ -1,0 +1,60 @@
+//! Just enough of the i8042 keyboard controller for a guest to reset the machine through it
+//! (`reboot=k`, and Linux's fallback when the ACPI reset does not take): the controller always
+//! looks idle, and the "pulse reset line" command (0xfe on the command port) resets the VM.
+//! The FADT says there is no 8042, so the guest's keyboard driver does not probe it.
+
+use super::{PioDevice, VmExitRequest};
+use crate::exit::ExitReason;
+
+pub const I8042_DATA_PORT: u16 = 0x60;
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+const CMD_PULSE_RESET: u8 = 0xfe;
+
+pub struct I8042 {
+    exit: VmExitRequest,
+}
+
+impl I8042 {
+    pub fn new(exit: VmExitRequest) -> Self {
+        I8042 { exit }
+    }
+}
+
+impl PioDevice for I8042 {
+    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+        // Status: output buffer empty, input buffer empty. Data: nothing.
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        // Registered at the data port; the command port is 4 bytes further.
+        if offset == I8042_COMMAND_PORT - I8042_DATA_PORT && data.first() == Some(&CMD_PULSE_RESET)
+        {
+            self.exit.request(ExitReason::GuestReset);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pulse_reset_resets_only_on_the_command_port() {
+        let exit = VmExitRequest::new().expect("eventfd");
+        let mut dev = I8042::new(exit.clone());
+        dev.write(0, &[CMD_PULSE_RESET]);
+        assert_eq!(
+            exit.reason(),
+            None,
+            "0xfe on the data port is keyboard data"
+        );
+        dev.write(4, &[0xaa]);
+        assert_eq!(exit.reason(), None);
+        let mut status = [0xffu8];
+        dev.read(4, &mut status);
+        assert_eq!(status, [0], "idle");
+        dev.write(4, &[CMD_PULSE_RESET]);
+        assert_eq!(exit.reason(), Some(ExitReason::GuestReset));
+    }
+}

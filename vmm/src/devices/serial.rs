@@ -1,0 +1,159 @@
+//! COM1: a 16550A UART (vm-superio) at 0x3f8, IRQ 4, its output going to stdout, a file or
+//! nowhere, its input fed from the host terminal by the main loop.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::PioDevice;
+use crate::config::SerialTarget;
+
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+pub const UART_PORT_COUNT: u16 = 8;
+
+/// Raises the UART's interrupt through an irqfd.
+pub struct IrqTrigger(pub Arc<EventFd>);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's console output goes.
+pub enum SerialSink {
+    Stdout,
+    File(File),
+    Discard,
+}
+
+impl SerialSink {
+    pub fn open(target: &SerialTarget) -> io::Result<Self> {
+        Ok(match target {
+            SerialTarget::Stdout => SerialSink::Stdout,
+            SerialTarget::None => SerialSink::Discard,
+            SerialTarget::File(path) => SerialSink::File(open_log(path)?),
+        })
+    }
+}
+
+fn open_log(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+impl Write for SerialSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            SerialSink::Stdout => io::stdout().write(buf),
+            SerialSink::File(f) => f.write(buf),
+            SerialSink::Discard => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            SerialSink::Stdout => io::stdout().flush(),
+            // Appends go straight to the file; nothing is buffered here.
+            SerialSink::File(_) | SerialSink::Discard => Ok(()),
+        }
+    }
+}
+
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, NoEvents, SerialSink>,
+    /// Log a failing output only once, not once per byte.
+    output_failed: bool,
+}
+
+impl SerialDevice {
+    pub fn new(irq: Arc<EventFd>, sink: SerialSink) -> Self {
+        SerialDevice {
+            uart: Serial::new(IrqTrigger(irq), sink),
+            output_failed: false,
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        match self.uart.enqueue_raw_bytes(input) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("serial input dropped: {e:?}");
+                0
+            }
+        }
+    }
+}
+
+impl PioDevice for SerialDevice {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        if let (Ok(offset), Some(first)) = (u8::try_from(offset), data.first_mut()) {
+            *first = self.uart.read(offset);
+        }
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) else {
+            return;
+        };
+        if let Err(e) = self.uart.write(offset, value) {
+            if !self.output_failed {
+                tracing::warn!("guest console output is being lost: {e:?}");
+                self.output_failed = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transmitted_bytes_reach_the_file_and_raise_the_irq() {
+        let dir = std::env::temp_dir().join(format!("thvc-serial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp");
+        let path = dir.join("console.log");
+        let irq = Arc::new(EventFd::new(0).expect("eventfd"));
+        let sink = SerialSink::open(&SerialTarget::File(path.clone())).expect("open");
+        let mut dev = SerialDevice::new(irq.clone(), sink);
+        dev.write(1, &[0x02]); // IER: THR empty interrupt
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(std::fs::read(&path).expect("read"), b"hi\n");
+        assert!(irq.read().expect("irq raised") > 0);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn input_is_readable_by_the_guest() {
+        let irq = Arc::new(EventFd::new(0).expect("eventfd"));
+        let mut dev = SerialDevice::new(irq, SerialSink::Discard);
+        assert_eq!(dev.enqueue_input(b"ab"), 2);
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut rbr = [0u8];
+        dev.read(0, &mut rbr);
+        assert_eq!(rbr, *b"a");
+    }
+
+    #[test]
+    fn odd_accesses_are_harmless() {
+        let irq = Arc::new(EventFd::new(0).expect("eventfd"));
+        let mut dev = SerialDevice::new(irq, SerialSink::Discard);
+        dev.write(0, &[]);
+        dev.write(300, &[1]);
+        let mut empty: [u8; 0] = [];
+        dev.read(0, &mut empty);
+    }
+}

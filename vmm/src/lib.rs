@@ -1,0 +1,14 @@
+//! thvc-vmm: a minimal KVM virtual machine monitor, one process per VM.
+//!
+//! * [`config`]: command line and JSON config, validated into a `VmConfig`.
+//! * [`arch`]: the x86_64 platform: memory layout, boot protocol, CPU state, ACPI.
+//! * [`vstate`]: KVM VM and vCPUs (one thread per vCPU).
+//! * [`devices`]: serial console, reset and power devices on the port-I/O bus.
+//! * [`vmm`]: builds the VM and runs its event loop; [`exit`]: how it ends.
+
+pub mod arch;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod vmm;
+pub mod vstate;

@@ -1,0 +1,261 @@
+//! Building a VM from a [`VmConfig`] and running it until it ends.
+//!
+//! The main thread owns the event loop (exit requests, signals, terminal input); each vCPU runs
+//! on its own thread and talks to devices through the shared port-I/O bus.
+
+use std::io::{self, IsTerminal, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::terminal::Terminal;
+
+use crate::arch::x86_64::acpi::{self, AcpiPlatform};
+use crate::arch::x86_64::{boot, layout, regs};
+use crate::config::VmConfig;
+use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT};
+use crate::devices::i8042::{I8042, I8042_DATA_PORT};
+use crate::devices::serial::{SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
+use crate::devices::{BusError, PioBus};
+use crate::exit::{ExitReason, VmExitRequest};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error("{0} vCPUs requested, but KVM on this host allows at most {1}")]
+    TooManyVcpus(u8, usize),
+    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    GuestMemory {
+        mib: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot open the serial output: {0}")]
+    SerialOutput(io::Error),
+    #[error("cannot set up devices: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot wire interrupt {gsi}: {source}")]
+    Irq { gsi: u32, source: kvm_ioctls::Error },
+    #[error("event loop: {0}")]
+    EventLoop(io::Error),
+}
+
+/// Everything the guest needs in memory before the first instruction.
+fn load_guest(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    platform: &AcpiPlatform,
+) -> Result<GuestAddress, VmmError> {
+    let mem_size = config.memory_mib << 20;
+    let kernel = boot::load_kernel(mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(mem, path, &kernel)?),
+        None => None,
+    };
+    let cmdline_len = boot::write_cmdline(mem, &config.cmdline)?;
+    let rsdp = acpi::write_acpi_tables(mem, platform)?;
+    let params = boot::boot_params(&kernel, initrd, cmdline_len, mem_size, rsdp);
+    boot::write_boot_params(mem, &params)?;
+    regs::setup_boot_memory(mem)?;
+    Ok(kernel.entry)
+}
+
+/// The legacy devices on the port-I/O bus; returns the bus and the serial port for input.
+fn legacy_devices(
+    vm: &Vm,
+    config: &VmConfig,
+    exit: &VmExitRequest,
+) -> Result<(PioBus, Arc<Mutex<SerialDevice>>), VmmError> {
+    let irq = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventLoop)?);
+    vm.fd()
+        .register_irqfd(&irq, COM1_IRQ)
+        .map_err(|source| VmmError::Irq {
+            gsi: COM1_IRQ,
+            source,
+        })?;
+    let sink = SerialSink::open(&config.serial).map_err(VmmError::SerialOutput)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, sink)));
+    let mut bus = PioBus::default();
+    bus.insert(COM1_PORT, UART_PORT_COUNT, serial.clone())?;
+    bus.insert(
+        I8042_DATA_PORT,
+        5,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+    bus.insert(
+        ACPI_PM_PORT,
+        1,
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+    )?;
+    Ok((bus, serial))
+}
+
+/// Blocks the stop signals in the calling thread (and so in every thread it spawns later) and
+/// returns a signalfd that receives them instead.
+fn stop_signals() -> io::Result<OwnedFd> {
+    // SAFETY: plain libc calls on a sigset we own; the returned fd is checked and owned.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Puts the host terminal into raw mode while the VM runs, so keystrokes go to the guest;
+/// restores it on drop.
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enable() -> Option<RawTerminal> {
+        let stdin = io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        match stdin.lock().set_raw_mode() {
+            Ok(()) => Some(RawTerminal),
+            Err(e) => {
+                tracing::warn!("cannot put the terminal in raw mode, guest input disabled: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Err(e) = io::stdin().lock().set_canon_mode() {
+            tracing::warn!("cannot restore the terminal: {e}");
+        }
+    }
+}
+
+const TOKEN_EXIT: u64 = 0;
+const TOKEN_SIGNAL: u64 = 1;
+const TOKEN_STDIN: u64 = 2;
+
+fn add_to_epoll(epoll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, token),
+    )
+}
+
+/// Builds the VM and runs it until the guest powers off or resets, a signal stops it, or a
+/// vCPU fails.
+pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
+    let signals = stop_signals().map_err(VmmError::EventLoop)?;
+    let vm = Vm::new()?;
+    if usize::from(config.vcpus) > vm.max_vcpus() {
+        return Err(VmmError::TooManyVcpus(config.vcpus, vm.max_vcpus()));
+    }
+    let mem_size = config.memory_mib << 20;
+    let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(mem_size)).map_err(|source| {
+        VmmError::GuestMemory {
+            mib: config.memory_mib,
+            source,
+        }
+    })?;
+    vm.register_memory(&mem)?;
+    let platform = AcpiPlatform {
+        vcpus: config.vcpus,
+        virtio_mmio: Vec::new(),
+    };
+    let entry = load_guest(&mem, &config, &platform)?;
+
+    let exit = VmExitRequest::new().map_err(VmmError::EventLoop)?;
+    let (bus, serial) = legacy_devices(&vm, &config, &exit)?;
+    let cpuid = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        let vcpu = Vcpu::new(&vm, id, bus.clone(), exit.clone())?;
+        vcpu.configure(&cpuid, config.vcpus, entry)?;
+        vcpus.push(vcpu);
+    }
+
+    let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
+    add_to_epoll(&epoll, exit.event().as_raw_fd(), TOKEN_EXIT).map_err(VmmError::EventLoop)?;
+    add_to_epoll(&epoll, signals.as_raw_fd(), TOKEN_SIGNAL).map_err(VmmError::EventLoop)?;
+    let terminal = RawTerminal::enable();
+    if terminal.is_some() {
+        add_to_epoll(&epoll, libc::STDIN_FILENO, TOKEN_STDIN).map_err(VmmError::EventLoop)?;
+    }
+
+    for vcpu in vcpus {
+        // The threads are never joined: the process exits when the VM ends, and the kernel
+        // tears down vCPUs stuck in KVM_RUN.
+        vcpu.spawn()?;
+    }
+    tracing::info!(
+        vcpus = config.vcpus,
+        memory_mib = config.memory_mib,
+        "guest started"
+    );
+
+    let mut events = vec![EpollEvent::default(); 4];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(VmmError::EventLoop(e)),
+        };
+        for event in &events[..n] {
+            match event.data() {
+                TOKEN_SIGNAL => {
+                    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+                    let mut file =
+                        std::fs::File::from(signals.try_clone().map_err(VmmError::EventLoop)?);
+                    if file.read(&mut info).is_ok() {
+                        tracing::info!("stop signal received; stopping the VM");
+                        exit.request(ExitReason::Stopped);
+                    }
+                }
+                TOKEN_STDIN => {
+                    let mut buf = [0u8; 64];
+                    match io::stdin().lock().read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            // Terminal gone: stop listening, keep the VM running.
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                libc::STDIN_FILENO,
+                                EpollEvent::default(),
+                            );
+                        }
+                        Ok(n) => {
+                            serial
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .enqueue_input(&buf[..n]);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(reason) = exit.reason() {
+            drop(terminal);
+            return Ok(reason);
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! One vCPU: its KVM fd, its boot state, and the thread that runs it.
+
+use std::thread::JoinHandle;
+
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestAddress;
+
+use crate::arch::x86_64::{cpuid, interrupts, regs};
+use crate::devices::PioBus;
+use crate::exit::{ExitReason, VmExitRequest};
+use crate::vstate::vm::Vm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM cannot {what} for vCPU {id}: {source}")]
+    Kvm {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {id}: {source}")]
+    Regs { id: u8, source: regs::RegsError },
+    #[error("cannot start the thread of vCPU {id}: {source}")]
+    Spawn { id: u8, source: std::io::Error },
+}
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    pio: PioBus,
+    exit: VmExitRequest,
+}
+
+impl Vcpu {
+    pub fn new(vm: &Vm, id: u8, pio: PioBus, exit: VmExitRequest) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Kvm {
+                id,
+                what: "create the vCPU",
+                source,
+            })?;
+        Ok(Vcpu { id, fd, pio, exit })
+    }
+
+    /// CPUID, MSRs, registers and LAPIC for the 64-bit boot protocol. Application processors
+    /// get the same state; KVM keeps them waiting for the guest's INIT/SIPI.
+    pub fn configure(
+        &self,
+        supported_cpuid: &CpuId,
+        vcpu_count: u8,
+        entry: GuestAddress,
+    ) -> Result<(), VcpuError> {
+        let id = self.id;
+        let kvm = |what| move |source| VcpuError::Kvm { id, what, source };
+        self.fd
+            .set_cpuid2(&cpuid::vcpu_cpuid(supported_cpuid, id, vcpu_count))
+            .map_err(kvm("set CPUID"))?;
+        regs::setup_vcpu_regs(&self.fd, entry).map_err(|source| VcpuError::Regs { id, source })?;
+        let mut lapic = self.fd.get_lapic().map_err(kvm("read the LAPIC"))?;
+        interrupts::set_lint(&mut lapic);
+        self.fd.set_lapic(&lapic).map_err(kvm("set the LAPIC"))?;
+        Ok(())
+    }
+
+    pub fn spawn(self) -> Result<JoinHandle<()>, VcpuError> {
+        let id = self.id;
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run())
+            .map_err(|source| VcpuError::Spawn { id, source })
+    }
+
+    fn run(mut self) {
+        while self.exit.reason().is_none() {
+            if let Some(reason) = self.run_once() {
+                self.exit.request(reason);
+                break;
+            }
+        }
+    }
+
+    /// Runs the guest until its next exit and handles it; returns why the VM must end, if so.
+    fn run_once(&mut self) -> Option<ExitReason> {
+        let id = self.id;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => self.pio.read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => self.pio.write(port, data),
+            // No MMIO devices yet: reads of unclaimed addresses see all ones.
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::Shutdown) => {
+                // A triple fault: Linux's last resort to reboot, or a broken guest.
+                tracing::info!("vCPU {id}: guest triple-faulted; treating it as a reset");
+                return Some(ExitReason::GuestReset);
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => return Some(ExitReason::GuestPowerOff),
+                KVM_SYSTEM_EVENT_RESET | KVM_SYSTEM_EVENT_CRASH => {
+                    return Some(ExitReason::GuestReset)
+                }
+                other => tracing::warn!("vCPU {id}: ignoring system event {other}"),
+            },
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                tracing::error!("vCPU {id}: KVM failed to enter the guest (hardware reason {reason:#x}, cpu {cpu})");
+                return Some(ExitReason::VcpuError);
+            }
+            Ok(VcpuExit::InternalError) => {
+                tracing::error!("vCPU {id}: KVM internal error (emulation failure)");
+                return Some(ExitReason::VcpuError);
+            }
+            Ok(other) => {
+                tracing::error!("vCPU {id}: unexpected exit {other:?}");
+                return Some(ExitReason::VcpuError);
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                tracing::error!("vCPU {id}: KVM_RUN failed: {e}");
+                return Some(ExitReason::VcpuError);
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,107 @@
+//! The KVM VM: opened /dev/kvm, in-kernel IOAPIC/LAPIC/PIT, guest memory registered as slots.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("/dev/kvm lacks a capability this VMM needs: {0:?}")]
+    MissingCap(Cap),
+    #[error("KVM cannot {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Capabilities without which the VMM cannot work; checked up front for a clear error.
+const REQUIRED_CAPS: [Cap; 6] = [
+    Cap::Irqchip,
+    Cap::UserMemory,
+    Cap::SetTssAddr,
+    Cap::Irqfd,
+    Cap::Ioeventfd,
+    Cap::ExtCpuid,
+];
+
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl Vm {
+    pub fn new() -> Result<Vm, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for cap in REQUIRED_CAPS {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(cap));
+            }
+        }
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("set the identity map address"))?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("set the TSS address"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+        Ok(Vm { kvm, fd })
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The most vCPUs KVM allows in one VM on this host.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Kvm {
+                what: "report its supported CPUID",
+                source,
+            })
+    }
+
+    /// Registers every guest memory region as a KVM memory slot.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let host_addr =
+                mem.get_host_address(region.start_addr())
+                    .map_err(|_| VmError::Kvm {
+                        what: "map guest memory",
+                        source: kvm_ioctls::Error::new(libc::EFAULT),
+                    })?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host_addr as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM's use
+            // of it: the GuestMemoryMmap is kept alive for as long as any vCPU runs.
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
+                what: "register guest memory",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
