@@ -221,7 +221,7 @@ pub fn host_memory_mib() -> std::io::Result<u64> {
     if unsafe { libc::sysinfo(&mut info) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit)) >> 20)
+    Ok(info.totalram.saturating_mul(u64::from(info.mem_unit)) >> 20)
 }
 
 #[cfg(test)]

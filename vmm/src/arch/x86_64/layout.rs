@@ -41,6 +41,11 @@ pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 
+// The stack sits between the zero page and the page tables; the command line below the EBDA.
+const _: () =
+    assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+const _: () = assert!(CMDLINE_START + 2048 < EBDA_START);
+
 /// The RAM regions of a guest with `size` bytes of memory: low RAM up to the MMIO hole, the
 /// rest above 4 GiB.
 pub fn ram_regions(size: u64) -> Vec<(GuestAddress, usize)> {
@@ -97,7 +102,5 @@ mod tests {
                 assert!(a.1 <= b.0 || b.1 <= a.0, "{a:x?} overlaps {b:x?}");
             }
         }
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
-        assert!(CMDLINE_START + 2048 < EBDA_START);
     }
 }
