@@ -607,7 +607,10 @@ fn validate_links(links: &[(usize, LinkSpec)], unparsed: &[String]) -> Vec<Valid
             let first = *first;
             check.error(
                 path,
-                format!("duplicate link name {:?} (first defined at links[{first}])", link.name),
+                format!(
+                    "duplicate link name {:?} (first defined at links[{first}])",
+                    link.name
+                ),
             );
         } else {
             check.by_name.insert(link.name.as_str(), (*index, link));
@@ -623,13 +626,7 @@ fn validate_links(links: &[(usize, LinkSpec)], unparsed: &[String]) -> Vec<Valid
         if let Some(mtu) = link.mtu {
             if !(68..=65535).contains(&mtu) {
                 check.error(at("mtu"), format!("{mtu} is out of range 68..=65535"));
-            } else if mtu < 1280
-                && link
-                    .addresses
-                    .iter()
-                    .flatten()
-                    .any(|a| !a.is_ipv4())
-            {
+            } else if mtu < 1280 && link.addresses.iter().flatten().any(|a| !a.is_ipv4()) {
                 check.error(
                     at("mtu"),
                     format!("{mtu} is below 1280, the minimum for the IPv6 addresses of this link"),
@@ -775,26 +772,31 @@ fn check_kind_sections(check: &mut Checker<'_>, index: usize, link: &LinkSpec) {
         if present && link.kind != kind {
             check.error(
                 at(section),
-                format!("`{section}` is only allowed on links of kind {kind}, this one is {}", link.kind),
+                format!(
+                    "`{section}` is only allowed on links of kind {kind}, this one is {}",
+                    link.kind
+                ),
             );
         }
     }
     if link.state != LinkState::Absent {
         if link.kind == LinkKind::Bond && link.bond.is_none() {
-            check.error(at("bond"), "a bond needs a `bond` section with at least `mode`");
+            check.error(
+                at("bond"),
+                "a bond needs a `bond` section with at least `mode`",
+            );
         }
         if link.kind == LinkKind::Vlan && link.vlan.is_none() {
-            check.error(at("vlan"), "a vlan needs a `vlan` section with `parent` and `id`");
+            check.error(
+                at("vlan"),
+                "a vlan needs a `vlan` section with `parent` and `id`",
+            );
         }
     }
 }
 
 /// Resolves a reference to another link of the document, reporting why it cannot be used.
-fn check_reference<'a>(
-    check: &mut Checker<'a>,
-    path: String,
-    name: &str,
-) -> Option<&'a LinkSpec> {
+fn check_reference<'a>(check: &mut Checker<'a>, path: String, name: &str) -> Option<&'a LinkSpec> {
     match check.by_name.get(name) {
         Some((target_index, target)) => {
             if target.state == LinkState::Absent {
@@ -842,7 +844,10 @@ fn check_bond(check: &mut Checker<'_>, index: usize, bond: &BondSpec) {
             );
         }
         if !bond.members.contains(primary) {
-            check.error(at("primary"), format!("{primary:?} is not a member of this bond"));
+            check.error(
+                at("primary"),
+                format!("{primary:?} is not a member of this bond"),
+            );
         }
     }
     for (field, value, max) in [
@@ -857,7 +862,10 @@ fn check_bond(check: &mut Checker<'_>, index: usize, bond: &BondSpec) {
             }
         }
     }
-    for (field, value) in [("updelay_ms", bond.updelay_ms), ("downdelay_ms", bond.downdelay_ms)] {
+    for (field, value) in [
+        ("updelay_ms", bond.updelay_ms),
+        ("downdelay_ms", bond.downdelay_ms),
+    ] {
         if let (Some(delay), Some(miimon)) = (value, bond.miimon_ms) {
             if miimon > 0 && delay % miimon != 0 {
                 check.error(
@@ -880,7 +888,10 @@ fn check_bridge(check: &mut Checker<'_>, index: usize, bridge: &BridgeSpec) {
     for (port, vlans) in &bridge.port_vlans {
         let path = at(&format!("port_vlans.{port}"));
         if !bridge.ports.contains(port) {
-            check.error(path.clone(), format!("{port:?} is not one of this bridge's ports"));
+            check.error(
+                path.clone(),
+                format!("{port:?} is not one of this bridge's ports"),
+            );
         }
         for (i, range) in vlans.vids.iter().enumerate() {
             if !(1..=4094).contains(&range.first) || !(1..=4094).contains(&range.last) {
@@ -897,7 +908,10 @@ fn check_bridge(check: &mut Checker<'_>, index: usize, bridge: &BridgeSpec) {
         }
         if let Some(pvid) = vlans.pvid {
             if !(1..=4094).contains(&pvid) {
-                check.error(format!("{path}.pvid"), format!("{pvid} is out of range 1..=4094"));
+                check.error(
+                    format!("{path}.pvid"),
+                    format!("{pvid} is out of range 1..=4094"),
+                );
             }
         }
     }
@@ -1027,8 +1041,7 @@ fn check_cycles(check: &mut Checker<'_>, links: &[(usize, LinkSpec)]) {
         .filter(|(_, l)| l.state != LinkState::Absent)
         .map(|(_, l)| (l.name.as_str(), dependencies(l)))
         .collect();
-    let index_of: HashMap<&str, usize> =
-        links.iter().map(|(i, l)| (l.name.as_str(), *i)).collect();
+    let index_of: HashMap<&str, usize> = links.iter().map(|(i, l)| (l.name.as_str(), *i)).collect();
     let mut reported: BTreeSet<Vec<&str>> = BTreeSet::new();
     // 0 = unvisited, 1 = on the current path, 2 = done.
     let mut mark: HashMap<&str, u8> = HashMap::new();
@@ -1061,7 +1074,12 @@ fn find_cycles<'a>(
             if let Some(pos) = path.iter().position(|n| *n == node) {
                 let mut cycle: Vec<&str> = path[pos..].to_vec();
                 // Rotate so the same cycle found from another start is reported once.
-                if let Some(min_pos) = cycle.iter().enumerate().min_by_key(|(_, n)| **n).map(|(i, _)| i) {
+                if let Some(min_pos) = cycle
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, n)| **n)
+                    .map(|(i, _)| i)
+                {
                     cycle.rotate_left(min_pos);
                 }
                 reported.insert(cycle);
@@ -1145,7 +1163,10 @@ mod tests {
             "links[5].routes[2].to: 10.8.0.1/16 has host bits set; did you mean 10.8.0.0/16?",
         ];
         for line in expected {
-            assert!(errors.iter().any(|e| e == line), "missing {line:?} in {errors:#?}");
+            assert!(
+                errors.iter().any(|e| e == line),
+                "missing {line:?} in {errors:#?}"
+            );
         }
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
     }
@@ -1160,14 +1181,36 @@ mod tests {
           {"name": "br1", "kind": "bridge", "bridge": {"ports": ["eth0"]}}
         ], "version": 2 }"#;
         let errors = messages(json);
-        assert!(errors.iter().any(|e| e.starts_with("version: unknown field")), "{errors:#?}");
-        assert!(errors.iter().any(|e| e.starts_with("links[0].speed: unknown field `speed`")), "{errors:#?}");
         assert!(
-            errors.iter().any(|e| e.starts_with("links[1].addresses[0]: \"10.0.0.300/24\" is not a CIDR")),
+            errors
+                .iter()
+                .any(|e| e.starts_with("version: unknown field")),
             "{errors:#?}"
         );
-        assert!(errors.iter().any(|e| e.starts_with("links[2].vlan.id: invalid value")), "{errors:#?}");
-        assert!(errors.iter().any(|e| e.starts_with("links[3].kind: unknown variant `tunnel`")), "{errors:#?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("links[0].speed: unknown field `speed`")),
+            "{errors:#?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("links[1].addresses[0]: \"10.0.0.300/24\" is not a CIDR")),
+            "{errors:#?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("links[2].vlan.id: invalid value")),
+            "{errors:#?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("links[3].kind: unknown variant `tunnel`")),
+            "{errors:#?}"
+        );
         // eth0 failed to parse but is known: no extra "not defined" error for br1's port.
         assert_eq!(errors.len(), 5, "{errors:#?}");
     }
@@ -1181,8 +1224,14 @@ mod tests {
           {"name": "b", "kind": "vlan", "vlan": {"parent": "a", "id": 6}}
         ]}"#;
         let errors = messages(json);
-        assert!(errors.contains(&"links[2]: dependency cycle: a -> b -> a".to_string()), "{errors:#?}");
-        assert!(errors.contains(&"links[0]: dependency cycle: br0 -> br0.5 -> br0".to_string()), "{errors:#?}");
+        assert!(
+            errors.contains(&"links[2]: dependency cycle: a -> b -> a".to_string()),
+            "{errors:#?}"
+        );
+        assert!(
+            errors.contains(&"links[0]: dependency cycle: br0 -> br0.5 -> br0".to_string()),
+            "{errors:#?}"
+        );
         assert_eq!(errors.len(), 2, "{errors:#?}");
     }
 
@@ -1216,7 +1265,10 @@ mod tests {
             "links[4].routes[0].table: table 255 is reserved (0 unspec, 253 default, 255 local)",
         ];
         for line in expected {
-            assert!(errors.iter().any(|e| e == line), "missing {line:?} in {errors:#?}");
+            assert!(
+                errors.iter().any(|e| e == line),
+                "missing {line:?} in {errors:#?}"
+            );
         }
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
     }
@@ -1228,7 +1280,10 @@ mod tests {
             messages("[]"),
             vec!["the document must be a JSON object like {\"links\": [...]}".to_string()]
         );
-        assert_eq!(messages(r#"{"links": 3}"#), vec!["links: must be an array of links".to_string()]);
+        assert_eq!(
+            messages(r#"{"links": 3}"#),
+            vec!["links: must be an array of links".to_string()]
+        );
         assert!(parse_document("{}").unwrap().links.is_empty());
     }
 
@@ -1236,8 +1291,14 @@ mod tests {
     fn port_vlan_table() {
         let vlans = PortVlans {
             vids: vec![
-                VlanRange { first: 10, last: 12 },
-                VlanRange { first: 20, last: 20 },
+                VlanRange {
+                    first: 10,
+                    last: 12,
+                },
+                VlanRange {
+                    first: 20,
+                    last: 20,
+                },
             ],
             pvid: Some(11),
         };

@@ -10,3 +10,10 @@ pub use document::{
     LinkState, PortVlanFlags, PortVlans, RouteSpec, ValidationError, ValidationErrors, VlanRange,
     VlanSpec, XmitHashPolicy,
 };
+pub mod model;
+pub mod plan;
+pub mod state;
+
+pub use model::{ObservedKind, ObservedLink, ObservedRoute, ObservedState};
+pub use plan::{compute_plan, Plan, PlanError, Step};
+pub use state::{Ownership, StateError};
