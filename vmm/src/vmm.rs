@@ -18,7 +18,7 @@ use crate::config::VmConfig;
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT};
 use crate::devices::serial::{SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
-use crate::devices::{BusError, PioBus};
+use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -77,7 +77,7 @@ fn legacy_devices(
     vm: &Vm,
     config: &VmConfig,
     exit: &VmExitRequest,
-) -> Result<(PioBus, Arc<Mutex<SerialDevice>>), VmmError> {
+) -> Result<(Bus, Arc<Mutex<SerialDevice>>), VmmError> {
     let irq = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventLoop)?);
     vm.fd()
         .register_irqfd(&irq, COM1_IRQ)
@@ -87,15 +87,15 @@ fn legacy_devices(
         })?;
     let sink = SerialSink::open(&config.serial).map_err(VmmError::SerialOutput)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(irq, sink)));
-    let mut bus = PioBus::default();
-    bus.insert(COM1_PORT, UART_PORT_COUNT, serial.clone())?;
+    let mut bus = Bus::default();
+    bus.insert(COM1_PORT.into(), UART_PORT_COUNT.into(), serial.clone())?;
     bus.insert(
-        I8042_DATA_PORT,
+        I8042_DATA_PORT.into(),
         5,
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
     )?;
     bus.insert(
-        ACPI_PM_PORT,
+        ACPI_PM_PORT.into(),
         1,
         Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
     )?;
@@ -186,10 +186,11 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
 
     let exit = VmExitRequest::new().map_err(VmmError::EventLoop)?;
     let (bus, serial) = legacy_devices(&vm, &config, &exit)?;
+    let mmio_bus = Bus::default();
     let cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
-        let vcpu = Vcpu::new(&vm, id, bus.clone(), exit.clone())?;
+        let vcpu = Vcpu::new(&vm, id, bus.clone(), mmio_bus.clone(), exit.clone())?;
         vcpu.configure(&cpuid, config.vcpus, entry)?;
         vcpus.push(vcpu);
     }

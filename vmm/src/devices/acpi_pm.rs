@@ -1,7 +1,7 @@
 //! The ACPI PM device of a hardware-reduced platform: one I/O port that is at once the FADT's
 //! sleep control register (the guest writes SLP_TYP|SLP_EN to power off) and its reset register.
 
-use super::{PioDevice, VmExitRequest};
+use super::{BusDevice, VmExitRequest};
 use crate::exit::ExitReason;
 
 /// The I/O port of the sleep control, sleep status and reset registers.
@@ -22,13 +22,13 @@ impl AcpiPm {
     }
 }
 
-impl PioDevice for AcpiPm {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for AcpiPm {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Sleep status: never "woken", nothing pending.
         data.fill(0);
     }
 
-    fn write(&mut self, _offset: u16, data: &[u8]) {
+    fn write(&mut self, _offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
         if value == RESET_VALUE {
             self.exit.request(ExitReason::GuestReset);

@@ -3,7 +3,7 @@
 //! looks idle, and the "pulse reset line" command (0xfe on the command port) resets the VM.
 //! The FADT says there is no 8042, so the guest's keyboard driver does not probe it.
 
-use super::{PioDevice, VmExitRequest};
+use super::{BusDevice, VmExitRequest};
 use crate::exit::ExitReason;
 
 pub const I8042_DATA_PORT: u16 = 0x60;
@@ -20,15 +20,16 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Status: output buffer empty, input buffer empty. Data: nothing.
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         // Registered at the data port; the command port is 4 bytes further.
-        if offset == I8042_COMMAND_PORT - I8042_DATA_PORT && data.first() == Some(&CMD_PULSE_RESET)
+        if offset == u64::from(I8042_COMMAND_PORT - I8042_DATA_PORT)
+            && data.first() == Some(&CMD_PULSE_RESET)
         {
             self.exit.request(ExitReason::GuestReset);
         }

@@ -10,7 +10,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::PioDevice;
+use super::BusDevice;
 use crate::config::SerialTarget;
 
 pub const COM1_PORT: u16 = 0x3f8;
@@ -93,14 +93,14 @@ impl SerialDevice {
     }
 }
 
-impl PioDevice for SerialDevice {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let (Ok(offset), Some(first)) = (u8::try_from(offset), data.first_mut()) {
             *first = self.uart.read(offset);
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) else {
             return;
         };

@@ -7,7 +7,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 
 use crate::arch::x86_64::{cpuid, interrupts, regs};
-use crate::devices::PioBus;
+use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExitRequest};
 use crate::vstate::vm::Vm;
 
@@ -32,12 +32,19 @@ const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
-    pio: PioBus,
+    pio: Bus,
+    mmio: Bus,
     exit: VmExitRequest,
 }
 
 impl Vcpu {
-    pub fn new(vm: &Vm, id: u8, pio: PioBus, exit: VmExitRequest) -> Result<Vcpu, VcpuError> {
+    pub fn new(
+        vm: &Vm,
+        id: u8,
+        pio: Bus,
+        mmio: Bus,
+        exit: VmExitRequest,
+    ) -> Result<Vcpu, VcpuError> {
         let fd = vm
             .fd()
             .create_vcpu(u64::from(id))
@@ -46,7 +53,13 @@ impl Vcpu {
                 what: "create the vCPU",
                 source,
             })?;
-        Ok(Vcpu { id, fd, pio, exit })
+        Ok(Vcpu {
+            id,
+            fd,
+            pio,
+            mmio,
+            exit,
+        })
     }
 
     /// CPUID, MSRs, registers and LAPIC for the 64-bit boot protocol. Application processors
@@ -90,11 +103,10 @@ impl Vcpu {
     fn run_once(&mut self) -> Option<ExitReason> {
         let id = self.id;
         match self.fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => self.pio.read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => self.pio.write(port, data),
-            // No MMIO devices yet: reads of unclaimed addresses see all ones.
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::IoIn(port, data)) => self.pio.read(u64::from(port), data),
+            Ok(VcpuExit::IoOut(port, data)) => self.pio.write(u64::from(port), data),
+            Ok(VcpuExit::MmioRead(addr, data)) => self.mmio.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => self.mmio.write(addr, data),
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
                 // A triple fault: Linux's last resort to reboot, or a broken guest.
