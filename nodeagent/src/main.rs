@@ -1,1 +1,239 @@
-fn main() {}
+//! `thvc-nodeagent`: the node daemon (default), the network configurator front end
+//! (`net plan|apply|show`), and the helpers it runs as other processes (`supervise-vm`,
+//! `exec-vm`).
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use thvc_nodeagent::auth::DEFAULT_CONTROL_GROUP;
+use thvc_nodeagent::bus::{self, BUS_NAME};
+use thvc_nodeagent::client::BusTarget;
+use thvc_nodeagent::layout::Layout;
+use thvc_nodeagent::network::Network;
+use thvc_nodeagent::node::{Node, NodeConfig};
+use thvc_nodeagent::runner::{self, direct::DirectRunner, systemd::SystemdRunner, VmRunner};
+use thvc_nodeagent::{hostinfo, runner::supervise};
+
+#[derive(Parser)]
+#[command(name = "thvc-nodeagent", version, about = "thvc node agent (D-Bus: de.thueringen.thvc.node1)")]
+struct Cli {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// Persistent state (VM specs, image and disk stores, network document).
+    #[arg(long, default_value = "/var/lib/thvc")]
+    state_dir: PathBuf,
+    /// Runtime state of this boot (process records, API sockets).
+    #[arg(long, default_value = "/run/thvc")]
+    run_dir: PathBuf,
+    /// Console and VMM logs.
+    #[arg(long, default_value = "/var/log/thvc")]
+    log_dir: PathBuf,
+    /// Bus to serve on: system, session, or a D-Bus address.
+    #[arg(long, default_value = "system")]
+    bus: String,
+    /// The thvc-vmm binary (default: next to this binary, else /usr/bin/thvc-vmm).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// How VMMs are run: systemd units where systemd is PID 1, else supervised directly.
+    #[arg(long, value_enum, default_value_t = RunnerKind::Auto)]
+    runner: RunnerKind,
+    /// Group whose members (besides root) may change state.
+    #[arg(long, default_value = DEFAULT_CONTROL_GROUP)]
+    control_group: String,
+    /// Seconds Shutdown waits for the guest to power off before stopping the VMM.
+    #[arg(long, default_value_t = 60)]
+    shutdown_timeout: u64,
+    /// Seconds Start waits for the VMM's API socket before calling it running anyway.
+    #[arg(long, default_value_t = 5)]
+    start_timeout: u64,
+    /// os-release file for ImageVersion.
+    #[arg(long, default_value = "/etc/os-release")]
+    os_release: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RunnerKind {
+    Auto,
+    Direct,
+    Systemd,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Host network configuration (runs the configurator locally, not through the daemon).
+    Net {
+        #[command(subcommand)]
+        action: NetAction,
+    },
+    /// Internal: supervise one VMM process (started by the daemon's direct runner).
+    #[command(hide = true)]
+    SuperviseVm {
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// The VMM program and its arguments.
+        #[arg(last = true, required = true)]
+        vmm_argv: Vec<String>,
+    },
+    /// Internal: ExecStart of thvc-vm@.service; execs the VMM with the argv the daemon wrote.
+    #[command(hide = true)]
+    ExecVm {
+        #[arg(long)]
+        run_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetAction {
+    /// Show the changes applying FILE would make.
+    Plan { file: PathBuf },
+    /// Apply FILE.
+    Apply { file: PathBuf },
+    /// Show the observed host network.
+    Show,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Some(Command::SuperviseVm { run_dir, vmm_argv }) => {
+            let Some((vmm, args)) = vmm_argv.split_first() else {
+                bail!("supervise-vm needs the VMM program after --");
+            };
+            let code = supervise::run(&run_dir, Path::new(vmm), args)
+                .context("supervising the VMM")?;
+            std::process::exit(code);
+        }
+        Some(Command::ExecVm { run_dir }) => {
+            supervise::exec_vm(&run_dir).context("starting the VMM")?;
+            Ok(())
+        }
+        Some(Command::Net { action }) => runtime()?.block_on(net_command(&cli.daemon, action)),
+        None => runtime()?.block_on(run_daemon(cli.daemon)),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn net_command(args: &DaemonArgs, action: NetAction) -> Result<()> {
+    let network = Network::new(args.state_dir.join("netconf"));
+    let read = |f: &Path| -> Result<String> {
+        std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))
+    };
+    let out = match action {
+        NetAction::Plan { file } => network.plan(&read(&file)?).await?,
+        NetAction::Apply { file } => network.apply(&read(&file)?).await?,
+        NetAction::Show => network.show().await?,
+    };
+    println!("{out}");
+    Ok(())
+}
+
+fn default_vmm() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            let sibling = dir.join("thvc-vmm");
+            if sibling.exists() {
+                return sibling;
+            }
+        }
+    }
+    PathBuf::from("/usr/bin/thvc-vmm")
+}
+
+/// Holds an exclusive lock on the run directory: two agents adopting the same VMMs would
+/// fight over them.
+fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let path = run_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a valid fd.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!(
+            "another thvc-nodeagent already uses {} ({})",
+            run_dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(file)
+}
+
+async fn run_daemon(args: DaemonArgs) -> Result<()> {
+    let _lock = lock_run_dir(&args.run_dir)?;
+    let layout = Layout::new(args.state_dir, args.run_dir, args.log_dir);
+    let use_systemd = match args.runner {
+        RunnerKind::Auto => runner::systemd_is_pid1(),
+        RunnerKind::Direct => false,
+        RunnerKind::Systemd => true,
+    };
+    let vm_runner: Arc<dyn VmRunner> = if use_systemd {
+        Arc::new(SystemdRunner::new(layout.clone()))
+    } else {
+        let exe = std::env::current_exe().context("locating this executable")?;
+        Arc::new(DirectRunner::new(layout.clone(), exe))
+    };
+    let node_name = hostinfo::hostname();
+    let cfg = NodeConfig {
+        layout,
+        vmm_binary: args.vmm.unwrap_or_else(default_vmm),
+        control_group: args.control_group,
+        node_name,
+        os_release: args.os_release,
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        start_timeout: Duration::from_secs(args.start_timeout),
+    };
+    tracing::info!(runner = vm_runner.kind(), vmm = %cfg.vmm_binary.display(), "starting");
+    let node = Node::new(cfg, vm_runner)?;
+    let target = BusTarget::parse(&args.bus);
+    let conn = thvc_nodeagent::client::connect(&target).await?;
+    bus::serve(&conn, node.clone())
+        .await
+        .context("serving the manager object")?;
+    node.attach_bus(conn.clone());
+    node.recover().await?;
+    // Take the name last: a client that sees it finds every object already in place.
+    conn.request_name_with_flags(
+        BUS_NAME,
+        zbus::fdo::RequestNameFlags::DoNotQueue.into(),
+    )
+    .await
+    .with_context(|| format!("acquiring the bus name {BUS_NAME}"))?;
+    tracing::info!("serving {BUS_NAME}");
+    let trimmer = node.clone();
+    tokio::spawn(async move { trimmer.console_trim_loop().await });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("exiting; running VMs keep running and are re-adopted on the next start");
+    Ok(())
+}

@@ -1,0 +1,469 @@
+//! The D-Bus face of the agent: `de.thueringen.thvc.node1.Manager` at
+//! `/de/thueringen/thvc/node1`, one `de.thueringen.thvc.node1.Vm` object per VM below
+//! `/de/thueringen/thvc/node1/vm/`, and `org.freedesktop.DBus.ObjectManager` at the manager's
+//! path. Methods translate to [`Node`] calls and map [`NodeError`] to named D-Bus errors.
+//! Methods that change state first check the caller (see [`crate::auth`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{ObjectPath, OwnedObjectPath, Value};
+use zbus::{interface, Connection};
+
+use crate::auth;
+use crate::hostinfo;
+use crate::names::MANAGER_PATH;
+use crate::node::{Node, NodeError, Vm, VmProperty};
+
+pub const BUS_NAME: &str = "de.thueringen.thvc.node1";
+pub const MANAGER_INTERFACE: &str = "de.thueringen.thvc.node1.Manager";
+pub const VM_INTERFACE: &str = "de.thueringen.thvc.node1.Vm";
+pub const ERROR_PREFIX: &str = "de.thueringen.thvc.node1.Error";
+
+/// Errors as they appear on the bus: `de.thueringen.thvc.node1.Error.<Variant>` with a
+/// message meant for a person.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "de.thueringen.thvc.node1.Error")]
+pub enum BusError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    /// A VM spec or network document was rejected; nothing was changed.
+    InvalidSpec(String),
+    /// A method argument other than a spec is malformed (URL, digest, ...).
+    InvalidArgument(String),
+    NotFound(String),
+    AlreadyExists(String),
+    /// The VM is not in a state that allows the operation.
+    InvalidState(String),
+    /// The caller is neither root nor in the control group.
+    AccessDenied(String),
+    Network(String),
+    Io(String),
+    /// The VMM failed or refused a request (or serves no API socket).
+    Vmm(String),
+    Download(String),
+    ChecksumMismatch(String),
+    /// The same operation is already in progress.
+    Busy(String),
+}
+
+impl From<NodeError> for BusError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::InvalidSpec(m) => BusError::InvalidSpec(m),
+            NodeError::InvalidArgument(m) => BusError::InvalidArgument(m),
+            NodeError::NotFound(m) => BusError::NotFound(m),
+            NodeError::AlreadyExists(m) => BusError::AlreadyExists(m),
+            NodeError::InvalidState(m) => BusError::InvalidState(m),
+            NodeError::Network(m) => BusError::Network(m),
+            NodeError::Io(m) => BusError::Io(m),
+            NodeError::Vmm(m) => BusError::Vmm(m),
+            NodeError::Download(m) => BusError::Download(m),
+            NodeError::ChecksumMismatch(m) => BusError::ChecksumMismatch(m),
+            NodeError::Busy(m) => BusError::Busy(m),
+        }
+    }
+}
+
+/// Refuses the call unless the sender is root or in the control group.
+async fn authorize(
+    conn: &Connection,
+    header: Option<&Header<'_>>,
+    node: &Node,
+    action: &str,
+) -> Result<(), BusError> {
+    let sender = header
+        .and_then(|h| h.sender())
+        .ok_or_else(|| BusError::AccessDenied("the call has no sender".to_owned()))?;
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let uid = dbus
+        .get_connection_unix_user(sender.clone().into())
+        .await
+        .map_err(|e| BusError::AccessDenied(format!("cannot identify the caller {sender}: {e}")))?;
+    let group = node.config().control_group.clone();
+    let allowed = tokio::task::spawn_blocking(move || auth::may_control(uid, &group))
+        .await
+        .map_err(|e| BusError::Io(e.to_string()))?
+        .map_err(|e| BusError::Io(e.to_string()))?;
+    if allowed {
+        tracing::debug!(uid, action, "authorized");
+        Ok(())
+    } else {
+        tracing::info!(uid, action, "denied");
+        Err(BusError::AccessDenied(format!(
+            "{action} needs root or membership in group {}; uid {uid} has neither",
+            node.config().control_group
+        )))
+    }
+}
+
+fn owned_path(p: &str) -> Result<OwnedObjectPath, BusError> {
+    OwnedObjectPath::try_from(p.to_owned()).map_err(|e| BusError::ZBus(e.into()))
+}
+
+pub struct Manager {
+    node: Arc<Node>,
+}
+
+impl Manager {
+    pub fn new(node: Arc<Node>) -> Self {
+        Manager { node }
+    }
+}
+
+#[interface(name = "de.thueringen.thvc.node1.Manager")]
+impl Manager {
+    #[zbus(property)]
+    fn hostname(&self) -> String {
+        hostinfo::hostname()
+    }
+
+    #[zbus(property)]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn kvm_available(&self) -> bool {
+        hostinfo::kvm_available()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn cpus(&self) -> u32 {
+        hostinfo::cpus()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn memory_bytes(&self) -> u64 {
+        hostinfo::memory_bytes()
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_available_bytes(&self) -> u64 {
+        hostinfo::memory_available_bytes()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn image_version(&self) -> String {
+        hostinfo::image_version(&self.node.config().os_release)
+    }
+
+    #[zbus(property)]
+    fn network_state(&self) -> String {
+        self.node.network_state()
+    }
+
+    /// All VMs: (name, state, object path).
+    async fn list_vms(&self) -> Vec<(String, String, OwnedObjectPath)> {
+        let mut out = Vec::new();
+        for vm in self.node.list().await {
+            if let Ok(p) = owned_path(&vm.path) {
+                out.push((vm.name.clone(), vm.state().as_str().to_owned(), p));
+            }
+        }
+        out
+    }
+
+    async fn get_vm(&self, name: String) -> Result<OwnedObjectPath, BusError> {
+        let vm = self.node.get(&name).await?;
+        owned_path(&vm.path)
+    }
+
+    async fn create_vm(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        spec_json: String,
+    ) -> Result<OwnedObjectPath, BusError> {
+        authorize(conn, Some(&header), &self.node, "CreateVm").await?;
+        let vm = self.node.create(&name, &spec_json).await?;
+        owned_path(&vm.path)
+    }
+
+    async fn delete_vm(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> Result<(), BusError> {
+        authorize(conn, Some(&header), &self.node, "DeleteVm").await?;
+        Ok(self.node.delete(&name).await?)
+    }
+
+    /// Validates `document_json`, plans the changes and, unless `dry_run`, applies them.
+    /// Returns the plan as JSON.
+    async fn apply_network(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        document_json: String,
+        dry_run: bool,
+    ) -> Result<String, BusError> {
+        if !dry_run {
+            authorize(conn, Some(&header), &self.node, "ApplyNetwork").await?;
+        }
+        Ok(self.node.apply_network(&document_json, dry_run).await?)
+    }
+
+    /// The network document last applied on this node.
+    async fn get_network(&self) -> Result<String, BusError> {
+        Ok(self.node.get_network().await?)
+    }
+
+    /// Downloads `url` into the image store, verifying `sha256`; returns the image's path.
+    async fn pull_image(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        url: String,
+        sha256: String,
+    ) -> Result<String, BusError> {
+        authorize(conn, Some(&header), &self.node, "PullImage").await?;
+        let path = self.node.pull_image(&url, &sha256).await?;
+        Ok(path.display().to_string())
+    }
+
+    /// Images in the store: (name, size in bytes, verified SHA-256 or "").
+    async fn list_images(&self) -> Result<Vec<(String, u64, String)>, BusError> {
+        Ok(self
+            .node
+            .list_images()?
+            .into_iter()
+            .map(|i| (i.name, i.size, i.sha256))
+            .collect())
+    }
+
+    #[zbus(signal)]
+    async fn vm_new(emitter: &SignalEmitter<'_>, name: &str, path: ObjectPath<'_>) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn vm_removed(
+        emitter: &SignalEmitter<'_>,
+        name: &str,
+        path: ObjectPath<'_>,
+    ) -> zbus::Result<()>;
+}
+
+pub struct VmObject {
+    node: Arc<Node>,
+    vm: Arc<Vm>,
+}
+
+#[interface(name = "de.thueringen.thvc.node1.Vm")]
+impl VmObject {
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn name(&self) -> String {
+        self.vm.name.clone()
+    }
+
+    /// defined, starting, running, paused, stopping, stopped or failed.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.vm.state().as_str().to_owned()
+    }
+
+    /// Why the VM is in its state (failure reason, "the guest powered off", ...); may be empty.
+    #[zbus(property)]
+    fn state_reason(&self) -> String {
+        self.vm.state_reason()
+    }
+
+    /// The VM spec as JSON (with generated MAC addresses filled in).
+    #[zbus(property)]
+    fn spec(&self) -> String {
+        self.vm.spec_json()
+    }
+
+    #[zbus(property)]
+    fn autostart(&self) -> bool {
+        self.vm.autostart()
+    }
+
+    #[zbus(property)]
+    async fn set_autostart(
+        &self,
+        value: bool,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), zbus::fdo::Error> {
+        authorize(conn, header.as_ref(), &self.node, "setting Autostart")
+            .await
+            .map_err(to_fdo)?;
+        self.node
+            .set_autostart(&self.vm.name, value)
+            .await
+            .map_err(|e| to_fdo(e.into()))
+    }
+
+    async fn start(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        authorize(conn, Some(&header), &self.node, "Start").await?;
+        Ok(self.node.start(&self.vm.name).await?)
+    }
+
+    /// Presses the ACPI power button, waits for the guest to power off (up to the agent's
+    /// shutdown timeout), then stops the VMM.
+    async fn shutdown(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        authorize(conn, Some(&header), &self.node, "Shutdown").await?;
+        Ok(self.node.stop(&self.vm.name, true).await?)
+    }
+
+    /// Stops the VMM (SIGTERM, then SIGKILL after 10 s).
+    async fn stop(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        authorize(conn, Some(&header), &self.node, "Stop").await?;
+        Ok(self.node.stop(&self.vm.name, false).await?)
+    }
+
+    async fn pause(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        authorize(conn, Some(&header), &self.node, "Pause").await?;
+        Ok(self.node.pause(&self.vm.name).await?)
+    }
+
+    async fn resume(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        authorize(conn, Some(&header), &self.node, "Resume").await?;
+        Ok(self.node.resume(&self.vm.name).await?)
+    }
+
+    /// The VMM's own view of the VM (its API's `info` result), as JSON.
+    async fn info(&self) -> Result<String, BusError> {
+        Ok(self.node.info(&self.vm.name).await?)
+    }
+
+    /// Up to 64 KiB of serial console output from `offset`, and the offset to ask for next.
+    /// Offsets below the retained window resume at its start. Restricted like state changes:
+    /// console output can contain secrets.
+    #[zbus(out_args("data", "next_offset"))]
+    async fn read_console(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        offset: u64,
+    ) -> Result<(Vec<u8>, u64), BusError> {
+        authorize(conn, Some(&header), &self.node, "ReadConsole").await?;
+        Ok(self.node.read_console(&self.vm.name, offset).await?)
+    }
+}
+
+fn to_fdo(e: BusError) -> zbus::fdo::Error {
+    match e {
+        BusError::AccessDenied(m) => zbus::fdo::Error::AccessDenied(m),
+        BusError::ZBus(e) => zbus::fdo::Error::Failed(e.to_string()),
+        other => zbus::fdo::Error::Failed(other.to_string()),
+    }
+}
+
+/// Serves the manager and the object manager on `conn` (VM objects are added by the node).
+pub async fn serve(conn: &Connection, node: Arc<Node>) -> zbus::Result<()> {
+    let server = conn.object_server();
+    server.at(MANAGER_PATH, Manager::new(node)).await?;
+    server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;
+    Ok(())
+}
+
+pub async fn register_vm(conn: &Connection, node: Arc<Node>, vm: Arc<Vm>) -> zbus::Result<()> {
+    let path = vm.path.clone();
+    conn.object_server()
+        .at(path.as_str(), VmObject { node, vm })
+        .await?;
+    Ok(())
+}
+
+pub async fn unregister_vm(conn: &Connection, vm: &Vm) {
+    if let Err(e) = conn
+        .object_server()
+        .remove::<VmObject, _>(vm.path.as_str())
+        .await
+    {
+        tracing::warn!(vm = %vm.name, "removing D-Bus object: {e}");
+    }
+    emit_manager_signal(conn, vm, false).await;
+}
+
+pub async fn emit_vm_new(conn: &Connection, vm: &Vm) {
+    emit_manager_signal(conn, vm, true).await;
+}
+
+async fn emit_manager_signal(conn: &Connection, vm: &Vm, added: bool) {
+    let result = async {
+        let emitter = SignalEmitter::new(conn, MANAGER_PATH)?;
+        let path = ObjectPath::try_from(vm.path.as_str())?;
+        if added {
+            Manager::vm_new(&emitter, &vm.name, path).await
+        } else {
+            Manager::vm_removed(&emitter, &vm.name, path).await
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(vm = %vm.name, "emitting signal: {e}");
+    }
+}
+
+/// PropertiesChanged for the given VM properties, with their new values.
+pub async fn emit_vm_changed(conn: &Connection, vm: &Vm, props: &[VmProperty]) {
+    let state = vm.state().as_str().to_owned();
+    let reason = vm.state_reason();
+    let spec = vm.spec_json();
+    let autostart = vm.autostart();
+    let mut changed: HashMap<&str, Value<'_>> = HashMap::new();
+    for p in props {
+        match p {
+            VmProperty::State => {
+                changed.insert("State", Value::from(state.as_str()));
+                changed.insert("StateReason", Value::from(reason.as_str()));
+            }
+            VmProperty::Spec => {
+                changed.insert("Spec", Value::from(spec.as_str()));
+            }
+            VmProperty::Autostart => {
+                changed.insert("Autostart", Value::from(autostart));
+            }
+        }
+    }
+    let result = async {
+        let emitter = SignalEmitter::new(conn, vm.path.as_str())?;
+        let iface = zbus::names::InterfaceName::try_from(VM_INTERFACE)?;
+        zbus::fdo::Properties::properties_changed(&emitter, iface, changed, (&[][..]).into()).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(vm = %vm.name, "emitting PropertiesChanged: {e}");
+    }
+}
+
+pub async fn emit_network_state_changed(conn: &Connection) {
+    let result = async {
+        let iface = conn
+            .object_server()
+            .interface::<_, Manager>(MANAGER_PATH)
+            .await?;
+        let manager = iface.get().await;
+        manager.network_state_changed(iface.signal_emitter()).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!("emitting NetworkState change: {e}");
+    }
+}

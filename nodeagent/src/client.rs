@@ -1,0 +1,187 @@
+//! Client side of the D-Bus API, shared by `thvcctl`, the tests and the benchmark: typed
+//! proxies and the ways to reach a node's bus (system, session, an address, or a remote
+//! node's system bus over SSH, the way `busctl -H` does it).
+
+use thiserror::Error;
+use zbus::zvariant::OwnedObjectPath;
+
+pub use crate::bus::BUS_NAME;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("connecting to the bus at {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: zbus::Error,
+    },
+    #[error("invalid remote host {0:?}: expected [USER@]HOST")]
+    BadHost(String),
+}
+
+#[zbus::proxy(
+    interface = "de.thueringen.thvc.node1.Manager",
+    default_service = "de.thueringen.thvc.node1",
+    default_path = "/de/thueringen/thvc/node1"
+)]
+pub trait Manager {
+    #[zbus(property)]
+    fn hostname(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn kvm_available(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn cpus(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn memory_bytes(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn memory_available_bytes(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn image_version(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn network_state(&self) -> zbus::Result<String>;
+
+    fn list_vms(&self) -> zbus::Result<Vec<(String, String, OwnedObjectPath)>>;
+    fn get_vm(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn create_vm(&self, name: &str, spec_json: &str) -> zbus::Result<OwnedObjectPath>;
+    fn delete_vm(&self, name: &str) -> zbus::Result<()>;
+    fn apply_network(&self, document_json: &str, dry_run: bool) -> zbus::Result<String>;
+    fn get_network(&self) -> zbus::Result<String>;
+    fn pull_image(&self, url: &str, sha256: &str) -> zbus::Result<String>;
+    fn list_images(&self) -> zbus::Result<Vec<(String, u64, String)>>;
+
+    #[zbus(signal)]
+    fn vm_new(&self, name: String, path: OwnedObjectPath) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn vm_removed(&self, name: String, path: OwnedObjectPath) -> zbus::Result<()>;
+}
+
+#[zbus::proxy(
+    interface = "de.thueringen.thvc.node1.Vm",
+    default_service = "de.thueringen.thvc.node1"
+)]
+pub trait Vm {
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn state_reason(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn spec(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn autostart(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn set_autostart(&self, value: bool) -> zbus::Result<()>;
+
+    fn start(&self) -> zbus::Result<()>;
+    fn shutdown(&self) -> zbus::Result<()>;
+    fn stop(&self) -> zbus::Result<()>;
+    fn pause(&self) -> zbus::Result<()>;
+    fn resume(&self) -> zbus::Result<()>;
+    fn info(&self) -> zbus::Result<String>;
+    fn read_console(&self, offset: u64) -> zbus::Result<(Vec<u8>, u64)>;
+}
+
+/// Where the node's bus is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusTarget {
+    System,
+    Session,
+    /// A D-Bus address (`unix:path=...`).
+    Address(String),
+    /// A remote node's system bus: `ssh -xT [USER@]HOST systemd-stdio-bridge`.
+    Ssh(String),
+}
+
+impl BusTarget {
+    /// `system`, `session`, or an address.
+    pub fn parse(s: &str) -> BusTarget {
+        match s {
+            "system" => BusTarget::System,
+            "session" => BusTarget::Session,
+            other => BusTarget::Address(other.to_owned()),
+        }
+    }
+}
+
+/// Escapes a D-Bus address value (everything but `[-0-9A-Za-z_/.\*]` as %XX).
+fn escape_address_value(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_/.\\*".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02x}"));
+        }
+    }
+    out
+}
+
+/// The `unixexec:` address that runs `ssh` to `host` and uses its stdin/stdout as the bus
+/// transport. `THVCCTL_SSH` replaces the ssh program (tests use it to run the bridge locally).
+pub fn ssh_address(host: &str) -> Result<String, ClientError> {
+    if host.is_empty() || host.starts_with('-') || host.chars().any(|c| c.is_whitespace()) {
+        return Err(ClientError::BadHost(host.to_owned()));
+    }
+    let ssh = std::env::var("THVCCTL_SSH").unwrap_or_else(|_| "ssh".to_owned());
+    Ok(format!(
+        "unixexec:path={},argv1=-xT,argv2=--,argv3={},argv4=systemd-stdio-bridge",
+        escape_address_value(&ssh),
+        escape_address_value(host)
+    ))
+}
+
+/// Connects to the bus `target`.
+pub async fn connect(target: &BusTarget) -> Result<zbus::Connection, ClientError> {
+    let describe = |t: &BusTarget| match t {
+        BusTarget::System => "system bus".to_owned(),
+        BusTarget::Session => "session bus".to_owned(),
+        BusTarget::Address(a) => a.clone(),
+        BusTarget::Ssh(h) => format!("system bus of {h} (over ssh)"),
+    };
+    let err = |source| ClientError::Connect {
+        target: describe(target),
+        source,
+    };
+    let builder = match target {
+        BusTarget::System => zbus::connection::Builder::system().map_err(err)?,
+        BusTarget::Session => zbus::connection::Builder::session().map_err(err)?,
+        BusTarget::Address(a) => zbus::connection::Builder::address(a.as_str()).map_err(err)?,
+        BusTarget::Ssh(host) => {
+            let addr = ssh_address(host)?;
+            zbus::connection::Builder::address(addr.as_str()).map_err(err)?
+        }
+    };
+    builder.build().await.map_err(err)
+}
+
+/// Proxy for the VM at `path`.
+pub async fn vm_proxy(
+    conn: &zbus::Connection,
+    path: OwnedObjectPath,
+) -> zbus::Result<VmProxy<'static>> {
+    VmProxy::builder(conn)
+        .path(path)?
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
+/// The D-Bus error name and message of a failed call, if it was a method error.
+pub fn method_error(e: &zbus::Error) -> Option<(String, String)> {
+    match e {
+        zbus::Error::MethodError(name, desc, _) => {
+            Some((name.to_string(), desc.clone().unwrap_or_default()))
+        }
+        zbus::Error::FDO(f) => {
+            use zbus::DBusError;
+            Some((
+                f.name().to_string(),
+                f.description().unwrap_or_default().to_owned(),
+            ))
+        }
+        _ => None,
+    }
+}

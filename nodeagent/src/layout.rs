@@ -1,0 +1,87 @@
+//! Where the agent keeps things on disk.
+//!
+//! ```text
+//! <state>/vms/<name>.json          VM spec (persistent, atomic writes)
+//! <state>/network.json             last applied network document
+//! <state>/images/                  image store (kernels, initrds, read-only disks)
+//! <state>/disks/                   disk store (VM writable disks)
+//! <run>/booted                     marker: the agent already ran since the host booted
+//! <run>/vms/<name>/process.json    supervisor process (pid + start time)
+//! <run>/vms/<name>/vmm.json        VMM process (pid + start time), written by the supervisor
+//! <run>/vms/<name>/exit.json       VMM exit status, written by the supervisor
+//! <run>/vms/<name>/status.json     last terminal state (stopped/failed + reason)
+//! <run>/vms/<name>/api.sock        VMM API socket
+//! <run>/vms/<name>/vmm-args.json   argv for `thvc-nodeagent exec-vm` (systemd mode)
+//! <log>/<name>/console.log         guest serial console (sparse, bounded window)
+//! <log>/<name>/vmm.log             VMM stdout/stderr (direct mode)
+//! ```
+//! The run directory is expected on a tmpfs: its content describes this boot only.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub log_dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(state_dir: PathBuf, run_dir: PathBuf, log_dir: PathBuf) -> Self {
+        Layout {
+            state_dir,
+            run_dir,
+            log_dir,
+        }
+    }
+    pub fn specs_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+    pub fn spec_file(&self, vm: &str) -> PathBuf {
+        self.specs_dir().join(format!("{vm}.json"))
+    }
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+    pub fn disks_dir(&self) -> PathBuf {
+        self.state_dir.join("disks")
+    }
+    pub fn network_file(&self) -> PathBuf {
+        self.state_dir.join("network.json")
+    }
+    pub fn boot_marker(&self) -> PathBuf {
+        self.run_dir.join("booted")
+    }
+    pub fn vm_run_dir(&self, vm: &str) -> PathBuf {
+        self.run_dir.join("vms").join(vm)
+    }
+    pub fn vm_log_dir(&self, vm: &str) -> PathBuf {
+        self.log_dir.join(vm)
+    }
+    pub fn console_log(&self, vm: &str) -> PathBuf {
+        self.vm_log_dir(vm).join("console.log")
+    }
+    pub fn vmm_log(&self, vm: &str) -> PathBuf {
+        self.vm_log_dir(vm).join("vmm.log")
+    }
+    pub fn api_socket(&self, vm: &str) -> PathBuf {
+        self.vm_run_dir(vm).join("api.sock")
+    }
+    pub fn status_file(&self, vm: &str) -> PathBuf {
+        self.vm_run_dir(vm).join("status.json")
+    }
+}
+
+/// Run-directory files of one VM, for code (the supervisor) that only knows that directory.
+pub fn process_file(vm_run_dir: &Path) -> PathBuf {
+    vm_run_dir.join("process.json")
+}
+pub fn vmm_process_file(vm_run_dir: &Path) -> PathBuf {
+    vm_run_dir.join("vmm.json")
+}
+pub fn exit_file(vm_run_dir: &Path) -> PathBuf {
+    vm_run_dir.join("exit.json")
+}
+pub fn vmm_args_file(vm_run_dir: &Path) -> PathBuf {
+    vm_run_dir.join("vmm-args.json")
+}

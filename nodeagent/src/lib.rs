@@ -1,0 +1,18 @@
+//! thvc node agent: the node daemon `thvc-nodeagent` on the system D-Bus and its client
+//! `thvcctl`. See README.md for the architecture and the D-Bus API.
+
+pub mod auth;
+pub mod bus;
+pub mod client;
+pub mod console;
+pub mod fsutil;
+pub mod hostinfo;
+pub mod images;
+pub mod layout;
+pub mod names;
+pub mod network;
+pub mod node;
+pub mod procinfo;
+pub mod runner;
+pub mod spec;
+pub mod vmm_api;

@@ -1,0 +1,1055 @@
+//! The node: the table of VMs, their lifecycle state machine, and the operations the D-Bus
+//! API exposes. The bus layer ([`crate::bus`]) only translates; all decisions are made here.
+//!
+//! ```text
+//!   defined ──Start──▶ starting ──ready──▶ running ◀──Resume── paused
+//!      ▲                 │   ▲               │  └────Pause────▶  │
+//!      │                 │   └─exit 3 (reboot: restart)          │
+//!    Create              ▼                   ▼                   ▼
+//!                 failed ◀─unexpected exit── stopping ◀─Stop/Shutdown
+//!                                            └──exit──▶ stopped
+//! ```
+//! Concurrency: one `ops` mutex per VM serializes lifecycle operations; the short `status`
+//! mutex guards the observable fields so reads (ListVms, properties) never wait for a slow
+//! Shutdown. The VM table mutex is held across create/delete so 50 concurrent CreateVm calls
+//! see a consistent table and disk.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::{watch, Mutex};
+
+use crate::console;
+use crate::fsutil;
+use crate::images::{self, ImageError, ImageInfo};
+use crate::layout::Layout;
+use crate::names;
+use crate::network::{NetError, Network, TapRequest};
+use crate::runner::{describe_exit, Adoption, ExitFuture, ExitOutcome, LaunchSpec, VmRunner};
+use crate::spec::{self, Stores, VmSpec, VmmRunParams};
+use crate::vmm_api::{self, Request, VmmApiError};
+
+/// Reboots tolerated within [`REBOOT_WINDOW`] before a VM is declared failed (a guest that
+/// panics with panic=N on boot would otherwise loop forever).
+const MAX_REBOOTS: usize = 10;
+const REBOOT_WINDOW: Duration = Duration::from_secs(60);
+/// After SIGTERM (and again after SIGKILL), how long to wait for the VMM to exit.
+const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often console logs of running VMs are checked for trimming.
+const CONSOLE_TRIM_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    InvalidSpec(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("{0}")]
+    Network(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Vmm(String),
+    #[error("{0}")]
+    Download(String),
+    #[error("{0}")]
+    ChecksumMismatch(String),
+    #[error("{0}")]
+    Busy(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Defined,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Defined => "defined",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        }
+    }
+    /// States in which no VMM process exists and the VM may be started or deleted.
+    fn is_down(self) -> bool {
+        matches!(self, VmState::Defined | VmState::Stopped | VmState::Failed)
+    }
+}
+
+pub struct NodeConfig {
+    pub layout: Layout,
+    pub vmm_binary: PathBuf,
+    pub control_group: String,
+    pub node_name: String,
+    pub os_release: PathBuf,
+    pub shutdown_timeout: Duration,
+    pub start_timeout: Duration,
+}
+
+/// Terminal state persisted in the run directory, so a restarted agent reports it truthfully
+/// and does not autostart a VM an operator stopped in this boot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TerminalStatus {
+    state: VmState,
+    reason: String,
+    #[serde(default)]
+    operator_stopped: bool,
+}
+
+struct VmStatus {
+    spec: VmSpec,
+    state: VmState,
+    reason: String,
+    /// Incremented on every launch; exit notifications of older runs are ignored.
+    generation: u64,
+    /// Set while a VMM process (of `generation`) exists.
+    process: bool,
+    stop_requested: bool,
+    reboots: VecDeque<Instant>,
+    taps: Vec<String>,
+}
+
+pub struct Vm {
+    pub name: String,
+    pub path: String,
+    ops: Mutex<()>,
+    spec_write: Mutex<()>,
+    status: StdMutex<VmStatus>,
+    state_tx: watch::Sender<VmState>,
+}
+
+/// Which VM properties changed, for PropertiesChanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmProperty {
+    State,
+    Spec,
+    Autostart,
+}
+
+impl Vm {
+    fn new(name: &str, spec: VmSpec, state: VmState, reason: String) -> Arc<Vm> {
+        let (state_tx, _) = watch::channel(state);
+        Arc::new(Vm {
+            name: name.to_owned(),
+            path: names::vm_object_path(name),
+            ops: Mutex::new(()),
+            spec_write: Mutex::new(()),
+            status: StdMutex::new(VmStatus {
+                spec,
+                state,
+                reason,
+                generation: 0,
+                process: false,
+                stop_requested: false,
+                reboots: VecDeque::new(),
+                taps: Vec::new(),
+            }),
+            state_tx,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VmStatus> {
+        // A panic while holding this lock cannot leave the plain fields inconsistent.
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> VmState {
+        self.lock().state
+    }
+    pub fn state_reason(&self) -> String {
+        self.lock().reason.clone()
+    }
+    pub fn spec(&self) -> VmSpec {
+        self.lock().spec.clone()
+    }
+    pub fn spec_json(&self) -> String {
+        serde_json::to_string(&self.lock().spec).unwrap_or_default()
+    }
+    pub fn autostart(&self) -> bool {
+        self.lock().spec.autostart
+    }
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    stores: Stores,
+    runner: Arc<dyn VmRunner>,
+    network: Network,
+    vms: Mutex<BTreeMap<String, Arc<Vm>>>,
+    bus: OnceLock<zbus::Connection>,
+    pulls: StdMutex<HashSet<String>>,
+    http: reqwest::Client,
+    net_lock: Mutex<()>,
+    network_state: StdMutex<String>,
+    me: Weak<Node>,
+}
+
+fn io(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Io(e.to_string())
+}
+
+impl From<NetError> for NodeError {
+    fn from(e: NetError) -> Self {
+        match e {
+            NetError::InvalidDocument(m) => NodeError::InvalidSpec(m),
+            other => NodeError::Network(other.to_string()),
+        }
+    }
+}
+
+impl From<ImageError> for NodeError {
+    fn from(e: ImageError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ImageError::BadUrl { .. } | ImageError::BadDigest(_) => NodeError::InvalidArgument(msg),
+            ImageError::Conflict { .. } => NodeError::AlreadyExists(msg),
+            ImageError::Checksum { .. } => NodeError::ChecksumMismatch(msg),
+            ImageError::Download { .. } | ImageError::TooLarge { .. } => NodeError::Download(msg),
+            ImageError::Fs(_) => NodeError::Io(msg),
+        }
+    }
+}
+
+fn vmm_err(vm: &str, e: VmmApiError) -> NodeError {
+    NodeError::Vmm(format!("VM {vm}: {e}"))
+}
+
+impl Node {
+    /// Creates the state directories and the node (no VMs loaded yet: see [`Node::recover`]).
+    pub fn new(cfg: NodeConfig, runner: Arc<dyn VmRunner>) -> Result<Arc<Node>, NodeError> {
+        let l = &cfg.layout;
+        for (dir, mode) in [
+            (l.state_dir.clone(), 0o755),
+            (l.specs_dir(), 0o750),
+            (l.images_dir(), 0o755),
+            (l.disks_dir(), 0o750),
+            (l.run_dir.join("vms"), 0o750),
+            (l.log_dir.clone(), 0o750),
+        ] {
+            fsutil::create_dir_all(&dir, mode).map_err(io)?;
+        }
+        fsutil::remove_stale_temps(&l.specs_dir());
+        images::clean_partials(&l.images_dir());
+        let stores = Stores::new(&l.images_dir(), &l.disks_dir()).map_err(io)?;
+        let http = images::http_client()?;
+        let network = Network::new(l.state_dir.join("netconf"));
+        let network_state = if l.network_file().exists() {
+            "configured"
+        } else {
+            "unconfigured"
+        };
+        Ok(Arc::new_cyclic(|me| Node {
+            cfg,
+            stores,
+            runner,
+            network,
+            vms: Mutex::new(BTreeMap::new()),
+            bus: OnceLock::new(),
+            pulls: StdMutex::new(HashSet::new()),
+            http,
+            net_lock: Mutex::new(()),
+            network_state: StdMutex::new(network_state.to_owned()),
+            me: me.clone(),
+        }))
+    }
+
+    fn arc(&self) -> Option<Arc<Node>> {
+        self.me.upgrade()
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    pub fn runner_kind(&self) -> &'static str {
+        self.runner.kind()
+    }
+
+    /// The connection on which objects are served and signals emitted.
+    pub fn attach_bus(&self, conn: zbus::Connection) {
+        let _ = self.bus.set(conn);
+    }
+
+    pub fn network_state(&self) -> String {
+        self.network_state
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    // ----- queries -------------------------------------------------------------------------
+
+    pub async fn list(&self) -> Vec<Arc<Vm>> {
+        self.vms.lock().await.values().cloned().collect()
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Arc<Vm>, NodeError> {
+        self.vms
+            .lock()
+            .await
+            .get(name)
+            .cloned()
+            .ok_or_else(|| NodeError::NotFound(format!("no VM named {name:?} on this node")))
+    }
+
+    // ----- state changes -------------------------------------------------------------------
+
+    async fn emit(&self, vm: &Vm, props: &[VmProperty]) {
+        if let Some(conn) = self.bus.get() {
+            crate::bus::emit_vm_changed(conn, vm, props).await;
+        }
+    }
+
+    /// Sets the state if `check` accepts the current status; emits PropertiesChanged.
+    async fn transition(
+        &self,
+        vm: &Vm,
+        check: impl FnOnce(&VmStatus) -> bool,
+        state: VmState,
+        reason: String,
+    ) -> bool {
+        {
+            let mut st = vm.lock();
+            if !check(&st) {
+                return false;
+            }
+            if st.state == state && st.reason == reason {
+                return true;
+            }
+            tracing::info!(vm = %vm.name, from = st.state.as_str(), to = state.as_str(), %reason, "state change");
+            st.state = state;
+            st.reason = reason;
+        }
+        vm.state_tx.send_replace(state);
+        self.emit(vm, &[VmProperty::State]).await;
+        true
+    }
+
+    async fn set_state(&self, vm: &Vm, state: VmState, reason: impl Into<String>) {
+        self.transition(vm, |_| true, state, reason.into()).await;
+    }
+
+    fn persist_terminal(&self, vm: &Vm, state: VmState, reason: &str, operator_stopped: bool) {
+        let status = TerminalStatus {
+            state,
+            reason: reason.to_owned(),
+            operator_stopped,
+        };
+        let path = self.cfg.layout.status_file(&vm.name);
+        let result = fsutil::create_dir_all(&self.cfg.layout.vm_run_dir(&vm.name), 0o750)
+            .and_then(|()| {
+                fsutil::write_atomic(
+                    &path,
+                    &serde_json::to_vec(&status).unwrap_or_default(),
+                    0o640,
+                )
+            });
+        if let Err(e) = result {
+            tracing::warn!(vm = %vm.name, "cannot record terminal state: {e}");
+        }
+    }
+
+    fn read_terminal(&self, name: &str) -> Option<TerminalStatus> {
+        let data = std::fs::read(self.cfg.layout.status_file(name)).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    // ----- create / delete -----------------------------------------------------------------
+
+    pub async fn create(&self, name: &str, spec_json: &str) -> Result<Arc<Vm>, NodeError> {
+        names::validate_vm_name(name).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
+        let mut spec =
+            spec::parse(spec_json).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
+        spec.fill_macs(&self.cfg.node_name, name);
+        let resolved = spec
+            .resolve(&self.stores)
+            .map_err(|e| NodeError::InvalidSpec(format!("VM {name}: {e}")))?;
+        let mut vms = self.vms.lock().await;
+        if vms.contains_key(name) {
+            return Err(NodeError::AlreadyExists(format!(
+                "a VM named {name:?} already exists on this node"
+            )));
+        }
+        // Two VMs writing one disk corrupts it: refuse writable disks already in use.
+        for other in vms.values() {
+            let other_spec = other.spec();
+            let Ok(other_resolved) = other_spec.resolve(&self.stores) else {
+                continue;
+            };
+            for d in &resolved.disks {
+                if let Some(o) = other_resolved.disks.iter().find(|o| o.path == d.path) {
+                    if !(d.readonly && o.readonly) {
+                        return Err(NodeError::InvalidSpec(format!(
+                            "VM {name}: disk {} is already attached to VM {} (a disk may be shared only read-only)",
+                            d.path.display(),
+                            other.name
+                        )));
+                    }
+                }
+            }
+        }
+        let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
+        let file = self.cfg.layout.spec_file(name);
+        fsutil::write_atomic(&file, &data, 0o640).map_err(io)?;
+        let vm = Vm::new(name, spec, VmState::Defined, String::new());
+        if let (Some(conn), Some(me)) = (self.bus.get(), self.arc()) {
+            if let Err(e) = crate::bus::register_vm(conn, me, vm.clone()).await {
+                let _ = fsutil::remove_durable(&file);
+                return Err(io(format!("registering the D-Bus object of {name}: {e}")));
+            }
+        }
+        // A previous VM of the same name may have left a terminal status behind.
+        let _ = fsutil::remove_durable(&self.cfg.layout.status_file(name));
+        vms.insert(name.to_owned(), vm.clone());
+        drop(vms);
+        tracing::info!(vm = %name, "created");
+        if let Some(conn) = self.bus.get() {
+            crate::bus::emit_vm_new(conn, &vm).await;
+        }
+        Ok(vm)
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), NodeError> {
+        let mut vms = self.vms.lock().await;
+        let vm = vms
+            .get(name)
+            .cloned()
+            .ok_or_else(|| NodeError::NotFound(format!("no VM named {name:?} on this node")))?;
+        let _ops = vm.ops.lock().await;
+        let state = vm.state();
+        if !state.is_down() {
+            return Err(NodeError::InvalidState(format!(
+                "VM {name} is {}; stop it before deleting it",
+                state.as_str()
+            )));
+        }
+        fsutil::remove_durable(&self.cfg.layout.spec_file(name)).map_err(io)?;
+        vms.remove(name);
+        drop(vms);
+        if let Err(e) = self.runner.forget(name).await {
+            tracing::warn!(vm = %name, "cleaning up run state: {e}");
+        }
+        let log_dir = self.cfg.layout.vm_log_dir(name);
+        if let Err(e) = std::fs::remove_dir_all(&log_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(vm = %name, "removing {}: {e}", log_dir.display());
+            }
+        }
+        if let Some(conn) = self.bus.get() {
+            crate::bus::unregister_vm(conn, &vm).await;
+        }
+        tracing::info!(vm = %name, "deleted");
+        Ok(())
+    }
+
+    pub async fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), NodeError> {
+        let vm = self.get(name).await?;
+        let _w = vm.spec_write.lock().await;
+        let mut spec = vm.spec();
+        if spec.autostart == autostart {
+            return Ok(());
+        }
+        spec.autostart = autostart;
+        let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
+        fsutil::write_atomic(&self.cfg.layout.spec_file(name), &data, 0o640).map_err(io)?;
+        vm.lock().spec = spec;
+        self.emit(&vm, &[VmProperty::Autostart, VmProperty::Spec])
+            .await;
+        Ok(())
+    }
+
+    // ----- lifecycle -----------------------------------------------------------------------
+
+    pub async fn start(&self, name: &str) -> Result<(), NodeError> {
+        let vm = self.get(name).await?;
+        let _ops = vm.ops.lock().await;
+        let state = vm.state();
+        if !state.is_down() {
+            return Err(NodeError::InvalidState(format!(
+                "VM {name} is already {}",
+                state.as_str()
+            )));
+        }
+        vm.lock().stop_requested = false;
+        vm.lock().reboots.clear();
+        self.launch_locked(&vm).await
+    }
+
+    /// Starts the VMM; the caller holds `vm.ops`. Returns once the VM is running (or failed).
+    async fn launch_locked(&self, vm: &Arc<Vm>) -> Result<(), NodeError> {
+        let spec = vm.spec();
+        let resolved = match spec.resolve(&self.stores) {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!("VM {}: {e}", vm.name);
+                self.set_state(vm, VmState::Failed, msg.clone()).await;
+                self.persist_terminal(vm, VmState::Failed, &msg, false);
+                return Err(NodeError::InvalidSpec(msg));
+            }
+        };
+        // A run in progress has no terminal status.
+        let _ = fsutil::remove_durable(&self.cfg.layout.status_file(&vm.name));
+        self.set_state(vm, VmState::Starting, "").await;
+        let mut taps = Vec::new();
+        for (i, nic) in resolved.nics.iter().enumerate() {
+            let tap = TapRequest {
+                name: names::tap_name(&vm.name, i),
+                uid: 0,
+                gid: 0,
+                bridge: nic.bridge.clone(),
+                vlan: nic.vlan,
+                mtu: None,
+            };
+            if let Err(e) = self.network.create_tap(&tap).await {
+                self.delete_taps(&taps).await;
+                let msg = format!("VM {}: {e}", vm.name);
+                self.set_state(vm, VmState::Failed, msg.clone()).await;
+                self.persist_terminal(vm, VmState::Failed, &msg, false);
+                return Err(NodeError::Network(msg));
+            }
+            taps.push(tap.name);
+        }
+        let params = VmmRunParams {
+            console_log: self.cfg.layout.console_log(&vm.name),
+            api_socket: self.cfg.layout.api_socket(&vm.name),
+            taps: taps.clone(),
+        };
+        let launch = LaunchSpec {
+            name: vm.name.clone(),
+            vmm: self.cfg.vmm_binary.clone(),
+            args: spec::vmm_args(&resolved, &params),
+        };
+        let generation = {
+            let mut st = vm.lock();
+            st.generation += 1;
+            st.taps = taps.clone();
+            st.generation
+        };
+        let exited = match self.runner.launch(&launch).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.delete_taps(&taps).await;
+                let msg = e.to_string();
+                self.set_state(vm, VmState::Failed, msg.clone()).await;
+                self.persist_terminal(vm, VmState::Failed, &msg, false);
+                return Err(NodeError::Vmm(msg));
+            }
+        };
+        vm.lock().process = true;
+        self.watch_exit(vm, generation, exited);
+        self.wait_ready(vm, generation).await
+    }
+
+    fn watch_exit(&self, vm: &Arc<Vm>, generation: u64, exited: ExitFuture) {
+        let Some(node) = self.arc() else { return };
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            let outcome = exited.await;
+            node.on_exit(&vm, generation, outcome).await;
+        });
+    }
+
+    /// Waits until the VMM answers on its API socket. A VMM that serves no API socket is
+    /// taken as running once it survived the start timeout.
+    async fn wait_ready(&self, vm: &Arc<Vm>, generation: u64) -> Result<(), NodeError> {
+        let deadline = Instant::now() + self.cfg.start_timeout;
+        let socket = self.cfg.layout.api_socket(&vm.name);
+        let mut rx = vm.state_tx.subscribe();
+        loop {
+            {
+                let st = vm.lock();
+                if st.generation != generation || st.state != VmState::Starting {
+                    return match st.state {
+                        VmState::Failed => Err(NodeError::Vmm(st.reason.clone())),
+                        _ => Ok(()),
+                    };
+                }
+            }
+            if socket.exists() && vmm_api::call(&socket, Request::Ping).await.is_ok() {
+                self.transition(
+                    vm,
+                    |st| st.generation == generation && st.state == VmState::Starting,
+                    VmState::Running,
+                    String::new(),
+                )
+                .await;
+                continue;
+            }
+            if Instant::now() >= deadline {
+                let note = if socket.exists() {
+                    "the VMM's API socket does not answer"
+                } else {
+                    "the VMM serves no API socket: Pause, Resume and Info are unavailable"
+                };
+                tracing::warn!(vm = %vm.name, "{note}");
+                self.transition(
+                    vm,
+                    |st| st.generation == generation && st.state == VmState::Starting,
+                    VmState::Running,
+                    note.to_owned(),
+                )
+                .await;
+                continue;
+            }
+            // Wake on a state change (exit) or poll the socket again shortly.
+            let _ = tokio::time::timeout(Duration::from_millis(20), rx.changed()).await;
+        }
+    }
+
+    async fn delete_taps(&self, taps: &[String]) {
+        for t in taps {
+            if let Err(e) = self.network.delete_tap(t).await {
+                tracing::warn!("deleting TAP {t}: {e}");
+            }
+        }
+    }
+
+    /// Handles the end of a VMM process.
+    async fn on_exit(&self, vm: &Arc<Vm>, generation: u64, outcome: ExitOutcome) {
+        let (stop_requested, taps, reboot_ok) = {
+            let mut st = vm.lock();
+            if st.generation != generation {
+                return;
+            }
+            st.process = false;
+            let now = Instant::now();
+            while st
+                .reboots
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > REBOOT_WINDOW)
+            {
+                st.reboots.pop_front();
+            }
+            let reboot_ok = st.reboots.len() < MAX_REBOOTS;
+            if outcome == ExitOutcome::Exited(3) && reboot_ok {
+                st.reboots.push_back(now);
+            }
+            (st.stop_requested, std::mem::take(&mut st.taps), reboot_ok)
+        };
+        self.delete_taps(&taps).await;
+        tracing::info!(vm = %vm.name, ?outcome, stop_requested, "VMM exited");
+        if stop_requested {
+            let reason = match &outcome {
+                ExitOutcome::Exited(0) | ExitOutcome::Exited(3) => "stopped".to_owned(),
+                other => format!("stopped ({})", describe_exit(other)),
+            };
+            self.set_state(vm, VmState::Stopped, reason.clone()).await;
+            self.persist_terminal(vm, VmState::Stopped, &reason, true);
+            return;
+        }
+        self.handle_unattended_exit(vm, generation, outcome, reboot_ok)
+            .await;
+    }
+
+    /// An exit nobody asked for: power-off, reboot or failure.
+    async fn handle_unattended_exit(
+        &self,
+        vm: &Arc<Vm>,
+        generation: u64,
+        outcome: ExitOutcome,
+        reboot_ok: bool,
+    ) {
+        let log = self.cfg.layout.vmm_log(&vm.name);
+        match outcome {
+            ExitOutcome::Exited(0) => {
+                let reason = describe_exit(&outcome);
+                self.set_state(vm, VmState::Stopped, reason.clone()).await;
+                self.persist_terminal(vm, VmState::Stopped, &reason, false);
+            }
+            ExitOutcome::Exited(3) if reboot_ok => {
+                self.set_state(vm, VmState::Starting, "the guest rebooted; restarting")
+                    .await;
+                let Some(node) = self.arc() else { return };
+                let vm = vm.clone();
+                tokio::spawn(async move {
+                    let _ops = vm.ops.lock().await;
+                    {
+                        let st = vm.lock();
+                        // Stopped (or restarted) by someone else meanwhile.
+                        if st.generation != generation
+                            || st.stop_requested
+                            || st.state != VmState::Starting
+                        {
+                            return;
+                        }
+                    }
+                    if let Err(e) = node.launch_locked(&vm).await {
+                        tracing::warn!(vm = %vm.name, "restart after reboot failed: {e}");
+                    }
+                });
+            }
+            ExitOutcome::Exited(3) => {
+                let reason = format!(
+                    "the guest rebooted more than {MAX_REBOOTS} times within {}s; giving up (see {})",
+                    REBOOT_WINDOW.as_secs(),
+                    self.cfg.layout.console_log(&vm.name).display()
+                );
+                self.set_state(vm, VmState::Failed, reason.clone()).await;
+                self.persist_terminal(vm, VmState::Failed, &reason, false);
+            }
+            other => {
+                let reason = format!("{} (see {})", describe_exit(&other), log.display());
+                self.set_state(vm, VmState::Failed, reason.clone()).await;
+                self.persist_terminal(vm, VmState::Failed, &reason, false);
+            }
+        }
+    }
+
+    /// Waits until no VMM process of `vm` exists, at most `timeout`.
+    async fn wait_process_gone(&self, vm: &Vm, timeout: Duration) -> bool {
+        let mut rx = vm.state_tx.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !vm.lock().process {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return !vm.lock().process,
+                Err(_) => return !vm.lock().process,
+            }
+        }
+    }
+
+    /// Stop (SIGTERM, then SIGKILL) or Shutdown (ACPI power button first).
+    pub async fn stop(&self, name: &str, graceful: bool) -> Result<(), NodeError> {
+        let vm = self.get(name).await?;
+        let _ops = vm.ops.lock().await;
+        let state = vm.state();
+        if state.is_down() {
+            return Err(NodeError::InvalidState(format!(
+                "VM {name} is {}, not running",
+                state.as_str()
+            )));
+        }
+        let has_process = {
+            let mut st = vm.lock();
+            st.stop_requested = true;
+            st.process
+        };
+        if !has_process {
+            // Between a reboot exit and its restart: nothing to stop.
+            self.set_state(&vm, VmState::Stopped, "stopped").await;
+            self.persist_terminal(&vm, VmState::Stopped, "stopped", true);
+            return Ok(());
+        }
+        self.set_state(&vm, VmState::Stopping, "").await;
+        let socket = self.cfg.layout.api_socket(name);
+        if graceful {
+            if state == VmState::Paused {
+                // A paused guest cannot react to the power button.
+                let _ = vmm_api::call(&socket, Request::Resume).await;
+            }
+            match vmm_api::call(&socket, Request::Shutdown).await {
+                Ok(_) => {
+                    if self
+                        .wait_process_gone(&vm, self.cfg.shutdown_timeout)
+                        .await
+                    {
+                        return Ok(());
+                    }
+                    tracing::warn!(vm = %name, timeout = ?self.cfg.shutdown_timeout, "guest did not power off in time; stopping the VMM");
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %name, "graceful shutdown not possible ({e}); stopping the VMM");
+                }
+            }
+        }
+        self.runner.terminate(name).await.map_err(io)?;
+        if self.wait_process_gone(&vm, TERMINATE_TIMEOUT).await {
+            return Ok(());
+        }
+        tracing::warn!(vm = %name, "VMM ignored SIGTERM; killing it");
+        self.runner.kill(name).await.map_err(io)?;
+        if self.wait_process_gone(&vm, TERMINATE_TIMEOUT).await {
+            return Ok(());
+        }
+        Err(NodeError::Io(format!(
+            "VM {name}: the VMM did not exit after SIGKILL"
+        )))
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<(), NodeError> {
+        self.pause_resume(name, true).await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<(), NodeError> {
+        self.pause_resume(name, false).await
+    }
+
+    async fn pause_resume(&self, name: &str, pause: bool) -> Result<(), NodeError> {
+        let vm = self.get(name).await?;
+        let _ops = vm.ops.lock().await;
+        let (from, to, request) = if pause {
+            (VmState::Running, VmState::Paused, Request::Pause)
+        } else {
+            (VmState::Paused, VmState::Running, Request::Resume)
+        };
+        let state = vm.state();
+        if state != from {
+            return Err(NodeError::InvalidState(format!(
+                "VM {name} is {}; {} needs it {}",
+                state.as_str(),
+                if pause { "Pause" } else { "Resume" },
+                from.as_str()
+            )));
+        }
+        vmm_api::call(&self.cfg.layout.api_socket(name), request)
+            .await
+            .map_err(|e| vmm_err(name, e))?;
+        self.transition(&vm, |st| st.state == from, to, String::new())
+            .await;
+        Ok(())
+    }
+
+    pub async fn info(&self, name: &str) -> Result<String, NodeError> {
+        let vm = self.get(name).await?;
+        if !vm.lock().process {
+            return Err(NodeError::InvalidState(format!(
+                "VM {name} is {}; Info needs a running VMM",
+                vm.state().as_str()
+            )));
+        }
+        let v = vmm_api::call(&self.cfg.layout.api_socket(name), Request::Info)
+            .await
+            .map_err(|e| vmm_err(name, e))?;
+        Ok(v.to_string())
+    }
+
+    pub async fn read_console(&self, name: &str, offset: u64) -> Result<(Vec<u8>, u64), NodeError> {
+        self.get(name).await?;
+        let path = self.cfg.layout.console_log(name);
+        tokio::task::spawn_blocking(move || console::read(&path, offset))
+            .await
+            .map_err(io)?
+            .map_err(io)
+    }
+
+    // ----- recovery ------------------------------------------------------------------------
+
+    /// Loads persisted VMs, re-adopts running VMMs, reports exits that happened while no
+    /// agent ran, and starts autostart VMs. Call after [`Node::attach_bus`].
+    pub async fn recover(&self) -> Result<(), NodeError> {
+        let first_since_boot = !self.cfg.layout.boot_marker().exists();
+        let dir = self.cfg.layout.specs_dir();
+        let mut names_found = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io)?.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(name) = file.strip_suffix(".json") else {
+                continue;
+            };
+            if file.starts_with('.') {
+                continue;
+            }
+            if let Err(e) = names::validate_vm_name(name) {
+                tracing::error!("ignoring {}: {e}", entry.path().display());
+                continue;
+            }
+            let spec = match std::fs::read_to_string(entry.path())
+                .map_err(|e| e.to_string())
+                .and_then(|s| spec::parse(&s).map_err(|e| e.to_string()))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("VM {name}: cannot load {}: {e}", entry.path().display());
+                    continue;
+                }
+            };
+            names_found.push((name.to_owned(), spec));
+        }
+        names_found.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut loaded = Vec::new();
+        {
+            let mut vms = self.vms.lock().await;
+            for (name, spec) in names_found {
+                let vm = Vm::new(&name, spec, VmState::Defined, String::new());
+                if let (Some(conn), Some(me)) = (self.bus.get(), self.arc()) {
+                    if let Err(e) = crate::bus::register_vm(conn, me, vm.clone()).await {
+                        tracing::error!(vm = %name, "registering D-Bus object: {e}");
+                    }
+                }
+                vms.insert(name, vm.clone());
+                loaded.push(vm);
+            }
+        }
+        let mut to_autostart = Vec::new();
+        for vm in &loaded {
+            let terminal = self.read_terminal(&vm.name);
+            match self.runner.adopt(&vm.name).await {
+                Ok(Adoption::Running(exited)) => {
+                    let paused = vmm_api::call(&self.cfg.layout.api_socket(&vm.name), Request::Info)
+                        .await
+                        .ok()
+                        .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(|s| s == "paused"))
+                        .unwrap_or(false);
+                    let generation = {
+                        let mut st = vm.lock();
+                        st.generation += 1;
+                        st.process = true;
+                        st.taps = (0..st.spec.nics.len())
+                            .map(|i| names::tap_name(&vm.name, i))
+                            .collect();
+                        st.generation
+                    };
+                    let state = if paused { VmState::Paused } else { VmState::Running };
+                    self.set_state(vm, state, "").await;
+                    tracing::info!(vm = %vm.name, "re-adopted running VMM");
+                    self.watch_exit(vm, generation, exited);
+                }
+                Ok(Adoption::Exited(outcome)) if terminal.is_none() => {
+                    // It ended while no agent watched: handle it as if we had.
+                    tracing::info!(vm = %vm.name, ?outcome, "VMM ended while the agent was away");
+                    let generation = vm.lock().generation;
+                    self.handle_unattended_exit(vm, generation, outcome, true)
+                        .await;
+                }
+                Ok(Adoption::Exited(_)) | Ok(Adoption::NotRunning) => match terminal {
+                    Some(t) => {
+                        self.set_state(vm, t.state, t.reason).await;
+                        if vm.autostart() && !t.operator_stopped && t.state == VmState::Stopped {
+                            to_autostart.push(vm.clone());
+                        }
+                    }
+                    None => {
+                        if vm.autostart() {
+                            to_autostart.push(vm.clone());
+                        }
+                    }
+                },
+                Err(e) => {
+                    let reason = format!("cannot determine whether the VMM still runs: {e}");
+                    self.set_state(vm, VmState::Failed, reason).await;
+                }
+            }
+        }
+        if first_since_boot {
+            if let Err(e) = fsutil::write_atomic(&self.cfg.layout.boot_marker(), b"", 0o644) {
+                tracing::warn!("cannot write boot marker: {e}");
+            }
+        }
+        for vm in to_autostart {
+            tracing::info!(vm = %vm.name, "autostart");
+            let Some(node) = self.arc() else { break };
+            tokio::spawn(async move {
+                if let Err(e) = node.start(&vm.name).await {
+                    tracing::warn!(vm = %vm.name, "autostart failed: {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Keeps console logs of running VMs bounded (see [`crate::console`]). Runs forever.
+    pub async fn console_trim_loop(&self) {
+        let mut tick = tokio::time::interval(CONSOLE_TRIM_INTERVAL);
+        loop {
+            tick.tick().await;
+            for vm in self.list().await {
+                if !vm.lock().process {
+                    continue;
+                }
+                let path = self.cfg.layout.console_log(&vm.name);
+                let r = tokio::task::spawn_blocking(move || {
+                    console::trim(&path, console::KEEP_BYTES, console::TRIM_SLACK)
+                })
+                .await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(vm = %vm.name, "trimming console log: {e}");
+                }
+            }
+        }
+    }
+
+    // ----- network -------------------------------------------------------------------------
+
+    pub async fn apply_network(&self, document_json: &str, dry_run: bool) -> Result<String, NodeError> {
+        Network::validate(document_json)?;
+        if dry_run {
+            return Ok(self.network.plan(document_json).await?);
+        }
+        let _g = self.net_lock.lock().await;
+        match self.network.apply(document_json).await {
+            Ok(plan) => {
+                fsutil::write_atomic(
+                    &self.cfg.layout.network_file(),
+                    document_json.as_bytes(),
+                    0o640,
+                )
+                .map_err(io)?;
+                self.set_network_state("configured").await;
+                Ok(plan)
+            }
+            Err(e) => {
+                self.set_network_state(&format!("failed: {e}")).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn set_network_state(&self, s: &str) {
+        if let Ok(mut g) = self.network_state.lock() {
+            *g = s.to_owned();
+        }
+        if let Some(conn) = self.bus.get() {
+            crate::bus::emit_network_state_changed(conn).await;
+        }
+    }
+
+    pub async fn get_network(&self) -> Result<String, NodeError> {
+        match std::fs::read_to_string(self.cfg.layout.network_file()) {
+            Ok(s) => Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(NodeError::NotFound(
+                "no network document has been applied on this node".to_owned(),
+            )),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    // ----- images --------------------------------------------------------------------------
+
+    pub async fn pull_image(&self, url: &str, sha256: &str) -> Result<PathBuf, NodeError> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| {
+            NodeError::InvalidArgument(format!("invalid image URL {url:?}: {e}"))
+        })?;
+        let name = images::image_name_from_url(&parsed)?;
+        {
+            let mut pulls = self.pulls.lock().map_err(io)?;
+            if !pulls.insert(name.clone()) {
+                return Err(NodeError::Busy(format!(
+                    "image {name} is already being pulled"
+                )));
+            }
+        }
+        let result = images::pull(&self.http, &self.cfg.layout.images_dir(), url, sha256).await;
+        if let Ok(mut pulls) = self.pulls.lock() {
+            pulls.remove(&name);
+        }
+        Ok(result?)
+    }
+
+    pub fn list_images(&self) -> Result<Vec<ImageInfo>, NodeError> {
+        Ok(images::list(&self.cfg.layout.images_dir())?)
+    }
+}

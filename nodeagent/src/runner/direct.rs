@@ -1,0 +1,196 @@
+//! The direct runner: the agent starts `thvc-nodeagent supervise-vm` per VM (see
+//! [`super::supervise`]) in a new session, with stdout/stderr going to `<log>/<name>/vmm.log`
+//! (never a pipe to the agent: a dead agent must not take VMMs down with SIGPIPE).
+
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+
+use super::{Adoption, ExitFuture, ExitOutcome, ExitRecord, LaunchSpec, RunnerError, VmRunner};
+use crate::fsutil;
+use crate::layout::{self, Layout};
+use crate::procinfo::{read_record, ProcessId};
+
+pub struct DirectRunner {
+    layout: Layout,
+    /// The agent binary, which also implements `supervise-vm`.
+    agent_exe: PathBuf,
+}
+
+impl DirectRunner {
+    pub fn new(layout: Layout, agent_exe: PathBuf) -> Self {
+        DirectRunner { layout, agent_exe }
+    }
+
+    fn exit_outcome(&self, name: &str) -> ExitOutcome {
+        let run_dir = self.layout.vm_run_dir(name);
+        match read_record::<ExitRecord>(&layout::exit_file(&run_dir)) {
+            Ok(Some(r)) => r.into(),
+            Ok(None) => ExitOutcome::Unknown(
+                "its supervisor ended without recording an exit status".to_owned(),
+            ),
+            Err(e) => ExitOutcome::Unknown(format!("unreadable exit record: {e}")),
+        }
+    }
+
+    fn supervisor(&self, name: &str) -> Option<ProcessId> {
+        read_record::<ProcessId>(&layout::process_file(&self.layout.vm_run_dir(name)))
+            .ok()
+            .flatten()
+    }
+
+    fn vmm(&self, name: &str) -> Option<ProcessId> {
+        read_record::<ProcessId>(&layout::vmm_process_file(&self.layout.vm_run_dir(name)))
+            .ok()
+            .flatten()
+    }
+
+    fn signal(&self, name: &str, signal: i32) -> Result<(), RunnerError> {
+        let ctl = |reason: String| RunnerError::Control {
+            vm: name.to_owned(),
+            reason,
+        };
+        // Prefer the VMM itself; before it is recorded (or after it ended) the supervisor
+        // forwards SIGTERM, and SIGKILL to it ends the run as well.
+        if let Some(vmm) = self.vmm(name) {
+            if vmm.signal(signal).map_err(|e| ctl(e.to_string()))? {
+                return Ok(());
+            }
+        }
+        if let Some(sup) = self.supervisor(name) {
+            sup.signal(signal).map_err(|e| ctl(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn launch_inner(&self, spec: &LaunchSpec) -> Result<ExitFuture, RunnerError> {
+        let err = |reason: String| RunnerError::Launch {
+            vm: spec.name.clone(),
+            reason,
+        };
+        let run_dir = self.layout.vm_run_dir(&spec.name);
+        fsutil::create_dir_all(&run_dir, 0o750).map_err(|e| err(e.to_string()))?;
+        for f in [
+            layout::process_file(&run_dir),
+            layout::vmm_process_file(&run_dir),
+            layout::exit_file(&run_dir),
+            self.layout.api_socket(&spec.name),
+        ] {
+            fsutil::remove_durable(&f).map_err(|e| err(e.to_string()))?;
+        }
+        let log_dir = self.layout.vm_log_dir(&spec.name);
+        fsutil::create_dir_all(&log_dir, 0o750).map_err(|e| err(e.to_string()))?;
+        let log_path = self.layout.vmm_log(&spec.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| err(format!("{}: {e}", log_path.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| err(format!("{}: {e}", log_path.display())))?;
+        let mut cmd = std::process::Command::new(&self.agent_exe);
+        cmd.arg("supervise-vm")
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .arg("--")
+            .arg(&spec.vmm)
+            .args(&spec.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .env_remove("RUST_LOG");
+        // SAFETY: setsid is async-signal-safe; it detaches the supervisor from the agent's
+        // session and process group so signals aimed at the agent do not reach VMs.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| err(format!("{}: {e}", self.agent_exe.display())))?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        // Record the supervisor here too: it also records itself, but only once it runs.
+        if let Ok(id) = ProcessId::of(pid) {
+            if let Ok(data) = serde_json::to_vec(&id) {
+                let _ = fsutil::write_atomic(&layout::process_file(&run_dir), &data, 0o644);
+            }
+        }
+        let layout = self.layout.clone();
+        let name = spec.name.clone();
+        let fut = async move {
+            let status = child.wait().await;
+            let runner = DirectRunner::new(layout, PathBuf::new());
+            match runner.exit_outcome(&name) {
+                ExitOutcome::Unknown(reason) => ExitOutcome::Unknown(match status {
+                    Ok(s) => format!("{reason} (supervisor {s})"),
+                    Err(e) => format!("{reason} (waiting for the supervisor: {e})"),
+                }),
+                known => known,
+            }
+        };
+        Ok(fut.boxed())
+    }
+}
+
+impl VmRunner for DirectRunner {
+    fn kind(&self) -> &'static str {
+        "direct"
+    }
+
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<ExitFuture, RunnerError>> {
+        async move { self.launch_inner(spec) }.boxed()
+    }
+
+    fn adopt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Adoption, RunnerError>> {
+        async move {
+            let Some(sup) = self.supervisor(name) else {
+                return Ok(Adoption::NotRunning);
+            };
+            if sup.is_alive() {
+                let layout = self.layout.clone();
+                let name = name.to_owned();
+                let fut = async move {
+                    if let Err(e) = sup.wait_exit().await {
+                        return ExitOutcome::Unknown(format!("cannot watch the supervisor: {e}"));
+                    }
+                    DirectRunner::new(layout, PathBuf::new()).exit_outcome(&name)
+                };
+                return Ok(Adoption::Running(fut.boxed()));
+            }
+            Ok(Adoption::Exited(self.exit_outcome(name)))
+        }
+        .boxed()
+    }
+
+    fn terminate<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>> {
+        async move { self.signal(name, libc::SIGTERM) }.boxed()
+    }
+
+    fn kill<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>> {
+        async move { self.signal(name, libc::SIGKILL) }.boxed()
+    }
+
+    fn forget<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>> {
+        async move {
+            let dir = self.layout.vm_run_dir(name);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(RunnerError::Control {
+                    vm: name.to_owned(),
+                    reason: format!("removing {}: {e}", dir.display()),
+                }),
+            }
+        }
+        .boxed()
+    }
+}

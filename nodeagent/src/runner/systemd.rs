@@ -1,0 +1,281 @@
+//! The systemd runner: VM `NAME` runs as `thvc-vm@NAME.service` (instance escaped like
+//! `systemd-escape`), started and stopped through `org.freedesktop.systemd1` on the system
+//! bus. systemd supervises the VMM, so VMs survive agent restarts by construction.
+//!
+//! The unit (shipped in systemd/ by the packaging) is expected to be:
+//! ```ini
+//! [Unit]
+//! Description=thvc VM %I
+//! [Service]
+//! Type=exec
+//! ExecStart=/usr/bin/thvc-nodeagent exec-vm --run-dir /run/thvc/vms/%I
+//! KillMode=mixed
+//! TimeoutStopSec=30
+//! SuccessExitStatus=3
+//! ```
+//! `exec-vm` execs `thvc-vmm` with the argv the agent wrote to `vmm-args.json`, so the unit's
+//! main PID is the VMM and `ExecMainStatus` is its exit status. There is no `Restart=`: the
+//! agent decides about restarts (exit 3 = guest reboot) in both runners alike.
+//!
+//! Not exercised by the test suite on hosts without systemd as PID 1; tested in the image.
+
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::OnceCell;
+use zbus::zvariant::OwnedObjectPath;
+
+use super::supervise::VmmArgv;
+use super::{Adoption, ExitFuture, ExitOutcome, LaunchSpec, RunnerError, VmRunner};
+use crate::fsutil;
+use crate::layout::{self, Layout};
+use crate::names;
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait SystemdManager {
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait SystemdUnit {
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait SystemdService {
+    #[zbus(property)]
+    fn exec_main_code(&self) -> zbus::Result<i32>;
+    #[zbus(property)]
+    fn exec_main_status(&self) -> zbus::Result<i32>;
+    #[zbus(property)]
+    fn exec_main_start_timestamp(&self) -> zbus::Result<u64>;
+}
+
+// si_code values of ExecMainCode.
+const CLD_EXITED: i32 = 1;
+const CLD_KILLED: i32 = 2;
+const CLD_DUMPED: i32 = 3;
+
+pub struct SystemdRunner {
+    layout: Layout,
+    system_bus: OnceCell<zbus::Connection>,
+}
+
+fn sd_err(e: impl std::fmt::Display) -> RunnerError {
+    RunnerError::Systemd(e.to_string())
+}
+
+impl SystemdRunner {
+    pub fn new(layout: Layout) -> Self {
+        SystemdRunner {
+            layout,
+            system_bus: OnceCell::new(),
+        }
+    }
+
+    async fn bus(&self) -> Result<&zbus::Connection, RunnerError> {
+        self.system_bus
+            .get_or_try_init(|| async { zbus::Connection::system().await.map_err(sd_err) })
+            .await
+    }
+
+    async fn manager(&self) -> Result<SystemdManagerProxy<'static>, RunnerError> {
+        SystemdManagerProxy::new(self.bus().await?)
+            .await
+            .map_err(sd_err)
+    }
+
+    async fn unit_proxies(
+        &self,
+        name: &str,
+    ) -> Result<(SystemdUnitProxy<'static>, SystemdServiceProxy<'static>), RunnerError> {
+        let path = self
+            .manager()
+            .await?
+            .load_unit(&names::vm_unit_name(name))
+            .await
+            .map_err(sd_err)?;
+        let bus = self.bus().await?;
+        let unit = SystemdUnitProxy::builder(bus)
+            .path(path.clone())
+            .map_err(sd_err)?
+            .build()
+            .await
+            .map_err(sd_err)?;
+        let service = SystemdServiceProxy::builder(bus)
+            .path(path)
+            .map_err(sd_err)?
+            .build()
+            .await
+            .map_err(sd_err)?;
+        Ok((unit, service))
+    }
+
+    /// Resolves when the unit is inactive or failed, with the main process' exit status.
+    fn watch_until_inactive(
+        unit: SystemdUnitProxy<'static>,
+        service: SystemdServiceProxy<'static>,
+    ) -> ExitFuture {
+        async move {
+            let mut changes = unit.receive_active_state_changed().await;
+            loop {
+                match unit.active_state().await {
+                    Ok(s) if s == "inactive" || s == "failed" => break,
+                    Ok(_) => {}
+                    Err(e) => return ExitOutcome::Unknown(format!("systemd: {e}")),
+                }
+                if changes.next().await.is_none() {
+                    return ExitOutcome::Unknown("lost the system bus".to_owned());
+                }
+            }
+            exit_outcome(&service).await
+        }
+        .boxed()
+    }
+}
+
+async fn exit_outcome(service: &SystemdServiceProxy<'_>) -> ExitOutcome {
+    let code = service.exec_main_code().await;
+    let status = service.exec_main_status().await;
+    match (code, status) {
+        (Ok(CLD_EXITED), Ok(s)) => ExitOutcome::Exited(s),
+        (Ok(CLD_KILLED | CLD_DUMPED), Ok(s)) => ExitOutcome::Signaled(s),
+        (Ok(c), Ok(s)) => ExitOutcome::Unknown(format!("ExecMainCode={c} ExecMainStatus={s}")),
+        (Err(e), _) | (_, Err(e)) => ExitOutcome::Unknown(format!("systemd: {e}")),
+    }
+}
+
+impl VmRunner for SystemdRunner {
+    fn kind(&self) -> &'static str {
+        "systemd"
+    }
+
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<ExitFuture, RunnerError>> {
+        async move {
+            let err = |reason: String| RunnerError::Launch {
+                vm: spec.name.clone(),
+                reason,
+            };
+            let run_dir = self.layout.vm_run_dir(&spec.name);
+            fsutil::create_dir_all(&run_dir, 0o750).map_err(|e| err(e.to_string()))?;
+            fsutil::create_dir_all(&self.layout.vm_log_dir(&spec.name), 0o750)
+                .map_err(|e| err(e.to_string()))?;
+            fsutil::remove_durable(&self.layout.api_socket(&spec.name))
+                .map_err(|e| err(e.to_string()))?;
+            let argv = VmmArgv {
+                vmm: spec.vmm.display().to_string(),
+                args: spec.args.clone(),
+            };
+            let data = serde_json::to_vec(&argv).map_err(|e| err(e.to_string()))?;
+            fsutil::write_atomic(&layout::vmm_args_file(&run_dir), &data, 0o640)
+                .map_err(|e| err(e.to_string()))?;
+            let unit_name = names::vm_unit_name(&spec.name);
+            let manager = self.manager().await?;
+            // A previous failed run leaves the unit in "failed"; clear it (errors just mean
+            // there was nothing to clear).
+            let _ = manager.reset_failed_unit(&unit_name).await;
+            let (unit, service) = self.unit_proxies(&spec.name).await?;
+            // Subscribe before starting so a quick exit is not missed.
+            let exited = Self::watch_until_inactive(unit.clone(), service);
+            manager
+                .start_unit(&unit_name, "replace")
+                .await
+                .map_err(|e| err(format!("StartUnit {unit_name}: {e}")))?;
+            // Wait until the start job left "inactive" so the watcher does not resolve on the
+            // state from before the start.
+            let mut changes = unit.receive_active_state_changed().await;
+            for _ in 0..50 {
+                match unit.active_state().await {
+                    Ok(s) if s != "inactive" => break,
+                    Ok(_) => {}
+                    Err(e) => return Err(sd_err(e)),
+                }
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_millis(100),
+                    changes.next(),
+                )
+                .await;
+            }
+            Ok(exited)
+        }
+        .boxed()
+    }
+
+    fn adopt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Adoption, RunnerError>> {
+        async move {
+            let (unit, service) = self.unit_proxies(name).await?;
+            let state = unit.active_state().await.map_err(sd_err)?;
+            match state.as_str() {
+                "active" | "activating" | "deactivating" | "reloading" => Ok(Adoption::Running(
+                    Self::watch_until_inactive(unit, service),
+                )),
+                _ => {
+                    let started = service.exec_main_start_timestamp().await.unwrap_or(0);
+                    if started == 0 {
+                        Ok(Adoption::NotRunning)
+                    } else {
+                        Ok(Adoption::Exited(exit_outcome(&service).await))
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn terminate<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>> {
+        async move {
+            self.manager()
+                .await?
+                .stop_unit(&names::vm_unit_name(name), "replace")
+                .await
+                .map_err(sd_err)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn kill<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>> {
+        async move {
+            self.manager()
+                .await?
+                .kill_unit(&names::vm_unit_name(name), "all", libc::SIGKILL)
+                .await
+                .map_err(sd_err)
+        }
+        .boxed()
+    }
+
+    fn forget<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>> {
+        async move {
+            let _ = self
+                .manager()
+                .await?
+                .reset_failed_unit(&names::vm_unit_name(name))
+                .await;
+            let dir = self.layout.vm_run_dir(name);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(RunnerError::Control {
+                    vm: name.to_owned(),
+                    reason: format!("removing {}: {e}", dir.display()),
+                }),
+            }
+        }
+        .boxed()
+    }
+}
