@@ -115,12 +115,12 @@ impl Manager {
 
 #[interface(name = "de.thueringen.thvc.node1.Manager")]
 impl Manager {
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn hostname(&self) -> String {
         hostinfo::hostname()
     }
 
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_owned()
     }
@@ -156,6 +156,7 @@ impl Manager {
     }
 
     /// All VMs: (name, state, object path).
+    #[zbus(out_args("vms"))]
     async fn list_vms(&self) -> Vec<(String, String, OwnedObjectPath)> {
         let mut out = Vec::new();
         for vm in self.node.list().await {
@@ -166,11 +167,13 @@ impl Manager {
         out
     }
 
+    #[zbus(out_args("path"))]
     async fn get_vm(&self, name: String) -> Result<OwnedObjectPath, BusError> {
         let vm = self.node.get(&name).await?;
         owned_path(&vm.path)
     }
 
+    #[zbus(out_args("path"))]
     async fn create_vm(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -195,6 +198,7 @@ impl Manager {
 
     /// Validates `document_json`, plans the changes and, unless `dry_run`, applies them.
     /// Returns the plan as JSON.
+    #[zbus(out_args("plan_json"))]
     async fn apply_network(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -209,11 +213,13 @@ impl Manager {
     }
 
     /// The network document last applied on this node.
+    #[zbus(out_args("document_json"))]
     async fn get_network(&self) -> Result<String, BusError> {
         Ok(self.node.get_network().await?)
     }
 
     /// Downloads `url` into the image store, verifying `sha256`; returns the image's path.
+    #[zbus(out_args("image_path"))]
     async fn pull_image(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -227,6 +233,7 @@ impl Manager {
     }
 
     /// Images in the store: (name, size in bytes, verified SHA-256 or "").
+    #[zbus(out_args("images"))]
     async fn list_images(&self) -> Result<Vec<(String, u64, String)>, BusError> {
         Ok(self
             .node
@@ -347,6 +354,7 @@ impl VmObject {
     }
 
     /// The VMM's own view of the VM (its API's `info` result), as JSON.
+    #[zbus(out_args("json"))]
     async fn info(&self) -> Result<String, BusError> {
         Ok(self.node.info(&self.vm.name).await?)
     }

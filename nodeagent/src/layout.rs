@@ -3,6 +3,7 @@
 //! ```text
 //! <state>/vms/<name>.json          VM spec (persistent, atomic writes)
 //! <state>/network.json             last applied network document
+//! <state>/net/                     netconf ownership records (links and TAPs it created)
 //! <state>/images/                  image store (kernels, initrds, read-only disks)
 //! <state>/disks/                   disk store (VM writable disks)
 //! <run>/booted                     marker: the agent already ran since the host booted

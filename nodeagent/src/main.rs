@@ -110,6 +110,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Some(Command::SuperviseVm { run_dir, vmm_argv }) => {
@@ -138,7 +139,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 async fn net_command(args: &DaemonArgs, action: NetAction) -> Result<()> {
-    let network = Network::new(args.state_dir.join("netconf"));
+    let network = Network::new(args.state_dir.join("net"));
     let read = |f: &Path| -> Result<String> {
         std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))
     };

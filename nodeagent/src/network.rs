@@ -1,15 +1,15 @@
 //! The agent's boundary to the host network configurator (`thvc-netconf`). Everything the
-//! agent asks of the network goes through [`Network`], so the rest of the agent does not
-//! depend on the configurator's internals.
+//! agent asks of the network goes through [`Network`]: document validation
+//! (`parse_document`), plan/apply/show of the host network and one TAP per VM NIC.
 //!
-//! Document parsing and validation use `thvc_netconf::parse_document`. Planning, applying,
-//! observing and TAP management call the configurator's `Netconf` API; until that API is in
-//! the netconf crate, those operations report a clear `Network` error (VMs without NICs are
-//! unaffected).
+//! The configurator opens its rtnetlink connection on first use, so an agent (or a test)
+//! that never touches the network needs no netlink access.
 
 use std::path::PathBuf;
 
 use thiserror::Error;
+use thvc_netconf::{Netconf, NetconfError, TapSpec};
+use tokio::sync::OnceCell;
 
 #[derive(Debug, Error)]
 pub enum NetError {
@@ -19,6 +19,16 @@ pub enum NetError {
     Unavailable(String),
     #[error("network operation failed: {0}")]
     Failed(String),
+}
+
+impl From<NetconfError> for NetError {
+    fn from(e: NetconfError) -> Self {
+        match e {
+            NetconfError::Invalid(v) => NetError::InvalidDocument(v.to_string().trim_end().to_owned()),
+            NetconfError::Connect(e) => NetError::Unavailable(format!("rtnetlink: {e}")),
+            other => NetError::Failed(other.to_string()),
+        }
+    }
 }
 
 /// One TAP device for one VM NIC.
@@ -33,52 +43,70 @@ pub struct TapRequest {
 }
 
 pub struct Network {
-    /// Directory for the configurator's own state (ownership records).
-    #[allow(dead_code)]
+    /// Directory of the configurator's ownership records.
     state_dir: PathBuf,
+    netconf: OnceCell<Netconf>,
 }
-
-const NOT_INTEGRATED: &str =
-    "this build of thvc-nodeagent does not yet include the netconf reconciler (plan/apply/show/TAPs)";
 
 impl Network {
     pub fn new(state_dir: PathBuf) -> Self {
-        Network { state_dir }
+        Network {
+            state_dir,
+            netconf: OnceCell::new(),
+        }
+    }
+
+    async fn netconf(&self) -> Result<&Netconf, NetError> {
+        self.netconf
+            .get_or_try_init(|| async { Ok(Netconf::new(&self.state_dir).await?) })
+            .await
     }
 
     /// Parses and validates a network document; the error lists every problem with its path.
-    pub fn validate(document_json: &str) -> Result<(), NetError> {
+    pub fn validate(document_json: &str) -> Result<thvc_netconf::Document, NetError> {
         thvc_netconf::parse_document(document_json)
-            .map(|_| ())
             .map_err(|e| NetError::InvalidDocument(e.to_string().trim_end().to_owned()))
     }
 
     /// The changes applying `document_json` would make, as JSON.
     pub async fn plan(&self, document_json: &str) -> Result<String, NetError> {
-        Self::validate(document_json)?;
-        Err(NetError::Unavailable(NOT_INTEGRATED.to_owned()))
+        let doc = Self::validate(document_json)?;
+        Ok(self.netconf().await?.plan(&doc).await?.to_json_pretty())
     }
 
-    /// Reconciles the host network to `document_json`; returns the executed plan as JSON.
+    /// Reconciles the host network to `document_json`; returns what was done, as JSON.
     pub async fn apply(&self, document_json: &str) -> Result<String, NetError> {
-        Self::validate(document_json)?;
-        Err(NetError::Unavailable(NOT_INTEGRATED.to_owned()))
+        let doc = Self::validate(document_json)?;
+        let report = self.netconf().await?.apply(&doc).await?;
+        serde_json::to_string_pretty(&report).map_err(|e| NetError::Failed(e.to_string()))
     }
 
-    /// The observed host network, as JSON.
+    /// The observed host network (the links this node configured), as a document.
     pub async fn show(&self) -> Result<String, NetError> {
-        Err(NetError::Unavailable(NOT_INTEGRATED.to_owned()))
+        Ok(self.netconf().await?.show().await?.to_json_pretty())
     }
 
     pub async fn create_tap(&self, tap: &TapRequest) -> Result<(), NetError> {
-        Err(NetError::Unavailable(format!(
-            "cannot create TAP {} on bridge {}: {NOT_INTEGRATED}",
-            tap.name, tap.bridge
-        )))
+        let spec = TapSpec {
+            name: tap.name.clone(),
+            uid: tap.uid,
+            gid: tap.gid,
+            bridge: Some(tap.bridge.clone()),
+            vlan: tap.vlan,
+            mtu: tap.mtu,
+        };
+        self.netconf()
+            .await?
+            .create_tap(&spec)
+            .await
+            .map_err(|e| NetError::Failed(format!("creating TAP {} on {}: {e}", tap.name, tap.bridge)))
     }
 
     pub async fn delete_tap(&self, name: &str) -> Result<(), NetError> {
-        let _ = name;
-        Ok(())
+        self.netconf()
+            .await?
+            .delete_tap(name)
+            .await
+            .map_err(|e| NetError::Failed(format!("deleting TAP {name}: {e}")))
     }
 }

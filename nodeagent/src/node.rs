@@ -254,7 +254,7 @@ impl Node {
         images::clean_partials(&l.images_dir());
         let stores = Stores::new(&l.images_dir(), &l.disks_dir()).map_err(io)?;
         let http = images::http_client()?;
-        let network = Network::new(l.state_dir.join("netconf"));
+        let network = Network::new(l.state_dir.join("net"));
         let network_state = if l.network_file().exists() {
             "configured"
         } else {

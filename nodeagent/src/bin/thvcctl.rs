@@ -1,1 +1,311 @@
-fn main(){}
+//! `thvcctl`: command-line client of the thvc node agent (de.thueringen.thvc.node1).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use thvc_nodeagent::client::{self, BusTarget, ManagerProxy};
+
+#[derive(Parser)]
+#[command(name = "thvcctl", version, about = "Control a thvc node (VMs, images, network)")]
+struct Cli {
+    /// Operate on the system bus of a remote node over SSH (runs systemd-stdio-bridge there).
+    #[arg(short = 'H', long = "host", value_name = "[USER@]HOST", global = true)]
+    host: Option<String>,
+    /// Bus to use: system (default), session, or a D-Bus address.
+    #[arg(long, global = true, conflicts_with = "host")]
+    bus: Option<String>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Node facts and VM counts.
+    Status,
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        action: VmAction,
+    },
+    /// Host network configuration.
+    Net {
+        #[command(subcommand)]
+        action: NetAction,
+    },
+    /// The node's image store.
+    Image {
+        #[command(subcommand)]
+        action: ImageAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmAction {
+    /// List VMs with their states.
+    List,
+    /// Define a VM from a JSON spec file ("-" for stdin).
+    Create { name: String, spec: PathBuf },
+    Start { name: String },
+    /// Graceful: ACPI power button, then stop after the agent's timeout.
+    Shutdown { name: String },
+    /// Stop the VMM now.
+    Stop { name: String },
+    Pause { name: String },
+    Resume { name: String },
+    Delete { name: String },
+    /// State, spec and the VMM's own info.
+    Info { name: String },
+    /// Print the serial console log.
+    Console {
+        name: String,
+        /// Keep printing new output until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Set whether the VM starts with the node.
+    Autostart {
+        name: String,
+        #[arg(value_parser = ["on", "off"])]
+        value: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetAction {
+    /// Show what applying FILE would change (nothing is changed).
+    Plan { file: PathBuf },
+    /// Apply FILE to the node's network.
+    Apply { file: PathBuf },
+    /// Show the network document last applied.
+    Show,
+}
+
+#[derive(Subcommand)]
+enum ImageAction {
+    /// Download URL into the image store and verify its SHA-256.
+    Pull { url: String, sha256: String },
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("thvcctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Show the D-Bus error name too: scripts and people grep for it.
+            if let Some(z) = e.downcast_ref::<zbus::Error>() {
+                if let Some((name, msg)) = client::method_error(z) {
+                    eprintln!("thvcctl: {msg} [{name}]");
+                    return ExitCode::FAILURE;
+                }
+            }
+            eprintln!("thvcctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_input(path: &PathBuf) -> Result<String> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let target = match (&cli.host, &cli.bus) {
+        (Some(h), _) => BusTarget::Ssh(h.clone()),
+        (None, Some(b)) => BusTarget::parse(b),
+        (None, None) => BusTarget::System,
+    };
+    let conn = client::connect(&target).await?;
+    let manager = ManagerProxy::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    let json_out = cli.json;
+    match cli.command {
+        Command::Status => status(&manager, json_out).await,
+        Command::Vm { action } => vm(&conn, &manager, action, json_out).await,
+        Command::Net { action } => {
+            let out = match action {
+                NetAction::Plan { file } => manager.apply_network(&read_input(&file)?, true).await?,
+                NetAction::Apply { file } => {
+                    manager.apply_network(&read_input(&file)?, false).await?
+                }
+                NetAction::Show => manager.get_network().await?,
+            };
+            println!("{out}");
+            Ok(())
+        }
+        Command::Image { action } => match action {
+            ImageAction::Pull { url, sha256 } => {
+                let path = manager.pull_image(&url, &sha256).await?;
+                if json_out {
+                    println!("{}", json!({ "path": path }));
+                } else {
+                    println!("{path}");
+                }
+                Ok(())
+            }
+            ImageAction::List => {
+                let images = manager.list_images().await?;
+                if json_out {
+                    let v: Vec<_> = images
+                        .iter()
+                        .map(|(n, s, h)| json!({"name": n, "size": s, "sha256": h}))
+                        .collect();
+                    println!("{}", serde_json::Value::Array(v));
+                } else {
+                    println!("{:<40} {:>14}  SHA256", "NAME", "SIZE");
+                    for (n, s, h) in images {
+                        println!("{n:<40} {s:>14}  {}", if h.is_empty() { "-" } else { &h });
+                    }
+                }
+                Ok(())
+            }
+        },
+    }
+}
+
+async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
+    let vms = manager.list_vms().await?;
+    let running = vms.iter().filter(|v| v.1 == "running").count();
+    let failed = vms.iter().filter(|v| v.1 == "failed").count();
+    let v = json!({
+        "hostname": manager.hostname().await?,
+        "version": manager.version().await?,
+        "image_version": manager.image_version().await?,
+        "kvm_available": manager.kvm_available().await?,
+        "cpus": manager.cpus().await?,
+        "memory_bytes": manager.memory_bytes().await?,
+        "memory_available_bytes": manager.memory_available_bytes().await?,
+        "network_state": manager.network_state().await?,
+        "vms": vms.len(),
+        "vms_running": running,
+        "vms_failed": failed,
+    });
+    if json_out {
+        println!("{v}");
+    } else {
+        let gib = |b: &serde_json::Value| b.as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+        println!("Host:      {}", v["hostname"].as_str().unwrap_or(""));
+        println!("Image:     {}", v["image_version"].as_str().unwrap_or(""));
+        println!("Agent:     {}", v["version"].as_str().unwrap_or(""));
+        println!("KVM:       {}", if v["kvm_available"] == true { "yes" } else { "no" });
+        println!("CPUs:      {}", v["cpus"]);
+        println!(
+            "Memory:    {:.1} GiB total, {:.1} GiB available",
+            gib(&v["memory_bytes"]),
+            gib(&v["memory_available_bytes"])
+        );
+        println!("Network:   {}", v["network_state"].as_str().unwrap_or(""));
+        println!("VMs:       {} ({running} running, {failed} failed)", vms.len());
+    }
+    Ok(())
+}
+
+async fn vm(
+    conn: &zbus::Connection,
+    manager: &ManagerProxy<'_>,
+    action: VmAction,
+    json_out: bool,
+) -> Result<()> {
+    let proxy = |name: String| async move {
+        let path = manager.get_vm(&name).await?;
+        Ok::<_, anyhow::Error>(client::vm_proxy(conn, path).await?)
+    };
+    match action {
+        VmAction::List => {
+            let vms = manager.list_vms().await?;
+            if json_out {
+                let v: Vec<_> = vms
+                    .iter()
+                    .map(|(n, s, p)| json!({"name": n, "state": s, "path": p.as_str()}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<32} {:<10}", "NAME", "STATE");
+                for (n, s, _) in vms {
+                    println!("{n:<32} {s:<10}");
+                }
+            }
+        }
+        VmAction::Create { name, spec } => {
+            let path = manager.create_vm(&name, &read_input(&spec)?).await?;
+            if json_out {
+                println!("{}", json!({"name": name, "path": path.as_str()}));
+            } else {
+                println!("created {name} ({})", path.as_str());
+            }
+        }
+        VmAction::Start { name } => proxy(name).await?.start().await?,
+        VmAction::Shutdown { name } => proxy(name).await?.shutdown().await?,
+        VmAction::Stop { name } => proxy(name).await?.stop().await?,
+        VmAction::Pause { name } => proxy(name).await?.pause().await?,
+        VmAction::Resume { name } => proxy(name).await?.resume().await?,
+        VmAction::Delete { name } => manager.delete_vm(&name).await?,
+        VmAction::Autostart { name, value } => {
+            proxy(name).await?.set_autostart(value == "on").await?
+        }
+        VmAction::Info { name } => {
+            let vm = proxy(name.clone()).await?;
+            let state = vm.state().await?;
+            let reason = vm.state_reason().await?;
+            let spec: serde_json::Value = serde_json::from_str(&vm.spec().await?)?;
+            // The VMM's view exists only while it runs.
+            let vmm: serde_json::Value = match vm.info().await {
+                Ok(s) => serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s)),
+                Err(e) => json!({ "unavailable": client::method_error(&e).map(|m| m.1).unwrap_or_else(|| e.to_string()) }),
+            };
+            let v = json!({"name": name, "state": state, "state_reason": reason, "spec": spec, "vmm": vmm});
+            if json_out {
+                println!("{v}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
+        VmAction::Console { name, follow } => {
+            let vm = proxy(name).await?;
+            let mut offset = 0u64;
+            let mut stdout = std::io::stdout();
+            loop {
+                let (data, next) = vm.read_console(offset).await?;
+                if !data.is_empty() {
+                    stdout.write_all(&data)?;
+                    stdout.flush()?;
+                }
+                let caught_up = data.is_empty();
+                offset = next;
+                if caught_up {
+                    if !follow {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,219 @@
-fn main(){}
+//! TEST DOUBLE of `thvc-vmm` for the node agent's tests and benchmark. It boots nothing: it
+//! honours thvc-vmm's command line, exit codes (0 off/SIGTERM, 1 error, 2 usage, 3 reboot)
+//! and API socket protocol, and writes a fake boot log to the serial file, so the agent's
+//! lifecycle handling is tested against real processes before real guests boot here.
+//!
+//! Behaviour is steered through the kernel command line, the way a real guest would be:
+//!   fake.exit=N fake.exit_after_ms=M   exit with status N after M ms ("crash", "power off")
+//!   fake.reboot_once=PATH              exit 3 (reboot) unless PATH exists; creates PATH
+//!   fake.ignore_shutdown=1             acknowledge "shutdown" but keep running
+//!   fake.ignore_sigterm=1              ignore SIGTERM (to test the SIGKILL escalation)
+//!   fake.console_bytes=N               write N bytes of console output at boot
+//!   fake.no_api=1                      serve no API socket (like a VMM without the API)
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+static PAUSED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn exit_zero(_: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(0) };
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("thvc-fake-vmm: {msg}");
+    std::process::exit(2);
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut opts: HashMap<String, String> = HashMap::new();
+    let mut disks = Vec::new();
+    let mut nets = Vec::new();
+    while let Some(a) = args.next() {
+        let takes_value = [
+            "--kernel",
+            "--initrd",
+            "--cmdline",
+            "--cpus",
+            "--memory",
+            "--serial",
+            "--disk",
+            "--net",
+            "--api-socket",
+            "--config",
+        ];
+        if !takes_value.contains(&a.as_str()) {
+            usage(&format!("unknown argument {a}"));
+        }
+        let Some(v) = args.next() else {
+            usage(&format!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--disk" => disks.push(v),
+            "--net" => nets.push(v),
+            _ => {
+                opts.insert(a, v);
+            }
+        }
+    }
+    let Some(kernel) = opts.get("--kernel") else {
+        usage("--kernel is required")
+    };
+    if !std::path::Path::new(kernel).is_file() {
+        eprintln!("thvc-fake-vmm: kernel {kernel} not found");
+        std::process::exit(1);
+    }
+    for d in &disks {
+        let path = d
+            .split(',')
+            .find_map(|p| p.strip_prefix("path="))
+            .unwrap_or_else(|| usage(&format!("--disk {d}: path= missing")));
+        if !std::path::Path::new(path).is_file() {
+            eprintln!("thvc-fake-vmm: disk {path} not found");
+            std::process::exit(1);
+        }
+    }
+    let cmdline = opts.get("--cmdline").cloned().unwrap_or_default();
+    let fake: HashMap<&str, &str> = cmdline
+        .split_whitespace()
+        .filter_map(|t| t.strip_prefix("fake.")?.split_once('='))
+        .collect();
+    let flag = |k: &str| fake.get(k).is_some_and(|v| *v == "1");
+    let num = |k: &str| fake.get(k).and_then(|v| v.parse::<u64>().ok());
+
+    // SAFETY: installing a signal disposition at startup.
+    unsafe {
+        if flag("ignore_sigterm") {
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        } else {
+            libc::signal(
+                libc::SIGTERM,
+                exit_zero as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+
+    let console: Arc<Mutex<Box<dyn Write + Send>>> =
+        Arc::new(Mutex::new(match opts.get("--serial").map(String::as_str) {
+            Some(s) if s.starts_with("file:") => {
+                let path = &s["file:".len()..];
+                match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                    Ok(f) => Box::new(f),
+                    Err(e) => {
+                        eprintln!("thvc-fake-vmm: serial {path}: {e}");
+                        std::process::exit(1);
+                    }
+                }
+            }
+            Some("none") => Box::new(std::io::sink()),
+            _ => Box::new(std::io::stdout()),
+        }));
+    let say = |msg: &str| {
+        if let Ok(mut c) = console.lock() {
+            let _ = c.write_all(msg.as_bytes());
+            let _ = c.flush();
+        }
+    };
+    say(&format!(
+        "fake-vmm: booting {kernel} cpus={} memory={} cmdline={cmdline:?}\n",
+        opts.get("--cpus").map(String::as_str).unwrap_or("1"),
+        opts.get("--memory").map(String::as_str).unwrap_or("512"),
+    ));
+    for d in &disks {
+        say(&format!("fake-vmm: disk {d}\n"));
+    }
+    for n in &nets {
+        say(&format!("fake-vmm: net {n}\n"));
+    }
+    if let Some(n) = num("console_bytes") {
+        let line = "fake-vmm: console filler 0123456789abcdefghijklmnopqrstuvwxyz\n";
+        let mut left = n as usize;
+        while left > 0 {
+            let take = left.min(line.len());
+            say(&line[..take]);
+            left -= take;
+        }
+    }
+
+    if let Some(path) = fake.get("reboot_once") {
+        if !std::path::Path::new(path).exists() {
+            let _ = std::fs::write(path, b"rebooted\n");
+            say("fake-vmm: guest requests reboot\n");
+            std::thread::sleep(Duration::from_millis(100));
+            std::process::exit(3);
+        }
+    }
+    if let Some(code) = num("exit") {
+        let after = num("exit_after_ms").unwrap_or(0);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(after));
+            std::process::exit(code as i32);
+        });
+    }
+    say("fake-vmm: guest running\n");
+
+    let cpus: u64 = opts.get("--cpus").and_then(|c| c.parse().ok()).unwrap_or(1);
+    let memory: u64 = opts.get("--memory").and_then(|c| c.parse().ok()).unwrap_or(512);
+    let ignore_shutdown = flag("ignore_shutdown");
+    match opts.get("--api-socket") {
+        Some(sock) if !flag("no_api") => {
+            let _ = std::fs::remove_file(sock);
+            let listener = UnixListener::bind(sock).unwrap_or_else(|e| {
+                eprintln!("thvc-fake-vmm: api socket {sock}: {e}");
+                std::process::exit(1);
+            });
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(&stream);
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        let req: serde_json::Value =
+                            serde_json::from_str(line.trim()).unwrap_or_default();
+                        let (resp, then_exit) = match req["request"].as_str() {
+                            Some("ping") => (serde_json::json!({"ok": true, "result": "pong"}), false),
+                            Some("info") => (
+                                serde_json::json!({"ok": true, "result": {
+                                    "fake": true,
+                                    "state": if PAUSED.load(Ordering::SeqCst) { "paused" } else { "running" },
+                                    "cpus": cpus, "memory_mib": memory, "pid": std::process::id()}}),
+                                false,
+                            ),
+                            Some("pause") => {
+                                PAUSED.store(true, Ordering::SeqCst);
+                                (serde_json::json!({"ok": true, "result": null}), false)
+                            }
+                            Some("resume") => {
+                                PAUSED.store(false, Ordering::SeqCst);
+                                (serde_json::json!({"ok": true, "result": null}), false)
+                            }
+                            Some("shutdown") => {
+                                (serde_json::json!({"ok": true, "result": null}), !ignore_shutdown)
+                            }
+                            Some("stop") => (serde_json::json!({"ok": true, "result": null}), true),
+                            _ => (
+                                serde_json::json!({"ok": false, "error": format!("unknown request {}", line.trim())}),
+                                false,
+                            ),
+                        };
+                        let mut w = &stream;
+                        let _ = w.write_all(format!("{resp}\n").as_bytes());
+                        if then_exit {
+                            std::thread::sleep(Duration::from_millis(50));
+                            std::process::exit(0);
+                        }
+                        line.clear();
+                    }
+                });
+            }
+        }
+        _ => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+    }
+}
