@@ -493,11 +493,14 @@ pub fn parse_document(json: &str) -> Result<Document, ValidationErrors> {
     // Names of links that failed to parse: still known, so references to them do not add
     // misleading "unknown link" errors on top of the real one.
     let mut unparsed_names = Vec::new();
+    let mut kept = KeptPositions::default();
     match object.get("links") {
         None => {}
         Some(serde_json::Value::Array(items)) => {
             for (index, item) in items.iter().enumerate() {
-                match serde_path_to_error::deserialize::<_, LinkSpec>(item) {
+                let mut item = item.clone();
+                errors.extend(take_bad_addresses(index, &mut item, &mut kept));
+                match serde_path_to_error::deserialize::<_, LinkSpec>(&item) {
                     Ok(link) => links.push((index, link)),
                     Err(error) => {
                         let inner = error.path().to_string();
@@ -522,7 +525,7 @@ pub fn parse_document(json: &str) -> Result<Document, ValidationErrors> {
             message: "must be an array of links".into(),
         }),
     }
-    errors.extend(validate_links(&links, &unparsed_names));
+    errors.extend(validate_links(&links, &unparsed_names, &kept));
     if errors.is_empty() {
         Ok(Document {
             links: links.into_iter().map(|(_, link)| link).collect(),
@@ -532,11 +535,99 @@ pub fn parse_document(json: &str) -> Result<Document, ValidationErrors> {
     }
 }
 
+/// Reports every unparsable address, route destination and gateway of one link and drops
+/// them, so that one typo does not hide the link from the rest of the validation.
+fn take_bad_addresses(
+    index: usize,
+    link: &mut serde_json::Value,
+    kept: &mut KeptPositions,
+) -> Vec<ValidationError> {
+    let mut errors = Vec::new();
+    if let Some(serde_json::Value::Array(addresses)) = link.get_mut("addresses") {
+        let mut position = 0;
+        addresses.retain(|address| {
+            let i = position;
+            position += 1;
+            match address.as_str().map(str::parse::<IpCidr>) {
+                Some(Err(e)) => {
+                    errors.push(ValidationError {
+                        path: format!("links[{index}].addresses[{i}]"),
+                        message: e.to_string(),
+                    });
+                    false
+                }
+                _ => {
+                    kept.addresses.entry(index).or_default().push(i);
+                    true
+                }
+            }
+        });
+    }
+    if let Some(serde_json::Value::Array(routes)) = link.get_mut("routes") {
+        let mut position = 0;
+        routes.retain(|route| {
+            let i = position;
+            position += 1;
+            let mut keep = true;
+            if let Some(Err(e)) = route
+                .get("to")
+                .and_then(|v| v.as_str())
+                .map(str::parse::<IpCidr>)
+            {
+                errors.push(ValidationError {
+                    path: format!("links[{index}].routes[{i}].to"),
+                    message: e.to_string(),
+                });
+                keep = false;
+            }
+            if let Some(via) = route.get("via").and_then(|v| v.as_str()) {
+                if via.parse::<IpAddr>().is_err() {
+                    errors.push(ValidationError {
+                        path: format!("links[{index}].routes[{i}].via"),
+                        message: format!("{via:?} is not an IPv4 or IPv6 address"),
+                    });
+                    keep = false;
+                }
+            }
+            if keep {
+                kept.routes.entry(index).or_default().push(i);
+            }
+            keep
+        });
+    }
+    errors
+}
+
+/// Original positions of the addresses and routes that survived `take_bad_addresses`, so
+/// later errors still point at the right element.
+#[derive(Default)]
+struct KeptPositions {
+    addresses: HashMap<usize, Vec<usize>>,
+    routes: HashMap<usize, Vec<usize>>,
+}
+
+impl KeptPositions {
+    fn address(&self, link: usize, i: usize) -> usize {
+        self.addresses
+            .get(&link)
+            .and_then(|p| p.get(i))
+            .copied()
+            .unwrap_or(i)
+    }
+    fn route(&self, link: usize, i: usize) -> usize {
+        self.routes
+            .get(&link)
+            .and_then(|p| p.get(i))
+            .copied()
+            .unwrap_or(i)
+    }
+}
+
 impl Document {
     /// Re-checks a document built in code (parse_document already does this).
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let links: Vec<(usize, LinkSpec)> = self.links.iter().cloned().enumerate().collect();
-        let errors = validate_links(&links, &[]);
+        let errors = validate_links(&links, &[], &KeptPositions::default());
         if errors.is_empty() {
             Ok(())
         } else {
@@ -565,20 +656,20 @@ pub fn check_ifname(name: &str) -> Option<String> {
         ))
     } else if name == "." || name == ".." {
         Some(format!("{name:?} is not a valid interface name"))
-    } else if let Some(c) = name
-        .chars()
-        .find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control())
-    {
-        Some(format!(
-            "interface name {name:?} contains {c:?}; '/', ':' and whitespace are not allowed"
-        ))
     } else {
-        None
+        name.chars()
+            .find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control())
+            .map(|c| {
+                format!(
+                    "interface name {name:?} contains {c:?}; '/', ':' and whitespace are not allowed"
+                )
+            })
     }
 }
 
 struct Checker<'a> {
     errors: Vec<ValidationError>,
+    kept: &'a KeptPositions,
     by_name: HashMap<&'a str, (usize, &'a LinkSpec)>,
     unparsed: &'a [String],
 }
@@ -592,9 +683,14 @@ impl Checker<'_> {
     }
 }
 
-fn validate_links(links: &[(usize, LinkSpec)], unparsed: &[String]) -> Vec<ValidationError> {
+fn validate_links(
+    links: &[(usize, LinkSpec)],
+    unparsed: &[String],
+    kept: &KeptPositions,
+) -> Vec<ValidationError> {
     let mut check = Checker {
         errors: Vec::new(),
+        kept,
         by_name: HashMap::new(),
         unparsed,
     };
@@ -922,7 +1018,7 @@ fn check_addresses_and_routes(check: &mut Checker<'_>, index: usize, link: &Link
     let addresses = link.addresses.clone().unwrap_or_default();
     let mut seen = BTreeSet::new();
     for (i, cidr) in addresses.iter().enumerate() {
-        let path = at(&format!("addresses[{i}]"));
+        let path = at(&format!("addresses[{}]", check.kept.address(index, i)));
         let ip = cidr.addr();
         if !seen.insert(ip) {
             check.error(path, format!("address {ip} is listed twice"));
@@ -962,7 +1058,8 @@ fn check_addresses_and_routes(check: &mut Checker<'_>, index: usize, link: &Link
     }
     let mut route_keys = BTreeSet::new();
     for (i, route) in routes.iter().enumerate() {
-        let path = |field: &str| at(&format!("routes[{i}].{field}"));
+        let position = check.kept.route(index, i);
+        let path = |field: &str| at(&format!("routes[{position}].{field}"));
         if route.to.network() != route.to {
             check.error(
                 path("to"),
@@ -1175,7 +1272,8 @@ mod tests {
     fn structural_errors_are_reported_per_link() {
         let json = r#"{ "links": [
           {"name": "eth0", "kind": "physical", "speed": 10},
-          {"name": "br0", "kind": "bridge", "addresses": ["10.0.0.300/24"]},
+          {"name": "br0", "kind": "bridge", "addresses": ["10.0.0.300/24", "10.0.0.1/24"],
+           "routes": [{"to": "10/8"}, {"to": "10.1.0.0/16", "via": "10.0.0.x"}, {"to": "10.2.0.0/16", "via": "10.5.0.1"}]},
           {"name": "v1", "kind": "vlan", "vlan": {"parent": "br0", "id": 70000}},
           {"name": "x", "kind": "tunnel"},
           {"name": "br1", "kind": "bridge", "bridge": {"ports": ["eth0"]}}
@@ -1200,6 +1298,18 @@ mod tests {
             "{errors:#?}"
         );
         assert!(
+            errors.contains(
+                &"links[1].routes[1].via: \"10.0.0.x\" is not an IPv4 or IPv6 address".to_string()
+            ),
+            "{errors:#?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("links[1].routes[0].to: \"10/8\" is not a CIDR")),
+            "{errors:#?}"
+        );
+        assert!(
             errors
                 .iter()
                 .any(|e| e.starts_with("links[2].vlan.id: invalid value")),
@@ -1212,7 +1322,14 @@ mod tests {
             "{errors:#?}"
         );
         // eth0 failed to parse but is known: no extra "not defined" error for br1's port.
-        assert_eq!(errors.len(), 5, "{errors:#?}");
+        // br0 is still validated past its typos.
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("links[1].routes[2].via: gateway 10.5.0.1 is not inside")),
+            "{errors:#?}"
+        );
+        assert_eq!(errors.len(), 8, "{errors:#?}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub enum NetconfError {
     #[error("cannot open an rtnetlink socket: {0}")]
     Connect(std::io::Error),
     #[error("cannot read the kernel's network state: {0}")]
-    Observe(rtnetlink::Error),
+    Observe(Box<rtnetlink::Error>),
     #[error("{0}")]
     State(#[from] StateError),
     #[error(
@@ -42,7 +42,7 @@ pub enum NetconfError {
         total: usize,
         step: String,
         completed: usize,
-        source: ExecError,
+        source: Box<ExecError>,
     },
     #[error("{0}")]
     Tap(#[from] TapError),
@@ -135,7 +135,9 @@ impl Netconf {
     }
 
     async fn observe(&self) -> Result<ObservedState, NetconfError> {
-        observe(&self.handle).await.map_err(NetconfError::Observe)
+        observe(&self.handle)
+            .await
+            .map_err(|e| NetconfError::Observe(Box::new(e)))
     }
 
     /// The steps `apply` would run now. Changes nothing.
@@ -231,7 +233,7 @@ impl Netconf {
                         total,
                         step: step.to_string(),
                         completed: i,
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -423,7 +425,7 @@ impl Netconf {
                     total,
                     step: step.to_string(),
                     completed: i,
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         record.ifindex =
@@ -436,7 +438,7 @@ impl Netconf {
                         total,
                         step: format!("look up TAP {}", tap.name),
                         completed: total,
-                        source,
+                        source: Box::new(source),
                     })?,
             );
         ownership.taps.insert(tap.name.clone(), record);
@@ -478,7 +480,7 @@ impl Netconf {
                     total: 1,
                     step: step.to_string(),
                     completed: 0,
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         ownership.taps.remove(name);

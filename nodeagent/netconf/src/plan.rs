@@ -259,6 +259,7 @@ impl fmt::Display for Step {
                 }
                 Ok(())
             }
+            Step::SetMtu { name, from: 0, to } => write!(f, "~ {name}: mtu {to}"),
             Step::SetMtu { name, from, to } => write!(f, "~ {name}: mtu {from} -> {to}"),
             Step::SetMac { name, from, to } => match from {
                 Some(from) => write!(f, "~ {name}: mac {from} -> {to}"),
@@ -628,7 +629,11 @@ pub fn compute_plan(
                     _ => ObservedKind::Other { kind: None },
                 };
                 let mut link = ObservedLink::new(0, &name, kind);
-                link.mtu = spec.mtu.unwrap_or(link.mtu);
+                link.mtu = match spec.kind {
+                    // Unknown until set after the ports joined (see below): 0 forces the step.
+                    LinkKind::Bridge => 0,
+                    _ => spec.mtu.unwrap_or(link.mtu),
+                };
                 link.mac = spec.mac;
                 view.insert(link);
             }
@@ -649,6 +654,20 @@ pub fn compute_plan(
                 &mut plan.steps,
             );
             plan_bond_primary(spec, &name, &kname, &view, &mut plan.steps);
+            // A bridge follows its smallest port's MTU until one is set explicitly (which
+            // makes it stick), so a bridge's MTU is set once its ports have joined.
+            if let (LinkKind::Bridge, Some(mtu), Some(link)) =
+                (spec.kind, spec.mtu, view.links.get_mut(&name))
+            {
+                if link.mtu != mtu {
+                    plan.steps.push(Step::SetMtu {
+                        name: name.clone(),
+                        from: link.mtu,
+                        to: mtu,
+                    });
+                    link.mtu = mtu;
+                }
+            }
             plan_port_vlans(spec, &name, &kname, ownership, &view, &mut plan.steps);
         }
         let Some(link) = view.links.get_mut(&name) else {
@@ -762,7 +781,11 @@ fn create_step(spec: &LinkSpec, name: &str, kname: &dyn Fn(&str) -> String) -> S
     Step::CreateLink {
         name: name.to_string(),
         link,
-        mtu: spec.mtu,
+        mtu: if spec.kind == LinkKind::Bridge {
+            None
+        } else {
+            spec.mtu
+        },
         mac: if spec.kind == LinkKind::Physical {
             None
         } else {
@@ -772,7 +795,7 @@ fn create_step(spec: &LinkSpec, name: &str, kname: &dyn Fn(&str) -> String) -> S
 }
 
 fn update_in_place(spec: &LinkSpec, link: &mut ObservedLink, steps: &mut Vec<Step>) {
-    if let Some(mtu) = spec.mtu {
+    if let (Some(mtu), false) = (spec.mtu, spec.kind == LinkKind::Bridge) {
         if mtu != link.mtu {
             steps.push(Step::SetMtu {
                 name: link.name.clone(),

@@ -476,9 +476,9 @@ fn foreign_bridge_of_the_right_kind_is_managed_in_place() {
         lines(&plan),
         vec![
             "~ eth0: up",
-            "~ br0: mtu 1500 -> 9000",
             "~ eth0: enslave to br0",
             "~ veth1: release from br0 (not listed there)",
+            "~ br0: mtu 1500 -> 9000",
             "~ br0: up",
         ]
     );
