@@ -48,6 +48,143 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("invalid serial '{0}': expected stdout, none or file:PATH")]
     Serial(String),
+    #[error("invalid --disk '{spec}': {why}")]
+    Disk { spec: String, why: String },
+    #[error("invalid --net '{spec}': {why}")]
+    Net { spec: String, why: String },
+    #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} are supported")]
+    TooManyDevices(usize),
+}
+
+/// Interrupt lines 5..=20 go to virtio devices, one each.
+pub const MAX_VIRTIO_DEVICES: usize = 16;
+/// The virtio-blk serial (VIRTIO_BLK_ID_BYTES).
+pub const MAX_DISK_SERIAL_LEN: usize = 20;
+
+/// A virtio-blk disk backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+/// A virtio-net NIC on an existing (or, with the right to, new) TAP device.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub tap: String,
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// Splits "a=1,b=2" into pairs; every part must be key=value.
+fn key_values(spec: &str) -> Result<Vec<(&str, &str)>, String> {
+    spec.split(',')
+        .map(|part| {
+            part.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| format!("'{part}' is not key=value"))
+        })
+        .collect()
+}
+
+fn on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("'{value}' is not on or off")),
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// `path=FILE[,readonly=on][,serial=ID]`
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let err = |why: String| ConfigError::Disk {
+            spec: spec.to_string(),
+            why,
+        };
+        let mut disk = DiskConfig {
+            path: PathBuf::new(),
+            readonly: false,
+            serial: None,
+        };
+        for (key, value) in key_values(spec).map_err(err)? {
+            match key {
+                "path" => disk.path = PathBuf::from(value),
+                "readonly" => disk.readonly = on_off(value).map_err(err)?,
+                "serial" => disk.serial = Some(value.to_string()),
+                _ => return Err(err(format!("unknown key '{key}' (path, readonly, serial)"))),
+            }
+        }
+        disk.validate().map_err(err)?;
+        Ok(disk)
+    }
+}
+
+impl DiskConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.path.as_os_str().is_empty() {
+            return Err("path is required".into());
+        }
+        if let Some(serial) = &self.serial {
+            if serial.len() > MAX_DISK_SERIAL_LEN || !serial.is_ascii() {
+                return Err(format!(
+                    "serial must be at most {MAX_DISK_SERIAL_LEN} ASCII characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = ConfigError;
+
+    /// `tap=NAME[,mac=MAC]`
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let err = |why: String| ConfigError::Net {
+            spec: spec.to_string(),
+            why,
+        };
+        let mut net = NetConfig {
+            tap: String::new(),
+            mac: None,
+        };
+        for (key, value) in key_values(spec).map_err(err)? {
+            match key {
+                "tap" => net.tap = value.to_string(),
+                "mac" => net.mac = Some(value.to_string()),
+                _ => return Err(err(format!("unknown key '{key}' (tap, mac)"))),
+            }
+        }
+        net.validate().map_err(err)?;
+        Ok(net)
+    }
+}
+
+impl NetConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !crate::devices::virtio::tap::valid_name(&self.tap) {
+            return Err(format!(
+                "tap name '{}' must be 1-15 bytes without '/' or spaces",
+                self.tap
+            ));
+        }
+        if let Some(mac) = &self.mac {
+            match crate::devices::virtio::net::parse_mac(mac) {
+                Some(m) if m[0] & 1 == 0 && m != [0; 6] => {}
+                Some(_) => return Err(format!("mac {mac} is not a unicast address")),
+                None => return Err(format!("mac '{mac}' is not of the form 52:54:00:12:34:56")),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where the guest's COM1 output goes.
@@ -112,6 +249,15 @@ pub struct Cli {
     /// Guest serial console (COM1): stdout, file:PATH or none [default: stdout].
     #[arg(long, value_name = "TARGET")]
     pub serial: Option<String>,
+    /// virtio-blk disk from a raw image: path=FILE[,readonly=on][,serial=ID] (repeatable).
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
+    /// virtio-net NIC on a TAP device: tap=NAME[,mac=MAC] (repeatable).
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Vec<String>,
+    /// Do not give the guest a virtio-rng device (it has one by default).
+    #[arg(long)]
+    pub no_rng: bool,
     /// JSON file with any of the settings above; command-line flags take precedence.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -127,6 +273,9 @@ pub struct FileConfig {
     pub cpus: Option<u64>,
     pub memory: Option<u64>,
     pub serial: Option<String>,
+    pub disks: Option<Vec<DiskConfig>>,
+    pub nets: Option<Vec<NetConfig>>,
+    pub rng: Option<bool>,
 }
 
 impl FileConfig {
@@ -155,6 +304,9 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub serial: SerialTarget,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -202,6 +354,50 @@ impl VmConfig {
             Some(s) => s.parse()?,
             None => SerialTarget::Stdout,
         };
+        // Devices: the command line's list replaces the file's when given.
+        let disks = if cli.disks.is_empty() {
+            let disks = file.disks.unwrap_or_default();
+            for d in &disks {
+                d.validate().map_err(|why| ConfigError::Disk {
+                    spec: d.path.display().to_string(),
+                    why,
+                })?;
+            }
+            disks
+        } else {
+            cli.disks
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<_, _>>()?
+        };
+        let nets = if cli.nets.is_empty() {
+            let nets = file.nets.unwrap_or_default();
+            for n in &nets {
+                n.validate().map_err(|why| ConfigError::Net {
+                    spec: n.tap.clone(),
+                    why,
+                })?;
+            }
+            nets
+        } else {
+            cli.nets
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<_, _>>()?
+        };
+        let mut taps: Vec<&str> = nets.iter().map(|n| n.tap.as_str()).collect();
+        taps.sort_unstable();
+        if let Some(dup) = taps.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::Net {
+                spec: dup[0].to_string(),
+                why: "the same TAP is given twice".into(),
+            });
+        }
+        let rng = !cli.no_rng && file.rng.unwrap_or(true);
+        let devices = disks.len() + nets.len() + usize::from(rng);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
         Ok(VmConfig {
             kernel,
             initrd: cli.initrd.or(file.initrd),
@@ -209,6 +405,9 @@ impl VmConfig {
             vcpus,
             memory_mib,
             serial,
+            disks,
+            nets,
+            rng,
         })
     }
 }
@@ -301,6 +500,79 @@ mod tests {
         )
         .expect("edge values are valid");
         assert_eq!((ok.vcpus, ok.memory_mib), (32, 64));
+    }
+
+    #[test]
+    fn disks_and_nets_from_flags() {
+        let cfg = VmConfig::merge(
+            cli(&[
+                "--kernel",
+                "k",
+                "--disk",
+                "path=/img/root.raw",
+                "--disk",
+                "path=/img/data.raw,readonly=on,serial=data-1",
+                "--net",
+                "tap=tap0,mac=52:54:00:00:00:01",
+                "--net",
+                "tap=tap1",
+                "--no-rng",
+            ]),
+            FileConfig::default(),
+            HOST_MIB,
+        )
+        .expect("valid");
+        assert_eq!(cfg.disks.len(), 2);
+        assert_eq!(cfg.disks[1].path, PathBuf::from("/img/data.raw"));
+        assert!(cfg.disks[1].readonly && !cfg.disks[0].readonly);
+        assert_eq!(cfg.disks[1].serial.as_deref(), Some("data-1"));
+        assert_eq!(cfg.nets[0].mac.as_deref(), Some("52:54:00:00:00:01"));
+        assert_eq!(cfg.nets[1].tap, "tap1");
+        assert!(!cfg.rng);
+    }
+
+    #[test]
+    fn devices_from_file() {
+        let file = FileConfig::parse(
+            r#"{"kernel": "k", "disks": [{"path": "/a", "readonly": true}],
+                "nets": [{"tap": "tap9"}], "rng": true}"#,
+            Path::new("c.json"),
+        )
+        .expect("valid");
+        let cfg = VmConfig::merge(cli(&[]), file, HOST_MIB).expect("valid");
+        assert_eq!(cfg.disks[0].path, PathBuf::from("/a"));
+        assert!(cfg.disks[0].readonly);
+        assert_eq!(cfg.nets[0].tap, "tap9");
+        assert!(cfg.rng, "rng is on by default");
+        let unknown =
+            FileConfig::parse(r#"{"disks": [{"path": "/a", "ro": true}]}"#, Path::new("c"));
+        assert!(unknown.is_err(), "unknown disk field");
+    }
+
+    #[test]
+    fn bad_device_specs() {
+        let bad = |args: &[&str]| {
+            let mut all = vec!["--kernel", "k"];
+            all.extend_from_slice(args);
+            VmConfig::merge(cli(&all), FileConfig::default(), HOST_MIB)
+                .expect_err("must be rejected")
+                .to_string()
+        };
+        assert!(bad(&["--disk", "/img"]).contains("not key=value"));
+        assert!(bad(&["--disk", "readonly=on"]).contains("path is required"));
+        assert!(bad(&["--disk", "path=/a,readonly=maybe"]).contains("not on or off"));
+        assert!(bad(&["--disk", "path=/a,cache=none"]).contains("unknown key 'cache'"));
+        assert!(bad(&["--disk", "path=/a,serial=012345678901234567890"]).contains("at most 20"));
+        assert!(bad(&["--net", "tap=this-name-is-too-long"]).contains("1-15 bytes"));
+        assert!(bad(&["--net", "tap=t0,mac=01:00:5e:00:00:01"]).contains("not a unicast"));
+        assert!(bad(&["--net", "tap=t0,mac=52:54"]).contains("not of the form"));
+        assert!(bad(&["--net", "tap=t0", "--net", "tap=t0"]).contains("twice"));
+        let many: Vec<String> = (0..17).map(|i| format!("path=/d{i}")).collect();
+        let mut args = Vec::new();
+        for m in &many {
+            args.extend_from_slice(&["--disk", m.as_str()]);
+        }
+        assert!(bad(&args).contains("at most 16"));
     }
 
     #[test]

@@ -12,12 +12,20 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
 
-use crate::arch::x86_64::acpi::{self, AcpiPlatform};
+use kvm_ioctls::IoEventAddress;
+
+use crate::arch::x86_64::acpi::{self, AcpiPlatform, MmioDeviceInfo};
 use crate::arch::x86_64::{boot, layout, regs};
 use crate::config::VmConfig;
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT};
 use crate::devices::serial::{SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::tap::TapError;
+use crate::devices::virtio::worker::{self, WorkerControl};
+use crate::devices::virtio::{
+    block, net, rng, DeviceCounters, DeviceInfo, Interrupt, QueueHandler,
+};
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
@@ -50,6 +58,100 @@ pub enum VmmError {
     Irq { gsi: u32, source: kvm_ioctls::Error },
     #[error("event loop: {0}")]
     EventLoop(io::Error),
+    #[error(transparent)]
+    Block(#[from] block::BlockError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("cannot set up {device}: {source}")]
+    DeviceSetup { device: String, source: io::Error },
+}
+
+/// First interrupt line for virtio devices (4 is COM1).
+const VIRTIO_FIRST_GSI: u32 = 5;
+
+/// A virtio device opened but not yet wired: name, transport description, worker half,
+/// counters.
+type PendingDevice = (
+    String,
+    DeviceInfo,
+    Box<dyn QueueHandler>,
+    Arc<DeviceCounters>,
+);
+
+/// Live counters of each virtio device, by name ("virtio-blk0", ...).
+pub type DeviceCounterList = Vec<(String, Arc<DeviceCounters>)>;
+
+/// Creates the virtio devices: opens their backends, starts their worker threads, wires their
+/// notifications (ioeventfd) and interrupts (irqfd), and puts their register windows on the
+/// MMIO bus. Returns what the DSDT must announce and the devices' counters.
+fn virtio_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    mmio_bus: &mut Bus,
+) -> Result<(Vec<MmioDeviceInfo>, DeviceCounterList), VmmError> {
+    let mut devices: Vec<PendingDevice> = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let (info, dev) = block::open(&disk.path, disk.readonly, disk.serial.as_deref())?;
+        let counters = dev.counters();
+        devices.push((format!("virtio-blk{i}"), info, Box::new(dev), counters));
+    }
+    for (i, nic) in config.nets.iter().enumerate() {
+        let mac = nic
+            .mac
+            .as_deref()
+            .and_then(net::parse_mac)
+            .unwrap_or_else(|| net::default_mac(&nic.tap));
+        let (info, dev) = net::open(&nic.tap, mac)?;
+        let counters = dev.counters();
+        devices.push((format!("virtio-net{i}"), info, Box::new(dev), counters));
+    }
+    if config.rng {
+        let (info, dev) = rng::new();
+        let counters = dev.counters();
+        devices.push(("virtio-rng0".to_string(), info, Box::new(dev), counters));
+    }
+
+    let mut announced = Vec::new();
+    let mut counter_list = Vec::new();
+    for (i, (name, info, handler, counters)) in devices.into_iter().enumerate() {
+        let setup = |source: io::Error| VmmError::DeviceSetup {
+            device: name.clone(),
+            source,
+        };
+        let kvm = |source: kvm_ioctls::Error| setup(io::Error::from_raw_os_error(source.errno()));
+        let base = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
+        let gsi = VIRTIO_FIRST_GSI + i as u32;
+        let irqfd = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup)?);
+        vm.fd().register_irqfd(&irqfd, gsi).map_err(kvm)?;
+        let mut queue_events = Vec::new();
+        for q in 0..info.queue_max_sizes.len() {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(setup)?;
+            vm.fd()
+                .register_ioevent(
+                    &evt,
+                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                    q as u32,
+                )
+                .map_err(kvm)?;
+            queue_events.push(evt);
+        }
+        let control = WorkerControl::new().map_err(setup)?;
+        worker::spawn(name.clone(), handler, queue_events, control.clone()).map_err(setup)?;
+        let transport = MmioTransport::new(info, mem.clone(), Interrupt::new(irqfd), control);
+        mmio_bus.insert(
+            base,
+            layout::VIRTIO_MMIO_SIZE,
+            Arc::new(Mutex::new(transport)),
+        )?;
+        announced.push(MmioDeviceInfo {
+            base,
+            size: layout::VIRTIO_MMIO_SIZE,
+            gsi,
+        });
+        counter_list.push((name, counters));
+    }
+    Ok((announced, counter_list))
 }
 
 /// Everything the guest needs in memory before the first instruction.
@@ -178,15 +280,16 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
         }
     })?;
     vm.register_memory(&mem)?;
-    let platform = AcpiPlatform {
-        vcpus: config.vcpus,
-        virtio_mmio: Vec::new(),
-    };
-    let entry = load_guest(&mem, &config, &platform)?;
 
     let exit = VmExitRequest::new().map_err(VmmError::EventLoop)?;
     let (bus, serial) = legacy_devices(&vm, &config, &exit)?;
-    let mmio_bus = Bus::default();
+    let mut mmio_bus = Bus::default();
+    let (virtio_mmio, _device_counters) = virtio_devices(&vm, &mem, &config, &mut mmio_bus)?;
+    let platform = AcpiPlatform {
+        vcpus: config.vcpus,
+        virtio_mmio,
+    };
+    let entry = load_guest(&mem, &config, &platform)?;
     let cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {

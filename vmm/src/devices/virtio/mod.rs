@@ -1,0 +1,159 @@
+//! Virtio 1.x devices on the virtio-mmio transport.
+//!
+//! ```text
+//! vCPU thread ── MMIO register access ──> MmioTransport (feature/queue setup, status)
+//!                                            │ activate / reset (control eventfd)
+//! guest kick ── ioeventfd ──> worker thread ─┴─> QueueHandler (blk, net, rng) ── irqfd ──> guest
+//! ```
+//!
+//! Queue notifications reach the device's worker thread through ioeventfds without a VM exit
+//! to userspace, and interrupts go back through irqfds; the vCPU threads only see register
+//! accesses during setup. Worker threads are started with the VM (none are created later), so
+//! they can be sandboxed like every other thread.
+
+pub mod block;
+pub mod mmio;
+pub mod net;
+pub mod rng;
+pub mod tap;
+pub mod worker;
+
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+pub const DEVICE_STATUS_ACKNOWLEDGE: u8 = 1;
+pub const DEVICE_STATUS_DRIVER: u8 = 2;
+pub const DEVICE_STATUS_DRIVER_OK: u8 = 4;
+pub const DEVICE_STATUS_FEATURES_OK: u8 = 8;
+pub const DEVICE_STATUS_NEEDS_RESET: u8 = 0x40;
+pub const DEVICE_STATUS_FAILED: u8 = 0x80;
+
+pub const VIRTIO_MMIO_INT_VRING: u32 = 1;
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 2;
+
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+
+/// The device's interrupt: the interrupt status register the driver reads, and the irqfd that
+/// raises the guest interrupt. Also carries the "needs reset" flag a worker sets when the
+/// driver broke the device.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    needs_reset: Arc<AtomicU8>,
+    irqfd: Arc<EventFd>,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: Arc<EventFd>) -> Self {
+        Interrupt {
+            status: Arc::new(AtomicU32::new(0)),
+            needs_reset: Arc::new(AtomicU8::new(0)),
+            irqfd,
+        }
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    /// Tells the driver that a queue has new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.raise(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// The driver broke the device (e.g. rings outside guest memory): DEVICE_NEEDS_RESET plus
+    /// a configuration-change interrupt, as the virtio spec asks.
+    pub fn signal_needs_reset(&self) {
+        self.needs_reset
+            .store(DEVICE_STATUS_NEEDS_RESET, Ordering::SeqCst);
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn needs_reset_bits(&self) -> u8 {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(0, Ordering::SeqCst);
+    }
+}
+
+/// What a device worker gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub acked_features: u64,
+    pub interrupt: Interrupt,
+}
+
+/// The device-specific half of a virtio device, run on its worker thread.
+pub trait QueueHandler: Send {
+    /// The driver set DRIVER_OK: start using these queues.
+    fn activate(&mut self, activation: Activation);
+    /// The driver reset the device: stop using the queues (they are dropped).
+    fn reset(&mut self);
+    /// Queue `index` was kicked by the driver.
+    fn queue_notified(&mut self, index: usize);
+    /// The backend file descriptor to watch for input (the TAP device of a NIC).
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The backend file descriptor is readable.
+    fn backend_ready(&mut self) {}
+}
+
+/// The static description of a device that the transport presents to the driver.
+pub struct DeviceInfo {
+    pub device_type: u32,
+    pub queue_max_sizes: Vec<u16>,
+    pub features: u64,
+    /// The device-specific configuration space, read-only for the driver.
+    pub config_space: Vec<u8>,
+}
+
+/// A short name for logs and counters, e.g. "virtio-blk".
+pub fn type_name(device_type: u32) -> &'static str {
+    match device_type {
+        TYPE_NET => "virtio-net",
+        TYPE_BLOCK => "virtio-blk",
+        TYPE_RNG => "virtio-rng",
+        _ => "virtio",
+    }
+}
+
+/// Per-device counters, readable while the VM runs (by the API's `info`).
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub bytes_read: std::sync::atomic::AtomicU64,
+    pub bytes_written: std::sync::atomic::AtomicU64,
+    pub errors: std::sync::atomic::AtomicU64,
+}
+
+impl DeviceCounters {
+    pub fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}

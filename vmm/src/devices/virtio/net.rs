@@ -1,0 +1,354 @@
+//! virtio-net backed by a TAP device: frames move between the rings and the TAP with one
+//! readv/writev each, straight from and into guest memory, vnet header included, so the
+//! checksum and TSO offloads the guest and host agree on pass through untouched.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
+use super::{
+    Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_NET, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+const QUEUE_SIZE: u16 = 256;
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+/// Largest frame the guest may send: a 64 KiB TSO frame plus headers.
+const MAX_TX_FRAME: u64 = 65536 + 256 + VNET_HDR_LEN as u64;
+
+const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
+const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
+
+pub type MacAddr = [u8; 6];
+
+/// Parses "52:54:00:12:34:56".
+pub fn parse_mac(s: &str) -> Option<MacAddr> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: &MacAddr) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A stable, locally administered unicast MAC derived from the TAP name, for NICs given none.
+pub fn default_mac(tap: &str) -> MacAddr {
+    // FNV-1a: stable across runs and builds, unlike std's randomly keyed hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tap.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_le_bytes();
+    [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+}
+
+pub struct NetDevice {
+    tap: Tap,
+    counters: Arc<DeviceCounters>,
+    active: Option<Activation>,
+}
+
+pub fn open(tap_name: &str, mac: MacAddr) -> Result<(DeviceInfo, NetDevice), TapError> {
+    let tap = Tap::open(tap_name)?;
+    let features = VIRTIO_F_VERSION_1
+        | VIRTIO_RING_F_EVENT_IDX
+        | VIRTIO_RING_F_INDIRECT_DESC
+        | VIRTIO_NET_F_MAC
+        | VIRTIO_NET_F_CSUM
+        | VIRTIO_NET_F_GUEST_CSUM
+        | VIRTIO_NET_F_GUEST_TSO4
+        | VIRTIO_NET_F_GUEST_TSO6
+        | VIRTIO_NET_F_GUEST_ECN
+        | VIRTIO_NET_F_HOST_TSO4
+        | VIRTIO_NET_F_HOST_TSO6
+        | VIRTIO_NET_F_HOST_ECN;
+    let mut config_space = vec![0u8; 6];
+    config_space.copy_from_slice(&mac);
+    Ok((
+        DeviceInfo {
+            device_type: TYPE_NET,
+            queue_max_sizes: vec![QUEUE_SIZE, QUEUE_SIZE],
+            features,
+            config_space,
+        },
+        NetDevice {
+            tap,
+            counters: Arc::new(DeviceCounters::default()),
+            active: None,
+        },
+    ))
+}
+
+/// The TAP offloads matching what the guest driver accepted.
+pub fn tap_offloads(acked: u64) -> u32 {
+    let mut flags = 0;
+    if acked & VIRTIO_NET_F_GUEST_CSUM != 0 {
+        flags |= TUN_F_CSUM;
+        if acked & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+            flags |= TUN_F_TSO4;
+        }
+        if acked & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+            flags |= TUN_F_TSO6;
+        }
+        if acked & VIRTIO_NET_F_GUEST_ECN != 0 {
+            flags |= TUN_F_TSO_ECN;
+        }
+    }
+    flags
+}
+
+/// Guest buffers of a chain for one direction, as iovecs; None if any descriptor has the
+/// wrong direction, lies outside guest memory, or the chain exceeds `max_len`.
+pub fn chain_iovecs(
+    mem: &GuestMemoryMmap,
+    descriptors: &[Descriptor],
+    writable: bool,
+    max_len: u64,
+) -> Option<Vec<libc::iovec>> {
+    let mut total = 0u64;
+    let mut iovs = Vec::with_capacity(descriptors.len());
+    for d in descriptors {
+        if d.is_write_only() != writable {
+            return None;
+        }
+        total += u64::from(d.len());
+        if total > max_len {
+            return None;
+        }
+        if d.len() == 0 {
+            continue;
+        }
+        let slice = mem
+            .get_slice(GuestAddress(d.addr().0), d.len() as usize)
+            .ok()?;
+        iovs.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: d.len() as usize,
+        });
+    }
+    // A frame is at least its vnet header.
+    (total >= VNET_HDR_LEN as u64).then_some(iovs)
+}
+
+impl NetDevice {
+    pub fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
+    }
+
+    /// Moves frames from the TAP into the guest's receive buffers until either runs out.
+    fn process_rx(&mut self, active: &mut Activation) -> bool {
+        let mem = active.mem.clone();
+        let queue = &mut active.queues[RX_QUEUE];
+        let mut used_any = false;
+        loop {
+            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+                // No buffers: ask the guest to kick us when it adds some, and check once more
+                // for buffers added in between.
+                match queue.enable_notification(&mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(_) => return false,
+                }
+            };
+            let head = chain.head_index();
+            let descriptors: Vec<Descriptor> = chain.collect();
+            let Some(iovs) = chain_iovecs(&mem, &descriptors, true, u64::MAX) else {
+                DeviceCounters::add(&self.counters.errors, 1);
+                if queue.add_used(&mem, head, 0).is_err() {
+                    return false;
+                }
+                used_any = true;
+                continue;
+            };
+            match self.tap.readv(&iovs) {
+                Ok(n) => {
+                    DeviceCounters::add(&self.counters.bytes_written, n as u64);
+                    if queue.add_used(&mem, head, n as u32).is_err() {
+                        return false;
+                    }
+                    used_any = true;
+                }
+                Err(e) => {
+                    // Nothing to read (EAGAIN) or a TAP error: give the buffer back.
+                    queue.go_to_previous_position();
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        tracing::debug!("TAP {} read failed: {e}", self.tap.name());
+                    }
+                    break;
+                }
+            }
+        }
+        if used_any {
+            match queue.needs_notification(&mem) {
+                Ok(true) => active.interrupt.signal_used_queue(),
+                Ok(false) => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Sends every frame the guest queued for transmission.
+    fn process_tx(&mut self, active: &mut Activation) -> bool {
+        let mem = active.mem.clone();
+        let queue: &mut Queue = &mut active.queues[TX_QUEUE];
+        let mut used_any = false;
+        loop {
+            if queue.disable_notification(&mem).is_err() {
+                return false;
+            }
+            while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                let descriptors: Vec<Descriptor> = chain.collect();
+                match chain_iovecs(&mem, &descriptors, false, MAX_TX_FRAME) {
+                    Some(iovs) => match self.tap.writev(&iovs) {
+                        Ok(n) => DeviceCounters::add(&self.counters.bytes_read, n as u64),
+                        Err(e) => {
+                            DeviceCounters::add(&self.counters.errors, 1);
+                            tracing::debug!("TAP {} write failed: {e}", self.tap.name());
+                        }
+                    },
+                    None => DeviceCounters::add(&self.counters.errors, 1),
+                }
+                if queue.add_used(&mem, head, 0).is_err() {
+                    return false;
+                }
+                used_any = true;
+            }
+            match queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(_) => return false,
+            }
+        }
+        if used_any {
+            match queue.needs_notification(&mem) {
+                Ok(true) => active.interrupt.signal_used_queue(),
+                Ok(false) => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn with_active(&mut self, f: impl FnOnce(&mut Self, &mut Activation) -> bool) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        if f(self, &mut active) {
+            self.active = Some(active);
+        } else {
+            tracing::debug!("virtio-net: queue broken by the driver; device needs reset");
+            active.interrupt.signal_needs_reset();
+        }
+    }
+}
+
+impl QueueHandler for NetDevice {
+    fn activate(&mut self, activation: Activation) {
+        if activation.queues.len() != 2 {
+            activation.interrupt.signal_needs_reset();
+            return;
+        }
+        if let Err(e) = self
+            .tap
+            .set_offload(tap_offloads(activation.acked_features))
+        {
+            tracing::warn!("{e}; continuing without offloads");
+            let _ = self.tap.set_offload(0);
+        }
+        self.active = Some(activation);
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn queue_notified(&mut self, index: usize) {
+        match index {
+            RX_QUEUE => self.with_active(Self::process_rx),
+            TX_QUEUE => self.with_active(Self::process_tx),
+            _ => {}
+        }
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.tap.as_raw_fd())
+    }
+
+    fn backend_ready(&mut self) {
+        self.with_active(Self::process_rx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("52:54:00:ab:CD:ef"),
+            Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
+        );
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:01",
+            "5:54:00:ab:cd:ef",
+            "zz:54:00:ab:cd:ef",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+        assert_eq!(format_mac(&[0x52, 0x54, 0, 1, 2, 3]), "52:54:00:01:02:03");
+    }
+
+    #[test]
+    fn default_macs_are_stable_local_unicast_and_differ() {
+        let a = default_mac("tap0");
+        assert_eq!(a, default_mac("tap0"));
+        assert_ne!(a, default_mac("tap1"));
+        assert_eq!(a[0] & 0x01, 0, "unicast");
+        assert_eq!(a[0] & 0x02, 0x02, "locally administered");
+    }
+
+    #[test]
+    fn offloads_follow_the_guest() {
+        assert_eq!(tap_offloads(0), 0);
+        assert_eq!(
+            tap_offloads(VIRTIO_NET_F_GUEST_TSO4),
+            0,
+            "TSO needs checksum offload"
+        );
+        assert_eq!(
+            tap_offloads(
+                VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6
+            ),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        );
+    }
+}

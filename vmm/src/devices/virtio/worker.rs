@@ -1,0 +1,156 @@
+//! The worker thread of one virtio device: waits on its queues' ioeventfds, its backend and a
+//! control channel from the transport, and runs the device's `QueueHandler`.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Activation, QueueHandler};
+
+pub enum Command {
+    Activate(Activation),
+    Reset,
+}
+
+/// The transport's line to the worker. Activation is asynchronous (kicks that arrive before the
+/// worker picks it up wait in the ioeventfds); reset waits for the worker to let go of the
+/// queues, so the driver can reuse their memory.
+pub struct WorkerControl {
+    event: EventFd,
+    pending: Mutex<Vec<Command>>,
+    resets_done: Mutex<u64>,
+    reset_cond: Condvar,
+}
+
+/// How long a reset waits for a worker busy with I/O before giving up on it.
+const RESET_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl WorkerControl {
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(WorkerControl {
+            event: EventFd::new(EFD_NONBLOCK)?,
+            pending: Mutex::new(Vec::new()),
+            resets_done: Mutex::new(0),
+            reset_cond: Condvar::new(),
+        }))
+    }
+
+    fn push(&self, cmd: Command) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cmd);
+        if let Err(e) = self.event.write(1) {
+            tracing::error!("cannot wake a virtio worker: {e}");
+        }
+    }
+
+    pub fn activate(&self, activation: Activation) {
+        self.push(Command::Activate(activation));
+    }
+
+    /// Resets the device and waits until its worker no longer touches the queues. Returns
+    /// false if the worker did not answer in time.
+    pub fn reset(&self) -> bool {
+        let target = *self.resets_done.lock().unwrap_or_else(|e| e.into_inner()) + 1;
+        self.push(Command::Reset);
+        let done = self.resets_done.lock().unwrap_or_else(|e| e.into_inner());
+        let (done, _) = self
+            .reset_cond
+            .wait_timeout_while(done, RESET_TIMEOUT, |n| *n < target)
+            .unwrap_or_else(|e| e.into_inner());
+        *done >= target
+    }
+
+    fn take(&self) -> Vec<Command> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn reset_done(&self) {
+        *self.resets_done.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.reset_cond.notify_all();
+    }
+}
+
+const TOKEN_CONTROL: u64 = u64::MAX;
+const TOKEN_BACKEND: u64 = u64::MAX - 1;
+
+/// Starts the worker thread of a device.
+pub fn spawn(
+    name: String,
+    mut handler: Box<dyn QueueHandler>,
+    queue_events: Vec<EventFd>,
+    control: Arc<WorkerControl>,
+) -> std::io::Result<JoinHandle<()>> {
+    let epoll = Epoll::new()?;
+    let add = |fd: RawFd, token: u64, events: EventSet| {
+        epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+    };
+    add(control.event.as_raw_fd(), TOKEN_CONTROL, EventSet::IN)?;
+    for (i, evt) in queue_events.iter().enumerate() {
+        add(evt.as_raw_fd(), i as u64, EventSet::IN)?;
+    }
+    if let Some(fd) = handler.backend_fd() {
+        // Edge-triggered: the handler drains the backend whenever it has guest buffers, and
+        // retries when the guest adds buffers, so a backend with data but no buffers to put it
+        // in does not spin this thread.
+        add(fd, TOKEN_BACKEND, EventSet::IN | EventSet::EDGE_TRIGGERED)?;
+    }
+    std::thread::Builder::new().name(name).spawn(move || {
+        let mut events = vec![EpollEvent::default(); queue_events.len() + 2];
+        let mut active = false;
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio worker epoll failed, device stops: {e}");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    TOKEN_CONTROL => {
+                        let _ = control.event.read();
+                        for cmd in control.take() {
+                            match cmd {
+                                Command::Activate(activation) => {
+                                    handler.activate(activation);
+                                    active = true;
+                                    // Kicks and input that came before activation were
+                                    // dropped above: look at everything once now.
+                                    for index in 0..queue_events.len() {
+                                        handler.queue_notified(index);
+                                    }
+                                    handler.backend_ready();
+                                }
+                                Command::Reset => {
+                                    handler.reset();
+                                    active = false;
+                                    control.reset_done();
+                                }
+                            }
+                        }
+                    }
+                    TOKEN_BACKEND => {
+                        if active {
+                            handler.backend_ready();
+                        }
+                    }
+                    index => {
+                        if let Some(evt) = queue_events.get(index as usize) {
+                            let _ = evt.read();
+                            if active {
+                                handler.queue_notified(index as usize);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
