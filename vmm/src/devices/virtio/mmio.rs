@@ -364,3 +364,230 @@ impl BusDevice for MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::devices::virtio::testing::{memory, AVAIL_RING, DESC_TABLE, USED_RING};
+
+    /// Reports what the worker was told.
+    struct Recorder(mpsc::Sender<String>);
+
+    impl QueueHandler for Recorder {
+        fn activate(&mut self, a: Activation) {
+            let _ = self.0.send(format!(
+                "activate {} queues features {:#x}",
+                a.queues.len(),
+                a.acked_features
+            ));
+        }
+        fn reset(&mut self) {
+            let _ = self.0.send("reset".into());
+        }
+        fn queue_notified(&mut self, index: usize) {
+            let _ = self.0.send(format!("notify {index}"));
+        }
+    }
+
+    const FEATURES: u64 = VIRTIO_F_VERSION_1 | (1 << 5);
+
+    fn transport() -> (MmioTransport, mpsc::Receiver<String>, Interrupt) {
+        let (tx, rx) = mpsc::channel();
+        let control = WorkerControl::new().expect("control");
+        let queue_evt = EventFd::new(0).expect("eventfd");
+        crate::devices::virtio::worker::spawn(
+            "test".into(),
+            Box::new(Recorder(tx)),
+            vec![queue_evt],
+            control.clone(),
+        )
+        .expect("worker");
+        let interrupt = Interrupt::new(Arc::new(EventFd::new(0).expect("irq")));
+        let info = DeviceInfo {
+            device_type: TYPE_BLOCK,
+            queue_max_sizes: vec![16],
+            features: FEATURES,
+            config_space: vec![1, 2, 3, 4, 5, 6, 7, 8],
+        };
+        (
+            MmioTransport::new(info, memory(), interrupt.clone(), control),
+            rx,
+            interrupt,
+        )
+    }
+
+    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, features: u64) {
+        wr(t, REG_STATUS, u32::from(DEVICE_STATUS_ACKNOWLEDGE));
+        wr(
+            t,
+            REG_STATUS,
+            u32::from(DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER),
+        );
+        wr(t, REG_DRIVER_FEATURES_SEL, 0);
+        wr(t, REG_DRIVER_FEATURES, features as u32);
+        wr(t, REG_DRIVER_FEATURES_SEL, 1);
+        wr(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
+        wr(
+            t,
+            REG_STATUS,
+            u32::from(DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_FEATURES_OK),
+        );
+    }
+
+    fn setup_queue(t: &mut MmioTransport, size: u32) {
+        wr(t, REG_QUEUE_SEL, 0);
+        wr(t, REG_QUEUE_NUM, size);
+        wr(t, REG_QUEUE_DESC_LOW, DESC_TABLE as u32);
+        wr(t, REG_QUEUE_DESC_HIGH, 0);
+        wr(t, REG_QUEUE_DRIVER_LOW, AVAIL_RING as u32);
+        wr(t, REG_QUEUE_DEVICE_LOW, USED_RING as u32);
+        wr(t, REG_QUEUE_READY, 1);
+    }
+
+    const ALL_OK: u32 = (DEVICE_STATUS_ACKNOWLEDGE
+        | DEVICE_STATUS_DRIVER
+        | DEVICE_STATUS_FEATURES_OK
+        | DEVICE_STATUS_DRIVER_OK) as u32;
+
+    #[test]
+    fn identity_features_and_config() {
+        let (mut t, _rx, _) = transport();
+        assert_eq!(rd(&mut t, REG_MAGIC), 0x7472_6976);
+        assert_eq!(rd(&mut t, REG_VERSION), 2);
+        assert_eq!(rd(&mut t, REG_DEVICE_ID), TYPE_BLOCK);
+        wr(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut t, REG_DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        wr(&mut t, REG_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(rd(&mut t, REG_DEVICE_FEATURES), 1 << 5);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 16);
+        wr(&mut t, REG_QUEUE_SEL, 7);
+        assert_eq!(rd(&mut t, REG_QUEUE_NUM_MAX), 0, "no such queue");
+        let mut cfg = [0u8; 4];
+        t.read(CONFIG_SPACE + 6, &mut cfg);
+        assert_eq!(cfg, [7, 8, 0, 0], "reads past the config space see zeroes");
+        let mut odd = [0xffu8; 2];
+        t.read(REG_MAGIC, &mut odd);
+        assert_eq!(odd, [0, 0], "registers only answer 32-bit reads");
+    }
+
+    #[test]
+    fn full_setup_activates_the_worker_and_reset_stops_it() {
+        let (mut t, rx, _) = transport();
+        negotiate(&mut t, FEATURES);
+        assert_ne!(
+            rd(&mut t, REG_STATUS) & u32::from(DEVICE_STATUS_FEATURES_OK),
+            0
+        );
+        setup_queue(&mut t, 8);
+        wr(&mut t, REG_STATUS, ALL_OK);
+        assert_eq!(rd(&mut t, REG_STATUS), ALL_OK);
+        let got = rx.recv_timeout(Duration::from_secs(5)).expect("activation");
+        assert_eq!(got, format!("activate 1 queues features {FEATURES:#x}"));
+        // Queue registers are frozen while the device runs.
+        wr(&mut t, REG_QUEUE_NUM, 4);
+        wr(&mut t, REG_STATUS, 0);
+        let rest: Vec<String> = rx
+            .try_iter()
+            .chain(rx.recv_timeout(Duration::from_secs(5)))
+            .collect();
+        assert!(rest.iter().any(|m| m == "reset"), "{rest:?}");
+        assert_eq!(rd(&mut t, REG_STATUS), 0);
+        assert_eq!(rd(&mut t, REG_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn refuses_features_it_does_not_offer_or_legacy_drivers() {
+        let (mut t, _rx, _) = transport();
+        negotiate(&mut t, FEATURES | (1 << 9));
+        assert_eq!(
+            rd(&mut t, REG_STATUS) & u32::from(DEVICE_STATUS_FEATURES_OK),
+            0
+        );
+        let (mut legacy, _rx2, _) = transport();
+        negotiate(&mut legacy, 1 << 5);
+        assert_eq!(
+            rd(&mut legacy, REG_STATUS) & u32::from(DEVICE_STATUS_FEATURES_OK),
+            0,
+            "no VERSION_1"
+        );
+        // DRIVER_OK without FEATURES_OK does not start the device.
+        wr(
+            &mut legacy,
+            REG_STATUS,
+            u32::from(DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_DRIVER_OK),
+        );
+        assert_eq!(
+            rd(&mut legacy, REG_STATUS) & u32::from(DEVICE_STATUS_DRIVER_OK),
+            0
+        );
+    }
+
+    #[test]
+    fn bad_queues_make_the_device_need_a_reset_not_crash() {
+        for (size, desc) in [
+            (3u32, DESC_TABLE),
+            (0, DESC_TABLE),
+            (32, DESC_TABLE),
+            (8, 1u64 << 40),
+            (8, DESC_TABLE + 1),
+        ] {
+            let (mut t, rx, interrupt) = transport();
+            negotiate(&mut t, FEATURES);
+            setup_queue(&mut t, size);
+            wr(&mut t, REG_QUEUE_DESC_LOW, desc as u32);
+            wr(&mut t, REG_QUEUE_DESC_HIGH, (desc >> 32) as u32);
+            wr(&mut t, REG_STATUS, ALL_OK);
+            let status = rd(&mut t, REG_STATUS);
+            assert_eq!(
+                status & u32::from(DEVICE_STATUS_DRIVER_OK),
+                0,
+                "size {size} desc {desc:#x}"
+            );
+            assert_ne!(status & u32::from(DEVICE_STATUS_NEEDS_RESET), 0);
+            assert_ne!(interrupt.status() & VIRTIO_MMIO_INT_CONFIG, 0);
+            assert!(
+                rx.recv_timeout(Duration::from_millis(100)).is_err(),
+                "worker not activated"
+            );
+            // A reset brings it back.
+            wr(&mut t, REG_STATUS, 0);
+            assert_eq!(rd(&mut t, REG_STATUS), 0);
+        }
+    }
+
+    #[test]
+    fn random_register_writes_never_panic() {
+        let mut rng = crate::devices::virtio::testing::Rng(42);
+        for _ in 0..20 {
+            let (mut t, _rx, _) = transport();
+            for _ in 0..500 {
+                let offset = rng.below(0x140) & !3;
+                let value = match rng.below(3) {
+                    0 => rng.next() as u32,
+                    1 => rng.below(16) as u32,
+                    _ => ALL_OK,
+                };
+                if rng.below(2) == 0 {
+                    wr(&mut t, offset, value);
+                } else {
+                    rd(&mut t, offset);
+                }
+            }
+        }
+    }
+}

@@ -157,3 +157,5 @@ impl DeviceCounters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 }
+#[cfg(test)]
+pub mod testing;

@@ -352,3 +352,161 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+    use crate::devices::virtio::testing::*;
+
+    #[test]
+    fn chain_iovecs_checks_direction_bounds_and_size() {
+        let mem = memory();
+        let ok = chain_iovecs(
+            &mem,
+            &[desc(DATA, 12, false), desc(DATA + 12, 100, false)],
+            false,
+            MAX_TX_FRAME,
+        );
+        assert_eq!(ok.map(|v| v.len()), Some(2));
+        assert!(
+            chain_iovecs(&mem, &[desc(DATA, 112, true)], false, MAX_TX_FRAME).is_none(),
+            "direction"
+        );
+        assert!(
+            chain_iovecs(&mem, &[desc(DATA, 8, false)], false, MAX_TX_FRAME).is_none(),
+            "shorter than the vnet header"
+        );
+        assert!(
+            chain_iovecs(&mem, &[desc(DATA, 70_000, false)], false, MAX_TX_FRAME).is_none(),
+            "too large"
+        );
+        assert!(
+            chain_iovecs(&mem, &[desc(MEM_SIZE as u64 - 8, 64, true)], true, u64::MAX).is_none(),
+            "outside memory"
+        );
+        assert!(
+            chain_iovecs(&mem, &[desc(u64::MAX - 4, 64, true)], true, u64::MAX).is_none(),
+            "wraps"
+        );
+    }
+}
+
+/// The device against a real TAP in a fresh network namespace: a frame the "guest" transmits
+/// reaches the host kernel, and the kernel's answer arrives in the guest's receive buffers.
+#[cfg(test)]
+mod tap_tests {
+    use std::process::Command;
+
+    use vm_memory::Bytes;
+
+    use super::*;
+    use crate::devices::virtio::testing::*;
+
+    const GUEST_MAC: MacAddr = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+    fn ip(args: &[&str]) {
+        let status = Command::new("ip").args(args).status().expect("ip runs");
+        assert!(status.success(), "ip {args:?}");
+    }
+
+    fn arp_request() -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN]; // no offloads
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&[10, 9, 9, 2]);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&[10, 9, 9, 1]);
+        f
+    }
+
+    fn wait_readable(fd: RawFd) {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        assert_eq!(n, 1, "the TAP became readable within 10 s");
+    }
+
+    #[test]
+    fn arp_round_trip_through_a_real_tap() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "needs root for TAP devices and namespaces (CI runs as root)"
+        );
+        std::thread::spawn(|| {
+            // Network namespaces are per thread: this thread (and the `ip` processes it
+            // starts) get a private one, torn down with it.
+            // SAFETY: unshare affects only the calling thread here.
+            assert_eq!(
+                unsafe { libc::unshare(libc::CLONE_NEWNET) },
+                0,
+                "unshare -n"
+            );
+            let (info, mut dev) = open("thvctest0", GUEST_MAC).expect("TAP");
+            assert_eq!(&info.config_space[..6], &GUEST_MAC);
+            ip(&["link", "set", "thvctest0", "up"]);
+            ip(&["addr", "add", "10.9.9.1/24", "dev", "thvctest0"]);
+
+            let mem = memory();
+            let mut rx = TestRing::new(&mem, 256);
+            let mut tx = TestRing::at(&mem, 256, 0x8000);
+            let (activation, irq) = rx.activation(vec![rx.queue(), tx.queue()], VIRTIO_F_VERSION_1);
+            dev.activate(activation);
+            // Two receive buffers (vnet header + frame), then the ARP request to send.
+            rx.add_chain(0, &[(DATA, 2048, true)]);
+            rx.add_chain(1, &[(DATA + 0x1000, 2048, true)]);
+            let frame = arp_request();
+            mem.write_slice(&frame, GuestAddress(DATA + 0x2000))
+                .expect("frame");
+            tx.add_chain(
+                0,
+                &[
+                    (DATA + 0x2000, 12, false),
+                    (DATA + 0x200c, frame.len() as u32 - 12, false),
+                ],
+            );
+            dev.queue_notified(TX_QUEUE);
+            assert_eq!(tx.used_idx(), 1, "frame sent");
+
+            // The kernel answers; keep receiving until the ARP reply shows up (the kernel may
+            // also send IPv6 neighbour discovery of its own first).
+            let mut found = false;
+            for n in 0..2u16 {
+                if rx.used_idx() <= n {
+                    wait_readable(dev.tap.as_raw_fd());
+                    dev.backend_ready();
+                }
+                assert!(rx.used_idx() > n, "a frame was received");
+                let (id, len) = rx.used(n);
+                let base = DATA + u64::from(id) * 0x1000;
+                let mut buf = vec![0u8; len as usize];
+                mem.read_slice(&mut buf, GuestAddress(base)).expect("read");
+                let eth = &buf[VNET_HDR_LEN..];
+                if eth[12..14] == [0x08, 0x06] && eth[20..22] == [0, 2] {
+                    assert_eq!(&eth[0..6], &GUEST_MAC, "reply to our MAC");
+                    assert_eq!(&eth[28..32], &[10, 9, 9, 1], "from the host's address");
+                    found = true;
+                    break;
+                }
+            }
+            assert!(found, "ARP reply received");
+            assert!(irq.read().is_ok(), "guest interrupted");
+            let counters = dev.counters();
+            assert!(
+                counters
+                    .bytes_read
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    >= frame.len() as u64
+            );
+        })
+        .join()
+        .expect("test thread");
+    }
+}

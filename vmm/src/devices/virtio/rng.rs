@@ -117,3 +117,53 @@ impl QueueHandler for RngDevice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::testing::*;
+
+    #[test]
+    fn fills_writable_buffers_only_and_caps_the_amount() {
+        let mem = memory();
+        let n = fill_chain(
+            &mem,
+            &[
+                desc(DATA, 64, true),
+                desc(DATA + 64, 64, false),
+                desc(DATA + 128, 32, true),
+            ],
+        );
+        assert_eq!(n, 96);
+        let mut buf = [0u8; 64];
+        mem.read_slice(&mut buf, vm_memory::GuestAddress(DATA))
+            .expect("read");
+        assert_ne!(buf, [0u8; 64], "random bytes written");
+        let huge = fill_chain(&mem, &[desc(DATA, 1 << 20, true)]);
+        assert_eq!(huge as usize, MAX_REQUEST_BYTES);
+        let outside = fill_chain(
+            &mem,
+            &[
+                desc(MEM_SIZE as u64 - 16, 4096, true),
+                desc(u64::MAX - 8, 64, true),
+            ],
+        );
+        assert_eq!(outside, 0, "nothing written outside guest memory");
+    }
+
+    #[test]
+    fn serves_a_ring() {
+        let mem = memory();
+        let mut ring = TestRing::new(&mem, 64);
+        let (_, mut dev) = new();
+        let (activation, irq) = ring.activation(vec![ring.queue()], VIRTIO_F_VERSION_1);
+        dev.activate(activation);
+        ring.add_chain(0, &[(DATA, 32, true)]);
+        ring.add_chain(1, &[(DATA + 64, 16, true)]);
+        dev.queue_notified(0);
+        assert_eq!(ring.used_idx(), 2);
+        assert_eq!(ring.used(0), (0, 32));
+        assert_eq!(ring.used(1), (1, 16));
+        assert_eq!(irq.read().expect("irq"), 1);
+    }
+}
