@@ -965,12 +965,12 @@ mod tests {
             let mut h = Harness::new(&path, round % 3 == 0);
             for i in 0..16u16 {
                 let addr = match rng.below(4) {
-                    0 => rng.next(),                      // anywhere, mostly unmapped
+                    0 => rng.next_u64(),                  // anywhere, mostly unmapped
                     1 => MEM_SIZE as u64 - rng.below(64), // straddling the end
                     _ => DATA + rng.below(0x10000),       // plausible
                 };
                 let len = match rng.below(3) {
-                    0 => rng.next() as u32,
+                    0 => rng.next_u64() as u32,
                     1 => rng.below(17) as u32,
                     _ => 512 * rng.below(4) as u32,
                 };

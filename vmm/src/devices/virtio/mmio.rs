@@ -578,7 +578,7 @@ mod tests {
             for _ in 0..500 {
                 let offset = rng.below(0x140) & !3;
                 let value = match rng.below(3) {
-                    0 => rng.next() as u32,
+                    0 => rng.next_u64() as u32,
                     1 => rng.below(16) as u32,
                     _ => ALL_OK,
                 };
