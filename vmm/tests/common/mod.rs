@@ -1,0 +1,153 @@
+//! Shared by the guest tests: a running thvc-vmm whose console is read line by line, and the
+//! test assets (guest kernel and initramfs) from the test VM's environment.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const VMM: &str = env!("CARGO_BIN_EXE_thvc-vmm");
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=1 pci=off quiet";
+
+pub fn asset(var: &str) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(p) if PathBuf::from(&p).is_file() => PathBuf::from(p),
+        Some(p) => panic!("{var}={} is not a file", PathBuf::from(p).display()),
+        None => panic!(
+            "{var} is not set: these tests boot real guests and run inside the test VM; \
+             use integration/run-tests (or integration/testvm/run with the env from \
+             integration/testvm/assets --print-env)"
+        ),
+    }
+}
+
+pub fn kernel() -> PathBuf {
+    asset("THVC_GUEST_KERNEL")
+}
+
+pub fn initramfs() -> PathBuf {
+    asset("THVC_GUEST_INITRAMFS")
+}
+
+/// A running thvc-vmm whose console output is collected line by line.
+pub struct Guest {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Guest {
+    pub fn start(args: &[&str]) -> Guest {
+        let mut child = Command::new(VMM)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("thvc-vmm starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line).trim_end().to_string();
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        Guest {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    pub fn boot(action: &str, extra: &[&str]) -> Guest {
+        let kernel = kernel();
+        let initrd = initramfs();
+        let cmdline = format!("{BASE_CMDLINE} thvc.action={action}");
+        let mut args = vec![
+            "--kernel",
+            kernel.to_str().expect("utf-8 path"),
+            "--initrd",
+            initrd.to_str().expect("utf-8 path"),
+            "--cmdline",
+            &cmdline,
+        ];
+        args.extend_from_slice(extra);
+        Guest::start(&args)
+    }
+
+    /// Waits for a console line starting with `prefix` and returns the rest of it.
+    pub fn wait_for(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if let Some(line) = self.seen.iter().find(|l| l.contains(prefix)) {
+                let at = line.find(prefix).unwrap_or(0) + prefix.len();
+                return line[at..].to_string();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no console line with {prefix:?} within {BOOT_TIMEOUT:?}; console:\n{}",
+                        self.seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits for the VMM to exit; returns its status, the full console and stderr.
+    pub fn finish(mut self) -> (ExitStatus, String, String) {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "thvc-vmm still running after {BOOT_TIMEOUT:?}; console:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            // Poll the console meanwhile so the pipe never fills up.
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.seen.push(line);
+            }
+        };
+        self.seen.extend(self.lines.try_iter());
+        let stderr = self.stderr.join().unwrap_or_default();
+        (status, self.seen.join("\n"), stderr)
+    }
+}
+
+pub fn number_after(guest: &mut Guest, prefix: &str) -> u64 {
+    let value = guest.wait_for(prefix);
+    value
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{prefix}{value} is not a number"))
+}
+
+pub fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("thvc-vmm-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
