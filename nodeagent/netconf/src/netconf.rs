@@ -17,7 +17,7 @@ use crate::document::{
 };
 use crate::model::{ObservedKind, ObservedLink, ObservedState};
 use crate::observe::observe;
-use crate::plan::{compute_plan, diff_port_vlans, Plan, PlanError, Step};
+use crate::plan::{compute_plan, diff_port_vlans, NewLink, Plan, PlanError, Step};
 use crate::state::{OwnedLink, OwnedTap, Ownership, StateError, StateLock, StateStore};
 use crate::tap::{create_persistent_tap, TapError, TapSpec};
 
@@ -177,15 +177,10 @@ impl Netconf {
         // that we made but do not know are ours.
         for step in &plan.steps {
             if let Step::CreateLink { name, link, .. } = step {
-                let kind = match link {
-                    crate::plan::NewLink::Bond { .. } => LinkKind::Bond,
-                    crate::plan::NewLink::Vlan { .. } => LinkKind::Vlan,
-                    crate::plan::NewLink::Bridge { .. } => LinkKind::Bridge,
-                };
                 ownership.links.insert(
                     name.clone(),
                     OwnedLink {
-                        kind,
+                        kind: new_link_kind(link),
                         ifindex: None,
                     },
                 );
@@ -201,10 +196,15 @@ impl Netconf {
             match executor.run(step).await {
                 Ok(outcome) => {
                     match (step, outcome) {
-                        (Step::CreateLink { name, .. }, Outcome::Created(index)) => {
-                            if let Some(record) = ownership.links.get_mut(name) {
-                                record.ifindex = Some(index);
-                            }
+                        (Step::CreateLink { name, link, .. }, Outcome::Created(index)) => {
+                            // Insert, not update: a re-create's delete dropped the record.
+                            ownership.links.insert(
+                                name.clone(),
+                                OwnedLink {
+                                    kind: new_link_kind(link),
+                                    ifindex: Some(index),
+                                },
+                            );
                         }
                         (Step::DeleteLink { name, .. }, _) => {
                             ownership.links.remove(name);
@@ -486,6 +486,14 @@ impl Netconf {
         ownership.taps.remove(name);
         self.store.save(&ownership)?;
         Ok(())
+    }
+}
+
+fn new_link_kind(link: &NewLink) -> LinkKind {
+    match link {
+        NewLink::Bond { .. } => LinkKind::Bond,
+        NewLink::Vlan { .. } => LinkKind::Vlan,
+        NewLink::Bridge { .. } => LinkKind::Bridge,
     }
 }
 
