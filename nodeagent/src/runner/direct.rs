@@ -66,7 +66,7 @@ impl DirectRunner {
         Ok(())
     }
 
-    fn launch_inner(&self, spec: &LaunchSpec) -> Result<ExitFuture, RunnerError> {
+    async fn launch_inner(&self, spec: &LaunchSpec) -> Result<ExitFuture, RunnerError> {
         let err = |reason: String| RunnerError::Launch {
             vm: spec.name.clone(),
             reason,
@@ -127,6 +127,22 @@ impl DirectRunner {
         let layout = self.layout.clone();
         let name = spec.name.clone();
         let fut = async move {
+            // Callers expect the VMM's identity to be on record once launch returned (Stop
+            // signals the VMM itself); the supervisor writes it right after spawning.
+            let vmm_file = layout::vmm_process_file(&layout.vm_run_dir(&name));
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !vmm_file.exists() && tokio::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            child
+        };
+        let mut child = fut.await;
+        let layout = self.layout.clone();
+        let name = spec.name.clone();
+        let fut = async move {
             let status = child.wait().await;
             let runner = DirectRunner::new(layout, PathBuf::new());
             match runner.exit_outcome(&name) {
@@ -147,7 +163,7 @@ impl VmRunner for DirectRunner {
     }
 
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<ExitFuture, RunnerError>> {
-        async move { self.launch_inner(spec) }.boxed()
+        async move { self.launch_inner(spec).await }.boxed()
     }
 
     fn adopt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Adoption, RunnerError>> {

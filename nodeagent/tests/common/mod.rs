@@ -1,0 +1,412 @@
+//! Test harness: a private dbus-daemon per test, the real `thvc-nodeagent` binary against it
+//! with temporary state/run/log directories, and the fake VMM test double. Missing tools
+//! (dbus-daemon, busctl) fail the test loudly; nothing is skipped.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use thvc_nodeagent::client::{self, BusTarget, ManagerProxy, VmProxy};
+use thvc_nodeagent::procinfo::ProcessId;
+use zbus::zvariant::OwnedObjectPath;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_thvc-nodeagent");
+pub const THVCCTL: &str = env!("CARGO_BIN_EXE_thvcctl");
+pub const FAKE_VMM: &str = env!("CARGO_BIN_EXE_thvc-fake-vmm");
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Finds `tool` in PATH or fails the test with how to install it.
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(tool);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "{tool} is not installed, but these tests need it: install the Debian package \
+         `{package}` (nodeagent/tests/install-deps.sh does)"
+    );
+}
+
+/// A private dbus-daemon listening on a socket in its own directory.
+pub struct TestBus {
+    pub dir: tempfile::TempDir,
+    pub address: String,
+    child: Child,
+}
+
+impl TestBus {
+    pub fn start() -> TestBus {
+        let daemon = require_tool("dbus-daemon", "dbus-daemon");
+        let dir = tempfile::Builder::new()
+            .prefix("thvc-bus-")
+            .tempdir()
+            .expect("temp dir");
+        // Other uids (the authorization tests) must reach the socket.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod bus dir");
+        let socket = dir.path().join("bus");
+        let config = dir.path().join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"#,
+                socket.display()
+            ),
+        )
+        .expect("write bus config");
+        let mut child = Command::new(daemon)
+            .arg(format!("--config-file={}", config.display()))
+            .arg("--nofork")
+            .arg("--print-address=1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start dbus-daemon");
+        let stdout = child.stdout.take().expect("dbus-daemon stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read dbus-daemon address");
+        let address = line.trim().to_owned();
+        assert!(
+            address.starts_with("unix:"),
+            "dbus-daemon printed no address: {line:?}"
+        );
+        TestBus {
+            dir,
+            address,
+            child,
+        }
+    }
+}
+
+impl Drop for TestBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// State, run and log directories of one node, with a kernel in the image store.
+pub struct NodeDirs {
+    pub root: tempfile::TempDir,
+}
+
+impl NodeDirs {
+    pub fn new() -> NodeDirs {
+        let root = tempfile::Builder::new()
+            .prefix("thvc-node-")
+            .tempdir()
+            .expect("temp dir");
+        let d = NodeDirs { root };
+        std::fs::create_dir_all(d.state().join("images")).expect("images dir");
+        std::fs::create_dir_all(d.state().join("disks")).expect("disks dir");
+        std::fs::write(d.state().join("images/vmlinuz"), b"not really a kernel\n")
+            .expect("kernel");
+        d
+    }
+    pub fn state(&self) -> PathBuf {
+        self.root.path().join("state")
+    }
+    pub fn run(&self) -> PathBuf {
+        self.root.path().join("run")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.root.path().join("log")
+    }
+    pub fn spec_file(&self, vm: &str) -> PathBuf {
+        self.state().join("vms").join(format!("{vm}.json"))
+    }
+    pub fn spec_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.state().join("vms"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+    /// The VMM process recorded for `vm` by its supervisor.
+    pub fn vmm_process(&self, vm: &str) -> Option<ProcessId> {
+        let data = std::fs::read(self.run().join("vms").join(vm).join("vmm.json")).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+    /// Kills every supervisor and VMM recorded in the run directory (test cleanup).
+    pub fn kill_all_vms(&self) {
+        let Ok(rd) = std::fs::read_dir(self.run().join("vms")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            for f in ["vmm.json", "process.json"] {
+                if let Ok(data) = std::fs::read(e.path().join(f)) {
+                    if let Ok(p) = serde_json::from_slice::<ProcessId>(&data) {
+                        let _ = p.signal(libc::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NodeDirs {
+    fn drop(&mut self) {
+        self.kill_all_vms();
+    }
+}
+
+/// A running `thvc-nodeagent`.
+pub struct Agent {
+    pub child: Child,
+}
+
+impl Agent {
+    /// Starts the agent on `bus` and waits until it owns its bus name.
+    pub fn start(bus: &TestBus, dirs: &NodeDirs, extra: &[&str]) -> Agent {
+        Self::start_with(bus, dirs, extra, &[])
+    }
+
+    /// Like [`Agent::start`], with a command prefix (e.g. `unshare -n`).
+    pub fn start_with(bus: &TestBus, dirs: &NodeDirs, extra: &[&str], prefix: &[&str]) -> Agent {
+        let mut cmd = match prefix.split_first() {
+            Some((p, rest)) => {
+                let mut c = Command::new(p);
+                c.args(rest).arg(AGENT);
+                c
+            }
+            None => Command::new(AGENT),
+        };
+        cmd.arg("--bus")
+            .arg(&bus.address)
+            .arg("--state-dir")
+            .arg(dirs.state())
+            .arg("--run-dir")
+            .arg(dirs.run())
+            .arg("--log-dir")
+            .arg(dirs.log())
+            .arg("--vmm")
+            .arg(FAKE_VMM)
+            .arg("--runner")
+            .arg("direct")
+            .args(["--start-timeout", "2"])
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("THVC_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
+            .stdin(Stdio::null());
+        let child = cmd.spawn().expect("start thvc-nodeagent");
+        let mut agent = Agent { child };
+        agent.wait_ready(bus);
+        agent
+    }
+
+    fn wait_ready(&mut self, bus: &TestBus) {
+        let deadline = Instant::now() + TIMEOUT;
+        let child = &mut self.child;
+        // Its own thread and runtime: callers may be inside a tokio runtime already.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    rt.block_on(async {
+                        let conn = client::connect(&BusTarget::Address(bus.address.clone()))
+                            .await
+                            .expect("connect to test bus");
+                        let dbus = zbus::fdo::DBusProxy::new(&conn).await.expect("dbus proxy");
+                        let name =
+                            zbus::names::BusName::try_from(client::BUS_NAME).expect("name");
+                        loop {
+                            if dbus.name_has_owner(name.clone()).await.unwrap_or(false) {
+                                return;
+                            }
+                            if let Ok(Some(status)) = child.try_wait() {
+                                panic!("thvc-nodeagent exited during startup: {status}");
+                            }
+                            assert!(
+                                Instant::now() < deadline,
+                                "thvc-nodeagent did not take its bus name"
+                            );
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    })
+                })
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        });
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as systemd would; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait agent")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client connection to the test bus.
+pub async fn connect(bus: &TestBus) -> zbus::Connection {
+    client::connect(&BusTarget::Address(bus.address.clone()))
+        .await
+        .expect("connect to test bus")
+}
+
+pub async fn manager(conn: &zbus::Connection) -> ManagerProxy<'static> {
+    ManagerProxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .expect("manager proxy")
+}
+
+pub async fn vm(conn: &zbus::Connection, path: OwnedObjectPath) -> VmProxy<'static> {
+    client::vm_proxy(conn, path).await.expect("vm proxy")
+}
+
+/// A minimal valid spec; `extra` is appended inside the object (start it with a comma).
+pub fn spec(extra: &str) -> String {
+    format!(r#"{{"vcpus":1,"memory_mib":128,"kernel":"vmlinuz"{extra}}}"#)
+}
+
+/// A spec whose fake guest is steered by `fake` (see the fake VMM's doc).
+pub fn spec_cmdline(fake: &str) -> String {
+    spec(&format!(r#","cmdline":"console=ttyS0 {fake}""#))
+}
+
+/// The D-Bus error name of a failed call.
+pub fn error_name(e: &zbus::Error) -> String {
+    client::method_error(e)
+        .map(|(n, _)| n)
+        .unwrap_or_else(|| format!("not a method error: {e}"))
+}
+
+pub fn error_message(e: &zbus::Error) -> String {
+    client::method_error(e)
+        .map(|(_, m)| m)
+        .unwrap_or_else(|| e.to_string())
+}
+
+/// Collects the values of the VM's `State` property from PropertiesChanged signals.
+pub struct StateWatcher {
+    stream: zbus::proxy::SignalStream<'static>,
+    pub seen: Vec<String>,
+}
+
+impl StateWatcher {
+    pub async fn new(conn: &zbus::Connection, path: &OwnedObjectPath) -> StateWatcher {
+        let props = zbus::fdo::PropertiesProxy::builder(conn)
+            .destination(client::BUS_NAME)
+            .expect("destination")
+            .path(path.clone())
+            .expect("path")
+            .build()
+            .await
+            .expect("properties proxy");
+        let stream = props
+            .inner()
+            .receive_signal("PropertiesChanged")
+            .await
+            .expect("subscribe PropertiesChanged");
+        StateWatcher {
+            stream,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits until `State` becomes `want` (fails after TIMEOUT); returns the states seen.
+    pub async fn wait_for(&mut self, want: &str) -> Vec<String> {
+        self.wait_until(|seen| seen.last().map(String::as_str) == Some(want), want)
+            .await
+    }
+
+    /// Waits until `n` State changes were seen.
+    pub async fn wait_count(&mut self, n: usize) -> Vec<String> {
+        self.wait_until(|seen| seen.len() >= n, &format!("{n} changes"))
+            .await
+    }
+
+    async fn wait_until(&mut self, done: impl Fn(&[String]) -> bool, want: &str) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            if done(&self.seen) {
+                return self.seen.clone();
+            }
+            let msg = tokio::time::timeout_at(deadline, self.stream.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("State never became {want}; saw {:?}", self.seen)
+                })
+                .expect("signal stream ended");
+            let body = msg.body();
+            let (iface, changed, _): (
+                String,
+                std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+                Vec<String>,
+            ) = body.deserialize().expect("PropertiesChanged body");
+            assert_eq!(iface, "de.thueringen.thvc.node1.Vm");
+            if let Some(v) = changed.get("State") {
+                let s: String = v.try_clone().expect("clone").try_into().expect("State is a string");
+                self.seen.push(s);
+            }
+        }
+    }
+}
+
+/// Polls `check` until it returns true (bounded by TIMEOUT).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + TIMEOUT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Path of a file inside the test crate.
+pub fn crate_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
