@@ -440,6 +440,8 @@ pub async fn emit_vm_changed(conn: &Connection, vm: &Vm, props: &[VmProperty]) {
         match p {
             VmProperty::State => {
                 changed.insert("State", Value::from(state.as_str()));
+            }
+            VmProperty::StateReason => {
                 changed.insert("StateReason", Value::from(reason.as_str()));
             }
             VmProperty::Spec => {

@@ -56,6 +56,9 @@ struct DaemonArgs {
     /// Seconds Start waits for the VMM's API socket before calling it running anyway.
     #[arg(long, default_value_t = 5)]
     start_timeout: u64,
+    /// Seconds Stop waits after SIGTERM (and again after SIGKILL) for the VMM to exit.
+    #[arg(long, default_value_t = 10)]
+    stop_timeout: u64,
     /// os-release file for ImageVersion.
     #[arg(long, default_value = "/etc/os-release")]
     os_release: PathBuf,
@@ -210,6 +213,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         os_release: args.os_release,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         start_timeout: Duration::from_secs(args.start_timeout),
+        stop_timeout: Duration::from_secs(args.stop_timeout),
     };
     tracing::info!(runner = vm_runner.kind(), vmm = %cfg.vmm_binary.display(), "starting");
     let node = Node::new(cfg, vm_runner)?;

@@ -37,8 +37,6 @@ use crate::vmm_api::{self, Request, VmmApiError};
 /// panics with panic=N on boot would otherwise loop forever).
 const MAX_REBOOTS: usize = 10;
 const REBOOT_WINDOW: Duration = Duration::from_secs(60);
-/// After SIGTERM (and again after SIGKILL), how long to wait for the VMM to exit.
-const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often console logs of running VMs are checked for trimming.
 const CONSOLE_TRIM_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -106,6 +104,8 @@ pub struct NodeConfig {
     pub os_release: PathBuf,
     pub shutdown_timeout: Duration,
     pub start_timeout: Duration,
+    /// After SIGTERM (and again after SIGKILL), how long to wait for the VMM to exit.
+    pub stop_timeout: Duration,
 }
 
 /// Terminal state persisted in the run directory, so a restarted agent reports it truthfully
@@ -144,6 +144,7 @@ pub struct Vm {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmProperty {
     State,
+    StateReason,
     Spec,
     Autostart,
 }
@@ -330,12 +331,19 @@ impl Node {
         state: VmState,
         reason: String,
     ) -> bool {
+        let mut changed = Vec::new();
         {
             let mut st = vm.lock();
             if !check(&st) {
                 return false;
             }
-            if st.state == state && st.reason == reason {
+            if st.state != state {
+                changed.push(VmProperty::State);
+            }
+            if st.reason != reason {
+                changed.push(VmProperty::StateReason);
+            }
+            if changed.is_empty() {
                 return true;
             }
             tracing::info!(vm = %vm.name, from = st.state.as_str(), to = state.as_str(), %reason, "state change");
@@ -343,7 +351,7 @@ impl Node {
             st.reason = reason;
         }
         vm.state_tx.send_replace(state);
-        self.emit(vm, &[VmProperty::State]).await;
+        self.emit(vm, &changed).await;
         true
     }
 
@@ -580,7 +588,9 @@ impl Node {
         loop {
             {
                 let st = vm.lock();
-                if st.generation != generation || st.state != VmState::Starting {
+                // Also stop waiting when this run's process is gone: a reboot during start
+                // is restarted by a task that needs the ops lock we hold.
+                if st.generation != generation || !st.process || st.state != VmState::Starting {
                     return match st.state {
                         VmState::Failed => Err(NodeError::Vmm(st.reason.clone())),
                         _ => Ok(()),
@@ -778,12 +788,12 @@ impl Node {
             }
         }
         self.runner.terminate(name).await.map_err(io)?;
-        if self.wait_process_gone(&vm, TERMINATE_TIMEOUT).await {
+        if self.wait_process_gone(&vm, self.cfg.stop_timeout).await {
             return Ok(());
         }
         tracing::warn!(vm = %name, "VMM ignored SIGTERM; killing it");
         self.runner.kill(name).await.map_err(io)?;
-        if self.wait_process_gone(&vm, TERMINATE_TIMEOUT).await {
+        if self.wait_process_gone(&vm, self.cfg.stop_timeout).await {
             return Ok(());
         }
         Err(NodeError::Io(format!(

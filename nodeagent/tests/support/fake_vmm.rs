@@ -141,14 +141,6 @@ fn main() {
         }
     }
 
-    if let Some(path) = fake.get("reboot_once") {
-        if !std::path::Path::new(path).exists() {
-            let _ = std::fs::write(path, b"rebooted\n");
-            say("fake-vmm: guest requests reboot\n");
-            std::thread::sleep(Duration::from_millis(100));
-            std::process::exit(3);
-        }
-    }
     if let Some(code) = num("exit") {
         let after = num("exit_after_ms").unwrap_or(0);
         std::thread::spawn(move || {
@@ -161,8 +153,27 @@ fn main() {
     let cpus: u64 = opts.get("--cpus").and_then(|c| c.parse().ok()).unwrap_or(1);
     let memory: u64 = opts.get("--memory").and_then(|c| c.parse().ok()).unwrap_or(512);
     let ignore_shutdown = flag("ignore_shutdown");
-    match opts.get("--api-socket") {
-        Some(sock) if !flag("no_api") => {
+    let reboot_marker = fake.get("reboot_once").map(|p| p.to_string());
+    if let Some(sock) = opts.get("--api-socket").filter(|_| !flag("no_api")).cloned() {
+        std::thread::spawn(move || serve_api(&sock, cpus, memory, ignore_shutdown));
+    }
+    if let Some(path) = reboot_marker {
+        if !std::path::Path::new(&path).exists() {
+            // Reboot once the guest ran for a moment (and the API answered).
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = std::fs::write(&path, b"rebooted\n");
+            say("fake-vmm: guest requests reboot\n");
+            std::process::exit(3);
+        }
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn serve_api(sock: &str, cpus: u64, memory: u64, ignore_shutdown: bool) {
+    {
+        {
             let _ = std::fs::remove_file(sock);
             let listener = UnixListener::bind(sock).unwrap_or_else(|e| {
                 eprintln!("thvc-fake-vmm: api socket {sock}: {e}");
@@ -212,8 +223,5 @@ fn main() {
                 });
             }
         }
-        _ => loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        },
     }
 }
