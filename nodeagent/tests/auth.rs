@@ -1,0 +1,119 @@
+//! Authorization: callers other than root and members of the control group may read but
+//! not change anything. The client runs as `nobody` (uid 65534) in a child process.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+const NOBODY: u32 = 65534;
+
+/// Runs thvcctl as `nobody`; returns (success, stdout, stderr).
+fn thvcctl_as_nobody(bin: &std::path::Path, bus: &TestBus, args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(bin)
+        .arg("--bus")
+        .arg(&bus.address)
+        .args(args)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run thvcctl as nobody");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+use std::os::unix::process::CommandExt as _;
+
+/// A copy of thvcctl that `nobody` can execute wherever the build directory is.
+fn thvcctl_copy(dir: &std::path::Path) -> std::path::PathBuf {
+    let bin = dir.join("thvcctl");
+    std::fs::copy(THVCCTL, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_outside_the_control_group_may_read_but_not_change() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let bin = thvcctl_copy(bus.dir.path());
+    let _agent = Agent::start(&bus, &dirs, &["--control-group", "thvc-control-test-absent"]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let path = m.create_vm("mine", &spec("")).await.unwrap();
+    let mine = vm(&conn, path).await;
+    mine.start().await.unwrap();
+
+    let denied: &[&[&str]] = &[
+        &["vm", "create", "theirs", "-"],
+        &["vm", "stop", "mine"],
+        &["vm", "shutdown", "mine"],
+        &["vm", "pause", "mine"],
+        &["vm", "delete", "mine"],
+        &["vm", "console", "mine"],
+        &["vm", "autostart", "mine", "on"],
+        &["image", "pull", "http://127.0.0.1:9/x.img", &"0".repeat(64)],
+    ];
+    for args in denied {
+        let (ok, _, err) = thvcctl_as_nobody(&bin, &bus, args, &spec(""));
+        assert!(!ok, "{args:?} must be denied");
+        assert!(
+            err.contains("de.thueringen.thvc.node1.Error.AccessDenied")
+                || err.contains("org.freedesktop.DBus.Error.AccessDenied"),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("uid 65534"), "the message names the caller: {err}");
+    }
+    // Nothing changed.
+    assert_eq!(dirs.spec_files(), vec!["mine.json"]);
+    assert_eq!(mine.state().await.unwrap(), "running");
+    assert!(!mine.autostart().await.unwrap());
+
+    // Reading is allowed.
+    let (ok, out, err) = thvcctl_as_nobody(&bin, &bus, &["--json", "vm", "list"], "");
+    assert!(ok, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["name"], "mine");
+    assert_eq!(list[0]["state"], "running");
+    let (ok, _, err) = thvcctl_as_nobody(&bin, &bus, &["status"], "");
+    assert!(ok, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_the_control_group_may_change_state() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let bin = thvcctl_copy(bus.dir.path());
+    // nobody's primary group is nogroup on Debian: make that the control group.
+    let group = if thvc_nodeagent::auth::group_id("nogroup").unwrap().is_some() {
+        "nogroup"
+    } else {
+        "nobody"
+    };
+    let _agent = Agent::start(&bus, &dirs, &["--control-group", group]);
+    let (ok, _, err) = thvcctl_as_nobody(&bin, &bus, &["vm", "create", "theirs", "-"], &spec(""));
+    assert!(ok, "{err}");
+    let (ok, _, err) = thvcctl_as_nobody(&bin, &bus, &["vm", "start", "theirs"], "");
+    assert!(ok, "{err}");
+    let (ok, _, err) = thvcctl_as_nobody(&bin, &bus, &["vm", "stop", "theirs"], "");
+    assert!(ok, "{err}");
+    let (ok, _, err) = thvcctl_as_nobody(&bin, &bus, &["vm", "delete", "theirs"], "");
+    assert!(ok, "{err}");
+    assert!(dirs.spec_files().is_empty());
+}

@@ -1,0 +1,224 @@
+//! The agent dies (SIGKILL) in the middle of work and comes back: persisted state intact,
+//! running VMMs re-adopted (same processes), exits that happened meanwhile reported
+//! truthfully, autostart honoured, operator stops remembered. Then a host "reboot" (fresh
+//! run directory): autostart VMs start.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+
+const SETTLED: [&str; 5] = ["defined", "running", "paused", "stopped", "failed"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_work_restarts_with_state_intact_and_vms_readopted() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let mut agent = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+
+    let keep = vm(&conn, m.create_vm("keep", &spec("")).await.unwrap()).await;
+    keep.start().await.unwrap();
+    keep.pause().await.unwrap();
+    let keep_vmm = dirs.vmm_process("keep").unwrap();
+    let opstop = vm(&conn, m.create_vm("opstop", &spec(r#","autostart":true"#)).await.unwrap()).await;
+    opstop.start().await.unwrap();
+    opstop.stop().await.unwrap();
+    m.create_vm("auto", &spec(r#","autostart":true"#)).await.unwrap();
+    let dies = vm(&conn, m.create_vm("dies", &spec("")).await.unwrap()).await;
+    dies.start().await.unwrap();
+    let dies_vmm = dirs.vmm_process("dies").unwrap();
+
+    // Work in flight: 30 clients create and start VMs while the agent is killed.
+    let created = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let address = bus.address.clone();
+        let created = created.clone();
+        tasks.push(tokio::spawn(async move {
+            let Ok(c) = thvc_nodeagent::client::connect(
+                &thvc_nodeagent::client::BusTarget::Address(address),
+            )
+            .await
+            else {
+                return;
+            };
+            let m = manager(&c).await;
+            let name = format!("w{i:02}");
+            if let Ok(path) = m.create_vm(&name, &spec("")).await {
+                created.lock().unwrap().insert(name);
+                if let Ok(v) = thvc_nodeagent::client::vm_proxy(&c, path).await {
+                    let _ = v.start().await;
+                }
+            }
+        }));
+    }
+    eventually("some creates done", || {
+        let created = created.clone();
+        async move { created.lock().unwrap().len() >= 5 }
+    })
+    .await;
+    agent.kill9();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let created = created.lock().unwrap().clone();
+    assert!(created.len() >= 5);
+
+    // While no agent runs, a VMM is killed.
+    assert!(keep_vmm.is_alive(), "VMMs survive the agent");
+    dies_vmm.signal(libc::SIGKILL).unwrap();
+    let dies_vmm2 = dies_vmm;
+    eventually("VMM gone", || async move { !dies_vmm2.is_alive() }).await;
+
+    let _agent2 = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+
+    // Every VM whose creation was confirmed exists, and every VM on disk is served.
+    let listed: BTreeSet<String> = m.list_vms().await.unwrap().into_iter().map(|v| v.0).collect();
+    for name in &created {
+        assert!(listed.contains(name), "{name} was confirmed but is gone");
+    }
+    let on_disk: BTreeSet<String> = dirs
+        .spec_files()
+        .into_iter()
+        .map(|f| {
+            assert!(f.ends_with(".json") && !f.starts_with('.'), "stray file {f}");
+            f.trim_end_matches(".json").to_owned()
+        })
+        .collect();
+    assert_eq!(listed, on_disk);
+
+    // Same VMM process, still paused, now supervised by the new agent.
+    let keep = vm(&conn, m.get_vm("keep").await.unwrap()).await;
+    assert_eq!(keep.state().await.unwrap(), "paused");
+    let info: serde_json::Value = serde_json::from_str(&keep.info().await.unwrap()).unwrap();
+    assert_eq!(info["pid"], keep_vmm.pid);
+    keep.resume().await.unwrap();
+
+    // Death while away: failed with the real reason.
+    let dies = vm(&conn, m.get_vm("dies").await.unwrap()).await;
+    assert_eq!(dies.state().await.unwrap(), "failed");
+    let reason = dies.state_reason().await.unwrap();
+    assert!(reason.contains("signal 9"), "{reason}");
+
+    // The operator's stop is remembered: no autostart.
+    let opstop = vm(&conn, m.get_vm("opstop").await.unwrap()).await;
+    assert_eq!(opstop.state().await.unwrap(), "stopped");
+
+    // Autostart VMs that were not stopped on purpose are started.
+    let auto = vm(&conn, m.get_vm("auto").await.unwrap()).await;
+    let a = auto.clone();
+    eventually("auto running", || {
+        let a = a.clone();
+        async move { a.state().await.unwrap() == "running" }
+    })
+    .await;
+
+    // Mid-work VMs settle into a truthful state.
+    for name in &listed {
+        let v = vm(&conn, m.get_vm(name).await.unwrap()).await;
+        let v2 = v.clone();
+        eventually("settled state", || {
+            let v = v2.clone();
+            async move { SETTLED.contains(&v.state().await.unwrap().as_str()) }
+        })
+        .await;
+        if v.state().await.unwrap() == "running" {
+            // A re-adopted VMM is really alive and controllable.
+            assert!(dirs.vmm_process(name).expect("recorded").is_alive());
+        }
+    }
+
+    // The re-adopted VMM is watched: stopping it works and is noticed.
+    keep.stop().await.unwrap();
+    assert_eq!(keep.state().await.unwrap(), "stopped");
+    assert!(!keep_vmm.is_alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reboot_exit_while_agent_is_away_restarts_the_vm() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let mut agent = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let marker = dirs.root.path().join("rebooted");
+    let v = vm(
+        &conn,
+        m.create_vm(
+            "rb",
+            &spec_cmdline(&format!("fake.reboot_once={}", marker.display())),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    v.start().await.unwrap();
+    // Kill the agent before the guest reboots (the fake guest reboots after 300 ms).
+    agent.kill9();
+    let first = dirs.vmm_process("rb");
+    let m2 = marker.clone();
+    eventually("guest rebooted", || {
+        let m2 = m2.clone();
+        async move { m2.exists() }
+    })
+    .await;
+    if let Some(p) = first {
+        eventually("first VMM gone", || async move { !p.is_alive() }).await;
+    }
+    let _agent2 = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let v = vm(&conn, m.get_vm("rb").await.unwrap()).await;
+    let v2 = v.clone();
+    eventually("restarted after reboot", || {
+        let v = v2.clone();
+        async move { v.state().await.unwrap() == "running" }
+    })
+    .await;
+    assert!(dirs.vmm_process("rb").unwrap().is_alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_reboot_starts_autostart_vms_and_sigterm_leaves_vms_running() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let mut agent = Agent::start(&bus, &dirs, &[]);
+    {
+        let conn = connect(&bus).await;
+        let m = manager(&conn).await;
+        let a = vm(&conn, m.create_vm("a", &spec(r#","autostart":true"#)).await.unwrap()).await;
+        m.create_vm("b", &spec("")).await.unwrap();
+        a.start().await.unwrap();
+        a.stop().await.unwrap();
+        let c = vm(&conn, m.create_vm("c", &spec("")).await.unwrap()).await;
+        c.start().await.unwrap();
+    }
+    let c_vmm = dirs.vmm_process("c").unwrap();
+    // A clean agent stop (SIGTERM, as systemd does) leaves VMs running.
+    assert!(agent.terminate().success());
+    assert!(c_vmm.is_alive());
+    // "Reboot": every VMM is gone and the run directory (a tmpfs) is empty.
+    dirs.kill_all_vms();
+    eventually("VMM gone", || async move { !c_vmm.is_alive() }).await;
+    std::fs::remove_dir_all(dirs.run()).unwrap();
+    let _agent = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let a = vm(&conn, m.get_vm("a").await.unwrap()).await;
+    let a2 = a.clone();
+    eventually("autostart after boot", || {
+        let a = a2.clone();
+        async move { a.state().await.unwrap() == "running" }
+    })
+    .await;
+    for name in ["b", "c"] {
+        let v = vm(&conn, m.get_vm(name).await.unwrap()).await;
+        assert_eq!(v.state().await.unwrap(), "defined", "{name}");
+    }
+}
