@@ -1,0 +1,165 @@
+//! PullImage against a real HTTP server on 127.0.0.1: verified downloads land under their
+//! name, anything else (bad digest, HTTP errors, an agent killed mid-download) leaves no
+//! file under the final name.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+fn body(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// Serves /good.img and /other.img (the same bytes), /slow.img (half, then stalls),
+/// anything else 404. Returns the base URL and a receiver told when /slow.img stalled.
+fn http_server(content: Vec<u8>) -> (String, mpsc::Receiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stalled_tx, stalled_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let content = content.clone();
+            let stalled_tx = stalled_tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(&stream);
+                let mut request = String::new();
+                if reader.read_line(&mut request).is_err() {
+                    return;
+                }
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                        break;
+                    }
+                }
+                let path = request.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let mut w = &stream;
+                match path.as_str() {
+                    "/good.img" | "/other.img" => {
+                        let _ = write!(
+                            w,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            content.len()
+                        );
+                        let _ = w.write_all(&content);
+                    }
+                    "/slow.img" => {
+                        let _ = write!(
+                            w,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            content.len()
+                        );
+                        let _ = w.write_all(&content[..content.len() / 2]);
+                        let _ = w.flush();
+                        let _ = stalled_tx.send(());
+                        std::thread::sleep(Duration::from_secs(30));
+                    }
+                    _ => {
+                        let _ = write!(
+                            w,
+                            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                    }
+                }
+            });
+        }
+    });
+    (base, stalled_rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_verifies_and_never_leaves_partial_files() {
+    let content = body(3 << 20);
+    let sha = hex::encode(Sha256::digest(&content));
+    let (base, stalled) = http_server(content.clone());
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let mut agent = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let images = dirs.state().join("images");
+
+    let path = m.pull_image(&format!("{base}/good.img"), &sha).await.expect("pull");
+    assert_eq!(path, images.join("good.img").display().to_string());
+    assert_eq!(std::fs::read(&path).unwrap(), content);
+    let listed = m.list_images().await.unwrap();
+    assert!(listed.contains(&("good.img".to_owned(), content.len() as u64, sha.clone())), "{listed:?}");
+    // Pulling the same image again is a no-op that returns the same path.
+    assert_eq!(m.pull_image(&format!("{base}/good.img"), &sha).await.unwrap(), path);
+    // Same name, other digest: refused, the existing image is untouched.
+    let e = m
+        .pull_image(&format!("{base}/good.img"), &"ab".repeat(32))
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.AlreadyExists");
+
+    // Wrong digest: nothing under the final name, no leftovers.
+    let e = m
+        .pull_image(&format!("{base}/other.img"), &"00".repeat(32))
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.ChecksumMismatch");
+    assert!(error_message(&e).contains(&sha), "names the actual digest");
+    assert!(!images.join("other.img").exists());
+    let partial: Vec<_> = std::fs::read_dir(images.join(".partial"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(partial.is_empty(), "{partial:?}");
+
+    // HTTP errors and malformed arguments.
+    let e = m.pull_image(&format!("{base}/missing.img"), &sha).await.unwrap_err();
+    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.Download");
+    assert!(error_message(&e).contains("404"), "{}", error_message(&e));
+    for (url, digest) in [
+        (format!("{base}/good.img"), "xyz".to_owned()),
+        ("ftp://127.0.0.1/x.img".to_owned(), sha.clone()),
+        (format!("{base}/"), sha.clone()),
+        ("not a url".to_owned(), sha.clone()),
+        (format!("{base}/..%2fescape.img"), sha.clone()),
+    ] {
+        let e = m.pull_image(&url, &digest).await.unwrap_err();
+        assert_eq!(
+            error_name(&e),
+            "de.thueringen.thvc.node1.Error.InvalidArgument",
+            "{url} {digest}"
+        );
+    }
+
+    // The agent dies in the middle of a download: no file under the final name, and the
+    // partial download is cleaned up by the next agent.
+    let address = bus.address.clone();
+    let slow_url = format!("{base}/slow.img");
+    let sha2 = sha.clone();
+    let pull = tokio::spawn(async move {
+        let c = thvc_nodeagent::client::connect(&thvc_nodeagent::client::BusTarget::Address(address))
+            .await
+            .unwrap();
+        manager(&c).await.pull_image(&slow_url, &sha2).await
+    });
+    tokio::task::spawn_blocking(move || stalled.recv_timeout(TIMEOUT).expect("download started"))
+        .await
+        .unwrap();
+    let partial_dir = images.join(".partial");
+    let pd = partial_dir.clone();
+    eventually("partial file written", || {
+        let pd = pd.clone();
+        async move {
+            std::fs::read_dir(&pd)
+                .map(|d| d.flatten().any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false)))
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    agent.kill9();
+    assert!(pull.await.unwrap().is_err());
+    assert!(!images.join("slow.img").exists());
+    let _agent2 = Agent::start(&bus, &dirs, &[]);
+    assert!(!partial_dir.exists() || std::fs::read_dir(&partial_dir).unwrap().next().is_none());
+    assert!(!images.join("slow.img").exists());
+}
