@@ -106,31 +106,24 @@ impl BusTarget {
     }
 }
 
-/// Escapes a D-Bus address value (everything but `[-0-9A-Za-z_/.\*]` as %XX).
-fn escape_address_value(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_/.\\*".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02x}"));
-        }
-    }
-    out
-}
-
-/// The `unixexec:` address that runs `ssh` to `host` and uses its stdin/stdout as the bus
-/// transport. `THVCCTL_SSH` replaces the ssh program (tests use it to run the bridge locally).
-pub fn ssh_address(host: &str) -> Result<String, ClientError> {
+/// The `unixexec:` address that runs `ssh -xT -- HOST systemd-stdio-bridge` and uses its
+/// stdin/stdout as the bus transport (what `busctl -H` does). `THVCCTL_SSH` replaces the
+/// ssh program (tests use it to run the bridge locally). Built as a value, not parsed from a
+/// string, so host names need no escaping.
+pub fn ssh_address(host: &str) -> Result<zbus::address::Address, ClientError> {
+    // A leading '-' would be taken as an ssh option (e.g. -oProxyCommand=...).
     if host.is_empty() || host.starts_with('-') || host.chars().any(|c| c.is_whitespace()) {
         return Err(ClientError::BadHost(host.to_owned()));
     }
-    let ssh = std::env::var("THVCCTL_SSH").unwrap_or_else(|_| "ssh".to_owned());
-    Ok(format!(
-        "unixexec:path={},argv1=-xT,argv2=--,argv3={},argv4=systemd-stdio-bridge",
-        escape_address_value(&ssh),
-        escape_address_value(host)
-    ))
+    let ssh = std::env::var_os("THVCCTL_SSH").unwrap_or_else(|| "ssh".into());
+    let args = ["-xT", "--", host, "systemd-stdio-bridge"]
+        .iter()
+        .map(std::ffi::OsString::from)
+        .collect();
+    let transport = zbus::address::transport::Transport::Unixexec(
+        zbus::address::transport::Unixexec::new(ssh.into(), None, args),
+    );
+    Ok(zbus::address::Address::from(transport))
 }
 
 /// Connects to the bus `target`.
@@ -150,8 +143,7 @@ pub async fn connect(target: &BusTarget) -> Result<zbus::Connection, ClientError
         BusTarget::Session => zbus::connection::Builder::session().map_err(err)?,
         BusTarget::Address(a) => zbus::connection::Builder::address(a.as_str()).map_err(err)?,
         BusTarget::Ssh(host) => {
-            let addr = ssh_address(host)?;
-            zbus::connection::Builder::address(addr.as_str()).map_err(err)?
+            zbus::connection::Builder::address(ssh_address(host)?).map_err(err)?
         }
     };
     builder.build().await.map_err(err)

@@ -1,0 +1,142 @@
+//! thvcctl against the real agent: human and --json output, specs from files, console, and
+//! `-H` reaching the node's bus through an ssh-like transport running systemd-stdio-bridge.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::*;
+
+fn thvcctl(target: &[&str], args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(THVCCTL)
+        .args(target)
+        .args(args)
+        .output()
+        .expect("run thvcctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(&bus, &dirs, &[]);
+    let t = ["--bus", bus.address.as_str()];
+    let spec_file = dirs.root.path().join("spec.json");
+    std::fs::write(&spec_file, spec(r#","cmdline":"console=ttyS0""#)).unwrap();
+    let spec_path = spec_file.to_str().unwrap();
+
+    let (ok, out, err) = thvcctl(&t, &["vm", "create", "web", spec_path]);
+    assert!(ok, "{err}");
+    assert!(out.contains("created web"), "{out}");
+    for cmd in ["start", "pause", "resume"] {
+        let (ok, _, err) = thvcctl(&t, &["vm", cmd, "web"]);
+        assert!(ok, "{cmd}: {err}");
+    }
+    let (ok, out, _) = thvcctl(&t, &["--json", "vm", "list"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v, serde_json::json!([{"name": "web", "state": "running", "path": "/de/thueringen/thvc/node1/vm/web"}]));
+    let (ok, out, _) = thvcctl(&t, &["vm", "list"]);
+    assert!(ok && out.contains("web") && out.contains("running"), "{out}");
+
+    let (ok, out, _) = thvcctl(&t, &["--json", "vm", "info", "web"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["vmm"]["fake"], true);
+    assert_eq!(v["spec"]["cmdline"], "console=ttyS0");
+
+    let (ok, out, _) = thvcctl(&t, &["vm", "console", "web"]);
+    assert!(ok && out.contains("fake-vmm: booting"), "{out}");
+
+    let (ok, out, _) = thvcctl(&t, &["--json", "status"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["vms"], 1);
+    assert_eq!(v["vms_running"], 1);
+    assert_eq!(v["network_state"], "unconfigured");
+
+    // Errors carry the D-Bus error name and a message, and a non-zero exit status.
+    let (ok, _, err) = thvcctl(&t, &["vm", "delete", "web"]);
+    assert!(!ok);
+    assert!(err.contains("de.thueringen.thvc.node1.Error.InvalidState"), "{err}");
+    assert!(err.contains("stop it before deleting"), "{err}");
+    let (ok, _, err) = thvcctl(&t, &["vm", "start", "ghost"]);
+    assert!(!ok && err.contains("Error.NotFound"), "{err}");
+    let bad = dirs.root.path().join("bad.json");
+    std::fs::write(&bad, r#"{"vcpus":1}"#).unwrap();
+    let (ok, _, err) = thvcctl(&t, &["vm", "create", "bad", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("Error.InvalidSpec") && err.contains("memory_mib"), "{err}");
+    let (ok, _, err) = thvcctl(&t, &["net", "plan", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("Error.InvalidSpec"), "{err}");
+
+    let (ok, _, err) = thvcctl(&t, &["vm", "shutdown", "web"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = thvcctl(&t, &["vm", "delete", "web"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = thvcctl(&t, &["--json", "vm", "list"]);
+    assert!(ok && out.trim() == "[]", "{out}");
+    let (ok, out, _) = thvcctl(&t, &["--json", "image", "list"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["name"], "vmlinuz");
+
+    // No bus there: a clear error, not a panic.
+    let (ok, _, err) = thvcctl(&["--bus", "unix:path=/nonexistent/bus"], &["status"]);
+    assert!(!ok && err.contains("connecting to the bus"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_host_option_uses_stdio_bridge_over_the_ssh_transport() {
+    let bridge = require_tool("systemd-stdio-bridge", "systemd");
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(&bus, &dirs, &[]);
+    // Stands in for ssh: checks it is called like `ssh -xT -- HOST systemd-stdio-bridge`,
+    // then runs the bridge against the test bus instead of a remote system bus.
+    let fake_ssh = dirs.root.path().join("fake-ssh");
+    let log = dirs.root.path().join("fake-ssh.args");
+    std::fs::write(
+        &fake_ssh,
+        format!(
+            "#!/bin/sh\necho \"$@\" > {}\nexec {} --bus-path='{}'\n",
+            log.display(),
+            bridge.display(),
+            bus.address
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake_ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(THVCCTL)
+        .env("THVCCTL_SSH", &fake_ssh)
+        .args(["-H", "admin@node7.example", "--json", "vm", "list"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap().trim(),
+        "-xT -- admin@node7.example systemd-stdio-bridge"
+    );
+    let out = Command::new(THVCCTL)
+        .env("THVCCTL_SSH", &fake_ssh)
+        .args(["-H", "admin@node7.example", "vm", "create", "remote", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(spec("").as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dirs.spec_file("remote").exists());
+    let (ok, _, err) = thvcctl(&["--host=-oProxyCommand=evil"], &["status"]);
+    assert!(!ok && err.contains("invalid remote host"), "{err}");
+}
