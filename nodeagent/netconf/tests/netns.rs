@@ -148,6 +148,16 @@ fn drift_behind_its_back_is_put_back() {
             .iter()
             .any(|r| r.starts_with("fd00:100::/64")));
         assert!(!netconf.apply(&doc).await.expect("apply").changed);
+
+        // The bridge itself deleted behind our back: re-created with everything on it.
+        ip(&["link", "del", "br100"]);
+        let report = netconf.apply(&doc).await.expect("re-create");
+        assert!(report
+            .steps
+            .iter()
+            .any(|s| s.to_string() == "+ create bridge br100 (stp off)"));
+        assert_bridge_doc_applied();
+        assert!(!netconf.apply(&doc).await.expect("apply").changed);
     });
 }
 
