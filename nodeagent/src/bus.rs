@@ -244,7 +244,11 @@ impl Manager {
     }
 
     #[zbus(signal)]
-    async fn vm_new(emitter: &SignalEmitter<'_>, name: &str, path: ObjectPath<'_>) -> zbus::Result<()>;
+    async fn vm_new(
+        emitter: &SignalEmitter<'_>,
+        name: &str,
+        path: ObjectPath<'_>,
+    ) -> zbus::Result<()>;
 
     #[zbus(signal)]
     async fn vm_removed(

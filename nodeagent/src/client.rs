@@ -13,7 +13,7 @@ pub enum ClientError {
     Connect {
         target: String,
         #[source]
-        source: zbus::Error,
+        source: Box<zbus::Error>,
     },
     #[error("invalid remote host {0:?}: expected [USER@]HOST")]
     BadHost(String),
@@ -136,7 +136,7 @@ pub async fn connect(target: &BusTarget) -> Result<zbus::Connection, ClientError
     };
     let err = |source| ClientError::Connect {
         target: describe(target),
-        source,
+        source: Box::new(source),
     };
     let builder = match target {
         BusTarget::System => zbus::connection::Builder::system().map_err(err)?,

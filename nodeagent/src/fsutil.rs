@@ -65,7 +65,8 @@ pub fn write_atomic(target: &Path, data: &[u8], mode: u32) -> Result<(), FsError
             .mode(mode)
             .open(&tmp)
             .map_err(|e| FsError::io("create", &tmp, e))?;
-        f.write_all(data).map_err(|e| FsError::io("write", &tmp, e))?;
+        f.write_all(data)
+            .map_err(|e| FsError::io("write", &tmp, e))?;
         f.sync_all().map_err(|e| FsError::io("fsync", &tmp, e))?;
         fs::rename(&tmp, target).map_err(|e| FsError::io("rename into place", target, e))
     })();

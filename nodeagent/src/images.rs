@@ -294,4 +294,3 @@ pub fn list(images: &Path) -> Result<Vec<ImageInfo>, ImageError> {
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
-

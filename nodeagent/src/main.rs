@@ -19,7 +19,11 @@ use thvc_nodeagent::runner::{self, direct::DirectRunner, systemd::SystemdRunner,
 use thvc_nodeagent::{hostinfo, runner::supervise};
 
 #[derive(Parser)]
-#[command(name = "thvc-nodeagent", version, about = "thvc node agent (D-Bus: de.thueringen.thvc.node1)")]
+#[command(
+    name = "thvc-nodeagent",
+    version,
+    about = "thvc node agent (D-Bus: de.thueringen.thvc.node1)"
+)]
 struct Cli {
     #[command(flatten)]
     daemon: DaemonArgs,
@@ -120,8 +124,8 @@ fn main() -> Result<()> {
             let Some((vmm, args)) = vmm_argv.split_first() else {
                 bail!("supervise-vm needs the VMM program after --");
             };
-            let code = supervise::run(&run_dir, Path::new(vmm), args)
-                .context("supervising the VMM")?;
+            let code =
+                supervise::run(&run_dir, Path::new(vmm), args).context("supervising the VMM")?;
             std::process::exit(code);
         }
         Some(Command::ExecVm { run_dir }) => {
@@ -225,12 +229,9 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
     node.attach_bus(conn.clone());
     node.recover().await?;
     // Take the name last: a client that sees it finds every object already in place.
-    conn.request_name_with_flags(
-        BUS_NAME,
-        zbus::fdo::RequestNameFlags::DoNotQueue.into(),
-    )
-    .await
-    .with_context(|| format!("acquiring the bus name {BUS_NAME}"))?;
+    conn.request_name_with_flags(BUS_NAME, zbus::fdo::RequestNameFlags::DoNotQueue.into())
+        .await
+        .with_context(|| format!("acquiring the bus name {BUS_NAME}"))?;
     tracing::info!("serving {BUS_NAME}");
     let trimmer = node.clone();
     tokio::spawn(async move { trimmer.console_trim_loop().await });

@@ -24,7 +24,9 @@ pub enum NetError {
 impl From<NetconfError> for NetError {
     fn from(e: NetconfError) -> Self {
         match e {
-            NetconfError::Invalid(v) => NetError::InvalidDocument(v.to_string().trim_end().to_owned()),
+            NetconfError::Invalid(v) => {
+                NetError::InvalidDocument(v.to_string().trim_end().to_owned())
+            }
             NetconfError::Connect(e) => NetError::Unavailable(format!("rtnetlink: {e}")),
             other => NetError::Failed(other.to_string()),
         }
@@ -95,11 +97,9 @@ impl Network {
             vlan: tap.vlan,
             mtu: tap.mtu,
         };
-        self.netconf()
-            .await?
-            .create_tap(&spec)
-            .await
-            .map_err(|e| NetError::Failed(format!("creating TAP {} on {}: {e}", tap.name, tap.bridge)))
+        self.netconf().await?.create_tap(&spec).await.map_err(|e| {
+            NetError::Failed(format!("creating TAP {} on {}: {e}", tap.name, tap.bridge))
+        })
     }
 
     pub async fn delete_tap(&self, name: &str) -> Result<(), NetError> {

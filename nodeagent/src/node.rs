@@ -366,8 +366,8 @@ impl Node {
             operator_stopped,
         };
         let path = self.cfg.layout.status_file(&vm.name);
-        let result = fsutil::create_dir_all(&self.cfg.layout.vm_run_dir(&vm.name), 0o750)
-            .and_then(|()| {
+        let result =
+            fsutil::create_dir_all(&self.cfg.layout.vm_run_dir(&vm.name), 0o750).and_then(|()| {
                 fsutil::write_atomic(
                     &path,
                     &serde_json::to_vec(&status).unwrap_or_default(),
@@ -388,8 +388,7 @@ impl Node {
 
     pub async fn create(&self, name: &str, spec_json: &str) -> Result<Arc<Vm>, NodeError> {
         names::validate_vm_name(name).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
-        let mut spec =
-            spec::parse(spec_json).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
+        let mut spec = spec::parse(spec_json).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
         spec.fill_macs(&self.cfg.node_name, name);
         let resolved = spec
             .resolve(&self.stores)
@@ -774,10 +773,7 @@ impl Node {
             }
             match vmm_api::call(&socket, Request::Shutdown).await {
                 Ok(_) => {
-                    if self
-                        .wait_process_gone(&vm, self.cfg.shutdown_timeout)
-                        .await
-                    {
+                    if self.wait_process_gone(&vm, self.cfg.shutdown_timeout).await {
                         return Ok(());
                     }
                     tracing::warn!(vm = %name, timeout = ?self.cfg.shutdown_timeout, "guest did not power off in time; stopping the VMM");
@@ -909,11 +905,16 @@ impl Node {
             let terminal = self.read_terminal(&vm.name);
             match self.runner.adopt(&vm.name).await {
                 Ok(Adoption::Running(exited)) => {
-                    let paused = vmm_api::call(&self.cfg.layout.api_socket(&vm.name), Request::Info)
-                        .await
-                        .ok()
-                        .and_then(|v| v.get("state").and_then(|s| s.as_str()).map(|s| s == "paused"))
-                        .unwrap_or(false);
+                    let paused =
+                        vmm_api::call(&self.cfg.layout.api_socket(&vm.name), Request::Info)
+                            .await
+                            .ok()
+                            .and_then(|v| {
+                                v.get("state")
+                                    .and_then(|s| s.as_str())
+                                    .map(|s| s == "paused")
+                            })
+                            .unwrap_or(false);
                     let generation = {
                         let mut st = vm.lock();
                         st.generation += 1;
@@ -923,7 +924,11 @@ impl Node {
                             .collect();
                         st.generation
                     };
-                    let state = if paused { VmState::Paused } else { VmState::Running };
+                    let state = if paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
                     self.set_state(vm, state, "").await;
                     tracing::info!(vm = %vm.name, "re-adopted running VMM");
                     self.watch_exit(vm, generation, exited);
@@ -994,7 +999,11 @@ impl Node {
 
     // ----- network -------------------------------------------------------------------------
 
-    pub async fn apply_network(&self, document_json: &str, dry_run: bool) -> Result<String, NodeError> {
+    pub async fn apply_network(
+        &self,
+        document_json: &str,
+        dry_run: bool,
+    ) -> Result<String, NodeError> {
         Network::validate(document_json)?;
         if dry_run {
             return Ok(self.network.plan(document_json).await?);
@@ -1040,9 +1049,8 @@ impl Node {
     // ----- images --------------------------------------------------------------------------
 
     pub async fn pull_image(&self, url: &str, sha256: &str) -> Result<PathBuf, NodeError> {
-        let parsed = reqwest::Url::parse(url).map_err(|e| {
-            NodeError::InvalidArgument(format!("invalid image URL {url:?}: {e}"))
-        })?;
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| NodeError::InvalidArgument(format!("invalid image URL {url:?}: {e}")))?;
         let name = images::image_name_from_url(&parsed)?;
         {
             let mut pulls = self.pulls.lock().map_err(io)?;

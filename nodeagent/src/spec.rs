@@ -163,7 +163,9 @@ impl VmSpec {
                 )));
             }
             if c.chars().any(|ch| ch == '\0' || ch == '\n') {
-                return Err(invalid("cmdline must not contain NUL or newline characters"));
+                return Err(invalid(
+                    "cmdline must not contain NUL or newline characters",
+                ));
             }
         }
         if self.disks.len() > MAX_DISKS {
@@ -215,8 +217,11 @@ impl VmSpec {
                 }
             }
             let mac = match &n.mac {
-                Some(m) => normalize_mac(m)
-                    .ok_or_else(|| invalid(format!("nics[{i}].mac {m:?} is not a unicast MAC address like 52:54:00:12:34:56")))?,
+                Some(m) => normalize_mac(m).ok_or_else(|| {
+                    invalid(format!(
+                        "nics[{i}].mac {m:?} is not a unicast MAC address like 52:54:00:12:34:56"
+                    ))
+                })?,
                 None => {
                     return Err(invalid(format!(
                         "nics[{i}].mac is missing (the agent fills it in at creation)"

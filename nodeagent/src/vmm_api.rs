@@ -112,12 +112,11 @@ async fn call_inner(
             detail: "connection closed without a response".to_owned(),
         });
     }
-    let resp: Response = serde_json::from_str(answer.trim_end()).map_err(|e| {
-        VmmApiError::Protocol {
+    let resp: Response =
+        serde_json::from_str(answer.trim_end()).map_err(|e| VmmApiError::Protocol {
             path: path.to_owned(),
             detail: e.to_string(),
-        }
-    })?;
+        })?;
     if resp.ok {
         Ok(resp.result)
     } else {

@@ -69,11 +69,20 @@ async fn whole_vm_lifecycle_with_signals_and_properties() {
 
     // Operations that do not fit the state are refused by name.
     let e = vm.start().await.unwrap_err();
-    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.InvalidState");
+    assert_eq!(
+        error_name(&e),
+        "de.thueringen.thvc.node1.Error.InvalidState"
+    );
     let e = m.delete_vm("web-1").await.unwrap_err();
-    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.InvalidState");
+    assert_eq!(
+        error_name(&e),
+        "de.thueringen.thvc.node1.Error.InvalidState"
+    );
     let e = vm.resume().await.unwrap_err();
-    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.InvalidState");
+    assert_eq!(
+        error_name(&e),
+        "de.thueringen.thvc.node1.Error.InvalidState"
+    );
 
     vm.pause().await.expect("pause");
     assert_eq!(vm.state().await.unwrap(), "paused");
@@ -128,7 +137,10 @@ async fn whole_vm_lifecycle_with_signals_and_properties() {
     let e = m.get_vm("web-1").await.unwrap_err();
     assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.NotFound");
     let e = vm.state().await.unwrap_err();
-    assert!(e.to_string().contains("UnknownObject") || e.to_string().contains("nknown"), "{e}");
+    assert!(
+        e.to_string().contains("UnknownObject") || e.to_string().contains("nknown"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,7 +204,9 @@ fn interface_block(xml: &str, name: &str) -> String {
     }
     s.push_str(rest);
     let open = format!("<interface name=\"{name}\">");
-    let start = s.find(&open).unwrap_or_else(|| panic!("{name} missing in:\n{xml}"));
+    let start = s
+        .find(&open)
+        .unwrap_or_else(|| panic!("{name} missing in:\n{xml}"));
     let end = s[start..].find("</interface>").expect("interface end") + start;
     s[start..end]
         .split_whitespace()
@@ -210,12 +224,20 @@ async fn busctl_introspection_matches_the_shipped_xml() {
     let m = manager(&conn).await;
     let path = m.create_vm("x", &spec("")).await.unwrap();
     for (object, iface) in [
-        (thvc_nodeagent::names::MANAGER_PATH, "de.thueringen.thvc.node1.Manager"),
+        (
+            thvc_nodeagent::names::MANAGER_PATH,
+            "de.thueringen.thvc.node1.Manager",
+        ),
         (path.as_str(), "de.thueringen.thvc.node1.Vm"),
     ] {
         let out = std::process::Command::new(&busctl)
             .arg(format!("--address={}", bus.address))
-            .args(["introspect", "--xml-interface", thvc_nodeagent::client::BUS_NAME, object])
+            .args([
+                "introspect",
+                "--xml-interface",
+                thvc_nodeagent::client::BUS_NAME,
+                object,
+            ])
             .output()
             .expect("run busctl");
         assert!(
@@ -235,7 +257,11 @@ async fn busctl_introspection_matches_the_shipped_xml() {
     // The human-readable form lists the members too.
     let out = std::process::Command::new(&busctl)
         .arg(format!("--address={}", bus.address))
-        .args(["introspect", thvc_nodeagent::client::BUS_NAME, path.as_str()])
+        .args([
+            "introspect",
+            thvc_nodeagent::client::BUS_NAME,
+            path.as_str(),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -263,20 +289,68 @@ async fn invalid_specs_are_rejected_by_name_and_nothing_is_persisted() {
     let cases: Vec<(&str, String, &str)> = vec![
         ("a", "not json".into(), "not valid JSON"),
         ("a", spec(r#","cpus":2"#), "unknown field"),
-        ("a", r#"{"vcpus":1,"kernel":"vmlinuz"}"#.into(), "memory_mib"),
-        ("a", r#"{"vcpus":0,"memory_mib":128,"kernel":"vmlinuz"}"#.into(), "vcpus"),
-        ("a", r#"{"vcpus":1,"memory_mib":1,"kernel":"vmlinuz"}"#.into(), "memory_mib"),
-        ("a", r#"{"vcpus":1,"memory_mib":128,"kernel":"/etc/passwd"}"#.into(), "outside"),
-        ("a", r#"{"vcpus":1,"memory_mib":128,"kernel":"../../outside.img"}"#.into(), "outside"),
-        ("a", r#"{"vcpus":1,"memory_mib":128,"kernel":"etc/passwd"}"#.into(), "outside"),
-        ("a", r#"{"vcpus":1,"memory_mib":128,"kernel":"missing"}"#.into(), "cannot be used"),
+        (
+            "a",
+            r#"{"vcpus":1,"kernel":"vmlinuz"}"#.into(),
+            "memory_mib",
+        ),
+        (
+            "a",
+            r#"{"vcpus":0,"memory_mib":128,"kernel":"vmlinuz"}"#.into(),
+            "vcpus",
+        ),
+        (
+            "a",
+            r#"{"vcpus":1,"memory_mib":1,"kernel":"vmlinuz"}"#.into(),
+            "memory_mib",
+        ),
+        (
+            "a",
+            r#"{"vcpus":1,"memory_mib":128,"kernel":"/etc/passwd"}"#.into(),
+            "outside",
+        ),
+        (
+            "a",
+            r#"{"vcpus":1,"memory_mib":128,"kernel":"../../outside.img"}"#.into(),
+            "outside",
+        ),
+        (
+            "a",
+            r#"{"vcpus":1,"memory_mib":128,"kernel":"etc/passwd"}"#.into(),
+            "outside",
+        ),
+        (
+            "a",
+            r#"{"vcpus":1,"memory_mib":128,"kernel":"missing"}"#.into(),
+            "cannot be used",
+        ),
         ("a", spec(r#","disks":[{"path":"escape.img"}]"#), "outside"),
         ("a", spec(r#","disks":[{"path":"/dev/null"}]"#), "outside"),
-        ("a", spec(r#","disks":[{"path":"root.img"},{"path":"root.img"}]"#), "already attached"),
-        ("a", spec(r#","disks":[{"path":"root.img","serial":"way-too-long-serial-number"}]"#), "serial"),
-        ("a", spec(r#","nics":[{"bridge":"br0","mac":"01:00:5e:00:00:01"}]"#), "unicast"),
-        ("a", spec(r#","nics":[{"bridge":"br0","vlan":4095}]"#), "vlan"),
-        ("a", spec(r#","nics":[{"bridge":"a bridge name that is too long"}]"#), "interface name"),
+        (
+            "a",
+            spec(r#","disks":[{"path":"root.img"},{"path":"root.img"}]"#),
+            "already attached",
+        ),
+        (
+            "a",
+            spec(r#","disks":[{"path":"root.img","serial":"way-too-long-serial-number"}]"#),
+            "serial",
+        ),
+        (
+            "a",
+            spec(r#","nics":[{"bridge":"br0","mac":"01:00:5e:00:00:01"}]"#),
+            "unicast",
+        ),
+        (
+            "a",
+            spec(r#","nics":[{"bridge":"br0","vlan":4095}]"#),
+            "vlan",
+        ),
+        (
+            "a",
+            spec(r#","nics":[{"bridge":"a bridge name that is too long"}]"#),
+            "interface name",
+        ),
         ("../evil", spec(""), "VM name"),
         ("", spec(""), "empty"),
         ("-x", spec(""), "VM name"),
@@ -289,7 +363,10 @@ async fn invalid_specs_are_rejected_by_name_and_nothing_is_persisted() {
             "{name} {spec_json}: {e}"
         );
         let msg = error_message(&e);
-        assert!(msg.contains(needle), "{spec_json}: message {msg:?} lacks {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "{spec_json}: message {msg:?} lacks {needle:?}"
+        );
     }
     assert!(m.list_vms().await.unwrap().is_empty());
     assert!(dirs.spec_files().is_empty(), "{:?}", dirs.spec_files());
@@ -297,11 +374,17 @@ async fn invalid_specs_are_rejected_by_name_and_nothing_is_persisted() {
     // A valid one with a generated MAC; then a duplicate is AlreadyExists, and a second VM
     // may not take the first one's writable disk.
     let path = m
-        .create_vm("ok", &spec(r#","disks":[{"path":"root.img"}],"nics":[{"bridge":"br0"}]"#))
+        .create_vm(
+            "ok",
+            &spec(r#","disks":[{"path":"root.img"}],"nics":[{"bridge":"br0"}]"#),
+        )
         .await
         .expect("valid spec");
     let e = m.create_vm("ok", &spec("")).await.unwrap_err();
-    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.AlreadyExists");
+    assert_eq!(
+        error_name(&e),
+        "de.thueringen.thvc.node1.Error.AlreadyExists"
+    );
     let e = m
         .create_vm("other", &spec(r#","disks":[{"path":"root.img"}]"#))
         .await
@@ -331,8 +414,14 @@ async fn invalid_network_documents_are_rejected_and_nothing_changes() {
     for (doc, needle) in [
         ("nope", "not valid JSON"),
         (r#"{"interfaces": []}"#, "unknown field"),
-        (r#"{"links": [{"name": "br0", "kind": "bridge", "colour": "red"}]}"#, "colour"),
-        (r#"{"links": [{"name": "this-name-is-far-too-long", "kind": "bridge"}]}"#, "name"),
+        (
+            r#"{"links": [{"name": "br0", "kind": "bridge", "colour": "red"}]}"#,
+            "colour",
+        ),
+        (
+            r#"{"links": [{"name": "this-name-is-far-too-long", "kind": "bridge"}]}"#,
+            "name",
+        ),
     ] {
         for dry_run in [true, false] {
             let e = m.apply_network(doc, dry_run).await.unwrap_err();
@@ -341,7 +430,11 @@ async fn invalid_network_documents_are_rejected_and_nothing_changes() {
                 "de.thueringen.thvc.node1.Error.InvalidSpec",
                 "{doc}: {e}"
             );
-            assert!(error_message(&e).contains(needle), "{doc}: {}", error_message(&e));
+            assert!(
+                error_message(&e).contains(needle),
+                "{doc}: {}",
+                error_message(&e)
+            );
         }
     }
     assert!(!dirs.state().join("network.json").exists());

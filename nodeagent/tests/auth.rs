@@ -12,7 +12,12 @@ use common::*;
 const NOBODY: u32 = 65534;
 
 /// Runs thvcctl as `nobody`; returns (success, stdout, stderr).
-fn thvcctl_as_nobody(bin: &std::path::Path, bus: &TestBus, args: &[&str], stdin: &str) -> (bool, String, String) {
+fn thvcctl_as_nobody(
+    bin: &std::path::Path,
+    bus: &TestBus,
+    args: &[&str],
+    stdin: &str,
+) -> (bool, String, String) {
     let mut child = Command::new(bin)
         .arg("--bus")
         .arg(&bus.address)
@@ -53,7 +58,11 @@ async fn callers_outside_the_control_group_may_read_but_not_change() {
     let bus = TestBus::start();
     let dirs = NodeDirs::new();
     let bin = thvcctl_copy(bus.dir.path());
-    let _agent = Agent::start(&bus, &dirs, &["--control-group", "thvc-control-test-absent"]);
+    let _agent = Agent::start(
+        &bus,
+        &dirs,
+        &["--control-group", "thvc-control-test-absent"],
+    );
     let conn = connect(&bus).await;
     let m = manager(&conn).await;
     let path = m.create_vm("mine", &spec("")).await.unwrap();
@@ -78,7 +87,10 @@ async fn callers_outside_the_control_group_may_read_but_not_change() {
                 || err.contains("org.freedesktop.DBus.Error.AccessDenied"),
             "{args:?}: {err}"
         );
-        assert!(err.contains("uid 65534"), "the message names the caller: {err}");
+        assert!(
+            err.contains("uid 65534"),
+            "the message names the caller: {err}"
+        );
     }
     // Nothing changed.
     assert_eq!(dirs.spec_files(), vec!["mine.json"]);

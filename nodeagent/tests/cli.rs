@@ -41,9 +41,15 @@ async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
     let (ok, out, _) = thvcctl(&t, &["--json", "vm", "list"]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v, serde_json::json!([{"name": "web", "state": "running", "path": "/de/thueringen/thvc/node1/vm/web"}]));
+    assert_eq!(
+        v,
+        serde_json::json!([{"name": "web", "state": "running", "path": "/de/thueringen/thvc/node1/vm/web"}])
+    );
     let (ok, out, _) = thvcctl(&t, &["vm", "list"]);
-    assert!(ok && out.contains("web") && out.contains("running"), "{out}");
+    assert!(
+        ok && out.contains("web") && out.contains("running"),
+        "{out}"
+    );
 
     let (ok, out, _) = thvcctl(&t, &["--json", "vm", "info", "web"]);
     assert!(ok);
@@ -65,14 +71,20 @@ async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
     // Errors carry the D-Bus error name and a message, and a non-zero exit status.
     let (ok, _, err) = thvcctl(&t, &["vm", "delete", "web"]);
     assert!(!ok);
-    assert!(err.contains("de.thueringen.thvc.node1.Error.InvalidState"), "{err}");
+    assert!(
+        err.contains("de.thueringen.thvc.node1.Error.InvalidState"),
+        "{err}"
+    );
     assert!(err.contains("stop it before deleting"), "{err}");
     let (ok, _, err) = thvcctl(&t, &["vm", "start", "ghost"]);
     assert!(!ok && err.contains("Error.NotFound"), "{err}");
     let bad = dirs.root.path().join("bad.json");
     std::fs::write(&bad, r#"{"vcpus":1}"#).unwrap();
     let (ok, _, err) = thvcctl(&t, &["vm", "create", "bad", bad.to_str().unwrap()]);
-    assert!(!ok && err.contains("Error.InvalidSpec") && err.contains("memory_mib"), "{err}");
+    assert!(
+        !ok && err.contains("Error.InvalidSpec") && err.contains("memory_mib"),
+        "{err}"
+    );
     let (ok, _, err) = thvcctl(&t, &["net", "plan", bad.to_str().unwrap()]);
     assert!(!ok && err.contains("Error.InvalidSpec"), "{err}");
 
@@ -118,7 +130,11 @@ async fn remote_host_option_uses_stdio_bridge_over_the_ssh_transport() {
         .args(["-H", "admin@node7.example", "--json", "vm", "list"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
     assert_eq!(
         std::fs::read_to_string(&log).unwrap().trim(),
@@ -135,7 +151,11 @@ async fn remote_host_option_uses_stdio_bridge_over_the_ssh_transport() {
             c.wait_with_output()
         })
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(dirs.spec_file("remote").exists());
     let (ok, _, err) = thvcctl(&["--host=-oProxyCommand=evil"], &["status"]);
     assert!(!ok && err.contains("invalid remote host"), "{err}");

@@ -16,7 +16,13 @@ async fn fifty_concurrent_creates_from_separate_connections() {
     // 40 distinct names plus 10 that collide with one of them: exactly one call per name
     // may win, the rest must get AlreadyExists.
     let names: Vec<String> = (0..50)
-        .map(|i| if i < 40 { format!("vm{i:02}") } else { format!("vm{:02}", i - 40) })
+        .map(|i| {
+            if i < 40 {
+                format!("vm{i:02}")
+            } else {
+                format!("vm{:02}", i - 40)
+            }
+        })
         .collect();
     let mut tasks = Vec::new();
     for name in names {
@@ -52,7 +58,13 @@ async fn fifty_concurrent_creates_from_separate_connections() {
 
     let conn = connect(&bus).await;
     let m = manager(&conn).await;
-    let listed: BTreeSet<String> = m.list_vms().await.unwrap().into_iter().map(|v| v.0).collect();
+    let listed: BTreeSet<String> = m
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.0)
+        .collect();
     assert_eq!(listed, ok_set);
     let files: BTreeSet<String> = dirs
         .spec_files()
@@ -72,7 +84,11 @@ async fn fifty_concurrent_creates_from_separate_connections() {
     let managed = om.get_managed_objects().await.unwrap();
     let vm_objects = managed
         .values()
-        .filter(|ifaces| ifaces.keys().any(|k| k.as_str() == "de.thueringen.thvc.node1.Vm"))
+        .filter(|ifaces| {
+            ifaces
+                .keys()
+                .any(|k| k.as_str() == "de.thueringen.thvc.node1.Vm")
+        })
         .count();
     assert_eq!(vm_objects, 40);
 
@@ -90,7 +106,10 @@ async fn fifty_concurrent_creates_from_separate_connections() {
     }
     for t in tasks {
         let (name, started, deleted) = t.await.unwrap();
-        assert!(started != deleted || !started, "{name}: start and delete cannot both win");
+        assert!(
+            started != deleted || !started,
+            "{name}: start and delete cannot both win"
+        );
         if deleted {
             assert!(!dirs.spec_file(&name).exists());
             assert!(m.get_vm(&name).await.is_err());

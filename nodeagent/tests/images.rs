@@ -85,26 +85,43 @@ async fn pull_verifies_and_never_leaves_partial_files() {
     let m = manager(&conn).await;
     let images = dirs.state().join("images");
 
-    let path = m.pull_image(&format!("{base}/good.img"), &sha).await.expect("pull");
+    let path = m
+        .pull_image(&format!("{base}/good.img"), &sha)
+        .await
+        .expect("pull");
     assert_eq!(path, images.join("good.img").display().to_string());
     assert_eq!(std::fs::read(&path).unwrap(), content);
     let listed = m.list_images().await.unwrap();
-    assert!(listed.contains(&("good.img".to_owned(), content.len() as u64, sha.clone())), "{listed:?}");
+    assert!(
+        listed.contains(&("good.img".to_owned(), content.len() as u64, sha.clone())),
+        "{listed:?}"
+    );
     // Pulling the same image again is a no-op that returns the same path.
-    assert_eq!(m.pull_image(&format!("{base}/good.img"), &sha).await.unwrap(), path);
+    assert_eq!(
+        m.pull_image(&format!("{base}/good.img"), &sha)
+            .await
+            .unwrap(),
+        path
+    );
     // Same name, other digest: refused, the existing image is untouched.
     let e = m
         .pull_image(&format!("{base}/good.img"), &"ab".repeat(32))
         .await
         .unwrap_err();
-    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.AlreadyExists");
+    assert_eq!(
+        error_name(&e),
+        "de.thueringen.thvc.node1.Error.AlreadyExists"
+    );
 
     // Wrong digest: nothing under the final name, no leftovers.
     let e = m
         .pull_image(&format!("{base}/other.img"), &"00".repeat(32))
         .await
         .unwrap_err();
-    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.ChecksumMismatch");
+    assert_eq!(
+        error_name(&e),
+        "de.thueringen.thvc.node1.Error.ChecksumMismatch"
+    );
     assert!(error_message(&e).contains(&sha), "names the actual digest");
     assert!(!images.join("other.img").exists());
     let partial: Vec<_> = std::fs::read_dir(images.join(".partial"))
@@ -113,7 +130,10 @@ async fn pull_verifies_and_never_leaves_partial_files() {
     assert!(partial.is_empty(), "{partial:?}");
 
     // HTTP errors and malformed arguments.
-    let e = m.pull_image(&format!("{base}/missing.img"), &sha).await.unwrap_err();
+    let e = m
+        .pull_image(&format!("{base}/missing.img"), &sha)
+        .await
+        .unwrap_err();
     assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.Download");
     assert!(error_message(&e).contains("404"), "{}", error_message(&e));
     for (url, digest) in [
@@ -137,9 +157,10 @@ async fn pull_verifies_and_never_leaves_partial_files() {
     let slow_url = format!("{base}/slow.img");
     let sha2 = sha.clone();
     let pull = tokio::spawn(async move {
-        let c = thvc_nodeagent::client::connect(&thvc_nodeagent::client::BusTarget::Address(address))
-            .await
-            .unwrap();
+        let c =
+            thvc_nodeagent::client::connect(&thvc_nodeagent::client::BusTarget::Address(address))
+                .await
+                .unwrap();
         manager(&c).await.pull_image(&slow_url, &sha2).await
     });
     tokio::task::spawn_blocking(move || stalled.recv_timeout(TIMEOUT).expect("download started"))
@@ -151,7 +172,10 @@ async fn pull_verifies_and_never_leaves_partial_files() {
         let pd = pd.clone();
         async move {
             std::fs::read_dir(&pd)
-                .map(|d| d.flatten().any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false)))
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false))
+                })
                 .unwrap_or(false)
         }
     })

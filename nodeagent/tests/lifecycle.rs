@@ -35,7 +35,10 @@ async fn guest_power_off_crash_and_reboot() {
     let crash = vm(&conn, path.clone()).await;
     let mut w = StateWatcher::new(&conn, &path).await;
     crash.start().await.unwrap();
-    assert_eq!(w.wait_for("failed").await, ["starting", "running", "failed"]);
+    assert_eq!(
+        w.wait_for("failed").await,
+        ["starting", "running", "failed"]
+    );
     let reason = crash.state_reason().await.unwrap();
     assert!(reason.contains("status 1"), "{reason}");
     // A failed VM can be started again (and fails again), or deleted.
@@ -64,7 +67,11 @@ async fn guest_power_off_crash_and_reboot() {
     let mut w = StateWatcher::new(&conn, &path).await;
     reboot.start().await.unwrap();
     let seen = w.wait_count(4).await;
-    assert_eq!(seen[..4], ["starting", "running", "starting", "running"], "{seen:?}");
+    assert_eq!(
+        seen[..4],
+        ["starting", "running", "starting", "running"],
+        "{seen:?}"
+    );
     assert!(marker.exists(), "the first run rebooted");
     assert_eq!(reboot.state().await.unwrap(), "running");
     assert!(dirs.vmm_process("reboot").expect("VMM").is_alive());
@@ -104,7 +111,10 @@ async fn shutdown_and_stop_escalate_when_ignored() {
     let vmm = dirs.vmm_process("deaf").unwrap();
     let t = Instant::now();
     deaf.shutdown().await.unwrap();
-    assert!(t.elapsed() >= Duration::from_secs(1), "waited for the guest first");
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "waited for the guest first"
+    );
     assert_eq!(deaf.state().await.unwrap(), "stopped");
     assert!(!vmm.is_alive());
 
@@ -136,9 +146,16 @@ async fn vmm_without_api_socket_runs_but_pause_and_info_say_why_not() {
     v.start().await.unwrap();
     assert_eq!(v.state().await.unwrap(), "running");
     assert!(v.state_reason().await.unwrap().contains("no API socket"));
-    for e in [v.pause().await.unwrap_err(), v.info().await.map(|_| ()).unwrap_err()] {
+    for e in [
+        v.pause().await.unwrap_err(),
+        v.info().await.map(|_| ()).unwrap_err(),
+    ] {
         assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.Vmm");
-        assert!(error_message(&e).contains("no API socket"), "{}", error_message(&e));
+        assert!(
+            error_message(&e).contains("no API socket"),
+            "{}",
+            error_message(&e)
+        );
     }
     // Shutdown falls back to stopping the VMM.
     v.shutdown().await.unwrap();
@@ -154,7 +171,10 @@ async fn console_log_is_bounded_and_offsets_stay_valid() {
     let m = manager(&conn).await;
     let total: u64 = 4 << 20;
     let path = m
-        .create_vm("chatty", &spec_cmdline(&format!("fake.console_bytes={total}")))
+        .create_vm(
+            "chatty",
+            &spec_cmdline(&format!("fake.console_bytes={total}")),
+        )
         .await
         .unwrap();
     let v = vm(&conn, path).await;
@@ -174,7 +194,10 @@ async fn console_log_is_bounded_and_offsets_stay_valid() {
     assert!(size > total, "apparent size keeps every offset: {size}");
     let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&log).unwrap()) * 512;
     assert!(
-        blocks <= thvc_nodeagent::console::KEEP_BYTES + thvc_nodeagent::console::TRIM_SLACK + (1 << 20),
+        blocks
+            <= thvc_nodeagent::console::KEEP_BYTES
+                + thvc_nodeagent::console::TRIM_SLACK
+                + (1 << 20),
         "disk use is bounded: {blocks} bytes allocated"
     );
     // Reading from 0 resumes at the window start; reading on to the end works in 64 KiB steps.

@@ -16,7 +16,10 @@ fn ip_in(pid: i32, args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .expect("run nsenter ip");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +49,10 @@ async fn apply_network_then_vm_nic_gets_a_tap_on_the_bridge() {
     let doc = r#"{"links": [{"name": "br0", "kind": "bridge", "mtu": 1500}]}"#;
     let plan = m.apply_network(doc, true).await.expect("plan");
     assert!(plan.contains("br0"), "{plan}");
-    assert!(!ip_in(pid, &["link", "show", "br0"]).0, "dry run changed nothing");
+    assert!(
+        !ip_in(pid, &["link", "show", "br0"]).0,
+        "dry run changed nothing"
+    );
     assert!(!dirs.state().join("network.json").exists());
 
     let report = m.apply_network(doc, false).await.expect("apply");
@@ -78,10 +84,16 @@ async fn apply_network_then_vm_nic_gets_a_tap_on_the_bridge() {
     assert_eq!(link[0]["master"], "br0", "{out}");
     let (console, _) = v.read_console(0).await.unwrap();
     let console = String::from_utf8_lossy(&console);
-    assert!(console.contains(&format!("net tap={tap},mac={mac}")), "{console}");
+    assert!(
+        console.contains(&format!("net tap={tap},mac={mac}")),
+        "{console}"
+    );
 
     v.stop().await.unwrap();
-    assert!(!ip_in(pid, &["link", "show", &tap]).0, "TAP removed when the VM stopped");
+    assert!(
+        !ip_in(pid, &["link", "show", &tap]).0,
+        "TAP removed when the VM stopped"
+    );
 
     // A NIC on a bridge that does not exist: the start fails with a Network error and
     // leaves no TAP behind.
@@ -91,7 +103,11 @@ async fn apply_network_then_vm_nic_gets_a_tap_on_the_bridge() {
         .unwrap();
     let nb = vm(&conn, path).await;
     let e = nb.start().await.unwrap_err();
-    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.Network", "{e}");
+    assert_eq!(
+        error_name(&e),
+        "de.thueringen.thvc.node1.Error.Network",
+        "{e}"
+    );
     assert_eq!(nb.state().await.unwrap(), "failed");
     let tap = thvc_nodeagent::names::tap_name("nobridge", 0);
     assert!(!ip_in(pid, &["link", "show", &tap]).0);

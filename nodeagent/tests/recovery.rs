@@ -24,10 +24,18 @@ async fn agent_killed_mid_work_restarts_with_state_intact_and_vms_readopted() {
     keep.start().await.unwrap();
     keep.pause().await.unwrap();
     let keep_vmm = dirs.vmm_process("keep").unwrap();
-    let opstop = vm(&conn, m.create_vm("opstop", &spec(r#","autostart":true"#)).await.unwrap()).await;
+    let opstop = vm(
+        &conn,
+        m.create_vm("opstop", &spec(r#","autostart":true"#))
+            .await
+            .unwrap(),
+    )
+    .await;
     opstop.start().await.unwrap();
     opstop.stop().await.unwrap();
-    m.create_vm("auto", &spec(r#","autostart":true"#)).await.unwrap();
+    m.create_vm("auto", &spec(r#","autostart":true"#))
+        .await
+        .unwrap();
     let dies = vm(&conn, m.create_vm("dies", &spec("")).await.unwrap()).await;
     dies.start().await.unwrap();
     let dies_vmm = dirs.vmm_process("dies").unwrap();
@@ -79,7 +87,13 @@ async fn agent_killed_mid_work_restarts_with_state_intact_and_vms_readopted() {
     let m = manager(&conn).await;
 
     // Every VM whose creation was confirmed exists, and every VM on disk is served.
-    let listed: BTreeSet<String> = m.list_vms().await.unwrap().into_iter().map(|v| v.0).collect();
+    let listed: BTreeSet<String> = m
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.0)
+        .collect();
     for name in &created {
         assert!(listed.contains(name), "{name} was confirmed but is gone");
     }
@@ -87,7 +101,10 @@ async fn agent_killed_mid_work_restarts_with_state_intact_and_vms_readopted() {
         .spec_files()
         .into_iter()
         .map(|f| {
-            assert!(f.ends_with(".json") && !f.starts_with('.'), "stray file {f}");
+            assert!(
+                f.ends_with(".json") && !f.starts_with('.'),
+                "stray file {f}"
+            );
             f.trim_end_matches(".json").to_owned()
         })
         .collect();
@@ -192,7 +209,13 @@ async fn host_reboot_starts_autostart_vms_and_sigterm_leaves_vms_running() {
     {
         let conn = connect(&bus).await;
         let m = manager(&conn).await;
-        let a = vm(&conn, m.create_vm("a", &spec(r#","autostart":true"#)).await.unwrap()).await;
+        let a = vm(
+            &conn,
+            m.create_vm("a", &spec(r#","autostart":true"#))
+                .await
+                .unwrap(),
+        )
+        .await;
         m.create_vm("b", &spec("")).await.unwrap();
         a.start().await.unwrap();
         a.stop().await.unwrap();

@@ -11,7 +11,11 @@ use serde_json::json;
 use thvc_nodeagent::client::{self, BusTarget, ManagerProxy};
 
 #[derive(Parser)]
-#[command(name = "thvcctl", version, about = "Control a thvc node (VMs, images, network)")]
+#[command(
+    name = "thvcctl",
+    version,
+    about = "Control a thvc node (VMs, images, network)"
+)]
 struct Cli {
     /// Operate on the system bus of a remote node over SSH (runs systemd-stdio-bridge there).
     #[arg(short = 'H', long = "host", value_name = "[USER@]HOST", global = true)]
@@ -52,17 +56,34 @@ enum VmAction {
     /// List VMs with their states.
     List,
     /// Define a VM from a JSON spec file ("-" for stdin).
-    Create { name: String, spec: PathBuf },
-    Start { name: String },
+    Create {
+        name: String,
+        spec: PathBuf,
+    },
+    Start {
+        name: String,
+    },
     /// Graceful: ACPI power button, then stop after the agent's timeout.
-    Shutdown { name: String },
+    Shutdown {
+        name: String,
+    },
     /// Stop the VMM now.
-    Stop { name: String },
-    Pause { name: String },
-    Resume { name: String },
-    Delete { name: String },
+    Stop {
+        name: String,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
     /// State, spec and the VMM's own info.
-    Info { name: String },
+    Info {
+        name: String,
+    },
     /// Print the serial console log.
     Console {
         name: String,
@@ -91,7 +112,10 @@ enum NetAction {
 #[derive(Subcommand)]
 enum ImageAction {
     /// Download URL into the image store and verify its SHA-256.
-    Pull { url: String, sha256: String },
+    Pull {
+        url: String,
+        sha256: String,
+    },
     List,
 }
 
@@ -150,7 +174,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Vm { action } => vm(&conn, &manager, action, json_out).await,
         Command::Net { action } => {
             let out = match action {
-                NetAction::Plan { file } => manager.apply_network(&read_input(&file)?, true).await?,
+                NetAction::Plan { file } => {
+                    manager.apply_network(&read_input(&file)?, true).await?
+                }
                 NetAction::Apply { file } => {
                     manager.apply_network(&read_input(&file)?, false).await?
                 }
@@ -213,7 +239,14 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
         println!("Host:      {}", v["hostname"].as_str().unwrap_or(""));
         println!("Image:     {}", v["image_version"].as_str().unwrap_or(""));
         println!("Agent:     {}", v["version"].as_str().unwrap_or(""));
-        println!("KVM:       {}", if v["kvm_available"] == true { "yes" } else { "no" });
+        println!(
+            "KVM:       {}",
+            if v["kvm_available"] == true {
+                "yes"
+            } else {
+                "no"
+            }
+        );
         println!("CPUs:      {}", v["cpus"]);
         println!(
             "Memory:    {:.1} GiB total, {:.1} GiB available",
@@ -221,7 +254,10 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
             gib(&v["memory_available_bytes"])
         );
         println!("Network:   {}", v["network_state"].as_str().unwrap_or(""));
-        println!("VMs:       {} ({running} running, {failed} failed)", vms.len());
+        println!(
+            "VMs:       {} ({running} running, {failed} failed)",
+            vms.len()
+        );
     }
     Ok(())
 }
@@ -277,7 +313,9 @@ async fn vm(
             // The VMM's view exists only while it runs.
             let vmm: serde_json::Value = match vm.info().await {
                 Ok(s) => serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s)),
-                Err(e) => json!({ "unavailable": client::method_error(&e).map(|m| m.1).unwrap_or_else(|| e.to_string()) }),
+                Err(e) => {
+                    json!({ "unavailable": client::method_error(&e).map(|m| m.1).unwrap_or_else(|| e.to_string()) })
+                }
             };
             let v = json!({"name": name, "state": state, "state_reason": reason, "spec": spec, "vmm": vmm});
             if json_out {

@@ -162,7 +162,10 @@ impl VmRunner for DirectRunner {
         "direct"
     }
 
-    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<ExitFuture, RunnerError>> {
+    fn launch<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+    ) -> BoxFuture<'a, Result<ExitFuture, RunnerError>> {
         async move { self.launch_inner(spec).await }.boxed()
     }
 

@@ -21,7 +21,6 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-
 #[derive(Debug, Error)]
 pub enum RunnerError {
     #[error("starting the VMM for {vm}: {reason}")]
@@ -85,7 +84,8 @@ pub trait VmRunner: Send + Sync {
     /// Short name for logs and the README ("direct", "systemd").
     fn kind(&self) -> &'static str;
     /// Starts the VMM; returns once the process exists.
-    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<ExitFuture, RunnerError>>;
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec)
+        -> BoxFuture<'a, Result<ExitFuture, RunnerError>>;
     /// Finds a VMM started by an earlier agent.
     fn adopt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Adoption, RunnerError>>;
     /// Asks the VMM to stop (SIGTERM: the VMM exits 0).

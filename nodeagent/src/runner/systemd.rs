@@ -164,7 +164,10 @@ impl VmRunner for SystemdRunner {
         "systemd"
     }
 
-    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<ExitFuture, RunnerError>> {
+    fn launch<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+    ) -> BoxFuture<'a, Result<ExitFuture, RunnerError>> {
         async move {
             let err = |reason: String| RunnerError::Launch {
                 vm: spec.name.clone(),
@@ -204,11 +207,8 @@ impl VmRunner for SystemdRunner {
                     Ok(_) => {}
                     Err(e) => return Err(sd_err(e)),
                 }
-                let _ = tokio::time::timeout(
-                    std::time::Duration::from_millis(100),
-                    changes.next(),
-                )
-                .await;
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(100), changes.next())
+                    .await;
             }
             Ok(exited)
         }
@@ -220,9 +220,9 @@ impl VmRunner for SystemdRunner {
             let (unit, service) = self.unit_proxies(name).await?;
             let state = unit.active_state().await.map_err(sd_err)?;
             match state.as_str() {
-                "active" | "activating" | "deactivating" | "reloading" => Ok(Adoption::Running(
-                    Self::watch_until_inactive(unit, service),
-                )),
+                "active" | "activating" | "deactivating" | "reloading" => {
+                    Ok(Adoption::Running(Self::watch_until_inactive(unit, service)))
+                }
                 _ => {
                     let started = service.exec_main_start_timestamp().await.unwrap_or(0);
                     if started == 0 {

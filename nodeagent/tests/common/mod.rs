@@ -121,8 +121,7 @@ impl NodeDirs {
         let d = NodeDirs { root };
         std::fs::create_dir_all(d.state().join("images")).expect("images dir");
         std::fs::create_dir_all(d.state().join("disks")).expect("disks dir");
-        std::fs::write(d.state().join("images/vmlinuz"), b"not really a kernel\n")
-            .expect("kernel");
+        std::fs::write(d.state().join("images/vmlinuz"), b"not really a kernel\n").expect("kernel");
         d
     }
     pub fn state(&self) -> PathBuf {
@@ -238,8 +237,7 @@ impl Agent {
                             .await
                             .expect("connect to test bus");
                         let dbus = zbus::fdo::DBusProxy::new(&conn).await.expect("dbus proxy");
-                        let name =
-                            zbus::names::BusName::try_from(client::BUS_NAME).expect("name");
+                        let name = zbus::names::BusName::try_from(client::BUS_NAME).expect("name");
                         loop {
                             if dbus.name_has_owner(name.clone()).await.unwrap_or(false) {
                                 return;
@@ -374,9 +372,7 @@ impl StateWatcher {
             }
             let msg = tokio::time::timeout_at(deadline, self.stream.next())
                 .await
-                .unwrap_or_else(|_| {
-                    panic!("State never became {want}; saw {:?}", self.seen)
-                })
+                .unwrap_or_else(|_| panic!("State never became {want}; saw {:?}", self.seen))
                 .expect("signal stream ended");
             let body = msg.body();
             let (iface, changed, _): (
@@ -386,7 +382,11 @@ impl StateWatcher {
             ) = body.deserialize().expect("PropertiesChanged body");
             assert_eq!(iface, "de.thueringen.thvc.node1.Vm");
             if let Some(v) = changed.get("State") {
-                let s: String = v.try_clone().expect("clone").try_into().expect("State is a string");
+                let s: String = v
+                    .try_clone()
+                    .expect("clone")
+                    .try_into()
+                    .expect("State is a string");
                 self.seen.push(s);
             }
         }

@@ -103,7 +103,11 @@ fn main() {
         Arc::new(Mutex::new(match opts.get("--serial").map(String::as_str) {
             Some(s) if s.starts_with("file:") => {
                 let path = &s["file:".len()..];
-                match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                match std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                {
                     Ok(f) => Box::new(f),
                     Err(e) => {
                         eprintln!("thvc-fake-vmm: serial {path}: {e}");
@@ -151,10 +155,17 @@ fn main() {
     say("fake-vmm: guest running\n");
 
     let cpus: u64 = opts.get("--cpus").and_then(|c| c.parse().ok()).unwrap_or(1);
-    let memory: u64 = opts.get("--memory").and_then(|c| c.parse().ok()).unwrap_or(512);
+    let memory: u64 = opts
+        .get("--memory")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(512);
     let ignore_shutdown = flag("ignore_shutdown");
     let reboot_marker = fake.get("reboot_once").map(|p| p.to_string());
-    if let Some(sock) = opts.get("--api-socket").filter(|_| !flag("no_api")).cloned() {
+    if let Some(sock) = opts
+        .get("--api-socket")
+        .filter(|_| !flag("no_api"))
+        .cloned()
+    {
         std::thread::spawn(move || serve_api(&sock, cpus, memory, ignore_shutdown));
     }
     if let Some(path) = reboot_marker {
@@ -187,7 +198,9 @@ fn serve_api(sock: &str, cpus: u64, memory: u64, ignore_shutdown: bool) {
                         let req: serde_json::Value =
                             serde_json::from_str(line.trim()).unwrap_or_default();
                         let (resp, then_exit) = match req["request"].as_str() {
-                            Some("ping") => (serde_json::json!({"ok": true, "result": "pong"}), false),
+                            Some("ping") => {
+                                (serde_json::json!({"ok": true, "result": "pong"}), false)
+                            }
                             Some("info") => (
                                 serde_json::json!({"ok": true, "result": {
                                     "fake": true,
@@ -203,9 +216,10 @@ fn serve_api(sock: &str, cpus: u64, memory: u64, ignore_shutdown: bool) {
                                 PAUSED.store(false, Ordering::SeqCst);
                                 (serde_json::json!({"ok": true, "result": null}), false)
                             }
-                            Some("shutdown") => {
-                                (serde_json::json!({"ok": true, "result": null}), !ignore_shutdown)
-                            }
+                            Some("shutdown") => (
+                                serde_json::json!({"ok": true, "result": null}),
+                                !ignore_shutdown,
+                            ),
                             Some("stop") => (serde_json::json!({"ok": true, "result": null}), true),
                             _ => (
                                 serde_json::json!({"ok": false, "error": format!("unknown request {}", line.trim())}),
