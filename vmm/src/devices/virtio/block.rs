@@ -16,8 +16,8 @@ use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
-    Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_BLOCK, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    pop_chain, Activation, DeviceCounters, DeviceInfo, Popped, QueueHandler, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -537,7 +537,12 @@ impl BlockDevice {
             if queue.disable_notification(&mem).is_err() {
                 return false;
             }
-            while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+            loop {
+                let chain = match pop_chain(queue, &mem) {
+                    Popped::Chain(chain) => chain,
+                    Popped::Empty => break,
+                    Popped::Broken => return false,
+                };
                 let head = chain.head_index();
                 let descriptors: Vec<Descriptor> = chain.collect();
                 let used_len = self.handle_chain(&mem, &descriptors);
@@ -951,6 +956,22 @@ mod tests {
             open(&path, false, Some("x".repeat(21).as_str())),
             Err(BlockError::SerialTooLong(_))
         ));
+    }
+
+    /// Found by the fuzzer: an available index more than a queue's worth ahead made the
+    /// worker spin forever. Now the queue is declared broken and the device needs a reset.
+    #[test]
+    fn avail_index_far_ahead_breaks_the_queue_instead_of_spinning() {
+        let path = temp_disk("ahead", 1 << 20);
+        let mut h = Harness::new(&path, false);
+        h.ring
+            .mem
+            .write_obj(300u16, GuestAddress(AVAIL_RING + 2))
+            .expect("avail idx");
+        h.dev.queue_notified(0);
+        assert!(h.dev.active.is_none(), "device stopped using the queue");
+        assert_eq!(h.ring.used_idx(), 0);
+        assert!(h.irq.read().is_ok(), "driver told (config interrupt)");
     }
 
     /// Property: whatever a driver writes into the descriptor table and available ring, the

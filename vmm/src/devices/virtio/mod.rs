@@ -21,7 +21,7 @@ pub mod worker;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -97,6 +97,25 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(0, Ordering::SeqCst);
+    }
+}
+
+/// The next available descriptor chain, told apart from an empty ring and from a ring the
+/// driver broke (an available index more than a queue's worth ahead). `pop_descriptor_chain`
+/// says `None` for both, and a device that waits for "empty" would spin forever on the latter.
+pub enum Popped<'a> {
+    Chain(DescriptorChain<&'a GuestMemoryMmap>),
+    Empty,
+    Broken,
+}
+
+pub fn pop_chain<'a>(queue: &mut Queue, mem: &'a GuestMemoryMmap) -> Popped<'a> {
+    match queue.iter(mem) {
+        Err(_) => Popped::Broken,
+        Ok(mut available) => match available.next() {
+            Some(chain) => Popped::Chain(chain),
+            None => Popped::Empty,
+        },
     }
 }
 

@@ -11,8 +11,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
 use super::{
-    Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_NET, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    pop_chain, Activation, DeviceCounters, DeviceInfo, Popped, QueueHandler, TYPE_NET,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -165,14 +165,16 @@ impl NetDevice {
         let queue = &mut active.queues[RX_QUEUE];
         let mut used_any = false;
         loop {
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            let chain = match pop_chain(queue, &mem) {
+                Popped::Chain(chain) => chain,
                 // No buffers: ask the guest to kick us when it adds some, and check once more
                 // for buffers added in between.
-                match queue.enable_notification(&mem) {
+                Popped::Empty => match queue.enable_notification(&mem) {
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(_) => return false,
-                }
+                },
+                Popped::Broken => return false,
             };
             let head = chain.head_index();
             let descriptors: Vec<Descriptor> = chain.collect();
@@ -221,7 +223,12 @@ impl NetDevice {
             if queue.disable_notification(&mem).is_err() {
                 return false;
             }
-            while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+            loop {
+                let chain = match pop_chain(queue, &mem) {
+                    Popped::Chain(chain) => chain,
+                    Popped::Empty => break,
+                    Popped::Broken => return false,
+                };
                 let head = chain.head_index();
                 let descriptors: Vec<Descriptor> = chain.collect();
                 match chain_iovecs(&mem, &descriptors, false, MAX_TX_FRAME) {

@@ -7,7 +7,10 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
-use super::{Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_RNG, VIRTIO_F_VERSION_1};
+use super::{
+    pop_chain, Activation, DeviceCounters, DeviceInfo, Popped, QueueHandler, TYPE_RNG,
+    VIRTIO_F_VERSION_1,
+};
 
 const QUEUE_SIZE: u16 = 64;
 /// The most entropy handed out per request: plenty for any driver, bounded for a hostile one.
@@ -75,7 +78,12 @@ impl RngDevice {
             return false;
         };
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+        loop {
+            let chain = match pop_chain(queue, &mem) {
+                Popped::Chain(chain) => chain,
+                Popped::Empty => break,
+                Popped::Broken => return false,
+            };
             let head = chain.head_index();
             let descriptors: Vec<Descriptor> = chain.collect();
             let n = fill_chain(&mem, &descriptors);

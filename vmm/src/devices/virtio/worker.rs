@@ -14,6 +14,8 @@ use super::{Activation, QueueHandler};
 pub enum Command {
     Activate(Activation),
     Reset,
+    /// End the worker thread (the VM is going away).
+    Shutdown,
 }
 
 /// The transport's line to the worker. Activation is asynchronous (kicks that arrive before the
@@ -64,6 +66,11 @@ impl WorkerControl {
             .wait_timeout_while(done, RESET_TIMEOUT, |n| *n < target)
             .unwrap_or_else(|e| e.into_inner());
         *done >= target
+    }
+
+    /// Ends the worker thread after the commands already queued.
+    pub fn shutdown(&self) {
+        self.push(Command::Shutdown);
     }
 
     fn take(&self) -> Vec<Command> {
@@ -132,6 +139,11 @@ pub fn spawn(
                                     handler.reset();
                                     active = false;
                                     control.reset_done();
+                                }
+                                Command::Shutdown => {
+                                    handler.reset();
+                                    control.reset_done();
+                                    return;
                                 }
                             }
                         }
