@@ -61,7 +61,9 @@ fn main() {
         // --- define and start rates -------------------------------------------------------
         let t = Instant::now();
         for i in 0..50 {
-            m.create_vm(&format!("seq{i:03}"), &spec("")).await.expect("create");
+            m.create_vm(&format!("seq{i:03}"), &spec(""))
+                .await
+                .expect("create");
         }
         let define_seq = 50.0 / t.elapsed().as_secs_f64();
         let t = Instant::now();
@@ -72,7 +74,9 @@ fn main() {
                 let conn = client::connect(&BusTarget::Address(address)).await.unwrap();
                 let m = manager(&conn).await;
                 for i in 0..5 {
-                    m.create_vm(&format!("par{c:02}x{i}"), &spec("")).await.expect("create");
+                    m.create_vm(&format!("par{c:02}x{i}"), &spec(""))
+                        .await
+                        .expect("create");
                 }
             }));
         }
@@ -96,7 +100,12 @@ fn main() {
                 let m = manager(&conn).await;
                 for i in 0..5 {
                     let path = m.get_vm(&format!("par{c:02}x{i}")).await.unwrap();
-                    client::vm_proxy(&conn, path).await.unwrap().start().await.expect("start");
+                    client::vm_proxy(&conn, path)
+                        .await
+                        .unwrap()
+                        .start()
+                        .await
+                        .expect("start");
                 }
             }));
         }
@@ -139,11 +148,29 @@ fn main() {
         list.sort();
 
         println!();
-        println!("thvc-nodeagent D-Bus benchmark (private dbus-daemon, fake VMM, {} CPUs)", thvc_nodeagent::hostinfo::cpus());
+        println!(
+            "thvc-nodeagent D-Bus benchmark (private dbus-daemon, fake VMM, {} CPUs)",
+            thvc_nodeagent::hostinfo::cpus()
+        );
         println!();
-        println!("{:<44} {:>10} {:>10} {:>10}", "round trip", "p50 us", "p99 us", "samples");
-        println!("{:<44} {:>10.1} {:>10.1} {:>10}", "Peer.Ping (floor)", us(percentile(&ping, 0.5)), us(percentile(&ping, 0.99)), ping.len());
-        println!("{:<44} {:>10.1} {:>10.1} {:>10}", format!("ListVms, 100 VMs ({running} running)"), us(percentile(&list, 0.5)), us(percentile(&list, 0.99)), list.len());
+        println!(
+            "{:<44} {:>10} {:>10} {:>10}",
+            "round trip", "p50 us", "p99 us", "samples"
+        );
+        println!(
+            "{:<44} {:>10.1} {:>10.1} {:>10}",
+            "Peer.Ping (floor)",
+            us(percentile(&ping, 0.5)),
+            us(percentile(&ping, 0.99)),
+            ping.len()
+        );
+        println!(
+            "{:<44} {:>10.1} {:>10.1} {:>10}",
+            format!("ListVms, 100 VMs ({running} running)"),
+            us(percentile(&list, 0.5)),
+            us(percentile(&list, 0.99)),
+            list.len()
+        );
         println!(
             "{:<44} {:>10.2} {:>10.2}",
             "ratio ListVms / Ping",
@@ -153,8 +180,17 @@ fn main() {
         println!();
         println!("{:<44} {:>10}", "rate", "VMs/s");
         println!("{:<44} {:>10.1}", "CreateVm, 1 client (50 VMs)", define_seq);
-        println!("{:<44} {:>10.1}", "CreateVm, 10 clients (50 VMs)", define_par);
-        println!("{:<44} {:>10.1}", "Start until running, 1 client (25 VMs)", start_seq);
-        println!("{:<44} {:>10.1}", "Start until running, 5 clients (25 VMs)", start_par);
+        println!(
+            "{:<44} {:>10.1}",
+            "CreateVm, 10 clients (50 VMs)", define_par
+        );
+        println!(
+            "{:<44} {:>10.1}",
+            "Start until running, 1 client (25 VMs)", start_seq
+        );
+        println!(
+            "{:<44} {:>10.1}",
+            "Start until running, 5 clients (25 VMs)", start_par
+        );
     });
 }

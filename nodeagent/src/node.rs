@@ -393,6 +393,13 @@ impl Node {
         let resolved = spec
             .resolve(&self.stores)
             .map_err(|e| NodeError::InvalidSpec(format!("VM {name}: {e}")))?;
+        let host_mib = crate::hostinfo::memory_bytes() >> 20;
+        if host_mib > 0 && spec.memory_mib > host_mib {
+            return Err(NodeError::InvalidSpec(format!(
+                "VM {name}: memory_mib {} is more than this host's {host_mib} MiB of RAM",
+                spec.memory_mib
+            )));
+        }
         let mut vms = self.vms.lock().await;
         if vms.contains_key(name) {
             return Err(NodeError::AlreadyExists(format!(

@@ -13,8 +13,10 @@ use thiserror::Error;
 
 use crate::names;
 
-pub const MAX_VCPUS: u32 = 255;
-pub const MIN_MEMORY_MIB: u64 = 32;
+// The limits of thvc-vmm (vmm/src/config.rs), so a spec it would refuse is refused here,
+// at creation, instead of failing at start.
+pub const MAX_VCPUS: u32 = 32;
+pub const MIN_MEMORY_MIB: u64 = 64;
 pub const MAX_MEMORY_MIB: u64 = 4 << 20; // 4 TiB
 pub const MAX_CMDLINE: usize = 4096;
 pub const MAX_DISKS: usize = 16;

@@ -306,6 +306,16 @@ async fn invalid_specs_are_rejected_by_name_and_nothing_is_persisted() {
         ),
         (
             "a",
+            r#"{"vcpus":33,"memory_mib":128,"kernel":"vmlinuz"}"#.into(),
+            "vcpus",
+        ),
+        (
+            "a",
+            r#"{"vcpus":1,"memory_mib":1000000,"kernel":"vmlinuz"}"#.into(),
+            "RAM",
+        ),
+        (
+            "a",
             r#"{"vcpus":1,"memory_mib":128,"kernel":"/etc/passwd"}"#.into(),
             "outside",
         ),
