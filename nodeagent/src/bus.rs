@@ -212,7 +212,8 @@ impl Manager {
         Ok(self.node.apply_network(&document_json, dry_run).await?)
     }
 
-    /// The network document last applied on this node.
+    /// The host network as observed now, as a document (links the node manages and
+    /// physical links).
     #[zbus(out_args("document_json"))]
     async fn get_network(&self) -> Result<String, BusError> {
         Ok(self.node.get_network().await?)

@@ -1043,14 +1043,11 @@ impl Node {
         }
     }
 
+    /// The host network as it is: links thvc-netconf manages plus physical ones, rendered
+    /// as a document (applying it changes nothing). The last applied desired document is
+    /// kept in `<state>/network.json`.
     pub async fn get_network(&self) -> Result<String, NodeError> {
-        match std::fs::read_to_string(self.cfg.layout.network_file()) {
-            Ok(s) => Ok(s),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(NodeError::NotFound(
-                "no network document has been applied on this node".to_owned(),
-            )),
-            Err(e) => Err(io(e)),
-        }
+        Ok(self.network.show().await?)
     }
 
     // ----- images --------------------------------------------------------------------------

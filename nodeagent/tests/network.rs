@@ -60,7 +60,20 @@ async fn apply_network_then_vm_nic_gets_a_tap_on_the_bridge() {
     let (ok, out) = ip_in(pid, &["-d", "link", "show", "br0"]);
     assert!(ok && out.contains("\"bridge\""), "{out}");
     assert_eq!(m.network_state().await.unwrap(), "configured");
-    assert_eq!(m.get_network().await.unwrap(), doc);
+    assert_eq!(
+        std::fs::read_to_string(dirs.state().join("network.json")).unwrap(),
+        doc,
+        "the applied document is kept"
+    );
+    let shown: serde_json::Value = serde_json::from_str(&m.get_network().await.unwrap()).unwrap();
+    assert!(
+        shown["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"] == "br0" && l["kind"] == "bridge"),
+        "{shown}"
+    );
     // Applying again changes nothing.
     let again: serde_json::Value =
         serde_json::from_str(&m.apply_network(doc, false).await.unwrap()).unwrap();

@@ -105,7 +105,7 @@ enum NetAction {
     Plan { file: PathBuf },
     /// Apply FILE to the node's network.
     Apply { file: PathBuf },
-    /// Show the network document last applied.
+    /// Show the host network as it is now, as a document.
     Show,
 }
 
