@@ -125,3 +125,62 @@ async fn apply_network_then_vm_nic_gets_a_tap_on_the_bridge() {
     let tap = thvc_nodeagent::names::tap_name("nobridge", 0);
     assert!(!ip_in(pid, &["link", "show", &tap]).0);
 }
+
+#[test]
+fn agent_net_subcommand_plans_applies_and_shows_locally() {
+    require_tool("unshare", "util-linux");
+    let dirs = NodeDirs::new();
+    let doc = dirs.root.path().join("net.json");
+    std::fs::write(&doc, r#"{"links": [{"name": "br7", "kind": "bridge"}]}"#).unwrap();
+    let bad = dirs.root.path().join("bad.json");
+    std::fs::write(&bad, r#"{"links": [{"name": "br7", "kind": "hub"}]}"#).unwrap();
+    let state = dirs.state();
+    // plan, apply and show in one fresh network namespace.
+    let script = format!(
+        "mount -t sysfs sysfs /sys && A='{agent}' && S='{state}' && \
+         \"$A\" --state-dir \"$S\" net plan '{doc}' && echo ---- && \
+         \"$A\" --state-dir \"$S\" net apply '{doc}' && echo ---- && \
+         \"$A\" --state-dir \"$S\" net show",
+        agent = AGENT,
+        state = state.display(),
+        doc = doc.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--net", "--mount", "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parts: Vec<&str> = stdout.split("----").collect();
+    assert_eq!(parts.len(), 3, "{stdout}");
+    assert!(parts[0].contains("br7"), "plan: {}", parts[0]);
+    let report: serde_json::Value = serde_json::from_str(parts[1].trim()).unwrap();
+    assert_eq!(report["changed"], true);
+    let shown: serde_json::Value = serde_json::from_str(parts[2].trim()).unwrap();
+    assert!(shown["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["name"] == "br7"));
+
+    let out = Command::new(AGENT)
+        .args([
+            "--state-dir",
+            state.to_str().unwrap(),
+            "net",
+            "plan",
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("links[0].kind"),
+        "names the problem's path: {err}"
+    );
+}
