@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::devices::acpi_pm::{ACPI_PM_PORT, RESET_VALUE, S5_SLEEP_TYPE};
+use crate::devices::serial::{COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
 
 pub const OEM_ID: [u8; 6] = *b"THVC  ";
 const OEM_REVISION: u32 = 1;
@@ -70,6 +71,21 @@ pub fn dsdt(platform: &AcpiPlatform) -> Vec<u8> {
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
 
     let mut devices = Vec::new();
+    // COM1. Hardware-reduced ACPI has no legacy PIC, so Linux maps no ISA interrupts by
+    // default: the UART's interrupt must come from its _CRS, or the guest's tty output (which
+    // waits for "transmitter empty" interrupts) stalls while printk still polls through.
+    let com1_hid = aml::EISAName::new("PNP0501");
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, UART_PORT_COUNT as u8);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid_name = aml::Name::new("_HID".into(), &com1_hid);
+    let com1_uid_name = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1_crs_name = aml::Name::new("_CRS".into(), &com1_crs);
+    let com1 = aml::Device::new(
+        "COM1".into(),
+        vec![&com1_hid_name, &com1_uid_name, &com1_crs_name],
+    );
+    devices.push(RawAml(bytes_of(&com1)));
     for (i, dev) in platform.virtio_mmio.iter().enumerate() {
         let name = format!("V{i:03X}");
         let hid: aml::AmlStr = "LNRO0005";
@@ -266,6 +282,10 @@ mod tests {
         assert!(checksum_ok(&t));
         let contains = |needle: &[u8]| t.windows(needle.len()).any(|w| w == needle);
         assert!(contains(b"_S5_"));
+        assert!(
+            contains(b"COM1"),
+            "the UART is announced with its interrupt"
+        );
         assert!(contains(b"LNRO0005"));
         assert!(contains(b"V000") && contains(b"V001"));
         assert!(contains(&0xd000_1000u32.to_le_bytes()));
