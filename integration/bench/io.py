@@ -1,0 +1,188 @@
+#!/usr/bin/python3
+"""I/O benchmark: virtio-blk and virtio-net throughput of thvc-vmm against QEMU microvm (with
+virtio-mmio devices), run inside the test VM.
+
+Each round boots one guest per VMM, alternating, with the same kernel, initramfs, command line,
+vCPUs, memory and a fresh copy of the same ext4 root image. The guest's /sbin/init:
+  * writes a 256 MiB file with direct I/O and reads it back with direct I/O (busybox dd,
+    which reports the rate),
+  * sends 256 MiB over TCP to a receiver on the host side of a bridge (this script), which
+    measures the rate from the first to the last byte.
+Prints medians and thvc/QEMU ratios. Not a test: nothing here passes or fails.
+"""
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HOST_IP, GUEST_IP, PORT = "10.88.0.1", "10.88.0.2", 5201
+BRIDGE, TAP = "thvcbenchbr", "thvcbenchtap"
+NET_BYTES = 256 << 20
+
+GUEST_INIT = f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0
+echo BENCH-WRITE $(dd if=/dev/zero of=/bench.dat bs=1M count=256 oflag=direct conv=fsync 2>&1 | tail -n 1)
+sync; echo 3 > /proc/sys/vm/drop_caches
+echo BENCH-READ $(dd if=/bench.dat of=/dev/null bs=1M iflag=direct 2>&1 | tail -n 1)
+n=0; until ping -c 1 -W 1 {HOST_IP} >/dev/null; do n=$((n+1)); [ $n -ge 60 ] && break; done
+dd if=/dev/zero bs=1M count={NET_BYTES >> 20} 2>/dev/null | nc {HOST_IP} {PORT}
+echo BENCH-SENT
+sync; poweroff -f
+"""
+
+
+def sh(*cmd):
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def make_image(workdir):
+    tree = os.path.join(workdir, "tree")
+    for d in ("bin", "sbin", "dev", "proc", "sys", "tmp"):
+        os.makedirs(os.path.join(tree, d), exist_ok=True)
+    shutil.copy("/bin/busybox", os.path.join(tree, "bin/busybox"))
+    with open(os.path.join(tree, "sbin/init"), "w") as f:
+        f.write(GUEST_INIT)
+    os.chmod(os.path.join(tree, "sbin/init"), 0o755)
+    image = os.path.join(workdir, "root.ext4")
+    sh("mkfs.ext4", "-q", "-F", "-d", tree, image, "512M")
+    return image
+
+
+def rate_mb_s(dd_line):
+    """busybox dd's last line: '268435456 bytes (256.0MB) copied, 2.1 seconds, 121.9MB/s'."""
+    m = re.search(r"(\d+) bytes .* copied, ([\d.]+) seconds", dd_line)
+    if not m:
+        raise RuntimeError(f"cannot parse dd output: {dd_line!r}")
+    return int(m.group(1)) / float(m.group(2)) / 1e6
+
+
+class Receiver:
+    """Accepts one connection and measures how fast it delivers NET_BYTES."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((HOST_IP, PORT))
+        self.sock.listen(1)
+        self.sock.settimeout(600)
+        self.result = None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        conn, _ = self.sock.accept()
+        total, start = 0, None
+        while True:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            if start is None:
+                start = time.monotonic()
+            total += len(data)
+        end = time.monotonic()
+        conn.close()
+        self.result = (total, total / (end - start) / 1e6 if start and end > start else 0.0)
+
+    def wait(self):
+        self.thread.join(600)
+        self.sock.close()
+        if not self.result or self.result[0] != NET_BYTES:
+            raise RuntimeError(f"receiver got {self.result}")
+        return self.result[1]
+
+
+def run_guest(cmd, timeout):
+    out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    console = out.stdout.decode(errors="replace")
+    lines = {l.split(" ", 1)[0]: l.split(" ", 1)[1] for l in console.splitlines()
+             if l.startswith("BENCH-") and " " in l}
+    if "BENCH-WRITE" not in lines or "BENCH-READ" not in lines or "BENCH-SENT" not in console:
+        raise RuntimeError(f"{cmd[0]} exited {out.returncode}; console:\n{console[-3000:]}\n"
+                           f"{out.stderr.decode(errors='replace')[-2000:]}")
+    return rate_mb_s(lines["BENCH-WRITE"]), rate_mb_s(lines["BENCH-READ"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vmm", required=True)
+    ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--kernel", default=os.environ.get("THVC_GUEST_KERNEL"))
+    ap.add_argument("--initrd", default=os.environ.get("THVC_GUEST_INITRAMFS"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--memory", type=int, default=512)
+    ap.add_argument("--timeout", type=float, default=900)
+    args = ap.parse_args()
+    if not args.kernel or not args.initrd:
+        sys.exit("io.py: --kernel/--initrd (or THVC_GUEST_KERNEL/THVC_GUEST_INITRAMFS) needed")
+
+    subprocess.run(["ip", "link", "del", BRIDGE], stderr=subprocess.DEVNULL)
+    subprocess.run(["ip", "link", "del", TAP], stderr=subprocess.DEVNULL)
+    sh("ip", "link", "add", BRIDGE, "type", "bridge")
+    sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", BRIDGE)
+    sh("ip", "link", "set", BRIDGE, "up")
+    sh("ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
+    sh("ip", "link", "set", TAP, "master", BRIDGE, "up")
+    work = tempfile.mkdtemp(prefix="thvc-io-bench-")
+    golden = make_image(work)
+    cmdline = "console=ttyS0 panic=1 pci=off quiet thvc.action=root thvc.root=/dev/vda"
+    mac = "52:54:00:88:00:02"
+
+    def thvc(image):
+        return [args.vmm, "--kernel", args.kernel, "--initrd", args.initrd, "--cmdline", cmdline,
+                "--cpus", str(args.cpus), "--memory", str(args.memory),
+                "--disk", f"path={image}", "--net", f"tap={TAP},mac={mac}"]
+
+    def qemu(image):
+        return [args.qemu, "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=on",
+                "-accel", "kvm", "-cpu", "host", "-smp", str(args.cpus), "-m", str(args.memory),
+                "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
+                "-kernel", args.kernel, "-initrd", args.initrd, "-append", cmdline,
+                "-drive", f"id=root,file={image},format=raw,if=none",
+                "-device", "virtio-blk-device,drive=root",
+                "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+                "-device", f"virtio-net-device,netdev=n0,mac={mac}"]
+
+    results = {"thvc-vmm": [], "qemu-microvm": []}
+    try:
+        for r in range(args.rounds):
+            order = [("thvc-vmm", thvc), ("qemu-microvm", qemu)]
+            if r % 2:
+                order.reverse()
+            for name, make_cmd in order:
+                image = os.path.join(work, f"{name}.ext4")
+                shutil.copyfile(golden, image)
+                receiver = Receiver()
+                write, read = run_guest(make_cmd(image), args.timeout)
+                net = receiver.wait()
+                results[name].append((write, read, net))
+                print(f"round {r + 1} {name:13s} blk write {write:8.1f} MB/s  read {read:8.1f} MB/s"
+                      f"  net guest->host {net:8.1f} MB/s", flush=True)
+    finally:
+        subprocess.run(["ip", "link", "del", TAP], stderr=subprocess.DEVNULL)
+        subprocess.run(["ip", "link", "del", BRIDGE], stderr=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {n: [statistics.median(x[i] for x in v) for i in range(3)] for n, v in results.items()}
+    t, q = med["thvc-vmm"], med["qemu-microvm"]
+    print()
+    print(f"{'':14s}{'blk write':>12s}{'blk read':>12s}{'net g->h':>12s}   (MB/s, medians)")
+    for name, m in med.items():
+        print(f"{name:14s}{m[0]:12.1f}{m[1]:12.1f}{m[2]:12.1f}")
+    print(f"ratio thvc/qemu: blk write {t[0] / q[0]:.2f}x, blk read {t[1] / q[1]:.2f}x, "
+          f"net {t[2] / q[2]:.2f}x ({args.rounds} rounds, {args.cpus} vCPUs, {args.memory} MiB)")
+
+
+if __name__ == "__main__":
+    main()
