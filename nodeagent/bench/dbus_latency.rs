@@ -66,13 +66,20 @@ fn main() {
                 .expect("create");
         }
         let define_seq = 50.0 / t.elapsed().as_secs_f64();
+        // Clients connect first; only the calls are timed.
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            let conn = client::connect(&BusTarget::Address(bus.address.clone()))
+                .await
+                .unwrap();
+            let m = manager(&conn).await;
+            clients.push((conn, m));
+        }
         let t = Instant::now();
         let mut tasks = Vec::new();
-        for c in 0..10 {
-            let address = bus.address.clone();
+        for (c, (conn, m)) in clients.iter().cloned().enumerate() {
             tasks.push(tokio::spawn(async move {
-                let conn = client::connect(&BusTarget::Address(address)).await.unwrap();
-                let m = manager(&conn).await;
+                let _conn = conn;
                 for i in 0..5 {
                     m.create_vm(&format!("par{c:02}x{i}"), &spec(""))
                         .await
@@ -85,27 +92,30 @@ fn main() {
         }
         let define_par = 50.0 / t.elapsed().as_secs_f64();
 
-        let t = Instant::now();
+        let mut seq_vms = Vec::new();
         for i in 0..25 {
-            let v = vm(&conn, m.get_vm(&format!("seq{i:03}")).await.unwrap()).await;
+            seq_vms.push(vm(&conn, m.get_vm(&format!("seq{i:03}")).await.unwrap()).await);
+        }
+        let t = Instant::now();
+        for v in &seq_vms {
             v.start().await.expect("start");
         }
         let start_seq = 25.0 / t.elapsed().as_secs_f64();
+        let mut vm_sets = Vec::new();
+        for (c, (conn, m)) in clients.iter().take(5).enumerate() {
+            let mut set = Vec::new();
+            for i in 0..5 {
+                let path = m.get_vm(&format!("par{c:02}x{i}")).await.unwrap();
+                set.push(client::vm_proxy(conn, path).await.unwrap());
+            }
+            vm_sets.push(set);
+        }
         let t = Instant::now();
         let mut tasks = Vec::new();
-        for c in 0..5 {
-            let address = bus.address.clone();
+        for set in vm_sets {
             tasks.push(tokio::spawn(async move {
-                let conn = client::connect(&BusTarget::Address(address)).await.unwrap();
-                let m = manager(&conn).await;
-                for i in 0..5 {
-                    let path = m.get_vm(&format!("par{c:02}x{i}")).await.unwrap();
-                    client::vm_proxy(&conn, path)
-                        .await
-                        .unwrap()
-                        .start()
-                        .await
-                        .expect("start");
+                for v in set {
+                    v.start().await.expect("start");
                 }
             }));
         }

@@ -591,6 +591,7 @@ impl Node {
         let deadline = Instant::now() + self.cfg.start_timeout;
         let socket = self.cfg.layout.api_socket(&vm.name);
         let mut rx = vm.state_tx.subscribe();
+        let mut poll = Duration::from_millis(2);
         loop {
             {
                 let st = vm.lock();
@@ -629,8 +630,10 @@ impl Node {
                 .await;
                 continue;
             }
-            // Wake on a state change (exit) or poll the socket again shortly.
-            let _ = tokio::time::timeout(Duration::from_millis(20), rx.changed()).await;
+            // Wake on a state change (exit) or poll the socket again, backing off from 2 ms
+            // (a VMM binds its socket within milliseconds) to 50 ms.
+            let _ = tokio::time::timeout(poll, rx.changed()).await;
+            poll = (poll * 2).min(Duration::from_millis(50));
         }
     }
 
