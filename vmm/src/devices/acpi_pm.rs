@@ -30,6 +30,7 @@ impl BusDevice for AcpiPm {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
+        tracing::debug!("ACPI PM register write {value:#x}");
         if value == RESET_VALUE {
             self.exit.request(ExitReason::GuestReset);
         } else if value & SLEEP_ENABLE != 0 && (value >> 2) & 0x7 == S5_SLEEP_TYPE {

@@ -27,6 +27,7 @@ impl BusDevice for I8042 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!("i8042 write {data:x?} at offset {offset}");
         // Registered at the data port; the command port is 4 bytes further.
         if offset == u64::from(I8042_COMMAND_PORT - I8042_DATA_PORT)
             && data.first() == Some(&CMD_PULSE_RESET)

@@ -69,6 +69,7 @@ impl Bus {
     }
 
     pub fn write(&self, port: u64, data: &[u8]) {
+        tracing::trace!("bus write {data:x?} at {port:#x}");
         if let Some((offset, dev)) = self.find(port) {
             dev.lock()
                 .unwrap_or_else(|e| e.into_inner())

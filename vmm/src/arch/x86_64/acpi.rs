@@ -17,7 +17,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use super::layout::{ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, RESET_VECTOR};
 use crate::devices::acpi_pm::{ACPI_PM_PORT, RESET_VALUE, S5_SLEEP_TYPE};
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
 
@@ -26,7 +26,7 @@ const OEM_REVISION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
-    #[error("ACPI tables ({0} bytes) do not fit below 1 MiB")]
+    #[error("ACPI tables ({0} bytes) do not fit below the reset vector")]
     TooLarge(u64),
     #[error("cannot write ACPI tables to guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
@@ -184,7 +184,7 @@ pub fn write_acpi_tables(
     let xsdt_addr = place(xsdt.len());
     let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
 
-    if next > ACPI_END {
+    if next > RESET_VECTOR {
         return Err(AcpiError::TooLarge(next - ACPI_START));
     }
     for (addr, table) in [

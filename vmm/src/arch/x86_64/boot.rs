@@ -223,6 +223,31 @@ pub fn boot_params(
     params
 }
 
+/// Real-mode code at the reset vector (F000:FFF0), where a guest lands when it reboots through
+/// the "BIOS" (Linux's `reboot=b`, which it also picks by itself on some paths): like firmware
+/// would, it resets the machine, here by writing the ACPI reset value to the reset register.
+///   mov al, RESET_VALUE; mov dx, ACPI_PM_PORT; out dx, al; hlt; jmp hlt
+pub fn reset_vector_stub() -> [u8; 10] {
+    let port = crate::devices::acpi_pm::ACPI_PM_PORT.to_le_bytes();
+    [
+        0xb0,
+        crate::devices::acpi_pm::RESET_VALUE,
+        0xba,
+        port[0],
+        port[1],
+        0xee,
+        0xf4,
+        0xeb,
+        0xfd,
+        0x90,
+    ]
+}
+
+pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    mem.write_slice(&reset_vector_stub(), GuestAddress(RESET_VECTOR))?;
+    Ok(())
+}
+
 pub fn write_boot_params(mem: &GuestMemoryMmap, params: &boot_params) -> Result<(), BootError> {
     mem.write_obj(*params, GuestAddress(ZERO_PAGE_START))?;
     Ok(())
@@ -342,6 +367,16 @@ mod tests {
             missing.to_string().contains("cannot open kernel"),
             "{missing}"
         );
+    }
+
+    #[test]
+    fn reset_vector_resets_through_the_acpi_port() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        write_reset_vector(&mem).expect("below 1 MiB");
+        let mut code = [0u8; 10];
+        mem.read_slice(&mut code, GuestAddress(0xffff0))
+            .expect("read");
+        assert_eq!(&code[..7], &[0xb0, 1, 0xba, 0x00, 0x06, 0xee, 0xf4]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! 0x0002_0000  kernel command line (2 KiB)
 //! 0x0009_fc00  EBDA: end of low RAM in the E820 map
 //! 0x000e_0000  ACPI tables (RSDP first, where the kernel scans for it)
+//! 0x000f_fff0  reset vector: a stub that resets the VM when a guest reboots through the BIOS
 //! 0x0010_0000  kernel, then initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole: virtio-mmio devices, IOAPIC, LAPIC, KVM TSS
 //! 0x1_0000_0000 RAM above the hole when the guest has more than 3 GiB
@@ -26,8 +27,9 @@ pub const CMDLINE_START: u64 = 0x20000;
 /// First byte past the usable low memory below 1 MiB.
 pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
-pub const ACPI_END: u64 = 0x100000;
 pub const HIMEM_START: u64 = 0x100000;
+/// Where an x86 CPU starts after reset (F000:FFF0): a stub there resets the VM.
+pub const RESET_VECTOR: u64 = 0xffff0;
 
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
@@ -94,7 +96,8 @@ mod tests {
             (ZERO_PAGE_START, ZERO_PAGE_START + 0x1000),
             (PML4_START, PDE_START + 0x1000),
             (CMDLINE_START, CMDLINE_START + 2048),
-            (ACPI_START, ACPI_END),
+            (ACPI_START, RESET_VECTOR),
+            (RESET_VECTOR, RESET_VECTOR + 16),
         ];
         for (i, a) in areas.iter().enumerate() {
             assert!(a.0 < a.1);
