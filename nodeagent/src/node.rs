@@ -129,6 +129,9 @@ struct VmStatus {
     stop_requested: bool,
     reboots: VecDeque<Instant>,
     taps: Vec<String>,
+    /// Set (under the ops lock) when the VM is deleted: callers that looked it up before
+    /// and waited for the lock must not act on it.
+    deleted: bool,
 }
 
 pub struct Vm {
@@ -166,6 +169,7 @@ impl Vm {
                 stop_requested: false,
                 reboots: VecDeque::new(),
                 taps: Vec::new(),
+                deleted: false,
             }),
             state_tx,
         })
@@ -190,6 +194,18 @@ impl Vm {
     }
     pub fn autostart(&self) -> bool {
         self.lock().spec.autostart
+    }
+
+    /// NotFound if the VM was deleted after the caller looked it up.
+    fn ensure_exists(&self) -> Result<(), NodeError> {
+        if self.lock().deleted {
+            Err(NodeError::NotFound(format!(
+                "VM {:?} was deleted",
+                self.name
+            )))
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -452,6 +468,8 @@ impl Node {
             .cloned()
             .ok_or_else(|| NodeError::NotFound(format!("no VM named {name:?} on this node")))?;
         let _ops = vm.ops.lock().await;
+        let _w = vm.spec_write.lock().await;
+        vm.ensure_exists()?;
         let state = vm.state();
         if !state.is_down() {
             return Err(NodeError::InvalidState(format!(
@@ -460,6 +478,7 @@ impl Node {
             )));
         }
         fsutil::remove_durable(&self.cfg.layout.spec_file(name)).map_err(io)?;
+        vm.lock().deleted = true;
         vms.remove(name);
         drop(vms);
         if let Err(e) = self.runner.forget(name).await {
@@ -480,7 +499,9 @@ impl Node {
 
     pub async fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), NodeError> {
         let vm = self.get(name).await?;
+        // Delete holds spec_write while removing the spec file, so this cannot resurrect it.
         let _w = vm.spec_write.lock().await;
+        vm.ensure_exists()?;
         let mut spec = vm.spec();
         if spec.autostart == autostart {
             return Ok(());
@@ -499,6 +520,7 @@ impl Node {
     pub async fn start(&self, name: &str) -> Result<(), NodeError> {
         let vm = self.get(name).await?;
         let _ops = vm.ops.lock().await;
+        vm.ensure_exists()?;
         let state = vm.state();
         if !state.is_down() {
             return Err(NodeError::InvalidState(format!(
@@ -708,6 +730,7 @@ impl Node {
                         let st = vm.lock();
                         // Stopped (or restarted) by someone else meanwhile.
                         if st.generation != generation
+                            || st.deleted
                             || st.stop_requested
                             || st.state != VmState::Starting
                         {
@@ -756,6 +779,7 @@ impl Node {
     pub async fn stop(&self, name: &str, graceful: bool) -> Result<(), NodeError> {
         let vm = self.get(name).await?;
         let _ops = vm.ops.lock().await;
+        vm.ensure_exists()?;
         let state = vm.state();
         if state.is_down() {
             return Err(NodeError::InvalidState(format!(
@@ -818,6 +842,7 @@ impl Node {
     async fn pause_resume(&self, name: &str, pause: bool) -> Result<(), NodeError> {
         let vm = self.get(name).await?;
         let _ops = vm.ops.lock().await;
+        vm.ensure_exists()?;
         let (from, to, request) = if pause {
             (VmState::Running, VmState::Paused, Request::Pause)
         } else {
