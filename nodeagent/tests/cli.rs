@@ -160,3 +160,61 @@ async fn remote_host_option_uses_stdio_bridge_over_the_ssh_transport() {
     let (ok, _, err) = thvcctl(&["--host=-oProxyCommand=evil"], &["status"]);
     assert!(!ok && err.contains("invalid remote host"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_follow_streams_output_across_a_guest_reboot() {
+    use std::io::Read;
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let marker = dirs.root.path().join("rebooted");
+    let path = m
+        .create_vm(
+            "follow",
+            &spec_cmdline(&format!("fake.reboot_once={}", marker.display())),
+        )
+        .await
+        .unwrap();
+    // Follow before the VM runs: it waits for output.
+    let mut child = Command::new(THVCCTL)
+        .args(["--bus", &bus.address, "vm", "console", "follow", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    vm(&conn, path).await.start().await.unwrap();
+    let text = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let mut text = String::new();
+        while text.matches("fake-vmm: guest running").count() < 2 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => text.push_str(&chunk),
+                Err(_) => panic!("console --follow did not show both boots:\n{text}"),
+            }
+        }
+        text
+    })
+    .await
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let reboot = text.find("guest requests reboot").expect("reboot line");
+    let second_boot = text.rfind("fake-vmm: booting").unwrap();
+    assert!(second_boot > reboot, "{text}");
+}
