@@ -201,12 +201,12 @@ struct Lan;
 
 impl Lan {
     fn new() -> Lan {
-        let _ = Command::new("ip").args(["link", "del", "thvcbr0"]).status();
+        let _ = Command::new("ip").args(["link", "del", "thvcbr0"]).output();
         ip(&["link", "add", "thvcbr0", "type", "bridge"]);
         ip(&["addr", "add", "10.77.0.1/24", "dev", "thvcbr0"]);
         ip(&["link", "set", "thvcbr0", "up"]);
         for tap in ["thvctap-a", "thvctap-b"] {
-            let _ = Command::new("ip").args(["link", "del", tap]).status();
+            let _ = Command::new("ip").args(["link", "del", tap]).output();
             ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
             ip(&["link", "set", tap, "master", "thvcbr0"]);
             ip(&["link", "set", tap, "up"]);
@@ -218,7 +218,7 @@ impl Lan {
 impl Drop for Lan {
     fn drop(&mut self) {
         for link in ["thvctap-a", "thvctap-b", "thvcbr0"] {
-            let _ = Command::new("ip").args(["link", "del", link]).status();
+            let _ = Command::new("ip").args(["link", "del", link]).output();
         }
     }
 }
@@ -229,10 +229,12 @@ fn two_guests_on_a_bridge_ping_and_move_64_mib() {
     let _lan = Lan::new();
     let dir = tempdir("net");
     let receiver = "ip link set eth0 up\nip addr add 10.77.0.3/24 dev eth0\necho THVC-NET-UP\n\
-        nc -l -p 5000 </dev/null >/tmp/recv\n\
+        sleep 100000 | nc -l -p 5000 >/tmp/recv\n\
         echo THVC-RECV-BYTES=$(wc -c </tmp/recv)\n\
         echo THVC-RECV-SHA=$(sha256sum /tmp/recv | cut -d' ' -f1)\n\
         if ping -c 2 -W 5 10.77.0.1 >/dev/null; then echo THVC-PING-HOST=ok; else echo THVC-PING-HOST=failed; fi";
+    // The receiver's nc must not see end-of-input (busybox nc then half-closes, and the
+    // sender's nc quits on that, mid-transfer): its stdin is a pipe that stays open.
     // The sender waits for the receiver with a bounded retry on a real condition (the
     // peer answering), not a fixed sleep.
     let sender = "ip link set eth0 up\nip addr add 10.77.0.2/24 dev eth0\n\
