@@ -192,7 +192,8 @@ impl VmRunner for SystemdRunner {
             // there was nothing to clear).
             let _ = manager.reset_failed_unit(&unit_name).await;
             let (unit, service) = self.unit_proxies(&spec.name).await?;
-            // Subscribe before starting so a quick exit is not missed.
+            // The watcher reads ActiveState before waiting for changes, so even a VMM that
+            // exits before the watcher first runs is seen (with its exit status).
             let exited = Self::watch_until_inactive(unit.clone(), service);
             manager
                 .start_unit(&unit_name, "replace")
