@@ -93,7 +93,13 @@ impl Guest {
 
     /// Waits for a console line starting with `prefix` and returns the rest of it.
     pub fn wait_for(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + BOOT_TIMEOUT;
+        self.wait_for_within(prefix, BOOT_TIMEOUT)
+    }
+
+    /// Like `wait_for`, for steps that take longer than a boot (bulk transfers under the
+    /// software-emulated test VM).
+    pub fn wait_for_within(&mut self, prefix: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(line) = self.seen.iter().find(|l| l.contains(prefix)) {
                 let at = line.find(prefix).unwrap_or(0) + prefix.len();
@@ -105,7 +111,7 @@ impl Guest {
                 Err(_) => {
                     let _ = self.child.kill();
                     panic!(
-                        "no console line with {prefix:?} within {BOOT_TIMEOUT:?}; console:\n{}",
+                        "no console line with {prefix:?} within {limit:?}; console:\n{}",
                         self.seen.join("\n")
                     );
                 }
