@@ -54,6 +54,14 @@ pub enum ConfigError {
     Net { spec: String, why: String },
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} are supported")]
     TooManyDevices(usize),
+    #[error("invalid seccomp mode '{0}': expected on, off or log")]
+    Seccomp(String),
+    #[error("invalid user '{0}': expected UID:GID, two numbers other than 0 (root)")]
+    User(String),
+    #[error("invalid kvm fd {0}: expected an inherited descriptor number of 3 or more")]
+    KvmFd(i64),
+    #[error("api socket path must not be empty")]
+    ApiSocketEmpty,
 }
 
 /// Interrupt lines 5..=20 go to virtio devices, one each.
@@ -187,6 +195,70 @@ impl NetConfig {
     }
 }
 
+/// Whether and how the seccomp filters are enforced (see `sandbox::seccomp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeccompMode {
+    /// Any syscall outside a thread's allow-list kills the process.
+    #[default]
+    On,
+    /// No filters: for debugging only.
+    Off,
+    /// Syscalls outside the allow-lists are allowed but logged by the kernel (audit log /
+    /// dmesg): for finding what a new code path needs.
+    Log,
+}
+
+impl FromStr for SeccompMode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on" => Ok(SeccompMode::On),
+            "off" => Ok(SeccompMode::Off),
+            "log" => Ok(SeccompMode::Log),
+            _ => Err(ConfigError::Seccomp(s.to_string())),
+        }
+    }
+}
+
+/// The unprivileged user and group to switch to after the resources are open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserIds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl FromStr for UserIds {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::User(s.to_string());
+        let (uid, gid) = s.split_once(':').ok_or_else(bad)?;
+        let number = |v: &str| {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            v.parse::<u32>().map_err(|_| bad())
+        };
+        let (uid, gid) = (number(uid)?, number(gid)?);
+        // 0 is root; u32::MAX is (uid_t)-1, "no change" to setresuid.
+        if uid == 0 || gid == 0 || uid == u32::MAX || gid == u32::MAX {
+            return Err(bad());
+        }
+        Ok(UserIds { uid, gid })
+    }
+}
+
+/// What the process may do once it runs: see `sandbox`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SandboxConfig {
+    pub seccomp: SeccompMode,
+    /// An inherited, already open /dev/kvm; None: open /dev/kvm.
+    pub kvm_fd: Option<i32>,
+    /// Switch to this user after opening everything (needs to start as root).
+    pub user: Option<UserIds>,
+}
+
 /// Where the guest's COM1 output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialTarget {
@@ -258,6 +330,18 @@ pub struct Cli {
     /// Do not give the guest a virtio-rng device (it has one by default).
     #[arg(long)]
     pub no_rng: bool,
+    /// Serve the control API on this Unix socket (created mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Seccomp filters: on, off (debugging only) or log (log instead of kill) [default: on].
+    #[arg(long, value_name = "MODE")]
+    pub seccomp: Option<String>,
+    /// Use this inherited file descriptor as /dev/kvm instead of opening it.
+    #[arg(long, value_name = "N")]
+    pub kvm_fd: Option<i64>,
+    /// Switch to UID:GID (numeric) after opening all resources; needs root.
+    #[arg(long, value_name = "UID:GID")]
+    pub user: Option<String>,
     /// JSON file with any of the settings above; command-line flags take precedence.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -276,6 +360,10 @@ pub struct FileConfig {
     pub disks: Option<Vec<DiskConfig>>,
     pub nets: Option<Vec<NetConfig>>,
     pub rng: Option<bool>,
+    pub api_socket: Option<PathBuf>,
+    pub seccomp: Option<String>,
+    pub kvm_fd: Option<i64>,
+    pub user: Option<String>,
 }
 
 impl FileConfig {
@@ -307,6 +395,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub rng: bool,
+    pub api_socket: Option<PathBuf>,
+    pub sandbox: SandboxConfig,
 }
 
 impl VmConfig {
@@ -398,6 +488,28 @@ impl VmConfig {
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
+        let api_socket = cli.api_socket.or(file.api_socket);
+        if api_socket
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::ApiSocketEmpty);
+        }
+        let seccomp = match cli.seccomp.or(file.seccomp) {
+            Some(s) => s.parse()?,
+            None => SeccompMode::default(),
+        };
+        let kvm_fd = match cli.kvm_fd.or(file.kvm_fd) {
+            Some(fd) => match i32::try_from(fd) {
+                Ok(n) if n >= 3 => Some(n),
+                _ => return Err(ConfigError::KvmFd(fd)),
+            },
+            None => None,
+        };
+        let user = match cli.user.or(file.user) {
+            Some(s) => Some(s.parse()?),
+            None => None,
+        };
         Ok(VmConfig {
             kernel,
             initrd: cli.initrd.or(file.initrd),
@@ -408,6 +520,12 @@ impl VmConfig {
             disks,
             nets,
             rng,
+            api_socket,
+            sandbox: SandboxConfig {
+                seccomp,
+                kvm_fd,
+                user,
+            },
         })
     }
 }
@@ -573,6 +691,73 @@ mod tests {
             args.extend_from_slice(&["--disk", m.as_str()]);
         }
         assert!(bad(&args).contains("at most 16"));
+    }
+
+    #[test]
+    fn sandbox_and_api_settings() {
+        let cfg = VmConfig::merge(cli(&["--kernel", "k"]), FileConfig::default(), HOST_MIB)
+            .expect("valid");
+        assert_eq!(cfg.sandbox, SandboxConfig::default());
+        assert_eq!(cfg.sandbox.seccomp, SeccompMode::On, "on by default");
+        assert_eq!(cfg.api_socket, None);
+        let file = FileConfig::parse(
+            r#"{"kernel": "/k", "api_socket": "/run/vm.sock", "seccomp": "log",
+                "kvm_fd": 7, "user": "1000:1001"}"#,
+            Path::new("c.json"),
+        )
+        .expect("valid file");
+        let cfg = VmConfig::merge(cli(&["--seccomp", "off"]), file, HOST_MIB).expect("valid");
+        assert_eq!(cfg.api_socket, Some(PathBuf::from("/run/vm.sock")));
+        assert_eq!(
+            cfg.sandbox.seccomp,
+            SeccompMode::Off,
+            "the command line wins"
+        );
+        assert_eq!(cfg.sandbox.kvm_fd, Some(7));
+        assert_eq!(
+            cfg.sandbox.user,
+            Some(UserIds {
+                uid: 1000,
+                gid: 1001
+            })
+        );
+    }
+
+    #[test]
+    fn bad_sandbox_settings_are_rejected() {
+        let bad = |args: &[&str]| {
+            VmConfig::merge(cli(args), FileConfig::default(), HOST_MIB)
+                .expect_err("must be rejected")
+                .to_string()
+        };
+        assert!(bad(&["--kernel", "k", "--seccomp", "maybe"]).contains("invalid seccomp"));
+        for user in [
+            "1000",
+            "0:0",
+            "1000:0",
+            "a:b",
+            ":5",
+            "5:",
+            "+5:5",
+            "4294967295:5",
+            "99999999999:5",
+        ] {
+            assert!(
+                bad(&["--kernel", "k", "--user", user]).contains("invalid user"),
+                "{user}"
+            );
+        }
+        for fd in ["0", "2", "4294967296"] {
+            assert!(
+                bad(&["--kernel", "k", "--kvm-fd", fd]).contains("invalid kvm fd"),
+                "{fd}"
+            );
+        }
+        let empty_socket =
+            FileConfig::parse(r#"{"kernel": "k", "api_socket": ""}"#, Path::new("c"))
+                .expect("parses");
+        let err = VmConfig::merge(cli(&[]), empty_socket, HOST_MIB).expect_err("empty path");
+        assert!(err.to_string().contains("must not be empty"), "{err}");
     }
 
     #[test]

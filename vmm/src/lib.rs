@@ -6,9 +6,11 @@
 //! * [`devices`]: serial console, reset and power devices on the port-I/O bus.
 //! * [`vmm`]: builds the VM and runs its event loop; [`exit`]: how it ends.
 
+pub mod api;
 pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod sandbox;
 pub mod vmm;
 pub mod vstate;
