@@ -429,6 +429,8 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
     add_to_epoll(&epoll, exit.event().as_raw_fd(), TOKEN_EXIT).map_err(VmmError::EventLoop)?;
     add_to_epoll(&epoll, signals.as_raw_fd(), TOKEN_SIGNAL).map_err(VmmError::EventLoop)?;
+    // From here on the loop below sees exit requests (the eventfd is in the epoll set).
+    vm_api.set_event_loop_running();
     let terminal = RawTerminal::enable();
     if terminal.is_some() {
         add_to_epoll(&epoll, libc::STDIN_FILENO, TOKEN_STDIN).map_err(VmmError::EventLoop)?;

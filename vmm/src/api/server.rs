@@ -493,3 +493,256 @@ fn pump(conn: &mut Connection, handler: &dyn ApiHandler) -> bool {
     }
     !(conn.input_done && conn.output.is_empty() && conn.framer.pending() == 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::Shutdown;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::Mutex;
+
+    use crate::api::protocol::MAX_REQUEST_LEN;
+
+    /// Answers ping and info, refuses the rest; records after_response calls.
+    #[derive(Default)]
+    struct Mock {
+        after: Mutex<Vec<Request>>,
+    }
+
+    impl ApiHandler for Mock {
+        fn handle(&self, request: Request) -> Result<serde_json::Value, String> {
+            match request {
+                Request::Ping => Ok("pong".into()),
+                Request::Info => Ok(serde_json::json!({"state": "running"})),
+                Request::Stop => Ok(serde_json::json!({"state": "stopping"})),
+                other => Err(format!("{} refused", other.as_str())),
+            }
+        }
+
+        fn after_response(&self, request: Request) {
+            self.after.lock().expect("lock").push(request);
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("thvc-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    /// Serves `Mock` on a fresh socket; returns its path and the handler.
+    fn serve(name: &str) -> (PathBuf, Arc<Mock>) {
+        let path = temp_dir(name).join("api.sock");
+        let listener = bind(&path).expect("bind");
+        let mock = Arc::new(Mock::default());
+        let handler: Arc<dyn ApiHandler> = mock.clone();
+        let epoll = Epoll::new().expect("epoll");
+        std::thread::spawn(move || Server::new(listener, handler, epoll).run());
+        (path, mock)
+    }
+
+    struct Client {
+        stream: UnixStream,
+        reader: BufReader<UnixStream>,
+    }
+
+    impl Client {
+        fn connect(path: &Path) -> Client {
+            let stream = UnixStream::connect(path).expect("connect");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let reader = BufReader::new(stream.try_clone().expect("clone"));
+            Client { stream, reader }
+        }
+
+        fn send(&mut self, bytes: &[u8]) {
+            self.stream.write_all(bytes).expect("send");
+        }
+
+        fn response(&mut self) -> serde_json::Value {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("response");
+            assert!(n > 0 && line.ends_with('\n'), "a whole line, got {line:?}");
+            serde_json::from_str(&line).expect("response is JSON")
+        }
+
+        fn error(&mut self) -> String {
+            let v = self.response();
+            assert_eq!(v["ok"], false, "{v}");
+            v["error"].as_str().expect("error string").to_string()
+        }
+
+        /// EOF, or a reset when the server closed with our unread bytes still queued.
+        fn assert_closed(&mut self) {
+            let mut rest = Vec::new();
+            match self.reader.read_to_end(&mut rest) {
+                Ok(_) => assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest)),
+                Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn socket_is_private_and_stale_sockets_are_replaced() {
+        let dir = temp_dir("bind");
+        let path = dir.join("api.sock");
+        let listener = bind(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+
+        let err = bind(&path).err().expect("in use");
+        assert!(matches!(err, ApiError::InUse { .. }), "{err}");
+        drop(listener); // leaves the socket file behind, like a crashed VMM
+        assert!(path.exists());
+        let _again = bind(&path).expect("stale socket replaced");
+
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, b"precious").expect("write");
+        let err = bind(&file).err().expect("not a socket");
+        assert!(matches!(err, ApiError::NotASocket { .. }), "{err}");
+        assert_eq!(std::fs::read(&file).expect("kept"), b"precious");
+
+        let err = bind(&dir.join("missing-dir").join("api.sock"))
+            .err()
+            .expect("no dir");
+        assert!(err.to_string().contains("cannot bind"), "{err}");
+    }
+
+    #[test]
+    fn several_requests_per_connection_answered_in_order() {
+        let (path, mock) = serve("order");
+        let mut c = Client::connect(&path);
+        c.send(b"{\"request\":\"ping\"}\n{\"request\":\"info\"}\r\n{\"request\":\"pause\"}\n");
+        c.send(b"{\"request\":\"nope\"}\n{\"request\":\"stop\"}\n");
+        assert_eq!(
+            c.response(),
+            serde_json::json!({"ok": true, "result": "pong"})
+        );
+        assert_eq!(c.response()["result"]["state"], "running");
+        assert_eq!(c.error(), "pause refused");
+        assert!(c.error().contains("unknown request \"nope\""));
+        assert_eq!(c.response()["result"]["state"], "stopping");
+        // One more round trip: the server handles a connection's requests in order, so the
+        // hook of `stop` has run by the time this is answered.
+        c.send(b"{\"request\":\"ping\"}\n");
+        assert_eq!(c.response()["result"], "pong");
+        // Only successful requests get the after-response hook.
+        let after = mock.after.lock().expect("lock").clone();
+        assert_eq!(after[..3], [Request::Ping, Request::Info, Request::Stop]);
+    }
+
+    #[test]
+    fn garbage_gets_errors_and_the_connection_stays_usable() {
+        let (path, _) = serve("garbage");
+        let mut c = Client::connect(&path);
+        c.send(b"\xff\xfe\x00garbage\n");
+        assert!(c.error().contains("not valid UTF-8"));
+        c.send(b"\n");
+        assert_eq!(c.error(), "empty request");
+        c.send(b"{\"request\":\"ping\",\"extra\":1}\n");
+        assert!(c.error().contains("unknown field \"extra\""));
+        c.send(b"[1,2,3]\n");
+        assert!(c.error().contains("not a JSON object"));
+        c.send(b"{\"request\":\"ping\"}\n");
+        assert_eq!(c.response()["result"], "pong");
+    }
+
+    #[test]
+    fn huge_line_is_answered_then_the_connection_closed() {
+        let (path, _) = serve("huge");
+        let mut c = Client::connect(&path);
+        let writer = {
+            let mut stream = c.stream.try_clone().expect("clone");
+            // Sent from another thread: the server stops reading once it gave up on the line.
+            std::thread::spawn(move || {
+                let _ = stream.write_all(&vec![b'x'; 4 * MAX_REQUEST_LEN]);
+            })
+        };
+        assert!(c.error().contains("longer than 65536 bytes"));
+        c.assert_closed();
+        writer.join().expect("writer");
+        // Other clients are unaffected.
+        let mut other = Client::connect(&path);
+        other.send(b"{\"request\":\"ping\"}\n");
+        assert_eq!(other.response()["result"], "pong");
+    }
+
+    #[test]
+    fn half_closed_connection_gets_its_answers_then_eof() {
+        let (path, _) = serve("half");
+        let mut c = Client::connect(&path);
+        // No trailing newline: the end of input ends the last request.
+        c.send(b"{\"request\":\"ping\"}\n{\"request\":\"info\"}");
+        c.stream.shutdown(Shutdown::Write).expect("shutdown");
+        assert_eq!(c.response()["result"], "pong");
+        assert_eq!(c.response()["result"]["state"], "running");
+        c.assert_closed();
+        // A client that connects and hangs up at once costs nothing.
+        drop(UnixStream::connect(&path).expect("connect"));
+        let mut c = Client::connect(&path);
+        c.send(b"{\"request\":\"ping\"}\n");
+        assert_eq!(c.response()["result"], "pong");
+    }
+
+    #[test]
+    fn too_many_connections_are_refused_and_then_served_again() {
+        let (path, _) = serve("many");
+        let mut held: Vec<Client> = (0..MAX_CONNECTIONS)
+            .map(|_| Client::connect(&path))
+            .collect();
+        // All slots in use by fresh (not idle) clients: the next one is told and closed.
+        let mut extra = Client::connect(&path);
+        assert!(extra.error().contains("too many connections"));
+        extra.assert_closed();
+        for c in &mut held {
+            c.send(b"{\"request\":\"ping\"}\n");
+            assert_eq!(c.response()["result"], "pong");
+        }
+        held.truncate(MAX_CONNECTIONS - 1);
+        // The server notices the hang-up when it next looks at that socket; retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = Client::connect(&path);
+            c.send(b"{\"request\":\"ping\"}\n");
+            let v = c.response();
+            if v["ok"] == true {
+                break;
+            }
+            assert!(Instant::now() < deadline, "slot never freed: {v}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_client_that_never_reads_does_not_block_others() {
+        let (path, _) = serve("noread");
+        let greedy = UnixStream::connect(&path).expect("connect");
+        greedy.set_nonblocking(true).expect("nonblocking");
+        let request = b"{\"request\":\"info\"}\n".repeat(1024);
+        let mut sent = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Keep sending until the server stops reading from us (our send buffer stays full).
+        let mut stalls = 0;
+        while stalls < 50 && Instant::now() < deadline {
+            match (&greedy).write(&request) {
+                Ok(n) => {
+                    sent += n;
+                    stalls = 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    stalls += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("send failed: {e}"),
+            }
+        }
+        assert!(stalls >= 50, "the server kept reading without bound");
+        assert!(sent > OUTPUT_HIGH_WATER, "sent only {sent} bytes");
+        let mut c = Client::connect(&path);
+        c.send(b"{\"request\":\"ping\"}\n");
+        assert_eq!(c.response()["result"], "pong");
+    }
+}

@@ -37,6 +37,8 @@ pub struct VmApi {
     exit: VmExitRequest,
     power_button: OnceLock<PowerButton>,
     shutdown_requested: AtomicBool,
+    /// Set once the main thread runs its event loop and so acts on exit requests.
+    event_loop_running: AtomicBool,
 }
 
 impl VmApi {
@@ -58,6 +60,7 @@ impl VmApi {
             exit,
             power_button: OnceLock::new(),
             shutdown_requested: AtomicBool::new(false),
+            event_loop_running: AtomicBool::new(false),
         }
     }
 
@@ -67,6 +70,11 @@ impl VmApi {
             .get(usize::from(id))
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// The main thread is about to wait for exit requests.
+    pub fn set_event_loop_running(&self) {
+        self.event_loop_running.store(true, Ordering::SeqCst);
     }
 
     pub fn set_power_button(&self, button: PowerButton) {
@@ -153,6 +161,12 @@ impl ApiHandler for VmApi {
         if request == Request::Stop {
             tracing::info!("stop requested through the API");
             self.exit.request(ExitReason::Stopped);
+            if !self.event_loop_running.load(Ordering::SeqCst) {
+                // The main thread is still setting up (say, reading a slow initrd) and will
+                // not look at the exit latch until it is done; stop means now. Nothing needs
+                // restoring yet: the terminal is put in raw mode only when the loop starts.
+                std::process::exit(ExitReason::Stopped.status());
+            }
         }
     }
 }
@@ -237,6 +251,7 @@ mod tests {
     #[test]
     fn stop_answers_first_then_ends_the_vm() {
         let (api, exit) = api();
+        api.set_event_loop_running();
         assert_eq!(api.handle(Request::Stop), Ok(json!({"state": "stopping"})));
         assert_eq!(exit.reason(), None);
         api.after_response(Request::Stop);
