@@ -9,7 +9,9 @@
 //! It never blocks on a client: all sockets are non-blocking in one epoll set; each connection
 //! has a bounded input (one line of at most 64 KiB) and a bounded output buffer (a client that
 //! does not read its answers is not read from either); at most [`MAX_CONNECTIONS`] clients are
-//! served, idle ones are evicted for new ones, the rest are told so and closed.
+//! served (fewer while the VMM is still starting, so that clients cannot use up the file
+//! descriptors it needs), idle ones are evicted for new ones, the rest are told so and closed.
+//! Running out of descriptors (RLIMIT_NOFILE) pauses accepting briefly instead of spinning.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -36,6 +38,11 @@ pub trait ApiHandler: Send + Sync {
     /// Runs after the response to a successful `request` was written to the socket (for
     /// `stop`, which must answer before the process ends).
     fn after_response(&self, _request: Request) {}
+
+    /// How many clients may be connected now (at most [`MAX_CONNECTIONS`]).
+    fn connection_limit(&self) -> usize {
+        MAX_CONNECTIONS
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -296,15 +303,25 @@ impl Server {
     }
 
     fn add_connection(&mut self, mut stream: UnixStream) {
-        let free = match self.connections.iter().position(Option::is_none) {
-            Some(slot) => Some(slot),
-            None => {
-                self.evict_idle(Instant::now());
-                self.connections.iter().position(Option::is_none)
+        let limit = self.handler.connection_limit().min(MAX_CONNECTIONS);
+        let connected = |conns: &[Option<Connection>]| conns.iter().flatten().count();
+        if connected(&self.connections) >= limit {
+            // Full: first finish off connections whose clients already left (their hang-up
+            // may not have been seen yet), then the idle ones.
+            for slot in 0..self.connections.len() {
+                self.service(slot);
             }
+            if connected(&self.connections) >= limit {
+                self.evict_idle(Instant::now());
+            }
+        }
+        let free = if connected(&self.connections) < limit {
+            self.connections.iter().position(Option::is_none)
+        } else {
+            None
         };
         let Some(slot) = free else {
-            tracing::warn!("control API: {MAX_CONNECTIONS} clients connected; refusing another");
+            tracing::warn!("control API: {limit} clients connected; refusing another");
             // A fresh socket's send buffer has room for one short line.
             let _ = stream.write(&error_line("too many connections; try again later"));
             return;

@@ -15,6 +15,9 @@ use crate::vstate::control::{VcpuControl, VcpuStats};
 
 /// How long `pause` waits for every vCPU to stop; under the node agent's 5 s request timeout.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Clients served at once while the VMM is still setting up: the rest of the descriptor
+/// budget (RLIMIT_NOFILE) is left for the VM's own eventfds, devices and vCPUs.
+pub const CONNECTIONS_DURING_START: usize = 4;
 
 /// The static facts `info` reports.
 #[derive(Debug, Clone)]
@@ -154,6 +157,14 @@ impl ApiHandler for VmApi {
                 Ok(self.state_result())
             }
             Request::Stop => Ok(json!({ "state": "stopping" })),
+        }
+    }
+
+    fn connection_limit(&self) -> usize {
+        if self.event_loop_running.load(Ordering::SeqCst) {
+            super::server::MAX_CONNECTIONS
+        } else {
+            CONNECTIONS_DURING_START
         }
     }
 

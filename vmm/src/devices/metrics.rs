@@ -103,12 +103,7 @@ impl DeviceRegistry {
         self.add(name, kind, Some(source));
     }
 
-    fn add(
-        &self,
-        name: &str,
-        kind: &str,
-        source: Option<Arc<dyn CounterSource>>,
-    ) -> DeviceMetrics {
+    fn add(&self, name: &str, kind: &str, source: Option<Arc<dyn CounterSource>>) -> DeviceMetrics {
         let dev = DeviceMetrics(Arc::new(DeviceEntry {
             name: name.to_string(),
             kind: kind.to_string(),

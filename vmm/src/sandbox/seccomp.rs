@@ -325,7 +325,11 @@ mod tests {
         assert_eq!(ioctl_rules(ThreadKind::Vcpu), Some(1), "KVM_RUN only");
         assert_eq!(ioctl_rules(ThreadKind::Main), Some(2), "TCGETS, TCSETS");
         assert_eq!(ioctl_rules(ThreadKind::Api), None);
-        assert_eq!(ioctl_rules(ThreadKind::DeviceWorker), Some(1), "TUNSETOFFLOAD");
+        assert_eq!(
+            ioctl_rules(ThreadKind::DeviceWorker),
+            Some(1),
+            "TUNSETOFFLOAD"
+        );
         for kind in ThreadKind::ALL {
             assert_eq!(
                 allowed_syscalls(kind).contains_key(&libc::SYS_accept4),
