@@ -80,13 +80,18 @@ pub struct DiskConfig {
     pub serial: Option<String>,
 }
 
-/// A virtio-net NIC on an existing (or, with the right to, new) TAP device.
+/// A virtio-net NIC on an existing (or, with the right to, new) TAP device, named or handed
+/// over as an open descriptor (`fd`, already attached with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// Empty when `fd` is given.
+    #[serde(default)]
     pub tap: String,
     #[serde(default)]
     pub mac: Option<String>,
+    #[serde(default)]
+    pub fd: Option<i32>,
 }
 
 /// Splits "a=1,b=2" into pairs; every part must be key=value.
@@ -154,7 +159,7 @@ impl DiskConfig {
 impl FromStr for NetConfig {
     type Err = ConfigError;
 
-    /// `tap=NAME[,mac=MAC]`
+    /// `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let err = |why: String| ConfigError::Net {
             spec: spec.to_string(),
@@ -163,12 +168,20 @@ impl FromStr for NetConfig {
         let mut net = NetConfig {
             tap: String::new(),
             mac: None,
+            fd: None,
         };
         for (key, value) in key_values(spec).map_err(err)? {
             match key {
                 "tap" => net.tap = value.to_string(),
                 "mac" => net.mac = Some(value.to_string()),
-                _ => return Err(err(format!("unknown key '{key}' (tap, mac)"))),
+                "fd" => {
+                    net.fd = Some(
+                        value
+                            .parse()
+                            .map_err(|_| err(format!("fd '{value}' is not a number")))?,
+                    )
+                }
+                _ => return Err(err(format!("unknown key '{key}' (tap, fd, mac)"))),
             }
         }
         net.validate().map_err(err)?;
@@ -178,7 +191,20 @@ impl FromStr for NetConfig {
 
 impl NetConfig {
     fn validate(&self) -> Result<(), String> {
-        if !crate::devices::virtio::tap::valid_name(&self.tap) {
+        match self.fd {
+            Some(_) if !self.tap.is_empty() => {
+                return Err("give either tap=NAME or fd=N, not both".into())
+            }
+            Some(fd) if fd < 3 => {
+                return Err(format!(
+                    "fd {fd} is not an inherited descriptor (3 or more)"
+                ))
+            }
+            Some(_) => {}
+            None if self.tap.is_empty() => return Err("tap=NAME or fd=N is required".into()),
+            None => {}
+        }
+        if self.fd.is_none() && !crate::devices::virtio::tap::valid_name(&self.tap) {
             return Err(format!(
                 "tap name '{}' must be 1-15 bytes without '/' or spaces",
                 self.tap
@@ -464,7 +490,7 @@ impl VmConfig {
             let nets = file.nets.unwrap_or_default();
             for n in &nets {
                 n.validate().map_err(|why| ConfigError::Net {
-                    spec: n.tap.clone(),
+                    spec: n.fd.map_or_else(|| n.tap.clone(), |fd| format!("fd={fd}")),
                     why,
                 })?;
             }
@@ -475,13 +501,27 @@ impl VmConfig {
                 .map(|s| s.parse())
                 .collect::<Result<_, _>>()?
         };
-        let mut taps: Vec<&str> = nets.iter().map(|n| n.tap.as_str()).collect();
+        let mut taps: Vec<String> = nets
+            .iter()
+            .map(|n| match n.fd {
+                Some(fd) => format!("fd={fd}"),
+                None => n.tap.clone(),
+            })
+            .collect();
         taps.sort_unstable();
         if let Some(dup) = taps.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::Net {
                 spec: dup[0].to_string(),
                 why: "the same TAP is given twice".into(),
             });
+        }
+        if let Some(kvm) = cli.kvm_fd.or(file.kvm_fd) {
+            if nets.iter().any(|n| n.fd.map(i64::from) == Some(kvm)) {
+                return Err(ConfigError::Net {
+                    spec: format!("fd={kvm}"),
+                    why: "the same descriptor is also --kvm-fd".into(),
+                });
+            }
         }
         let rng = !cli.no_rng && file.rng.unwrap_or(true);
         let devices = disks.len() + nets.len() + usize::from(rng);
@@ -618,6 +658,42 @@ mod tests {
         )
         .expect("edge values are valid");
         assert_eq!((ok.vcpus, ok.memory_mib), (32, 64));
+    }
+
+    #[test]
+    fn nets_on_handed_tap_descriptors() {
+        let cfg = VmConfig::merge(
+            cli(&[
+                "--kernel",
+                "k",
+                "--net",
+                "fd=5,mac=52:54:00:00:00:01",
+                "--net",
+                "fd=6",
+            ]),
+            FileConfig::default(),
+            HOST_MIB,
+        )
+        .expect("valid");
+        assert_eq!((cfg.nets[0].fd, cfg.nets[0].tap.as_str()), (Some(5), ""));
+        assert_eq!(cfg.nets[1].fd, Some(6));
+        let file = FileConfig::parse(r#"{"kernel": "k", "nets": [{"fd": 7}]}"#, Path::new("c"))
+            .expect("parses");
+        let cfg = VmConfig::merge(cli(&[]), file, HOST_MIB).expect("valid");
+        assert_eq!(cfg.nets[0].fd, Some(7));
+        let bad = |args: &[&str]| {
+            let mut all = vec!["--kernel", "k"];
+            all.extend_from_slice(args);
+            VmConfig::merge(cli(&all), FileConfig::default(), HOST_MIB)
+                .expect_err("must be rejected")
+                .to_string()
+        };
+        assert!(bad(&["--net", "fd=5,tap=t0"]).contains("not both"));
+        assert!(bad(&["--net", "fd=2"]).contains("not an inherited descriptor"));
+        assert!(bad(&["--net", "fd=x"]).contains("not a number"));
+        assert!(bad(&["--net", "mac=52:54:00:00:00:01"]).contains("is required"));
+        assert!(bad(&["--net", "fd=5", "--net", "fd=5"]).contains("twice"));
+        assert!(bad(&["--net", "fd=5", "--kvm-fd", "5"]).contains("also --kvm-fd"));
     }
 
     #[test]

@@ -111,12 +111,11 @@ fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmErro
         devices.push((format!("virtio-blk{i}"), info, Box::new(dev), counters));
     }
     for (i, nic) in config.nets.iter().enumerate() {
-        let mac = nic
-            .mac
-            .as_deref()
-            .and_then(net::parse_mac)
-            .unwrap_or_else(|| net::default_mac(&nic.tap));
-        let (info, dev) = net::open(&nic.tap, mac)?;
+        let mac = nic.mac.as_deref().and_then(net::parse_mac);
+        let (info, dev) = match nic.fd {
+            Some(fd) => net::open_fd(fd, mac)?,
+            None => net::open(&nic.tap, mac.unwrap_or_else(|| net::default_mac(&nic.tap)))?,
+        };
         let counters = dev.counters();
         devices.push((format!("virtio-net{i}"), info, Box::new(dev), counters));
     }
