@@ -60,7 +60,8 @@ fn real_main() -> i32 {
             reason.status()
         }
         Err(e) => {
-            eprintln!("thvc-vmm: {:#}", anyhow::Error::from(e));
+            // The messages already include their causes: print them once.
+            eprintln!("thvc-vmm: {e}");
             EXIT_ERROR
         }
     }
