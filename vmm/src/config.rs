@@ -324,9 +324,9 @@ impl fmt::Display for SerialTarget {
     name = "thvc-vmm",
     version,
     about = "A minimal KVM virtual machine monitor: one process per VM.",
-    after_help = "Exit status: 0 guest powered off or VMM stopped by SIGTERM/SIGINT; \
-                  1 error; 2 invalid usage or configuration; 3 guest reset (reboot, \
-                  or a panic with panic=N)."
+    after_help = "Exit status: 0 guest powered off or VMM stopped by SIGTERM/SIGINT or the \
+                  API; 1 error; 2 invalid usage or configuration; 3 guest reset (reboot, \
+                  or a panic with panic=N). Killed by SIGSYS: a seccomp violation."
 )]
 pub struct Cli {
     /// Guest kernel: a bzImage or an uncompressed ELF vmlinux.

@@ -134,5 +134,9 @@ fn missing_kernel_file_is_one_line_with_the_cause_once() {
     let out = run(&["--kernel", "/nonexistent/vmlinuz", "--seccomp", "off"]);
     assert_one_line_error(&out, 1, "cannot open kernel /nonexistent/vmlinuz");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
 }

@@ -262,8 +262,9 @@ impl Server {
                 match err.raw_os_error() {
                     Some(libc::EAGAIN) => return Ok(()),
                     Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
-                    Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS)
-                    | Some(libc::ENOMEM) => {
+                    // Out of descriptors or memory (or anything unexpected): back off
+                    // instead of spinning on a listener that stays readable.
+                    _ => {
                         tracing::warn!(
                             "control API: cannot accept a connection ({err}); \
                              pausing for {ACCEPT_BACKOFF:?}"
@@ -277,7 +278,6 @@ impl Server {
                         self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
                         return Ok(());
                     }
-                    _ => return Err(err),
                 }
             }
             // SAFETY: fd is a fresh socket we own.
