@@ -215,7 +215,14 @@ fn stop_ends_the_vm_at_once_with_status_0() {
     let (status, console, stderr) = guest.finish();
     assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
     assert!(!console.contains("THVC-POWER-BUTTON"), "no guest shutdown");
-    assert!(stderr.contains("reason=Stopped"), "{stderr}");
+    assert!(
+        stderr.contains("stop requested through the API"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Stopped") && !stderr.contains("GuestPowerOff"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -177,10 +177,15 @@ fn boots_as_nobody_with_a_handed_kvm_fd_and_no_capabilities() {
         ],
         |cmd| {
             cmd.uid(NOBODY).gid(NOBODY);
-            // SAFETY: dup2 is async-signal-safe; the new fd 3 does not have CLOEXEC.
+            // SAFETY: dup2 and fcntl are async-signal-safe. The descriptor must reach the
+            // VMM as fd 3 without close-on-exec: dup2 gives that, except when it already is 3
+            // (dup2 then does nothing), so clear the flag explicitly.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::dup2(kvm_fd, 3) < 0 {
+                    if kvm_fd != 3 && libc::dup2(kvm_fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

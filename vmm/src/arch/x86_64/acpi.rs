@@ -19,8 +19,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{ACPI_END, ACPI_START, GED_GSI, GED_MMIO_BASE, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::devices::acpi_pm::{ACPI_PM_PORT, RESET_VALUE, S5_SLEEP_TYPE};
-use crate::devices::serial::{COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
 use crate::devices::ged::GED_EVENT_POWER_BUTTON;
+use crate::devices::serial::{COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
 
 pub const OEM_ID: [u8; 6] = *b"THVC  ";
 const OEM_REVISION: u32 = 1;
