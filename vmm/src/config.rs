@@ -54,6 +54,14 @@ pub enum ConfigError {
     Net { spec: String, why: String },
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} are supported")]
     TooManyDevices(usize),
+    #[error("invalid seccomp mode '{0}': expected on, off or log")]
+    Seccomp(String),
+    #[error("invalid user '{0}': expected UID:GID, two numbers other than 0 (root)")]
+    User(String),
+    #[error("invalid kvm fd {0}: expected an inherited descriptor number of 3 or more")]
+    KvmFd(i64),
+    #[error("api socket path must not be empty")]
+    ApiSocketEmpty,
 }
 
 /// Interrupt lines 5..=20 go to virtio devices, one each.
@@ -72,13 +80,18 @@ pub struct DiskConfig {
     pub serial: Option<String>,
 }
 
-/// A virtio-net NIC on an existing (or, with the right to, new) TAP device.
+/// A virtio-net NIC on an existing (or, with the right to, new) TAP device, named or handed
+/// over as an open descriptor (`fd`, already attached with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// Empty when `fd` is given.
+    #[serde(default)]
     pub tap: String,
     #[serde(default)]
     pub mac: Option<String>,
+    #[serde(default)]
+    pub fd: Option<i32>,
 }
 
 /// Splits "a=1,b=2" into pairs; every part must be key=value.
@@ -146,7 +159,7 @@ impl DiskConfig {
 impl FromStr for NetConfig {
     type Err = ConfigError;
 
-    /// `tap=NAME[,mac=MAC]`
+    /// `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let err = |why: String| ConfigError::Net {
             spec: spec.to_string(),
@@ -155,12 +168,20 @@ impl FromStr for NetConfig {
         let mut net = NetConfig {
             tap: String::new(),
             mac: None,
+            fd: None,
         };
         for (key, value) in key_values(spec).map_err(err)? {
             match key {
                 "tap" => net.tap = value.to_string(),
                 "mac" => net.mac = Some(value.to_string()),
-                _ => return Err(err(format!("unknown key '{key}' (tap, mac)"))),
+                "fd" => {
+                    net.fd = Some(
+                        value
+                            .parse()
+                            .map_err(|_| err(format!("fd '{value}' is not a number")))?,
+                    )
+                }
+                _ => return Err(err(format!("unknown key '{key}' (tap, fd, mac)"))),
             }
         }
         net.validate().map_err(err)?;
@@ -170,7 +191,20 @@ impl FromStr for NetConfig {
 
 impl NetConfig {
     fn validate(&self) -> Result<(), String> {
-        if !crate::devices::virtio::tap::valid_name(&self.tap) {
+        match self.fd {
+            Some(_) if !self.tap.is_empty() => {
+                return Err("give either tap=NAME or fd=N, not both".into())
+            }
+            Some(fd) if fd < 3 => {
+                return Err(format!(
+                    "fd {fd} is not an inherited descriptor (3 or more)"
+                ))
+            }
+            Some(_) => {}
+            None if self.tap.is_empty() => return Err("tap=NAME or fd=N is required".into()),
+            None => {}
+        }
+        if self.fd.is_none() && !crate::devices::virtio::tap::valid_name(&self.tap) {
             return Err(format!(
                 "tap name '{}' must be 1-15 bytes without '/' or spaces",
                 self.tap
@@ -185,6 +219,70 @@ impl NetConfig {
         }
         Ok(())
     }
+}
+
+/// Whether and how the seccomp filters are enforced (see `sandbox::seccomp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeccompMode {
+    /// Any syscall outside a thread's allow-list kills the process.
+    #[default]
+    On,
+    /// No filters: for debugging only.
+    Off,
+    /// Syscalls outside the allow-lists are allowed but logged by the kernel (audit log /
+    /// dmesg): for finding what a new code path needs.
+    Log,
+}
+
+impl FromStr for SeccompMode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on" => Ok(SeccompMode::On),
+            "off" => Ok(SeccompMode::Off),
+            "log" => Ok(SeccompMode::Log),
+            _ => Err(ConfigError::Seccomp(s.to_string())),
+        }
+    }
+}
+
+/// The unprivileged user and group to switch to after the resources are open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserIds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl FromStr for UserIds {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::User(s.to_string());
+        let (uid, gid) = s.split_once(':').ok_or_else(bad)?;
+        let number = |v: &str| {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            v.parse::<u32>().map_err(|_| bad())
+        };
+        let (uid, gid) = (number(uid)?, number(gid)?);
+        // 0 is root; u32::MAX is (uid_t)-1, "no change" to setresuid.
+        if uid == 0 || gid == 0 || uid == u32::MAX || gid == u32::MAX {
+            return Err(bad());
+        }
+        Ok(UserIds { uid, gid })
+    }
+}
+
+/// What the process may do once it runs: see `sandbox`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SandboxConfig {
+    pub seccomp: SeccompMode,
+    /// An inherited, already open /dev/kvm; None: open /dev/kvm.
+    pub kvm_fd: Option<i32>,
+    /// Switch to this user after opening everything (needs to start as root).
+    pub user: Option<UserIds>,
 }
 
 /// Where the guest's COM1 output goes.
@@ -226,9 +324,9 @@ impl fmt::Display for SerialTarget {
     name = "thvc-vmm",
     version,
     about = "A minimal KVM virtual machine monitor: one process per VM.",
-    after_help = "Exit status: 0 guest powered off or VMM stopped by SIGTERM/SIGINT; \
-                  1 error; 2 invalid usage or configuration; 3 guest reset (reboot, \
-                  or a panic with panic=N)."
+    after_help = "Exit status: 0 guest powered off or VMM stopped by SIGTERM/SIGINT or the \
+                  API; 1 error; 2 invalid usage or configuration; 3 guest reset (reboot, \
+                  or a panic with panic=N). Killed by SIGSYS: a seccomp violation."
 )]
 pub struct Cli {
     /// Guest kernel: a bzImage or an uncompressed ELF vmlinux.
@@ -258,6 +356,18 @@ pub struct Cli {
     /// Do not give the guest a virtio-rng device (it has one by default).
     #[arg(long)]
     pub no_rng: bool,
+    /// Serve the control API on this Unix socket (created mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Seccomp filters: on, off (debugging only) or log (log instead of kill) [default: on].
+    #[arg(long, value_name = "MODE")]
+    pub seccomp: Option<String>,
+    /// Use this inherited file descriptor as /dev/kvm instead of opening it.
+    #[arg(long, value_name = "N")]
+    pub kvm_fd: Option<i64>,
+    /// Switch to UID:GID (numeric) after opening all resources; needs root.
+    #[arg(long, value_name = "UID:GID")]
+    pub user: Option<String>,
     /// JSON file with any of the settings above; command-line flags take precedence.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -276,6 +386,10 @@ pub struct FileConfig {
     pub disks: Option<Vec<DiskConfig>>,
     pub nets: Option<Vec<NetConfig>>,
     pub rng: Option<bool>,
+    pub api_socket: Option<PathBuf>,
+    pub seccomp: Option<String>,
+    pub kvm_fd: Option<i64>,
+    pub user: Option<String>,
 }
 
 impl FileConfig {
@@ -307,6 +421,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub rng: bool,
+    pub api_socket: Option<PathBuf>,
+    pub sandbox: SandboxConfig,
 }
 
 impl VmConfig {
@@ -374,7 +490,7 @@ impl VmConfig {
             let nets = file.nets.unwrap_or_default();
             for n in &nets {
                 n.validate().map_err(|why| ConfigError::Net {
-                    spec: n.tap.clone(),
+                    spec: n.fd.map_or_else(|| n.tap.clone(), |fd| format!("fd={fd}")),
                     why,
                 })?;
             }
@@ -385,7 +501,13 @@ impl VmConfig {
                 .map(|s| s.parse())
                 .collect::<Result<_, _>>()?
         };
-        let mut taps: Vec<&str> = nets.iter().map(|n| n.tap.as_str()).collect();
+        let mut taps: Vec<String> = nets
+            .iter()
+            .map(|n| match n.fd {
+                Some(fd) => format!("fd={fd}"),
+                None => n.tap.clone(),
+            })
+            .collect();
         taps.sort_unstable();
         if let Some(dup) = taps.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::Net {
@@ -393,11 +515,41 @@ impl VmConfig {
                 why: "the same TAP is given twice".into(),
             });
         }
+        if let Some(kvm) = cli.kvm_fd.or(file.kvm_fd) {
+            if nets.iter().any(|n| n.fd.map(i64::from) == Some(kvm)) {
+                return Err(ConfigError::Net {
+                    spec: format!("fd={kvm}"),
+                    why: "the same descriptor is also --kvm-fd".into(),
+                });
+            }
+        }
         let rng = !cli.no_rng && file.rng.unwrap_or(true);
         let devices = disks.len() + nets.len() + usize::from(rng);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
+        let api_socket = cli.api_socket.or(file.api_socket);
+        if api_socket
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::ApiSocketEmpty);
+        }
+        let seccomp = match cli.seccomp.or(file.seccomp) {
+            Some(s) => s.parse()?,
+            None => SeccompMode::default(),
+        };
+        let kvm_fd = match cli.kvm_fd.or(file.kvm_fd) {
+            Some(fd) => match i32::try_from(fd) {
+                Ok(n) if n >= 3 => Some(n),
+                _ => return Err(ConfigError::KvmFd(fd)),
+            },
+            None => None,
+        };
+        let user = match cli.user.or(file.user) {
+            Some(s) => Some(s.parse()?),
+            None => None,
+        };
         Ok(VmConfig {
             kernel,
             initrd: cli.initrd.or(file.initrd),
@@ -408,6 +560,12 @@ impl VmConfig {
             disks,
             nets,
             rng,
+            api_socket,
+            sandbox: SandboxConfig {
+                seccomp,
+                kvm_fd,
+                user,
+            },
         })
     }
 }
@@ -503,6 +661,42 @@ mod tests {
     }
 
     #[test]
+    fn nets_on_handed_tap_descriptors() {
+        let cfg = VmConfig::merge(
+            cli(&[
+                "--kernel",
+                "k",
+                "--net",
+                "fd=5,mac=52:54:00:00:00:01",
+                "--net",
+                "fd=6",
+            ]),
+            FileConfig::default(),
+            HOST_MIB,
+        )
+        .expect("valid");
+        assert_eq!((cfg.nets[0].fd, cfg.nets[0].tap.as_str()), (Some(5), ""));
+        assert_eq!(cfg.nets[1].fd, Some(6));
+        let file = FileConfig::parse(r#"{"kernel": "k", "nets": [{"fd": 7}]}"#, Path::new("c"))
+            .expect("parses");
+        let cfg = VmConfig::merge(cli(&[]), file, HOST_MIB).expect("valid");
+        assert_eq!(cfg.nets[0].fd, Some(7));
+        let bad = |args: &[&str]| {
+            let mut all = vec!["--kernel", "k"];
+            all.extend_from_slice(args);
+            VmConfig::merge(cli(&all), FileConfig::default(), HOST_MIB)
+                .expect_err("must be rejected")
+                .to_string()
+        };
+        assert!(bad(&["--net", "fd=5,tap=t0"]).contains("not both"));
+        assert!(bad(&["--net", "fd=2"]).contains("not an inherited descriptor"));
+        assert!(bad(&["--net", "fd=x"]).contains("not a number"));
+        assert!(bad(&["--net", "mac=52:54:00:00:00:01"]).contains("is required"));
+        assert!(bad(&["--net", "fd=5", "--net", "fd=5"]).contains("twice"));
+        assert!(bad(&["--net", "fd=5", "--kvm-fd", "5"]).contains("also --kvm-fd"));
+    }
+
+    #[test]
     fn disks_and_nets_from_flags() {
         let cfg = VmConfig::merge(
             cli(&[
@@ -573,6 +767,73 @@ mod tests {
             args.extend_from_slice(&["--disk", m.as_str()]);
         }
         assert!(bad(&args).contains("at most 16"));
+    }
+
+    #[test]
+    fn sandbox_and_api_settings() {
+        let cfg = VmConfig::merge(cli(&["--kernel", "k"]), FileConfig::default(), HOST_MIB)
+            .expect("valid");
+        assert_eq!(cfg.sandbox, SandboxConfig::default());
+        assert_eq!(cfg.sandbox.seccomp, SeccompMode::On, "on by default");
+        assert_eq!(cfg.api_socket, None);
+        let file = FileConfig::parse(
+            r#"{"kernel": "/k", "api_socket": "/run/vm.sock", "seccomp": "log",
+                "kvm_fd": 7, "user": "1000:1001"}"#,
+            Path::new("c.json"),
+        )
+        .expect("valid file");
+        let cfg = VmConfig::merge(cli(&["--seccomp", "off"]), file, HOST_MIB).expect("valid");
+        assert_eq!(cfg.api_socket, Some(PathBuf::from("/run/vm.sock")));
+        assert_eq!(
+            cfg.sandbox.seccomp,
+            SeccompMode::Off,
+            "the command line wins"
+        );
+        assert_eq!(cfg.sandbox.kvm_fd, Some(7));
+        assert_eq!(
+            cfg.sandbox.user,
+            Some(UserIds {
+                uid: 1000,
+                gid: 1001
+            })
+        );
+    }
+
+    #[test]
+    fn bad_sandbox_settings_are_rejected() {
+        let bad = |args: &[&str]| {
+            VmConfig::merge(cli(args), FileConfig::default(), HOST_MIB)
+                .expect_err("must be rejected")
+                .to_string()
+        };
+        assert!(bad(&["--kernel", "k", "--seccomp", "maybe"]).contains("invalid seccomp"));
+        for user in [
+            "1000",
+            "0:0",
+            "1000:0",
+            "a:b",
+            ":5",
+            "5:",
+            "+5:5",
+            "4294967295:5",
+            "99999999999:5",
+        ] {
+            assert!(
+                bad(&["--kernel", "k", "--user", user]).contains("invalid user"),
+                "{user}"
+            );
+        }
+        for fd in ["0", "2", "4294967296"] {
+            assert!(
+                bad(&["--kernel", "k", "--kvm-fd", fd]).contains("invalid kvm fd"),
+                "{fd}"
+            );
+        }
+        let empty_socket =
+            FileConfig::parse(r#"{"kernel": "k", "api_socket": ""}"#, Path::new("c"))
+                .expect("parses");
+        let err = VmConfig::merge(cli(&[]), empty_socket, HOST_MIB).expect_err("empty path");
+        assert!(err.to_string().contains("must not be empty"), "{err}");
     }
 
     #[test]

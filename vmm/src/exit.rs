@@ -2,7 +2,7 @@
 //!
 //! | status | meaning                                                                 |
 //! |--------|-------------------------------------------------------------------------|
-//! | 0      | the guest powered off, or the VMM was stopped by SIGTERM/SIGINT          |
+//! | 0      | the guest powered off, or SIGTERM/SIGINT or the API stopped the VMM     |
 //! | 1      | an error (KVM, a device, a missing or corrupt kernel, ...)               |
 //! | 2      | invalid usage or configuration                                         |
 //! | 3      | the guest reset: reboot, or a panic with panic=N; restart it            |
@@ -22,7 +22,7 @@ pub enum ExitReason {
     GuestPowerOff,
     /// ACPI reset register, i8042 reset line or triple fault.
     GuestReset,
-    /// SIGTERM, SIGINT or (later) a stop request.
+    /// SIGTERM, SIGINT or the control API's `stop`.
     Stopped,
     /// A vCPU failed in a way the guest cannot recover from.
     VcpuError,

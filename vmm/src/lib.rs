@@ -2,13 +2,17 @@
 //!
 //! * [`config`]: command line and JSON config, validated into a `VmConfig`.
 //! * [`arch`]: the x86_64 platform: memory layout, boot protocol, CPU state, ACPI.
-//! * [`vstate`]: KVM VM and vCPUs (one thread per vCPU).
-//! * [`devices`]: serial console, reset and power devices on the port-I/O bus.
+//! * [`vstate`]: KVM VM and vCPUs (one thread per vCPU), their start/pause gate.
+//! * [`devices`]: serial console, reset and power devices, the ACPI power button, virtio.
+//! * [`api`]: the control socket (ping, info, pause, resume, shutdown, stop) on its own thread.
+//! * [`sandbox`]: per-thread seccomp filters, privilege drop, inherited descriptors.
 //! * [`vmm`]: builds the VM and runs its event loop; [`exit`]: how it ends.
 
+pub mod api;
 pub mod arch;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod sandbox;
 pub mod vmm;
 pub mod vstate;

@@ -21,6 +21,8 @@ fn real_main() -> i32 {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .without_time()
+        // Colours only for a person at a terminal, not in a supervisor's log.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 
@@ -60,7 +62,8 @@ fn real_main() -> i32 {
             reason.status()
         }
         Err(e) => {
-            eprintln!("thvc-vmm: {:#}", anyhow::Error::from(e));
+            // The messages already include their causes: print them once.
+            eprintln!("thvc-vmm: {e}");
             EXIT_ERROR
         }
     }

@@ -1,8 +1,15 @@
 //! Building a VM from a [`VmConfig`] and running it until it ends.
 //!
 //! The main thread owns the event loop (exit requests, signals, terminal input); each vCPU runs
-//! on its own thread and talks to devices through the shared port-I/O bus.
+//! on its own thread and talks to devices through the shared buses; the control API has its
+//! own thread (see `api::server`).
+//!
+//! Start-up is ordered for the sandbox: everything is opened first (KVM, images, console file,
+//! API socket) while the process is single-threaded and may still be privileged; privileges
+//! are dropped; then threads start, each installing its seccomp filter before any work; the
+//! main thread installs its own last and only then lets the vCPUs run.
 
+use std::fs::File;
 use std::io::{self, IsTerminal, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -13,22 +20,28 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
 
 use kvm_ioctls::IoEventAddress;
+use seccompiler::BpfProgram;
 
+use crate::api::{self, ApiError, VmApi, VmSummary};
 use crate::arch::x86_64::acpi::{self, AcpiPlatform, MmioDeviceInfo};
 use crate::arch::x86_64::{boot, layout, regs};
 use crate::config::VmConfig;
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT};
+use crate::devices::ged::{Ged, PowerButton, GED_MMIO_SIZE};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT};
+use crate::devices::metrics::DeviceRegistry;
 use crate::devices::serial::{SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::tap::TapError;
 use crate::devices::virtio::worker::{self, WorkerControl};
 use crate::devices::virtio::{
-    block, net, rng, DeviceCounters, DeviceInfo, Interrupt, QueueHandler,
+    block, net, rng, type_name, DeviceCounters, DeviceInfo, Interrupt, QueueHandler,
 };
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
-use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::sandbox::{self, Filters, KvmFdError, PrivilegeError, SeccompError, ThreadKind};
+use crate::vstate::control::{install_kick_handler, ControlError, VcpuControl};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuRuntime};
 use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +77,16 @@ pub enum VmmError {
     Tap(#[from] TapError),
     #[error("cannot set up {device}: {source}")]
     DeviceSetup { device: String, source: io::Error },
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Kvm(#[from] KvmFdError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error("cannot drop privileges: {0}")]
+    Privileges(#[from] PrivilegeError),
+    #[error(transparent)]
+    VcpuControl(#[from] ControlError),
 }
 
 /// First interrupt line for virtio devices (4 is COM1).
@@ -78,18 +101,9 @@ type PendingDevice = (
     Arc<DeviceCounters>,
 );
 
-/// Live counters of each virtio device, by name ("virtio-blk0", ...).
-pub type DeviceCounterList = Vec<(String, Arc<DeviceCounters>)>;
-
-/// Creates the virtio devices: opens their backends, starts their worker threads, wires their
-/// notifications (ioeventfd) and interrupts (irqfd), and puts their register windows on the
-/// MMIO bus. Returns what the DSDT must announce and the devices' counters.
-fn virtio_devices(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    config: &VmConfig,
-    mmio_bus: &mut Bus,
-) -> Result<(Vec<MmioDeviceInfo>, DeviceCounterList), VmmError> {
+/// Opens the virtio devices' backends (disk images, TAPs). Done before privileges are
+/// dropped, like every other open.
+fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmError> {
     let mut devices: Vec<PendingDevice> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let (info, dev) = block::open(&disk.path, disk.readonly, disk.serial.as_deref())?;
@@ -97,12 +111,11 @@ fn virtio_devices(
         devices.push((format!("virtio-blk{i}"), info, Box::new(dev), counters));
     }
     for (i, nic) in config.nets.iter().enumerate() {
-        let mac = nic
-            .mac
-            .as_deref()
-            .and_then(net::parse_mac)
-            .unwrap_or_else(|| net::default_mac(&nic.tap));
-        let (info, dev) = net::open(&nic.tap, mac)?;
+        let mac = nic.mac.as_deref().and_then(net::parse_mac);
+        let (info, dev) = match nic.fd {
+            Some(fd) => net::open_fd(fd, mac)?,
+            None => net::open(&nic.tap, mac.unwrap_or_else(|| net::default_mac(&nic.tap)))?,
+        };
         let counters = dev.counters();
         devices.push((format!("virtio-net{i}"), info, Box::new(dev), counters));
     }
@@ -111,9 +124,22 @@ fn virtio_devices(
         let counters = dev.counters();
         devices.push(("virtio-rng0".to_string(), info, Box::new(dev), counters));
     }
+    Ok(devices)
+}
 
+/// Wires the opened virtio devices: starts their worker threads (each installing
+/// `worker_filter`), wires their notifications (ioeventfd) and interrupts (irqfd), puts their
+/// register windows on the MMIO bus and their counters in the registry. Returns what the DSDT
+/// must announce.
+fn virtio_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    devices: Vec<PendingDevice>,
+    mmio_bus: &mut Bus,
+    worker_filter: Option<&BpfProgram>,
+    registry: &DeviceRegistry,
+) -> Result<Vec<MmioDeviceInfo>, VmmError> {
     let mut announced = Vec::new();
-    let mut counter_list = Vec::new();
     for (i, (name, info, handler, counters)) in devices.into_iter().enumerate() {
         let setup = |source: io::Error| VmmError::DeviceSetup {
             device: name.clone(),
@@ -136,8 +162,16 @@ fn virtio_devices(
                 .map_err(kvm)?;
             queue_events.push(evt);
         }
+        registry.register_source(&name, type_name(info.device_type), counters);
         let control = WorkerControl::new().map_err(setup)?;
-        worker::spawn(name.clone(), handler, queue_events, control.clone()).map_err(setup)?;
+        worker::spawn(
+            name.clone(),
+            handler,
+            queue_events,
+            control.clone(),
+            worker_filter.cloned(),
+        )
+        .map_err(setup)?;
         let transport = MmioTransport::new(info, mem.clone(), Interrupt::new(irqfd), control);
         mmio_bus.insert(
             base,
@@ -149,9 +183,42 @@ fn virtio_devices(
             size: layout::VIRTIO_MMIO_SIZE,
             gsi,
         });
-        counter_list.push((name, counters));
     }
-    Ok((announced, counter_list))
+    Ok(announced)
+}
+
+/// Everything opened before privileges are dropped.
+struct Resources {
+    kvm: kvm_ioctls::Kvm,
+    kernel: File,
+    initrd: Option<File>,
+    serial: SerialSink,
+    virtio: Vec<PendingDevice>,
+    api: Option<api::ApiListener>,
+}
+
+impl Resources {
+    fn acquire(config: &VmConfig) -> Result<Resources, VmmError> {
+        // The API socket first, so that a supervisor can connect as early as possible.
+        let api = config.api_socket.as_deref().map(api::bind).transpose()?;
+        let kvm = sandbox::open_kvm(config.sandbox.kvm_fd)?;
+        let kernel = boot::open_kernel(&config.kernel)?;
+        let initrd = config
+            .initrd
+            .as_deref()
+            .map(boot::open_initrd)
+            .transpose()?;
+        let serial = SerialSink::open(&config.serial).map_err(VmmError::SerialOutput)?;
+        let virtio = open_virtio_backends(config)?;
+        Ok(Resources {
+            kvm,
+            kernel,
+            initrd,
+            serial,
+            virtio,
+            api,
+        })
+    }
 }
 
 /// Everything the guest needs in memory before the first instruction.
@@ -159,12 +226,14 @@ fn load_guest(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     platform: &AcpiPlatform,
+    kernel_file: &mut File,
+    initrd_file: Option<&mut File>,
 ) -> Result<GuestAddress, VmmError> {
     let mem_size = config.memory_mib << 20;
-    let kernel = boot::load_kernel(mem, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(path) => Some(boot::load_initrd(mem, path, &kernel)?),
-        None => None,
+    let kernel = boot::load_kernel(mem, kernel_file, &config.kernel)?;
+    let initrd = match (initrd_file, &config.initrd) {
+        (Some(file), Some(path)) => Some(boot::load_initrd(mem, file, path, &kernel)?),
+        _ => None,
     };
     let cmdline_len = boot::write_cmdline(mem, &config.cmdline)?;
     let rsdp = acpi::write_acpi_tables(mem, platform)?;
@@ -175,21 +244,26 @@ fn load_guest(
     Ok(kernel.entry)
 }
 
+/// An eventfd wired to interrupt `gsi`.
+fn irqfd(vm: &Vm, gsi: u32) -> Result<Arc<EventFd>, VmmError> {
+    let irq = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventLoop)?);
+    vm.fd()
+        .register_irqfd(&irq, gsi)
+        .map_err(|source| VmmError::Irq { gsi, source })?;
+    Ok(irq)
+}
+
 /// The legacy devices on the port-I/O bus; returns the bus and the serial port for input.
 fn legacy_devices(
     vm: &Vm,
-    config: &VmConfig,
+    sink: SerialSink,
     exit: &VmExitRequest,
+    registry: &DeviceRegistry,
 ) -> Result<(Bus, Arc<Mutex<SerialDevice>>), VmmError> {
-    let irq = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventLoop)?);
-    vm.fd()
-        .register_irqfd(&irq, COM1_IRQ)
-        .map_err(|source| VmmError::Irq {
-            gsi: COM1_IRQ,
-            source,
-        })?;
-    let sink = SerialSink::open(&config.serial).map_err(VmmError::SerialOutput)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(irq, sink)));
+    let irq = irqfd(vm, COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(
+        SerialDevice::new(irq, sink).with_metrics(&registry.register("serial0", "serial")),
+    ));
     let mut bus = Bus::default();
     bus.insert(COM1_PORT.into(), UART_PORT_COUNT.into(), serial.clone())?;
     bus.insert(
@@ -265,11 +339,51 @@ fn add_to_epoll(epoll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {
     )
 }
 
-/// Builds the VM and runs it until the guest powers off or resets, a signal stops it, or a
-/// vCPU fails.
+/// The Generic Event Device on the MMIO bus; returns the power button that drives it.
+fn power_button(
+    vm: &Vm,
+    mmio_bus: &mut Bus,
+    registry: &DeviceRegistry,
+) -> Result<PowerButton, VmmError> {
+    let irq = irqfd(vm, layout::GED_GSI)?;
+    let ged = Arc::new(Mutex::new(Ged::new(
+        irq,
+        &registry.register("ged", "acpi-ged"),
+    )));
+    mmio_bus.insert(layout::GED_MMIO_BASE, GED_MMIO_SIZE, ged.clone())?;
+    Ok(PowerButton::new(ged))
+}
+
+/// Builds the VM and runs it until the guest powers off or resets, a signal or the API stops
+/// it, or a vCPU fails.
 pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     let signals = stop_signals().map_err(VmmError::EventLoop)?;
-    let vm = Vm::new()?;
+    let filters = Filters::build(config.sandbox.seccomp)?;
+    let mut resources = Resources::acquire(&config)?;
+    sandbox::drop_privileges(config.sandbox.user)?;
+    install_kick_handler()?;
+
+    let exit = VmExitRequest::new().map_err(VmmError::EventLoop)?;
+    let vcpu_control = Arc::new(VcpuControl::new());
+    let registry = DeviceRegistry::default();
+    let vm_api = Arc::new(VmApi::new(
+        VmSummary {
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            cmdline: config.cmdline.clone(),
+        },
+        vcpu_control.clone(),
+        registry.clone(),
+        exit.clone(),
+    ));
+    if let Some(listener) = resources.api.take() {
+        tracing::info!("control API on {}", listener.path().display());
+        api::spawn(listener, vm_api.clone(), filters.api.clone())?;
+    }
+
+    let vm = Vm::with_kvm(resources.kvm)?;
     if usize::from(config.vcpus) > vm.max_vcpus() {
         return Err(VmmError::TooManyVcpus(config.vcpus, vm.max_vcpus()));
     }
@@ -282,15 +396,28 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     })?;
     vm.register_memory(&mem)?;
 
-    let exit = VmExitRequest::new().map_err(VmmError::EventLoop)?;
-    let (bus, serial) = legacy_devices(&vm, &config, &exit)?;
+    let (bus, serial) = legacy_devices(&vm, resources.serial, &exit, &registry)?;
     let mut mmio_bus = Bus::default();
-    let (virtio_mmio, _device_counters) = virtio_devices(&vm, &mem, &config, &mut mmio_bus)?;
+    vm_api.set_power_button(power_button(&vm, &mut mmio_bus, &registry)?);
+    let virtio_mmio = virtio_devices(
+        &vm,
+        &mem,
+        std::mem::take(&mut resources.virtio),
+        &mut mmio_bus,
+        filters.device_worker.as_ref(),
+        &registry,
+    )?;
     let platform = AcpiPlatform {
         vcpus: config.vcpus,
         virtio_mmio,
     };
-    let entry = load_guest(&mem, &config, &platform)?;
+    let entry = load_guest(
+        &mem,
+        &config,
+        &platform,
+        &mut resources.kernel,
+        resources.initrd.as_mut(),
+    )?;
     let cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
@@ -302,6 +429,8 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
     add_to_epoll(&epoll, exit.event().as_raw_fd(), TOKEN_EXIT).map_err(VmmError::EventLoop)?;
     add_to_epoll(&epoll, signals.as_raw_fd(), TOKEN_SIGNAL).map_err(VmmError::EventLoop)?;
+    // From here on the loop below sees exit requests (the eventfd is in the epoll set).
+    vm_api.set_event_loop_running();
     let terminal = RawTerminal::enable();
     if terminal.is_some() {
         add_to_epoll(&epoll, libc::STDIN_FILENO, TOKEN_STDIN).map_err(VmmError::EventLoop)?;
@@ -309,9 +438,19 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
 
     for vcpu in vcpus {
         // The threads are never joined: the process exits when the VM ends, and the kernel
-        // tears down vCPUs stuck in KVM_RUN.
-        vcpu.spawn()?;
+        // tears down vCPUs stuck in KVM_RUN. They wait at the gate until released below.
+        let id = vcpu.id();
+        vcpu.spawn(VcpuRuntime {
+            control: vcpu_control.clone(),
+            stats: vm_api.vcpu_stats(id),
+            filter: filters.vcpu.clone(),
+        })?;
     }
+    // The signalfd as a File before the filter: no dup() needed in the loop.
+    let mut signal_file = File::from(signals);
+    sandbox::seccomp::apply(ThreadKind::Main, filters.main.as_ref())?;
+    sandbox::test_forbidden_syscall(ThreadKind::Main);
+    vcpu_control.release();
     tracing::info!(
         vcpus = config.vcpus,
         memory_mib = config.memory_mib,
@@ -329,9 +468,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
             match event.data() {
                 TOKEN_SIGNAL => {
                     let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-                    let mut file =
-                        std::fs::File::from(signals.try_clone().map_err(VmmError::EventLoop)?);
-                    if file.read(&mut info).is_ok() {
+                    if signal_file.read(&mut info).is_ok() {
                         tracing::info!("stop signal received; stopping the VM");
                         exit.request(ExitReason::Stopped);
                     }

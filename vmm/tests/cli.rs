@@ -127,3 +127,16 @@ fn no_usable_kvm_is_a_clear_error() {
         .expect("thvc-vmm runs as nobody");
     assert_one_line_error(&out, 1, "cannot open /dev/kvm");
 }
+
+/// Errors carry their cause once, not repeated by the error chain.
+#[test]
+fn missing_kernel_file_is_one_line_with_the_cause_once() {
+    let out = run(&["--kernel", "/nonexistent/vmlinuz", "--seccomp", "off"]);
+    assert_one_line_error(&out, 1, "cannot open kernel /nonexistent/vmlinuz");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+}

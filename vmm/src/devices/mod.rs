@@ -1,7 +1,10 @@
-//! Emulated devices and the buses (port I/O and MMIO) that dispatch guest accesses to them.
+//! Emulated devices, the buses (port I/O and MMIO) that dispatch guest accesses to them, and
+//! the per-device counters the control API reports (`metrics`).
 
 pub mod acpi_pm;
+pub mod ged;
 pub mod i8042;
+pub mod metrics;
 pub mod serial;
 pub mod virtio;
 

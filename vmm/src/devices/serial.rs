@@ -10,6 +10,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::metrics::{Counter, DeviceMetrics};
 use super::BusDevice;
 use crate::config::SerialTarget;
 
@@ -71,6 +72,8 @@ pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, SerialSink>,
     /// Log a failing output only once, not once per byte.
     output_failed: bool,
+    tx_bytes: Counter,
+    rx_bytes: Counter,
 }
 
 impl SerialDevice {
@@ -78,13 +81,25 @@ impl SerialDevice {
         SerialDevice {
             uart: Serial::new(IrqTrigger(irq), sink),
             output_failed: false,
+            tx_bytes: Counter::default(),
+            rx_bytes: Counter::default(),
         }
+    }
+
+    /// Reports bytes sent by the guest (`tx_bytes`) and given to it (`rx_bytes`).
+    pub fn with_metrics(mut self, metrics: &DeviceMetrics) -> Self {
+        self.tx_bytes = metrics.counter("tx_bytes");
+        self.rx_bytes = metrics.counter("rx_bytes");
+        self
     }
 
     /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
         match self.uart.enqueue_raw_bytes(input) {
-            Ok(n) => n,
+            Ok(n) => {
+                self.rx_bytes.add(n as u64);
+                n
+            }
             Err(e) => {
                 tracing::debug!("serial input dropped: {e:?}");
                 0
@@ -104,6 +119,10 @@ impl BusDevice for SerialDevice {
         let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) else {
             return;
         };
+        // Offset 0 is the transmit register (and, briefly at boot, the divisor latch).
+        if offset == 0 {
+            self.tx_bytes.inc();
+        }
         if let Err(e) = self.uart.write(offset, value) {
             if !self.output_failed {
                 tracing::warn!("guest console output is being lost: {e:?}");

@@ -1,4 +1,5 @@
 //! KVM state: the VM (memory slots, in-kernel irqchip) and its vCPUs.
 
+pub mod control;
 pub mod vcpu;
 pub mod vm;

@@ -1,14 +1,17 @@
 //! One vCPU: its KVM fd, its boot state, and the thread that runs it.
 
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use seccompiler::BpfProgram;
 use vm_memory::GuestAddress;
 
 use crate::arch::x86_64::{cpuid, interrupts, regs};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExitRequest};
+use crate::sandbox::{self, ThreadKind};
+use crate::vstate::control::{set_current_kvm_run, VcpuControl, VcpuStats};
 use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,15 @@ pub enum VcpuError {
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// What a vCPU thread shares with the rest of the VMM.
+pub struct VcpuRuntime {
+    /// The gate it passes before each KVM_RUN (start, pause, resume).
+    pub control: Arc<VcpuControl>,
+    pub stats: Arc<VcpuStats>,
+    /// Its seccomp filter, installed first thing on the thread; None with `--seccomp off`.
+    pub filter: Option<BpfProgram>,
+}
 
 pub struct Vcpu {
     id: u8,
@@ -62,6 +74,10 @@ impl Vcpu {
         })
     }
 
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
     /// CPUID, MSRs, registers and LAPIC for the 64-bit boot protocol. Application processors
     /// get the same state; KVM keeps them waiting for the guest's INIT/SIPI.
     pub fn configure(
@@ -82,27 +98,65 @@ impl Vcpu {
         Ok(())
     }
 
-    pub fn spawn(self) -> Result<JoinHandle<()>, VcpuError> {
+    /// Starts the vCPU's thread. It installs `runtime.filter`, then waits at the gate of
+    /// `runtime.control` until the VMM releases the vCPUs.
+    pub fn spawn(self, runtime: VcpuRuntime) -> Result<(), VcpuError> {
         let id = self.id;
-        std::thread::Builder::new()
+        let control = runtime.control.clone();
+        control.thread_starting();
+        match std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run())
-            .map_err(|source| VcpuError::Spawn { id, source })
-    }
-
-    fn run(mut self) {
-        while self.exit.reason().is_none() {
-            if let Some(reason) = self.run_once() {
-                self.exit.request(reason);
-                break;
+            .spawn(move || self.run(runtime))
+        {
+            Ok(handle) => {
+                control.add_thread(handle);
+                Ok(())
+            }
+            Err(source) => {
+                control.thread_finished();
+                Err(VcpuError::Spawn { id, source })
             }
         }
     }
 
+    fn run(mut self, runtime: VcpuRuntime) {
+        set_current_kvm_run(self.fd.get_kvm_run());
+        match sandbox::seccomp::apply(ThreadKind::Vcpu, runtime.filter.as_ref()) {
+            Err(e) => {
+                tracing::error!("vCPU {}: {e}", self.id);
+                self.exit.request(ExitReason::VcpuError);
+            }
+            Ok(()) => {
+                sandbox::test_forbidden_syscall(ThreadKind::Vcpu);
+                loop {
+                    runtime.control.wait_until_runnable();
+                    if self.exit.reason().is_some() {
+                        break;
+                    }
+                    if let Some(reason) = self.run_once(&runtime.stats) {
+                        self.exit.request(reason);
+                        break;
+                    }
+                }
+            }
+        }
+        set_current_kvm_run(std::ptr::null_mut());
+        runtime.control.thread_finished();
+    }
+
     /// Runs the guest until its next exit and handles it; returns why the VM must end, if so.
-    fn run_once(&mut self) -> Option<ExitReason> {
+    fn run_once(&mut self, stats: &VcpuStats) -> Option<ExitReason> {
         let id = self.id;
-        match self.fd.run() {
+        let result = self.fd.run();
+        let counter = match &result {
+            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => &stats.io,
+            Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => &stats.mmio,
+            Ok(VcpuExit::Hlt) => &stats.hlt,
+            Err(e) if e.errno() == libc::EINTR => &stats.interrupted,
+            _ => &stats.other,
+        };
+        VcpuStats::count(counter);
+        match result {
             Ok(VcpuExit::IoIn(port, data)) => self.pio.read(u64::from(port), data),
             Ok(VcpuExit::IoOut(port, data)) => self.pio.write(u64::from(port), data),
             Ok(VcpuExit::MmioRead(addr, data)) => self.mmio.read(addr, data),
@@ -132,7 +186,12 @@ impl Vcpu {
                 tracing::error!("vCPU {id}: unexpected exit {other:?}");
                 return Some(ExitReason::VcpuError);
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EINTR => {
+                // Kicked (see vstate::control): clear the flag the signal handler set, so the
+                // next KVM_RUN enters the guest again once the gate lets us.
+                self.fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) if e.errno() == libc::EAGAIN => {}
             Err(e) => {
                 tracing::error!("vCPU {id}: KVM_RUN failed: {e}");
                 return Some(ExitReason::VcpuError);

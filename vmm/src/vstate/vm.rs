@@ -39,7 +39,11 @@ pub struct Vm {
 
 impl Vm {
     pub fn new() -> Result<Vm, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        Self::with_kvm(Kvm::new().map_err(VmError::OpenKvm)?)
+    }
+
+    /// A VM on an already open /dev/kvm (opened before dropping privileges, or inherited).
+    pub fn with_kvm(kvm: Kvm) -> Result<Vm, VmError> {
         for cap in REQUIRED_CAPS {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCap(cap));

@@ -43,13 +43,18 @@ pub struct Guest {
 
 impl Guest {
     pub fn start(args: &[&str]) -> Guest {
-        let mut child = Command::new(VMM)
-            .args(args)
+        Guest::start_with(args, |_| {})
+    }
+
+    /// Like `start`, with `configure` applied to the command first (environment, user, ...).
+    pub fn start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Guest {
+        let mut cmd = Command::new(VMM);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("thvc-vmm starts");
+            .stderr(Stdio::piped());
+        configure(&mut cmd);
+        let mut child = cmd.spawn().expect("thvc-vmm starts");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut stderr = child.stderr.take().expect("piped stderr");
         let (tx, lines) = mpsc::channel();
@@ -76,6 +81,10 @@ impl Guest {
     }
 
     pub fn boot(action: &str, extra: &[&str]) -> Guest {
+        Guest::boot_with(action, extra, |_| {})
+    }
+
+    pub fn boot_with(action: &str, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Guest {
         let kernel = kernel();
         let initrd = initramfs();
         let cmdline = format!("{BASE_CMDLINE} thvc.action={action}");
@@ -88,7 +97,42 @@ impl Guest {
             &cmdline,
         ];
         args.extend_from_slice(extra);
-        Guest::start(&args)
+        Guest::start_with(&args, configure)
+    }
+
+    /// Waits for a console line (old or new) for which `pred` holds and returns it.
+    pub fn wait_until(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let mut checked = 0;
+        loop {
+            if let Some(line) = self.seen[checked..].iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            checked = self.seen.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no console line with {what} within {BOOT_TIMEOUT:?}; console:\n{}",
+                        self.seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Takes in the console lines that arrived meanwhile, without waiting; returns how many.
+    pub fn collect(&mut self) -> usize {
+        let before = self.seen.len();
+        self.seen.extend(self.lines.try_iter());
+        self.seen.len() - before
+    }
+
+    /// The console lines received so far (see `collect`).
+    pub fn seen(&self) -> &[String] {
+        &self.seen
     }
 
     /// Waits for a console line starting with `prefix` and returns the rest of it.

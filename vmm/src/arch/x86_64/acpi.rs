@@ -17,8 +17,9 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, RESET_VECTOR};
+use super::layout::{ACPI_START, GED_GSI, GED_MMIO_BASE, IOAPIC_ADDR, LAPIC_ADDR, RESET_VECTOR};
 use crate::devices::acpi_pm::{ACPI_PM_PORT, RESET_VALUE, S5_SLEEP_TYPE};
+use crate::devices::ged::GED_EVENT_POWER_BUTTON;
 use crate::devices::serial::{COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
 
 pub const OEM_ID: [u8; 6] = *b"THVC  ";
@@ -63,14 +64,74 @@ fn bytes_of(aml: &dyn Aml) -> Vec<u8> {
     out
 }
 
-/// The DSDT: the S5 sleep state (power off) and one `LNRO0005` device per virtio-mmio window.
+/// ACPI notification value for "power button pressed" on a PNP0C0C device.
+const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
+
+/// The power button (`\_SB.PWRB`, PNP0C0C) and the Generic Event Device (`\_SB.GED_`,
+/// ACPI0013) that notifies it; see `devices::ged` for how an event travels.
+///
+/// ```text
+/// Device (GED_) {
+///     Name (_HID, "ACPI0013")  Name (_UID, 0)
+///     Name (_CRS, ResourceTemplate () { Interrupt (Consumer, Edge, ActiveHigh, Exclusive) { GED_GSI } })
+///     OperationRegion (GDST, SystemMemory, GED_MMIO_BASE, 1)
+///     Field (GDST, ByteAcc, NoLock, WriteAsZeros) { GDAT, 8 }
+///     Method (_EVT, 1, Serialized) {      // Arg0: the GSI
+///         Local0 = GDAT                    // read-to-clear event bits
+///         Local1 = Local0 & 1
+///         If (Local1 == 1) { Notify (\_SB.PWRB, 0x80) }
+///     }
+/// }
+/// Device (PWRB) { Name (_HID, EisaId ("PNP0C0C"))  Name (_UID, 0) }
+/// ```
+fn power_button_devices() -> Vec<RawAml> {
+    let hid: aml::AmlStr = "ACPI0013";
+    let irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let region_len: u8 = 1;
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &GED_MMIO_BASE,
+        &region_len,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&aml::Local(0), &gdat);
+    let mask = aml::And::new(&aml::Local(1), &aml::Local(0), &GED_EVENT_POWER_BUTTON);
+    let pwrb_path = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb_path, &NOTIFY_BUTTON_PRESSED);
+    let pressed = aml::Equal::new(&aml::Local(1), &GED_EVENT_POWER_BUTTON);
+    let if_pressed = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &mask, &if_pressed]);
+    let ged_hid = aml::Name::new("_HID".into(), &hid);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ged_crs = aml::Name::new("_CRS".into(), &crs);
+    let ged = aml::Device::new(
+        "GED_".into(),
+        vec![&ged_hid, &uid, &ged_crs, &region, &field, &evt],
+    );
+    let button_id = aml::EISAName::new("PNP0C0C");
+    let pwrb_hid = aml::Name::new("_HID".into(), &button_id);
+    let pwrb = aml::Device::new("PWRB".into(), vec![&pwrb_hid, &uid]);
+    vec![RawAml(bytes_of(&ged)), RawAml(bytes_of(&pwrb))]
+}
+
+/// The DSDT: the S5 sleep state (power off), the power button with its Generic Event Device,
+/// and one `LNRO0005` device per virtio-mmio window.
 pub fn dsdt(platform: &AcpiPlatform) -> Vec<u8> {
     let mut body = Vec::new();
     // \_S5_: SLP_TYP for soft-off, written by the guest to the sleep control register.
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE]);
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
 
-    let mut devices = Vec::new();
+    let mut devices = power_button_devices();
     // COM1. Hardware-reduced ACPI has no legacy PIC, so Linux maps no ISA interrupts by
     // default: the UART's interrupt must come from its _CRS, or the guest's tty output (which
     // waits for "transmitter empty" interrupts) stalls while printk still polls through.
@@ -289,6 +350,37 @@ mod tests {
         assert!(contains(b"LNRO0005"));
         assert!(contains(b"V000") && contains(b"V001"));
         assert!(contains(&0xd000_1000u32.to_le_bytes()));
+    }
+
+    #[test]
+    fn dsdt_has_the_power_button_and_its_event_device() {
+        let t = dsdt(&AcpiPlatform {
+            vcpus: 1,
+            virtio_mmio: vec![],
+        });
+        assert!(checksum_ok(&t));
+        let contains = |needle: &[u8]| t.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"ACPI0013\0"), "GED _HID");
+        assert!(contains(b"GED_") && contains(b"PWRB") && contains(b"_EVT"));
+        // PNP0C0C as an EISA ID: 0x0C0CD041 little-endian after a DWord prefix.
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x0c, 0x0c]), "PNP0C0C");
+        // OperationRegion (GDST, SystemMemory, GED_MMIO_BASE, 1)
+        let mut region = vec![0x5b, 0x80];
+        region.extend_from_slice(b"GDST");
+        region.push(0x00); // SystemMemory
+        region.push(0x0c); // DWordPrefix
+        region.extend_from_slice(&u32::try_from(GED_MMIO_BASE).expect("32-bit").to_le_bytes());
+        region.push(0x01); // One
+        assert!(contains(&region), "GDST region at the GED's MMIO address");
+        // Notify (\_SB.PWRB, 0x80)
+        let mut notify = vec![0x86, b'\\', 0x2e];
+        notify.extend_from_slice(b"_SB_PWRB");
+        notify.extend_from_slice(&[0x0a, 0x80]);
+        assert!(contains(&notify), "notify PWRB with 0x80");
+        // Extended interrupt descriptor: consumer, edge, active high, exclusive, GED_GSI.
+        let mut irq = vec![0x89, 0x06, 0x00, 0x03, 0x01];
+        irq.extend_from_slice(&GED_GSI.to_le_bytes());
+        assert!(contains(&irq), "GED interrupt");
     }
 
     #[test]

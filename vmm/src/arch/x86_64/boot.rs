@@ -73,13 +73,33 @@ pub struct LoadedInitrd {
     pub size: u64,
 }
 
-/// Loads a bzImage or ELF vmlinux, told apart by their magic numbers.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+/// Opens the kernel image (done early, before privileges are dropped).
+pub fn open_kernel(path: &Path) -> Result<File, BootError> {
+    File::open(path).map_err(|source| BootError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Opens the initrd (done early, before privileges are dropped).
+pub fn open_initrd(path: &Path) -> Result<File, BootError> {
+    File::open(path).map_err(|source| BootError::ReadInitrd {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Loads a bzImage or ELF vmlinux, told apart by their magic numbers. `path` names `file` in
+/// errors.
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+    path: &Path,
+) -> Result<LoadedKernel, BootError> {
     let open_err = |source| BootError::OpenKernel {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(open_err)?;
     let mut magic = [0u8; 4];
     let mut hdrs = [0u8; 4];
     let is_elf = file.read_exact(&mut magic).is_ok() && magic == ELF_MAGIC;
@@ -93,11 +113,11 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     };
     let himem = Some(GuestAddress(HIMEM_START));
     let (result, entry) = if is_elf {
-        let r = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
+        let r = Elf::load(mem, None, file, himem).map_err(load_err)?;
         let entry = r.kernel_load;
         (r, entry)
     } else if is_bzimage {
-        let r = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
+        let r = BzImage::load(mem, None, file, himem).map_err(load_err)?;
         let entry = r.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET);
         (r, entry)
     } else {
@@ -134,6 +154,7 @@ pub fn initrd_placement(
 
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
+    file: &mut File,
     path: &Path,
     kernel: &LoadedKernel,
 ) -> Result<LoadedInitrd, BootError> {
@@ -141,7 +162,6 @@ pub fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let addr_max = kernel
         .setup_header
@@ -342,27 +362,31 @@ mod tests {
         path
     }
 
+    fn load_kernel_at(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+        load_kernel(mem, &mut open_kernel(path)?, path)
+    }
+
     #[test]
     fn garbage_kernels_give_clear_errors() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("mem");
         let junk = temp_file("junk", &[0x42; 8192]);
-        let err = load_kernel(&mem, &junk).expect_err("junk");
+        let err = load_kernel_at(&mem, &junk).expect_err("junk");
         assert!(
             err.to_string().contains("neither a bzImage nor an ELF"),
             "{err}"
         );
         let empty = temp_file("empty", &[]);
-        assert!(load_kernel(&mem, &empty).is_err());
+        assert!(load_kernel_at(&mem, &empty).is_err());
         let mut bad_elf = b"\x7fELF".to_vec();
         bad_elf.resize(100, 0);
         let bad_elf = temp_file("bad-elf", &bad_elf);
-        let err = load_kernel(&mem, &bad_elf).expect_err("truncated ELF");
+        let err = load_kernel_at(&mem, &bad_elf).expect_err("truncated ELF");
         assert!(err.to_string().starts_with("cannot load kernel"), "{err}");
         let mut bad_bz = vec![0u8; 0x300];
         bad_bz[0x202..0x206].copy_from_slice(b"HdrS");
         let bad_bz = temp_file("bad-bz", &bad_bz);
-        assert!(load_kernel(&mem, &bad_bz).is_err());
-        let missing = load_kernel(&mem, Path::new("/nonexistent/vmlinuz")).expect_err("missing");
+        assert!(load_kernel_at(&mem, &bad_bz).is_err());
+        let missing = load_kernel_at(&mem, Path::new("/nonexistent/vmlinuz")).expect_err("missing");
         assert!(
             missing.to_string().contains("cannot open kernel"),
             "{missing}"

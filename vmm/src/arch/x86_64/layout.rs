@@ -10,7 +10,7 @@
 //! 0x000e_0000  ACPI tables (RSDP first, where the kernel scans for it)
 //! 0x000f_fff0  reset vector: a stub that resets the VM when a guest reboots through the BIOS
 //! 0x0010_0000  kernel, then initrd at the top of low RAM
-//! 0xc000_0000  32-bit MMIO hole: virtio-mmio devices, IOAPIC, LAPIC, KVM TSS
+//! 0xc000_0000  32-bit MMIO hole: virtio-mmio devices, GED, IOAPIC, LAPIC, KVM TSS
 //! 0x1_0000_0000 RAM above the hole when the guest has more than 3 GiB
 //! ```
 
@@ -36,6 +36,11 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// Where virtio-mmio devices are placed inside the MMIO hole.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The Generic Event Device's register (power button events), below the IOAPIC.
+pub const GED_MMIO_BASE: u64 = 0xfeb0_0000;
+/// The GED's interrupt: the last IOAPIC pin, clear of the legacy ISA IRQs and of the
+/// virtio-mmio devices, which are numbered upwards from 5.
+pub const GED_GSI: u32 = 23;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// KVM needs three pages for the TSS and one for the identity map on Intel; both live in the

@@ -405,6 +405,7 @@ mod tests {
             Box::new(Recorder(tx)),
             vec![queue_evt],
             control.clone(),
+            None,
         )
         .expect("worker");
         let interrupt = Interrupt::new(Arc::new(EventFd::new(0).expect("irq")));

@@ -73,7 +73,17 @@ pub struct NetDevice {
 }
 
 pub fn open(tap_name: &str, mac: MacAddr) -> Result<(DeviceInfo, NetDevice), TapError> {
-    let tap = Tap::open(tap_name)?;
+    Ok(new(Tap::open(tap_name)?, mac))
+}
+
+/// A NIC on an inherited TAP descriptor; without a MAC, the default for the TAP's name.
+pub fn open_fd(fd: RawFd, mac: Option<MacAddr>) -> Result<(DeviceInfo, NetDevice), TapError> {
+    let tap = Tap::from_fd(fd)?;
+    let mac = mac.unwrap_or_else(|| default_mac(tap.name()));
+    Ok(new(tap, mac))
+}
+
+fn new(tap: Tap, mac: MacAddr) -> (DeviceInfo, NetDevice) {
     let features = VIRTIO_F_VERSION_1
         | VIRTIO_RING_F_EVENT_IDX
         | VIRTIO_RING_F_INDIRECT_DESC
@@ -88,7 +98,7 @@ pub fn open(tap_name: &str, mac: MacAddr) -> Result<(DeviceInfo, NetDevice), Tap
         | VIRTIO_NET_F_HOST_ECN;
     let mut config_space = vec![0u8; 6];
     config_space.copy_from_slice(&mac);
-    Ok((
+    (
         DeviceInfo {
             device_type: TYPE_NET,
             queue_max_sizes: vec![QUEUE_SIZE, QUEUE_SIZE],
@@ -100,7 +110,7 @@ pub fn open(tap_name: &str, mac: MacAddr) -> Result<(DeviceInfo, NetDevice), Tap
             counters: Arc::new(DeviceCounters::default()),
             active: None,
         },
-    ))
+    )
 }
 
 /// The TAP offloads matching what the guest driver accepted.

@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
@@ -29,6 +30,8 @@ pub enum TapError {
     OpenTun(io::Error),
     #[error("cannot attach to TAP {name}: {source}")]
     Attach { name: String, source: io::Error },
+    #[error("TAP descriptor {fd}: {why}")]
+    Fd { fd: RawFd, why: String },
     #[error("TAP {name}: cannot {what}: {source}")]
     Configure {
         name: String,
@@ -81,10 +84,62 @@ impl Tap {
                 source: io::Error::last_os_error(),
             });
         }
-        let tap = Tap {
-            file,
-            name: name.to_string(),
+        Tap::configure(file, name.to_string())
+    }
+
+    /// Takes over an inherited descriptor already attached to a TAP (by a supervisor that may
+    /// create and attach TAPs, when the VMM itself may not).
+    pub fn from_fd(fd: RawFd) -> Result<Tap, TapError> {
+        let bad = |why: String| TapError::Fd { fd, why };
+        // SAFETY: F_GETFL only reads the flags of `fd`.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return Err(bad("not an open file descriptor".into()));
+        }
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
         };
+        // SAFETY: TUNGETIFF writes a struct ifreq, which IfReq lays out; on a descriptor that
+        // is not an attached TUN/TAP it fails (EBADFD/ENOTTY/EINVAL) and writes nothing.
+        if unsafe { libc::ioctl(fd, TUNGETIFF, &mut req) } < 0 {
+            return Err(bad(format!(
+                "not attached to a TAP device: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        let wanted = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if req.flags & wanted != wanted {
+            return Err(bad(format!(
+                "attached with flags {:#x}; needs IFF_TAP|IFF_NO_PI|IFF_VNET_HDR",
+                req.flags
+            )));
+        }
+        let len = req
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(req.name.len());
+        let name = String::from_utf8_lossy(&req.name[..len]).into_owned();
+        // SAFETY: setting O_NONBLOCK and FD_CLOEXEC on the descriptor we now own.
+        unsafe {
+            if libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
+                || libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0
+            {
+                return Err(bad(format!(
+                    "cannot make it non-blocking: {}",
+                    io::Error::last_os_error()
+                )));
+            }
+        }
+        // SAFETY: `fd` is an open TAP descriptor handed to us; from now on we own it.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Tap::configure(file, name)
+    }
+
+    fn configure(file: File, name: String) -> Result<Tap, TapError> {
+        let tap = Tap { file, name };
         tap.ioctl_int(
             TUNSETVNETHDRSZ,
             VNET_HDR_LEN as libc::c_int,
@@ -185,5 +240,78 @@ mod tests {
             assert!(!valid_name(bad), "{bad:?}");
         }
         assert!(matches!(Tap::open("a/b"), Err(TapError::Name(_))));
+    }
+
+    /// A TAP attached by "someone else" (this test) with `flags`, in a private network
+    /// namespace; returns the attached descriptor.
+    fn attach(name: &str, flags: libc::c_short) -> File {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("/dev/net/tun");
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF with a valid ifreq.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+        assert_eq!(rc, 0, "TUNSETIFF: {}", io::Error::last_os_error());
+        file
+    }
+
+    #[test]
+    fn takes_over_a_handed_tap_descriptor_and_refuses_anything_else() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "needs root for TAP devices and namespaces (CI runs as root)"
+        );
+        std::thread::spawn(|| {
+            // SAFETY: unshare affects only this thread: a private network namespace.
+            assert_eq!(
+                unsafe { libc::unshare(libc::CLONE_NEWNET) },
+                0,
+                "unshare -n"
+            );
+            let handed = attach("thvcfd0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
+            let fd = std::os::fd::IntoRawFd::into_raw_fd(handed);
+            let tap = Tap::from_fd(fd).expect("a proper TAP descriptor");
+            assert_eq!(tap.name(), "thvcfd0");
+            // SAFETY: F_GETFL/F_GETFD only read flags.
+            let (fl, fdfl) = unsafe {
+                (
+                    libc::fcntl(fd, libc::F_GETFL),
+                    libc::fcntl(fd, libc::F_GETFD),
+                )
+            };
+            assert_ne!(fl & libc::O_NONBLOCK, 0, "made non-blocking");
+            assert_ne!(fdfl & libc::FD_CLOEXEC, 0, "made close-on-exec");
+
+            let no_vnet = attach("thvcfd1", IFF_TAP | IFF_NO_PI);
+            let err = Tap::from_fd(std::os::fd::IntoRawFd::into_raw_fd(no_vnet))
+                .err()
+                .expect("no vnet header");
+            assert!(
+                err.to_string()
+                    .contains("needs IFF_TAP|IFF_NO_PI|IFF_VNET_HDR"),
+                "{err}"
+            );
+            let null = File::open("/dev/null").expect("/dev/null");
+            let err = Tap::from_fd(std::os::fd::IntoRawFd::into_raw_fd(null))
+                .err()
+                .expect("not a TAP");
+            assert!(err.to_string().contains("not attached to a TAP"), "{err}");
+            let err = Tap::from_fd(100_000).err().expect("closed");
+            assert!(
+                err.to_string().contains("not an open file descriptor"),
+                "{err}"
+            );
+        })
+        .join()
+        .expect("test thread");
     }
 }

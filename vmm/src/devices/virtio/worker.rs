@@ -9,7 +9,10 @@ use std::time::Duration;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use seccompiler::BpfProgram;
+
 use super::{Activation, QueueHandler};
+use crate::sandbox::{self, ThreadKind};
 
 pub enum Command {
     Activate(Activation),
@@ -86,12 +89,14 @@ impl WorkerControl {
 const TOKEN_CONTROL: u64 = u64::MAX;
 const TOKEN_BACKEND: u64 = u64::MAX - 1;
 
-/// Starts the worker thread of a device.
+/// Starts the worker thread of a device; it installs `filter` (the device worker seccomp
+/// filter, None with `--seccomp off`) before anything else.
 pub fn spawn(
     name: String,
     mut handler: Box<dyn QueueHandler>,
     queue_events: Vec<EventFd>,
     control: Arc<WorkerControl>,
+    filter: Option<BpfProgram>,
 ) -> std::io::Result<JoinHandle<()>> {
     let epoll = Epoll::new()?;
     let add = |fd: RawFd, token: u64, events: EventSet| {
@@ -108,6 +113,11 @@ pub fn spawn(
         add(fd, TOKEN_BACKEND, EventSet::IN | EventSet::EDGE_TRIGGERED)?;
     }
     std::thread::Builder::new().name(name).spawn(move || {
+        if let Err(e) = sandbox::seccomp::apply(ThreadKind::DeviceWorker, filter.as_ref()) {
+            tracing::error!("virtio worker not started: {e}");
+            return;
+        }
+        sandbox::test_forbidden_syscall(ThreadKind::DeviceWorker);
         let mut events = vec![EpollEvent::default(); queue_events.len() + 2];
         let mut active = false;
         loop {

@@ -1,0 +1,192 @@
+//! Device counters for the control API's `info`: each device registers itself once, gets a
+//! [`Counter`] per thing it counts (bytes, requests, errors, ...) and bumps it from whatever
+//! thread does the work (vCPU or device worker). A device that already keeps counters (the
+//! virtio devices' `DeviceCounters`) registers them as a [`CounterSource`] instead. Counters are
+//! relaxed atomics: cheap enough for every request and packet, and `info` only needs a
+//! consistent-enough snapshot.
+//!
+//! ```text
+//! let dev = registry.register("blk0", "virtio-blk");
+//! let read_bytes = dev.counter("read_bytes");
+//! read_bytes.add(n);
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use super::virtio::DeviceCounters;
+
+/// One monotonically increasing count.
+#[derive(Clone, Default, Debug)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Anything that keeps its own counters and can report them by name, such as the virtio
+/// devices' [`DeviceCounters`].
+pub trait CounterSource: Send + Sync {
+    fn counters(&self) -> Vec<(&'static str, u64)>;
+}
+
+impl CounterSource for DeviceCounters {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("requests", get(&self.requests)),
+            ("bytes_read", get(&self.bytes_read)),
+            ("bytes_written", get(&self.bytes_written)),
+            ("errors", get(&self.errors)),
+        ]
+    }
+}
+
+struct DeviceEntry {
+    name: String,
+    kind: String,
+    counters: Mutex<Vec<(String, Counter)>>,
+    source: Option<Arc<dyn CounterSource>>,
+}
+
+/// A registered device: hands out its counters.
+#[derive(Clone)]
+pub struct DeviceMetrics(Arc<DeviceEntry>);
+
+impl DeviceMetrics {
+    /// The counter called `name`; asking twice for the same name gives the same counter.
+    pub fn counter(&self, name: &str) -> Counter {
+        let mut counters = self.0.counters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = counters.iter().find(|(n, _)| n == name) {
+            return c.clone();
+        }
+        let counter = Counter::default();
+        counters.push((name.to_string(), counter.clone()));
+        counter
+    }
+}
+
+/// All devices of the VM, in registration order.
+#[derive(Clone, Default)]
+pub struct DeviceRegistry {
+    devices: Arc<Mutex<Vec<DeviceMetrics>>>,
+}
+
+/// What `info` reports for one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceSnapshot {
+    pub name: String,
+    pub kind: String,
+    /// Counter name to value, sorted by name.
+    pub counters: serde_json::Map<String, serde_json::Value>,
+}
+
+impl DeviceRegistry {
+    pub fn register(&self, name: &str, kind: &str) -> DeviceMetrics {
+        self.add(name, kind, None)
+    }
+
+    /// Registers a device that keeps its own counters.
+    pub fn register_source(&self, name: &str, kind: &str, source: Arc<dyn CounterSource>) {
+        self.add(name, kind, Some(source));
+    }
+
+    fn add(&self, name: &str, kind: &str, source: Option<Arc<dyn CounterSource>>) -> DeviceMetrics {
+        let dev = DeviceMetrics(Arc::new(DeviceEntry {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            counters: Mutex::new(Vec::new()),
+            source,
+        }));
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(dev.clone());
+        dev
+    }
+
+    pub fn snapshot(&self) -> Vec<DeviceSnapshot> {
+        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        devices
+            .iter()
+            .map(|d| {
+                let counters = d.0.counters.lock().unwrap_or_else(|e| e.into_inner());
+                let mut all: serde_json::Map<String, serde_json::Value> = counters
+                    .iter()
+                    .map(|(n, c)| (n.clone(), c.get().into()))
+                    .collect();
+                if let Some(source) = &d.0.source {
+                    all.extend(
+                        source
+                            .counters()
+                            .into_iter()
+                            .map(|(n, v)| (n.to_string(), v.into())),
+                    );
+                }
+                DeviceSnapshot {
+                    name: d.0.name.clone(),
+                    kind: d.0.kind.clone(),
+                    counters: all,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_shared_between_threads_and_reported() {
+        let registry = DeviceRegistry::default();
+        let serial = registry.register("serial0", "serial");
+        let blk = registry.register("blk0", "virtio-blk");
+        let tx = serial.counter("tx_bytes");
+        tx.add(5);
+        serial.counter("tx_bytes").add(2);
+        let reads = blk.counter("reads");
+        let from_other_thread = reads.clone();
+        std::thread::spawn(move || from_other_thread.inc())
+            .join()
+            .expect("thread");
+        blk.counter("read_bytes");
+        let snap = registry.snapshot();
+        assert_eq!(snap.len(), 2);
+        assert_eq!(
+            (snap[0].name.as_str(), snap[0].kind.as_str()),
+            ("serial0", "serial")
+        );
+        assert_eq!(snap[0].counters["tx_bytes"], 7);
+        assert_eq!(
+            serde_json::to_string(&snap[1]).expect("json"),
+            r#"{"name":"blk0","kind":"virtio-blk","counters":{"read_bytes":0,"reads":1}}"#
+        );
+    }
+
+    #[test]
+    fn virtio_counters_are_reported_live() {
+        let registry = DeviceRegistry::default();
+        let counters = Arc::new(DeviceCounters::default());
+        registry.register_source("virtio-rng0", "virtio-rng", counters.clone());
+        DeviceCounters::add(&counters.requests, 2);
+        DeviceCounters::add(&counters.bytes_written, 64);
+        let snap = registry.snapshot();
+        assert_eq!(snap[0].kind, "virtio-rng");
+        assert_eq!(snap[0].counters["requests"], 2);
+        assert_eq!(snap[0].counters["bytes_written"], 64);
+        assert_eq!(snap[0].counters["errors"], 0);
+    }
+}

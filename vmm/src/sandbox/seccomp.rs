@@ -1,0 +1,356 @@
+//! Per-thread seccomp-bpf allow-lists, built in memory at start-up (no JSON at run time).
+//!
+//! Every thread kind gets exactly the syscalls its run-time work needs; anything else kills the
+//! whole process (SIGSYS). Set-up (opening files, creating the VM, spawning threads) happens
+//! before the filters go on, so none of open/socket/clone/execve/... is on any list.
+//!
+//! * [`ThreadKind::Main`]: the event loop (signals, terminal input, exit).
+//! * [`ThreadKind::Api`]: the control socket.
+//! * [`ThreadKind::Vcpu`]: KVM_RUN and the port-I/O/MMIO device emulation it calls into.
+//! * [`ThreadKind::DeviceWorker`]: virtio device threads (block I/O, TAP, entropy).
+//!
+//! To extend a list, add to the `*_syscalls` function of that kind: the base list every Rust
+//! thread needs is in [`base_syscalls`].
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use crate::config::SeccompMode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot build the seccomp filter for {kind:?} threads: {source}")]
+    Build {
+        kind: ThreadKind,
+        source: seccompiler::BackendError,
+    },
+    #[error("cannot compile the seccomp filter for {kind:?} threads: {source}")]
+    Compile {
+        kind: ThreadKind,
+        source: seccompiler::BackendError,
+    },
+    #[error("cannot install the seccomp filter of this {kind:?} thread: {source}")]
+    Apply {
+        kind: ThreadKind,
+        source: seccompiler::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ThreadKind {
+    Main,
+    Api,
+    Vcpu,
+    DeviceWorker,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Main,
+        ThreadKind::Api,
+        ThreadKind::Vcpu,
+        ThreadKind::DeviceWorker,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Api => "api",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::DeviceWorker => "device-worker",
+        }
+    }
+}
+
+/// `_IO(KVMIO, 0x80)`.
+pub const KVM_RUN: u64 = 0xae80;
+const TCGETS: u64 = 0x5401;
+/// `_IOW('T', 208, unsigned int)`: the TAP offloads, set when the guest driver activates
+/// virtio-net.
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+const TCSETS: u64 = 0x5402;
+
+/// A syscall and the argument conditions under which it is allowed (any of the rules; an
+/// empty list: always). Every argument compared is a C `int` (or `unsigned int` for the ioctl
+/// request), so only its low 32 bits count.
+type Allowed = (i64, Vec<SeccompRule>);
+
+fn always(syscall: libc::c_long) -> Allowed {
+    (syscall, Vec::new())
+}
+
+/// Allowed when argument `index` equals one of `values`.
+fn when_arg_is(syscall: libc::c_long, index: u8, values: &[u64]) -> Allowed {
+    let rules = values
+        .iter()
+        .filter_map(|v| {
+            SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *v)
+                .and_then(|c| SeccompRule::new(vec![c]))
+                .ok()
+        })
+        .collect();
+    (syscall, rules)
+}
+
+/// Allowed when argument `index` has none of the bits in `mask` set.
+fn when_bits_clear(syscall: libc::c_long, index: u8, mask: u64) -> Allowed {
+    let rules = SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(mask),
+        0,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map(|r| vec![r])
+    .unwrap_or_default();
+    (syscall, rules)
+}
+
+/// What any thread of this process needs at run time: memory (never executable), locks,
+/// logging to stderr, signal return, thread exit, time, and abort() on an internal error.
+fn base_syscalls() -> Vec<Allowed> {
+    let no_exec = libc::PROT_EXEC as u64;
+    vec![
+        always(libc::SYS_brk),
+        when_bits_clear(libc::SYS_mmap, 2, no_exec),
+        when_bits_clear(libc::SYS_mprotect, 2, no_exec),
+        always(libc::SYS_munmap),
+        always(libc::SYS_mremap),
+        always(libc::SYS_madvise),
+        always(libc::SYS_futex),
+        always(libc::SYS_sched_yield),
+        always(libc::SYS_write),
+        always(libc::SYS_close),
+        // std checks a descriptor is open before closing it (OwnedFd's drop).
+        when_arg_is(libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]),
+        always(libc::SYS_getrandom),
+        always(libc::SYS_clock_gettime),
+        always(libc::SYS_rt_sigreturn),
+        always(libc::SYS_rt_sigprocmask),
+        always(libc::SYS_restart_syscall),
+        always(libc::SYS_sigaltstack),
+        always(libc::SYS_exit),
+        always(libc::SYS_exit_group),
+        // abort() after a panic: getpid + tgkill(SIGABRT), so the crash is reported as such.
+        always(libc::SYS_getpid),
+        always(libc::SYS_gettid),
+        when_arg_is(libc::SYS_tgkill, 2, &[libc::SIGABRT as u64]),
+    ]
+}
+
+fn main_syscalls() -> Vec<Allowed> {
+    vec![
+        always(libc::SYS_epoll_wait),
+        always(libc::SYS_epoll_pwait),
+        always(libc::SYS_epoll_ctl),
+        always(libc::SYS_read),
+        // Restoring the host terminal on exit.
+        when_arg_is(libc::SYS_ioctl, 1, &[TCGETS, TCSETS]),
+    ]
+}
+
+fn api_syscalls() -> Vec<Allowed> {
+    let kick = crate::vstate::control::kick_signal() as u64;
+    vec![
+        always(libc::SYS_epoll_wait),
+        always(libc::SYS_epoll_pwait),
+        always(libc::SYS_epoll_ctl),
+        always(libc::SYS_accept4),
+        always(libc::SYS_read),
+        always(libc::SYS_recvfrom),
+        always(libc::SYS_sendto),
+        always(libc::SYS_shutdown),
+        // Kicking vCPU threads out of KVM_RUN to pause them (pthread_kill).
+        when_arg_is(libc::SYS_tgkill, 2, &[kick]),
+    ]
+}
+
+fn vcpu_syscalls() -> Vec<Allowed> {
+    vec![
+        // KVM_RUN is the only ioctl a running vCPU makes; the rest of its state was set up
+        // before the filter went on.
+        when_arg_is(libc::SYS_ioctl, 1, &[KVM_RUN]),
+        // Device emulation: eventfds (irqfd, queue notifications) and the console.
+        always(libc::SYS_read),
+        always(libc::SYS_writev),
+    ]
+}
+
+/// Virtio device worker threads: disk I/O on image files, TAP reads/writes, eventfds, entropy.
+fn device_worker_syscalls() -> Vec<Allowed> {
+    vec![
+        always(libc::SYS_epoll_wait),
+        always(libc::SYS_epoll_pwait),
+        always(libc::SYS_epoll_ctl),
+        always(libc::SYS_read),
+        always(libc::SYS_readv),
+        always(libc::SYS_writev),
+        always(libc::SYS_pread64),
+        always(libc::SYS_pwrite64),
+        always(libc::SYS_preadv),
+        always(libc::SYS_pwritev),
+        always(libc::SYS_preadv2),
+        always(libc::SYS_pwritev2),
+        always(libc::SYS_lseek),
+        always(libc::SYS_fsync),
+        always(libc::SYS_fdatasync),
+        always(libc::SYS_fallocate),
+        when_arg_is(libc::SYS_ioctl, 1, &[TUNSETOFFLOAD]),
+    ]
+}
+
+/// The allow-list of a thread kind: the base list plus its own, merged per syscall.
+pub fn allowed_syscalls(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+    let own = match kind {
+        ThreadKind::Main => main_syscalls(),
+        ThreadKind::Api => api_syscalls(),
+        ThreadKind::Vcpu => vcpu_syscalls(),
+        ThreadKind::DeviceWorker => device_worker_syscalls(),
+    };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for (syscall, conditions) in base_syscalls().into_iter().chain(own) {
+        match rules.get_mut(&syscall) {
+            // Already allowed unconditionally, or now becomes so.
+            Some(existing) if existing.is_empty() => {}
+            Some(existing) if conditions.is_empty() => existing.clear(),
+            Some(existing) => existing.extend(conditions),
+            None => {
+                rules.insert(syscall, conditions);
+            }
+        }
+    }
+    rules
+}
+
+/// Compiles the filter of a thread kind; None when seccomp is off.
+pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
+    let mismatch = match mode {
+        SeccompMode::Off => return Ok(None),
+        SeccompMode::On => SeccompAction::KillProcess,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let filter = SeccompFilter::new(
+        allowed_syscalls(kind),
+        mismatch,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|source| SeccompError::Build { kind, source })?;
+    let program: BpfProgram = filter
+        .try_into()
+        .map_err(|source| SeccompError::Compile { kind, source })?;
+    Ok(Some(program))
+}
+
+/// Installs a filter on the calling thread (and sets no_new_privs, which seccomp requires).
+pub fn apply(kind: ThreadKind, program: Option<&BpfProgram>) -> Result<(), SeccompError> {
+    match program {
+        Some(p) => {
+            seccompiler::apply_filter(p).map_err(|source| SeccompError::Apply { kind, source })
+        }
+        None => Ok(()),
+    }
+}
+
+/// All filters, compiled once at start-up and handed to the threads that install them.
+#[derive(Debug, Clone, Default)]
+pub struct Filters {
+    pub main: Option<BpfProgram>,
+    pub api: Option<BpfProgram>,
+    pub vcpu: Option<BpfProgram>,
+    pub device_worker: Option<BpfProgram>,
+}
+
+impl Filters {
+    pub fn build(mode: SeccompMode) -> Result<Filters, SeccompError> {
+        Ok(Filters {
+            main: filter(ThreadKind::Main, mode)?,
+            api: filter(ThreadKind::Api, mode)?,
+            vcpu: filter(ThreadKind::Vcpu, mode)?,
+            device_worker: filter(ThreadKind::DeviceWorker, mode)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_compiles_and_off_means_no_filter() {
+        for kind in ThreadKind::ALL {
+            let program = filter(kind, SeccompMode::On).expect("compiles");
+            assert!(program.is_some_and(|p| !p.is_empty()), "{kind:?}");
+            assert!(filter(kind, SeccompMode::Log).expect("compiles").is_some());
+            assert!(filter(kind, SeccompMode::Off).expect("off").is_none());
+        }
+    }
+
+    #[test]
+    fn nothing_that_opens_or_spawns_is_allowed_anywhere() {
+        for kind in ThreadKind::ALL {
+            let allowed = allowed_syscalls(kind);
+            for forbidden in [
+                libc::SYS_open,
+                libc::SYS_openat,
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_clone,
+                libc::SYS_clone3,
+                libc::SYS_fork,
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_ptrace,
+                libc::SYS_setuid,
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+                libc::SYS_mount,
+                libc::SYS_kill,
+            ] {
+                assert!(
+                    !allowed.contains_key(&forbidden),
+                    "{kind:?} allows syscall {forbidden}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_vcpus_may_run_kvm_and_only_api_may_accept() {
+        let ioctl_rules = |kind| allowed_syscalls(kind).get(&libc::SYS_ioctl).map(Vec::len);
+        assert_eq!(ioctl_rules(ThreadKind::Vcpu), Some(1), "KVM_RUN only");
+        assert_eq!(ioctl_rules(ThreadKind::Main), Some(2), "TCGETS, TCSETS");
+        assert_eq!(ioctl_rules(ThreadKind::Api), None);
+        assert_eq!(
+            ioctl_rules(ThreadKind::DeviceWorker),
+            Some(1),
+            "TUNSETOFFLOAD"
+        );
+        for kind in ThreadKind::ALL {
+            assert_eq!(
+                allowed_syscalls(kind).contains_key(&libc::SYS_accept4),
+                kind == ThreadKind::Api
+            );
+        }
+    }
+
+    #[test]
+    fn kvm_run_number_matches_the_kvm_headers() {
+        // _IO(type, nr) = type << 8 | nr, with KVMIO = 0xAE.
+        assert_eq!(KVM_RUN, (0xae << 8) | 0x80);
+    }
+
+    #[test]
+    fn conditional_and_unconditional_rules_merge_to_unconditional() {
+        // tgkill: SIGABRT in the base list, the kick signal for the API thread.
+        let api = allowed_syscalls(ThreadKind::Api);
+        assert_eq!(api.get(&libc::SYS_tgkill).map(Vec::len), Some(2));
+        let main = allowed_syscalls(ThreadKind::Main);
+        assert_eq!(main.get(&libc::SYS_tgkill).map(Vec::len), Some(1));
+        assert_eq!(main.get(&libc::SYS_read).map(Vec::len), Some(0), "always");
+    }
+}

@@ -1,0 +1,365 @@
+//! The real thvc-vmm binary's control API and sandbox, without booting a guest: the kernel is
+//! a FIFO nobody writes, so the VMM blocks while loading it, after binding the API socket and
+//! starting the API thread (which must already serve) and before any vCPU exists. Needs an
+//! openable /dev/kvm (run as root, as CI does) but no KVM that boots Linux.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const VMM: &str = env!("CARGO_BIN_EXE_thvc-vmm");
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("thvc-api-host-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A FIFO opened read-write by us, so that the VMM's open() does not block but its read()
+/// does, for as long as this lives.
+struct StuckKernel {
+    path: PathBuf,
+    _fifo: std::fs::File,
+}
+
+impl StuckKernel {
+    fn new(dir: &Path) -> StuckKernel {
+        let path = dir.join("vmlinuz.fifo");
+        let c = std::ffi::CString::new(path.to_str().expect("utf-8")).expect("no NUL");
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let fifo = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open fifo");
+        StuckKernel { path, _fifo: fifo }
+    }
+}
+
+struct Vmm {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Vmm {
+    fn start(dir: &Path, kernel: &StuckKernel, configure: impl FnOnce(&mut Command)) -> Vmm {
+        let socket = dir.join("api.sock");
+        let mut cmd = Command::new(VMM);
+        cmd.arg("--kernel")
+            .arg(&kernel.path)
+            .arg("--api-socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        configure(&mut cmd);
+        let child = cmd.spawn().expect("thvc-vmm starts");
+        Vmm { child, socket }
+    }
+
+    /// Waits until the socket accepts connections.
+    fn connect(&mut self) -> Client {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Ok(stream) = UnixStream::connect(&self.socket) {
+                return Client::new(stream);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "thvc-vmm exited ({status}) before serving: {}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no API socket within {TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut s);
+        }
+        s
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "thvc-vmm did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn assert_running(&mut self) {
+        assert_eq!(self.child.try_wait().expect("wait"), None, "thvc-vmm died");
+    }
+
+    /// `Name` and `Seccomp` of every thread.
+    fn threads(&self) -> Vec<(String, String)> {
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
+        let mut out = Vec::new();
+        for task in std::fs::read_dir(tasks).expect("tasks").flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let field = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            };
+            out.push((field("Name:"), field("Seccomp:")));
+        }
+        out
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    fn new(stream: UnixStream) -> Client {
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        Client { stream, reader }
+    }
+
+    fn request(&mut self, line: &[u8]) -> serde_json::Value {
+        self.stream.write_all(line).expect("send");
+        self.response()
+    }
+
+    fn response(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("read");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    }
+}
+
+#[test]
+fn serves_before_the_kernel_is_loaded_on_a_private_socket() {
+    let dir = temp_dir("early");
+    let kernel = StuckKernel::new(&dir);
+    let mut vmm = Vmm::start(&dir, &kernel, |_| {});
+    let mut c = vmm.connect();
+    assert_eq!(
+        c.request(b"{\"request\":\"ping\"}\n"),
+        serde_json::json!({"ok": true, "result": "pong"})
+    );
+    let info = c.request(b"{\"request\":\"info\"}\n");
+    assert_eq!(info["ok"], true, "{info}");
+    assert_eq!(info["result"]["state"], "running");
+    assert_eq!(info["result"]["vcpus"], 1);
+    assert_eq!(info["result"]["memory_mib"], 256);
+    assert_eq!(info["result"]["pid"], vmm.child.id());
+    let meta = std::fs::symlink_metadata(&vmm.socket).expect("socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // The API thread filters its syscalls from the start.
+    let threads = vmm.threads();
+    assert!(
+        threads
+            .iter()
+            .any(|(name, seccomp)| name == "api" && seccomp == "2"),
+        "{threads:?}"
+    );
+    vmm.assert_running();
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_vmm_keeps_serving() {
+    let dir = temp_dir("bad");
+    let kernel = StuckKernel::new(&dir);
+    let mut vmm = Vmm::start(&dir, &kernel, |_| {});
+    let mut c = vmm.connect();
+    for bad in [
+        &b"\xff\xfe garbage\n"[..],
+        b"{\"request\":\"format-disk\"}\n",
+        b"{\"request\":42}\n",
+        b"\n",
+        b"{\"request\":\"ping\"\n",
+    ] {
+        let v = c.request(bad);
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    // A huge line: an error, then the connection is closed.
+    let mut huge = Client::new(UnixStream::connect(&vmm.socket).expect("connect"));
+    let mut writer = huge.stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        let _ = writer.write_all(&vec![b'{'; 1 << 20]);
+    });
+    let v = huge.response();
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("longer than")),
+        "{v}"
+    );
+    sender.join().expect("sender");
+    // Half-closed connections and connect-and-leave.
+    for _ in 0..50 {
+        drop(UnixStream::connect(&vmm.socket).expect("connect"));
+    }
+    let mut half = Client::new(UnixStream::connect(&vmm.socket).expect("connect"));
+    half.stream
+        .write_all(b"{\"request\":\"ping\"}")
+        .expect("send");
+    half.stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    assert_eq!(half.response()["result"], "pong");
+    assert_eq!(c.request(b"{\"request\":\"ping\"}\n")["result"], "pong");
+    vmm.assert_running();
+}
+
+#[test]
+fn clients_cannot_starve_start_up_of_file_descriptors() {
+    let dir = temp_dir("nofile");
+    let kernel = StuckKernel::new(&dir);
+    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+        // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 48,
+                    rlim_max: 48,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let mut first = vmm.connect();
+    assert_eq!(first.request(b"{\"request\":\"ping\"}\n")["result"], "pong");
+    // More clients than descriptors: while starting, only a few are served and the others
+    // are told so, so the VMM keeps what it needs for the VM itself.
+    let mut crowd: Vec<Client> = (0..40)
+        .map(|_| Client::new(UnixStream::connect(&vmm.socket).expect("connect")))
+        .collect();
+    let mut served = 0;
+    for c in &mut crowd {
+        // A refused client may already be hung up on (EPIPE); its answer is still there.
+        let _ = c.stream.write_all(b"{\"request\":\"ping\"}\n");
+        let v = c.response();
+        if v["ok"] == true {
+            served += 1;
+        } else {
+            let err = v["error"].as_str().unwrap_or_default();
+            assert!(err.contains("too many connections"), "{v}");
+        }
+    }
+    assert!(served <= 3, "{served} extra clients served during start-up");
+    vmm.assert_running();
+    drop(crowd);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let mut c = Client::new(UnixStream::connect(&vmm.socket).expect("connect"));
+        c.stream
+            .write_all(b"{\"request\":\"ping\"}\n")
+            .expect("send");
+        if c.response()["ok"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(first.request(b"{\"request\":\"ping\"}\n")["result"], "pong");
+    vmm.assert_running();
+}
+
+#[test]
+fn stop_during_start_up_ends_the_vmm_with_status_0() {
+    let dir = temp_dir("stop");
+    let kernel = StuckKernel::new(&dir);
+    let mut vmm = Vmm::start(&dir, &kernel, |_| {});
+    let mut c = vmm.connect();
+    let v = c.request(b"{\"request\":\"stop\"}\n");
+    assert_eq!(v["result"]["state"], "stopping", "{v}");
+    let status = vmm.wait();
+    assert_eq!(status.code(), Some(0), "{}", vmm.stderr());
+}
+
+#[test]
+fn a_live_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
+    let dir = temp_dir("stale");
+    let kernel = StuckKernel::new(&dir);
+    let mut first = Vmm::start(&dir, &kernel, |_| {});
+    first.connect();
+    let mut second = Vmm::start(&dir, &kernel, |_| {});
+    let status = second.wait();
+    assert_eq!(status.code(), Some(1));
+    let err = second.stderr();
+    assert!(err.contains("another process is listening"), "{err}");
+    // SIGKILL leaves the socket file behind; the next VMM replaces it.
+    first.child.kill().expect("kill");
+    first.child.wait().expect("reap");
+    assert!(first.socket.exists());
+    let mut third = Vmm::start(&dir, &kernel, |_| {});
+    let mut c = third.connect();
+    assert_eq!(c.request(b"{\"request\":\"ping\"}\n")["result"], "pong");
+}
+
+#[test]
+fn refuses_to_replace_a_file_that_is_not_a_socket() {
+    let dir = temp_dir("notsock");
+    let kernel = StuckKernel::new(&dir);
+    std::fs::write(dir.join("api.sock"), b"keep me").expect("write");
+    let mut vmm = Vmm::start(&dir, &kernel, |_| {});
+    assert_eq!(vmm.wait().code(), Some(1));
+    assert!(vmm.stderr().contains("is not a socket"));
+    assert_eq!(
+        std::fs::read(dir.join("api.sock")).expect("kept"),
+        b"keep me"
+    );
+}
+
+/// The test hook exists only in debug builds, which is what `cargo test` runs.
+#[cfg(debug_assertions)]
+#[test]
+fn a_forbidden_syscall_in_the_api_thread_kills_the_process() {
+    let dir = temp_dir("sigsys");
+    let kernel = StuckKernel::new(&dir);
+    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+        cmd.env("THVC_TEST_FORBIDDEN_SYSCALL", "api");
+    });
+    let status = vmm.wait();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSYS),
+        "{status}: {}",
+        vmm.stderr()
+    );
+    // And with --seccomp off the same hook is harmless.
+    let mut unfiltered = Vmm::start(&temp_dir("sigsys-off"), &kernel, |cmd| {
+        cmd.env("THVC_TEST_FORBIDDEN_SYSCALL", "api")
+            .args(["--seccomp", "off"]);
+    });
+    let mut c = unfiltered.connect();
+    assert_eq!(c.request(b"{\"request\":\"ping\"}\n")["result"], "pong");
+}
