@@ -63,7 +63,7 @@ async fn whole_vm_lifecycle_with_signals_and_properties() {
 
     // Info comes from the VMM's API.
     let info: serde_json::Value = serde_json::from_str(&vm.info().await.unwrap()).unwrap();
-    assert_eq!(info["cpus"], 1);
+    assert_eq!(info["vcpus"], 1);
     assert_eq!(info["memory_mib"], 128);
     assert_eq!(info["pid"], vmm.pid);
 

@@ -205,7 +205,7 @@ fn serve_api(sock: &str, cpus: u64, memory: u64, ignore_shutdown: bool) {
                                 serde_json::json!({"ok": true, "result": {
                                     "fake": true,
                                     "state": if PAUSED.load(Ordering::SeqCst) { "paused" } else { "running" },
-                                    "cpus": cpus, "memory_mib": memory, "pid": std::process::id()}}),
+                                    "vcpus": cpus, "memory_mib": memory, "pid": std::process::id()}}),
                                 false,
                             ),
                             Some("pause") => {
