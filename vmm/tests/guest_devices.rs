@@ -277,11 +277,11 @@ fn two_guests_on_a_bridge_ping_and_move_64_mib() {
         "guest A pings the host's bridge address"
     );
     let sent = tx.wait_for("THVC-SEND-SHA=");
-    tx.wait_for("THVC-SENT");
-    assert_eq!(
-        rx.wait_for("THVC-RECV-BYTES=").trim(),
-        (64u64 << 20).to_string()
-    );
+    // 64 MiB through two nested guests in a software-emulated VM: allow minutes, not seconds.
+    let transfer = std::time::Duration::from_secs(900);
+    tx.wait_for_within("THVC-SENT", transfer);
+    let received = rx.wait_for_within("THVC-RECV-BYTES=", transfer);
+    assert_eq!(received.trim(), (64u64 << 20).to_string());
     assert_eq!(
         rx.wait_for("THVC-RECV-SHA="),
         sent,
