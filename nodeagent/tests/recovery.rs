@@ -245,3 +245,37 @@ async fn host_reboot_starts_autostart_vms_and_sigterm_leaves_vms_running() {
         assert_eq!(v.state().await.unwrap(), "defined", "{name}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_outliving_its_supervisor_is_still_reported_running_until_it_exits() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let mut agent = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let v = vm(&conn, m.create_vm("orphan", &spec("")).await.unwrap()).await;
+    v.start().await.unwrap();
+    let vmm = dirs.vmm_process("orphan").unwrap();
+    let supervisor: thvc_nodeagent::procinfo::ProcessId =
+        serde_json::from_slice(&std::fs::read(dirs.run().join("vms/orphan/process.json")).unwrap())
+            .unwrap();
+    // The supervisor is killed while this agent watches it...
+    supervisor.signal(libc::SIGKILL).unwrap();
+    eventually("supervisor gone", || async move { !supervisor.is_alive() }).await;
+    assert!(vmm.is_alive());
+    // ...the VM still runs, and is still reported and controllable as running. (Before the
+    // fix the agent marked it failed within milliseconds of the supervisor's death; the
+    // pause gives a regression the time to show.)
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(v.state().await.unwrap(), "running");
+    // Also across an agent restart.
+    agent.kill9();
+    let _agent2 = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let v = vm(&conn, m.get_vm("orphan").await.unwrap()).await;
+    assert_eq!(v.state().await.unwrap(), "running");
+    v.stop().await.unwrap();
+    assert_eq!(v.state().await.unwrap(), "stopped");
+    assert!(!vmm.is_alive());
+}

@@ -36,6 +36,26 @@ impl DirectRunner {
         }
     }
 
+    /// How the run ended once its supervisor is gone. If the supervisor died without
+    /// recording an exit (killed), the VMM may still run: keep watching it rather than
+    /// report a running VM as ended (another start would then share its disks).
+    async fn outcome_after_supervisor(&self, name: &str) -> ExitOutcome {
+        let outcome = self.exit_outcome(name);
+        if !matches!(outcome, ExitOutcome::Unknown(_)) {
+            return outcome;
+        }
+        if let Some(vmm) = self.vmm(name).filter(|v| v.is_alive()) {
+            tracing::warn!(vm = %name, pid = vmm.pid, "supervisor gone; watching the VMM directly");
+            if let Err(e) = vmm.wait_exit().await {
+                return ExitOutcome::Unknown(format!("cannot watch the VMM: {e}"));
+            }
+            return ExitOutcome::Unknown(
+                "its supervisor died, so the VMM's exit status was not recorded".to_owned(),
+            );
+        }
+        outcome
+    }
+
     fn supervisor(&self, name: &str) -> Option<ProcessId> {
         read_record::<ProcessId>(&layout::process_file(&self.layout.vm_run_dir(name)))
             .ok()
@@ -145,7 +165,7 @@ impl DirectRunner {
         let fut = async move {
             let status = child.wait().await;
             let runner = DirectRunner::new(layout, PathBuf::new());
-            match runner.exit_outcome(&name) {
+            match runner.outcome_after_supervisor(&name).await {
                 ExitOutcome::Unknown(reason) => ExitOutcome::Unknown(match status {
                     Ok(s) => format!("{reason} (supervisor {s})"),
                     Err(e) => format!("{reason} (waiting for the supervisor: {e})"),
@@ -174,14 +194,17 @@ impl VmRunner for DirectRunner {
             let Some(sup) = self.supervisor(name) else {
                 return Ok(Adoption::NotRunning);
             };
-            if sup.is_alive() {
+            let vmm_alive = self.vmm(name).is_some_and(|v| v.is_alive());
+            if sup.is_alive() || vmm_alive {
                 let layout = self.layout.clone();
                 let name = name.to_owned();
                 let fut = async move {
                     if let Err(e) = sup.wait_exit().await {
                         return ExitOutcome::Unknown(format!("cannot watch the supervisor: {e}"));
                     }
-                    DirectRunner::new(layout, PathBuf::new()).exit_outcome(&name)
+                    DirectRunner::new(layout, PathBuf::new())
+                        .outcome_after_supervisor(&name)
+                        .await
                 };
                 return Ok(Adoption::Running(fut.boxed()));
             }
