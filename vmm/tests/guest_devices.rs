@@ -297,3 +297,48 @@ fn two_guests_on_a_bridge_ping_and_move_64_mib() {
     assert_eq!(tx_status.code(), Some(0), "sender console:\n{tx_console}");
     assert_eq!(rx_status.code(), Some(0), "receiver console:\n{rx_console}");
 }
+
+#[test]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+fn two_guests_on_a_bridge_ping_each_other_and_the_host() {
+    let _lan = Lan::new();
+    let dir = tempdir("ping");
+    // Each guest stays up after its pings (so its peer can still reach it) until the test
+    // stops it with SIGTERM.
+    let guest = |me: &str, peer: &str| {
+        format!(
+            "ip link set eth0 up\nip addr add {me}/24 dev eth0\n\
+             n=0; until ping -c 1 -W 1 {peer} >/dev/null; do n=$((n+1)); [ $n -ge 120 ] && break; done\n\
+             if ping -c 3 -W 5 {peer} >/dev/null; then echo THVC-PING-PEER=ok; else echo THVC-PING-PEER=failed; fi\n\
+             if ping -c 2 -W 5 10.77.0.1 >/dev/null; then echo THVC-PING-HOST=ok; else echo THVC-PING-HOST=failed; fi\n\
+             while :; do sleep 3600; done"
+        )
+    };
+    let a_image = root_image(&dir, "a", &guest("10.77.0.2", "10.77.0.3"), 32);
+    let b_image = root_image(&dir, "b", &guest("10.77.0.3", "10.77.0.2"), 32);
+    let mut a = boot_root(&a_image, &["--net", "tap=thvctap-a"]);
+    let mut b = boot_root(&b_image, &["--net", "tap=thvctap-b"]);
+    for (name, g) in [("A", &mut a), ("B", &mut b)] {
+        assert_eq!(
+            g.wait_for("THVC-PING-PEER="),
+            "ok",
+            "guest {name} pings its peer"
+        );
+        assert_eq!(
+            g.wait_for("THVC-PING-HOST="),
+            "ok",
+            "guest {name} pings the host"
+        );
+    }
+    for g in [&a, &b] {
+        // SAFETY: signalling our own child process.
+        assert_eq!(
+            unsafe { libc::kill(g.child.id() as libc::pid_t, libc::SIGTERM) },
+            0
+        );
+    }
+    let (a_status, _, a_err) = a.finish();
+    let (b_status, _, b_err) = b.finish();
+    assert_eq!(a_status.code(), Some(0), "stderr A:\n{a_err}");
+    assert_eq!(b_status.code(), Some(0), "stderr B:\n{b_err}");
+}
