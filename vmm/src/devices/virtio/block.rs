@@ -12,11 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
-    pop_chain, Activation, DeviceCounters, DeviceInfo, Popped, QueueHandler, TYPE_BLOCK,
+    serve_queue, with_active, Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -532,39 +531,9 @@ impl BlockDevice {
         let Some(queue) = active.queues.first_mut() else {
             return false;
         };
-        let mut used_any = false;
-        loop {
-            if queue.disable_notification(&mem).is_err() {
-                return false;
-            }
-            loop {
-                let chain = match pop_chain(queue, &mem) {
-                    Popped::Chain(chain) => chain,
-                    Popped::Empty => break,
-                    Popped::Broken => return false,
-                };
-                let head = chain.head_index();
-                let descriptors: Vec<Descriptor> = chain.collect();
-                let used_len = self.handle_chain(&mem, &descriptors);
-                if queue.add_used(&mem, head, used_len).is_err() {
-                    return false;
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(&mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(_) => return false,
-            }
-        }
-        if used_any {
-            match queue.needs_notification(&mem) {
-                Ok(true) => active.interrupt.signal_used_queue(),
-                Ok(false) => {}
-                Err(_) => return false,
-            }
-        }
-        true
+        serve_queue(queue, &mem, &active.interrupt, |descriptors| {
+            self.handle_chain(&mem, descriptors)
+        })
     }
 
     /// Parses and executes one request, writes its status byte; returns the used length.
@@ -609,15 +578,9 @@ impl QueueHandler for BlockDevice {
     }
 
     fn queue_notified(&mut self, _index: usize) {
-        let Some(mut active) = self.active.take() else {
-            return;
-        };
-        if self.process_queue(&mut active) {
-            self.active = Some(active);
-        } else {
-            tracing::debug!("virtio-blk: queue broken by the driver; device needs reset");
-            active.interrupt.signal_needs_reset();
-        }
+        let mut active = self.active.take();
+        with_active(self, &mut active, Self::process_queue);
+        self.active = active;
     }
 }
 

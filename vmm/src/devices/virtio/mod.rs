@@ -119,6 +119,68 @@ pub fn pop_chain<'a>(queue: &mut Queue, mem: &'a GuestMemoryMmap) -> Popped<'a> 
     }
 }
 
+/// Serves every request available on `queue`: `handle` gets each chain's descriptors and returns
+/// the used length. Re-checks after re-enabling notifications (no kick is lost) and interrupts
+/// the driver if it asked for it. Returns false if the driver broke the queue.
+pub fn serve_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    mut handle: impl FnMut(&[virtio_queue::desc::split::Descriptor]) -> u32,
+) -> bool {
+    use virtio_queue::QueueT;
+    let mut used_any = false;
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            return false;
+        }
+        loop {
+            let chain = match pop_chain(queue, mem) {
+                Popped::Chain(chain) => chain,
+                Popped::Empty => break,
+                Popped::Broken => return false,
+            };
+            let head = chain.head_index();
+            let descriptors: Vec<_> = chain.collect();
+            let used_len = handle(&descriptors);
+            if queue.add_used(mem, head, used_len).is_err() {
+                return false;
+            }
+            used_any = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(_) => return false,
+        }
+    }
+    if used_any {
+        match queue.needs_notification(mem) {
+            Ok(true) => interrupt.signal_used_queue(),
+            Ok(false) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Runs `f` on the device's active queues; a broken queue stops the device (NEEDS_RESET).
+pub fn with_active<D>(
+    device: &mut D,
+    active: &mut Option<Activation>,
+    f: impl FnOnce(&mut D, &mut Activation) -> bool,
+) {
+    let Some(mut current) = active.take() else {
+        return;
+    };
+    if f(device, &mut current) {
+        *active = Some(current);
+    } else {
+        tracing::debug!("virtio queue broken by the driver; device needs reset");
+        current.interrupt.signal_needs_reset();
+    }
+}
+
 /// What a device worker gets when the driver sets DRIVER_OK.
 pub struct Activation {
     pub mem: GuestMemoryMmap,

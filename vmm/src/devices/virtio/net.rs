@@ -6,13 +6,14 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
 use super::{
-    pop_chain, Activation, DeviceCounters, DeviceInfo, Popped, QueueHandler, TYPE_NET,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    pop_chain, serve_queue, with_active, Activation, DeviceCounters, DeviceInfo, Popped,
+    QueueHandler, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -227,61 +228,31 @@ impl NetDevice {
     /// Sends every frame the guest queued for transmission.
     fn process_tx(&mut self, active: &mut Activation) -> bool {
         let mem = active.mem.clone();
-        let queue: &mut Queue = &mut active.queues[TX_QUEUE];
-        let mut used_any = false;
-        loop {
-            if queue.disable_notification(&mem).is_err() {
-                return false;
-            }
-            loop {
-                let chain = match pop_chain(queue, &mem) {
-                    Popped::Chain(chain) => chain,
-                    Popped::Empty => break,
-                    Popped::Broken => return false,
-                };
-                let head = chain.head_index();
-                let descriptors: Vec<Descriptor> = chain.collect();
-                match chain_iovecs(&mem, &descriptors, false, MAX_TX_FRAME) {
-                    Some(iovs) => match self.tap.writev(&iovs) {
-                        Ok(n) => DeviceCounters::add(&self.counters.bytes_read, n as u64),
+        let (tap, counters) = (&self.tap, &self.counters);
+        serve_queue(
+            &mut active.queues[TX_QUEUE],
+            &mem,
+            &active.interrupt,
+            |descriptors| {
+                match chain_iovecs(&mem, descriptors, false, MAX_TX_FRAME) {
+                    Some(iovs) => match tap.writev(&iovs) {
+                        Ok(n) => DeviceCounters::add(&counters.bytes_read, n as u64),
                         Err(e) => {
-                            DeviceCounters::add(&self.counters.errors, 1);
-                            tracing::debug!("TAP {} write failed: {e}", self.tap.name());
+                            DeviceCounters::add(&counters.errors, 1);
+                            tracing::debug!("TAP {} write failed: {e}", tap.name());
                         }
                     },
-                    None => DeviceCounters::add(&self.counters.errors, 1),
+                    None => DeviceCounters::add(&counters.errors, 1),
                 }
-                if queue.add_used(&mem, head, 0).is_err() {
-                    return false;
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(&mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(_) => return false,
-            }
-        }
-        if used_any {
-            match queue.needs_notification(&mem) {
-                Ok(true) => active.interrupt.signal_used_queue(),
-                Ok(false) => {}
-                Err(_) => return false,
-            }
-        }
-        true
+                0
+            },
+        )
     }
 
     fn with_active(&mut self, f: impl FnOnce(&mut Self, &mut Activation) -> bool) {
-        let Some(mut active) = self.active.take() else {
-            return;
-        };
-        if f(self, &mut active) {
-            self.active = Some(active);
-        } else {
-            tracing::debug!("virtio-net: queue broken by the driver; device needs reset");
-            active.interrupt.signal_needs_reset();
-        }
+        let mut active = self.active.take();
+        with_active(self, &mut active, f);
+        self.active = active;
     }
 }
 

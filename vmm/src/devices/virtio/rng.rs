@@ -4,11 +4,10 @@
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::{
-    pop_chain, Activation, DeviceCounters, DeviceInfo, Popped, QueueHandler, TYPE_RNG,
+    serve_queue, with_active, Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_RNG,
     VIRTIO_F_VERSION_1,
 };
 
@@ -77,31 +76,13 @@ impl RngDevice {
         let Some(queue) = active.queues.first_mut() else {
             return false;
         };
-        let mut used_any = false;
-        loop {
-            let chain = match pop_chain(queue, &mem) {
-                Popped::Chain(chain) => chain,
-                Popped::Empty => break,
-                Popped::Broken => return false,
-            };
-            let head = chain.head_index();
-            let descriptors: Vec<Descriptor> = chain.collect();
-            let n = fill_chain(&mem, &descriptors);
-            DeviceCounters::add(&self.counters.requests, 1);
-            DeviceCounters::add(&self.counters.bytes_written, u64::from(n));
-            if queue.add_used(&mem, head, n).is_err() {
-                return false;
-            }
-            used_any = true;
-        }
-        if used_any {
-            match queue.needs_notification(&mem) {
-                Ok(true) => active.interrupt.signal_used_queue(),
-                Ok(false) => {}
-                Err(_) => return false,
-            }
-        }
-        true
+        let counters = &self.counters;
+        serve_queue(queue, &mem, &active.interrupt, |descriptors| {
+            let n = fill_chain(&mem, descriptors);
+            DeviceCounters::add(&counters.requests, 1);
+            DeviceCounters::add(&counters.bytes_written, u64::from(n));
+            n
+        })
     }
 }
 
@@ -115,14 +96,9 @@ impl QueueHandler for RngDevice {
     }
 
     fn queue_notified(&mut self, _index: usize) {
-        let Some(mut active) = self.active.take() else {
-            return;
-        };
-        if self.process(&mut active) {
-            self.active = Some(active);
-        } else {
-            active.interrupt.signal_needs_reset();
-        }
+        let mut active = self.active.take();
+        with_active(self, &mut active, Self::process);
+        self.active = active;
     }
 }
 
