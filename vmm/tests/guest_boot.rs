@@ -133,12 +133,17 @@ fn config_file_and_serial_file() {
     std::fs::write(&config, body.to_string()).expect("write config");
     let guest = Guest::start(&["--config", config.to_str().expect("utf-8")]);
     let (status, stdout, stderr) = guest.finish();
-    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    let console =
+        std::fs::read_to_string(&log).unwrap_or_else(|e| format!("(no console log: {e})"));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "console file:\n{console}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(
         !stdout.contains("THVC-GUEST-READY"),
         "console went to the file, not stdout"
     );
-    let console = std::fs::read_to_string(&log).expect("console log written");
     assert!(console.contains("THVC-GUEST-READY"), "{console}");
     assert!(console.contains("THVC-CPUS=2"), "{console}");
 }

@@ -164,7 +164,7 @@ impl Vcpu {
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
                 // A triple fault: Linux's last resort to reboot, or a broken guest.
-                tracing::info!("vCPU {id}: guest triple-faulted; treating it as a reset");
+                tracing::warn!("vCPU {id}: guest triple-faulted; treating it as a reset");
                 return Some(ExitReason::GuestReset);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
