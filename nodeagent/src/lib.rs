@@ -16,3 +16,4 @@ pub mod procinfo;
 pub mod runner;
 pub mod spec;
 pub mod vmm_api;
+pub mod vmm_user;

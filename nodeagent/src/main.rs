@@ -16,6 +16,7 @@ use thvc_nodeagent::layout::Layout;
 use thvc_nodeagent::network::Network;
 use thvc_nodeagent::node::{Node, NodeConfig};
 use thvc_nodeagent::runner::{self, direct::DirectRunner, systemd::SystemdRunner, VmRunner};
+use thvc_nodeagent::vmm_user::{VmmUser, DEFAULT_SYSTEMD_VMM_USER};
 use thvc_nodeagent::{hostinfo, runner::supervise};
 
 #[derive(Parser)]
@@ -51,6 +52,12 @@ struct DaemonArgs {
     /// How VMMs are run: systemd units where systemd is PID 1, else supervised directly.
     #[arg(long, value_enum, default_value_t = RunnerKind::Auto)]
     runner: RunnerKind,
+    /// User the VMMs run as (NAME or UID:GID, not root); it owns their TAP devices.
+    /// systemd runner: the User= of thvc-vm@.service [default: thvc-vm]. direct runner:
+    /// the VMM is started with `thvc-vmm --user` (the agent must run as root)
+    /// [default: the agent's own user, no switch].
+    #[arg(long, value_name = "USER")]
+    vmm_user: Option<String>,
     /// Group whose members (besides root) may change state.
     #[arg(long, default_value = DEFAULT_CONTROL_GROUP)]
     control_group: String,
@@ -171,6 +178,32 @@ fn default_vmm() -> PathBuf {
     PathBuf::from("/usr/bin/thvc-vmm")
 }
 
+/// The user the VMMs run as, and whether the VMM must be told to switch to it (see
+/// `vmm_user.rs`).
+fn vmm_user(requested: Option<&str>, use_systemd: bool) -> Result<(VmmUser, bool)> {
+    if use_systemd {
+        let name = requested.unwrap_or(DEFAULT_SYSTEMD_VMM_USER);
+        // thvc-vm@.service switches user itself (User=).
+        return Ok((VmmUser::resolve(name)?, false));
+    }
+    let me = VmmUser::current();
+    let Some(name) = requested else {
+        return Ok((me, false));
+    };
+    let user = VmmUser::resolve(name)?;
+    if user == me {
+        return Ok((user, false));
+    }
+    if me.uid != 0 {
+        bail!(
+            "--vmm-user {name}: the direct runner switches the VMM to another user with \
+             `thvc-vmm --user`, which needs the agent to run as root (it runs as uid {})",
+            me.uid
+        );
+    }
+    Ok((user, true))
+}
+
 /// Holds an exclusive lock on the run directory: two agents adopting the same VMMs would
 /// fight over them.
 fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
@@ -202,6 +235,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         RunnerKind::Direct => false,
         RunnerKind::Systemd => true,
     };
+    let (vmm_user, vmm_switches_user) = vmm_user(args.vmm_user.as_deref(), use_systemd)?;
     let vm_runner: Arc<dyn VmRunner> = if use_systemd {
         Arc::new(SystemdRunner::new(layout.clone()))
     } else {
@@ -212,6 +246,8 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
     let cfg = NodeConfig {
         layout,
         vmm_binary: args.vmm.unwrap_or_else(default_vmm),
+        vmm_user,
+        vmm_switches_user,
         control_group: args.control_group,
         node_name,
         os_release: args.os_release,
@@ -219,7 +255,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         start_timeout: Duration::from_secs(args.start_timeout),
         stop_timeout: Duration::from_secs(args.stop_timeout),
     };
-    tracing::info!(runner = vm_runner.kind(), vmm = %cfg.vmm_binary.display(), "starting");
+    tracing::info!(runner = vm_runner.kind(), vmm = %cfg.vmm_binary.display(), vmm_user = %cfg.vmm_user, "starting");
     let node = Node::new(cfg, vm_runner)?;
     let target = BusTarget::parse(&args.bus);
     let conn = thvc_nodeagent::client::connect(&target).await?;

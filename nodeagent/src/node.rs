@@ -32,6 +32,7 @@ use crate::network::{NetError, Network, TapRequest};
 use crate::runner::{describe_exit, Adoption, ExitFuture, ExitOutcome, LaunchSpec, VmRunner};
 use crate::spec::{self, Stores, VmSpec, VmmRunParams};
 use crate::vmm_api::{self, Request, VmmApiError};
+use crate::vmm_user::VmmUser;
 
 /// Reboots tolerated within [`REBOOT_WINDOW`] before a VM is declared failed (a guest that
 /// panics with panic=N on boot would otherwise loop forever).
@@ -99,6 +100,11 @@ impl VmState {
 pub struct NodeConfig {
     pub layout: Layout,
     pub vmm_binary: PathBuf,
+    /// The user the VMMs run as; it owns their TAPs so the unprivileged VMM can attach.
+    pub vmm_user: VmmUser,
+    /// Start the VMM with `--user` (the direct runner, asked for another user than the
+    /// agent's); the systemd runner's unit sets the user itself.
+    pub vmm_switches_user: bool,
     pub control_group: String,
     pub node_name: String,
     pub os_release: PathBuf,
@@ -552,8 +558,8 @@ impl Node {
         for (i, nic) in resolved.nics.iter().enumerate() {
             let tap = TapRequest {
                 name: names::tap_name(&vm.name, i),
-                uid: 0,
-                gid: 0,
+                uid: self.cfg.vmm_user.uid,
+                gid: self.cfg.vmm_user.gid,
                 bridge: nic.bridge.clone(),
                 vlan: nic.vlan,
                 mtu: None,
@@ -571,6 +577,7 @@ impl Node {
             console_log: self.cfg.layout.console_log(&vm.name),
             api_socket: self.cfg.layout.api_socket(&vm.name),
             taps: taps.clone(),
+            switch_to_user: self.cfg.vmm_switches_user.then_some(self.cfg.vmm_user),
         };
         let launch = LaunchSpec {
             name: vm.name.clone(),

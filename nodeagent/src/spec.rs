@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::names;
+use crate::vmm_user::VmmUser;
 
 // The limits of thvc-vmm (vmm/src/config.rs), so a spec it would refuse is refused here,
 // at creation, instead of failing at start.
@@ -343,6 +344,8 @@ pub struct VmmRunParams {
     pub api_socket: PathBuf,
     /// TAP device per NIC, in NIC order.
     pub taps: Vec<String>,
+    /// Passed as `--user UID:GID`: the VMM starts as root and switches to it.
+    pub switch_to_user: Option<VmmUser>,
 }
 
 /// The `thvc-vmm` arguments (without the program name) for `spec`.
@@ -381,6 +384,10 @@ pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
     for (nic, tap) in spec.nics.iter().zip(&params.taps) {
         args.push("--net".to_owned());
         args.push(format!("tap={tap},mac={}", nic.mac));
+    }
+    if let Some(user) = params.switch_to_user {
+        args.push("--user".to_owned());
+        args.push(user.to_string());
     }
     args
 }
@@ -451,6 +458,7 @@ mod tests {
                 console_log: "/log/c".into(),
                 api_socket: "/run/a.sock".into(),
                 taps: vec!["tap0".into()],
+                switch_to_user: None,
             },
         );
         let joined = args.join(" ");
@@ -459,6 +467,20 @@ mod tests {
         assert!(joined.contains(",serial=root"), "{joined}");
         assert!(joined.contains("--net tap=tap0,mac="), "{joined}");
         assert!(joined.contains("--serial file:/log/c"), "{joined}");
+        assert!(!joined.contains("--user"), "{joined}");
+        let args = vmm_args(
+            &r,
+            &VmmRunParams {
+                console_log: "/log/c".into(),
+                api_socket: "/run/a.sock".into(),
+                taps: vec!["tap0".into()],
+                switch_to_user: Some(VmmUser {
+                    uid: 64000,
+                    gid: 64001,
+                }),
+            },
+        );
+        assert!(args.join(" ").ends_with("--user 64000:64001"), "{args:?}");
     }
 
     #[test]

@@ -95,6 +95,17 @@ async fn apply_network_then_vm_nic_gets_a_tap_on_the_bridge() {
     assert!(ok, "TAP {tap} exists while the VM runs");
     let link: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(link[0]["master"], "br0", "{out}");
+    // No --vmm-user: the VMM runs as the agent's user, which owns the TAP.
+    // SAFETY: geteuid/getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    assert_eq!(
+        cat_in(pid, &format!("/sys/class/net/{tap}/owner")),
+        uid.to_string()
+    );
+    assert_eq!(
+        cat_in(pid, &format!("/sys/class/net/{tap}/group")),
+        gid.to_string()
+    );
     let (console, _) = v.read_console(0).await.unwrap();
     let console = String::from_utf8_lossy(&console);
     assert!(
@@ -183,4 +194,192 @@ fn agent_net_subcommand_plans_applies_and_shows_locally() {
         err.contains("links[0].kind"),
         "names the problem's path: {err}"
     );
+}
+
+/// `cat FILE` inside the agent's network and mount namespaces (its own sysfs).
+fn cat_in(pid: i32, file: &str) -> String {
+    let out = Command::new(require_tool("nsenter", "util-linux"))
+        .args(["-t", &pid.to_string(), "-n", "-m", "cat", file])
+        .output()
+        .expect("run nsenter cat");
+    assert!(
+        out.status.success(),
+        "cat {file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Attaches to the TAP `tap` in the network namespace of `ns_pid` as an unprivileged VMM
+/// does: as `uid:gid` with no capabilities (setresuid away from root clears them),
+/// TUNSETIFF with the VMM's flags. The child exits right after, which
+/// detaches again. The error is the one the kernel gave (EPERM: not the TAP's owner).
+fn attach_tap_as(ns_pid: i32, uid: u32, gid: u32, tap: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let netns = std::fs::File::open(format!("/proc/{ns_pid}/ns/net"))?;
+    let netns_fd = netns.as_raw_fd();
+    /// An ifreq moved into the child (it holds a pointer variant, so it is not Send).
+    struct Request(libc::ifreq);
+    // SAFETY: only ever read, by the forked child.
+    unsafe impl Send for Request {}
+    // SAFETY: as above.
+    unsafe impl Sync for Request {}
+    impl Request {
+        fn ptr(&self) -> *const libc::ifreq {
+            &self.0
+        }
+    }
+    // SAFETY: ifreq is plain old data; all-zero is valid.
+    let mut request = Request(unsafe { std::mem::zeroed() });
+    assert!(tap.len() < request.0.ifr_name.len());
+    for (slot, byte) in request.0.ifr_name.iter_mut().zip(tap.as_bytes()) {
+        *slot = *byte as libc::c_char;
+    }
+    request.0.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+    let tun = c"/dev/net/tun";
+    let mut cmd = Command::new("/bin/true");
+    // SAFETY: only raw syscalls between fork and exec; everything they use was prepared
+    // before the fork and is captured by value.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |rc: libc::c_int| {
+                if rc < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(rc)
+                }
+            };
+            check(libc::setns(netns_fd, libc::CLONE_NEWNET))?;
+            // Opened while still root: /dev/net/tun is 0666 where udev runs (the image),
+            // 0600 on hosts without it. Opening it is not the point; attaching is, and
+            // TUNSETIFF checks the caller's credentials when it is called.
+            let fd = check(libc::open(tun.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC))?;
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setresgid(gid, gid, gid))?;
+            check(libc::setresuid(uid, uid, uid))?;
+            check(libc::ioctl(fd, libc::TUNSETIFF, request.ptr()))?;
+            Ok(())
+        });
+    }
+    // A failure in pre_exec comes back as the spawn error.
+    let status = cmd.status()?;
+    assert!(status.success(), "/bin/true after attaching: {status}");
+    drop(netns);
+    Ok(())
+}
+
+/// uid and primary gid of a local user, through NSS (`id`).
+fn user_ids(name: &str) -> (u32, u32) {
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id").args([flag, name]).output().expect("id");
+        assert!(out.status.success(), "no user {name}");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("numeric id")
+    };
+    (id("-u"), id("-g"))
+}
+
+/// `Uid:` or `Gid:` of /proc/PID/status: real, effective, saved, filesystem.
+fn proc_ids(pid: i32, key: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .expect("id line")
+        .split_whitespace()
+        .map(|v| v.parse().expect("number"))
+        .collect()
+}
+
+/// `--vmm-user`: the direct runner starts the VMM with `--user`, and the VM's TAP belongs to
+/// that user, so the VMM can attach to it without CAP_NET_ADMIN; another unprivileged user
+/// cannot. Without the flag (the other test) the TAP belongs to the agent's own user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_taps_belong_to_the_vmm_user() {
+    require_tool("unshare", "util-linux");
+    require_tool("ip", "iproute2");
+    let (uid, gid) = user_ids("nobody");
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let agent = Agent::start_with(
+        &bus,
+        &dirs,
+        &["--vmm-user", "nobody"],
+        &[
+            "unshare",
+            "--net",
+            "--mount",
+            "--",
+            "sh",
+            "-c",
+            "mount -t sysfs sysfs /sys && exec \"$0\" \"$@\"",
+        ],
+    );
+    let pid = agent.pid();
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    m.apply_network(r#"{"links": [{"name": "br0", "kind": "bridge"}]}"#, false)
+        .await
+        .expect("apply");
+    let path = m
+        .create_vm("owned", &spec(r#","nics":[{"bridge":"br0"}]"#))
+        .await
+        .unwrap();
+    let v = vm(&conn, path).await;
+    v.start().await.expect("start");
+    let tap = thvc_nodeagent::names::tap_name("owned", 0);
+
+    let sys = format!("/sys/class/net/{tap}");
+    assert_eq!(cat_in(pid, &format!("{sys}/owner")), uid.to_string());
+    assert_eq!(cat_in(pid, &format!("{sys}/group")), gid.to_string());
+    let vmm = dirs.vmm_process("owned").expect("VMM recorded").pid;
+    assert_eq!(
+        proc_ids(vmm, "Uid:"),
+        vec![uid; 4],
+        "the VMM runs as nobody"
+    );
+    assert_eq!(proc_ids(vmm, "Gid:"), vec![gid; 4]);
+    let (console, _) = v.read_console(0).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&console).contains(&format!("running as user {uid}:{gid}")),
+        "{}",
+        String::from_utf8_lossy(&console)
+    );
+
+    // What thvc-vmm under thvc-vm@.service does: attach without capabilities.
+    attach_tap_as(pid, uid, gid, &tap).expect("the VMM user attaches to its TAP");
+    let other = attach_tap_as(pid, uid - 1, gid - 1, &tap).expect_err("another user cannot");
+    assert_eq!(other.raw_os_error(), Some(libc::EPERM), "{other}");
+
+    v.stop().await.unwrap();
+    assert!(!ip_in(pid, &["link", "show", &tap]).0, "TAP removed");
+}
+
+/// A VMM user that does not exist, or root, stops the agent at start with a clear error.
+#[test]
+fn bad_vmm_user_is_refused_at_start() {
+    let dirs = NodeDirs::new();
+    for (user, expect) in [
+        ("no-such-user-thvc", "does not exist"),
+        ("0:0", "must not run as root"),
+        ("12:x", "two decimal numbers"),
+    ] {
+        let out = Command::new(AGENT)
+            .args(["--bus", "unix:path=/nonexistent", "--runner", "direct"])
+            .arg("--state-dir")
+            .arg(dirs.state())
+            .arg("--run-dir")
+            .arg(dirs.run())
+            .arg("--log-dir")
+            .arg(dirs.log())
+            .args(["--vmm-user", user])
+            .output()
+            .expect("run the agent");
+        assert!(!out.status.success(), "{user}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{user}: {err}");
+    }
 }

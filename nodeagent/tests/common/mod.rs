@@ -186,8 +186,22 @@ impl Agent {
         Self::start_with(bus, dirs, extra, &[])
     }
 
-    /// Like [`Agent::start`], with a command prefix (e.g. `unshare -n`).
+    /// Like [`Agent::start`], with a command prefix (e.g. `unshare -n`). `extra` may
+    /// replace the fake VMM (`--vmm PATH`) and the start timeout.
     pub fn start_with(bus: &TestBus, dirs: &NodeDirs, extra: &[&str], prefix: &[&str]) -> Agent {
+        Self::start_full(bus, dirs, extra, prefix, &[], None)
+    }
+
+    /// Like [`Agent::start_with`], with extra environment variables (they override the
+    /// defaults, RUST_LOG included) and, when `log` is given, stderr appended to that file.
+    pub fn start_full(
+        bus: &TestBus,
+        dirs: &NodeDirs,
+        extra: &[&str],
+        prefix: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> Agent {
         let mut cmd = match prefix.split_first() {
             Some((p, rest)) => {
                 let mut c = Command::new(p);
@@ -204,17 +218,30 @@ impl Agent {
             .arg(dirs.run())
             .arg("--log-dir")
             .arg(dirs.log())
-            .arg("--vmm")
-            .arg(FAKE_VMM)
             .arg("--runner")
-            .arg("direct")
-            .args(["--start-timeout", "2"])
-            .args(extra)
+            .arg("direct");
+        // Defaults that `extra` may replace (the guest tests run the real VMM).
+        if !extra.contains(&"--vmm") {
+            cmd.args(["--vmm", FAKE_VMM]);
+        }
+        if !extra.contains(&"--start-timeout") {
+            cmd.args(["--start-timeout", "2"]);
+        }
+        cmd.args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("THVC_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null());
+        if let Some(log) = log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("open the agent's log file");
+            cmd.stderr(file);
+        }
         let child = cmd.spawn().expect("start thvc-nodeagent");
         let mut agent = Agent { child };
         agent.wait_ready(bus);

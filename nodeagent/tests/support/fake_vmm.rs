@@ -10,6 +10,8 @@
 //!   fake.ignore_sigterm=1              ignore SIGTERM (to test the SIGKILL escalation)
 //!   fake.console_bytes=N               write N bytes of console output at boot
 //!   fake.no_api=1                      serve no API socket (like a VMM without the API)
+//!
+//! `--user UID:GID` switches user once the console and API socket are open, like thvc-vmm.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -47,6 +49,7 @@ fn main() {
             "--net",
             "--api-socket",
             "--config",
+            "--user",
         ];
         if !takes_value.contains(&a.as_str()) {
             usage(&format!("unknown argument {a}"));
@@ -161,12 +164,23 @@ fn main() {
         .unwrap_or(512);
     let ignore_shutdown = flag("ignore_shutdown");
     let reboot_marker = fake.get("reboot_once").map(|p| p.to_string());
-    if let Some(sock) = opts
+    // Like thvc-vmm: open everything (console above, API socket here), then switch user.
+    let listener = opts
         .get("--api-socket")
         .filter(|_| !flag("no_api"))
-        .cloned()
-    {
-        std::thread::spawn(move || serve_api(&sock, cpus, memory, ignore_shutdown));
+        .map(|sock| {
+            let _ = std::fs::remove_file(sock);
+            UnixListener::bind(sock).unwrap_or_else(|e| {
+                eprintln!("thvc-fake-vmm: api socket {sock}: {e}");
+                std::process::exit(1);
+            })
+        });
+    if let Some(user) = opts.get("--user") {
+        switch_user(user);
+        say(&format!("fake-vmm: running as user {user}\n"));
+    }
+    if let Some(listener) = listener {
+        std::thread::spawn(move || serve_api(listener, cpus, memory, ignore_shutdown));
     }
     if let Some(path) = reboot_marker {
         if !std::path::Path::new(&path).exists() {
@@ -182,14 +196,32 @@ fn main() {
     }
 }
 
-fn serve_api(sock: &str, cpus: u64, memory: u64, ignore_shutdown: bool) {
+/// `--user UID:GID`, as thvc-vmm does it: no supplementary groups, then gid, then uid.
+fn switch_user(spec: &str) {
+    let parsed = spec
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)));
+    let Some((uid, gid)) = parsed.filter(|(u, g)| *u != 0 && *g != 0) else {
+        usage(&format!("invalid user {spec:?}: UID:GID, not root"))
+    };
+    // SAFETY: plain credential syscalls, checked one by one.
+    let ok = unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setresgid(gid, gid, gid) == 0
+            && libc::setresuid(uid, uid, uid) == 0
+    };
+    if !ok {
+        eprintln!(
+            "thvc-fake-vmm: switching to {spec}: {}",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(1);
+    }
+}
+
+fn serve_api(listener: UnixListener, cpus: u64, memory: u64, ignore_shutdown: bool) {
     {
         {
-            let _ = std::fs::remove_file(sock);
-            let listener = UnixListener::bind(sock).unwrap_or_else(|e| {
-                eprintln!("thvc-fake-vmm: api socket {sock}: {e}");
-                std::process::exit(1);
-            });
             for stream in listener.incoming().flatten() {
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(&stream);
