@@ -263,6 +263,11 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         .await
         .context("serving the manager object")?;
     node.attach_bus(conn.clone());
+    // The host network first: VMs adopted or autostarted below need their bridges.
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) => node.apply_network_credential(Path::new(&dir)).await,
+        None => tracing::debug!("no CREDENTIALS_DIRECTORY: no network credential"),
+    }
     node.recover().await?;
     // Take the name last: a client that sees it finds every object already in place.
     conn.request_name_with_flags(BUS_NAME, zbus::fdo::RequestNameFlags::DoNotQueue.into())

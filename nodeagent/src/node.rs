@@ -15,7 +15,7 @@
 //! see a consistent table and disk.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,8 @@ const MAX_REBOOTS: usize = 10;
 const REBOOT_WINDOW: Duration = Duration::from_secs(60);
 /// How often console logs of running VMs are checked for trimming.
 const CONSOLE_TRIM_INTERVAL: Duration = Duration::from_secs(2);
+/// The systemd credential holding the node's network document, applied at start.
+pub const NETWORK_CREDENTIAL: &str = "thvc.network";
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -1066,6 +1068,66 @@ impl Node {
                 self.set_network_state(&format!("failed: {e}")).await;
                 Err(e.into())
             }
+        }
+    }
+
+    /// Applies the network document handed to the agent as the systemd credential
+    /// [`NETWORK_CREDENTIAL`] (`ImportCredential=` in thvc-nodeagent.service), exactly as
+    /// `ApplyNetwork(document, false)` would. Never fails the agent: a missing credential
+    /// changes nothing, a bad one is logged and shown in `NetworkState` (the host network
+    /// stays as it is, so VMs still start on whatever is there). Call before
+    /// [`Node::recover`], which starts VMs that need the bridges.
+    pub async fn apply_network_credential(&self, credentials_dir: &Path) {
+        let path = credentials_dir.join(NETWORK_CREDENTIAL);
+        let document = match std::fs::read_to_string(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::info!(
+                    "no network credential {}: host network left as it is",
+                    path.display()
+                );
+                return;
+            }
+            Err(e) => {
+                let reason = format!("cannot read the network credential {}: {e}", path.display());
+                tracing::error!("{reason}; host network left as it is");
+                self.set_network_state(&format!("failed: {reason}")).await;
+                return;
+            }
+        };
+        tracing::info!(
+            "applying the network document from credential {}",
+            path.display()
+        );
+        match self.apply_network(&document, false).await {
+            Ok(report) => {
+                let changed = serde_json::from_str::<serde_json::Value>(&report)
+                    .ok()
+                    .and_then(|r| r.get("changed").and_then(|c| c.as_bool()));
+                tracing::info!(
+                    ?changed,
+                    "network credential {} applied:\n{report}",
+                    path.display()
+                );
+            }
+            Err(NodeError::InvalidSpec(problems)) => {
+                tracing::error!(
+                    "the network credential {} is invalid; host network left as it is:\n{problems}",
+                    path.display()
+                );
+                // One line for the property: the problems joined.
+                let problems: Vec<&str> = problems.lines().map(str::trim).collect();
+                self.set_network_state(&format!(
+                    "failed: network credential {NETWORK_CREDENTIAL} is invalid: {}",
+                    problems.join("; ")
+                ))
+                .await;
+            }
+            // apply_network already put the failure into NetworkState.
+            Err(e) => tracing::error!(
+                "applying the network credential {} failed: {e}",
+                path.display()
+            ),
         }
     }
 

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -382,4 +383,158 @@ fn bad_vmm_user_is_refused_at_start() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expect), "{user}: {err}");
     }
+}
+
+/// The agent in a fresh network + mount namespace with its own sysfs, with the systemd
+/// credential directory `creds` and its log in `log`.
+fn agent_with_credentials(bus: &TestBus, dirs: &NodeDirs, creds: &Path, log: &Path) -> Agent {
+    Agent::start_full(
+        bus,
+        dirs,
+        &[],
+        &[
+            "unshare",
+            "--net",
+            "--mount",
+            "--",
+            "sh",
+            "-c",
+            "mount -t sysfs sysfs /sys && exec \"$0\" \"$@\"",
+        ],
+        &[
+            ("CREDENTIALS_DIRECTORY", creds.to_str().expect("utf-8 path")),
+            ("RUST_LOG", "info"),
+        ],
+        Some(log),
+    )
+}
+
+/// An autostart VM with a NIC on `bridge`, written as a spec file before the agent starts.
+fn write_autostart_vm(dirs: &NodeDirs, name: &str, bridge: Option<&str>) {
+    let nics = bridge
+        .map(|b| format!(r#","nics":[{{"bridge":"{b}","mac":"52:54:00:00:00:01"}}]"#))
+        .unwrap_or_default();
+    std::fs::create_dir_all(dirs.state().join("vms")).unwrap();
+    std::fs::write(
+        dirs.spec_file(name),
+        spec(&format!(r#"{nics},"autostart":true"#)),
+    )
+    .unwrap();
+}
+
+/// `$CREDENTIALS_DIRECTORY/thvc.network` (ImportCredential= in thvc-nodeagent.service) is
+/// applied at start like ApplyNetwork, before VMs are autostarted: an autostart VM with a
+/// NIC on the credential's bridge comes up on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_credential_is_applied_before_vms_start() {
+    require_tool("unshare", "util-linux");
+    require_tool("ip", "iproute2");
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let creds = dirs.root.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    let doc = r#"{"links": [{"name": "brcred", "kind": "bridge", "addresses": ["10.79.0.1/24"]}]}"#;
+    std::fs::write(creds.join("thvc.network"), doc).unwrap();
+    write_autostart_vm(&dirs, "credvm", Some("brcred"));
+    let log = dirs.root.path().join("agent.log");
+    let agent = agent_with_credentials(&bus, &dirs, &creds, &log);
+    let pid = agent.pid();
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+
+    // The name is taken after the credential was applied.
+    assert_eq!(m.network_state().await.unwrap(), "configured");
+    let (ok, out) = ip_in(pid, &["addr", "show", "brcred"]);
+    assert!(ok && out.contains("\"10.79.0.1\""), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(dirs.state().join("network.json")).unwrap(),
+        doc,
+        "kept like an ApplyNetwork document"
+    );
+    let v = vm(&conn, m.get_vm("credvm").await.unwrap()).await;
+    let tap = thvc_nodeagent::names::tap_name("credvm", 0);
+    eventually("the autostart VM running", || async {
+        v.state().await.unwrap() == "running"
+    })
+    .await;
+    let (ok, out) = ip_in(pid, &["link", "show", &tap]);
+    assert!(ok, "TAP {tap} exists");
+    let link: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(link[0]["master"], "brcred", "{out}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("applying the network document from credential")
+            && log.contains("thvc.network applied"),
+        "{log}"
+    );
+    v.stop().await.unwrap();
+}
+
+/// An invalid credential changes nothing, is logged with the validation errors, and shows in
+/// NetworkState; the agent still starts and starts VMs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_network_credential_is_reported_and_the_agent_still_starts() {
+    require_tool("unshare", "util-linux");
+    require_tool("ip", "iproute2");
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let creds = dirs.root.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(
+        creds.join("thvc.network"),
+        r#"{"links": [{"name": "brok", "kind": "bridge"}, {"name": "brbad", "kind": "hub"}]}"#,
+    )
+    .unwrap();
+    write_autostart_vm(&dirs, "plainvm", None);
+    let log = dirs.root.path().join("agent.log");
+    let agent = agent_with_credentials(&bus, &dirs, &creds, &log);
+    let pid = agent.pid();
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+
+    let state = m.network_state().await.unwrap();
+    assert!(
+        state.starts_with("failed: network credential thvc.network is invalid")
+            && state.contains("links[1].kind"),
+        "{state}"
+    );
+    assert!(!state.contains('\n'), "one line: {state:?}");
+    for link in ["brok", "brbad"] {
+        assert!(!ip_in(pid, &["link", "show", link]).0, "{link} not created");
+    }
+    assert!(!dirs.state().join("network.json").exists());
+    let v = vm(&conn, m.get_vm("plainvm").await.unwrap()).await;
+    eventually("the autostart VM running", || async {
+        v.state().await.unwrap() == "running"
+    })
+    .await;
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("thvc.network is invalid") && log.contains("links[1].kind"),
+        "{log}"
+    );
+    // A later ApplyNetwork clears the failure.
+    m.apply_network(r#"{"links": [{"name": "brok", "kind": "bridge"}]}"#, false)
+        .await
+        .unwrap();
+    assert_eq!(m.network_state().await.unwrap(), "configured");
+    v.stop().await.unwrap();
+}
+
+/// CREDENTIALS_DIRECTORY without thvc.network: nothing is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_network_credential_leaves_the_network_unconfigured() {
+    require_tool("unshare", "util-linux");
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let creds = dirs.root.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("thvc.other"), "not for the network").unwrap();
+    let log = dirs.root.path().join("agent.log");
+    let _agent = agent_with_credentials(&bus, &dirs, &creds, &log);
+    let m = manager(&connect(&bus).await).await;
+    assert_eq!(m.network_state().await.unwrap(), "unconfigured");
+    assert!(!dirs.state().join("network.json").exists());
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("no network credential"), "{log}");
 }
