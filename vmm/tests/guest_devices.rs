@@ -229,12 +229,14 @@ fn two_guests_on_a_bridge_ping_and_move_64_mib() {
     let _lan = Lan::new();
     let dir = tempdir("net");
     let receiver = "ip link set eth0 up\nip addr add 10.77.0.3/24 dev eth0\necho THVC-NET-UP\n\
-        sleep 100000 | nc -l -p 5000 >/tmp/recv\n\
+        mkfifo /tmp/hold\nnc -l -p 5000 <>/tmp/hold >/tmp/recv\n\
         echo THVC-RECV-BYTES=$(wc -c </tmp/recv)\n\
         echo THVC-RECV-SHA=$(sha256sum /tmp/recv | cut -d' ' -f1)\n\
         if ping -c 2 -W 5 10.77.0.1 >/dev/null; then echo THVC-PING-HOST=ok; else echo THVC-PING-HOST=failed; fi";
     // The receiver's nc must not see end-of-input (busybox nc then half-closes, and the
-    // sender's nc quits on that, mid-transfer): its stdin is a pipe that stays open.
+    // sender's nc quits on that, mid-transfer): its stdin is a FIFO it holds open itself
+    // (opened read-write), so it never ends, yet nc exits when the sender closes. (A
+    // `sleep | nc` pipeline would keep the shell waiting for sleep after nc is done.)
     // The sender waits for the receiver with a bounded retry on a real condition (the
     // peer answering), not a fixed sleep.
     let sender = "ip link set eth0 up\nip addr add 10.77.0.2/24 dev eth0\n\
@@ -278,7 +280,7 @@ fn two_guests_on_a_bridge_ping_and_move_64_mib() {
     );
     let sent = tx.wait_for("THVC-SEND-SHA=");
     // 64 MiB through two nested guests in a software-emulated VM: allow minutes, not seconds.
-    let transfer = std::time::Duration::from_secs(900);
+    let transfer = std::time::Duration::from_secs(600);
     tx.wait_for_within("THVC-SENT", transfer);
     let received = rx.wait_for_within("THVC-RECV-BYTES=", transfer);
     assert_eq!(received.trim(), (64u64 << 20).to_string());
