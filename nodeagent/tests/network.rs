@@ -197,10 +197,12 @@ fn agent_net_subcommand_plans_applies_and_shows_locally() {
     );
 }
 
-/// `cat FILE` inside the agent's network and mount namespaces (its own sysfs).
+/// `cat FILE` inside the agent's network and mount namespaces (its own sysfs), with the
+/// agent's root directory (`-r`: setns to a mount namespace resets it, which matters in
+/// the test VM's chroot).
 fn cat_in(pid: i32, file: &str) -> String {
     let out = Command::new(require_tool("nsenter", "util-linux"))
-        .args(["-t", &pid.to_string(), "-n", "-m", "cat", file])
+        .args(["-t", &pid.to_string(), "-n", "-m", "-r", "cat", file])
         .output()
         .expect("run nsenter cat");
     assert!(

@@ -1,0 +1,444 @@
+//! Real guests booted by the node agent: the real `thvc-nodeagent` (direct runner) on a
+//! private dbus-daemon starts the real `thvc-vmm` (built next to it by cargo), which boots
+//! Debian's kernel with the test initramfs and an ext4 root disk from the agent's disk
+//! store. The agent runs in its own network namespace, applies a network document with a
+//! bridge carrying an address, and gives the VM's NIC a TAP on it. The guest's /sbin/init
+//! (written here) configures its address, starts busybox acpid for the power button and
+//! reports on the console, which the test reads through `ReadConsole`; the host side of the
+//! bridge then pings the guest.
+//!
+//! They need KVM that boots Linux, so they are `#[ignore]`d and run in the test VM:
+//! ```text
+//! cargo test -p thvc-nodeagent -p thvc-vmm --no-run    # builds thvc-vmm next to the agent
+//! eval "$(integration/testvm/assets --print-env)"
+//! integration/testvm/run --memory 4096 --timeout 1200 -- \
+//!     target/debug/deps/vm_guest-HASH --ignored --test-threads=1
+//! ```
+//! Without their assets they fail and say so; they never pass by skipping.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Bound for every wait on the guest (boot, network, power-off): a nested guest under the
+/// software-emulated test VM needs 15-60 s to boot, more when the 2 cores are busy.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
+const BRIDGE_ADDRESS: &str = "10.78.0.1";
+const GUEST_ADDRESS: &str = "10.78.0.2";
+/// Same as the VMM's guest tests; the root disk replaces the initramfs' action.
+const CMDLINE: &str = "console=ttyS0 panic=1 pci=off quiet thvc.action=root thvc.root=/dev/vda";
+const STATIC_BUSYBOX: &str = "/bin/busybox";
+
+fn asset(var: &str) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(p) if Path::new(&p).is_file() => PathBuf::from(p),
+        Some(p) => panic!("{var}={} is not a file", PathBuf::from(p).display()),
+        None => panic!(
+            "{var} is not set: these tests boot real guests and run inside the test VM; use \
+             integration/testvm/run with the env from integration/testvm/assets --print-env"
+        ),
+    }
+}
+
+/// The real VMM, built by cargo into the same directory as the agent.
+fn real_vmm() -> PathBuf {
+    let vmm = Path::new(AGENT)
+        .parent()
+        .expect("the agent binary has a directory")
+        .join("thvc-vmm");
+    assert!(
+        vmm.is_file(),
+        "{} is missing: build it into the same target directory (cargo build -p thvc-vmm, \
+         or cargo test --workspace --no-run)",
+        vmm.display()
+    );
+    vmm
+}
+
+/// An ext4 image at `image` whose /sbin/init is `init` under a static busybox, with the
+/// power button handler acpid runs.
+fn root_image(work: &Path, image: &Path, init: &str) {
+    let tree = work.join("root-tree");
+    for sub in ["bin", "sbin", "dev", "proc", "sys", "tmp", "etc/acpi/PWRF"] {
+        std::fs::create_dir_all(tree.join(sub)).expect("mkdir");
+    }
+    let busybox = std::fs::read(STATIC_BUSYBOX)
+        .expect("a static busybox at /bin/busybox (Debian package busybox-static)");
+    std::fs::write(tree.join("bin/busybox"), busybox).expect("copy busybox");
+    let script = format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\n\
+         mountpoint -q /proc || mount -t proc proc /proc\n\
+         mountpoint -q /sys || mount -t sysfs sysfs /sys\n\
+         mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev\n\
+         mount -t tmpfs tmpfs /tmp\nexec </dev/console >/dev/console 2>&1\n{init}\n"
+    );
+    std::fs::write(tree.join("sbin/init"), script).expect("init");
+    // The initramfs' acpid is left behind by switch_root: this root runs its own. Drain the
+    // console (stty re-applies its settings with TCSADRAIN) so the line arrives before the
+    // power goes.
+    std::fs::write(
+        tree.join("etc/acpi/PWRF/00000080"),
+        "#!/bin/sh\necho THVC-POWER-BUTTON >/dev/console\nsync\n\
+         s=$(stty -F /dev/console -g) && stty -F /dev/console \"$s\"\npoweroff -f\n",
+    )
+    .expect("power button handler");
+    for exe in ["bin/busybox", "sbin/init", "etc/acpi/PWRF/00000080"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tree.join(exe), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let out = Command::new(require_tool("mkfs.ext4", "e2fsprogs"))
+        .args(["-q", "-F", "-L", "guestroot", "-d"])
+        .arg(&tree)
+        .arg(image)
+        .arg("32M")
+        .output()
+        .expect("mkfs.ext4 runs");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The guest's work: address on eth0, acpid, then report and idle until powered off.
+fn guest_init() -> String {
+    format!(
+        "ip link set lo up\nip link set eth0 up\nip addr add {GUEST_ADDRESS}/24 dev eth0\n\
+         if acpid -c /etc/acpi -l /dev/null; then echo THVC-ACPID=started; else echo THVC-ACPID=failed; fi\n\
+         echo THVC-NET-UP=$(cat /sys/class/net/eth0/address)\n\
+         while :; do sleep 3600; done"
+    )
+}
+
+/// One node: a private bus, the real agent in its own network namespace with the real VMM,
+/// the guest kernel, initramfs and root disk in its stores, and a bridge with an address.
+struct GuestNode {
+    dirs: NodeDirs,
+    agent_log: PathBuf,
+    agent: Agent,
+    bus: TestBus,
+}
+
+impl GuestNode {
+    async fn start(extra: &[&str]) -> GuestNode {
+        require_tool("unshare", "util-linux");
+        require_tool("nsenter", "util-linux");
+        let vmm = real_vmm();
+        // The PVH ELF kernel: the bzImage costs ~40 s of decompression under TCG.
+        let kernel = asset("THVC_GUEST_VMLINUX");
+        let initramfs = asset("THVC_GUEST_INITRAMFS");
+        let dirs = NodeDirs::new();
+        std::fs::copy(&kernel, dirs.state().join("images/vmlinuz")).expect("copy kernel");
+        std::fs::copy(&initramfs, dirs.state().join("images/guest.cpio.gz"))
+            .expect("copy initramfs");
+        root_image(
+            dirs.root.path(),
+            &dirs.state().join("disks/root.img"),
+            &guest_init(),
+        );
+        let bus = TestBus::start();
+        let agent_log = dirs.root.path().join("agent.log");
+        let mut args = vec![
+            "--vmm",
+            vmm.to_str().expect("utf-8 path"),
+            "--start-timeout",
+            "60",
+            // Longer than any wait below: Shutdown must end by the guest powering off.
+            "--shutdown-timeout",
+            "170",
+        ];
+        args.extend_from_slice(extra);
+        let agent = Agent::start_full(
+            &bus,
+            &dirs,
+            &args,
+            &[
+                "unshare",
+                "--net",
+                "--mount",
+                "--",
+                "sh",
+                "-c",
+                "mount -t sysfs sysfs /sys && exec \"$0\" \"$@\"",
+            ],
+            &[("RUST_LOG", "info")],
+            Some(&agent_log),
+        );
+        let node = GuestNode {
+            dirs,
+            agent_log,
+            agent,
+            bus,
+        };
+        let m = manager(&node.connect().await).await;
+        let doc = format!(
+            r#"{{"links": [{{"name": "br0", "kind": "bridge", "addresses": ["{BRIDGE_ADDRESS}/24"]}}]}}"#
+        );
+        m.apply_network(&doc, false)
+            .await
+            .expect("apply the network");
+        node
+    }
+
+    async fn connect(&self) -> zbus::Connection {
+        connect(&self.bus).await
+    }
+
+    fn netns_pid(&self) -> i32 {
+        self.agent.pid()
+    }
+
+    /// Runs `args` in the agent's network and mount namespaces (its sysfs); returns success
+    /// and stdout+stderr. `-r`: entering a mount namespace resets the root directory to the
+    /// namespace's, and the test VM runs tests in a chroot; keep the agent's root.
+    fn in_netns(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("nsenter")
+            .args(["-t", &self.netns_pid().to_string(), "-n", "-m", "-r", "--"])
+            .args(args)
+            .output()
+            .expect("run nsenter");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// Pings the guest from the host side of the bridge until it answers (bounded).
+    fn ping_guest(&self) {
+        let deadline = Instant::now() + GUEST_TIMEOUT;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (ok, out) =
+                self.in_netns(&[STATIC_BUSYBOX, "ping", "-c", "1", "-W", "3", GUEST_ADDRESS]);
+            if ok {
+                eprintln!("guest answered ping after {attempts} attempt(s)");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the guest never answered ping within {GUEST_TIMEOUT:?} ({attempts} attempts); last:\n{out}"
+            );
+        }
+    }
+
+    /// Everything that helps when a guest test fails.
+    fn diagnostics(&self, vm: &str) -> String {
+        let read = |p: PathBuf| {
+            format!(
+                "---- {}:\n{}\n",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_else(|e| format!("({e})"))
+            )
+        };
+        let mut s = read(self.agent_log.clone());
+        s += &read(self.dirs.log().join(vm).join("vmm.log"));
+        s += &read(self.dirs.log().join(vm).join("console.log"));
+        s
+    }
+}
+
+/// Reads the console through `ReadConsole` until a line starts with `prefix`; returns the
+/// rest of that line. `console` accumulates what was read, `offset` where to go on.
+async fn wait_console(
+    v: &thvc_nodeagent::client::VmProxy<'_>,
+    console: &mut String,
+    offset: &mut u64,
+    prefix: &str,
+) -> Option<String> {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        if let Some(line) = console
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').split_once(prefix).map(|(_, r)| r))
+        {
+            return Some(line.to_owned());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        let (data, next) = v.read_console(*offset).await.expect("ReadConsole");
+        console.push_str(&String::from_utf8_lossy(&data));
+        *offset = next;
+        if data.is_empty() {
+            // The guest prints a line every few seconds at best under nested KVM; poll
+            // gently rather than spin on the bus.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// Polls the VM's State until it is `want` (bounded); returns the last value seen.
+async fn wait_state(v: &thvc_nodeagent::client::VmProxy<'_>, want: &str) -> String {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let state = v.state().await.expect("State");
+        if state == want || Instant::now() >= deadline {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `Uid:` or `Gid:` of /proc/PID/status (real, effective, saved, filesystem).
+fn proc_ids(pid: i32, key: &str) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("proc status")
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .expect("id line")
+        .split_whitespace()
+        .map(|v| v.parse().expect("number"))
+        .collect()
+}
+
+fn guest_spec() -> String {
+    format!(
+        r#"{{"vcpus":1,"memory_mib":256,"kernel":"vmlinuz","initrd":"guest.cpio.gz",
+            "cmdline":"{CMDLINE}","disks":[{{"path":"root.img","serial":"root"}}],
+            "nics":[{{"bridge":"br0"}}]}}"#
+    )
+}
+
+/// Panics with the node's logs when `ok` is false.
+fn check(node: &GuestNode, vm: &str, ok: bool, what: &str) {
+    if !ok {
+        panic!("{what}\n{}", node.diagnostics(vm));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+async fn agent_boots_a_linux_guest_on_a_bridge_pings_it_and_shuts_it_down() {
+    let started = Instant::now();
+    let node = GuestNode::start(&[]).await;
+    let conn = node.connect().await;
+    let m = manager(&conn).await;
+    let v = vm(&conn, m.create_vm("guest", &guest_spec()).await.unwrap()).await;
+    let spec: serde_json::Value = serde_json::from_str(&v.spec().await.unwrap()).unwrap();
+    let mac = spec["nics"][0]["mac"]
+        .as_str()
+        .expect("generated MAC")
+        .to_owned();
+
+    v.start().await.expect("Start");
+    check(
+        &node,
+        "guest",
+        v.state().await.unwrap() == "running",
+        "running after Start",
+    );
+    let info: serde_json::Value = serde_json::from_str(&v.info().await.expect("Info")).unwrap();
+    assert_eq!(info["vcpus"], 1, "{info}");
+    let tap = thvc_nodeagent::names::tap_name("guest", 0);
+    let (ok, link) = node.in_netns(&["ip", "-j", "link", "show", &tap]);
+    assert!(ok && link.contains("\"master\":\"br0\""), "{link}");
+
+    let (mut console, mut offset) = (String::new(), 0);
+    let up = wait_console(&v, &mut console, &mut offset, "THVC-NET-UP=").await;
+    check(
+        &node,
+        "guest",
+        up.is_some(),
+        "the guest never reported its network",
+    );
+    eprintln!("guest network up after {:?}", started.elapsed());
+    assert_eq!(
+        up.unwrap().trim(),
+        mac,
+        "the guest's eth0 has the spec's MAC"
+    );
+    assert!(console.contains("THVC-ACPID=started"), "{console}");
+    node.ping_guest();
+
+    // Graceful: the power button, the guest's acpid powers off, the VMM exits 0.
+    let shutdown_started = Instant::now();
+    let shutdown = tokio::time::timeout(GUEST_TIMEOUT, v.shutdown()).await;
+    check(
+        &node,
+        "guest",
+        matches!(shutdown, Ok(Ok(()))),
+        &format!("Shutdown: {shutdown:?}"),
+    );
+    let state = wait_state(&v, "stopped").await;
+    check(
+        &node,
+        "guest",
+        state == "stopped",
+        &format!("state {state}"),
+    );
+    eprintln!("Shutdown took {:?}", shutdown_started.elapsed());
+    assert_eq!(v.state_reason().await.unwrap(), "stopped");
+    // What the guest printed last shows it powered itself off (not the SIGTERM fallback).
+    let (rest, _) = v.read_console(offset).await.unwrap();
+    console.push_str(&String::from_utf8_lossy(&rest));
+    check(
+        &node,
+        "guest",
+        console.contains("THVC-POWER-BUTTON"),
+        "the guest saw the power button",
+    );
+    let exit = std::fs::read_to_string(node.dirs.run().join("vms/guest/exit.json")).unwrap();
+    assert!(exit.contains("\"code\":0"), "{exit}");
+    assert!(
+        !node.in_netns(&["ip", "link", "show", &tap]).0,
+        "TAP removed"
+    );
+    eprintln!("whole test {:?}", started.elapsed());
+}
+
+/// With `--vmm-user`, the real VMM switches to that user (`--user`) and its TAP belongs to
+/// it; the guest still boots and answers on the bridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+async fn guest_runs_under_an_unprivileged_vmm_user() {
+    let started = Instant::now();
+    let node = GuestNode::start(&["--vmm-user", "nobody"]).await;
+    let conn = node.connect().await;
+    let m = manager(&conn).await;
+    let v = vm(&conn, m.create_vm("guest", &guest_spec()).await.unwrap()).await;
+    v.start().await.expect("Start");
+    let (mut console, mut offset) = (String::new(), 0);
+    let up = wait_console(&v, &mut console, &mut offset, "THVC-NET-UP=").await;
+    check(
+        &node,
+        "guest",
+        up.is_some(),
+        "the guest never reported its network",
+    );
+    eprintln!("guest network up after {:?}", started.elapsed());
+
+    let vmm = node.dirs.vmm_process("guest").expect("VMM recorded").pid;
+    assert_eq!(
+        proc_ids(vmm, "Uid:"),
+        vec![65534; 4],
+        "the VMM runs as nobody"
+    );
+    assert_eq!(proc_ids(vmm, "Gid:"), vec![65534; 4]);
+    let tap = thvc_nodeagent::names::tap_name("guest", 0);
+    for attr in ["owner", "group"] {
+        let (ok, value) = node.in_netns(&["cat", &format!("/sys/class/net/{tap}/{attr}")]);
+        assert!(ok && value.trim() == "65534", "{attr}: {value}");
+    }
+    node.ping_guest();
+
+    let stop = tokio::time::timeout(GUEST_TIMEOUT, v.stop()).await;
+    check(
+        &node,
+        "guest",
+        matches!(stop, Ok(Ok(()))),
+        &format!("Stop: {stop:?}"),
+    );
+    let state = wait_state(&v, "stopped").await;
+    check(
+        &node,
+        "guest",
+        state == "stopped",
+        &format!("state {state}"),
+    );
+    eprintln!("whole test {:?}", started.elapsed());
+}
