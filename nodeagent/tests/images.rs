@@ -187,3 +187,194 @@ async fn pull_verifies_and_never_leaves_partial_files() {
     assert!(!partial_dir.exists() || std::fs::read_dir(&partial_dir).unwrap().next().is_none());
     assert!(!images.join("slow.img").exists());
 }
+
+/// Runs `openssl ARGS` in `dir`; fails the test with openssl's stderr.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new(require_tool("openssl", "openssl"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA `<name>-ca.pem` and a server certificate for 127.0.0.1 signed by it
+/// (`<name>-server.pem`, key `<name>-server.key`), as an image server would have.
+fn make_pki(dir: &std::path::Path, name: &str) {
+    let ca_key = format!("{name}-ca.key");
+    let ca = format!("{name}-ca.pem");
+    let key = format!("{name}-server.key");
+    let csr = format!("{name}-server.csr");
+    let cert = format!("{name}-server.pem");
+    let ext = format!("{name}-server.ext");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=thvc test CA {name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        dir.join(&ext),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    );
+}
+
+/// `openssl s_server -WWW` serving the files of `dir` over TLS on 127.0.0.1; killed on drop.
+struct TlsServer {
+    child: std::process::Child,
+    base: String,
+}
+
+impl TlsServer {
+    fn start(dir: &std::path::Path, name: &str) -> TlsServer {
+        // A free port: bind, note it, release it for s_server (which cannot report one).
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(require_tool("openssl", "openssl"))
+            .current_dir(dir)
+            .args(["s_server", "-quiet", "-WWW", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-cert", &format!("{name}-server.pem")])
+            .args(["-key", &format!("{name}-server.key")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start openssl s_server");
+        let server = TlsServer {
+            child,
+            base: format!("https://127.0.0.1:{port}"),
+        };
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "openssl s_server did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// PullImage over HTTPS (reqwest + rustls, the system's CA store): a server whose CA the
+/// agent trusts (SSL_CERT_FILE, which rustls-native-certs reads instead of the system
+/// store) serves a verified image; a server with a certificate from another CA is refused
+/// with a Download error and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_over_https_verifies_the_server_certificate() {
+    let content = body(1 << 20);
+    let sha = hex::encode(Sha256::digest(&content));
+    let dirs = NodeDirs::new();
+    let www = dirs.root.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("tls.img"), &content).unwrap();
+    make_pki(&www, "trusted");
+    make_pki(&www, "stranger");
+    let trusted = TlsServer::start(&www, "trusted");
+    let stranger = TlsServer::start(&www, "stranger");
+    let bus = TestBus::start();
+    let ca = www.join("trusted-ca.pem");
+    let _agent = Agent::start_full(
+        &bus,
+        &dirs,
+        &[],
+        &[],
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+        None,
+    );
+    let m = manager(&connect(&bus).await).await;
+    let images = dirs.state().join("images");
+
+    let e = m
+        .pull_image(&format!("{}/tls.img", stranger.base), &sha)
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.Download");
+    assert!(
+        error_message(&e).contains("certificate") || error_message(&e).contains("UnknownIssuer"),
+        "{}",
+        error_message(&e)
+    );
+    assert!(!images.join("tls.img").exists());
+
+    let path = m
+        .pull_image(&format!("{}/tls.img", trusted.base), &sha)
+        .await
+        .expect("pull over https");
+    assert_eq!(std::fs::read(&path).unwrap(), content);
+    assert!(m.list_images().await.unwrap().contains(&(
+        "tls.img".to_owned(),
+        content.len() as u64,
+        sha
+    )));
+}

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs what the thvc-nodeagent tests need on Debian (run as root; CI calls this).
 # dbus-daemon: private buses; systemd: busctl and systemd-stdio-bridge;
-# util-linux: unshare/nsenter; iproute2: ip.
+# util-linux: unshare/nsenter; iproute2: ip; openssl: the HTTPS image server;
+# e2fsprogs (mkfs.ext4) and busybox-static: the guest root disk of tests/vm_guest.rs.
 set -eu
 missing=""
 command -v dbus-daemon >/dev/null 2>&1 || missing="$missing dbus-daemon"
@@ -9,6 +10,10 @@ command -v busctl >/dev/null 2>&1 || missing="$missing systemd"
 command -v systemd-stdio-bridge >/dev/null 2>&1 || missing="$missing systemd"
 command -v nsenter >/dev/null 2>&1 || missing="$missing util-linux"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+command -v mkfs.ext4 >/dev/null 2>&1 || missing="$missing e2fsprogs"
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' ||
+    missing="$missing busybox-static"
 if [ -n "$missing" ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update
