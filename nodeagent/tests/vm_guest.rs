@@ -121,6 +121,8 @@ struct GuestNode {
     dirs: NodeDirs,
     agent_log: PathBuf,
     agent: Agent,
+    /// The agent's arguments beyond the common ones, for a restart.
+    agent_args: Vec<String>,
     bus: TestBus,
 }
 
@@ -153,6 +155,7 @@ impl GuestNode {
             "170",
         ];
         args.extend_from_slice(extra);
+        let agent_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let agent = Agent::start_full(
             &bus,
             &dirs,
@@ -173,6 +176,7 @@ impl GuestNode {
             dirs,
             agent_log,
             agent,
+            agent_args,
             bus,
         };
         let m = manager(&node.connect().await).await;
@@ -183,6 +187,22 @@ impl GuestNode {
             .await
             .expect("apply the network");
         node
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would, and starts a new one with the same
+    /// arguments in the same network and mount namespaces (kept alive by the VMM).
+    fn kill9_and_restart_agent(&mut self, vmm_pid: i32) {
+        self.agent.kill9();
+        let pid = vmm_pid.to_string();
+        let args: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
+        self.agent = Agent::start_full(
+            &self.bus,
+            &self.dirs,
+            &args,
+            &["nsenter", "-t", &pid, "-n", "-m", "-r", "--"],
+            &[("RUST_LOG", "info")],
+            Some(&self.agent_log),
+        );
     }
 
     async fn connect(&self) -> zbus::Connection {
@@ -392,12 +412,14 @@ async fn agent_boots_a_linux_guest_on_a_bridge_pings_it_and_shuts_it_down() {
 }
 
 /// With `--vmm-user`, the real VMM switches to that user (`--user`) and its TAP belongs to
-/// it; the guest still boots and answers on the bridge.
+/// it; the guest boots and answers on the bridge. Then the agent is killed with SIGKILL
+/// and restarted: the new agent re-adopts the running VMM (state, Info, console), the
+/// guest keeps answering, and the new agent stops it and removes its TAP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
-async fn guest_runs_under_an_unprivileged_vmm_user() {
+async fn unprivileged_guest_is_readopted_after_an_agent_sigkill() {
     let started = Instant::now();
-    let node = GuestNode::start(&["--vmm-user", "nobody"]).await;
+    let mut node = GuestNode::start(&["--vmm-user", "nobody"]).await;
     let conn = node.connect().await;
     let m = manager(&conn).await;
     let v = vm(&conn, m.create_vm("guest", &guest_spec()).await.unwrap()).await;
@@ -426,6 +448,31 @@ async fn guest_runs_under_an_unprivileged_vmm_user() {
     }
     node.ping_guest();
 
+    node.kill9_and_restart_agent(vmm);
+    let conn = node.connect().await;
+    let m = manager(&conn).await;
+    let v = vm(
+        &conn,
+        m.get_vm("guest").await.expect("the VM is still known"),
+    )
+    .await;
+    check(
+        &node,
+        "guest",
+        v.state().await.unwrap() == "running",
+        "re-adopted as running",
+    );
+    assert_eq!(
+        node.dirs.vmm_process("guest").map(|p| p.pid),
+        Some(vmm),
+        "the same VMM, not a new one"
+    );
+    let info: serde_json::Value = serde_json::from_str(&v.info().await.expect("Info")).unwrap();
+    assert_eq!(info["state"], "running", "{info}");
+    let (again, _) = v.read_console(0).await.unwrap();
+    assert!(String::from_utf8_lossy(&again).contains("THVC-NET-UP="));
+    node.ping_guest();
+
     let stop = tokio::time::timeout(GUEST_TIMEOUT, v.stop()).await;
     check(
         &node,
@@ -439,6 +486,10 @@ async fn guest_runs_under_an_unprivileged_vmm_user() {
         "guest",
         state == "stopped",
         &format!("state {state}"),
+    );
+    assert!(
+        !node.in_netns(&["ip", "link", "show", &tap]).0,
+        "TAP removed by the new agent"
     );
     eprintln!("whole test {:?}", started.elapsed());
 }
