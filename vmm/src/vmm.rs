@@ -61,7 +61,7 @@ pub enum VmmError {
     #[error("cannot allocate {mib} MiB of guest memory: {source}")]
     GuestMemory {
         mib: u64,
-        source: vm_memory::mmap::FromRangesError,
+        source: crate::vstate::memory::MemoryError,
     },
     #[error("cannot open the serial output: {0}")]
     SerialOutput(io::Error),
@@ -388,7 +388,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
         return Err(VmmError::TooManyVcpus(config.vcpus, vm.max_vcpus()));
     }
     let mem_size = config.memory_mib << 20;
-    let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(mem_size)).map_err(|source| {
+    let mem = crate::vstate::memory::create(&layout::ram_regions(mem_size)).map_err(|source| {
         VmmError::GuestMemory {
             mib: config.memory_mib,
             source,
