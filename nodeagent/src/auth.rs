@@ -5,6 +5,8 @@
 
 use std::ffi::{CStr, CString};
 
+use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
+
 use thiserror::Error;
 
 pub const DEFAULT_CONTROL_GROUP: &str = "thvc-control";
@@ -19,96 +21,25 @@ pub enum AuthError {
     },
 }
 
-/// (user name, primary gid) of `uid`.
-fn passwd_entry(uid: u32) -> Result<Option<(CString, u32)>, AuthError> {
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // SAFETY: passwd is plain old data; getpwuid_r writes into it and buf.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: all pointers are valid for the given lengths.
-        let rc = unsafe {
-            libc::getpwuid_r(
-                uid,
-                &mut pwd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < (1 << 20) {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(AuthError::Lookup {
-                what: format!("uid {uid}"),
-                source: std::io::Error::from_raw_os_error(rc),
-            });
-        }
-        if result.is_null() {
-            return Ok(None);
-        }
-        // SAFETY: pw_name points into buf, NUL-terminated, valid while buf lives.
-        let name = unsafe { CStr::from_ptr(pwd.pw_name) }.to_owned();
-        return Ok(Some((name, pwd.pw_gid)));
+fn lookup_error(what: String) -> impl FnOnce(nix::Error) -> AuthError {
+    move |errno| AuthError::Lookup {
+        what,
+        source: std::io::Error::from(errno),
     }
 }
 
 /// gid of the group called `name`.
 pub fn group_id(name: &str) -> Result<Option<u32>, AuthError> {
-    let Ok(cname) = CString::new(name) else {
+    if name.contains('\0') {
         return Ok(None);
-    };
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // SAFETY: group is plain old data.
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: all pointers are valid for the given lengths.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &mut grp,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < (1 << 22) {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(AuthError::Lookup {
-                what: format!("group {name}"),
-                source: std::io::Error::from_raw_os_error(rc),
-            });
-        }
-        if result.is_null() {
-            return Ok(None);
-        }
-        return Ok(Some(grp.gr_gid));
     }
+    let group = Group::from_name(name).map_err(lookup_error(format!("group {name}")))?;
+    Ok(group.map(|g| g.gid.as_raw()))
 }
 
 /// All groups (primary and supplementary) of user `name` with primary group `gid`.
-fn group_list(name: &CStr, gid: u32) -> Vec<u32> {
-    let mut n: libc::c_int = 32;
-    loop {
-        let mut groups = vec![0 as libc::gid_t; n as usize];
-        let mut count = n;
-        // SAFETY: groups has room for `count` entries.
-        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
-        if rc >= 0 {
-            groups.truncate(count.max(0) as usize);
-            return groups;
-        }
-        if count <= n || n > 65536 {
-            return vec![gid];
-        }
-        n = count;
-    }
+fn group_list(name: &CStr, gid: Gid) -> Vec<Gid> {
+    getgrouplist(name, gid).unwrap_or_else(|_| vec![gid])
 }
 
 /// May `uid` change state? Root always; others if they are in `control_group`.
@@ -119,10 +50,15 @@ pub fn may_control(uid: u32, control_group: &str) -> Result<bool, AuthError> {
     let Some(group) = group_id(control_group)? else {
         return Ok(false);
     };
-    let Some((name, primary)) = passwd_entry(uid)? else {
+    let user = User::from_uid(Uid::from_raw(uid)).map_err(lookup_error(format!("uid {uid}")))?;
+    let Some(user) = user else {
         return Ok(false);
     };
-    Ok(primary == group || group_list(&name, primary).contains(&group))
+    let Ok(name) = CString::new(user.name) else {
+        return Ok(false);
+    };
+    let group = Gid::from_raw(group);
+    Ok(user.gid == group || group_list(&name, user.gid).contains(&group))
 }
 
 #[cfg(test)]

@@ -8,8 +8,6 @@
 //! * direct runner: the VMM runs as the agent's own user, or, with `--vmm-user`, is started
 //!   with `thvc-vmm --user UID:GID` and switches to it once its files are open.
 
-use std::ffi::{CStr, CString};
-
 use thiserror::Error;
 
 /// The user of the VMMs in the image (systemd/thvc.sysusers, thvc-vm@.service).
@@ -93,45 +91,17 @@ impl VmmUser {
 
 /// uid and primary gid of the user called `name`.
 fn lookup_user(name: &str) -> Result<Option<VmmUser>, VmmUserError> {
-    let Ok(cname) = CString::new(name) else {
+    if name.contains('\0') {
         return Ok(None);
-    };
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // SAFETY: passwd is plain old data; getpwnam_r writes into it and buf.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: all pointers are valid for the given lengths.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                cname.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < (1 << 20) {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(VmmUserError::Lookup {
-                spec: name.to_owned(),
-                source: std::io::Error::from_raw_os_error(rc),
-            });
-        }
-        if result.is_null() {
-            return Ok(None);
-        }
-        // SAFETY: pw_name points into buf, NUL-terminated, valid while buf lives.
-        let found = unsafe { CStr::from_ptr(pwd.pw_name) };
-        debug_assert_eq!(found.to_bytes(), name.as_bytes());
-        return Ok(Some(VmmUser {
-            uid: pwd.pw_uid,
-            gid: pwd.pw_gid,
-        }));
     }
+    let user = nix::unistd::User::from_name(name).map_err(|errno| VmmUserError::Lookup {
+        spec: name.to_owned(),
+        source: std::io::Error::from(errno),
+    })?;
+    Ok(user.map(|u| VmmUser {
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+    }))
 }
 
 #[cfg(test)]
