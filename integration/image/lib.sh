@@ -1,0 +1,98 @@
+# Shared by integration/image/{boot-test,tamper-test,e2e}: host tools, and one
+# QEMU node (TCG, -cpu max, q35, OVMF, two virtio NICs) booted with SMBIOS
+# type 11 credentials. Source it; it expects `work` (a scratch directory) set.
+
+OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.fd
+OVMF_VARS=/usr/share/OVMF/OVMF_VARS_4M.fd
+# Fixed MACs: the network document finds the NICs by them (names are the kernel's).
+MGMT_MAC=52:54:00:7e:00:01
+LAN_MAC=52:54:00:7e:00:02
+[ -n "${qemu_extra+set}" ] || qemu_extra=()
+
+image_install_host_tools() {
+    local need=() p
+    command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+    [ -e "$OVMF_CODE" ] || need+=(ovmf)
+    command -v ssh >/dev/null || need+=(openssh-client)
+    for p in python3 zstd curl; do command -v "$p" >/dev/null || need+=("$p"); done
+    if [ ${#need[@]} -gt 0 ]; then
+        echo "installing ${need[*]}" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+    fi
+}
+
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+# GPT partition of IMAGE by label: prints "OFFSET SIZE" in bytes.
+image_partition() { # IMAGE LABEL
+    python3 - "$1" "$2" <<'PY'
+import struct, sys
+f = open(sys.argv[1], "rb")
+f.seek(512)
+hdr = f.read(92)
+if hdr[:8] != b"EFI PART":
+    sys.exit("no GPT in " + sys.argv[1])
+lba, count, size = struct.unpack("<QII", hdr[72:88])
+f.seek(lba * 512)
+for _ in range(count):
+    e = f.read(size)
+    first, last = struct.unpack("<QQ", e[32:48])
+    if e[56:128].decode("utf-16le").rstrip("\0") == sys.argv[2]:
+        print(first * 512, (last - first + 1) * 512)
+        sys.exit(0)
+sys.exit("no partition labelled %s in %s" % (sys.argv[2], sys.argv[1]))
+PY
+}
+
+# node_disk IMAGE: a sparse copy of IMAGE with 4 GiB more for /var.
+node_disk() {
+    cp --sparse=always "$(readlink -f "$1")" "$work/disk.raw"
+    truncate -s +4G "$work/disk.raw"
+    cp "$OVMF_VARS" "$work/vars.fd"
+}
+
+# node_start [NAME=VALUE | NAME=@FILE]...: boots $work/disk.raw with those
+# credentials; sets qemu_pid, ssh_port; console in $work/console.log. Extra QEMU
+# arguments in the array qemu_extra.
+node_start() {
+    local creds=() c name value
+    for c in "$@"; do
+        name=${c%%=*}; value=${c#*=}
+        if [ "${value:0:1}" = @ ]; then
+            creds+=(-smbios "type=11,value=io.systemd.credential.binary:$name=$(base64 -w0 < "${value:1}")")
+        else
+            creds+=(-smbios "type=11,value=io.systemd.credential:$name=$value")
+        fi
+    done
+    ssh_port=$(free_port)
+    : > "$work/console.log"
+    qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 3072 -machine q35 \
+        -drive if=pflash,format=raw,readonly=on,file="$OVMF_CODE" \
+        -drive if=pflash,format=raw,file="$work/vars.fd" \
+        -drive if=virtio,format=raw,file="$work/disk.raw" \
+        -netdev user,id=mgmt,hostfwd=tcp:127.0.0.1:$ssh_port-:22 \
+        -device virtio-net-pci,netdev=mgmt,mac=$MGMT_MAC \
+        -netdev user,id=lan,restrict=on,net=10.77.0.0/24 \
+        -device virtio-net-pci,netdev=lan,mac=$LAN_MAC \
+        "${creds[@]}" "${qemu_extra[@]}" \
+        -display none -serial file:"$work/console.log" -monitor none &
+    qemu_pid=$!
+}
+
+node_stop() {
+    if [ -n "${qemu_pid:-}" ] && kill -0 "$qemu_pid" 2>/dev/null; then
+        kill "$qemu_pid"; wait "$qemu_pid" 2>/dev/null || true
+    fi
+    qemu_pid=
+}
+
+# wait_console PATTERN TIMEOUT: until the console shows PATTERN (extended regex);
+# fails when QEMU exits or the time is up.
+wait_console() {
+    local deadline=$(( $(date +%s) + $2 ))
+    until grep -qaE "$1" "$work/console.log"; do
+        kill -0 "$qemu_pid" 2>/dev/null || return 2
+        [ "$(date +%s)" -lt "$deadline" ] || return 1
+        sleep 2
+    done
+}
