@@ -16,3 +16,9 @@ pub mod exit;
 pub mod sandbox;
 pub mod vmm;
 pub mod vstate;
+
+/// Stack size of the threads the VMM starts (vCPUs, device workers, API). Rust's default of
+/// 2 MiB is both more than these loops need and, on hosts with transparent huge pages set to
+/// `always`, a whole 2 MiB huge page of resident memory per thread whenever the kernel places
+/// the stack 2 MiB-aligned: a mapping smaller than 2 MiB can never be backed by one.
+pub const THREAD_STACK_SIZE: usize = 512 << 10;

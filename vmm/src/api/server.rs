@@ -150,6 +150,7 @@ pub fn spawn(
     let epoll = Epoll::new().map_err(ApiError::Spawn)?;
     std::thread::Builder::new()
         .name("api".into())
+        .stack_size(crate::THREAD_STACK_SIZE)
         .spawn(move || {
             if let Err(e) = sandbox::seccomp::apply(ThreadKind::Api, filter.as_ref()) {
                 // Serving without a filter is not an option: leave the socket unserved.

@@ -106,6 +106,7 @@ impl Vcpu {
         control.thread_starting();
         match std::thread::Builder::new()
             .name(format!("vcpu{id}"))
+            .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || self.run(runtime))
         {
             Ok(handle) => {

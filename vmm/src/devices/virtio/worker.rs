@@ -112,7 +112,10 @@ pub fn spawn(
         // in does not spin this thread.
         add(fd, TOKEN_BACKEND, EventSet::IN | EventSet::EDGE_TRIGGERED)?;
     }
-    std::thread::Builder::new().name(name).spawn(move || {
+    let builder = std::thread::Builder::new()
+        .name(name)
+        .stack_size(crate::THREAD_STACK_SIZE);
+    builder.spawn(move || {
         if let Err(e) = sandbox::seccomp::apply(ThreadKind::DeviceWorker, filter.as_ref()) {
             tracing::error!("virtio worker not started: {e}");
             return;
