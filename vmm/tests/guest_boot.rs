@@ -148,6 +148,69 @@ fn config_file_and_serial_file() {
     assert!(console.contains("THVC-CPUS=2"), "{console}");
 }
 
+/// A pseudo-terminal pair: (controller, the terminal the VMM gets as stdin).
+fn pty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut controller, mut terminal) = (-1, -1);
+    // SAFETY: openpty writes two new descriptors into the integers; name, termios and window
+    // size are optional and left null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut controller,
+            &mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are new and owned by nothing else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(controller),
+            std::os::fd::OwnedFd::from_raw_fd(terminal),
+        )
+    }
+}
+
+#[test]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+fn terminal_input_reaches_the_guest_console() {
+    use std::io::Write;
+    let (mut keyboard, terminal) = pty();
+    let mut guest = Guest::boot_with("shell", &[], |cmd| {
+        cmd.stdin(std::process::Stdio::from(terminal));
+    });
+    guest.wait_for("THVC-ACTION=shell");
+    // What the guest's shell prints is the proof: the typed line itself (echoed by the
+    // guest's tty) shows "$((6*7))", only the shell's answer shows "42". Typed again, a few
+    // times, in case the first keystrokes arrived before the shell read its terminal.
+    let mut answered = None;
+    for _ in 0..10 {
+        keyboard
+            .write_all(b"echo THVC-TYPED-$((6*7))\n")
+            .expect("type into the terminal");
+        answered = guest.try_wait_for("THVC-TYPED-42", std::time::Duration::from_secs(15));
+        if answered.is_some() {
+            break;
+        }
+    }
+    assert!(
+        answered.is_some(),
+        "the guest never answered what was typed; console:\n{}",
+        guest.seen().join("\n")
+    );
+    keyboard
+        .write_all(b"poweroff -f\n")
+        .expect("type into the terminal");
+    let (status, console, stderr) = guest.finish();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "console:\n{console}\nstderr:\n{stderr}"
+    );
+}
+
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn bad_kernel_gives_one_clear_line_and_status_1() {

@@ -143,22 +143,30 @@ impl Guest {
     /// Like `wait_for`, for steps that take longer than a boot (bulk transfers under the
     /// software-emulated test VM).
     pub fn wait_for_within(&mut self, prefix: &str, limit: Duration) -> String {
+        match self.try_wait_for(prefix, limit) {
+            Some(rest) => rest,
+            None => {
+                let _ = self.child.kill();
+                panic!(
+                    "no console line with {prefix:?} within {limit:?}; console:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+        }
+    }
+
+    /// Like `wait_for_within`, but says None when the time is up (for bounded retries).
+    pub fn try_wait_for(&mut self, prefix: &str, limit: Duration) -> Option<String> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(line) = self.seen.iter().find(|l| l.contains(prefix)) {
                 let at = line.find(prefix).unwrap_or(0) + prefix.len();
-                return line[at..].to_string();
+                return Some(line[at..].to_string());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => self.seen.push(line),
-                Err(_) => {
-                    let _ = self.child.kill();
-                    panic!(
-                        "no console line with {prefix:?} within {limit:?}; console:\n{}",
-                        self.seen.join("\n")
-                    );
-                }
+                Err(_) => return None,
             }
         }
     }
