@@ -29,20 +29,7 @@ async fn apply_network_then_vm_nic_gets_a_tap_on_the_bridge() {
     require_tool("ip", "iproute2");
     let bus = TestBus::start();
     let dirs = NodeDirs::new();
-    let agent = Agent::start_with(
-        &bus,
-        &dirs,
-        &[],
-        &[
-            "unshare",
-            "--net",
-            "--mount",
-            "--",
-            "sh",
-            "-c",
-            "mount -t sysfs sysfs /sys && exec \"$0\" \"$@\"",
-        ],
-    );
+    let agent = Agent::start_with(&bus, &dirs, &[], IN_NEW_NETNS);
     let pid = agent.pid();
     let conn = connect(&bus).await;
     let m = manager(&conn).await;
@@ -307,20 +294,7 @@ async fn vm_taps_belong_to_the_vmm_user() {
     let (uid, gid) = user_ids("nobody");
     let bus = TestBus::start();
     let dirs = NodeDirs::new();
-    let agent = Agent::start_with(
-        &bus,
-        &dirs,
-        &["--vmm-user", "nobody"],
-        &[
-            "unshare",
-            "--net",
-            "--mount",
-            "--",
-            "sh",
-            "-c",
-            "mount -t sysfs sysfs /sys && exec \"$0\" \"$@\"",
-        ],
-    );
+    let agent = Agent::start_with(&bus, &dirs, &["--vmm-user", "nobody"], IN_NEW_NETNS);
     let pid = agent.pid();
     let conn = connect(&bus).await;
     let m = manager(&conn).await;
@@ -394,15 +368,7 @@ fn agent_with_credentials(bus: &TestBus, dirs: &NodeDirs, creds: &Path, log: &Pa
         bus,
         dirs,
         &[],
-        &[
-            "unshare",
-            "--net",
-            "--mount",
-            "--",
-            "sh",
-            "-c",
-            "mount -t sysfs sysfs /sys && exec \"$0\" \"$@\"",
-        ],
+        IN_NEW_NETNS,
         &[
             ("CREDENTIALS_DIRECTORY", creds.to_str().expect("utf-8 path")),
             ("RUST_LOG", "info"),

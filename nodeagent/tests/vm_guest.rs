@@ -160,15 +160,7 @@ impl GuestNode {
             &bus,
             &dirs,
             &args,
-            &[
-                "unshare",
-                "--net",
-                "--mount",
-                "--",
-                "sh",
-                "-c",
-                "mount -t sysfs sysfs /sys && exec \"$0\" \"$@\"",
-            ],
+            IN_NEW_NETNS,
             &[("RUST_LOG", "info")],
             Some(&agent_log),
         );

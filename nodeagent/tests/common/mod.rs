@@ -437,3 +437,15 @@ where
 pub fn crate_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
+
+/// A wrapper for `Agent::start_with`: the agent in a network namespace of its own, with a
+/// matching /sys (so /sys/class/net shows that namespace's links).
+pub const IN_NEW_NETNS: &[&str] = &[
+    "unshare",
+    "--net",
+    "--mount",
+    "--",
+    "sh",
+    "-c",
+    "mount -t sysfs sysfs /sys && exec \"$0\" \"$@\"",
+];
