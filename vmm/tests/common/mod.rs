@@ -112,7 +112,8 @@ impl Guest {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => self.seen.push(line),
-                Err(_) => {
+                Err(mpsc::RecvTimeoutError::Disconnected) => self.console_closed(what),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
                     let _ = self.child.kill();
                     panic!(
                         "no console line with {what} within {BOOT_TIMEOUT:?}; console:\n{}",
@@ -166,9 +167,37 @@ impl Guest {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => self.seen.push(line),
-                Err(_) => return None,
+                Err(mpsc::RecvTimeoutError::Timeout) => return None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => self.console_closed(prefix),
             }
         }
+    }
+
+    /// The console ended (the VMM exited) while a line was still awaited: say how it ended
+    /// rather than wait out the deadline.
+    fn console_closed(&mut self, awaited: &str) -> ! {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break format!("{status}"),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    break "still running with its console closed (killed)".to_string();
+                }
+                Err(e) => break format!("unknown ({e})"),
+            }
+        };
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
+            .join()
+            .unwrap_or_default();
+        panic!(
+            "the VMM's console ended before a line with {awaited:?}; VMM exit: {status}\n\
+             stderr:\n{stderr}\nconsole:\n{}",
+            self.seen.join("\n")
+        );
     }
 
     /// Waits for the VMM to exit; returns its status, the full console and stderr.
