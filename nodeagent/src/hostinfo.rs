@@ -26,17 +26,25 @@ pub fn cpus() -> u32 {
 }
 
 /// A field of /proc/meminfo in bytes.
+/// A /proc/meminfo field in bytes; 0 (and a warning) when it cannot be read, since the D-Bus
+/// property has no "unknown".
 fn meminfo(field: &str) -> u64 {
-    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
-        return 0;
+    let text = match std::fs::read_to_string("/proc/meminfo") {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::warn!("cannot read /proc/meminfo ({e}); reporting {field} as 0");
+            return 0;
+        }
     };
-    text.lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
-            let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(0)
+    let value = text.lines().find_map(|l| {
+        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+        let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib * 1024)
+    });
+    value.unwrap_or_else(|| {
+        tracing::warn!("/proc/meminfo has no {field}; reporting it as 0");
+        0
+    })
 }
 
 pub fn memory_bytes() -> u64 {
