@@ -44,6 +44,9 @@ echo "BENCH-READ $((256 << 20)) $t0 $t1"
 n=0; until ping -c 1 -W 1 {HOST_IP} >/dev/null; do n=$((n+1)); [ $n -ge 60 ] && break; done
 dd if=/dev/zero bs=1M count={NET_BYTES >> 20} 2>/dev/null | nc {HOST_IP} {PORT}
 echo BENCH-SENT
+# Average transmitted frame: ~1.5 KB means no TSO, tens of KB means TSO frames reach the device.
+read -r txp </sys/class/net/eth0/statistics/tx_packets; read -r txb </sys/class/net/eth0/statistics/tx_bytes
+echo "BENCH-TX-FRAMES $txp $txb"
 # Let the console send the line above before the power goes (busybox stty drains on tcsetattr).
 stty -F /dev/console "$(stty -F /dev/console -g)"
 sync; poweroff -f
@@ -89,7 +92,10 @@ class Receiver:
         self.thread.start()
 
     def run(self):
-        conn, _ = self.sock.accept()
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:  # stop() shut the listening socket down
+            return
         total, start = 0, None
         while True:
             data = conn.recv(1 << 20)
@@ -101,6 +107,15 @@ class Receiver:
         end = time.monotonic()
         conn.close()
         self.result = (total, total / (end - start) / 1e6 if start and end > start else 0.0)
+
+    def stop(self):
+        """Gives up on the connection: wakes the accepting thread and frees the port."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(10)
 
     def wait(self):
         self.thread.join(600)
@@ -118,6 +133,10 @@ def run_guest(cmd, timeout):
     if "BENCH-WRITE" not in lines or "BENCH-READ" not in lines or "BENCH-SENT" not in console:
         raise RuntimeError(f"{cmd[0]} exited {out.returncode}; console:\n{console[-3000:]}\n"
                            f"{out.stderr.decode(errors='replace')[-2000:]}")
+    if "BENCH-TX-FRAMES" in lines:
+        packets, octets = (int(x) for x in lines["BENCH-TX-FRAMES"].split())
+        print(f"  {cmd[0]}: guest sent {packets} frames, {octets // max(packets, 1)} bytes on average",
+              flush=True)
     return rate_mb_s(lines["BENCH-WRITE"]), rate_mb_s(lines["BENCH-READ"])
 
 
@@ -178,10 +197,10 @@ def main():
                     net = receiver.wait()
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     # Nested guests under TCG occasionally die (either VMM): count it, go on.
-                    receiver.sock.close()
+                    receiver.stop()
                     failures[name] += 1
-                    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    print(f"round {r + 1} {name:13s} FAILED: {first}", flush=True)
+                    print(f"round {r + 1} {name:13s} FAILED: {str(e)[-3000:] or type(e).__name__}",
+                          flush=True)
                     continue
                 results[name].append((write, read, net))
                 print(f"round {r + 1} {name:13s} blk write {write:8.1f} MB/s  read {read:8.1f} MB/s"
