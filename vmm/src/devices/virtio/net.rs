@@ -422,21 +422,7 @@ mod tap_tests {
 
     #[test]
     fn arp_round_trip_through_a_real_tap() {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "needs root for TAP devices and namespaces (CI runs as root)"
-        );
-        std::thread::spawn(|| {
-            // Network namespaces are per thread: this thread (and the `ip` processes it
-            // starts) get a private one, torn down with it.
-            // SAFETY: unshare affects only the calling thread here.
-            assert_eq!(
-                unsafe { libc::unshare(libc::CLONE_NEWNET) },
-                0,
-                "unshare -n"
-            );
+        in_private_netns(|| {
             let (info, mut dev) = open("thvctest0", GUEST_MAC).expect("TAP");
             assert_eq!(&info.config_space[..6], &GUEST_MAC);
             ip(&["link", "set", "thvctest0", "up"]);
@@ -493,8 +479,6 @@ mod tap_tests {
                     .load(std::sync::atomic::Ordering::Relaxed)
                     >= frame.len() as u64
             );
-        })
-        .join()
-        .expect("test thread");
+        });
     }
 }

@@ -231,6 +231,7 @@ impl AsRawFd for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::testing::in_private_netns;
 
     #[test]
     fn names() {
@@ -264,19 +265,7 @@ mod tests {
 
     #[test]
     fn takes_over_a_handed_tap_descriptor_and_refuses_anything_else() {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "needs root for TAP devices and namespaces (CI runs as root)"
-        );
-        std::thread::spawn(|| {
-            // SAFETY: unshare affects only this thread: a private network namespace.
-            assert_eq!(
-                unsafe { libc::unshare(libc::CLONE_NEWNET) },
-                0,
-                "unshare -n"
-            );
+        in_private_netns(|| {
             let handed = attach("thvcfd0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
             let fd = std::os::fd::IntoRawFd::into_raw_fd(handed);
             let tap = Tap::from_fd(fd).expect("a proper TAP descriptor");
@@ -310,8 +299,6 @@ mod tests {
                 err.to_string().contains("not an open file descriptor"),
                 "{err}"
             );
-        })
-        .join()
-        .expect("test thread");
+        });
     }
 }

@@ -154,3 +154,26 @@ impl Rng {
         self.next_u64() % n.max(1)
     }
 }
+
+/// Runs `test` on a thread of its own in a private network namespace (namespaces are per
+/// thread, so the test's TAPs and `ip` commands see only that namespace, torn down with it).
+/// Needs root, as CI runs: anything else fails loudly.
+pub fn in_private_netns(test: impl FnOnce() + Send + 'static) {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "needs root for TAP devices and namespaces (CI runs as root)"
+    );
+    std::thread::spawn(move || {
+        // SAFETY: unshare affects only the calling thread here.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare -n"
+        );
+        test();
+    })
+    .join()
+    .expect("test thread");
+}
