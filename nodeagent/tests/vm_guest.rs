@@ -5,7 +5,9 @@
 //! bridge carrying an address, and gives the VM's NIC a TAP on it. The guest's /sbin/init
 //! (written here) configures its address, starts busybox acpid for the power button and
 //! reports on the console, which the test reads through `ReadConsole`; the host side of the
-//! bridge then pings the guest.
+//! bridge then pings the guest. The lifecycle test's guest also ticks on the console every
+//! second and reboots itself when the host connects to a TCP port, so pause, resume, a
+//! guest-initiated reboot and a crashed VMM are seen through the agent as they happen.
 //!
 //! They need KVM that boots Linux, so they are `#[ignore]`d and run in the test VM:
 //! ```text
@@ -32,6 +34,11 @@ const GUEST_ADDRESS: &str = "10.78.0.2";
 /// Same as the VMM's guest tests; the root disk replaces the initramfs' action.
 const CMDLINE: &str = "console=ttyS0 panic=1 pci=off quiet thvc.action=root thvc.root=/dev/vda";
 const STATIC_BUSYBOX: &str = "/bin/busybox";
+/// How long a paused guest must print no tick. It ticks every second, so a guest that kept
+/// running would print about three.
+const QUIET_WINDOW: Duration = Duration::from_secs(3);
+/// A connection to this port of the lifecycle guest makes it reboot (`reboot -f`).
+const REBOOT_PORT: &str = "7000";
 
 fn asset(var: &str) -> PathBuf {
     match std::env::var_os(var) {
@@ -74,7 +81,9 @@ fn root_image(work: &Path, image: &Path, init: &str) {
          mountpoint -q /proc || mount -t proc proc /proc\n\
          mountpoint -q /sys || mount -t sysfs sysfs /sys\n\
          mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev\n\
-         mount -t tmpfs tmpfs /tmp\nexec </dev/console >/dev/console 2>&1\n{init}\n"
+         mount -t tmpfs tmpfs /tmp\nexec </dev/console >/dev/console 2>&1\n\
+         drain_console() {{ s=$(stty -F /dev/console -g) && stty -F /dev/console \"$s\"; }}\n\
+         {init}\n"
     );
     std::fs::write(tree.join("sbin/init"), script).expect("init");
     // The initramfs' acpid is left behind by switch_root: this root runs its own. Drain the
@@ -105,13 +114,29 @@ fn root_image(work: &Path, image: &Path, init: &str) {
     );
 }
 
-/// The guest's work: address on eth0, acpid, then report and idle until powered off.
-fn guest_init() -> String {
+/// The guest's init: address on eth0, acpid, report, then `then` (which must not return).
+fn guest_init(then: &str) -> String {
     format!(
         "ip link set lo up\nip link set eth0 up\nip addr add {GUEST_ADDRESS}/24 dev eth0\n\
          if acpid -c /etc/acpi -l /dev/null; then echo THVC-ACPID=started; else echo THVC-ACPID=failed; fi\n\
          echo THVC-NET-UP=$(cat /sys/class/net/eth0/address)\n\
-         while :; do sleep 3600; done"
+         {then}"
+    )
+}
+
+/// Idles until powered off.
+const IDLE: &str = "while :; do sleep 3600; done";
+
+/// The lifecycle guest's work: count this boot on the root disk (`THVC-BOOT=<n>`, so a
+/// reboot shows as the next number), reboot when someone connects to [`REBOOT_PORT`], and
+/// print `THVC-TICK=<n>` every second, a visible sign that the vCPUs run.
+fn tick_and_reboot_on_request() -> String {
+    format!(
+        "boot=$(( $(cat /boot-count 2>/dev/null || echo 0) + 1 ))\necho $boot >/boot-count\nsync\n\
+         echo THVC-BOOT=$boot\n\
+         (nc -l -p {REBOOT_PORT} </dev/null >/dev/null 2>&1; echo THVC-REBOOT-REQUESTED; sync; \
+         drain_console; reboot -f) &\n\
+         tick=0\nwhile :; do echo THVC-TICK=$tick; tick=$((tick + 1)); sleep 1; done"
     )
 }
 
@@ -127,7 +152,8 @@ struct GuestNode {
 }
 
 impl GuestNode {
-    async fn start(extra: &[&str]) -> GuestNode {
+    /// `init`: the root disk's /sbin/init after its mounts (see [`guest_init`]).
+    async fn start(extra: &[&str], init: &str) -> GuestNode {
         require_tool("unshare", "util-linux");
         require_tool("nsenter", "util-linux");
         let vmm = real_vmm();
@@ -138,11 +164,7 @@ impl GuestNode {
         std::fs::copy(&kernel, dirs.state().join("images/vmlinuz")).expect("copy kernel");
         std::fs::copy(&initramfs, dirs.state().join("images/guest.cpio.gz"))
             .expect("copy initramfs");
-        root_image(
-            dirs.root.path(),
-            &dirs.state().join("disks/root.img"),
-            &guest_init(),
-        );
+        root_image(dirs.root.path(), &dirs.state().join("disks/root.img"), init);
         let bus = TestBus::start();
         let agent_log = dirs.root.path().join("agent.log");
         let mut args = vec![
@@ -221,19 +243,27 @@ impl GuestNode {
 
     /// Pings the guest from the host side of the bridge until it answers (bounded).
     fn ping_guest(&self) {
+        self.retry_in_netns(
+            "ping the guest",
+            &[STATIC_BUSYBOX, "ping", "-c", "1", "-W", "3", GUEST_ADDRESS],
+        );
+    }
+
+    /// Runs `args` (which must bound their own time) in the agent's namespaces until they
+    /// succeed, for at most [`GUEST_TIMEOUT`]; `what` says what they do.
+    fn retry_in_netns(&self, what: &str, args: &[&str]) {
         let deadline = Instant::now() + GUEST_TIMEOUT;
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let (ok, out) =
-                self.in_netns(&[STATIC_BUSYBOX, "ping", "-c", "1", "-W", "3", GUEST_ADDRESS]);
+            let (ok, out) = self.in_netns(args);
             if ok {
-                eprintln!("guest answered ping after {attempts} attempt(s)");
+                eprintln!("{what}: done after {attempts} attempt(s)");
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "the guest never answered ping within {GUEST_TIMEOUT:?} ({attempts} attempts); last:\n{out}"
+                "{what}: failed for {GUEST_TIMEOUT:?} ({attempts} attempts); last:\n{out}"
             );
         }
     }
@@ -254,34 +284,113 @@ impl GuestNode {
     }
 }
 
-/// Reads the console through `ReadConsole` until a line starts with `prefix`; returns the
-/// rest of that line. `console` accumulates what was read, `offset` where to go on.
+/// The lines of `console` the guest has finished (a line still being written, one byte per
+/// UART exit, may be cut anywhere), without the serial line's `\r`.
+fn complete_lines(console: &str) -> impl Iterator<Item = &str> {
+    console
+        .split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
+        .map(|l| l.trim_end_matches('\r'))
+}
+
+/// Reads the console through `ReadConsole` until `find` accepts a complete line, for at
+/// most `timeout`; returns what `find` returned. `console` accumulates what was read,
+/// `offset` where to go on.
+async fn wait_console_line<T>(
+    v: &thvc_nodeagent::client::VmProxy<'_>,
+    console: &mut String,
+    offset: &mut u64,
+    timeout: Duration,
+    mut find: impl FnMut(&str) -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = complete_lines(console).find_map(&mut find) {
+            return Some(found);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        if !read_console_step(v, console, offset).await {
+            // The guest prints a line every second at best under nested KVM; poll gently
+            // rather than spin on the bus.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// One `ReadConsole` from `offset`; false when there was nothing new.
+async fn read_console_step(
+    v: &thvc_nodeagent::client::VmProxy<'_>,
+    console: &mut String,
+    offset: &mut u64,
+) -> bool {
+    let (data, next) = v.read_console(*offset).await.expect("ReadConsole");
+    console.push_str(&String::from_utf8_lossy(&data));
+    *offset = next;
+    !data.is_empty()
+}
+
+/// Reads the console up to what the VMM has written so far.
+async fn read_console_to_end(
+    v: &thvc_nodeagent::client::VmProxy<'_>,
+    console: &mut String,
+    offset: &mut u64,
+) {
+    while read_console_step(v, console, offset).await {}
+}
+
+/// Waits (at most [`GUEST_TIMEOUT`]) for a console line containing `prefix`; returns the
+/// rest of that line.
 async fn wait_console(
     v: &thvc_nodeagent::client::VmProxy<'_>,
     console: &mut String,
     offset: &mut u64,
     prefix: &str,
 ) -> Option<String> {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
-        if let Some(line) = console
-            .lines()
-            .find_map(|l| l.trim_end_matches('\r').split_once(prefix).map(|(_, r)| r))
-        {
-            return Some(line.to_owned());
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        let (data, next) = v.read_console(*offset).await.expect("ReadConsole");
-        console.push_str(&String::from_utf8_lossy(&data));
-        *offset = next;
-        if data.is_empty() {
-            // The guest prints a line every few seconds at best under nested KVM; poll
-            // gently rather than spin on the bus.
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
+    wait_console_line(v, console, offset, GUEST_TIMEOUT, |l| {
+        l.split_once(prefix).map(|(_, rest)| rest.to_owned())
+    })
+    .await
+}
+
+/// The number of a `THVC-TICK=<n>` line.
+fn tick_number(line: &str) -> Option<u64> {
+    line.split_once("THVC-TICK=")?.1.trim().parse().ok()
+}
+
+/// The highest tick in the console so far.
+fn last_tick(console: &str) -> Option<u64> {
+    complete_lines(console).filter_map(tick_number).max()
+}
+
+/// Waits (at most `timeout`) for a tick numbered above `n`; returns its number.
+async fn wait_tick_above(
+    v: &thvc_nodeagent::client::VmProxy<'_>,
+    console: &mut String,
+    offset: &mut u64,
+    n: u64,
+    timeout: Duration,
+) -> Option<u64> {
+    wait_console_line(v, console, offset, timeout, |l| {
+        tick_number(l).filter(|&t| t > n)
+    })
+    .await
+}
+
+/// The VMM's `Info` through the agent, parsed.
+async fn info_json(v: &thvc_nodeagent::client::VmProxy<'_>) -> serde_json::Value {
+    serde_json::from_str(&v.info().await.expect("Info")).expect("Info is JSON")
+}
+
+/// KVM exits of all vCPUs in an `Info` result: they only grow while the vCPUs run.
+fn total_vcpu_exits(info: &serde_json::Value) -> u64 {
+    info["vcpu_exits"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no vcpu_exits in {info}"))
+        .iter()
+        .map(|e| e["total"].as_u64().expect("exit total"))
+        .sum()
 }
 
 /// Polls the VM's State until it is `want` (bounded); returns the last value seen.
@@ -327,7 +436,7 @@ fn check(node: &GuestNode, vm: &str, ok: bool, what: &str) {
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 async fn agent_boots_a_linux_guest_on_a_bridge_pings_it_and_shuts_it_down() {
     let started = Instant::now();
-    let node = GuestNode::start(&[]).await;
+    let node = GuestNode::start(&[], &guest_init(IDLE)).await;
     let conn = node.connect().await;
     let m = manager(&conn).await;
     let v = vm(&conn, m.create_vm("guest", &guest_spec()).await.unwrap()).await;
@@ -344,7 +453,7 @@ async fn agent_boots_a_linux_guest_on_a_bridge_pings_it_and_shuts_it_down() {
         v.state().await.unwrap() == "running",
         "running after Start",
     );
-    let info: serde_json::Value = serde_json::from_str(&v.info().await.expect("Info")).unwrap();
+    let info = info_json(&v).await;
     assert_eq!(info["vcpus"], 1, "{info}");
     let tap = thvc_nodeagent::names::tap_name("guest", 0);
     let (ok, link) = node.in_netns(&["ip", "-j", "link", "show", &tap]);
@@ -411,7 +520,7 @@ async fn agent_boots_a_linux_guest_on_a_bridge_pings_it_and_shuts_it_down() {
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 async fn unprivileged_guest_is_readopted_after_an_agent_sigkill() {
     let started = Instant::now();
-    let mut node = GuestNode::start(&["--vmm-user", "nobody"]).await;
+    let mut node = GuestNode::start(&["--vmm-user", "nobody"], &guest_init(IDLE)).await;
     let conn = node.connect().await;
     let m = manager(&conn).await;
     let v = vm(&conn, m.create_vm("guest", &guest_spec()).await.unwrap()).await;
@@ -459,7 +568,7 @@ async fn unprivileged_guest_is_readopted_after_an_agent_sigkill() {
         Some(vmm),
         "the same VMM, not a new one"
     );
-    let info: serde_json::Value = serde_json::from_str(&v.info().await.expect("Info")).unwrap();
+    let info = info_json(&v).await;
     assert_eq!(info["state"], "running", "{info}");
     let (again, _) = v.read_console(0).await.unwrap();
     assert!(String::from_utf8_lossy(&again).contains("THVC-NET-UP="));
@@ -482,6 +591,190 @@ async fn unprivileged_guest_is_readopted_after_an_agent_sigkill() {
     assert!(
         !node.in_netns(&["ip", "link", "show", &tap]).0,
         "TAP removed by the new agent"
+    );
+    eprintln!("whole test {:?}", started.elapsed());
+}
+
+/// The agent's lifecycle with the real VMM and a real guest, in one boot sequence: Pause
+/// stops the guest (no tick, no vCPU exit) and Resume continues it where it stopped; a
+/// reboot inside the guest makes the agent start a new VMM that boots the guest again;
+/// a VMM killed behind the agent's back leaves the VM `failed`, saying why, and it starts
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+async fn guest_pause_resume_reboot_and_vmm_crash_through_the_agent() {
+    let started = Instant::now();
+    let node = GuestNode::start(&[], &guest_init(&tick_and_reboot_on_request())).await;
+    let conn = node.connect().await;
+    let m = manager(&conn).await;
+    let path = m.create_vm("guest", &guest_spec()).await.unwrap();
+    let v = vm(&conn, path.clone()).await;
+    v.start().await.expect("Start");
+    let (mut console, mut offset) = (String::new(), 0);
+    let ticking = wait_tick_above(&v, &mut console, &mut offset, 1, GUEST_TIMEOUT).await;
+    check(&node, "guest", ticking.is_some(), "the guest never ticked");
+    check(
+        &node,
+        "guest",
+        complete_lines(&console).any(|l| l == "THVC-BOOT=1"),
+        "the first boot counted itself",
+    );
+    eprintln!("guest ticking after {:?}", started.elapsed());
+
+    // Pause: the vCPUs stop, so no tick arrives and no vCPU exits KVM.
+    v.pause().await.expect("Pause");
+    let state = v.state().await.unwrap();
+    check(
+        &node,
+        "guest",
+        state == "paused",
+        &format!("state {state} after Pause"),
+    );
+    // Pause returned after the VMM parked its vCPUs: what they wrote before is in the log.
+    read_console_to_end(&v, &mut console, &mut offset).await;
+    let frozen_tick = last_tick(&console).expect("ticks seen");
+    let frozen = info_json(&v).await;
+    assert_eq!(frozen["state"], "paused", "{frozen}");
+    let while_paused =
+        wait_tick_above(&v, &mut console, &mut offset, frozen_tick, QUIET_WINDOW).await;
+    check(
+        &node,
+        "guest",
+        while_paused.is_none(),
+        &format!("tick {while_paused:?} arrived while paused (last before: {frozen_tick})"),
+    );
+    let still = info_json(&v).await;
+    assert!(total_vcpu_exits(&frozen) > 0, "{frozen}");
+    assert_eq!(
+        total_vcpu_exits(&still),
+        total_vcpu_exits(&frozen),
+        "vCPUs ran while paused: {still}"
+    );
+
+    // Resume: ticks go on from where they stopped (the same guest, not a new one).
+    v.resume().await.expect("Resume");
+    let state = v.state().await.unwrap();
+    check(
+        &node,
+        "guest",
+        state == "running",
+        &format!("state {state} after Resume"),
+    );
+    let next = wait_tick_above(&v, &mut console, &mut offset, frozen_tick, GUEST_TIMEOUT).await;
+    check(
+        &node,
+        "guest",
+        next == Some(frozen_tick + 1),
+        &format!("after tick {frozen_tick} came {next:?}"),
+    );
+    assert!(total_vcpu_exits(&info_json(&v).await) > total_vcpu_exits(&still));
+    eprintln!("pause and resume checked after {:?}", started.elapsed());
+
+    // Reboot from inside the guest: the VMM exits 3, the agent starts a new one, which
+    // boots the guest from the same root disk (its boot counter says 2).
+    let first_vmm = node.dirs.vmm_process("guest").expect("VMM recorded");
+    let mut states = StateWatcher::new(&conn, &path).await;
+    node.retry_in_netns(
+        "send the guest its reboot request",
+        &[
+            STATIC_BUSYBOX,
+            "timeout",
+            "10",
+            STATIC_BUSYBOX,
+            "nc",
+            "-w",
+            "3",
+            GUEST_ADDRESS,
+            REBOOT_PORT,
+        ],
+    );
+    let second_boot = wait_console_line(&v, &mut console, &mut offset, GUEST_TIMEOUT, |l| {
+        (l == "THVC-BOOT=2").then_some(())
+    })
+    .await;
+    check(
+        &node,
+        "guest",
+        second_boot.is_some(),
+        "the guest never booted a second time",
+    );
+    assert!(console.contains("THVC-REBOOT-REQUESTED"), "{console}");
+    eprintln!("second boot after {:?}", started.elapsed());
+    assert_eq!(
+        states.wait_for("running").await,
+        ["starting", "running"],
+        "the agent restarted the VM"
+    );
+    let second_vmm = node.dirs.vmm_process("guest").expect("VMM recorded");
+    check(
+        &node,
+        "guest",
+        second_vmm.pid != first_vmm.pid && second_vmm.is_alive() && !first_vmm.is_alive(),
+        &format!("a new VMM runs the guest: {first_vmm:?} then {second_vmm:?}"),
+    );
+    let state = v.state().await.unwrap();
+    check(
+        &node,
+        "guest",
+        state == "running",
+        &format!("state {state} after the reboot"),
+    );
+
+    // The VMM dies behind the agent's back: failed, with the reason, and its TAP is gone.
+    assert_eq!(
+        second_vmm.signal(libc::SIGKILL).ok(),
+        Some(true),
+        "SIGKILL the VMM"
+    );
+    let state = wait_state(&v, "failed").await;
+    check(
+        &node,
+        "guest",
+        state == "failed",
+        &format!("state {state} after SIGKILL"),
+    );
+    let reason = v.state_reason().await.unwrap();
+    check(
+        &node,
+        "guest",
+        reason.contains("killed by signal 9") && reason.contains("vmm.log"),
+        &format!("StateReason: {reason}"),
+    );
+    let tap = thvc_nodeagent::names::tap_name("guest", 0);
+    assert!(
+        !node.in_netns(&["ip", "link", "show", &tap]).0,
+        "TAP removed after the crash"
+    );
+
+    // A failed VM starts again: a new VMM, its TAP back on the bridge; then Stop.
+    v.start().await.expect("Start after the crash");
+    let state = v.state().await.unwrap();
+    check(
+        &node,
+        "guest",
+        state == "running",
+        &format!("state {state} after the restart"),
+    );
+    let third_vmm = node.dirs.vmm_process("guest").expect("VMM recorded");
+    assert!(
+        third_vmm.pid != second_vmm.pid && third_vmm.is_alive(),
+        "{third_vmm:?}"
+    );
+    let (ok, link) = node.in_netns(&["ip", "-j", "link", "show", &tap]);
+    assert!(ok && link.contains("\"master\":\"br0\""), "{link}");
+    let stop = tokio::time::timeout(GUEST_TIMEOUT, v.stop()).await;
+    check(
+        &node,
+        "guest",
+        matches!(stop, Ok(Ok(()))),
+        &format!("Stop: {stop:?}"),
+    );
+    let state = wait_state(&v, "stopped").await;
+    check(
+        &node,
+        "guest",
+        state == "stopped",
+        &format!("state {state}"),
     );
     eprintln!("whole test {:?}", started.elapsed());
 }
