@@ -78,10 +78,67 @@ def rate_mb_s(line):
     return int(m.group(1)) / (float(m.group(3)) - float(m.group(2))) / 1e6
 
 
+KVM_DEBUGFS = "/sys/kernel/debug/kvm"
+# Per-VM KVM counters (vCPU counters summed over the VM's vCPUs), the same for both VMMs:
+# what the TCP transfer costs in exits, kicks and injected interrupts.
+KVM_STATS = ("exits", "io_exits", "mmio_exits", "irq_injections", "halt_exits",
+             "halt_wakeup", "signal_exits", "irq_exits")
+
+
+def kvm_stats(pid):
+    """The KVM counters of process `pid`'s VM, or None if it has none (yet)."""
+    if pid is None or not os.path.isdir(KVM_DEBUGFS):
+        return None
+    for entry in os.listdir(KVM_DEBUGFS):
+        if entry.split("-", 1)[0] == str(pid):
+            stats = {}
+            for name in KVM_STATS:
+                try:
+                    with open(os.path.join(KVM_DEBUGFS, entry, name)) as f:
+                        stats[name] = int(f.read())
+                except (OSError, ValueError):
+                    pass
+            return stats
+    return None
+
+
+TRACE_EVENT = "/sys/kernel/tracing/events/kvm/kvm_exit"
+# SVM exit codes (the test VM's CPU is AMD): what each kind of exit is.
+SVM_EXITS = {0x60: "intr", 0x61: "nmi", 0x64: "vintr", 0x72: "cpuid", 0x78: "hlt", 0x7b: "ioio",
+             0x7c: "msr", 0x81: "vmmcall", 0x400: "npf(mmio)", 0x401: "avic_ipi",
+             0x402: "avic_noaccel", 0x7f: "shutdown", 0x77: "pause"}
+
+
+def exit_reasons():
+    """Exits by reason since the histogram trigger was set (all VMs), or None."""
+    try:
+        with open(os.path.join(TRACE_EVENT, "hist")) as f:
+            text = f.read()
+    except OSError:
+        return None
+    counts = {}
+    for m in re.finditer(r"exit_reason:\s*(\d+)\s*\}\s*hitcount:\s*(\d+)", text):
+        code = int(m.group(1))
+        counts[SVM_EXITS.get(code, hex(code))] = int(m.group(2))
+    return counts
+
+
+def set_exit_histogram(on):
+    """Sets (and returns the empty counts) or removes the kvm_exit histogram trigger."""
+    with open(os.path.join(TRACE_EVENT, "trigger"), "w") as f:
+        f.write(("" if on else "!") + "hist:keys=exit_reason:size=256")
+    return {} if on else None
+
+
 class Receiver:
-    """Accepts one connection and measures how fast it delivers NET_BYTES."""
+    """Accepts one connection and measures how fast it delivers NET_BYTES; meanwhile takes the
+    VM's KVM counters at the first and the last byte (set `pid` to the VMM's process)."""
 
     def __init__(self):
+        self.pid = None
+        self.kvm_delta = None
+        self.trace_exits = False
+        self.reason_delta = None
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((HOST_IP, PORT))
@@ -96,14 +153,27 @@ class Receiver:
             conn, _ = self.sock.accept()
         except OSError:  # stop() shut the listening socket down
             return
-        total, start = 0, None
+        total, start, first = 0, None, None
         while True:
             data = conn.recv(1 << 20)
             if not data:
                 break
             if start is None:
                 start = time.monotonic()
+                first = kvm_stats(self.pid)
+                # The histogram costs time on every exit: on during the transfer only.
+                first_reasons = set_exit_histogram(True) if self.trace_exits else None
             total += len(data)
+            if total >= NET_BYTES:
+                last = kvm_stats(self.pid)
+                if first and last:
+                    self.kvm_delta = {k: last[k] - first[k] for k in first if k in last}
+                last_reasons = exit_reasons() if self.trace_exits else None
+                if self.trace_exits:
+                    set_exit_histogram(False)
+                if first_reasons is not None and last_reasons:
+                    self.reason_delta = {k: v - first_reasons.get(k, 0)
+                                         for k, v in last_reasons.items()}
         end = time.monotonic()
         conn.close()
         self.result = (total, total / (end - start) / 1e6 if start and end > start else 0.0)
@@ -125,8 +195,17 @@ class Receiver:
         return self.result[1]
 
 
-def run_guest(cmd, timeout):
-    out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+def run_guest(cmd, timeout, receiver):
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    receiver.pid = proc.pid
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     console = out.stdout.decode(errors="replace")
     lines = {l.split(" ", 1)[0]: l.split(" ", 1)[1] for l in console.splitlines()
              if l.startswith("BENCH-") and " " in l}
@@ -150,10 +229,21 @@ def main():
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--memory", type=int, default=512)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--exit-reasons", action="store_true",
+                    help="count KVM exits by reason during the TCP transfer (kvm_exit histogram)")
     args = ap.parse_args()
     if not args.kernel or not args.initrd:
         sys.exit("io.py: --kernel/--initrd (or THVC_GUEST_KERNEL/THVC_GUEST_INITRAMFS) needed")
 
+    if not os.path.isdir(KVM_DEBUGFS):
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"],
+                       stderr=subprocess.DEVNULL)
+    if args.exit_reasons:
+        if not os.path.isdir(TRACE_EVENT):
+            subprocess.run(["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"],
+                           stderr=subprocess.DEVNULL)
+        if not os.path.isdir(TRACE_EVENT):
+            sys.exit("io.py: --exit-reasons needs tracefs with the kvm:kvm_exit event")
     subprocess.run(["ip", "link", "del", BRIDGE], stderr=subprocess.DEVNULL)
     subprocess.run(["ip", "link", "del", TAP], stderr=subprocess.DEVNULL)
     sh("ip", "link", "add", BRIDGE, "type", "bridge")
@@ -192,9 +282,18 @@ def main():
                 image = os.path.join(work, f"{name}.ext4")
                 shutil.copyfile(golden, image)
                 receiver = Receiver()
+                receiver.trace_exits = args.exit_reasons
                 try:
-                    write, read = run_guest(make_cmd(image), args.timeout)
+                    write, read = run_guest(make_cmd(image), args.timeout, receiver)
                     net = receiver.wait()
+                    if receiver.kvm_delta:
+                        mib = NET_BYTES / (1 << 20)
+                        print(f"  {name}: KVM per MiB sent: " + ", ".join(
+                            f"{k} {v / mib:.0f}" for k, v in receiver.kvm_delta.items()), flush=True)
+                    if receiver.reason_delta:
+                        top = sorted(receiver.reason_delta.items(), key=lambda kv: -kv[1])
+                        print(f"  {name}: exits per MiB by reason: " + ", ".join(
+                            f"{k} {v / mib:.0f}" for k, v in top if v), flush=True)
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     # Nested guests under TCG occasionally die (either VMM): count it, go on.
                     receiver.stop()
