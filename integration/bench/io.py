@@ -202,9 +202,12 @@ def run_guest(cmd, timeout, receiver):
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # Say how far the guest got: a timeout without its console explains nothing.
         proc.kill()
-        proc.communicate()
-        raise
+        stdout, stderr = proc.communicate()
+        raise RuntimeError(f"{cmd[0]} timed out after {timeout:.0f} s; console:\n"
+                           f"{stdout.decode(errors='replace')[-3000:]}\n"
+                           f"{stderr.decode(errors='replace')[-2000:]}") from None
     out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     console = out.stdout.decode(errors="replace")
     lines = {l.split(" ", 1)[0]: l.split(" ", 1)[1] for l in console.splitlines()
