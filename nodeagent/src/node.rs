@@ -721,7 +721,7 @@ impl Node {
         outcome: ExitOutcome,
         reboot_ok: bool,
     ) {
-        let log = self.cfg.layout.vmm_log(&vm.name);
+        let log = self.runner.vmm_log_location(&vm.name);
         match outcome {
             ExitOutcome::Exited(0) => {
                 let reason = describe_exit(&outcome);
@@ -761,7 +761,7 @@ impl Node {
                 self.persist_terminal(vm, VmState::Failed, &reason, false);
             }
             other => {
-                let reason = format!("{} (see {})", describe_exit(&other), log.display());
+                let reason = format!("{} (see {log})", describe_exit(&other));
                 self.set_state(vm, VmState::Failed, reason.clone()).await;
                 self.persist_terminal(vm, VmState::Failed, &reason, false);
             }

@@ -182,6 +182,10 @@ impl VmRunner for DirectRunner {
         "direct"
     }
 
+    fn vmm_log_location(&self, name: &str) -> String {
+        self.layout.vmm_log(name).display().to_string()
+    }
+
     fn launch<'a>(
         &'a self,
         spec: &'a LaunchSpec,

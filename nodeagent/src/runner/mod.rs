@@ -83,6 +83,8 @@ pub enum Adoption {
 pub trait VmRunner: Send + Sync {
     /// Short name for logs and the README ("direct", "systemd").
     fn kind(&self) -> &'static str;
+    /// Where an operator finds the VMM's own output (its errors) for VM `name`.
+    fn vmm_log_location(&self, name: &str) -> String;
     /// Starts the VMM; returns once the process exists.
     fn launch<'a>(&'a self, spec: &'a LaunchSpec)
         -> BoxFuture<'a, Result<ExitFuture, RunnerError>>;

@@ -17,7 +17,12 @@
 //! main PID is the VMM and `ExecMainStatus` is its exit status. There is no `Restart=`: the
 //! agent decides about restarts (exit 3 = guest reboot) in both runners alike.
 //!
-//! Not exercised by the test suite on hosts without systemd as PID 1; tested in the image.
+//! A unit that ends inactive (exit 0, or 3 = guest reboot, a success for the unit) is
+//! garbage-collected by systemd at once, and its `ExecMain*` properties with it: the agent
+//! holds a reference on the unit (`Unit.Ref`) from start until it has read the exit status.
+//!
+//! Not exercised by the test suite on hosts without systemd as PID 1; tested in the image
+//! (integration/image/boot-test).
 
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
@@ -50,6 +55,12 @@ trait SystemdManager {
 trait SystemdUnit {
     #[zbus(property)]
     fn active_state(&self) -> zbus::Result<String>;
+    /// Keeps the unit loaded while this bus connection holds the reference (dropped by
+    /// systemd if the agent goes away), like `systemd-run --wait` does.
+    #[zbus(name = "Ref")]
+    fn hold(&self) -> zbus::Result<()>;
+    #[zbus(name = "Unref")]
+    fn release(&self) -> zbus::Result<()>;
 }
 
 #[zbus::proxy(
@@ -142,9 +153,21 @@ impl SystemdRunner {
                     return ExitOutcome::Unknown("lost the system bus".to_owned());
                 }
             }
-            exit_outcome(&service).await
+            let outcome = exit_outcome(&service).await;
+            // Read: systemd may collect the unit now.
+            if let Err(e) = unit.release().await {
+                tracing::debug!("Unref of a finished VM unit: {e}");
+            }
+            outcome
         }
         .boxed()
+    }
+
+    /// Holds the unit loaded until its exit status is read (see the module comment).
+    async fn hold(unit: &SystemdUnitProxy<'_>, name: &str) {
+        if let Err(e) = unit.hold().await {
+            tracing::warn!(vm = %name, "cannot hold a reference on its unit ({e}); its exit status may be lost if it ends inactive");
+        }
     }
 }
 
@@ -162,6 +185,10 @@ async fn exit_outcome(service: &SystemdServiceProxy<'_>) -> ExitOutcome {
 impl VmRunner for SystemdRunner {
     fn kind(&self) -> &'static str {
         "systemd"
+    }
+
+    fn vmm_log_location(&self, name: &str) -> String {
+        format!("journalctl -u {}", names::vm_unit_name(name))
     }
 
     fn launch<'a>(
@@ -192,6 +219,7 @@ impl VmRunner for SystemdRunner {
             // there was nothing to clear).
             let _ = manager.reset_failed_unit(&unit_name).await;
             let (unit, service) = self.unit_proxies(&spec.name).await?;
+            Self::hold(&unit, &spec.name).await;
             // The watcher reads ActiveState before waiting for changes, so even a VMM that
             // exits before the watcher first runs is seen (with its exit status).
             let exited = Self::watch_until_inactive(unit.clone(), service);
@@ -222,6 +250,7 @@ impl VmRunner for SystemdRunner {
             let state = unit.active_state().await.map_err(sd_err)?;
             match state.as_str() {
                 "active" | "activating" | "deactivating" | "reloading" => {
+                    Self::hold(&unit, name).await;
                     Ok(Adoption::Running(Self::watch_until_inactive(unit, service)))
                 }
                 _ => {
