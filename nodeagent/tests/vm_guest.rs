@@ -432,6 +432,26 @@ fn check(node: &GuestNode, vm: &str, ok: bool, what: &str) {
     }
 }
 
+/// Calls a Vm method (within GUEST_TIMEOUT), then waits for State `want`; on failure the
+/// panic carries the node's diagnostics.
+async fn call_then_wait_state(
+    node: &GuestNode,
+    v: &thvc_nodeagent::client::VmProxy<'_>,
+    what: &str,
+    call: impl std::future::Future<Output = zbus::Result<()>>,
+    want: &str,
+) {
+    let result = tokio::time::timeout(GUEST_TIMEOUT, call).await;
+    check(
+        node,
+        "guest",
+        matches!(result, Ok(Ok(()))),
+        &format!("{what}: {result:?}"),
+    );
+    let state = wait_state(v, want).await;
+    check(node, "guest", state == want, &format!("state {state}"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 async fn agent_boots_a_linux_guest_on_a_bridge_pings_it_and_shuts_it_down() {
@@ -478,20 +498,7 @@ async fn agent_boots_a_linux_guest_on_a_bridge_pings_it_and_shuts_it_down() {
 
     // Graceful: the power button, the guest's acpid powers off, the VMM exits 0.
     let shutdown_started = Instant::now();
-    let shutdown = tokio::time::timeout(GUEST_TIMEOUT, v.shutdown()).await;
-    check(
-        &node,
-        "guest",
-        matches!(shutdown, Ok(Ok(()))),
-        &format!("Shutdown: {shutdown:?}"),
-    );
-    let state = wait_state(&v, "stopped").await;
-    check(
-        &node,
-        "guest",
-        state == "stopped",
-        &format!("state {state}"),
-    );
+    call_then_wait_state(&node, &v, "Shutdown", v.shutdown(), "stopped").await;
     eprintln!("Shutdown took {:?}", shutdown_started.elapsed());
     assert_eq!(v.state_reason().await.unwrap(), "stopped");
     // What the guest printed last shows it powered itself off (not the SIGTERM fallback).
@@ -574,20 +581,7 @@ async fn unprivileged_guest_is_readopted_after_an_agent_sigkill() {
     assert!(String::from_utf8_lossy(&again).contains("THVC-NET-UP="));
     node.ping_guest();
 
-    let stop = tokio::time::timeout(GUEST_TIMEOUT, v.stop()).await;
-    check(
-        &node,
-        "guest",
-        matches!(stop, Ok(Ok(()))),
-        &format!("Stop: {stop:?}"),
-    );
-    let state = wait_state(&v, "stopped").await;
-    check(
-        &node,
-        "guest",
-        state == "stopped",
-        &format!("state {state}"),
-    );
+    call_then_wait_state(&node, &v, "Stop", v.stop(), "stopped").await;
     assert!(
         !node.in_netns(&["ip", "link", "show", &tap]).0,
         "TAP removed by the new agent"
@@ -762,19 +756,6 @@ async fn guest_pause_resume_reboot_and_vmm_crash_through_the_agent() {
     );
     let (ok, link) = node.in_netns(&["ip", "-j", "link", "show", &tap]);
     assert!(ok && link.contains("\"master\":\"br0\""), "{link}");
-    let stop = tokio::time::timeout(GUEST_TIMEOUT, v.stop()).await;
-    check(
-        &node,
-        "guest",
-        matches!(stop, Ok(Ok(()))),
-        &format!("Stop: {stop:?}"),
-    );
-    let state = wait_state(&v, "stopped").await;
-    check(
-        &node,
-        "guest",
-        state == "stopped",
-        &format!("state {state}"),
-    );
+    call_then_wait_state(&node, &v, "Stop", v.stop(), "stopped").await;
     eprintln!("whole test {:?}", started.elapsed());
 }
