@@ -18,7 +18,7 @@ pub mod rng;
 pub mod tap;
 pub mod worker;
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
@@ -46,11 +46,20 @@ pub const TYPE_RNG: u32 = 4;
 /// The device's interrupt: the interrupt status register the driver reads, and the irqfd that
 /// raises the guest interrupt. Also carries the "needs reset" flag a worker sets when the
 /// driver broke the device.
+///
+/// Used-buffer interrupts can be coalesced: between `begin_batch` and `end_batch` (the worker
+/// brackets everything it does in one wakeup with them) the status bit is set at once but
+/// the irqfd is written only once, at the end. A virtio-mmio device has one interrupt line
+/// for all its queues, and each interrupt costs the guest two register accesses that exit
+/// to the VMM (status read, ACK write), so a NIC's TX completions and received frames of
+/// the same wakeup share one.
 #[derive(Clone)]
 pub struct Interrupt {
     status: Arc<AtomicU32>,
     needs_reset: Arc<AtomicU8>,
     irqfd: Arc<EventFd>,
+    batching: Arc<AtomicBool>,
+    deferred: Arc<AtomicBool>,
 }
 
 impl Interrupt {
@@ -59,19 +68,46 @@ impl Interrupt {
             status: Arc::new(AtomicU32::new(0)),
             needs_reset: Arc::new(AtomicU8::new(0)),
             irqfd,
+            batching: Arc::new(AtomicBool::new(false)),
+            deferred: Arc::new(AtomicBool::new(false)),
         }
     }
 
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
+        self.trigger();
+    }
+
+    fn trigger(&self) {
         if let Err(e) = self.irqfd.write(1) {
             tracing::warn!("cannot raise a virtio interrupt: {e}");
         }
     }
 
-    /// Tells the driver that a queue has new used buffers.
+    /// Tells the driver that a queue has new used buffers (at the end of the batch, if one
+    /// is open).
     pub fn signal_used_queue(&self) {
-        self.raise(VIRTIO_MMIO_INT_VRING);
+        if self.batching.load(Ordering::SeqCst) {
+            self.status
+                .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+            self.deferred.store(true, Ordering::SeqCst);
+        } else {
+            self.raise(VIRTIO_MMIO_INT_VRING);
+        }
+    }
+
+    /// From now on, used-buffer interrupts wait for `end_batch`.
+    pub fn begin_batch(&self) {
+        self.batching.store(true, Ordering::SeqCst);
+    }
+
+    /// Raises the interrupt deferred since `begin_batch`, if any, unless the driver has
+    /// meanwhile read and acknowledged everything (it would find nothing to do).
+    pub fn end_batch(&self) {
+        self.batching.store(false, Ordering::SeqCst);
+        if self.deferred.swap(false, Ordering::SeqCst) && self.status() != 0 {
+            self.trigger();
+        }
     }
 
     /// The driver broke the device (e.g. rings outside guest memory): DEVICE_NEEDS_RESET plus
@@ -97,6 +133,7 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(0, Ordering::SeqCst);
+        self.deferred.store(false, Ordering::SeqCst);
     }
 }
 
@@ -240,3 +277,63 @@ impl DeviceCounters {
 }
 #[cfg(test)]
 pub mod testing;
+
+#[cfg(test)]
+mod interrupt_tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    fn interrupt() -> (Interrupt, Arc<EventFd>) {
+        let irqfd = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
+        (Interrupt::new(irqfd.clone()), irqfd)
+    }
+
+    #[test]
+    fn outside_a_batch_every_signal_raises_the_interrupt() {
+        let (i, irqfd) = interrupt();
+        i.signal_used_queue();
+        i.signal_used_queue();
+        assert_eq!(irqfd.read().ok(), Some(2));
+        assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING);
+    }
+
+    #[test]
+    fn a_batch_raises_one_interrupt_at_its_end() {
+        let (i, irqfd) = interrupt();
+        i.begin_batch();
+        i.signal_used_queue();
+        i.signal_used_queue();
+        // The driver sees the status bit at once; the interrupt waits.
+        assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING);
+        assert!(irqfd.read().is_err(), "no interrupt before the batch ends");
+        i.end_batch();
+        assert_eq!(irqfd.read().ok(), Some(1));
+        // A batch without signals raises nothing.
+        i.begin_batch();
+        i.end_batch();
+        assert!(irqfd.read().is_err());
+    }
+
+    #[test]
+    fn a_batch_whose_work_the_driver_already_acknowledged_raises_nothing() {
+        let (i, irqfd) = interrupt();
+        i.begin_batch();
+        i.signal_used_queue();
+        i.ack(VIRTIO_MMIO_INT_VRING);
+        i.end_batch();
+        assert!(
+            irqfd.read().is_err(),
+            "the driver found the work without an interrupt"
+        );
+    }
+
+    #[test]
+    fn needs_reset_is_never_deferred() {
+        let (i, irqfd) = interrupt();
+        i.begin_batch();
+        i.signal_needs_reset();
+        assert_eq!(irqfd.read().ok(), Some(1));
+        assert_eq!(i.status(), VIRTIO_MMIO_INT_CONFIG);
+        i.end_batch();
+    }
+}
