@@ -40,32 +40,6 @@ const QUIET_WINDOW: Duration = Duration::from_secs(3);
 /// A connection to this port of the lifecycle guest makes it reboot (`reboot -f`).
 const REBOOT_PORT: &str = "7000";
 
-fn asset(var: &str) -> PathBuf {
-    match std::env::var_os(var) {
-        Some(p) if Path::new(&p).is_file() => PathBuf::from(p),
-        Some(p) => panic!("{var}={} is not a file", PathBuf::from(p).display()),
-        None => panic!(
-            "{var} is not set: these tests boot real guests and run inside the test VM; use \
-             integration/testvm/run with the env from integration/testvm/assets --print-env"
-        ),
-    }
-}
-
-/// The real VMM, built by cargo into the same directory as the agent.
-fn real_vmm() -> PathBuf {
-    let vmm = Path::new(AGENT)
-        .parent()
-        .expect("the agent binary has a directory")
-        .join("thvc-vmm");
-    assert!(
-        vmm.is_file(),
-        "{} is missing: build it into the same target directory (cargo build -p thvc-vmm, \
-         or cargo test --workspace --no-run)",
-        vmm.display()
-    );
-    vmm
-}
-
 /// An ext4 image at `image` whose /sbin/init is `init` under a static busybox, with the
 /// power button handler acpid runs.
 fn root_image(work: &Path, image: &Path, init: &str) {

@@ -35,6 +35,35 @@ pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     );
 }
 
+/// The file named by the environment variable `var` (a guest asset such as
+/// `THVC_GUEST_VMLINUX`), or a failure saying how to get it: real guests boot only inside
+/// the test VM, whose runner sets these variables.
+pub fn asset(var: &str) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(p) if Path::new(&p).is_file() => PathBuf::from(p),
+        Some(p) => panic!("{var}={} is not a file", PathBuf::from(p).display()),
+        None => panic!(
+            "{var} is not set: real guests boot only inside the test VM; use \
+             integration/testvm/run with the env from integration/testvm/assets --print-env"
+        ),
+    }
+}
+
+/// The real VMM, built by cargo into the same directory as the agent.
+pub fn real_vmm() -> PathBuf {
+    let vmm = Path::new(AGENT)
+        .parent()
+        .expect("the agent binary has a directory")
+        .join("thvc-vmm");
+    assert!(
+        vmm.is_file(),
+        "{} is missing: build it into the same target directory (cargo build -p thvc-vmm, \
+         or cargo test --workspace --no-run; --release for the benchmarks)",
+        vmm.display()
+    );
+    vmm
+}
+
 /// A private dbus-daemon listening on a socket in its own directory.
 pub struct TestBus {
     pub dir: tempfile::TempDir,
