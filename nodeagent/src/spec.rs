@@ -361,6 +361,9 @@ pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
         format!("file:{}", params.console_log.display()),
         "--api-socket".to_owned(),
         params.api_socket.display().to_string(),
+        // The agent shares the VMM's group, not its user: under systemd the VMM runs as
+        // thvc-vm and the agent has no right to override file permissions.
+        "--api-socket-group".to_owned(),
     ];
     if let Some(initrd) = &spec.initrd {
         args.push("--initrd".to_owned());

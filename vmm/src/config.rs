@@ -62,6 +62,8 @@ pub enum ConfigError {
     KvmFd(i64),
     #[error("api socket path must not be empty")]
     ApiSocketEmpty,
+    #[error("api socket group access was asked for, but there is no api socket")]
+    ApiSocketGroupWithoutSocket,
 }
 
 /// Interrupt lines 5..=20 go to virtio devices, one each.
@@ -359,6 +361,10 @@ pub struct Cli {
     /// Serve the control API on this Unix socket (created mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Let the VMM's group use the API socket too (mode 0660): for a supervisor that shares
+    /// the VMM's group but not its user and has no right to override file permissions.
+    #[arg(long)]
+    pub api_socket_group: bool,
     /// Seccomp filters: on, off (debugging only) or log (log instead of kill) [default: on].
     #[arg(long, value_name = "MODE")]
     pub seccomp: Option<String>,
@@ -387,6 +393,7 @@ pub struct FileConfig {
     pub nets: Option<Vec<NetConfig>>,
     pub rng: Option<bool>,
     pub api_socket: Option<PathBuf>,
+    pub api_socket_group: Option<bool>,
     pub seccomp: Option<String>,
     pub kvm_fd: Option<i64>,
     pub user: Option<String>,
@@ -422,6 +429,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub rng: bool,
     pub api_socket: Option<PathBuf>,
+    /// The API socket is mode 0660 instead of 0600.
+    pub api_socket_group: bool,
     pub sandbox: SandboxConfig,
 }
 
@@ -535,6 +544,10 @@ impl VmConfig {
         {
             return Err(ConfigError::ApiSocketEmpty);
         }
+        let api_socket_group = cli.api_socket_group || file.api_socket_group.unwrap_or(false);
+        if api_socket_group && api_socket.is_none() {
+            return Err(ConfigError::ApiSocketGroupWithoutSocket);
+        }
         let seccomp = match cli.seccomp.or(file.seccomp) {
             Some(s) => s.parse()?,
             None => SeccompMode::default(),
@@ -561,6 +574,7 @@ impl VmConfig {
             nets,
             rng,
             api_socket,
+            api_socket_group,
             sandbox: SandboxConfig {
                 seccomp,
                 kvm_fd,
@@ -776,14 +790,16 @@ mod tests {
         assert_eq!(cfg.sandbox, SandboxConfig::default());
         assert_eq!(cfg.sandbox.seccomp, SeccompMode::On, "on by default");
         assert_eq!(cfg.api_socket, None);
+        assert!(!cfg.api_socket_group);
         let file = FileConfig::parse(
-            r#"{"kernel": "/k", "api_socket": "/run/vm.sock", "seccomp": "log",
-                "kvm_fd": 7, "user": "1000:1001"}"#,
+            r#"{"kernel": "/k", "api_socket": "/run/vm.sock", "api_socket_group": true,
+                "seccomp": "log", "kvm_fd": 7, "user": "1000:1001"}"#,
             Path::new("c.json"),
         )
         .expect("valid file");
         let cfg = VmConfig::merge(cli(&["--seccomp", "off"]), file, HOST_MIB).expect("valid");
         assert_eq!(cfg.api_socket, Some(PathBuf::from("/run/vm.sock")));
+        assert!(cfg.api_socket_group);
         assert_eq!(
             cfg.sandbox.seccomp,
             SeccompMode::Off,
@@ -807,6 +823,7 @@ mod tests {
                 .to_string()
         };
         assert!(bad(&["--kernel", "k", "--seccomp", "maybe"]).contains("invalid seccomp"));
+        assert!(bad(&["--kernel", "k", "--api-socket-group"]).contains("no api socket"));
         for user in [
             "1000",
             "0:0",

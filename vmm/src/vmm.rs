@@ -200,7 +200,11 @@ struct Resources {
 impl Resources {
     fn acquire(config: &VmConfig) -> Result<Resources, VmmError> {
         // The API socket first, so that a supervisor can connect as early as possible.
-        let api = config.api_socket.as_deref().map(api::bind).transpose()?;
+        let api = config
+            .api_socket
+            .as_deref()
+            .map(|path| api::bind(path, config.api_socket_group))
+            .transpose()?;
         let kvm = sandbox::open_kvm(config.sandbox.kvm_fd)?;
         let kernel = boot::open_kernel(&config.kernel)?;
         let initrd = config

@@ -38,6 +38,10 @@ fn main() {
     let mut disks = Vec::new();
     let mut nets = Vec::new();
     while let Some(a) = args.next() {
+        if a == "--api-socket-group" {
+            // The real VMM makes its socket 0660; the fake one's follows the umask.
+            continue;
+        }
         let takes_value = [
             "--kernel",
             "--initrd",

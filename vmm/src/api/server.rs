@@ -116,10 +116,13 @@ fn remove_stale_socket(path: &Path) -> Result<(), ApiError> {
 /// Binds the API socket with mode 0600. Must be called while the process is single-threaded:
 /// the mode comes from the umask during bind(), so the socket is never reachable by others,
 /// not even briefly (chmod after bind would race, and fchmod does not apply to sockets).
-pub fn bind(path: &Path) -> Result<ApiListener, ApiError> {
+pub fn bind(path: &Path, group_access: bool) -> Result<ApiListener, ApiError> {
     remove_stale_socket(path)?;
+    // The mode comes from the umask at bind time (no window with a wider mode): 0600, or
+    // 0660 with group access.
+    let mask = if group_access { 0o117 } else { 0o177 };
     // SAFETY: umask only swaps the process's file mode mask.
-    let old = unsafe { libc::umask(0o177) };
+    let old = unsafe { libc::umask(mask) };
     let bound = UnixListener::bind(path);
     // SAFETY: as above, restoring it.
     unsafe { libc::umask(old) };
@@ -553,7 +556,7 @@ mod tests {
     /// Serves `Mock` on a fresh socket; returns its path and the handler.
     fn serve(name: &str) -> (PathBuf, Arc<Mock>) {
         let path = temp_dir(name).join("api.sock");
-        let listener = bind(&path).expect("bind");
+        let listener = bind(&path, false).expect("bind");
         let mock = Arc::new(Mock::default());
         let handler: Arc<dyn ApiHandler> = mock.clone();
         let epoll = Epoll::new().expect("epoll");
@@ -607,26 +610,40 @@ mod tests {
     fn socket_is_private_and_stale_sockets_are_replaced() {
         let dir = temp_dir("bind");
         let path = dir.join("api.sock");
-        let listener = bind(&path).expect("bind");
+        let listener = bind(&path, false).expect("bind");
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
 
-        let err = bind(&path).err().expect("in use");
+        let err = bind(&path, false).err().expect("in use");
         assert!(matches!(err, ApiError::InUse { .. }), "{err}");
         drop(listener); // leaves the socket file behind, like a crashed VMM
         assert!(path.exists());
-        let _again = bind(&path).expect("stale socket replaced");
+        let _again = bind(&path, false).expect("stale socket replaced");
 
         let file = dir.join("not-a-socket");
         std::fs::write(&file, b"precious").expect("write");
-        let err = bind(&file).err().expect("not a socket");
+        let err = bind(&file, false).err().expect("not a socket");
         assert!(matches!(err, ApiError::NotASocket { .. }), "{err}");
         assert_eq!(std::fs::read(&file).expect("kept"), b"precious");
 
-        let err = bind(&dir.join("missing-dir").join("api.sock"))
+        let err = bind(&dir.join("missing-dir").join("api.sock"), false)
             .err()
             .expect("no dir");
         assert!(err.to_string().contains("cannot bind"), "{err}");
+
+        // Group access: 0660, and the process's umask is left as it was.
+        // SAFETY: reading the umask means setting it; it is put back at once.
+        let before = unsafe { libc::umask(0o022) };
+        unsafe { libc::umask(before) };
+        let shared = dir.join("shared.sock");
+        let _shared = bind(&shared, true).expect("bind with group access");
+        let mode = std::fs::metadata(&shared)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o660, "mode {mode:o}");
+        let after = unsafe { libc::umask(before) };
+        assert_eq!(after, before, "umask restored");
     }
 
     #[test]
