@@ -208,13 +208,7 @@ fn main() {
          integration/bench/agent-start.sh"
     );
     let vmm = real_vmm();
-    // The PVH ELF kernel: a bzImage costs ~40 s of decompression under TCG.
-    let kernel = asset("THVC_GUEST_VMLINUX");
-    let initramfs = asset("THVC_GUEST_INITRAMFS");
-    let dirs = NodeDirs::new();
-    std::fs::copy(&kernel, dirs.state().join("images/vmlinuz")).expect("copy the kernel");
-    std::fs::copy(&initramfs, dirs.state().join("images/guest.cpio.gz"))
-        .expect("copy the initramfs");
+    let dirs = node_dirs_with_guest_images();
     let bus = TestBus::start();
     let root = dirs.root.path().to_path_buf();
     let agent_log = root.join("agent.log");

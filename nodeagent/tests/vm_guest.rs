@@ -131,13 +131,7 @@ impl GuestNode {
         require_tool("unshare", "util-linux");
         require_tool("nsenter", "util-linux");
         let vmm = real_vmm();
-        // The PVH ELF kernel: the bzImage costs ~40 s of decompression under TCG.
-        let kernel = asset("THVC_GUEST_VMLINUX");
-        let initramfs = asset("THVC_GUEST_INITRAMFS");
-        let dirs = NodeDirs::new();
-        std::fs::copy(&kernel, dirs.state().join("images/vmlinuz")).expect("copy kernel");
-        std::fs::copy(&initramfs, dirs.state().join("images/guest.cpio.gz"))
-            .expect("copy initramfs");
+        let dirs = node_dirs_with_guest_images();
         root_image(dirs.root.path(), &dirs.state().join("disks/root.img"), init);
         let bus = TestBus::start();
         let agent_log = dirs.root.path().join("agent.log");

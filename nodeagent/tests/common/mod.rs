@@ -64,6 +64,19 @@ pub fn real_vmm() -> PathBuf {
     vmm
 }
 
+/// Node directories whose image store holds the test guest (from the test VM's assets):
+/// Debian's PVH ELF kernel as `vmlinuz` (a bzImage costs ~40 s of decompression under
+/// TCG) and the test initramfs as `guest.cpio.gz`.
+pub fn node_dirs_with_guest_images() -> NodeDirs {
+    let kernel = asset("THVC_GUEST_VMLINUX");
+    let initramfs = asset("THVC_GUEST_INITRAMFS");
+    let dirs = NodeDirs::new();
+    std::fs::copy(&kernel, dirs.state().join("images/vmlinuz")).expect("copy the kernel");
+    std::fs::copy(&initramfs, dirs.state().join("images/guest.cpio.gz"))
+        .expect("copy the initramfs");
+    dirs
+}
+
 /// A private dbus-daemon listening on a socket in its own directory.
 pub struct TestBus {
     pub dir: tempfile::TempDir,
