@@ -31,11 +31,13 @@ use crate::devices::ged::{Ged, PowerButton, GED_MMIO_SIZE};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT};
 use crate::devices::metrics::DeviceRegistry;
 use crate::devices::serial::{SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
-use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::mmio::{MmioTransport, REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::registers::RegisterPage;
 use crate::devices::virtio::tap::TapError;
 use crate::devices::virtio::worker::{self, WorkerControl};
 use crate::devices::virtio::{
     block, net, rng, type_name, DeviceCounters, DeviceInfo, Interrupt, QueueHandler,
+    VIRTIO_MMIO_INT_VRING,
 };
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
@@ -91,6 +93,8 @@ pub enum VmmError {
 
 /// First interrupt line for virtio devices (4 is COM1).
 const VIRTIO_FIRST_GSI: u32 = 5;
+/// First KVM memory slot for virtio register pages (guest RAM takes the slots below).
+const FIRST_DEVICE_SLOT: u32 = 16;
 
 /// A virtio device opened but not yet wired: name, transport description, worker half,
 /// counters.
@@ -172,7 +176,32 @@ fn virtio_devices(
             worker_filter.cloned(),
         )
         .map_err(setup)?;
-        let transport = MmioTransport::new(info, mem.clone(), Interrupt::new(irqfd), control);
+        // The register window as memory the guest reads without exits (see
+        // devices/virtio/registers); writes still exit to the transport.
+        let registers = Arc::new(RegisterPage::new().map_err(setup)?);
+        // SAFETY: the page is kept by the transport and the interrupt, which live on the MMIO
+        // bus and in the worker for as long as the VM.
+        unsafe {
+            vm.map_readonly(
+                FIRST_DEVICE_SLOT + i as u32,
+                base,
+                registers.host_address(),
+                RegisterPage::SIZE as u64,
+            )
+        }?;
+        // The driver acknowledges the used-buffer interrupt (value 1) on every interrupt;
+        // the bit is sticky (see `Interrupt`), so that write only needs to end in the kernel.
+        // Other acknowledgements (configuration change) still reach the transport.
+        let ack_sink = EventFd::new(EFD_NONBLOCK).map_err(setup)?;
+        vm.fd()
+            .register_ioevent(
+                &ack_sink,
+                &IoEventAddress::Mmio(base + REG_INTERRUPT_ACK),
+                VIRTIO_MMIO_INT_VRING,
+            )
+            .map_err(kvm)?;
+        let interrupt = Interrupt::new(registers, irqfd);
+        let transport = MmioTransport::new(info, mem.clone(), interrupt, control, Some(ack_sink));
         mmio_bus.insert(
             base,
             layout::VIRTIO_MMIO_SIZE,

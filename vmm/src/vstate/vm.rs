@@ -1,7 +1,7 @@
 //! The KVM VM: opened /dev/kvm, in-kernel IOAPIC/LAPIC/PIT, guest memory registered as slots.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -23,9 +23,10 @@ pub enum VmError {
 }
 
 /// Capabilities without which the VMM cannot work; checked up front for a clear error.
-const REQUIRED_CAPS: [Cap; 6] = [
+const REQUIRED_CAPS: [Cap; 7] = [
     Cap::Irqchip,
     Cap::UserMemory,
+    Cap::ReadonlyMem,
     Cap::SetTssAddr,
     Cap::Irqfd,
     Cap::Ioeventfd,
@@ -107,5 +108,31 @@ impl Vm {
             })?;
         }
         Ok(())
+    }
+
+    /// Maps `size` bytes at `host_addr` read-only into the guest at `guest_addr` as memory
+    /// slot `slot`: guest reads are served from it, guest writes exit as MMIO.
+    ///
+    /// # Safety
+    /// The mapping must stay valid for as long as the VM runs.
+    pub unsafe fn map_readonly(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        host_addr: u64,
+        size: u64,
+    ) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+            flags: KVM_MEM_READONLY,
+        };
+        // SAFETY: the caller keeps the mapping alive.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
+            what: "map a device register page",
+            source,
+        })
     }
 }

@@ -1,10 +1,15 @@
 //! The virtio-mmio transport (version 2, "modern"): the register window the driver programs,
 //! feature negotiation, queue setup and the device status state machine.
+//!
+//! The driver reads the registers from the device's `RegisterPage`, mapped read-only into the
+//! guest (no exit); its writes exit to `write`, which updates the state and re-publishes the
+//! readable registers into the page before the vCPU continues.
 
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::WorkerControl;
 use super::*;
@@ -27,9 +32,9 @@ const REG_QUEUE_NUM_MAX: u64 = 0x034;
 const REG_QUEUE_NUM: u64 = 0x038;
 const REG_QUEUE_READY: u64 = 0x044;
 pub const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
+pub const REG_INTERRUPT_STATUS: u64 = 0x060;
+pub const REG_INTERRUPT_ACK: u64 = 0x064;
+pub const REG_STATUS: u64 = 0x070;
 const REG_QUEUE_DESC_LOW: u64 = 0x080;
 const REG_QUEUE_DESC_HIGH: u64 = 0x084;
 const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
@@ -100,6 +105,8 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     queues: Vec<QueueConfig>,
     interrupt: Interrupt,
+    /// What the driver reads (shared with `interrupt`, mapped into the guest).
+    registers: Arc<RegisterPage>,
     worker: Arc<WorkerControl>,
     status: u8,
     device_features_sel: u32,
@@ -110,6 +117,9 @@ pub struct MmioTransport {
     broken: bool,
     /// Guest-caused warnings still to log: a hostile driver must not flood the host's logs.
     warnings_left: u32,
+    /// The ioeventfd that takes the driver's used-buffer acknowledgements in the kernel;
+    /// never read (see `Interrupt`), kept for as long as KVM writes to it.
+    _ack_sink: Option<EventFd>,
 }
 
 const GUEST_WARNINGS: u32 = 16;
@@ -120,17 +130,25 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         interrupt: Interrupt,
         worker: Arc<WorkerControl>,
+        ack_sink: Option<EventFd>,
     ) -> Self {
         let queues = info
             .queue_max_sizes
             .iter()
             .map(|max| QueueConfig::new(*max))
             .collect();
-        MmioTransport {
+        let registers = interrupt.registers().clone();
+        let end = (CONFIG_SPACE as usize + info.config_space.len()).min(RegisterPage::SIZE);
+        registers.write_bytes(
+            CONFIG_SPACE as usize,
+            &info.config_space[..end - CONFIG_SPACE as usize],
+        );
+        let transport = MmioTransport {
             info,
             mem,
             queues,
             interrupt,
+            registers,
             worker,
             status: 0,
             device_features_sel: 0,
@@ -139,7 +157,10 @@ impl MmioTransport {
             queue_sel: 0,
             broken: false,
             warnings_left: GUEST_WARNINGS,
-        }
+            _ack_sink: ack_sink,
+        };
+        transport.publish();
+        transport
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
@@ -152,33 +173,35 @@ impl MmioTransport {
             && self.status & (DEVICE_STATUS_DRIVER_OK | DEVICE_STATUS_FAILED) == 0
     }
 
-    fn read_reg(&self, offset: u64) -> u32 {
-        match offset {
-            REG_MAGIC => MAGIC_VALUE,
-            REG_VERSION => MMIO_VERSION,
-            REG_DEVICE_ID => self.info.device_type,
-            REG_VENDOR_ID => VENDOR_ID,
-            REG_DEVICE_FEATURES => match self.device_features_sel {
+    /// Writes every register the driver may read whose value depends on the transport's
+    /// state into the page. InterruptStatus belongs to `interrupt`; the config space is fixed.
+    fn publish(&self) {
+        let r = &self.registers;
+        r.store(REG_MAGIC, MAGIC_VALUE);
+        r.store(REG_VERSION, MMIO_VERSION);
+        r.store(REG_DEVICE_ID, self.info.device_type);
+        r.store(REG_VENDOR_ID, VENDOR_ID);
+        r.store(
+            REG_DEVICE_FEATURES,
+            match self.device_features_sel {
                 0 => self.info.features as u32,
                 1 => (self.info.features >> 32) as u32,
                 _ => 0,
             },
-            REG_QUEUE_NUM_MAX => self
-                .queues
-                .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.max_size)),
-            REG_QUEUE_READY => self
-                .queues
-                .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.ready)),
-            REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => u32::from(self.status | self.interrupt.needs_reset_bits()),
-            REG_CONFIG_GENERATION => 0,
-            _ => {
-                tracing::debug!("{}: read of unknown register {offset:#x}", self.name());
-                0
-            }
-        }
+        );
+        let selected = self.queues.get(self.queue_sel as usize);
+        r.store(
+            REG_QUEUE_NUM_MAX,
+            selected.map_or(0, |q| u32::from(q.max_size)),
+        );
+        r.store(REG_QUEUE_READY, selected.map_or(0, |q| u32::from(q.ready)));
+        // DEVICE_NEEDS_RESET is the worker's (it may set it concurrently); the rest is ours.
+        r.store_masked(
+            REG_STATUS,
+            !u32::from(DEVICE_STATUS_NEEDS_RESET),
+            u32::from(self.status),
+        );
+        r.store(REG_CONFIG_GENERATION, 0);
     }
 
     fn write_reg(&mut self, offset: u64, value: u32) {
@@ -329,28 +352,15 @@ impl MmioTransport {
         self.driver_features = 0;
         self.queue_sel = 0;
         self.interrupt.clear();
+        self.registers.store(REG_STATUS, 0);
     }
 }
 
 impl BusDevice for MmioTransport {
+    /// Reads normally come straight from the page in the guest; this serves them the same
+    /// way when they exit anyway (e.g. an access KVM must emulate).
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= CONFIG_SPACE {
-            let start = (offset - CONFIG_SPACE) as usize;
-            for (i, byte) in data.iter_mut().enumerate() {
-                *byte = start
-                    .checked_add(i)
-                    .and_then(|at| self.info.config_space.get(at))
-                    .copied()
-                    .unwrap_or(0);
-            }
-            return;
-        }
-        // Registers are 32 bits wide and must be accessed as such.
-        if data.len() == 4 && offset.is_multiple_of(4) {
-            data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
-        } else {
-            data.fill(0);
-        }
+        self.registers.read(offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -358,9 +368,11 @@ impl BusDevice for MmioTransport {
             tracing::debug!("{}: config space is read-only", self.name());
             return;
         }
+        // Registers are 32 bits wide and must be written as such.
         if let (4, true) = (data.len(), offset.is_multiple_of(4)) {
             let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             self.write_reg(offset, value);
+            self.publish();
         }
     }
 }
@@ -369,8 +381,6 @@ impl BusDevice for MmioTransport {
 mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
-
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::devices::virtio::testing::{memory, AVAIL_RING, DESC_TABLE, USED_RING};
@@ -408,7 +418,8 @@ mod tests {
             None,
         )
         .expect("worker");
-        let interrupt = Interrupt::new(Arc::new(EventFd::new(0).expect("irq")));
+        let registers = Arc::new(RegisterPage::new().expect("register page"));
+        let interrupt = Interrupt::new(registers, Arc::new(EventFd::new(0).expect("irq")));
         let info = DeviceInfo {
             device_type: TYPE_BLOCK,
             queue_max_sizes: vec![16],
@@ -416,7 +427,7 @@ mod tests {
             config_space: vec![1, 2, 3, 4, 5, 6, 7, 8],
         };
         (
-            MmioTransport::new(info, memory(), interrupt.clone(), control),
+            MmioTransport::new(info, memory(), interrupt.clone(), control, None),
             rx,
             interrupt,
         )
@@ -481,9 +492,18 @@ mod tests {
         let mut cfg = [0u8; 4];
         t.read(CONFIG_SPACE + 6, &mut cfg);
         assert_eq!(cfg, [7, 8, 0, 0], "reads past the config space see zeroes");
-        let mut odd = [0xffu8; 2];
-        t.read(REG_MAGIC, &mut odd);
-        assert_eq!(odd, [0, 0], "registers only answer 32-bit reads");
+        let mut odd = [0u8; 2];
+        t.read(REG_MAGIC + 1, &mut odd);
+        assert_eq!(
+            odd,
+            [b'i', b'r'],
+            "reads see the page: any width, any alignment"
+        );
+        // What the guest reads is the page KVM maps into it, not a trap handler.
+        let page = t.registers.clone();
+        wr(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(page.load(REG_QUEUE_NUM_MAX), 16);
+        assert_eq!(page.load(CONFIG_SPACE), 0x0403_0201);
     }
 
     #[test]

@@ -1,29 +1,37 @@
 //! Virtio 1.x devices on the virtio-mmio transport.
 //!
 //! ```text
-//! vCPU thread ── MMIO register access ──> MmioTransport (feature/queue setup, status)
+//! driver reads ── register page, mapped read-only (no exit) <── publish ──┐
+//! driver writes ── MMIO exit ──> vCPU thread: MmioTransport (features, queues, status)
 //!                                            │ activate / reset (control eventfd)
 //! guest kick ── ioeventfd ──> worker thread ─┴─> QueueHandler (blk, net, rng) ── irqfd ──> guest
+//! interrupt ACK ── ioeventfd (absorbed in the kernel)
 //! ```
 //!
 //! Queue notifications reach the device's worker thread through ioeventfds without a VM exit
-//! to userspace, and interrupts go back through irqfds; the vCPU threads only see register
-//! accesses during setup. Worker threads are started with the VM (none are created later), so
-//! they can be sandboxed like every other thread.
+//! to userspace, and interrupts go back through irqfds. The driver reads every register from
+//! a page KVM maps read-only into the guest (`registers`), so an interrupt costs it no exit
+//! to the VMM at all: the status read is a memory load and the acknowledgement ends in an
+//! ioeventfd. The vCPU threads only see register writes during setup. Worker threads are
+//! started with the VM (none are created later), so they can be sandboxed like every other
+//! thread.
 
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod registers;
 pub mod rng;
 pub mod tap;
 pub mod worker;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use registers::RegisterPage;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
@@ -43,38 +51,47 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 
-/// The device's interrupt: the interrupt status register the driver reads, and the irqfd that
-/// raises the guest interrupt. Also carries the "needs reset" flag a worker sets when the
-/// driver broke the device.
+/// The device's interrupt: the InterruptStatus register the driver reads (in the device's
+/// register page) and the irqfd that raises the guest interrupt. The worker also sets
+/// DEVICE_NEEDS_RESET in the page's Status register through it when the driver broke the
+/// device.
+///
+/// The used-buffer bit is sticky: once set it stays set until the device is reset. The
+/// driver acknowledges it on every interrupt, and that write is absorbed in the kernel by an
+/// ioeventfd (no exit to the VMM), so the device never learns of it; the driver then finds
+/// the bit on every interrupt of this device's exclusive line and looks at its rings, which
+/// is what each interrupt is for. Other bits (configuration change) are acknowledged normally.
 ///
 /// Used-buffer interrupts can be coalesced: between `begin_batch` and `end_batch` (the worker
 /// brackets everything it does in one wakeup with them) the status bit is set at once but
 /// the irqfd is written only once, at the end. A virtio-mmio device has one interrupt line
-/// for all its queues, and each interrupt costs the guest two register accesses that exit
-/// to the VMM (status read, ACK write), so a NIC's TX completions and received frames of
-/// the same wakeup share one.
+/// for all its queues, so a NIC's TX completions and received frames of the same wakeup
+/// share one interrupt.
 #[derive(Clone)]
 pub struct Interrupt {
-    status: Arc<AtomicU32>,
-    needs_reset: Arc<AtomicU8>,
+    registers: Arc<RegisterPage>,
     irqfd: Arc<EventFd>,
     batching: Arc<AtomicBool>,
     deferred: Arc<AtomicBool>,
 }
 
 impl Interrupt {
-    pub fn new(irqfd: Arc<EventFd>) -> Self {
+    pub fn new(registers: Arc<RegisterPage>, irqfd: Arc<EventFd>) -> Self {
         Interrupt {
-            status: Arc::new(AtomicU32::new(0)),
-            needs_reset: Arc::new(AtomicU8::new(0)),
+            registers,
             irqfd,
             batching: Arc::new(AtomicBool::new(false)),
             deferred: Arc::new(AtomicBool::new(false)),
         }
     }
 
+    /// The register page this interrupt's status lives in.
+    pub fn registers(&self) -> &Arc<RegisterPage> {
+        &self.registers
+    }
+
     fn raise(&self, bit: u32) {
-        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.registers.fetch_or(mmio::REG_INTERRUPT_STATUS, bit);
         self.trigger();
     }
 
@@ -88,8 +105,8 @@ impl Interrupt {
     /// is open).
     pub fn signal_used_queue(&self) {
         if self.batching.load(Ordering::SeqCst) {
-            self.status
-                .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+            self.registers
+                .fetch_or(mmio::REG_INTERRUPT_STATUS, VIRTIO_MMIO_INT_VRING);
             self.deferred.store(true, Ordering::SeqCst);
         } else {
             self.raise(VIRTIO_MMIO_INT_VRING);
@@ -101,11 +118,10 @@ impl Interrupt {
         self.batching.store(true, Ordering::SeqCst);
     }
 
-    /// Raises the interrupt deferred since `begin_batch`, if any, unless the driver has
-    /// meanwhile read and acknowledged everything (it would find nothing to do).
+    /// Raises the interrupt deferred since `begin_batch`, if any.
     pub fn end_batch(&self) {
         self.batching.store(false, Ordering::SeqCst);
-        if self.deferred.swap(false, Ordering::SeqCst) && self.status() != 0 {
+        if self.deferred.swap(false, Ordering::SeqCst) {
             self.trigger();
         }
     }
@@ -113,26 +129,23 @@ impl Interrupt {
     /// The driver broke the device (e.g. rings outside guest memory): DEVICE_NEEDS_RESET plus
     /// a configuration-change interrupt, as the virtio spec asks.
     pub fn signal_needs_reset(&self) {
-        self.needs_reset
-            .store(DEVICE_STATUS_NEEDS_RESET, Ordering::SeqCst);
+        self.registers
+            .fetch_or(mmio::REG_STATUS, u32::from(DEVICE_STATUS_NEEDS_RESET));
         self.raise(VIRTIO_MMIO_INT_CONFIG);
     }
 
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        self.registers.load(mmio::REG_INTERRUPT_STATUS)
     }
 
+    /// The driver's acknowledgement of `bits`; the used-buffer bit stays (see above).
     pub fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
-    }
-
-    fn needs_reset_bits(&self) -> u8 {
-        self.needs_reset.load(Ordering::SeqCst)
+        self.registers
+            .fetch_and(mmio::REG_INTERRUPT_STATUS, !(bits & !VIRTIO_MMIO_INT_VRING));
     }
 
     fn clear(&self) {
-        self.status.store(0, Ordering::SeqCst);
-        self.needs_reset.store(0, Ordering::SeqCst);
+        self.registers.store(mmio::REG_INTERRUPT_STATUS, 0);
         self.deferred.store(false, Ordering::SeqCst);
     }
 }
@@ -285,7 +298,8 @@ mod interrupt_tests {
 
     fn interrupt() -> (Interrupt, Arc<EventFd>) {
         let irqfd = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
-        (Interrupt::new(irqfd.clone()), irqfd)
+        let registers = Arc::new(RegisterPage::new().expect("register page"));
+        (Interrupt::new(registers, irqfd.clone()), irqfd)
     }
 
     #[test]
@@ -315,16 +329,16 @@ mod interrupt_tests {
     }
 
     #[test]
-    fn a_batch_whose_work_the_driver_already_acknowledged_raises_nothing() {
+    fn the_used_buffer_bit_outlives_the_ack_the_config_bit_does_not() {
         let (i, irqfd) = interrupt();
-        i.begin_batch();
+        i.signal_needs_reset();
         i.signal_used_queue();
-        i.ack(VIRTIO_MMIO_INT_VRING);
-        i.end_batch();
-        assert!(
-            irqfd.read().is_err(),
-            "the driver found the work without an interrupt"
-        );
+        assert_eq!(irqfd.read().ok(), Some(2));
+        assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        i.ack(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING);
+        i.clear();
+        assert_eq!(i.status(), 0, "a reset clears it");
     }
 
     #[test]
@@ -334,6 +348,10 @@ mod interrupt_tests {
         i.signal_needs_reset();
         assert_eq!(irqfd.read().ok(), Some(1));
         assert_eq!(i.status(), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(
+            i.registers().load(mmio::REG_STATUS),
+            u32::from(DEVICE_STATUS_NEEDS_RESET)
+        );
         i.end_batch();
     }
 }

@@ -7,6 +7,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::registers::RegisterPage;
 use super::{Activation, Interrupt};
 
 pub const VRING_DESC_F_NEXT: u16 = 1;
@@ -71,7 +72,10 @@ impl TestRing {
                 mem: self.mem.clone(),
                 queues,
                 acked_features: features,
-                interrupt: Interrupt::new(std::sync::Arc::new(irq_clone)),
+                interrupt: Interrupt::new(
+                    std::sync::Arc::new(RegisterPage::new().expect("register page")),
+                    std::sync::Arc::new(irq_clone),
+                ),
             },
             irq,
         )
