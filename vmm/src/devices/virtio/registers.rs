@@ -2,8 +2,8 @@
 //! read-only into the guest at the window's address.
 //!
 //! Every register read of the driver is then an ordinary memory load: no VM exit. That
-//! matters most for InterruptStatus, which the driver reads on every interrupt; under nested
-//! virtualization an exit to userspace costs more than the rest of the interrupt together.
+//! matters most for InterruptStatus, which the driver reads on every interrupt: a trapped
+//! read is a round trip out of KVM_RUN to the vCPU thread and back, per interrupt.
 //! Writes to a read-only slot still exit, so the transport sees every write and re-publishes
 //! the registers it affects before the vCPU runs again (QueueSel, then QueueNumMax, is
 //! consistent). The worker thread sets interrupt and needs-reset bits here directly.
@@ -125,8 +125,9 @@ impl RegisterPage {
 
 impl Drop for RegisterPage {
     fn drop(&mut self) {
-        // SAFETY: our own mapping, unmapped once. KVM no longer uses it: the VM (and its
-        // memory slot) goes away before the devices.
+        // SAFETY: our own mapping, unmapped once. The devices live as long as the VM; should
+        // a vCPU still run, KVM's MMU notifier drops its mapping of the page with ours, and
+        // the guest's next access fails KVM_RUN instead of reading freed memory.
         unsafe { libc::munmap(self.base.as_ptr().cast(), Self::SIZE) };
     }
 }
