@@ -197,6 +197,44 @@ class Receiver:
         return self.result[1]
 
 
+def stuck_report(pid):
+    """Why a guest that timed out is silent: each VMM thread's state and where it waits, and
+    the VM's KVM counters over 3 s. Tells a VMM that hangs in user space (a vCPU thread not in
+    the KVM_RUN ioctl) from a guest that halted and waits for an interrupt that never comes
+    (halt_exits flat, vCPU threads asleep in KVM_RUN) from one that runs in a loop (exits
+    climbing)."""
+    lines = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as e:
+        return f"no threads to report: {e}"
+    for tid in tids:
+        fields = {}
+        for name in ("comm", "wchan", "syscall"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                    fields[name] = f.read().strip()
+            except OSError:
+                fields[name] = "?"
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "?"
+        syscall = fields["syscall"].split()[0] if fields["syscall"] != "?" else "?"
+        lines.append(f"  thread {tid} {fields['comm']}: state {state}, wchan {fields['wchan']}, "
+                     f"syscall {syscall}")
+    before = kvm_stats(pid)
+    time.sleep(3)
+    after = kvm_stats(pid)
+    if before and after:
+        lines.append("  KVM counters over 3 s: " + ", ".join(
+            f"{k} +{after[k] - before[k]}" for k in before if k in after))
+    else:
+        lines.append("  no KVM counters (debugfs)")
+    return "\n".join(lines)
+
+
 def run_guest(cmd, timeout, receiver):
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -204,12 +242,16 @@ def run_guest(cmd, timeout, receiver):
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        # Say how far the guest got: a timeout without its console explains nothing.
+        # Say how far the guest got and what the VMM and KVM are doing: a timeout without
+        # its console explains nothing.
+        report = stuck_report(proc.pid)
         proc.kill()
         stdout, stderr = proc.communicate()
+        # The report last: the caller prints only the end of the message.
         raise RuntimeError(f"{cmd[0]} timed out after {timeout:.0f} s; console:\n"
-                           f"{stdout.decode(errors='replace')[-3000:]}\n"
-                           f"{stderr.decode(errors='replace')[-2000:]}") from None
+                           f"{stdout.decode(errors='replace')[-1500:]}\n"
+                           f"{stderr.decode(errors='replace')[-1000:]}\n"
+                           f"state when it timed out:\n{report}") from None
     out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     console = out.stdout.decode(errors="replace")
     lines = {l.split(" ", 1)[0]: l.split(" ", 1)[1] for l in console.splitlines()
