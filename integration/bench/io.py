@@ -232,7 +232,49 @@ def stuck_report(pid):
             f"{k} +{after[k] - before[k]}" for k in before if k in after))
     else:
         lines.append("  no KVM counters (debugfs)")
+    lines.append(exit_trace(tids))
     return "\n".join(lines)
+
+
+TRACEFS = "/sys/kernel/tracing"
+
+
+def exit_trace(tids, seconds=1.0):
+    """The most frequent exits and page faults of threads `tids` over `seconds` (the
+    kvm:kvm_exit and kvm:kvm_page_fault tracepoints): where a guest that makes KVM exit in a
+    loop is stuck (exit reason, guest RIP, faulting guest-physical address)."""
+    events = ("kvm/kvm_exit", "kvm/kvm_page_fault")
+    if not os.path.isdir(os.path.join(TRACEFS, "events/kvm")):
+        subprocess.run(["mount", "-t", "tracefs", "tracefs", TRACEFS], stderr=subprocess.DEVNULL)
+
+    def put(path, text):
+        with open(os.path.join(TRACEFS, path), "w") as f:
+            f.write(text)
+
+    try:
+        put("trace", "")
+        for event in events:
+            put(f"events/{event}/filter", " || ".join(f"common_pid == {t}" for t in tids))
+            put(f"events/{event}/enable", "1")
+        time.sleep(seconds)
+        for event in events:
+            put(f"events/{event}/enable", "0")
+            put(f"events/{event}/filter", "0")
+        with open(os.path.join(TRACEFS, "trace")) as f:
+            text = f.read()
+        put("trace", "")
+    except OSError as e:
+        return f"  no exit trace: {e}"
+    counts = {}
+    for line in text.splitlines():
+        m = re.search(r"(kvm_exit|kvm_page_fault): (.*)", line)
+        if m:
+            key = f"{m.group(1)}: {m.group(2)}"
+            counts[key] = counts.get(key, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:8]
+    return (f"  exits and page faults in {seconds:.0f} s (most frequent):\n" +
+            "\n".join(f"    {n:6d} x {what}" for what, n in top) if top
+            else "  no exits or page faults traced")
 
 
 def run_guest(cmd, timeout, receiver):
@@ -319,6 +361,8 @@ def main():
                 "-device", f"virtio-net-device,netdev=n0,mac={mac}"]
 
     results = {"thvc-vmm": [], "qemu-microvm": []}
+    # The same results by round: the two guests of a round ran back to back.
+    by_round = [{} for _ in range(args.rounds)]
     failures = {name: 0 for name in results}
     try:
         for r in range(args.rounds):
@@ -349,6 +393,7 @@ def main():
                           flush=True)
                     continue
                 results[name].append((write, read, net))
+                by_round[r][name] = (write, read, net)
                 print(f"round {r + 1} {name:13s} blk write {write:8.1f} MB/s  read {read:8.1f} MB/s"
                       f"  net guest->host {net:8.1f} MB/s", flush=True)
     finally:
@@ -367,6 +412,14 @@ def main():
     print(f"ratio thvc/qemu: blk write {t[0] / q[0]:.2f}x, blk read {t[1] / q[1]:.2f}x, "
           f"net {t[2] / q[2]:.2f}x ({args.rounds} rounds, {args.cpus} vCPUs, {args.memory} MiB; "
           f"failed rounds: {failures})")
+    # The host's speed drifts over minutes here (other work on the machine, the nested
+    # setup); a round's two guests ran back to back, so their ratio drifts less. Both kinds
+    # of ratio are printed; they should agree.
+    pairs = [(x["thvc-vmm"], x["qemu-microvm"]) for x in by_round if len(x) == 2]
+    if pairs:
+        paired = [statistics.median(a[i] / b[i] for a, b in pairs) for i in range(3)]
+        print(f"median of per-round ratios ({len(pairs)} complete rounds): blk write "
+              f"{paired[0]:.2f}x, blk read {paired[1]:.2f}x, net {paired[2]:.2f}x")
 
 
 if __name__ == "__main__":
