@@ -253,13 +253,16 @@ def exit_trace(tids, seconds=1.0):
 
     try:
         put("trace", "")
-        for event in events:
-            put(f"events/{event}/filter", " || ".join(f"common_pid == {t}" for t in tids))
-            put(f"events/{event}/enable", "1")
-        time.sleep(seconds)
-        for event in events:
-            put(f"events/{event}/enable", "0")
-            put(f"events/{event}/filter", "0")
+        try:
+            for event in events:
+                put(f"events/{event}/filter", " || ".join(f"common_pid == {t}" for t in tids))
+                put(f"events/{event}/enable", "1")
+            time.sleep(seconds)
+        finally:
+            # Tracing left on would slow every later guest of the run.
+            for event in events:
+                put(f"events/{event}/enable", "0")
+                put(f"events/{event}/filter", "0")
         with open(os.path.join(TRACEFS, "trace")) as f:
             text = f.read()
         put("trace", "")
