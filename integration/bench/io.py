@@ -104,7 +104,16 @@ def kvm_stats(pid):
     return None
 
 
-TRACE_EVENT = "/sys/kernel/tracing/events/kvm/kvm_exit"
+TRACEFS = "/sys/kernel/tracing"
+TRACE_EVENT = os.path.join(TRACEFS, "events/kvm/kvm_exit")
+
+
+def mount_tracefs():
+    """Mounts tracefs unless its kvm events are already there (the test VM starts without)."""
+    if not os.path.isdir(os.path.join(TRACEFS, "events/kvm")):
+        subprocess.run(["mount", "-t", "tracefs", "tracefs", TRACEFS], stderr=subprocess.DEVNULL)
+
+
 # SVM exit codes (the test VM's CPU is AMD): what each kind of exit is.
 SVM_EXITS = {0x60: "intr", 0x61: "nmi", 0x64: "vintr", 0x72: "cpuid", 0x78: "hlt", 0x7b: "ioio",
              0x7c: "msr", 0x81: "vmmcall", 0x400: "npf(mmio)", 0x401: "avic_ipi",
@@ -236,16 +245,12 @@ def stuck_report(pid):
     return "\n".join(lines)
 
 
-TRACEFS = "/sys/kernel/tracing"
-
-
 def exit_trace(tids, seconds=1.0):
     """The most frequent exits and page faults of threads `tids` over `seconds` (the
     kvm:kvm_exit and kvm:kvm_page_fault tracepoints): where a guest that makes KVM exit in a
     loop is stuck (exit reason, guest RIP, faulting guest-physical address)."""
     events = ("kvm/kvm_exit", "kvm/kvm_page_fault")
-    if not os.path.isdir(os.path.join(TRACEFS, "events/kvm")):
-        subprocess.run(["mount", "-t", "tracefs", "tracefs", TRACEFS], stderr=subprocess.DEVNULL)
+    mount_tracefs()
 
     def put(path, text):
         with open(os.path.join(TRACEFS, path), "w") as f:
@@ -331,9 +336,7 @@ def main():
         subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"],
                        stderr=subprocess.DEVNULL)
     if args.exit_reasons:
-        if not os.path.isdir(TRACE_EVENT):
-            subprocess.run(["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"],
-                           stderr=subprocess.DEVNULL)
+        mount_tracefs()
         if not os.path.isdir(TRACE_EVENT):
             sys.exit("io.py: --exit-reasons needs tracefs with the kvm:kvm_exit event")
     subprocess.run(["ip", "link", "del", BRIDGE], stderr=subprocess.DEVNULL)
@@ -363,10 +366,10 @@ def main():
                 "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
                 "-device", f"virtio-net-device,netdev=n0,mac={mac}"]
 
-    results = {"thvc-vmm": [], "qemu-microvm": []}
-    # The same results by round: the two guests of a round ran back to back.
+    names = ("thvc-vmm", "qemu-microvm")
+    # Results by round (the two guests of a round ran back to back), VMM name -> rates.
     by_round = [{} for _ in range(args.rounds)]
-    failures = {name: 0 for name in results}
+    failures = {name: 0 for name in names}
     try:
         for r in range(args.rounds):
             order = [("thvc-vmm", thvc), ("qemu-microvm", qemu)]
@@ -395,7 +398,6 @@ def main():
                     print(f"round {r + 1} {name:13s} FAILED: {str(e)[-3000:] or type(e).__name__}",
                           flush=True)
                     continue
-                results[name].append((write, read, net))
                 by_round[r][name] = (write, read, net)
                 print(f"round {r + 1} {name:13s} blk write {write:8.1f} MB/s  read {read:8.1f} MB/s"
                       f"  net guest->host {net:8.1f} MB/s", flush=True)
@@ -404,6 +406,7 @@ def main():
         subprocess.run(["ip", "link", "del", BRIDGE], stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
 
+    results = {n: [x[n] for x in by_round if n in x] for n in names}
     if not all(results.values()):
         sys.exit(f"io.py: no successful round for some VMM: failures {failures}")
     med = {n: [statistics.median(x[i] for x in v) for i in range(3)] for n, v in results.items()}
