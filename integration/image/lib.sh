@@ -86,6 +86,14 @@ node_stop() {
     qemu_pid=
 }
 
+# node_alive: QEMU still runs and the node's kernel has not panicked (the console says so;
+# a panicked kernel without panic= hangs with QEMU still running). Every wait on the node
+# asks this, so a dead node ends the wait at once instead of at its deadline.
+node_alive() {
+    [ -n "${qemu_pid:-}" ] && kill -0 "$qemu_pid" 2>/dev/null &&
+        ! grep -qa 'Kernel panic - not syncing' "$work/console.log" 2>/dev/null
+}
+
 # wait_console PATTERN TIMEOUT: until the console shows PATTERN (extended regex);
 # fails when QEMU exits or the time is up.
 wait_console() {
