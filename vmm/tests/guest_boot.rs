@@ -93,6 +93,27 @@ fn sigterm_stops_the_vm_cleanly() {
     assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
 }
 
+/// A guest test that times out says what the VMM's threads and KVM were doing (nested
+/// guests freeze now and then under TCG; the report tells a VMM hang from a halted or
+/// looping guest). Checked here on a live, idle guest.
+#[test]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+fn a_silent_guest_is_reported_with_its_vmm_threads_and_kvm_counters() {
+    let mut guest = Guest::boot("hang", &[]);
+    guest.wait_for("THVC-ACTION=hang");
+    let report = stuck_report(guest.child.id());
+    let _ = guest.child.kill();
+    assert!(
+        report.contains("thread ") && report.contains(" vcpu0: state "),
+        "no vCPU thread in the report:\n{report}"
+    );
+    assert!(
+        report.contains("KVM counters over 3 s: exits +"),
+        "no KVM counters in the report:\n{report}"
+    );
+    println!("{report}");
+}
+
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn boots_an_uncompressed_elf_vmlinux() {

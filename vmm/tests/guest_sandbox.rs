@@ -233,7 +233,11 @@ fn started_as_root_it_drops_to_the_given_user() {
         .unwrap_or_default()
         .contains("THVC-ACTION=hang")
     {
-        assert!(std::time::Instant::now() < deadline, "guest did not boot");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest did not boot; {}",
+            common::stuck_report(guest.child.id())
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let pid = guest.child.id();

@@ -114,9 +114,10 @@ impl Guest {
                 Ok(line) => self.seen.push(line),
                 Err(mpsc::RecvTimeoutError::Disconnected) => self.console_closed(what),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let report = stuck_report(self.child.id());
                     let _ = self.child.kill();
                     panic!(
-                        "no console line with {what} within {BOOT_TIMEOUT:?}; console:\n{}",
+                        "no console line with {what} within {BOOT_TIMEOUT:?}; {report}\nconsole:\n{}",
                         self.seen.join("\n")
                     );
                 }
@@ -147,9 +148,10 @@ impl Guest {
         match self.try_wait_for(prefix, limit) {
             Some(rest) => rest,
             None => {
+                let report = stuck_report(self.child.id());
                 let _ = self.child.kill();
                 panic!(
-                    "no console line with {prefix:?} within {limit:?}; console:\n{}",
+                    "no console line with {prefix:?} within {limit:?}; {report}\nconsole:\n{}",
                     self.seen.join("\n")
                 );
             }
@@ -208,9 +210,10 @@ impl Guest {
                 break status;
             }
             if Instant::now() > deadline {
+                let report = stuck_report(self.child.id());
                 let _ = self.child.kill();
                 panic!(
-                    "thvc-vmm still running after {BOOT_TIMEOUT:?}; console:\n{}",
+                    "thvc-vmm still running after {BOOT_TIMEOUT:?}; {report}\nconsole:\n{}",
                     self.seen.join("\n")
                 );
             }
@@ -223,6 +226,95 @@ impl Guest {
         let stderr = self.stderr.join().unwrap_or_default();
         (status, self.seen.join("\n"), stderr)
     }
+}
+
+/// Why a guest went silent, as seen from outside (like integration/bench/io.py's report):
+/// each VMM thread's state, wait channel and system call, and the VM's KVM counters over
+/// 3 s. Tells a VMM that hangs in user space (a vCPU thread outside KVM_RUN, syscall 16)
+/// from a halted guest that waits for an interrupt (vCPUs asleep in kvm_vcpu_block, few
+/// exits) from one that loops inside KVM (exits climbing, no mmio_exits): nested KVM under
+/// TCG freezes guests of every VMM now and then, and this says which kind a freeze was.
+pub fn stuck_report(pid: u32) -> String {
+    use std::fmt::Write;
+    let mut out = String::from("what the VMM and KVM were doing:");
+    let tasks = format!("/proc/{pid}/task");
+    let mut tids: Vec<u32> = match std::fs::read_dir(&tasks) {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(e) => return format!("{out} no threads ({e})"),
+    };
+    tids.sort_unstable();
+    for tid in tids {
+        let read = |name: &str| {
+            std::fs::read_to_string(format!("{tasks}/{tid}/{name}"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".to_string())
+        };
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?");
+        let syscall = read("syscall");
+        let syscall = syscall.split_whitespace().next().unwrap_or("?");
+        let _ = write!(
+            out,
+            "\n  thread {tid} {}: state {state}, wchan {}, syscall {syscall}",
+            read("comm"),
+            read("wchan")
+        );
+    }
+    let before = kvm_counters(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    match (before, kvm_counters(pid)) {
+        (Some(before), Some(after)) => {
+            out.push_str("\n  KVM counters over 3 s:");
+            for ((name, a), (_, b)) in before.iter().zip(&after) {
+                let _ = write!(out, " {name} +{}", b.saturating_sub(*a));
+            }
+        }
+        _ => out.push_str("\n  no KVM counters (debugfs)"),
+    }
+    out
+}
+
+/// The KVM debugfs counters of process `pid`'s VM (mounts debugfs in the test VM first).
+fn kvm_counters(pid: u32) -> Option<Vec<(&'static str, u64)>> {
+    const NAMES: [&str; 7] = [
+        "exits",
+        "mmio_exits",
+        "io_exits",
+        "halt_exits",
+        "halt_wakeup",
+        "irq_exits",
+        "pf_taken",
+    ];
+    let root = std::path::Path::new("/sys/kernel/debug/kvm");
+    if !root.is_dir() {
+        let _ = Command::new("mount")
+            .args(["-t", "debugfs", "debugfs", "/sys/kernel/debug"])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let prefix = format!("{pid}-");
+    let vm = std::fs::read_dir(root)
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?
+        .path();
+    Some(
+        NAMES
+            .iter()
+            .map(|&name| {
+                let value = std::fs::read_to_string(vm.join(name))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                (name, value)
+            })
+            .collect(),
+    )
 }
 
 pub fn number_after(guest: &mut Guest, prefix: &str) -> u64 {
