@@ -159,7 +159,7 @@ impl Manager {
     #[zbus(out_args("vms"))]
     async fn list_vms(&self) -> Vec<(String, String, OwnedObjectPath)> {
         let mut out = Vec::new();
-        for vm in self.node.list().await {
+        for vm in self.node.list() {
             if let Ok(p) = owned_path(&vm.path) {
                 out.push((vm.name.clone(), vm.state().as_str().to_owned(), p));
             }
@@ -169,7 +169,7 @@ impl Manager {
 
     #[zbus(out_args("path"))]
     async fn get_vm(&self, name: String) -> Result<OwnedObjectPath, BusError> {
-        let vm = self.node.get(&name).await?;
+        let vm = self.node.get(&name)?;
         owned_path(&vm.path)
     }
 

@@ -11,8 +11,21 @@
 //! ```
 //! Concurrency: one `ops` mutex per VM serializes lifecycle operations; the short `status`
 //! mutex guards the observable fields so reads (ListVms, properties) never wait for a slow
-//! Shutdown. The VM table mutex is held across create/delete so 50 concurrent CreateVm calls
-//! see a consistent table and disk.
+//! Shutdown. No call may wait behind another VM's operation, so the locks are taken in one
+//! order and the shared ones are never held while waiting:
+//!
+//! 1. `Vm::ops` (may be held for a whole Shutdown: 60 s and more),
+//! 2. `Vm::spec_write`,
+//! 3. `Node::membership`: serializes changes to the set of VMs (CreateVm, and DeleteVm once
+//!    it holds the VM's locks), so 50 concurrent CreateVm calls see one consistent table,
+//!    set of D-Bus objects and set of files; held for file writes and object registration,
+//!    never while waiting for a VM's operation,
+//! 4. the VM table (`Node::vms`), a plain mutex held only to read or change the map: every
+//!    call (ListVms, GetVm, any call on any VM) looks VMs up through it, so it is never held
+//!    across an `.await`.
+//!
+//! Blocking file work (fsync, canonicalize, directory removal) runs on tokio's blocking
+//! threads ([`blocking`]), not on the few threads that answer the bus.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -222,7 +235,10 @@ pub struct Node {
     stores: Stores,
     runner: Arc<dyn VmRunner>,
     network: Network,
-    vms: Mutex<BTreeMap<String, Arc<Vm>>>,
+    /// Never held across an `.await` (see the module docs).
+    vms: StdMutex<BTreeMap<String, Arc<Vm>>>,
+    /// Serializes changes to the set of VMs (see the module docs).
+    membership: Mutex<()>,
     bus: OnceLock<zbus::Connection>,
     pulls: StdMutex<HashSet<String>>,
     http: reqwest::Client,
@@ -233,6 +249,16 @@ pub struct Node {
 
 fn io(e: impl std::fmt::Display) -> NodeError {
     NodeError::Io(e.to_string())
+}
+
+/// Runs blocking file work (fsync, canonicalize, directory removal) on tokio's blocking
+/// threads: on the runtime's own threads it would stall every other call meanwhile.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| NodeError::Io(format!("blocking file operation did not complete: {e}")))
 }
 
 impl From<NetError> for NodeError {
@@ -290,7 +316,8 @@ impl Node {
             stores,
             runner,
             network,
-            vms: Mutex::new(BTreeMap::new()),
+            vms: StdMutex::new(BTreeMap::new()),
+            membership: Mutex::new(()),
             bus: OnceLock::new(),
             pulls: StdMutex::new(HashSet::new()),
             http,
@@ -326,14 +353,19 @@ impl Node {
 
     // ----- queries -------------------------------------------------------------------------
 
-    pub async fn list(&self) -> Vec<Arc<Vm>> {
-        self.vms.lock().await.values().cloned().collect()
+    /// The VM table, locked for a moment: never hold the guard across an `.await`.
+    fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Vm>>> {
+        // Every change to the map is a single insert or remove: a panic elsewhere while
+        // the lock was held cannot leave it half-changed.
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub async fn get(&self, name: &str) -> Result<Arc<Vm>, NodeError> {
-        self.vms
-            .lock()
-            .await
+    pub fn list(&self) -> Vec<Arc<Vm>> {
+        self.table().values().cloned().collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Vm>, NodeError> {
+        self.table()
             .get(name)
             .cloned()
             .ok_or_else(|| NodeError::NotFound(format!("no VM named {name:?} on this node")))
@@ -414,9 +446,12 @@ impl Node {
         names::validate_vm_name(name).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
         let mut spec = spec::parse(spec_json).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
         spec.fill_macs(&self.cfg.node_name, name);
-        let resolved = spec
-            .resolve(&self.stores)
-            .map_err(|e| NodeError::InvalidSpec(format!("VM {name}: {e}")))?;
+        let resolved = {
+            let (spec, stores) = (spec.clone(), self.stores.clone());
+            blocking(move || spec.resolve(&stores))
+                .await?
+                .map_err(|e| NodeError::InvalidSpec(format!("VM {name}: {e}")))?
+        };
         let host_mib = crate::hostinfo::memory_bytes() >> 20;
         if host_mib > 0 && spec.memory_mib > host_mib {
             return Err(NodeError::InvalidSpec(format!(
@@ -424,44 +459,67 @@ impl Node {
                 spec.memory_mib
             )));
         }
-        let mut vms = self.vms.lock().await;
-        if vms.contains_key(name) {
+        // From here to the table insert, no other VM is created or deleted.
+        let _membership = self.membership.lock().await;
+        if self.table().contains_key(name) {
             return Err(NodeError::AlreadyExists(format!(
                 "a VM named {name:?} already exists on this node"
             )));
         }
         // Two VMs writing one disk corrupts it: refuse writable disks already in use.
-        for other in vms.values() {
-            let other_spec = other.spec();
-            let Ok(other_resolved) = other_spec.resolve(&self.stores) else {
-                continue;
-            };
-            for d in &resolved.disks {
-                if let Some(o) = other_resolved.disks.iter().find(|o| o.path == d.path) {
-                    if !(d.readonly && o.readonly) {
-                        return Err(NodeError::InvalidSpec(format!(
-                            "VM {name}: disk {} is already attached to VM {} (a disk may be shared only read-only)",
-                            d.path.display(),
-                            other.name
-                        )));
+        let others: Vec<(String, VmSpec)> = self
+            .list()
+            .iter()
+            .map(|vm| (vm.name.clone(), vm.spec()))
+            .collect();
+        let stores = self.stores.clone();
+        let disks = resolved.disks;
+        let new = name.to_owned();
+        let conflict = blocking(move || {
+            for (other, other_spec) in others {
+                let Ok(other_resolved) = other_spec.resolve(&stores) else {
+                    continue;
+                };
+                for d in &disks {
+                    if let Some(o) = other_resolved.disks.iter().find(|o| o.path == d.path) {
+                        if !(d.readonly && o.readonly) {
+                            return Some(format!(
+                                "VM {new}: disk {} is already attached to VM {other} (a disk may be shared only read-only)",
+                                d.path.display(),
+                            ));
+                        }
                     }
                 }
             }
+            None
+        })
+        .await?;
+        if let Some(msg) = conflict {
+            return Err(NodeError::InvalidSpec(msg));
         }
         let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
         let file = self.cfg.layout.spec_file(name);
-        fsutil::write_atomic(&file, &data, 0o640).map_err(io)?;
+        // A previous VM of the same name may have left a terminal status behind.
+        let status_file = self.cfg.layout.status_file(name);
+        {
+            let file = file.clone();
+            blocking(move || {
+                fsutil::write_atomic(&file, &data, 0o640)?;
+                let _ = fsutil::remove_durable(&status_file);
+                Ok::<(), fsutil::FsError>(())
+            })
+            .await?
+            .map_err(io)?;
+        }
         let vm = Vm::new(name, spec, VmState::Defined, String::new());
         if let (Some(conn), Some(me)) = (self.bus.get(), self.arc()) {
             if let Err(e) = crate::bus::register_vm(conn, me, vm.clone()).await {
-                let _ = fsutil::remove_durable(&file);
+                let _ = blocking(move || fsutil::remove_durable(&file)).await;
                 return Err(io(format!("registering the D-Bus object of {name}: {e}")));
             }
         }
-        // A previous VM of the same name may have left a terminal status behind.
-        let _ = fsutil::remove_durable(&self.cfg.layout.status_file(name));
-        vms.insert(name.to_owned(), vm.clone());
-        drop(vms);
+        self.table().insert(name.to_owned(), vm.clone());
+        drop(_membership);
         tracing::info!(vm = %name, "created");
         if let Some(conn) = self.bus.get() {
             crate::bus::emit_vm_new(conn, &vm).await;
@@ -470,11 +528,9 @@ impl Node {
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), NodeError> {
-        let mut vms = self.vms.lock().await;
-        let vm = vms
-            .get(name)
-            .cloned()
-            .ok_or_else(|| NodeError::NotFound(format!("no VM named {name:?} on this node")))?;
+        let vm = self.get(name)?;
+        // Wait for the VM's own operations (a Shutdown may take minutes) holding nothing
+        // that other calls need; a VM deleted meanwhile is caught by `ensure_exists`.
         let _ops = vm.ops.lock().await;
         let _w = vm.spec_write.lock().await;
         vm.ensure_exists()?;
@@ -485,18 +541,30 @@ impl Node {
                 state.as_str()
             )));
         }
-        fsutil::remove_durable(&self.cfg.layout.spec_file(name)).map_err(io)?;
+        // Held until the VM's files and object are gone, so a CreateVm of the same name
+        // starts from a clean slate.
+        let _membership = self.membership.lock().await;
+        let spec_file = self.cfg.layout.spec_file(name);
+        blocking(move || fsutil::remove_durable(&spec_file))
+            .await?
+            .map_err(io)?;
         vm.lock().deleted = true;
-        vms.remove(name);
-        drop(vms);
+        self.table().remove(name);
         if let Err(e) = self.runner.forget(name).await {
             tracing::warn!(vm = %name, "cleaning up run state: {e}");
         }
         let log_dir = self.cfg.layout.vm_log_dir(name);
-        if let Err(e) = std::fs::remove_dir_all(&log_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(vm = %name, "removing {}: {e}", log_dir.display());
+        let removed = blocking(move || match std::fs::remove_dir_all(&log_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("removing {}: {e}", log_dir.display()))
             }
+            _ => Ok(()),
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(vm = %name, "{e}"),
+            Err(e) => tracing::warn!(vm = %name, "removing the log directory: {e}"),
         }
         if let Some(conn) = self.bus.get() {
             crate::bus::unregister_vm(conn, &vm).await;
@@ -506,7 +574,7 @@ impl Node {
     }
 
     pub async fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), NodeError> {
-        let vm = self.get(name).await?;
+        let vm = self.get(name)?;
         // Delete holds spec_write while removing the spec file, so this cannot resurrect it.
         let _w = vm.spec_write.lock().await;
         vm.ensure_exists()?;
@@ -526,7 +594,7 @@ impl Node {
     // ----- lifecycle -----------------------------------------------------------------------
 
     pub async fn start(&self, name: &str) -> Result<(), NodeError> {
-        let vm = self.get(name).await?;
+        let vm = self.get(name)?;
         let _ops = vm.ops.lock().await;
         vm.ensure_exists()?;
         let state = vm.state();
@@ -786,7 +854,7 @@ impl Node {
 
     /// Stop (SIGTERM, then SIGKILL) or Shutdown (ACPI power button first).
     pub async fn stop(&self, name: &str, graceful: bool) -> Result<(), NodeError> {
-        let vm = self.get(name).await?;
+        let vm = self.get(name)?;
         let _ops = vm.ops.lock().await;
         vm.ensure_exists()?;
         let state = vm.state();
@@ -849,7 +917,7 @@ impl Node {
     }
 
     async fn pause_resume(&self, name: &str, pause: bool) -> Result<(), NodeError> {
-        let vm = self.get(name).await?;
+        let vm = self.get(name)?;
         let _ops = vm.ops.lock().await;
         vm.ensure_exists()?;
         let (from, to, request) = if pause {
@@ -875,7 +943,7 @@ impl Node {
     }
 
     pub async fn info(&self, name: &str) -> Result<String, NodeError> {
-        let vm = self.get(name).await?;
+        let vm = self.get(name)?;
         if !vm.lock().process {
             return Err(NodeError::InvalidState(format!(
                 "VM {name} is {}; Info needs a running VMM",
@@ -889,7 +957,7 @@ impl Node {
     }
 
     pub async fn read_console(&self, name: &str, offset: u64) -> Result<(Vec<u8>, u64), NodeError> {
-        self.get(name).await?;
+        self.get(name)?;
         let path = self.cfg.layout.console_log(name);
         tokio::task::spawn_blocking(move || console::read(&path, offset))
             .await
@@ -932,7 +1000,8 @@ impl Node {
         names_found.sort_by(|a, b| a.0.cmp(&b.0));
         let mut loaded = Vec::new();
         {
-            let mut vms = self.vms.lock().await;
+            // No CreateVm of the same names meanwhile.
+            let _membership = self.membership.lock().await;
             for (name, spec) in names_found {
                 let vm = Vm::new(&name, spec, VmState::Defined, String::new());
                 if let (Some(conn), Some(me)) = (self.bus.get(), self.arc()) {
@@ -940,7 +1009,7 @@ impl Node {
                         tracing::error!(vm = %name, "registering D-Bus object: {e}");
                     }
                 }
-                vms.insert(name, vm.clone());
+                self.table().insert(name, vm.clone());
                 loaded.push(vm);
             }
         }
@@ -1025,7 +1094,7 @@ impl Node {
         let mut tick = tokio::time::interval(CONSOLE_TRIM_INTERVAL);
         loop {
             tick.tick().await;
-            for vm in self.list().await {
+            for vm in self.list() {
                 if !vm.lock().process {
                     continue;
                 }
