@@ -415,22 +415,44 @@ impl Node {
         self.transition(vm, |_| true, state, reason.into()).await;
     }
 
-    fn persist_terminal(&self, vm: &Vm, state: VmState, reason: &str, operator_stopped: bool) {
+    /// Records a terminal state (durably first, so a client that saw it and a restarted
+    /// agent agree; and a Stop or DeleteVm that waited for it finds the record written),
+    /// then shows it.
+    async fn end_run(
+        &self,
+        vm: &Vm,
+        state: VmState,
+        reason: impl Into<String>,
+        operator_stopped: bool,
+    ) {
+        let reason = reason.into();
+        self.persist_terminal(vm, state, &reason, operator_stopped)
+            .await;
+        self.set_state(vm, state, reason).await;
+    }
+
+    async fn persist_terminal(
+        &self,
+        vm: &Vm,
+        state: VmState,
+        reason: &str,
+        operator_stopped: bool,
+    ) {
         let status = TerminalStatus {
             state,
             reason: reason.to_owned(),
             operator_stopped,
         };
+        let data = serde_json::to_vec(&status).unwrap_or_default();
+        let dir = self.cfg.layout.vm_run_dir(&vm.name);
         let path = self.cfg.layout.status_file(&vm.name);
-        let result =
-            fsutil::create_dir_all(&self.cfg.layout.vm_run_dir(&vm.name), 0o750).and_then(|()| {
-                fsutil::write_atomic(
-                    &path,
-                    &serde_json::to_vec(&status).unwrap_or_default(),
-                    0o640,
-                )
-            });
-        if let Err(e) = result {
+        let result = blocking(move || {
+            fsutil::create_dir_all(&dir, 0o750)
+                .and_then(|()| fsutil::write_atomic(&path, &data, 0o640))
+                .map_err(io)
+        })
+        .await;
+        if let Err(e) = result.and_then(|r| r) {
             tracing::warn!(vm = %vm.name, "cannot record terminal state: {e}");
         }
     }
@@ -584,7 +606,10 @@ impl Node {
         }
         spec.autostart = autostart;
         let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
-        fsutil::write_atomic(&self.cfg.layout.spec_file(name), &data, 0o640).map_err(io)?;
+        let file = self.cfg.layout.spec_file(name);
+        blocking(move || fsutil::write_atomic(&file, &data, 0o640))
+            .await?
+            .map_err(io)?;
         vm.lock().spec = spec;
         self.emit(&vm, &[VmProperty::Autostart, VmProperty::Spec])
             .await;
@@ -612,17 +637,21 @@ impl Node {
     /// Starts the VMM; the caller holds `vm.ops`. Returns once the VM is running (or failed).
     async fn launch_locked(&self, vm: &Arc<Vm>) -> Result<(), NodeError> {
         let spec = vm.spec();
-        let resolved = match spec.resolve(&self.stores) {
+        let resolved = {
+            let (spec, stores) = (spec.clone(), self.stores.clone());
+            blocking(move || spec.resolve(&stores)).await?
+        };
+        let resolved = match resolved {
             Ok(r) => r,
             Err(e) => {
                 let msg = format!("VM {}: {e}", vm.name);
-                self.set_state(vm, VmState::Failed, msg.clone()).await;
-                self.persist_terminal(vm, VmState::Failed, &msg, false);
+                self.end_run(vm, VmState::Failed, msg.clone(), false).await;
                 return Err(NodeError::InvalidSpec(msg));
             }
         };
         // A run in progress has no terminal status.
-        let _ = fsutil::remove_durable(&self.cfg.layout.status_file(&vm.name));
+        let status_file = self.cfg.layout.status_file(&vm.name);
+        let _ = blocking(move || fsutil::remove_durable(&status_file)).await;
         self.set_state(vm, VmState::Starting, "").await;
         let mut taps = Vec::new();
         for (i, nic) in resolved.nics.iter().enumerate() {
@@ -637,8 +666,7 @@ impl Node {
             if let Err(e) = self.network.create_tap(&tap).await {
                 self.delete_taps(&taps).await;
                 let msg = format!("VM {}: {e}", vm.name);
-                self.set_state(vm, VmState::Failed, msg.clone()).await;
-                self.persist_terminal(vm, VmState::Failed, &msg, false);
+                self.end_run(vm, VmState::Failed, msg.clone(), false).await;
                 return Err(NodeError::Network(msg));
             }
             taps.push(tap.name);
@@ -665,8 +693,7 @@ impl Node {
             Err(e) => {
                 self.delete_taps(&taps).await;
                 let msg = e.to_string();
-                self.set_state(vm, VmState::Failed, msg.clone()).await;
-                self.persist_terminal(vm, VmState::Failed, &msg, false);
+                self.end_run(vm, VmState::Failed, msg.clone(), false).await;
                 return Err(NodeError::Vmm(msg));
             }
         };
@@ -773,8 +800,7 @@ impl Node {
                 ExitOutcome::Exited(0) | ExitOutcome::Exited(3) => "stopped".to_owned(),
                 other => format!("stopped ({})", describe_exit(other)),
             };
-            self.set_state(vm, VmState::Stopped, reason.clone()).await;
-            self.persist_terminal(vm, VmState::Stopped, &reason, true);
+            self.end_run(vm, VmState::Stopped, reason, true).await;
             return;
         }
         self.handle_unattended_exit(vm, generation, outcome, reboot_ok)
@@ -793,8 +819,7 @@ impl Node {
         match outcome {
             ExitOutcome::Exited(0) => {
                 let reason = describe_exit(&outcome);
-                self.set_state(vm, VmState::Stopped, reason.clone()).await;
-                self.persist_terminal(vm, VmState::Stopped, &reason, false);
+                self.end_run(vm, VmState::Stopped, reason, false).await;
             }
             ExitOutcome::Exited(3) if reboot_ok => {
                 self.set_state(vm, VmState::Starting, "the guest rebooted; restarting")
@@ -825,29 +850,32 @@ impl Node {
                     REBOOT_WINDOW.as_secs(),
                     self.cfg.layout.console_log(&vm.name).display()
                 );
-                self.set_state(vm, VmState::Failed, reason.clone()).await;
-                self.persist_terminal(vm, VmState::Failed, &reason, false);
+                self.end_run(vm, VmState::Failed, reason, false).await;
             }
             other => {
                 let reason = format!("{} (see {log})", describe_exit(&other));
-                self.set_state(vm, VmState::Failed, reason.clone()).await;
-                self.persist_terminal(vm, VmState::Failed, &reason, false);
+                self.end_run(vm, VmState::Failed, reason, false).await;
             }
         }
     }
 
-    /// Waits until no VMM process of `vm` exists, at most `timeout`.
-    async fn wait_process_gone(&self, vm: &Vm, timeout: Duration) -> bool {
+    /// Waits until the VMM process of `vm` is gone and its end handled (recorded, TAPs
+    /// removed, the state down), at most `timeout`. (The process flag alone drops as the
+    /// exit is noticed: a Stop returning then could still show `stopping`.)
+    async fn wait_run_ended(&self, vm: &Vm, timeout: Duration) -> bool {
+        let ended = || {
+            let st = vm.lock();
+            !st.process && st.state.is_down()
+        };
         let mut rx = vm.state_tx.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if !vm.lock().process {
+            if ended() {
                 return true;
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
-                Ok(Err(_)) => return !vm.lock().process,
-                Err(_) => return !vm.lock().process,
+                Ok(Err(_)) | Err(_) => return ended(),
             }
         }
     }
@@ -871,11 +899,13 @@ impl Node {
         };
         if !has_process {
             // Between a reboot exit and its restart: nothing to stop.
-            self.set_state(&vm, VmState::Stopped, "stopped").await;
-            self.persist_terminal(&vm, VmState::Stopped, "stopped", true);
+            self.end_run(&vm, VmState::Stopped, "stopped", true).await;
             return Ok(());
         }
-        self.set_state(&vm, VmState::Stopping, "").await;
+        // Unless the VMM exited meanwhile: its end (stopped, as asked) must not be
+        // overwritten.
+        self.transition(&vm, |st| st.process, VmState::Stopping, String::new())
+            .await;
         let socket = self.cfg.layout.api_socket(name);
         if graceful {
             if state == VmState::Paused {
@@ -884,7 +914,7 @@ impl Node {
             }
             match vmm_api::call(&socket, Request::Shutdown).await {
                 Ok(_) => {
-                    if self.wait_process_gone(&vm, self.cfg.shutdown_timeout).await {
+                    if self.wait_run_ended(&vm, self.cfg.shutdown_timeout).await {
                         return Ok(());
                     }
                     tracing::warn!(vm = %name, timeout = ?self.cfg.shutdown_timeout, "guest did not power off in time; stopping the VMM");
@@ -895,12 +925,12 @@ impl Node {
             }
         }
         self.runner.terminate(name).await.map_err(io)?;
-        if self.wait_process_gone(&vm, self.cfg.stop_timeout).await {
+        if self.wait_run_ended(&vm, self.cfg.stop_timeout).await {
             return Ok(());
         }
         tracing::warn!(vm = %name, "VMM ignored SIGTERM; killing it");
         self.runner.kill(name).await.map_err(io)?;
-        if self.wait_process_gone(&vm, self.cfg.stop_timeout).await {
+        if self.wait_run_ended(&vm, self.cfg.stop_timeout).await {
             return Ok(());
         }
         Err(NodeError::Io(format!(

@@ -226,17 +226,6 @@ impl VmRunner for DirectRunner {
     }
 
     fn forget<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>> {
-        async move {
-            let dir = self.layout.vm_run_dir(name);
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(RunnerError::Control {
-                    vm: name.to_owned(),
-                    reason: format!("removing {}: {e}", dir.display()),
-                }),
-            }
-        }
-        .boxed()
+        async move { super::remove_run_dir(name, self.layout.vm_run_dir(name)).await }.boxed()
     }
 }

@@ -98,6 +98,22 @@ pub trait VmRunner: Send + Sync {
     fn forget<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>>;
 }
 
+/// Removes a deleted VM's run directory ([`VmRunner::forget`]) on tokio's blocking threads,
+/// not on those that answer the bus.
+async fn remove_run_dir(vm: &str, dir: PathBuf) -> Result<(), RunnerError> {
+    let shown = dir.display().to_string();
+    let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+        _ => Ok(()),
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the removal did not complete: {e}")));
+    removed.map_err(|e| RunnerError::Control {
+        vm: vm.to_owned(),
+        reason: format!("removing {shown}: {e}"),
+    })
+}
+
 /// A human-readable meaning of a VMM exit, for `failed` reasons.
 pub fn describe_exit(outcome: &ExitOutcome) -> String {
     match outcome {

@@ -296,15 +296,7 @@ impl VmRunner for SystemdRunner {
                 .await?
                 .reset_failed_unit(&names::vm_unit_name(name))
                 .await;
-            let dir = self.layout.vm_run_dir(name);
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(RunnerError::Control {
-                    vm: name.to_owned(),
-                    reason: format!("removing {}: {e}", dir.display()),
-                }),
-            }
+            super::remove_run_dir(name, self.layout.vm_run_dir(name)).await
         }
         .boxed()
     }
