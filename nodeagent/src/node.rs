@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{watch, Mutex, Notify};
 
 use crate::console;
 use crate::fsutil;
@@ -153,6 +153,9 @@ struct VmStatus {
     /// Set (under the ops lock) when the VM is deleted: callers that looked it up before
     /// and waited for the lock must not act on it.
     deleted: bool,
+    /// A Shutdown is waiting for the guest to power off; a Stop cuts that wait short
+    /// through `Vm::stop_now` instead of waiting behind it.
+    awaiting_power_off: bool,
 }
 
 pub struct Vm {
@@ -160,8 +163,17 @@ pub struct Vm {
     pub path: String,
     ops: Mutex<()>,
     spec_write: Mutex<()>,
+    /// Wakes a Shutdown waiting for the guest (see `VmStatus::awaiting_power_off`).
+    stop_now: Notify,
     status: StdMutex<VmStatus>,
     state_tx: watch::Sender<VmState>,
+}
+
+/// How a Shutdown's wait for the guest ended.
+enum PowerOff {
+    Done,
+    TimedOut,
+    CutShort,
 }
 
 /// Which VM properties changed, for PropertiesChanged.
@@ -181,6 +193,7 @@ impl Vm {
             path: names::vm_object_path(name),
             ops: Mutex::new(()),
             spec_write: Mutex::new(()),
+            stop_now: Notify::new(),
             status: StdMutex::new(VmStatus {
                 spec,
                 state,
@@ -191,6 +204,7 @@ impl Vm {
                 reboots: VecDeque::new(),
                 taps: Vec::new(),
                 deleted: false,
+                awaiting_power_off: false,
             }),
             state_tx,
         })
@@ -215,6 +229,17 @@ impl Vm {
     }
     pub fn autostart(&self) -> bool {
         self.lock().spec.autostart
+    }
+
+    /// Ends the wait of a Shutdown for the guest, if one waits: it stops the VMM at once.
+    /// True if one waited.
+    fn cut_shutdown_short(&self) -> bool {
+        let st = self.lock();
+        if st.awaiting_power_off {
+            // Under the status lock: the waiting Shutdown is registered for it.
+            self.stop_now.notify_waiters();
+        }
+        st.awaiting_power_off
     }
 
     /// NotFound if the VM was deleted after the caller looked it up.
@@ -880,13 +905,39 @@ impl Node {
         }
     }
 
+    /// A Shutdown's wait for the guest to power off: at most the shutdown timeout, and a
+    /// Stop ends it early ([`Vm::cut_shutdown_short`]).
+    async fn wait_power_off(&self, vm: &Vm) -> PowerOff {
+        let stop_now = vm.stop_now.notified();
+        tokio::pin!(stop_now);
+        // Registered before the flag is set: a Stop that sees the flag reaches this wait.
+        stop_now.as_mut().enable();
+        vm.lock().awaiting_power_off = true;
+        let outcome = tokio::select! {
+            biased;
+            ended = self.wait_run_ended(vm, self.cfg.shutdown_timeout) => {
+                if ended { PowerOff::Done } else { PowerOff::TimedOut }
+            }
+            () = &mut stop_now => PowerOff::CutShort,
+        };
+        vm.lock().awaiting_power_off = false;
+        outcome
+    }
+
     /// Stop (SIGTERM, then SIGKILL) or Shutdown (ACPI power button first).
     pub async fn stop(&self, name: &str, graceful: bool) -> Result<(), NodeError> {
         let vm = self.get(name)?;
+        // A Stop does not queue behind a Shutdown that waits for the guest (60 s by
+        // default): it ends that wait, and the Shutdown stops the VMM right away.
+        let cut_short = !graceful && vm.cut_shutdown_short();
         let _ops = vm.ops.lock().await;
         vm.ensure_exists()?;
         let state = vm.state();
         if state.is_down() {
+            if cut_short {
+                // The Shutdown it cut short stopped the VM, as asked.
+                return Ok(());
+            }
             return Err(NodeError::InvalidState(format!(
                 "VM {name} is {}, not running",
                 state.as_str()
@@ -913,12 +964,15 @@ impl Node {
                 let _ = vmm_api::call(&socket, Request::Resume).await;
             }
             match vmm_api::call(&socket, Request::Shutdown).await {
-                Ok(_) => {
-                    if self.wait_run_ended(&vm, self.cfg.shutdown_timeout).await {
-                        return Ok(());
+                Ok(_) => match self.wait_power_off(&vm).await {
+                    PowerOff::Done => return Ok(()),
+                    PowerOff::TimedOut => {
+                        tracing::warn!(vm = %name, timeout = ?self.cfg.shutdown_timeout, "guest did not power off in time; stopping the VMM");
                     }
-                    tracing::warn!(vm = %name, timeout = ?self.cfg.shutdown_timeout, "guest did not power off in time; stopping the VMM");
-                }
+                    PowerOff::CutShort => {
+                        tracing::info!(vm = %name, "Stop requested during the shutdown; stopping the VMM");
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(vm = %name, "graceful shutdown not possible ({e}); stopping the VMM");
                 }

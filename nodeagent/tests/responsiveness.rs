@@ -1,6 +1,7 @@
 //! No call waits behind another VM's operation (issue #18): while one VM takes its time to
 //! shut down and a DeleteVm of that VM waits for the shutdown, calls about other VMs
-//! (ListVms, GetVm, CreateVm, DeleteVm, Info, Pause/Resume) still answer at once.
+//! (ListVms, GetVm, CreateVm, DeleteVm, Info, Pause/Resume) still answer at once; and a Stop
+//! does not wait behind a graceful Shutdown, it ends it.
 
 mod common;
 
@@ -174,4 +175,70 @@ async fn other_vms_answer_while_one_shuts_down_and_its_delete_waits() {
     assert_eq!(names, ["new0", "new1", "new2", "other"]);
     assert_eq!(other.state().await.unwrap(), "running");
     other.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_a_graceful_shutdown_in_progress() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    // A shutdown timeout far longer than the test may wait.
+    let _agent = Agent::start(
+        &bus,
+        &dirs,
+        &["--shutdown-timeout", "120", "--stop-timeout", "2"],
+    );
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let path = m
+        .create_vm("deaf", &spec_cmdline("fake.ignore_shutdown=1"))
+        .await
+        .unwrap();
+    let deaf = vm(&conn, path.clone()).await;
+    deaf.start().await.unwrap();
+    let vmm = dirs.vmm_process("deaf").expect("VMM recorded");
+    let mut states = StateWatcher::new(&conn, &path).await;
+    let shutdown = {
+        let address = bus.address.clone();
+        let path = path.clone();
+        tokio::spawn(async move {
+            let conn = thvc_nodeagent::client::connect(
+                &thvc_nodeagent::client::BusTarget::Address(address),
+            )
+            .await
+            .expect("own connection");
+            vm(&conn, path)
+                .await
+                .shutdown()
+                .await
+                .map_err(|e| error_name(&e))
+        })
+    };
+    states.wait_for("stopping").await;
+    // Let the Shutdown press the power button and begin its wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(vmm.is_alive(), "the guest ignores the power button");
+
+    let t = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), deaf.stop()).await;
+    let took = t.elapsed();
+    eprintln!(
+        "Stop during a graceful Shutdown answered after {:.1} ms",
+        took.as_secs_f64() * 1000.0
+    );
+    r.expect("Stop does not wait for the Shutdown's timeout")
+        .expect("Stop");
+    assert!(!vmm.is_alive(), "the VMM is gone when Stop returns");
+    assert_eq!(deaf.state().await.unwrap(), "stopped");
+    // The Shutdown it cut short returns too, successfully: the VM is stopped.
+    let r = tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("the Shutdown ends with the Stop")
+        .unwrap();
+    r.expect("Shutdown");
+    // A Stop of a VM that is already stopped is still refused.
+    let e = deaf.stop().await.unwrap_err();
+    assert_eq!(
+        error_name(&e),
+        "de.thueringen.thvc.node1.Error.InvalidState"
+    );
 }
