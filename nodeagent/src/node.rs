@@ -559,13 +559,17 @@ impl Node {
             .map_err(io)?;
         }
         let vm = Vm::new(name, spec, VmState::Defined, String::new());
+        // In the table before its object is on the bus (registering announces it with
+        // InterfacesAdded): a call on the new object finds the VM.
+        self.table().insert(name.to_owned(), vm.clone());
         if let (Some(conn), Some(me)) = (self.bus.get(), self.arc()) {
             if let Err(e) = crate::bus::register_vm(conn, me, vm.clone()).await {
+                vm.lock().deleted = true;
+                self.table().remove(name);
                 let _ = blocking(move || fsutil::remove_durable(&file)).await;
                 return Err(io(format!("registering the D-Bus object of {name}: {e}")));
             }
         }
-        self.table().insert(name.to_owned(), vm.clone());
         drop(_membership);
         tracing::info!(vm = %name, "created");
         if let Some(conn) = self.bus.get() {
@@ -1088,12 +1092,13 @@ impl Node {
             let _membership = self.membership.lock().await;
             for (name, spec) in names_found {
                 let vm = Vm::new(&name, spec, VmState::Defined, String::new());
+                // In the table before its object is announced, as in `create`.
+                self.table().insert(name.clone(), vm.clone());
                 if let (Some(conn), Some(me)) = (self.bus.get(), self.arc()) {
                     if let Err(e) = crate::bus::register_vm(conn, me, vm.clone()).await {
                         tracing::error!(vm = %name, "registering D-Bus object: {e}");
                     }
                 }
-                self.table().insert(name, vm.clone());
                 loaded.push(vm);
             }
         }
