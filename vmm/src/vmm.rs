@@ -30,6 +30,7 @@ use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT};
 use crate::devices::ged::{Ged, PowerButton, GED_MMIO_SIZE};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT};
 use crate::devices::metrics::DeviceRegistry;
+use crate::devices::pci::{PciConfigIo, PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT};
 use crate::devices::serial::{SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
 use crate::devices::virtio::mmio::{MmioTransport, REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::registers::RegisterPage;
@@ -308,6 +309,11 @@ fn legacy_devices(
         ACPI_PM_PORT.into(),
         1,
         Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+    )?;
+    bus.insert(
+        PCI_CONFIG_PORT.into(),
+        PCI_CONFIG_PORT_COUNT.into(),
+        Arc::new(Mutex::new(PciConfigIo::new(exit.clone()))),
     )?;
     Ok((bus, serial))
 }
