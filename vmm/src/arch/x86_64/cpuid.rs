@@ -1,9 +1,15 @@
 //! Per-vCPU CPUID: what KVM supports, with each vCPU's APIC ID and a topology of `n` cores in
 //! one socket, one thread per core, and the hypervisor bit set.
+//!
+//! Hardware virtualization (VMX, SVM) is hidden from every guest, whatever KVM would allow:
+//! a tenant gets no nested virtualization, whose emulation in the host kernel is a large
+//! attack surface; and stock kernels (Linux 6.12) turn it on as soon as udev loads
+//! kvm_intel/kvm_amd for the CPU, in every VM that sees the flag.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 const LEAF_FEATURES: u32 = 0x1;
+const LEAF_AMD_FEATURES: u32 = 0x8000_0001;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
@@ -11,6 +17,10 @@ const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:ECX.VMX
+const ECX_VMX: u32 = 1 << 5;
+/// CPUID.80000001H:ECX.SVM
+const ECX_SVM: u32 = 1 << 2;
 const EDX_HTT: u32 = 1 << 28;
 /// CPUID.0BH level types.
 const LEVEL_TYPE_SMT: u32 = 1;
@@ -35,6 +45,7 @@ pub fn adapt_entry(entry: &mut kvm_cpuid_entry2, vcpu_id: u8, vcpu_count: u8) {
             // [15:8] CLFLUSH line size in quadwords.
             entry.ebx = (apic_id << 24) | (count << 16) | (8 << 8);
             entry.ecx |= ECX_HYPERVISOR;
+            entry.ecx &= !ECX_VMX;
             if count > 1 {
                 entry.edx |= EDX_HTT;
             } else {
@@ -68,6 +79,7 @@ pub fn adapt_entry(entry: &mut kvm_cpuid_entry2, vcpu_id: u8, vcpu_count: u8) {
                 }
             }
         }
+        LEAF_AMD_FEATURES => entry.ecx &= !ECX_SVM,
         LEAF_AMD_SIZE_IDS => {
             // ECX[15:12]: APIC ID size; [7:0]: number of cores - 1.
             entry.ecx = (id_bits(count).max(1) << 12) | (count - 1);
@@ -114,6 +126,19 @@ mod tests {
         single.edx = EDX_HTT;
         adapt_entry(&mut single, 0, 1);
         assert_eq!(single.edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn no_nested_virtualization() {
+        let mut leaf1 = entry(LEAF_FEATURES, 0);
+        leaf1.ecx = ECX_VMX | 1; // SSE3 stays
+        adapt_entry(&mut leaf1, 0, 2);
+        assert_eq!(leaf1.ecx & ECX_VMX, 0);
+        assert_eq!(leaf1.ecx & 1, 1);
+        let mut amd = entry(LEAF_AMD_FEATURES, 0);
+        amd.ecx = ECX_SVM | 1; // LAHF/SAHF stays
+        adapt_entry(&mut amd, 0, 2);
+        assert_eq!(amd.ecx, 1);
     }
 
     #[test]
