@@ -32,13 +32,14 @@ use crate::devices::i8042::{I8042, I8042_DATA_PORT};
 use crate::devices::metrics::DeviceRegistry;
 use crate::devices::pci::{PciConfigIo, PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT};
 use crate::devices::serial::{SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
-use crate::devices::virtio::mmio::{MmioTransport, REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::mmio::{
+    MmioInterrupt, MmioTransport, REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY,
+};
 use crate::devices::virtio::registers::RegisterPage;
 use crate::devices::virtio::tap::TapError;
 use crate::devices::virtio::worker::{self, WorkerControl};
 use crate::devices::virtio::{
-    block, net, rng, type_name, DeviceCounters, DeviceInfo, Interrupt, QueueHandler,
-    VIRTIO_MMIO_INT_VRING,
+    block, net, rng, type_name, DeviceCounters, DeviceInfo, QueueHandler, VIRTIO_MMIO_INT_VRING,
 };
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
@@ -201,7 +202,7 @@ fn virtio_devices(
                 VIRTIO_MMIO_INT_VRING,
             )
             .map_err(kvm)?;
-        let interrupt = Interrupt::new(registers, irqfd);
+        let interrupt = MmioInterrupt::new(registers, irqfd);
         let transport = MmioTransport::new(info, mem.clone(), interrupt, control, Some(ack_sink));
         mmio_bus.insert(
             base,

@@ -531,7 +531,7 @@ impl BlockDevice {
         let Some(queue) = active.queues.first_mut() else {
             return false;
         };
-        serve_queue(queue, &mem, &active.interrupt, |descriptors| {
+        serve_queue(0, queue, &mem, &active.interrupt, |descriptors| {
             self.handle_chain(&mem, descriptors)
         })
     }

@@ -1,5 +1,5 @@
-//! The virtio-mmio transport (version 2, "modern"): the register window the driver programs,
-//! feature negotiation, queue setup and the device status state machine.
+//! The virtio-mmio transport (version 2, "modern"): the register window the driver programs.
+//! Feature negotiation, queues and the status state machine are `transport::VirtioCommon`'s.
 //!
 //! The driver reads the registers from the device's `RegisterPage`, mapped read-only into the
 //! guest (no exit); its writes exit to `write`, which updates the state and re-publishes the
@@ -7,10 +7,11 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::registers::RegisterPage;
+use super::transport::{set_high, set_low, StatusChange, VirtioCommon};
 use super::worker::WorkerControl;
 use super::*;
 use crate::devices::BusDevice;
@@ -44,152 +45,110 @@ const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG_SPACE: u64 = 0x100;
 
-/// A queue as the driver programmed it. Kept as plain register values and only turned into a
-/// `Queue` (with every check) when the driver sets DRIVER_OK.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueConfig {
-    pub max_size: u16,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
+/// The interrupt of a virtio-mmio device: the InterruptStatus register the driver reads (in
+/// the device's register page) and the irqfd of its one line. The worker also sets
+/// DEVICE_NEEDS_RESET in the page's Status register through it when the driver broke the
+/// device.
+///
+/// The used-buffer bit is sticky: once set it stays set until the device is reset. The
+/// driver acknowledges it on every interrupt, and that write is absorbed in the kernel by an
+/// ioeventfd (no exit to the VMM), so the device never learns of it; the driver then finds
+/// the bit on every interrupt of this device's exclusive line and looks at its rings, which
+/// is what each interrupt is for. Other bits (configuration change) are acknowledged normally.
+pub struct MmioInterrupt {
+    registers: Arc<RegisterPage>,
+    irqfd: Arc<EventFd>,
 }
 
-fn set_low(reg: &mut u64, value: u32) {
-    *reg = (*reg & !0xffff_ffff) | u64::from(value);
+impl MmioInterrupt {
+    pub fn new(registers: Arc<RegisterPage>, irqfd: Arc<EventFd>) -> Arc<Self> {
+        Arc::new(MmioInterrupt { registers, irqfd })
+    }
+
+    pub fn status(&self) -> u32 {
+        self.registers.load(REG_INTERRUPT_STATUS)
+    }
+
+    /// The driver's acknowledgement of `bits`; the used-buffer bit stays (see above).
+    pub fn ack(&self, bits: u32) {
+        self.registers
+            .fetch_and(REG_INTERRUPT_STATUS, !(bits & !VIRTIO_MMIO_INT_VRING));
+    }
 }
 
-fn set_high(reg: &mut u64, value: u32) {
-    *reg = (*reg & 0xffff_ffff) | (u64::from(value) << 32);
-}
+impl InterruptTarget for MmioInterrupt {
+    fn queue_used(&self, _queue: usize) -> Option<u16> {
+        self.registers
+            .fetch_or(REG_INTERRUPT_STATUS, VIRTIO_MMIO_INT_VRING);
+        Some(0)
+    }
 
-impl QueueConfig {
-    fn new(max_size: u16) -> Self {
-        QueueConfig {
-            max_size,
-            size: max_size,
-            ..Default::default()
+    fn fire(&self, _trigger: u16) {
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("cannot raise a virtio interrupt: {e}");
         }
     }
 
-    /// A ready-to-use queue, or why the driver's setup is unusable.
-    pub fn build(&self, mem: &GuestMemoryMmap, event_idx: bool) -> Result<Queue, String> {
-        if !self.ready {
-            return Err("not ready".into());
-        }
-        let mut q = Queue::new(self.max_size).map_err(|e| e.to_string())?;
-        q.try_set_size(self.size).map_err(|_| {
-            format!(
-                "size {} is not a power of two up to {}",
-                self.size, self.max_size
-            )
-        })?;
-        q.try_set_desc_table_address(GuestAddress(self.desc_table))
-            .map_err(|_| format!("descriptor table {:#x} is misaligned", self.desc_table))?;
-        q.try_set_avail_ring_address(GuestAddress(self.avail_ring))
-            .map_err(|_| format!("available ring {:#x} is misaligned", self.avail_ring))?;
-        q.try_set_used_ring_address(GuestAddress(self.used_ring))
-            .map_err(|_| format!("used ring {:#x} is misaligned", self.used_ring))?;
-        q.set_event_idx(event_idx);
-        q.set_ready(true);
-        if !q.is_valid(mem) {
-            return Err("rings lie outside guest memory".into());
-        }
-        Ok(q)
+    fn needs_reset(&self) {
+        self.registers
+            .fetch_or(REG_STATUS, u32::from(DEVICE_STATUS_NEEDS_RESET));
+        self.registers
+            .fetch_or(REG_INTERRUPT_STATUS, VIRTIO_MMIO_INT_CONFIG);
+        self.fire(0);
+    }
+
+    fn reset(&self) {
+        self.registers.store(REG_INTERRUPT_STATUS, 0);
+        self.registers.store(REG_STATUS, 0);
     }
 }
 
 pub struct MmioTransport {
-    info: DeviceInfo,
-    mem: GuestMemoryMmap,
-    queues: Vec<QueueConfig>,
-    interrupt: Interrupt,
+    common: VirtioCommon,
+    interrupt: Arc<MmioInterrupt>,
     /// What the driver reads (shared with `interrupt`, mapped into the guest).
     registers: Arc<RegisterPage>,
-    worker: Arc<WorkerControl>,
-    status: u8,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    /// Set when the worker did not let go of the queues on reset; the device is dead then.
-    broken: bool,
-    /// Guest-caused warnings still to log: a hostile driver must not flood the host's logs.
-    warnings_left: u32,
     /// The ioeventfd that takes the driver's used-buffer acknowledgements in the kernel;
-    /// never read (see `Interrupt`), kept for as long as KVM writes to it.
+    /// never read (see `MmioInterrupt`), kept for as long as KVM writes to it.
     _ack_sink: Option<EventFd>,
 }
-
-const GUEST_WARNINGS: u32 = 16;
 
 impl MmioTransport {
     pub fn new(
         info: DeviceInfo,
         mem: GuestMemoryMmap,
-        interrupt: Interrupt,
+        interrupt: Arc<MmioInterrupt>,
         worker: Arc<WorkerControl>,
         ack_sink: Option<EventFd>,
     ) -> Self {
-        let queues = info
-            .queue_max_sizes
-            .iter()
-            .map(|max| QueueConfig::new(*max))
-            .collect();
-        let registers = interrupt.registers().clone();
+        let registers = interrupt.registers.clone();
         let end = (CONFIG_SPACE as usize + info.config_space.len()).min(RegisterPage::SIZE);
         registers.write_bytes(
             CONFIG_SPACE as usize,
             &info.config_space[..end - CONFIG_SPACE as usize],
         );
+        let common = VirtioCommon::new(info, mem, Interrupt::new(interrupt.clone()), worker);
         let transport = MmioTransport {
-            info,
-            mem,
-            queues,
+            common,
             interrupt,
             registers,
-            worker,
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            broken: false,
-            warnings_left: GUEST_WARNINGS,
             _ack_sink: ack_sink,
         };
         transport.publish();
         transport
     }
 
-    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
-        self.queues.get_mut(self.queue_sel as usize)
-    }
-
-    /// Queue registers may only change while the driver sets the device up.
-    fn queue_setup_allowed(&self) -> bool {
-        self.status & DEVICE_STATUS_FEATURES_OK != 0
-            && self.status & (DEVICE_STATUS_DRIVER_OK | DEVICE_STATUS_FAILED) == 0
-    }
-
     /// Writes every register the driver may read whose value depends on the transport's
     /// state into the page. InterruptStatus belongs to `interrupt`; the config space is fixed.
     fn publish(&self) {
         let r = &self.registers;
+        let c = &self.common;
         r.store(REG_MAGIC, MAGIC_VALUE);
         r.store(REG_VERSION, MMIO_VERSION);
-        r.store(REG_DEVICE_ID, self.info.device_type);
+        r.store(REG_DEVICE_ID, c.info.device_type);
         r.store(REG_VENDOR_ID, VENDOR_ID);
-        r.store(
-            REG_DEVICE_FEATURES,
-            match self.device_features_sel {
-                0 => self.info.features as u32,
-                1 => (self.info.features >> 32) as u32,
-                _ => 0,
-            },
-        );
-        let selected = self.queues.get(self.queue_sel as usize);
+        r.store(REG_DEVICE_FEATURES, c.device_features_word());
+        let selected = c.selected_queue();
         r.store(
             REG_QUEUE_NUM_MAX,
             selected.map_or(0, |q| u32::from(q.max_size)),
@@ -199,160 +158,43 @@ impl MmioTransport {
         r.store_masked(
             REG_STATUS,
             !u32::from(DEVICE_STATUS_NEEDS_RESET),
-            u32::from(self.status),
+            u32::from(c.status),
         );
         r.store(REG_CONFIG_GENERATION, 0);
     }
 
     fn write_reg(&mut self, offset: u64, value: u32) {
-        let setup = self.queue_setup_allowed();
+        let c = &mut self.common;
         match offset {
-            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
-            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            REG_DRIVER_FEATURES if self.status & DEVICE_STATUS_FEATURES_OK == 0 => {
-                match self.driver_features_sel {
-                    0 => {
-                        self.driver_features =
-                            (self.driver_features & !0xffff_ffff) | u64::from(value)
-                    }
-                    1 => {
-                        self.driver_features =
-                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                    }
-                    _ => {}
-                }
-            }
-            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_DEVICE_FEATURES_SEL => c.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => c.driver_features_sel = value,
+            REG_DRIVER_FEATURES => c.write_driver_features(value),
+            REG_QUEUE_SEL => c.queue_sel = value,
             // Sizes are checked when the queue is built: a size that is zero, too large or not
             // a power of two makes activation fail cleanly.
-            REG_QUEUE_NUM if setup => self.with_queue(|q| q.size = value.min(0xffff) as u16),
-            REG_QUEUE_READY if setup => self.with_queue(|q| q.ready = value == 1),
-            REG_QUEUE_DESC_LOW if setup => self.with_queue(|q| set_low(&mut q.desc_table, value)),
-            REG_QUEUE_DESC_HIGH if setup => self.with_queue(|q| set_high(&mut q.desc_table, value)),
-            REG_QUEUE_DRIVER_LOW if setup => self.with_queue(|q| set_low(&mut q.avail_ring, value)),
-            REG_QUEUE_DRIVER_HIGH if setup => {
-                self.with_queue(|q| set_high(&mut q.avail_ring, value))
-            }
-            REG_QUEUE_DEVICE_LOW if setup => self.with_queue(|q| set_low(&mut q.used_ring, value)),
-            REG_QUEUE_DEVICE_HIGH if setup => {
-                self.with_queue(|q| set_high(&mut q.used_ring, value))
-            }
+            REG_QUEUE_NUM => c.with_queue(|q| q.size = value.min(0xffff) as u16),
+            REG_QUEUE_READY => c.with_queue(|q| q.ready = value == 1),
+            REG_QUEUE_DESC_LOW => c.with_queue(|q| set_low(&mut q.desc_table, value)),
+            REG_QUEUE_DESC_HIGH => c.with_queue(|q| set_high(&mut q.desc_table, value)),
+            REG_QUEUE_DRIVER_LOW => c.with_queue(|q| set_low(&mut q.avail_ring, value)),
+            REG_QUEUE_DRIVER_HIGH => c.with_queue(|q| set_high(&mut q.avail_ring, value)),
+            REG_QUEUE_DEVICE_LOW => c.with_queue(|q| set_low(&mut q.used_ring, value)),
+            REG_QUEUE_DEVICE_HIGH => c.with_queue(|q| set_high(&mut q.used_ring, value)),
             REG_INTERRUPT_ACK => self.interrupt.ack(value),
-            REG_STATUS => self.write_status(value as u8),
+            REG_STATUS => {
+                if c.write_status(value as u8) == StatusChange::Reset {
+                    self.registers.store(REG_STATUS, 0);
+                }
+            }
             // Notifications arrive through ioeventfds; a write that reaches us here (no
             // ioeventfd match, e.g. an out-of-range queue index) is ignored.
             REG_QUEUE_NOTIFY => {}
             _ => tracing::debug!(
                 "{}: ignored write {value:#x} to register {offset:#x} in status {:#x}",
-                self.name(),
-                self.status
+                c.name(),
+                c.status
             ),
         }
-    }
-
-    fn with_queue(&mut self, f: impl FnOnce(&mut QueueConfig)) {
-        if let Some(q) = self.selected_queue() {
-            f(q);
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        type_name(self.info.device_type)
-    }
-
-    fn write_status(&mut self, status: u8) {
-        if status == 0 {
-            self.reset();
-            return;
-        }
-        if self.broken {
-            return;
-        }
-        let newly = status & !self.status;
-        // The driver may only add bits (spec 2.1.1), except for reset handled above.
-        if status & self.status != self.status {
-            tracing::debug!("{}: driver cleared status bits; ignored", self.name());
-            return;
-        }
-        let mut accepted = status;
-        if newly & DEVICE_STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
-            // Leaving FEATURES_OK unset tells the driver we refuse its feature set.
-            accepted &= !DEVICE_STATUS_FEATURES_OK;
-        }
-        if newly & DEVICE_STATUS_DRIVER_OK != 0 {
-            if accepted & DEVICE_STATUS_FEATURES_OK == 0 {
-                accepted &= !DEVICE_STATUS_DRIVER_OK;
-            } else if let Err(why) = self.activate() {
-                self.guest_warning(&format!("cannot activate: {why}"));
-                self.interrupt.signal_needs_reset();
-                accepted &= !DEVICE_STATUS_DRIVER_OK;
-            }
-        }
-        self.status = accepted;
-    }
-
-    /// Logs something the guest's driver got wrong, a bounded number of times.
-    fn guest_warning(&mut self, what: &str) {
-        if self.warnings_left > 0 {
-            self.warnings_left -= 1;
-            let suffix = if self.warnings_left == 0 {
-                " (further guest errors of this device are not logged)"
-            } else {
-                ""
-            };
-            tracing::warn!("{}: {what}{suffix}", self.name());
-        }
-    }
-
-    fn features_acceptable(&mut self) -> bool {
-        let unknown = self.driver_features & !self.info.features;
-        if unknown != 0 {
-            self.guest_warning(&format!(
-                "driver asked for features {unknown:#x} the device does not offer"
-            ));
-            return false;
-        }
-        self.driver_features & VIRTIO_F_VERSION_1 != 0
-    }
-
-    fn activate(&mut self) -> Result<(), String> {
-        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let queues = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| {
-                q.build(&self.mem, event_idx)
-                    .map_err(|e| format!("queue {i}: {e}"))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        self.worker.activate(Activation {
-            mem: self.mem.clone(),
-            queues,
-            acked_features: self.driver_features,
-            interrupt: self.interrupt.clone(),
-        });
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        if self.status & DEVICE_STATUS_DRIVER_OK != 0 && !self.worker.reset() {
-            tracing::error!(
-                "{}: worker did not stop in time on reset; device disabled",
-                self.name()
-            );
-            self.broken = true;
-        }
-        for q in &mut self.queues {
-            *q = QueueConfig::new(q.max_size);
-        }
-        self.status = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        self.interrupt.clear();
-        self.registers.store(REG_STATUS, 0);
     }
 }
 
@@ -365,7 +207,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
-            tracing::debug!("{}: config space is read-only", self.name());
+            tracing::debug!("{}: config space is read-only", self.common.name());
             return;
         }
         // Registers are 32 bits wide and must be written as such.
@@ -406,7 +248,7 @@ mod tests {
 
     const FEATURES: u64 = VIRTIO_F_VERSION_1 | (1 << 5);
 
-    fn transport() -> (MmioTransport, mpsc::Receiver<String>, Interrupt) {
+    fn transport() -> (MmioTransport, mpsc::Receiver<String>, Arc<MmioInterrupt>) {
         let (tx, rx) = mpsc::channel();
         let control = WorkerControl::new().expect("control");
         let queue_evt = EventFd::new(0).expect("eventfd");
@@ -419,7 +261,7 @@ mod tests {
         )
         .expect("worker");
         let registers = Arc::new(RegisterPage::new().expect("register page"));
-        let interrupt = Interrupt::new(registers, Arc::new(EventFd::new(0).expect("irq")));
+        let interrupt = MmioInterrupt::new(registers, Arc::new(EventFd::new(0).expect("irq")));
         let info = DeviceInfo {
             device_type: TYPE_BLOCK,
             queue_max_sizes: vec![16],
@@ -610,5 +452,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_used_buffer_bit_outlives_the_ack_the_config_bit_does_not() {
+        let irqfd = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).expect("eventfd"));
+        let registers = Arc::new(RegisterPage::new().expect("register page"));
+        let target = MmioInterrupt::new(registers.clone(), irqfd.clone());
+        let i = Interrupt::new(target.clone());
+        i.signal_needs_reset();
+        i.signal_used_queue(1);
+        assert_eq!(irqfd.read().ok(), Some(2), "one line for everything");
+        assert_eq!(
+            target.status(),
+            VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG
+        );
+        assert_eq!(
+            registers.load(REG_STATUS),
+            u32::from(DEVICE_STATUS_NEEDS_RESET)
+        );
+        target.ack(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(target.status(), VIRTIO_MMIO_INT_VRING);
+        i.clear();
+        assert_eq!(target.status(), 0, "a reset clears it");
+        assert_eq!(registers.load(REG_STATUS), 0);
     }
 }

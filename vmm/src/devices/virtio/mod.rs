@@ -22,16 +22,14 @@ pub mod net;
 pub mod registers;
 pub mod rng;
 pub mod tap;
+pub mod transport;
 pub mod worker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
-
-use registers::RegisterPage;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
@@ -51,65 +49,63 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 
-/// The device's interrupt: the InterruptStatus register the driver reads (in the device's
-/// register page) and the irqfd that raises the guest interrupt. The worker also sets
-/// DEVICE_NEEDS_RESET in the page's Status register through it when the driver broke the
-/// device.
-///
-/// The used-buffer bit is sticky: once set it stays set until the device is reset. The
-/// driver acknowledges it on every interrupt, and that write is absorbed in the kernel by an
-/// ioeventfd (no exit to the VMM), so the device never learns of it; the driver then finds
-/// the bit on every interrupt of this device's exclusive line and looks at its rings, which
-/// is what each interrupt is for. Other bits (configuration change) are acknowledged normally.
+/// How a transport tells the driver about used buffers and about a device that needs a reset:
+/// virtio-mmio sets a bit in its InterruptStatus register and raises its one line
+/// (`mmio::MmioInterrupt`); virtio-pci raises the MSI-X vector the driver chose for the queue
+/// (`pci::PciInterrupt`).
+pub trait InterruptTarget: Send + Sync {
+    /// Records that queue `queue` has new used buffers and returns the trigger (interrupt
+    /// line or MSI-X vector, below [`MAX_TRIGGERS`]) that tells the driver; None when the
+    /// driver asked for no interrupt for that queue.
+    fn queue_used(&self, queue: usize) -> Option<u16>;
+    /// Raises `trigger`.
+    fn fire(&self, trigger: u16);
+    /// DEVICE_NEEDS_RESET plus a configuration-change interrupt, as the virtio spec asks.
+    fn needs_reset(&self);
+    /// The driver reset the device: interrupt status and needs-reset are forgotten.
+    fn reset(&self);
+}
+
+/// How many distinct triggers one device may have (its MSI-X table's most entries).
+pub const MAX_TRIGGERS: usize = 128;
+
+/// The device's interrupt as its worker sees it: a transport's [`InterruptTarget`] plus
+/// coalescing.
 ///
 /// Used-buffer interrupts can be coalesced: between `begin_batch` and `end_batch` (the worker
-/// brackets everything it does in one wakeup with them) the status bit is set at once but
-/// the irqfd is written only once, at the end. A virtio-mmio device has one interrupt line
-/// for all its queues, so a NIC's TX completions and received frames of the same wakeup
-/// share one interrupt.
+/// brackets everything it does in one wakeup with them) the transport records the used
+/// buffers at once, but each trigger fires only once, at the end. A virtio-mmio device has one
+/// interrupt line for all its queues, so a NIC's TX completions and received frames of the
+/// same wakeup share one interrupt; with MSI-X each queue's vector fires once per wakeup.
 #[derive(Clone)]
 pub struct Interrupt {
-    registers: Arc<RegisterPage>,
-    irqfd: Arc<EventFd>,
+    target: Arc<dyn InterruptTarget>,
     batching: Arc<AtomicBool>,
-    deferred: Arc<AtomicBool>,
+    /// Triggers to fire at the end of the batch, one bit each.
+    deferred: Arc<[AtomicU64; MAX_TRIGGERS / 64]>,
 }
 
 impl Interrupt {
-    pub fn new(registers: Arc<RegisterPage>, irqfd: Arc<EventFd>) -> Self {
+    pub fn new(target: Arc<dyn InterruptTarget>) -> Self {
         Interrupt {
-            registers,
-            irqfd,
+            target,
             batching: Arc::new(AtomicBool::new(false)),
-            deferred: Arc::new(AtomicBool::new(false)),
+            deferred: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
         }
     }
 
-    /// The register page this interrupt's status lives in.
-    pub fn registers(&self) -> &Arc<RegisterPage> {
-        &self.registers
-    }
-
-    fn raise(&self, bit: u32) {
-        self.registers.fetch_or(mmio::REG_INTERRUPT_STATUS, bit);
-        self.trigger();
-    }
-
-    fn trigger(&self) {
-        if let Err(e) = self.irqfd.write(1) {
-            tracing::warn!("cannot raise a virtio interrupt: {e}");
-        }
-    }
-
-    /// Tells the driver that a queue has new used buffers (at the end of the batch, if one
-    /// is open).
-    pub fn signal_used_queue(&self) {
-        if self.batching.load(Ordering::SeqCst) {
-            self.registers
-                .fetch_or(mmio::REG_INTERRUPT_STATUS, VIRTIO_MMIO_INT_VRING);
-            self.deferred.store(true, Ordering::SeqCst);
-        } else {
-            self.raise(VIRTIO_MMIO_INT_VRING);
+    /// Tells the driver that queue `queue` has new used buffers (at the end of the batch, if
+    /// one is open).
+    pub fn signal_used_queue(&self, queue: usize) {
+        let Some(trigger) = self.target.queue_used(queue) else {
+            return;
+        };
+        let word = usize::from(trigger) / 64;
+        match self.deferred.get(word) {
+            Some(bits) if self.batching.load(Ordering::SeqCst) => {
+                bits.fetch_or(1 << (trigger % 64), Ordering::SeqCst);
+            }
+            _ => self.target.fire(trigger),
         }
     }
 
@@ -118,35 +114,31 @@ impl Interrupt {
         self.batching.store(true, Ordering::SeqCst);
     }
 
-    /// Raises the interrupt deferred since `begin_batch`, if any.
+    /// Raises the interrupts deferred since `begin_batch`, if any.
     pub fn end_batch(&self) {
         self.batching.store(false, Ordering::SeqCst);
-        if self.deferred.swap(false, Ordering::SeqCst) {
-            self.trigger();
+        for (word, bits) in self.deferred.iter().enumerate() {
+            let mut pending = bits.swap(0, Ordering::SeqCst);
+            while pending != 0 {
+                let bit = pending.trailing_zeros();
+                pending &= pending - 1;
+                self.target.fire((word * 64) as u16 + bit as u16);
+            }
         }
     }
 
     /// The driver broke the device (e.g. rings outside guest memory): DEVICE_NEEDS_RESET plus
-    /// a configuration-change interrupt, as the virtio spec asks.
+    /// a configuration-change interrupt, never deferred.
     pub fn signal_needs_reset(&self) {
-        self.registers
-            .fetch_or(mmio::REG_STATUS, u32::from(DEVICE_STATUS_NEEDS_RESET));
-        self.raise(VIRTIO_MMIO_INT_CONFIG);
+        self.target.needs_reset();
     }
 
-    pub fn status(&self) -> u32 {
-        self.registers.load(mmio::REG_INTERRUPT_STATUS)
-    }
-
-    /// The driver's acknowledgement of `bits`; the used-buffer bit stays (see above).
-    pub fn ack(&self, bits: u32) {
-        self.registers
-            .fetch_and(mmio::REG_INTERRUPT_STATUS, !(bits & !VIRTIO_MMIO_INT_VRING));
-    }
-
-    fn clear(&self) {
-        self.registers.store(mmio::REG_INTERRUPT_STATUS, 0);
-        self.deferred.store(false, Ordering::SeqCst);
+    /// The device was reset: nothing is pending any more.
+    pub fn clear(&self) {
+        for bits in self.deferred.iter() {
+            bits.store(0, Ordering::SeqCst);
+        }
+        self.target.reset();
     }
 }
 
@@ -169,10 +161,11 @@ pub fn pop_chain<'a>(queue: &mut Queue, mem: &'a GuestMemoryMmap) -> Popped<'a> 
     }
 }
 
-/// Serves every request available on `queue`: `handle` gets each chain's descriptors and returns
+/// Serves every request available on `queue` (number `index` of its device): `handle` gets each chain's descriptors and returns
 /// the used length. Re-checks after re-enabling notifications (no kick is lost) and interrupts
 /// the driver if it asked for it. Returns false if the driver broke the queue.
 pub fn serve_queue(
+    index: usize,
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
@@ -206,7 +199,7 @@ pub fn serve_queue(
     }
     if used_any {
         match queue.needs_notification(mem) {
-            Ok(true) => interrupt.signal_used_queue(),
+            Ok(true) => interrupt.signal_used_queue(index),
             Ok(false) => {}
             Err(_) => return false,
         }
@@ -294,64 +287,78 @@ pub mod testing;
 #[cfg(test)]
 mod interrupt_tests {
     use super::*;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use std::sync::Mutex;
 
-    fn interrupt() -> (Interrupt, Arc<EventFd>) {
-        let irqfd = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
-        let registers = Arc::new(RegisterPage::new().expect("register page"));
-        (Interrupt::new(registers, irqfd.clone()), irqfd)
+    /// Records what the transport was asked to do; queue 3 has no trigger.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl InterruptTarget for Recorder {
+        fn queue_used(&self, queue: usize) -> Option<u16> {
+            (queue != 3).then_some(queue as u16 * 10)
+        }
+        fn fire(&self, trigger: u16) {
+            self.0.lock().expect("lock").push(format!("fire {trigger}"));
+        }
+        fn needs_reset(&self) {
+            self.0.lock().expect("lock").push("needs reset".into());
+        }
+        fn reset(&self) {
+            self.0.lock().expect("lock").push("reset".into());
+        }
+    }
+
+    fn interrupt() -> (Interrupt, Arc<Recorder>) {
+        let target = Arc::new(Recorder::default());
+        (Interrupt::new(target.clone()), target)
+    }
+
+    fn taken(r: &Recorder) -> Vec<String> {
+        std::mem::take(&mut *r.0.lock().expect("lock"))
     }
 
     #[test]
-    fn outside_a_batch_every_signal_raises_the_interrupt() {
-        let (i, irqfd) = interrupt();
-        i.signal_used_queue();
-        i.signal_used_queue();
-        assert_eq!(irqfd.read().ok(), Some(2));
-        assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING);
+    fn outside_a_batch_every_signal_fires() {
+        let (i, r) = interrupt();
+        i.signal_used_queue(0);
+        i.signal_used_queue(0);
+        i.signal_used_queue(3);
+        assert_eq!(taken(&r), ["fire 0", "fire 0"], "queue 3 has no trigger");
     }
 
     #[test]
-    fn a_batch_raises_one_interrupt_at_its_end() {
-        let (i, irqfd) = interrupt();
+    fn a_batch_fires_each_trigger_once_at_its_end() {
+        let (i, r) = interrupt();
         i.begin_batch();
-        i.signal_used_queue();
-        i.signal_used_queue();
-        // The driver sees the status bit at once; the interrupt waits.
-        assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING);
-        assert!(irqfd.read().is_err(), "no interrupt before the batch ends");
+        i.signal_used_queue(1);
+        i.signal_used_queue(12);
+        i.signal_used_queue(1);
+        assert!(taken(&r).is_empty(), "nothing before the batch ends");
         i.end_batch();
-        assert_eq!(irqfd.read().ok(), Some(1));
-        // A batch without signals raises nothing.
+        assert_eq!(taken(&r), ["fire 10", "fire 120"]);
+        // A batch without signals fires nothing; a trigger past the table is never deferred.
         i.begin_batch();
         i.end_batch();
-        assert!(irqfd.read().is_err());
+        assert!(taken(&r).is_empty());
+        i.begin_batch();
+        i.signal_used_queue(20);
+        assert_eq!(taken(&r), ["fire 200"]);
+        i.end_batch();
     }
 
     #[test]
-    fn the_used_buffer_bit_outlives_the_ack_the_config_bit_does_not() {
-        let (i, irqfd) = interrupt();
+    fn needs_reset_is_never_deferred_and_clear_forgets_the_batch() {
+        let (i, r) = interrupt();
+        i.begin_batch();
+        i.signal_used_queue(0);
         i.signal_needs_reset();
-        i.signal_used_queue();
-        assert_eq!(irqfd.read().ok(), Some(2));
-        assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
-        i.ack(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
-        assert_eq!(i.status(), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(taken(&r), ["needs reset"]);
         i.clear();
-        assert_eq!(i.status(), 0, "a reset clears it");
-    }
-
-    #[test]
-    fn needs_reset_is_never_deferred() {
-        let (i, irqfd) = interrupt();
-        i.begin_batch();
-        i.signal_needs_reset();
-        assert_eq!(irqfd.read().ok(), Some(1));
-        assert_eq!(i.status(), VIRTIO_MMIO_INT_CONFIG);
-        assert_eq!(
-            i.registers().load(mmio::REG_STATUS),
-            u32::from(DEVICE_STATUS_NEEDS_RESET)
-        );
         i.end_batch();
+        assert_eq!(
+            taken(&r),
+            ["reset"],
+            "the deferred interrupt died with the reset"
+        );
     }
 }

@@ -217,7 +217,7 @@ impl NetDevice {
         }
         if used_any {
             match queue.needs_notification(&mem) {
-                Ok(true) => active.interrupt.signal_used_queue(),
+                Ok(true) => active.interrupt.signal_used_queue(RX_QUEUE),
                 Ok(false) => {}
                 Err(_) => return false,
             }
@@ -230,6 +230,7 @@ impl NetDevice {
         let mem = active.mem.clone();
         let (tap, counters) = (&self.tap, &self.counters);
         serve_queue(
+            TX_QUEUE,
             &mut active.queues[TX_QUEUE],
             &mem,
             &active.interrupt,

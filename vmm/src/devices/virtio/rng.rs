@@ -77,7 +77,7 @@ impl RngDevice {
             return false;
         };
         let counters = &self.counters;
-        serve_queue(queue, &mem, &active.interrupt, |descriptors| {
+        serve_queue(0, queue, &mem, &active.interrupt, |descriptors| {
             let n = fill_chain(&mem, descriptors);
             DeviceCounters::add(&counters.requests, 1);
             DeviceCounters::add(&counters.bytes_written, u64::from(n));

@@ -7,6 +7,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::mmio::MmioInterrupt;
 use super::registers::RegisterPage;
 use super::{Activation, Interrupt};
 
@@ -72,10 +73,10 @@ impl TestRing {
                 mem: self.mem.clone(),
                 queues,
                 acked_features: features,
-                interrupt: Interrupt::new(
+                interrupt: Interrupt::new(MmioInterrupt::new(
                     std::sync::Arc::new(RegisterPage::new().expect("register page")),
                     std::sync::Arc::new(irq_clone),
-                ),
+                )),
             },
             irq,
         )

@@ -1,0 +1,285 @@
+//! What every virtio transport shares: feature negotiation, queue setup and the device
+//! status state machine (virtio 1.x, section 2 and 3.1). The transports (`mmio`, `pci`) only
+//! map their registers onto it.
+//!
+//! Everything here is driven by the guest's driver: a value it writes is accepted, refused
+//! by leaving a status bit unset (FEATURES_OK, DRIVER_OK), or ignored; nothing panics, and a
+//! setup the device cannot use makes it need a reset instead of starting it.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::worker::WorkerControl;
+use super::*;
+
+/// A queue as the driver programmed it. Kept as plain register values and only turned into a
+/// `Queue` (with every check) when the driver sets DRIVER_OK.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+/// Replaces the low 32 bits of a 64-bit register.
+pub fn set_low(reg: &mut u64, value: u32) {
+    *reg = (*reg & !0xffff_ffff) | u64::from(value);
+}
+
+/// Replaces the high 32 bits of a 64-bit register.
+pub fn set_high(reg: &mut u64, value: u32) {
+    *reg = (*reg & 0xffff_ffff) | (u64::from(value) << 32);
+}
+
+impl QueueConfig {
+    pub fn new(max_size: u16) -> Self {
+        QueueConfig {
+            max_size,
+            size: max_size,
+            ..Default::default()
+        }
+    }
+
+    /// A ready-to-use queue, or why the driver's setup is unusable.
+    pub fn build(&self, mem: &GuestMemoryMmap, event_idx: bool) -> Result<Queue, String> {
+        if !self.ready {
+            return Err("not ready".into());
+        }
+        let mut q = Queue::new(self.max_size).map_err(|e| e.to_string())?;
+        q.try_set_size(self.size).map_err(|_| {
+            format!(
+                "size {} is not a power of two up to {}",
+                self.size, self.max_size
+            )
+        })?;
+        q.try_set_desc_table_address(GuestAddress(self.desc_table))
+            .map_err(|_| format!("descriptor table {:#x} is misaligned", self.desc_table))?;
+        q.try_set_avail_ring_address(GuestAddress(self.avail_ring))
+            .map_err(|_| format!("available ring {:#x} is misaligned", self.avail_ring))?;
+        q.try_set_used_ring_address(GuestAddress(self.used_ring))
+            .map_err(|_| format!("used ring {:#x} is misaligned", self.used_ring))?;
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        if !q.is_valid(mem) {
+            return Err("rings lie outside guest memory".into());
+        }
+        Ok(q)
+    }
+}
+
+/// Guest-caused warnings logged per device: a hostile driver must not flood the host's logs.
+const GUEST_WARNINGS: u32 = 16;
+
+/// The transport-independent state of one virtio device.
+pub struct VirtioCommon {
+    pub info: DeviceInfo,
+    mem: GuestMemoryMmap,
+    pub queues: Vec<QueueConfig>,
+    interrupt: Interrupt,
+    worker: Arc<WorkerControl>,
+    /// The status the driver set, as far as the device accepted it (DEVICE_NEEDS_RESET is
+    /// the interrupt target's: the worker sets it concurrently).
+    pub status: u8,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    /// Set when the worker did not let go of the queues on reset; the device is dead then.
+    broken: bool,
+    warnings_left: u32,
+}
+
+impl VirtioCommon {
+    pub fn new(
+        info: DeviceInfo,
+        mem: GuestMemoryMmap,
+        interrupt: Interrupt,
+        worker: Arc<WorkerControl>,
+    ) -> Self {
+        let queues = info
+            .queue_max_sizes
+            .iter()
+            .map(|max| QueueConfig::new(*max))
+            .collect();
+        VirtioCommon {
+            info,
+            mem,
+            queues,
+            interrupt,
+            worker,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            broken: false,
+            warnings_left: GUEST_WARNINGS,
+        }
+    }
+
+    /// The 32 bits of the device's features that `device_features_sel` selects.
+    pub fn device_features_word(&self) -> u32 {
+        match self.device_features_sel {
+            0 => self.info.features as u32,
+            1 => (self.info.features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// The 32 bits of the driver's features that `driver_features_sel` selects.
+    pub fn driver_features_word(&self) -> u32 {
+        match self.driver_features_sel {
+            0 => self.driver_features as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// The driver's features, 32 bits at a time; frozen once FEATURES_OK is set.
+    pub fn write_driver_features(&mut self, value: u32) {
+        if self.status & DEVICE_STATUS_FEATURES_OK != 0 {
+            return;
+        }
+        match self.driver_features_sel {
+            0 => set_low(&mut self.driver_features, value),
+            1 => set_high(&mut self.driver_features, value),
+            _ => {}
+        }
+    }
+
+    pub fn selected_queue(&self) -> Option<&QueueConfig> {
+        self.queues.get(self.queue_sel as usize)
+    }
+
+    /// Queue registers may only change while the driver sets the device up.
+    pub fn queue_setup_allowed(&self) -> bool {
+        self.status & DEVICE_STATUS_FEATURES_OK != 0
+            && self.status & (DEVICE_STATUS_DRIVER_OK | DEVICE_STATUS_FAILED) == 0
+    }
+
+    /// Changes the selected queue's configuration, if the driver may change it now.
+    pub fn with_queue(&mut self, f: impl FnOnce(&mut QueueConfig)) {
+        if !self.queue_setup_allowed() {
+            return;
+        }
+        if let Some(q) = self.queues.get_mut(self.queue_sel as usize) {
+            f(q);
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        type_name(self.info.device_type)
+    }
+
+    /// A status write from the driver: 0 resets the device, otherwise the driver may only
+    /// add bits (spec 2.1.1). Returns what happened, so the transport can reset its own state.
+    pub fn write_status(&mut self, status: u8) -> StatusChange {
+        if status == 0 {
+            self.reset();
+            return StatusChange::Reset;
+        }
+        if self.broken {
+            return StatusChange::Ignored;
+        }
+        let newly = status & !self.status;
+        if status & self.status != self.status {
+            tracing::debug!("{}: driver cleared status bits; ignored", self.name());
+            return StatusChange::Ignored;
+        }
+        let mut accepted = status;
+        if newly & DEVICE_STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
+            // Leaving FEATURES_OK unset tells the driver we refuse its feature set.
+            accepted &= !DEVICE_STATUS_FEATURES_OK;
+        }
+        if newly & DEVICE_STATUS_DRIVER_OK != 0 {
+            if accepted & DEVICE_STATUS_FEATURES_OK == 0 {
+                accepted &= !DEVICE_STATUS_DRIVER_OK;
+            } else if let Err(why) = self.activate() {
+                self.guest_warning(&format!("cannot activate: {why}"));
+                self.interrupt.signal_needs_reset();
+                accepted &= !DEVICE_STATUS_DRIVER_OK;
+            }
+        }
+        self.status = accepted;
+        StatusChange::Updated
+    }
+
+    /// Logs something the guest's driver got wrong, a bounded number of times.
+    pub fn guest_warning(&mut self, what: &str) {
+        if self.warnings_left > 0 {
+            self.warnings_left -= 1;
+            let suffix = if self.warnings_left == 0 {
+                " (further guest errors of this device are not logged)"
+            } else {
+                ""
+            };
+            tracing::warn!("{}: {what}{suffix}", self.name());
+        }
+    }
+
+    fn features_acceptable(&mut self) -> bool {
+        let unknown = self.driver_features & !self.info.features;
+        if unknown != 0 {
+            self.guest_warning(&format!(
+                "driver asked for features {unknown:#x} the device does not offer"
+            ));
+            return false;
+        }
+        self.driver_features & VIRTIO_F_VERSION_1 != 0
+    }
+
+    fn activate(&mut self) -> Result<(), String> {
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                q.build(&self.mem, event_idx)
+                    .map_err(|e| format!("queue {i}: {e}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        self.worker.activate(Activation {
+            mem: self.mem.clone(),
+            queues,
+            acked_features: self.driver_features,
+            interrupt: self.interrupt.clone(),
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if self.status & DEVICE_STATUS_DRIVER_OK != 0 && !self.worker.reset() {
+            tracing::error!(
+                "{}: worker did not stop in time on reset; device disabled",
+                self.name()
+            );
+            self.broken = true;
+        }
+        for q in &mut self.queues {
+            *q = QueueConfig::new(q.max_size);
+        }
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.interrupt.clear();
+    }
+}
+
+/// What a status write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusChange {
+    /// The driver wrote 0: the device is reset.
+    Reset,
+    /// The status is what the device accepted of the write.
+    Updated,
+    /// The write was not allowed (bits cleared, or the device is broken).
+    Ignored,
+}
