@@ -272,7 +272,7 @@ fn load_guest(
     };
     let cmdline_len = boot::write_cmdline(mem, &config.cmdline)?;
     let rsdp = acpi::write_acpi_tables(mem, platform)?;
-    let params = boot::boot_params(&kernel, initrd, cmdline_len, mem_size, rsdp);
+    let params = boot::boot_params(&kernel, initrd, cmdline_len, mem_size, rsdp, &[]);
     boot::write_boot_params(mem, &params)?;
     boot::write_reset_vector(mem)?;
     regs::setup_boot_memory(mem)?;

@@ -1,5 +1,9 @@
 //! Loading the guest: kernel (bzImage or ELF vmlinux), initrd, command line, and the zero page
 //! (struct boot_params with the E820 map) of the Linux 64-bit boot protocol.
+//!
+//! Besides RAM the E820 map can carry reserved ranges, such as the PCI ECAM window: Linux uses
+//! the ECAM area the MCFG table announces only if E820 also reserves it (else it logs
+//! "MMCONFIG ... not reserved" and falls back to port I/O configuration access).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -53,6 +57,7 @@ const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 /// bzImage: the 64-bit entry point is 0x200 bytes into the protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
 /// The highest address an initrd may end at if the kernel does not say (boot protocol < 2.03).
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 
@@ -196,29 +201,35 @@ pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize, Boot
         .unwrap_or(0))
 }
 
-/// The E820 map: low RAM below the EBDA, RAM from 1 MiB to the MMIO hole, RAM above 4 GiB.
-pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
-    let ram = |addr, size| boot_e820_entry {
-        addr,
-        size,
-        r#type: E820_RAM,
-    };
-    let mut map = vec![ram(0, EBDA_START)];
+/// The E820 map, sorted by address: low RAM below the EBDA, RAM from 1 MiB to the MMIO hole,
+/// RAM above 4 GiB, and each `(start, size)` of `reserved` (empty ranges left out) as a
+/// reserved entry. Reserved ranges are meant for the MMIO hole, outside RAM.
+pub fn e820_map(mem_size: u64, reserved: &[(u64, u64)]) -> Vec<boot_e820_entry> {
+    let entry = |addr, size, r#type| boot_e820_entry { addr, size, r#type };
+    let mut map = vec![entry(0, EBDA_START, E820_RAM)];
     let low_end = low_ram_end(mem_size);
-    map.push(ram(HIMEM_START, low_end - HIMEM_START));
+    map.push(entry(HIMEM_START, low_end - HIMEM_START, E820_RAM));
     if mem_size > MMIO_GAP_START {
-        map.push(ram(MMIO_GAP_END, mem_size - MMIO_GAP_START));
+        map.push(entry(MMIO_GAP_END, mem_size - MMIO_GAP_START, E820_RAM));
     }
+    map.extend(
+        reserved
+            .iter()
+            .filter(|(_, size)| *size > 0)
+            .map(|&(addr, size)| entry(addr, size, E820_RESERVED)),
+    );
+    map.sort_by_key(|e| e.addr);
     map
 }
 
-/// The zero page handed to the kernel in RSI.
+/// The zero page handed to the kernel in RSI; `reserved` as for [`e820_map`].
 pub fn boot_params(
     kernel: &LoadedKernel,
     initrd: Option<LoadedInitrd>,
     cmdline_len: usize,
     mem_size: u64,
     rsdp: GuestAddress,
+    reserved: &[(u64, u64)],
 ) -> boot_params {
     let mut params = boot_params::default();
     if let Some(hdr) = kernel.setup_header {
@@ -235,11 +246,13 @@ pub fn boot_params(
         params.hdr.ramdisk_size = initrd.size as u32;
     }
     params.acpi_rsdp_addr = rsdp.raw_value();
-    let map = e820_map(mem_size);
+    let map = e820_map(mem_size, reserved);
+    let mut entries = 0u8;
     for (slot, entry) in params.e820_table.iter_mut().zip(&map) {
         *slot = *entry;
+        entries += 1;
     }
-    params.e820_entries = map.len() as u8;
+    params.e820_entries = entries;
     params
 }
 
@@ -279,7 +292,7 @@ mod tests {
 
     #[test]
     fn e820_small_guest() {
-        let map = e820_map(512 << 20);
+        let map = e820_map(512 << 20, &[]);
         let spans: Vec<_> = map.iter().map(|e| (e.addr, e.size, e.r#type)).collect();
         assert_eq!(
             spans,
@@ -290,7 +303,7 @@ mod tests {
     #[test]
     fn e820_large_guest_skips_the_hole() {
         let size = 3500u64 << 20;
-        let map = e820_map(size);
+        let map = e820_map(size, &[]);
         assert_eq!(map.len(), 3);
         assert_eq!(
             (map[1].addr, map[1].addr + map[1].size),
@@ -306,6 +319,82 @@ mod tests {
             size - (HIMEM_START - EBDA_START),
             "only the legacy area is lost"
         );
+    }
+
+    #[test]
+    fn e820_reserves_the_ecam_window_in_address_order() {
+        let ecam = (PCI_ECAM_START, PCI_ECAM_SIZE);
+        let spans = |size| {
+            e820_map(size, &[ecam])
+                .iter()
+                .map(|e| (e.addr, e.size, e.r#type))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            spans(512 << 20),
+            vec![
+                (0, EBDA_START, 1),
+                (HIMEM_START, (512 << 20) - HIMEM_START, 1),
+                (0xe000_0000, 0x10_0000, 2),
+            ]
+        );
+        let size = 5u64 << 30;
+        assert_eq!(
+            spans(size),
+            vec![
+                (0, EBDA_START, 1),
+                (HIMEM_START, MMIO_GAP_START - HIMEM_START, 1),
+                (0xe000_0000, 0x10_0000, 2),
+                (MMIO_GAP_END, size - MMIO_GAP_START, 1),
+            ],
+            "sorted: the reserved range sits in the hole, before high RAM"
+        );
+        let map = e820_map(size, &[ecam]);
+        for pair in map.windows(2) {
+            assert!(pair[0].addr + pair[0].size <= pair[1].addr, "no overlap");
+        }
+    }
+
+    #[test]
+    fn e820_leaves_out_empty_reserved_ranges() {
+        assert_eq!(e820_map(512 << 20, &[(0xe000_0000, 0)]).len(), 2);
+    }
+
+    #[test]
+    fn zero_page_carries_the_reserved_entry() {
+        let kernel = LoadedKernel {
+            entry: GuestAddress(0x100200),
+            end: 0x200_0000,
+            setup_header: None,
+        };
+        let p = boot_params(
+            &kernel,
+            None,
+            0,
+            256 << 20,
+            GuestAddress(0xe0000),
+            &[(PCI_ECAM_START, PCI_ECAM_SIZE)],
+        );
+        assert_eq!(p.e820_entries, 3);
+        let last = p.e820_table[2];
+        assert_eq!(
+            ({ last.addr }, { last.size }, { last.r#type }),
+            (PCI_ECAM_START, PCI_ECAM_SIZE, 2)
+        );
+    }
+
+    #[test]
+    fn zero_page_keeps_at_most_its_table_of_e820_entries() {
+        let kernel = LoadedKernel {
+            entry: GuestAddress(0x100200),
+            end: 0x200_0000,
+            setup_header: None,
+        };
+        let many: Vec<(u64, u64)> = (0..200)
+            .map(|i| (0xe000_0000 + i * 0x1000, 0x1000))
+            .collect();
+        let p = boot_params(&kernel, None, 0, 256 << 20, GuestAddress(0xe0000), &many);
+        assert_eq!(usize::from(p.e820_entries), p.e820_table.len());
     }
 
     #[test]
@@ -338,7 +427,14 @@ mod tests {
             addr: GuestAddress(0x0f00_0000),
             size: 0x1000,
         };
-        let p = boot_params(&kernel, Some(initrd), 42, 256 << 20, GuestAddress(0xe0000));
+        let p = boot_params(
+            &kernel,
+            Some(initrd),
+            42,
+            256 << 20,
+            GuestAddress(0xe0000),
+            &[],
+        );
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
