@@ -60,6 +60,8 @@ pub enum ConfigError {
     User(String),
     #[error("invalid kvm fd {0}: expected an inherited descriptor number of 3 or more")]
     KvmFd(i64),
+    #[error("invalid transport '{0}': expected mmio or pci")]
+    Transport(String),
     #[error("api socket path must not be empty")]
     ApiSocketEmpty,
     #[error("api socket group access was asked for, but there is no api socket")]
@@ -223,6 +225,30 @@ impl NetConfig {
     }
 }
 
+/// How the virtio devices attach to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// virtio-mmio windows announced in the DSDT, one interrupt line each: the fewest exits
+    /// and the smallest platform, for Linux guests.
+    #[default]
+    Mmio,
+    /// virtio-pci functions on a PCI Express root bus with MSI-X: what firmware, other
+    /// operating systems and multiqueue devices need.
+    Pci,
+}
+
+impl FromStr for Transport {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "mmio" => Ok(Transport::Mmio),
+            "pci" => Ok(Transport::Pci),
+            _ => Err(ConfigError::Transport(s.to_string())),
+        }
+    }
+}
+
 /// Whether and how the seccomp filters are enforced (see `sandbox::seccomp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SeccompMode {
@@ -358,6 +384,9 @@ pub struct Cli {
     /// Do not give the guest a virtio-rng device (it has one by default).
     #[arg(long)]
     pub no_rng: bool,
+    /// How virtio devices attach: mmio (default) or pci (virtio-pci with MSI-X)
+    #[arg(long, value_name = "mmio|pci")]
+    pub transport: Option<String>,
     /// Serve the control API on this Unix socket (created mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -392,6 +421,7 @@ pub struct FileConfig {
     pub disks: Option<Vec<DiskConfig>>,
     pub nets: Option<Vec<NetConfig>>,
     pub rng: Option<bool>,
+    pub transport: Option<String>,
     pub api_socket: Option<PathBuf>,
     pub api_socket_group: Option<bool>,
     pub seccomp: Option<String>,
@@ -428,6 +458,7 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub rng: bool,
+    pub transport: Transport,
     pub api_socket: Option<PathBuf>,
     /// The API socket is mode 0660 instead of 0600.
     pub api_socket_group: bool,
@@ -537,6 +568,10 @@ impl VmConfig {
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
+        let transport = match cli.transport.or(file.transport) {
+            Some(t) => t.parse()?,
+            None => Transport::default(),
+        };
         let api_socket = cli.api_socket.or(file.api_socket);
         if api_socket
             .as_ref()
@@ -573,6 +608,7 @@ impl VmConfig {
             disks,
             nets,
             rng,
+            transport,
             api_socket,
             api_socket_group,
             sandbox: SandboxConfig {

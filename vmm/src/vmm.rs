@@ -23,17 +23,22 @@ use kvm_ioctls::IoEventAddress;
 use seccompiler::BpfProgram;
 
 use crate::api::{self, ApiError, VmApi, VmSummary};
-use crate::arch::x86_64::acpi::{self, AcpiPlatform, MmioDeviceInfo};
+use crate::arch::x86_64::acpi::{self, AcpiPlatform, MmioDeviceInfo, PciHostBridge};
 use crate::arch::x86_64::{boot, layout, regs};
-use crate::config::VmConfig;
+use crate::config::{Transport, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT};
 use crate::devices::ged::{Ged, PowerButton, GED_MMIO_SIZE};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT};
 use crate::devices::metrics::DeviceRegistry;
-use crate::devices::pci::{PciConfigIo, PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT};
+use crate::devices::pci::{
+    PciConfigIo, PciEcam, PciError, PciRoot, PciWindow, PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT,
+};
 use crate::devices::serial::{SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, UART_PORT_COUNT};
 use crate::devices::virtio::mmio::{
     MmioInterrupt, MmioTransport, REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY,
+};
+use crate::devices::virtio::pci::{
+    self as virtio_pci, PciPlatform, VirtioPciDevice, VirtioPciError,
 };
 use crate::devices::virtio::registers::RegisterPage;
 use crate::devices::virtio::tap::TapError;
@@ -45,6 +50,7 @@ use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
 use crate::sandbox::{self, Filters, KvmFdError, PrivilegeError, SeccompError, ThreadKind};
 use crate::vstate::control::{install_kick_handler, ControlError, VcpuControl};
+use crate::vstate::msi::GsiRouting;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuRuntime};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -91,6 +97,10 @@ pub enum VmmError {
     Privileges(#[from] PrivilegeError),
     #[error(transparent)]
     VcpuControl(#[from] ControlError),
+    #[error("cannot set up the PCI bus: {0}")]
+    Pci(#[from] PciError),
+    #[error("cannot set up a virtio-pci device: {0}")]
+    VirtioPci(#[from] VirtioPciError),
 }
 
 /// First interrupt line for virtio devices (4 is COM1).
@@ -133,11 +143,29 @@ fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmErro
     Ok(devices)
 }
 
-/// Wires the opened virtio devices: starts their worker threads (each installing
-/// `worker_filter`), wires their notifications (ioeventfd) and interrupts (irqfd), puts their
-/// register windows on the MMIO bus and their counters in the registry. Returns what the DSDT
-/// must announce.
-fn virtio_devices(
+/// Starts a device's worker thread (which installs `worker_filter`) on its queue eventfds and
+/// puts its counters in the registry; returns the transport's line to the worker.
+fn start_worker(
+    name: &str,
+    handler: Box<dyn QueueHandler>,
+    queue_events: Vec<EventFd>,
+    worker_filter: Option<&BpfProgram>,
+) -> io::Result<Arc<WorkerControl>> {
+    let control = WorkerControl::new()?;
+    worker::spawn(
+        name.to_string(),
+        handler,
+        queue_events,
+        control.clone(),
+        worker_filter.cloned(),
+    )?;
+    Ok(control)
+}
+
+/// Wires the opened virtio devices as virtio-mmio: starts their worker threads, wires their
+/// notifications (ioeventfd) and interrupts (irqfd), puts their register windows on the MMIO
+/// bus and their counters in the registry. Returns what the DSDT must announce.
+fn virtio_mmio_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     devices: Vec<PendingDevice>,
@@ -169,15 +197,7 @@ fn virtio_devices(
             queue_events.push(evt);
         }
         registry.register_source(&name, type_name(info.device_type), counters);
-        let control = WorkerControl::new().map_err(setup)?;
-        worker::spawn(
-            name.clone(),
-            handler,
-            queue_events,
-            control.clone(),
-            worker_filter.cloned(),
-        )
-        .map_err(setup)?;
+        let control = start_worker(&name, handler, queue_events, worker_filter).map_err(setup)?;
         // The register window as memory the guest reads without exits (see
         // devices/virtio/registers); writes still exit to the transport.
         let registers = Arc::new(RegisterPage::new().map_err(setup)?);
@@ -192,8 +212,8 @@ fn virtio_devices(
             )
         }?;
         // The driver acknowledges the used-buffer interrupt (value 1) on every interrupt;
-        // the bit is sticky (see `Interrupt`), so that write only needs to end in the kernel.
-        // Other acknowledgements (configuration change) still reach the transport.
+        // the bit is sticky (see `MmioInterrupt`), so that write only needs to end in the
+        // kernel. Other acknowledgements (configuration change) still reach the transport.
         let ack_sink = EventFd::new(EFD_NONBLOCK).map_err(setup)?;
         vm.fd()
             .register_ioevent(
@@ -216,6 +236,55 @@ fn virtio_devices(
         });
     }
     Ok(announced)
+}
+
+/// Wires the opened virtio devices as virtio-pci functions on `root`: starts their workers,
+/// places their BARs in the 32-bit window (the guest may move them), gives each queue and
+/// the configuration an MSI-X vector.
+fn virtio_pci_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    devices: Vec<PendingDevice>,
+    root: &mut PciRoot,
+    routing: &Arc<GsiRouting>,
+    worker_filter: Option<&BpfProgram>,
+    registry: &DeviceRegistry,
+) -> Result<(), VmmError> {
+    let vm_fd = vm.shared_fd();
+    for (name, info, handler, counters) in devices {
+        let setup = |source: io::Error| VmmError::DeviceSetup {
+            device: name.clone(),
+            source,
+        };
+        let queue_events = (0..info.queue_max_sizes.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(setup)?;
+        // KVM signals the same eventfd through a duplicate: the device moves the
+        // notification addresses, the worker waits on the originals.
+        let notify_events = queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(setup)?;
+        registry.register_source(&name, type_name(info.device_type), counters);
+        let control = start_worker(&name, handler, queue_events, worker_filter).map_err(setup)?;
+        let bar = root.allocate_bar(0, virtio_pci::BAR_SIZE)?;
+        let device = VirtioPciDevice::new(
+            info,
+            PciPlatform {
+                mem,
+                vm: &vm_fd,
+                routing,
+            },
+            control,
+            notify_events,
+            bar,
+        )?;
+        let slot = root.add(Arc::new(Mutex::new(device)))?;
+        tracing::debug!("{name}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
+    }
+    Ok(())
 }
 
 /// Everything opened before privileges are dropped.
@@ -272,7 +341,9 @@ fn load_guest(
     };
     let cmdline_len = boot::write_cmdline(mem, &config.cmdline)?;
     let rsdp = acpi::write_acpi_tables(mem, platform)?;
-    let params = boot::boot_params(&kernel, initrd, cmdline_len, mem_size, rsdp, &[]);
+    // Linux uses ECAM only where E820 reserves it.
+    let reserved: Vec<(u64, u64)> = platform.pci.iter().map(|p| p.ecam_range()).collect();
+    let params = boot::boot_params(&kernel, initrd, cmdline_len, mem_size, rsdp, &reserved);
     boot::write_boot_params(mem, &params)?;
     boot::write_reset_vector(mem)?;
     regs::setup_boot_memory(mem)?;
@@ -294,6 +365,7 @@ fn legacy_devices(
     sink: SerialSink,
     exit: &VmExitRequest,
     registry: &DeviceRegistry,
+    pci_root: Arc<PciRoot>,
 ) -> Result<(Bus, Arc<Mutex<SerialDevice>>), VmmError> {
     let irq = irqfd(vm, COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(
@@ -314,9 +386,40 @@ fn legacy_devices(
     bus.insert(
         PCI_CONFIG_PORT.into(),
         PCI_CONFIG_PORT_COUNT.into(),
-        Arc::new(Mutex::new(PciConfigIo::new(exit.clone()))),
+        Arc::new(Mutex::new(PciConfigIo::new(pci_root, exit.clone()))),
     )?;
     Ok((bus, serial))
+}
+
+/// The PCI host bridge the ACPI tables announce.
+fn pci_host_bridge() -> PciHostBridge {
+    PciHostBridge {
+        ecam_base: layout::PCI_ECAM_START,
+        bus_end: layout::PCI_BUS_END,
+        mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+        mmio64: None,
+    }
+}
+
+/// ECAM and the host bridge's memory windows on the MMIO bus.
+fn pci_buses(
+    mmio_bus: &mut Bus,
+    root: &Arc<PciRoot>,
+    bridge: &PciHostBridge,
+) -> Result<(), VmmError> {
+    mmio_bus.insert(
+        bridge.ecam_base,
+        layout::PCI_ECAM_SIZE,
+        Arc::new(Mutex::new(PciEcam(root.clone()))),
+    )?;
+    for (base, size) in std::iter::once(bridge.mmio32).chain(bridge.mmio64) {
+        let window = PciWindow {
+            root: root.clone(),
+            base,
+        };
+        mmio_bus.insert(base, size, Arc::new(Mutex::new(window)))?;
+    }
+    Ok(())
 }
 
 /// Blocks the stop signals in the calling thread (and so in every thread it spawns later) and
@@ -398,7 +501,7 @@ fn power_button(
 /// it, or a vCPU fails.
 pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     let signals = stop_signals().map_err(VmmError::EventLoop)?;
-    let filters = Filters::build(config.sandbox.seccomp)?;
+    let filters = Filters::build(config.sandbox.seccomp, config.transport)?;
     let mut resources = Resources::acquire(&config)?;
     sandbox::drop_privileges(config.sandbox.user)?;
     install_kick_handler()?;
@@ -436,20 +539,40 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     })?;
     vm.register_memory(&mem)?;
 
-    let (bus, serial) = legacy_devices(&vm, resources.serial, &exit, &registry)?;
     let mut mmio_bus = Bus::default();
     vm_api.set_power_button(power_button(&vm, &mut mmio_bus, &registry)?);
-    let virtio_mmio = virtio_devices(
-        &vm,
-        &mem,
-        std::mem::take(&mut resources.virtio),
-        &mut mmio_bus,
-        filters.device_worker.as_ref(),
-        &registry,
-    )?;
+    let virtio = std::mem::take(&mut resources.virtio);
+    let worker_filter = filters.device_worker.as_ref();
+    let mut pci_root = PciRoot::new(vec![(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE)]);
+    let (virtio_mmio, pci) = match config.transport {
+        Transport::Mmio => {
+            let announced =
+                virtio_mmio_devices(&vm, &mem, virtio, &mut mmio_bus, worker_filter, &registry)?;
+            (announced, None)
+        }
+        Transport::Pci => {
+            let routing = Arc::new(GsiRouting::new(vm.shared_fd()));
+            virtio_pci_devices(
+                &vm,
+                &mem,
+                virtio,
+                &mut pci_root,
+                &routing,
+                worker_filter,
+                &registry,
+            )?;
+            (Vec::new(), Some(pci_host_bridge()))
+        }
+    };
+    let pci_root = Arc::new(pci_root);
+    if let Some(bridge) = &pci {
+        pci_buses(&mut mmio_bus, &pci_root, bridge)?;
+    }
+    let (bus, serial) = legacy_devices(&vm, resources.serial, &exit, &registry, pci_root)?;
     let platform = AcpiPlatform {
         vcpus: config.vcpus,
         virtio_mmio,
+        pci,
     };
     let entry = load_guest(
         &mem,

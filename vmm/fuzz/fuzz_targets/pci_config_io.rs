@@ -4,7 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use thvc_vmm::devices::pci::PciConfigIo;
+use std::sync::Arc;
+
+use thvc_vmm::devices::pci::{PciConfigIo, PciRoot};
 use thvc_vmm::devices::{BusDevice, VmExitRequest};
 
 fn read32(io: &mut PciConfigIo, address: u32) -> u32 {
@@ -16,7 +18,8 @@ fn read32(io: &mut PciConfigIo, address: u32) -> u32 {
 
 fuzz_target!(|input: &[u8]| {
     let exit = VmExitRequest::new().expect("eventfd");
-    let mut io = PciConfigIo::new(exit);
+    let root = Arc::new(PciRoot::new(vec![(0xc000_0000, 0x1000_0000)]));
+    let mut io = PciConfigIo::new(root, exit);
     // Each operation: [kind, port offset, width, 4 data bytes].
     for op in input.chunks_exact(7) {
         let offset = u64::from(op[1] % 16); // beyond the 8 ports too

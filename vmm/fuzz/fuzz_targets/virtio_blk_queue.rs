@@ -6,6 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
+use thvc_vmm::devices::virtio::mmio::MmioInterrupt;
 use thvc_vmm::devices::virtio::registers::RegisterPage;
 use thvc_vmm::devices::virtio::{block, Activation, Interrupt, QueueHandler};
 use virtio_queue::{Queue, QueueT};
@@ -70,7 +71,10 @@ fuzz_target!(|input: &[u8]| {
         mem: mem.clone(),
         queues: vec![queue],
         acked_features: 1 << 32,
-        interrupt: Interrupt::new(Arc::new(RegisterPage::new().expect("register page")), irq),
+        interrupt: Interrupt::new(MmioInterrupt::new(
+            Arc::new(RegisterPage::new().expect("register page")),
+            irq,
+        )),
     });
     device.queue_notified(0);
     // The used index never runs ahead of what was published.

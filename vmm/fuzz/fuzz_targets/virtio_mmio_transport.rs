@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use thvc_vmm::devices::virtio::mmio::MmioTransport;
+use thvc_vmm::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
 use thvc_vmm::devices::virtio::registers::RegisterPage;
 use thvc_vmm::devices::virtio::worker::{self, WorkerControl};
-use thvc_vmm::devices::virtio::{Activation, DeviceInfo, Interrupt, QueueHandler};
+use thvc_vmm::devices::virtio::{Activation, DeviceInfo, QueueHandler};
 use thvc_vmm::devices::BusDevice;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -37,7 +37,7 @@ fuzz_target!(|input: &[u8]| {
         config_space: vec![0xab; 60],
     };
     let registers = Arc::new(RegisterPage::new().expect("register page"));
-    let interrupt = Interrupt::new(registers, Arc::new(EventFd::new(0).expect("eventfd")));
+    let interrupt = MmioInterrupt::new(registers, Arc::new(EventFd::new(0).expect("eventfd")));
     let mut transport = MmioTransport::new(info, mem, interrupt, control.clone(), None);
     // Each 6-byte record: offset (u16, 4-byte aligned within 0x200), then a 32-bit value;
     // the high bit of the offset's first byte selects a read.

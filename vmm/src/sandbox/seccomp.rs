@@ -19,7 +19,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use crate::config::SeccompMode;
+use crate::config::{SeccompMode, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -73,6 +73,10 @@ const TCGETS: u64 = 0x5401;
 /// virtio-net.
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 const TCSETS: u64 = 0x5402;
+/// `_IOW(KVMIO, 0x6a, struct kvm_irq_routing)`: MSI-X vectors the guest programs.
+pub const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
+/// `_IOW(KVMIO, 0x79, struct kvm_ioeventfd)`: queue notifications following a moved BAR.
+pub const KVM_IOEVENTFD: u64 = 0x4040_ae79;
 
 /// A syscall and the argument conditions under which it is allowed (any of the rules; an
 /// empty list: always). Every argument compared is a C `int` (or `unsigned int` for the ioctl
@@ -169,11 +173,18 @@ fn api_syscalls() -> Vec<Allowed> {
     ]
 }
 
-fn vcpu_syscalls() -> Vec<Allowed> {
-    vec![
+fn vcpu_syscalls(transport: Transport) -> Vec<Allowed> {
+    let ioctls: &[u64] = match transport {
         // KVM_RUN is the only ioctl a running vCPU makes; the rest of its state was set up
         // before the filter went on.
-        when_arg_is(libc::SYS_ioctl, 1, &[KVM_RUN]),
+        Transport::Mmio => &[KVM_RUN],
+        // On PCI, the guest's configuration writes change VM state while it runs: MSI-X
+        // routes when it programs a vector, ioeventfd addresses when it moves a BAR. They are
+        // served on the vCPU thread that made the write, as in Cloud Hypervisor.
+        Transport::Pci => &[KVM_RUN, KVM_SET_GSI_ROUTING, KVM_IOEVENTFD],
+    };
+    vec![
+        when_arg_is(libc::SYS_ioctl, 1, ioctls),
         // Device emulation: eventfds (irqfd, queue notifications) and the console.
         always(libc::SYS_read),
         always(libc::SYS_writev),
@@ -204,11 +215,11 @@ fn device_worker_syscalls() -> Vec<Allowed> {
 }
 
 /// The allow-list of a thread kind: the base list plus its own, merged per syscall.
-pub fn allowed_syscalls(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
+pub fn allowed_syscalls(kind: ThreadKind, transport: Transport) -> BTreeMap<i64, Vec<SeccompRule>> {
     let own = match kind {
         ThreadKind::Main => main_syscalls(),
         ThreadKind::Api => api_syscalls(),
-        ThreadKind::Vcpu => vcpu_syscalls(),
+        ThreadKind::Vcpu => vcpu_syscalls(transport),
         ThreadKind::DeviceWorker => device_worker_syscalls(),
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -227,14 +238,18 @@ pub fn allowed_syscalls(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
 }
 
 /// Compiles the filter of a thread kind; None when seccomp is off.
-pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
+pub fn filter(
+    kind: ThreadKind,
+    mode: SeccompMode,
+    transport: Transport,
+) -> Result<Option<BpfProgram>, SeccompError> {
     let mismatch = match mode {
         SeccompMode::Off => return Ok(None),
         SeccompMode::On => SeccompAction::KillProcess,
         SeccompMode::Log => SeccompAction::Log,
     };
     let filter = SeccompFilter::new(
-        allowed_syscalls(kind),
+        allowed_syscalls(kind, transport),
         mismatch,
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -266,12 +281,12 @@ pub struct Filters {
 }
 
 impl Filters {
-    pub fn build(mode: SeccompMode) -> Result<Filters, SeccompError> {
+    pub fn build(mode: SeccompMode, transport: Transport) -> Result<Filters, SeccompError> {
         Ok(Filters {
-            main: filter(ThreadKind::Main, mode)?,
-            api: filter(ThreadKind::Api, mode)?,
-            vcpu: filter(ThreadKind::Vcpu, mode)?,
-            device_worker: filter(ThreadKind::DeviceWorker, mode)?,
+            main: filter(ThreadKind::Main, mode, transport)?,
+            api: filter(ThreadKind::Api, mode, transport)?,
+            vcpu: filter(ThreadKind::Vcpu, mode, transport)?,
+            device_worker: filter(ThreadKind::DeviceWorker, mode, transport)?,
         })
     }
 }
@@ -283,17 +298,24 @@ mod tests {
     #[test]
     fn every_kind_compiles_and_off_means_no_filter() {
         for kind in ThreadKind::ALL {
-            let program = filter(kind, SeccompMode::On).expect("compiles");
+            let program = filter(kind, SeccompMode::On, Transport::Pci).expect("compiles");
             assert!(program.is_some_and(|p| !p.is_empty()), "{kind:?}");
-            assert!(filter(kind, SeccompMode::Log).expect("compiles").is_some());
-            assert!(filter(kind, SeccompMode::Off).expect("off").is_none());
+            assert!(filter(kind, SeccompMode::Log, Transport::Mmio)
+                .expect("compiles")
+                .is_some());
+            assert!(filter(kind, SeccompMode::Off, Transport::Mmio)
+                .expect("off")
+                .is_none());
         }
     }
 
     #[test]
     fn nothing_that_opens_or_spawns_is_allowed_anywhere() {
-        for kind in ThreadKind::ALL {
-            let allowed = allowed_syscalls(kind);
+        for (kind, transport) in ThreadKind::ALL
+            .into_iter()
+            .flat_map(|k| [(k, Transport::Mmio), (k, Transport::Pci)])
+        {
+            let allowed = allowed_syscalls(kind, transport);
             for forbidden in [
                 libc::SYS_open,
                 libc::SYS_openat,
@@ -321,8 +343,18 @@ mod tests {
 
     #[test]
     fn only_vcpus_may_run_kvm_and_only_api_may_accept() {
-        let ioctl_rules = |kind| allowed_syscalls(kind).get(&libc::SYS_ioctl).map(Vec::len);
+        let ioctl_rules = |kind| {
+            allowed_syscalls(kind, Transport::Mmio)
+                .get(&libc::SYS_ioctl)
+                .map(Vec::len)
+        };
         assert_eq!(ioctl_rules(ThreadKind::Vcpu), Some(1), "KVM_RUN only");
+        let pci = allowed_syscalls(ThreadKind::Vcpu, Transport::Pci);
+        assert_eq!(
+            pci.get(&libc::SYS_ioctl).map(Vec::len),
+            Some(3),
+            "KVM_RUN, and MSI routes and notification addresses on PCI"
+        );
         assert_eq!(ioctl_rules(ThreadKind::Main), Some(2), "TCGETS, TCSETS");
         assert_eq!(ioctl_rules(ThreadKind::Api), None);
         assert_eq!(
@@ -332,7 +364,7 @@ mod tests {
         );
         for kind in ThreadKind::ALL {
             assert_eq!(
-                allowed_syscalls(kind).contains_key(&libc::SYS_accept4),
+                allowed_syscalls(kind, Transport::Pci).contains_key(&libc::SYS_accept4),
                 kind == ThreadKind::Api
             );
         }
@@ -342,14 +374,24 @@ mod tests {
     fn kvm_run_number_matches_the_kvm_headers() {
         // _IO(type, nr) = type << 8 | nr, with KVMIO = 0xAE.
         assert_eq!(KVM_RUN, (0xae << 8) | 0x80);
+        // _IOW(type, nr, size) = 1 << 30 | size << 16 | type << 8 | nr.
+        let iow = |nr: u64, size: usize| 1 << 30 | (size as u64) << 16 | 0xae << 8 | nr;
+        assert_eq!(
+            KVM_SET_GSI_ROUTING,
+            iow(0x6a, std::mem::size_of::<kvm_bindings::kvm_irq_routing>())
+        );
+        assert_eq!(
+            KVM_IOEVENTFD,
+            iow(0x79, std::mem::size_of::<kvm_bindings::kvm_ioeventfd>())
+        );
     }
 
     #[test]
     fn conditional_and_unconditional_rules_merge_to_unconditional() {
         // tgkill: SIGABRT in the base list, the kick signal for the API thread.
-        let api = allowed_syscalls(ThreadKind::Api);
+        let api = allowed_syscalls(ThreadKind::Api, Transport::Mmio);
         assert_eq!(api.get(&libc::SYS_tgkill).map(Vec::len), Some(2));
-        let main = allowed_syscalls(ThreadKind::Main);
+        let main = allowed_syscalls(ThreadKind::Main, Transport::Mmio);
         assert_eq!(main.get(&libc::SYS_tgkill).map(Vec::len), Some(1));
         assert_eq!(main.get(&libc::SYS_read).map(Vec::len), Some(0), "always");
     }

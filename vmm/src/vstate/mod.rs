@@ -2,5 +2,6 @@
 
 pub mod control;
 pub mod memory;
+pub mod msi;
 pub mod vcpu;
 pub mod vm;

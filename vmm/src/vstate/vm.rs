@@ -4,6 +4,8 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
     KVM_PIT_SPEAKER_DUMMY,
 };
+use std::sync::Arc;
+
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -23,7 +25,7 @@ pub enum VmError {
 }
 
 /// Capabilities without which the VMM cannot work; checked up front for a clear error.
-const REQUIRED_CAPS: [Cap; 7] = [
+const REQUIRED_CAPS: [Cap; 8] = [
     Cap::Irqchip,
     Cap::UserMemory,
     Cap::ReadonlyMem,
@@ -31,11 +33,14 @@ const REQUIRED_CAPS: [Cap; 7] = [
     Cap::Irqfd,
     Cap::Ioeventfd,
     Cap::ExtCpuid,
+    Cap::IrqRouting,
 ];
 
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    /// Shared with the devices that change KVM state while the guest runs (MSI routes,
+    /// notification addresses of moved BARs).
+    fd: Arc<VmFd>,
 }
 
 impl Vm {
@@ -63,11 +68,18 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-        Ok(Vm { kvm, fd })
+        Ok(Vm {
+            kvm,
+            fd: Arc::new(fd),
+        })
     }
 
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
     }
 
     /// The most vCPUs KVM allows in one VM on this host.

@@ -19,6 +19,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod registers;
 pub mod rng;
 pub mod tap;

@@ -1,0 +1,482 @@
+//! The virtio-pci transport (virtio 1.x, modern only) with MSI-X: one PCI function per
+//! device whose BAR 0 holds the virtio structures the capabilities point at and the MSI-X
+//! table.
+//!
+//! ```text
+//! BAR 0 (32 KiB, 64-bit)   0x0000 common configuration   (features, status, queue set-up)
+//!                          0x1000 ISR status             (read clears; config changes only)
+//!                          0x2000 device configuration   (read-only)
+//!                          0x3000 notifications          (4 bytes per queue, ioeventfds)
+//!                          0x4000 MSI-X table            (one vector per queue + config)
+//!                          0x5000 MSI-X PBA
+//! ```
+//!
+//! Queue kicks end in ioeventfds at their notification address, as with virtio-mmio, so the
+//! vCPU thread never sees them; they follow BAR 0 when the guest moves it. Each queue raises
+//! the MSI-X vector its driver chose, through its own irqfd (see `pci::msix`), so there is no
+//! shared interrupt status to read: an interrupt costs the guest no exit at all. Devices have
+//! no INTx line (interrupt pin 0), like Cloud Hypervisor's: drivers that cannot use MSI-X
+//! cannot drive them. The optional-to-use `VIRTIO_PCI_CAP_PCI_CFG` window is not offered yet.
+//!
+//! Every register and table write is guest input and goes through the same checks as
+//! virtio-mmio's (`transport::VirtioCommon`): vector numbers past the table read back as
+//! "no vector", queue set-up outside the set-up phase is ignored, bad rings need a reset.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::transport::{set_high, set_low, StatusChange, VirtioCommon};
+use super::worker::WorkerControl;
+use super::*;
+use crate::devices::pci::config::{Bar, BarKind, ConfigSpace, COMMAND, COMMAND_MEMORY_SPACE};
+use crate::devices::pci::msix::{self, MsixTable, MsixVectors};
+use crate::devices::pci::PciDevice;
+use crate::vstate::msi::GsiRouting;
+
+pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
+/// Modern virtio devices are 0x1040 + their virtio device type.
+const MODERN_DEVICE_BASE: u16 = 0x1040;
+/// "No MSI-X vector" for a queue or the configuration.
+pub const NO_VECTOR: u16 = 0xffff;
+
+pub const BAR_SIZE: u64 = 0x8000;
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR: u64 = 0x1000;
+const DEVICE_CONFIG: u64 = 0x2000;
+const NOTIFY: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u64 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x5000;
+const REGION: u64 = 0x1000;
+
+/// Vendor-specific capability ID, used for the virtio structures.
+const CAP_VENDOR: u8 = 0x09;
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+
+/// ISR bit for a configuration change (queue bits are unused: every queue has its vector).
+const ISR_CONFIG: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioPciError {
+    #[error(transparent)]
+    Config(#[from] crate::devices::pci::config::ConfigError),
+    #[error(transparent)]
+    Msix(#[from] msix::MsixError),
+    #[error("a device with {0} queues needs more MSI-X vectors than this transport has")]
+    TooManyQueues(usize),
+}
+
+/// The interrupt side of a virtio-pci device, shared with its worker: which vector each queue
+/// and the configuration use, the ISR and the needs-reset flag.
+pub struct PciInterrupt {
+    vectors: Arc<MsixVectors>,
+    queue_vectors: Vec<AtomicU16>,
+    config_vector: AtomicU16,
+    isr: AtomicU8,
+    needs_reset: AtomicBool,
+}
+
+impl PciInterrupt {
+    fn new(vectors: Arc<MsixVectors>, queues: usize) -> Self {
+        PciInterrupt {
+            vectors,
+            queue_vectors: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            config_vector: AtomicU16::new(NO_VECTOR),
+            isr: AtomicU8::new(0),
+            needs_reset: AtomicBool::new(false),
+        }
+    }
+
+    /// A vector the driver chose, or NO_VECTOR if the table has no such entry.
+    fn checked(&self, vector: u16) -> u16 {
+        if usize::from(vector) < self.vectors.len() {
+            vector
+        } else {
+            NO_VECTOR
+        }
+    }
+}
+
+impl InterruptTarget for PciInterrupt {
+    fn queue_used(&self, queue: usize) -> Option<u16> {
+        let vector = self.queue_vectors.get(queue)?.load(Ordering::SeqCst);
+        (vector != NO_VECTOR).then_some(vector)
+    }
+
+    fn fire(&self, trigger: u16) {
+        self.vectors.trigger(trigger);
+    }
+
+    fn needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+        let vector = self.config_vector.load(Ordering::SeqCst);
+        if vector != NO_VECTOR {
+            self.vectors.trigger(vector);
+        }
+    }
+
+    fn reset(&self) {
+        self.isr.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+        self.config_vector.store(NO_VECTOR, Ordering::SeqCst);
+        for v in &self.queue_vectors {
+            v.store(NO_VECTOR, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The queues' notification eventfds and where KVM listens for them: at BAR 0's notify
+/// region while the guest has memory decoding on.
+struct Notifier {
+    vm: Arc<VmFd>,
+    events: Vec<EventFd>,
+    at: Option<u64>,
+}
+
+impl Notifier {
+    /// Moves the ioeventfds to the notify region of a BAR 0 at `bar` (None: nowhere).
+    fn follow(&mut self, bar: Option<u64>) {
+        if bar == self.at {
+            return;
+        }
+        if let Some(old) = self.at.take() {
+            for (q, evt) in self.events.iter().enumerate() {
+                let addr = IoEventAddress::Mmio(notify_address(old, q));
+                if let Err(e) = self.vm.unregister_ioevent(evt, &addr, NoDatamatch) {
+                    tracing::debug!("cannot remove a queue notification at {addr:?}: {e}");
+                }
+            }
+        }
+        if let Some(new) = bar {
+            for (q, evt) in self.events.iter().enumerate() {
+                let addr = IoEventAddress::Mmio(notify_address(new, q));
+                if let Err(e) = self.vm.register_ioevent(evt, &addr, NoDatamatch) {
+                    // Writes that miss the ioeventfd still reach `bar_write`, which kicks
+                    // the queue: slower, not broken.
+                    tracing::debug!("cannot place a queue notification at {addr:?}: {e}");
+                }
+            }
+            self.at = Some(new);
+        }
+    }
+
+    /// A notification that reached the VMM instead of an ioeventfd.
+    fn kick(&self, queue: usize) {
+        if let Some(evt) = self.events.get(queue) {
+            let _ = evt.write(1);
+        }
+    }
+}
+
+fn notify_address(bar: u64, queue: usize) -> u64 {
+    bar.wrapping_add(NOTIFY + queue as u64 * NOTIFY_MULTIPLIER)
+}
+
+/// What the device is, for `info` in the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciDeviceSummary {
+    pub vendor: u16,
+    pub device: u16,
+    pub vectors: usize,
+}
+
+pub struct VirtioPciDevice {
+    config: ConfigSpace,
+    common: VirtioCommon,
+    interrupt: Arc<PciInterrupt>,
+    msix: MsixTable,
+    /// Where the MSI-X capability is in config space.
+    msix_cap: usize,
+    device_config: Vec<u8>,
+    notifier: Notifier,
+}
+
+/// What a virtio-pci device needs from the VM: its memory, the KVM VM for notifications and
+/// vectors, and the routing table the vectors' messages go into.
+pub struct PciPlatform<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub vm: &'a Arc<VmFd>,
+    pub routing: &'a Arc<GsiRouting>,
+}
+
+impl VirtioPciDevice {
+    /// A device whose BAR 0 starts at `bar_address`; `queue_events` are its worker's queue
+    /// eventfds (duplicates: KVM signals the same eventfd through either).
+    pub fn new(
+        info: DeviceInfo,
+        platform: PciPlatform<'_>,
+        worker: Arc<WorkerControl>,
+        queue_events: Vec<EventFd>,
+        bar_address: u64,
+    ) -> Result<Self, VirtioPciError> {
+        let queues = info.queue_max_sizes.len();
+        let vector_count = queues + 1;
+        if vector_count > MAX_TRIGGERS || (vector_count as u64) * msix::ENTRY_SIZE > REGION {
+            return Err(VirtioPciError::TooManyQueues(queues));
+        }
+        let vectors = Arc::new(MsixVectors::new(
+            vector_count,
+            platform.routing,
+            platform.vm,
+        )?);
+        let msix = MsixTable::new(vectors.clone(), platform.routing.clone());
+        let interrupt = Arc::new(PciInterrupt::new(vectors, queues));
+
+        let device_type = info.device_type as u16;
+        let mut config = ConfigSpace::new(
+            VIRTIO_PCI_VENDOR,
+            MODERN_DEVICE_BASE + device_type,
+            class_of(info.device_type) << 8 | 1,
+        );
+        config.set_subsystem(VIRTIO_PCI_VENDOR, 0x40);
+        config.add_bar(
+            0,
+            Bar {
+                size: BAR_SIZE,
+                kind: BarKind::Memory64 {
+                    prefetchable: false,
+                },
+            },
+            bar_address,
+        )?;
+        let device_config = info.config_space.clone();
+        for (kind, offset, length) in [
+            (CAP_COMMON, COMMON, COMMON_LEN),
+            (CAP_ISR, ISR, 1),
+            (CAP_DEVICE, DEVICE_CONFIG, device_config.len().max(1) as u64),
+        ] {
+            config.add_capability(CAP_VENDOR, &virtio_cap(16, kind, offset, length), &[])?;
+        }
+        let mut notify = virtio_cap(20, CAP_NOTIFY, NOTIFY, queues as u64 * NOTIFY_MULTIPLIER);
+        notify.extend_from_slice(&(NOTIFY_MULTIPLIER as u32).to_le_bytes());
+        config.add_capability(CAP_VENDOR, &notify, &[])?;
+        let (body, writable) = msix.capability(0, MSIX_TABLE as u32, MSIX_PBA as u32);
+        let msix_cap = config.add_capability(msix::CAPABILITY_ID, &body, &writable)?;
+        // Memory decoding on from the start: the BAR is placed as firmware would place it.
+        config.write(COMMAND, &[COMMAND_MEMORY_SPACE as u8]);
+
+        let common = VirtioCommon::new(
+            info,
+            platform.mem.clone(),
+            Interrupt::new(interrupt.clone()),
+            worker,
+        );
+        let mut device = VirtioPciDevice {
+            config,
+            common,
+            interrupt,
+            msix,
+            msix_cap,
+            device_config,
+            notifier: Notifier {
+                vm: platform.vm.clone(),
+                events: queue_events,
+                at: None,
+            },
+        };
+        device.follow_bar();
+        Ok(device)
+    }
+
+    pub fn summary(&self) -> PciDeviceSummary {
+        let id = self.config.register(0);
+        PciDeviceSummary {
+            vendor: id as u16,
+            device: (id >> 16) as u16,
+            vectors: self.msix.vectors().len(),
+        }
+    }
+
+    /// Keeps the queue notifications where BAR 0 is decoded now.
+    fn follow_bar(&mut self) {
+        let decoded = self
+            .config
+            .decoded_bars()
+            .into_iter()
+            .find(|(bar, _, _)| *bar == 0)
+            .map(|(_, address, _)| address);
+        self.notifier.follow(decoded);
+    }
+
+    /// The common configuration structure as the driver reads it now.
+    fn common_bytes(&self) -> [u8; COMMON_LEN as usize] {
+        let c = &self.common;
+        let q = c.selected_queue();
+        let queue_vector = self
+            .interrupt
+            .queue_vectors
+            .get(c.queue_sel as usize)
+            .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst));
+        let needs_reset = if self.interrupt.needs_reset.load(Ordering::SeqCst) {
+            DEVICE_STATUS_NEEDS_RESET
+        } else {
+            0
+        };
+        let mut b = [0u8; COMMON_LEN as usize];
+        let mut put = |at: usize, bytes: &[u8]| b[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0x00, &c.device_features_sel.to_le_bytes());
+        put(0x04, &c.device_features_word().to_le_bytes());
+        put(0x08, &c.driver_features_sel.to_le_bytes());
+        put(0x0c, &c.driver_features_word().to_le_bytes());
+        put(
+            0x10,
+            &self
+                .interrupt
+                .config_vector
+                .load(Ordering::SeqCst)
+                .to_le_bytes(),
+        );
+        put(0x12, &(c.queues.len() as u16).to_le_bytes());
+        put(0x14, &[c.status | needs_reset, 0]);
+        put(0x16, &(c.queue_sel as u16).to_le_bytes());
+        put(0x18, &q.map_or(0, |q| q.size).to_le_bytes());
+        put(0x1a, &queue_vector.to_le_bytes());
+        put(0x1c, &u16::from(q.is_some_and(|q| q.ready)).to_le_bytes());
+        put(0x1e, &(c.queue_sel as u16).to_le_bytes());
+        put(0x20, &q.map_or(0, |q| q.desc_table).to_le_bytes());
+        put(0x28, &q.map_or(0, |q| q.avail_ring).to_le_bytes());
+        put(0x30, &q.map_or(0, |q| q.used_ring).to_le_bytes());
+        b
+    }
+
+    fn common_write(&mut self, offset: u64, data: &[u8]) {
+        let value = match *data {
+            [a] => u64::from(a),
+            [a, b] => u64::from(u16::from_le_bytes([a, b])),
+            [a, b, c, d] => u64::from(u32::from_le_bytes([a, b, c, d])),
+            [a, b, c, d, e, f, g, h] => u64::from_le_bytes([a, b, c, d, e, f, g, h]),
+            _ => return,
+        };
+        let c = &mut self.common;
+        let sel = c.queue_sel as usize;
+        match (offset, data.len()) {
+            (0x00, 4) => c.device_features_sel = value as u32,
+            (0x08, 4) => c.driver_features_sel = value as u32,
+            (0x0c, 4) => c.write_driver_features(value as u32),
+            (0x10, 2) => {
+                let vector = self.interrupt.checked(value as u16);
+                self.interrupt.config_vector.store(vector, Ordering::SeqCst);
+            }
+            (0x14, 1) => {
+                if c.write_status(value as u8) == StatusChange::Reset {
+                    tracing::debug!("{}: reset by the driver", c.name());
+                }
+            }
+            (0x16, 2) => c.queue_sel = value as u32,
+            (0x18, 2) => c.with_queue(|q| q.size = value as u16),
+            (0x1a, 2) => {
+                let vector = self.interrupt.checked(value as u16);
+                if let Some(v) = self.interrupt.queue_vectors.get(sel) {
+                    v.store(vector, Ordering::SeqCst);
+                }
+            }
+            (0x1c, 2) => c.with_queue(|q| q.ready = value == 1),
+            (0x20, 8) => c.with_queue(|q| q.desc_table = value),
+            (0x20, 4) => c.with_queue(|q| set_low(&mut q.desc_table, value as u32)),
+            (0x24, 4) => c.with_queue(|q| set_high(&mut q.desc_table, value as u32)),
+            (0x28, 8) => c.with_queue(|q| q.avail_ring = value),
+            (0x28, 4) => c.with_queue(|q| set_low(&mut q.avail_ring, value as u32)),
+            (0x2c, 4) => c.with_queue(|q| set_high(&mut q.avail_ring, value as u32)),
+            (0x30, 8) => c.with_queue(|q| q.used_ring = value),
+            (0x30, 4) => c.with_queue(|q| set_low(&mut q.used_ring, value as u32)),
+            (0x34, 4) => c.with_queue(|q| set_high(&mut q.used_ring, value as u32)),
+            _ => tracing::debug!(
+                "{}: ignored {}-byte write to common config {offset:#x}",
+                c.name(),
+                data.len()
+            ),
+        }
+    }
+}
+
+/// A virtio structure capability (after its ID and next pointer): length, type, BAR 0, the
+/// structure's offset and length in it.
+fn virtio_cap(cap_len: u8, kind: u8, offset: u64, length: u64) -> Vec<u8> {
+    let mut body = vec![cap_len, kind, 0, 0, 0, 0];
+    body.extend_from_slice(&(offset as u32).to_le_bytes());
+    body.extend_from_slice(&(length as u32).to_le_bytes());
+    body
+}
+
+/// PCI class and subclass for a virtio device type.
+fn class_of(device_type: u32) -> u32 {
+    match device_type {
+        TYPE_NET => 0x0002_0000,   // network, Ethernet
+        TYPE_BLOCK => 0x0001_0000, // mass storage, SCSI (as QEMU's virtio-blk-pci)
+        _ => 0x0000_ff00,          // unclassified
+    }
+}
+
+/// Copies `data.len()` bytes of `bytes` from `offset`; zeroes past its end.
+fn read_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| bytes.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config(&self) -> &ConfigSpace {
+        &self.config
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        let control = self.msix_cap + msix::CONTROL_OFFSET;
+        if offset < control + 2 && control < offset + data.len() {
+            let value = (self.config.register(self.msix_cap) >> 16) as u16;
+            self.msix.write_control(value);
+        }
+        self.follow_bar();
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if bar != 0 {
+            data.fill(0xff);
+            return;
+        }
+        match offset {
+            COMMON..=0xfff => read_bytes(&self.common_bytes(), offset - COMMON, data),
+            ISR..=0x1fff => {
+                // Reading the ISR clears it.
+                let isr = self.interrupt.isr.swap(0, Ordering::SeqCst);
+                read_bytes(&[isr], offset - ISR, data);
+            }
+            DEVICE_CONFIG..=0x2fff => read_bytes(&self.device_config, offset - DEVICE_CONFIG, data),
+            MSIX_TABLE..=0x4fff => self.msix.read_table(offset - MSIX_TABLE, data),
+            MSIX_PBA..=0x5fff => self.msix.read_pba(offset - MSIX_PBA, data),
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != 0 {
+            return;
+        }
+        match offset {
+            COMMON..=0xfff => self.common_write(offset - COMMON, data),
+            NOTIFY..=0x3fff => {
+                let at = offset - NOTIFY;
+                if at.is_multiple_of(NOTIFY_MULTIPLIER) {
+                    self.notifier.kick((at / NOTIFY_MULTIPLIER) as usize);
+                }
+            }
+            MSIX_TABLE..=0x4fff => self.msix.write_table(offset - MSIX_TABLE, data),
+            // The ISR, the device configuration and the PBA are read-only.
+            _ => {}
+        }
+    }
+}
