@@ -13,6 +13,31 @@ pub const VMM: &str = env!("CARGO_BIN_EXE_thvc-vmm");
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 pub const BASE_CMDLINE: &str = "console=ttyS0 panic=1 pci=off quiet";
 
+/// How the guest's virtio devices attach: the VMM's `--transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Mmio,
+    Pci,
+}
+
+impl Transport {
+    /// The kernel command line without the action: with virtio-mmio the guest skips the PCI
+    /// probe (`pci=off`), with virtio-pci it needs it.
+    pub fn cmdline(self) -> &'static str {
+        match self {
+            Transport::Mmio => BASE_CMDLINE,
+            Transport::Pci => "console=ttyS0 panic=1 quiet",
+        }
+    }
+
+    pub fn args(self) -> &'static [&'static str] {
+        match self {
+            Transport::Mmio => &["--transport", "mmio"],
+            Transport::Pci => &["--transport", "pci"],
+        }
+    }
+}
+
 pub fn asset(var: &str) -> PathBuf {
     match std::env::var_os(var) {
         Some(p) if PathBuf::from(&p).is_file() => PathBuf::from(p),
