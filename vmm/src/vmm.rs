@@ -251,6 +251,7 @@ fn virtio_pci_devices(
     registry: &DeviceRegistry,
 ) -> Result<(), VmmError> {
     let vm_fd = vm.shared_fd();
+    let windows = root.windows().to_vec();
     for (name, info, handler, counters) in devices {
         let setup = |source: io::Error| VmmError::DeviceSetup {
             device: name.clone(),
@@ -276,6 +277,7 @@ fn virtio_pci_devices(
                 mem,
                 vm: &vm_fd,
                 routing,
+                windows: &windows,
             },
             control,
             notify_events,

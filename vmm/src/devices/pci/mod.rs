@@ -121,6 +121,11 @@ impl PciRoot {
         }
     }
 
+    /// The (start, size) ranges BARs decode in.
+    pub fn windows(&self) -> &[(u64, u64)] {
+        &self.windows
+    }
+
     /// Where a new BAR of `size` bytes goes in window `window` (naturally aligned), as
     /// firmware would place it.
     pub fn allocate_bar(&self, window: usize, size: u64) -> Result<u64, PciError> {
@@ -186,10 +191,7 @@ impl PciRoot {
         let mut decoded = self.decoded.write().unwrap_or_else(|e| e.into_inner());
         decoded.retain(|d| d.slot != slot);
         for (bar, start, size) in bars {
-            let inside = self.windows.iter().any(|(w, len)| {
-                start >= *w && start.checked_add(size).is_some_and(|end| end <= w + len)
-            });
-            if inside {
+            if inside_windows(&self.windows, start, size) {
                 decoded.push(Decoded {
                     start,
                     size,
@@ -208,6 +210,16 @@ impl PciRoot {
             .find(|d| address >= d.start && address - d.start < d.size)?;
         Some((self.slots.get(d.slot)?.clone(), d.bar, address - d.start))
     }
+}
+
+/// Whether `size` bytes at `start` lie inside one of `windows` ((start, size) each).
+pub fn inside_windows(windows: &[(u64, u64)], start: u64, size: u64) -> bool {
+    windows.iter().any(|(w, len)| {
+        start >= *w
+            && start
+                .checked_add(size)
+                .is_some_and(|end| w.checked_add(*len).is_some_and(|w_end| end <= w_end))
+    })
 }
 
 fn lock(dev: &SharedPciDevice) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {

@@ -34,7 +34,7 @@ use super::worker::WorkerControl;
 use super::*;
 use crate::devices::pci::config::{Bar, BarKind, ConfigSpace, COMMAND, COMMAND_MEMORY_SPACE};
 use crate::devices::pci::msix::{self, MsixTable, MsixVectors};
-use crate::devices::pci::PciDevice;
+use crate::devices::pci::{inside_windows, PciDevice};
 use crate::vstate::msi::GsiRouting;
 
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
@@ -198,6 +198,7 @@ pub struct VirtioPciDevice {
     msix_cap: usize,
     device_config: Vec<u8>,
     notifier: Notifier,
+    windows: Vec<(u64, u64)>,
 }
 
 /// What a virtio-pci device needs from the VM: its memory, the KVM VM for notifications and
@@ -206,6 +207,9 @@ pub struct PciPlatform<'a> {
     pub mem: &'a GuestMemoryMmap,
     pub vm: &'a Arc<VmFd>,
     pub routing: &'a Arc<GsiRouting>,
+    /// The host bridge's memory windows (start, size): notifications are only placed where
+    /// BAR 0 lies inside one, never over RAM or other devices.
+    pub windows: &'a [(u64, u64)],
 }
 
 impl VirtioPciDevice {
@@ -282,6 +286,7 @@ impl VirtioPciDevice {
                 events: queue_events,
                 at: None,
             },
+            windows: platform.windows.to_vec(),
         };
         device.follow_bar();
         Ok(device)
@@ -296,13 +301,14 @@ impl VirtioPciDevice {
         }
     }
 
-    /// Keeps the queue notifications where BAR 0 is decoded now.
+    /// Keeps the queue notifications where BAR 0 is decoded now (inside a window).
     fn follow_bar(&mut self) {
+        let windows = &self.windows;
         let decoded = self
             .config
             .decoded_bars()
             .into_iter()
-            .find(|(bar, _, _)| *bar == 0)
+            .find(|(bar, start, size)| *bar == 0 && inside_windows(windows, *start, *size))
             .map(|(_, address, _)| address);
         self.notifier.follow(decoded);
     }
