@@ -29,7 +29,7 @@ use crate::config::{Transport, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT};
 use crate::devices::ged::{Ged, PowerButton, GED_MMIO_SIZE};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT};
-use crate::devices::metrics::DeviceRegistry;
+use crate::devices::metrics::{DeviceRegistry, PciLocation};
 use crate::devices::pci::{
     PciConfigIo, PciEcam, PciError, PciRoot, PciWindow, PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT,
 };
@@ -283,8 +283,18 @@ fn virtio_pci_devices(
             notify_events,
             bar,
         )?;
+        let summary = device.summary();
         let slot = root.add(Arc::new(Mutex::new(device)))?;
         tracing::debug!("{name}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
+        registry.set_pci_location(
+            &name,
+            PciLocation {
+                bdf: format!("0000:00:{slot:02x}.0"),
+                vendor_id: format!("{:#06x}", summary.vendor),
+                device_id: format!("{:#06x}", summary.device),
+                msix_vectors: summary.vectors,
+            },
+        );
     }
     Ok(())
 }

@@ -589,6 +589,28 @@ fn pci_garbage_from_the_guest_leaves_the_vmm_running() {
     guest.wait_until("THVC-TICK=10", |l| l == "THVC-TICK=10");
     let info = api_call(&socket, "info");
     assert!(info["vcpu_exits"].is_array(), "the VMM answers: {info}");
+    // info lists where each virtio device is on PCI and its vectors (queues + config).
+    let devices = info["devices"].as_array().expect("devices");
+    let pci: Vec<(String, String, u64)> = devices
+        .iter()
+        .filter_map(|d| {
+            let p = d.get("pci")?;
+            Some((
+                p["bdf"].as_str()?.to_string(),
+                p["device_id"].as_str()?.to_string(),
+                p["msix_vectors"].as_u64()?,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        pci,
+        [
+            ("0000:00:01.0".to_string(), "0x1042".to_string(), 2),
+            ("0000:00:02.0".to_string(), "0x1041".to_string(), 3),
+            ("0000:00:03.0".to_string(), "0x1044".to_string(), 2),
+        ],
+        "{info}"
+    );
     api_call(&socket, "stop");
     let (status, console, stderr) = guest.finish();
     assert_eq!(

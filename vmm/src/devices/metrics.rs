@@ -54,9 +54,21 @@ impl CounterSource for DeviceCounters {
     }
 }
 
+/// Where a device sits on PCI, for `info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PciLocation {
+    /// Domain:bus:device.function, as lspci prints it.
+    pub bdf: String,
+    pub vendor_id: String,
+    pub device_id: String,
+    /// MSI-X vectors: one per queue and one for configuration changes.
+    pub msix_vectors: usize,
+}
+
 struct DeviceEntry {
     name: String,
     kind: String,
+    pci: std::sync::OnceLock<PciLocation>,
     counters: Mutex<Vec<(String, Counter)>>,
     source: Option<Arc<dyn CounterSource>>,
 }
@@ -91,6 +103,9 @@ pub struct DeviceSnapshot {
     pub kind: String,
     /// Counter name to value, sorted by name.
     pub counters: serde_json::Map<String, serde_json::Value>,
+    /// Where it is on PCI (virtio devices on the PCI transport).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pci: Option<PciLocation>,
 }
 
 impl DeviceRegistry {
@@ -103,10 +118,19 @@ impl DeviceRegistry {
         self.add(name, kind, Some(source));
     }
 
+    /// Records where the device called `name` sits on PCI.
+    pub fn set_pci_location(&self, name: &str, location: PciLocation) {
+        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = devices.iter().find(|d| d.0.name == name) {
+            let _ = d.0.pci.set(location);
+        }
+    }
+
     fn add(&self, name: &str, kind: &str, source: Option<Arc<dyn CounterSource>>) -> DeviceMetrics {
         let dev = DeviceMetrics(Arc::new(DeviceEntry {
             name: name.to_string(),
             kind: kind.to_string(),
+            pci: std::sync::OnceLock::new(),
             counters: Mutex::new(Vec::new()),
             source,
         }));
@@ -139,6 +163,7 @@ impl DeviceRegistry {
                     name: d.0.name.clone(),
                     kind: d.0.kind.clone(),
                     counters: all,
+                    pci: d.0.pci.get().cloned(),
                 }
             })
             .collect()
@@ -174,6 +199,36 @@ mod tests {
             serde_json::to_string(&snap[1]).expect("json"),
             r#"{"name":"blk0","kind":"virtio-blk","counters":{"read_bytes":0,"reads":1}}"#
         );
+    }
+
+    #[test]
+    fn pci_devices_say_where_they_are() {
+        let registry = DeviceRegistry::default();
+        registry.register("serial0", "serial");
+        registry.register_source("blk0", "virtio-blk", Arc::new(DeviceCounters::default()));
+        registry.set_pci_location(
+            "blk0",
+            PciLocation {
+                bdf: "0000:00:01.0".into(),
+                vendor_id: "0x1af4".into(),
+                device_id: "0x1042".into(),
+                msix_vectors: 2,
+            },
+        );
+        registry.set_pci_location(
+            "absent",
+            PciLocation {
+                bdf: String::new(),
+                vendor_id: String::new(),
+                device_id: String::new(),
+                msix_vectors: 0,
+            },
+        );
+        let snap = serde_json::to_value(registry.snapshot()).expect("json");
+        assert!(snap[0].get("pci").is_none(), "not on PCI: no key");
+        assert_eq!(snap[1]["pci"]["bdf"], "0000:00:01.0");
+        assert_eq!(snap[1]["pci"]["device_id"], "0x1042");
+        assert_eq!(snap[1]["pci"]["msix_vectors"], 2);
     }
 
     #[test]
