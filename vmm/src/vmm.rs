@@ -24,7 +24,7 @@ use seccompiler::BpfProgram;
 
 use crate::api::{self, ApiError, VmApi, VmSummary};
 use crate::arch::x86_64::acpi::{self, AcpiPlatform, MmioDeviceInfo, PciHostBridge};
-use crate::arch::x86_64::{boot, layout, regs};
+use crate::arch::x86_64::{boot, cpuid, layout, regs};
 use crate::config::{Transport, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT};
 use crate::devices::ged::{Ged, PowerButton, GED_MMIO_SIZE};
@@ -403,13 +403,15 @@ fn legacy_devices(
     Ok((bus, serial))
 }
 
-/// The PCI host bridge the ACPI tables announce.
-fn pci_host_bridge() -> PciHostBridge {
+/// The PCI host bridge of a guest with `mem_size` bytes of RAM and CPUs of `phys_bits`
+/// physical address bits: the 32-bit window below the MMIO hole's devices, the 64-bit one
+/// above RAM (for large BARs), ECAM for bus 0.
+fn pci_host_bridge(mem_size: u64, phys_bits: u8) -> PciHostBridge {
     PciHostBridge {
         ecam_base: layout::PCI_ECAM_START,
         bus_end: layout::PCI_BUS_END,
         mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-        mmio64: None,
+        mmio64: layout::pci_mmio64_window(mem_size, phys_bits),
     }
 }
 
@@ -555,7 +557,10 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     vm_api.set_power_button(power_button(&vm, &mut mmio_bus, &registry)?);
     let virtio = std::mem::take(&mut resources.virtio);
     let worker_filter = filters.device_worker.as_ref();
-    let mut pci_root = PciRoot::new(vec![(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE)]);
+    let cpuid = vm.supported_cpuid()?;
+    let bridge = pci_host_bridge(mem_size, cpuid::phys_address_bits(&cpuid));
+    let windows = std::iter::once(bridge.mmio32).chain(bridge.mmio64).collect();
+    let mut pci_root = PciRoot::new(windows);
     let (virtio_mmio, pci) = match config.transport {
         Transport::Mmio => {
             let announced =
@@ -573,7 +578,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
                 worker_filter,
                 &registry,
             )?;
-            (Vec::new(), Some(pci_host_bridge()))
+            (Vec::new(), Some(bridge))
         }
     };
     let pci_root = Arc::new(pci_root);
@@ -593,7 +598,6 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
         &mut resources.kernel,
         resources.initrd.as_mut(),
     )?;
-    let cpuid = vm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm, id, bus.clone(), mmio_bus.clone(), exit.clone())?;

@@ -93,6 +93,18 @@ pub fn adapt_entry(entry: &mut kvm_cpuid_entry2, vcpu_id: u8, vcpu_count: u8) {
     }
 }
 
+/// Physical address bits the guest's CPUs report (CPUID.80000008H:EAX[7:0]); 36, the
+/// architectural minimum, when the leaf is missing. Nothing may be mapped above.
+pub fn phys_address_bits(supported: &CpuId) -> u8 {
+    supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == LEAF_AMD_SIZE_IDS)
+        .map(|e| e.eax as u8)
+        .filter(|bits| *bits >= 32)
+        .unwrap_or(36)
+}
+
 /// The CPUID table of vCPU `vcpu_id`, derived from KVM's supported table.
 pub fn vcpu_cpuid(supported: &CpuId, vcpu_id: u8, vcpu_count: u8) -> CpuId {
     let mut cpuid = supported.clone();
@@ -105,6 +117,16 @@ pub fn vcpu_cpuid(supported: &CpuId, vcpu_id: u8, vcpu_count: u8) -> CpuId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn physical_address_bits_come_from_the_size_leaf() {
+        let mut leaf = entry(LEAF_AMD_SIZE_IDS, 0);
+        leaf.eax = 0x3028; // 48 linear, 40 physical
+        let cpuid = CpuId::from_entries(&[entry(1, 0), leaf]).expect("cpuid");
+        assert_eq!(phys_address_bits(&cpuid), 40);
+        let none = CpuId::from_entries(&[entry(1, 0)]).expect("cpuid");
+        assert_eq!(phys_address_bits(&none), 36);
+    }
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
