@@ -72,6 +72,8 @@ pub enum ConfigError {
 pub const MAX_VIRTIO_DEVICES: usize = 16;
 /// The virtio-blk serial (VIRTIO_BLK_ID_BYTES).
 pub const MAX_DISK_SERIAL_LEN: usize = 20;
+/// The most queues (virtio-blk) or queue pairs (virtio-net) per device.
+pub const MAX_QUEUES: u16 = 16;
 
 /// A virtio-blk disk backed by a raw image file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -82,6 +84,10 @@ pub struct DiskConfig {
     pub readonly: bool,
     #[serde(default)]
     pub serial: Option<String>,
+    /// Request queues, each served by its own thread; None: one per vCPU on PCI, one on
+    /// virtio-mmio (resolved by `VmConfig::merge`).
+    #[serde(default)]
+    pub queues: Option<u16>,
 }
 
 /// A virtio-net NIC on an existing (or, with the right to, new) TAP device, named or handed
@@ -96,6 +102,10 @@ pub struct NetConfig {
     pub mac: Option<String>,
     #[serde(default)]
     pub fd: Option<i32>,
+    /// Queue pairs (each a TAP queue and a thread); None: one per vCPU on PCI where the TAP
+    /// allows it (multi_queue), else one (resolved when the TAP is opened).
+    #[serde(default)]
+    pub queues: Option<u16>,
 }
 
 /// Splits "a=1,b=2" into pairs; every part must be key=value.
@@ -109,6 +119,15 @@ fn key_values(spec: &str) -> Result<Vec<(&str, &str)>, String> {
         .collect()
 }
 
+fn queue_count(value: &str) -> Result<u16, String> {
+    match value.parse::<u16>() {
+        Ok(n) if (1..=MAX_QUEUES).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "queues '{value}' is not a number from 1 to {MAX_QUEUES}"
+        )),
+    }
+}
+
 fn on_off(value: &str) -> Result<bool, String> {
     match value {
         "on" | "true" | "yes" => Ok(true),
@@ -120,7 +139,7 @@ fn on_off(value: &str) -> Result<bool, String> {
 impl FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// `path=FILE[,readonly=on][,serial=ID]`
+    /// `path=FILE[,readonly=on][,serial=ID][,queues=N]`
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let err = |why: String| ConfigError::Disk {
             spec: spec.to_string(),
@@ -130,13 +149,19 @@ impl FromStr for DiskConfig {
             path: PathBuf::new(),
             readonly: false,
             serial: None,
+            queues: None,
         };
         for (key, value) in key_values(spec).map_err(err)? {
             match key {
                 "path" => disk.path = PathBuf::from(value),
                 "readonly" => disk.readonly = on_off(value).map_err(err)?,
                 "serial" => disk.serial = Some(value.to_string()),
-                _ => return Err(err(format!("unknown key '{key}' (path, readonly, serial)"))),
+                "queues" => disk.queues = Some(queue_count(value).map_err(err)?),
+                _ => {
+                    return Err(err(format!(
+                        "unknown key '{key}' (path, readonly, serial, queues)"
+                    )))
+                }
             }
         }
         disk.validate().map_err(err)?;
@@ -148,6 +173,9 @@ impl DiskConfig {
     fn validate(&self) -> Result<(), String> {
         if self.path.as_os_str().is_empty() {
             return Err("path is required".into());
+        }
+        if let Some(n) = self.queues {
+            queue_count(&n.to_string())?;
         }
         if let Some(serial) = &self.serial {
             if serial.len() > MAX_DISK_SERIAL_LEN || !serial.is_ascii() {
@@ -163,7 +191,7 @@ impl DiskConfig {
 impl FromStr for NetConfig {
     type Err = ConfigError;
 
-    /// `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`
+    /// `tap=NAME[,mac=MAC][,queues=N]` or `fd=N[,mac=MAC]`
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let err = |why: String| ConfigError::Net {
             spec: spec.to_string(),
@@ -173,6 +201,7 @@ impl FromStr for NetConfig {
             tap: String::new(),
             mac: None,
             fd: None,
+            queues: None,
         };
         for (key, value) in key_values(spec).map_err(err)? {
             match key {
@@ -185,7 +214,8 @@ impl FromStr for NetConfig {
                             .map_err(|_| err(format!("fd '{value}' is not a number")))?,
                     )
                 }
-                _ => return Err(err(format!("unknown key '{key}' (tap, fd, mac)"))),
+                "queues" => net.queues = Some(queue_count(value).map_err(err)?),
+                _ => return Err(err(format!("unknown key '{key}' (tap, fd, mac, queues)"))),
             }
         }
         net.validate().map_err(err)?;
@@ -195,6 +225,9 @@ impl FromStr for NetConfig {
 
 impl NetConfig {
     fn validate(&self) -> Result<(), String> {
+        if let Some(n) = self.queues {
+            queue_count(&n.to_string())?;
+        }
         match self.fd {
             Some(_) if !self.tap.is_empty() => {
                 return Err("give either tap=NAME or fd=N, not both".into())
@@ -203,6 +236,9 @@ impl NetConfig {
                 return Err(format!(
                     "fd {fd} is not an inherited descriptor (3 or more)"
                 ))
+            }
+            Some(_) if self.queues.is_some_and(|n| n > 1) => {
+                return Err("queues needs tap=NAME (one TAP queue is opened per queue pair)".into())
             }
             Some(_) => {}
             None if self.tap.is_empty() => return Err("tap=NAME or fd=N is required".into()),
@@ -511,7 +547,7 @@ impl VmConfig {
             None => SerialTarget::Stdout,
         };
         // Devices: the command line's list replaces the file's when given.
-        let disks = if cli.disks.is_empty() {
+        let disks: Vec<DiskConfig> = if cli.disks.is_empty() {
             let disks = file.disks.unwrap_or_default();
             for d in &disks {
                 d.validate().map_err(|why| ConfigError::Disk {
@@ -572,6 +608,18 @@ impl VmConfig {
             Some(t) => t.parse()?,
             None => Transport::default(),
         };
+        // One queue per vCPU by default where each queue can have its own interrupt vector.
+        let default_queues = match transport {
+            Transport::Pci => u16::from(vcpus).min(MAX_QUEUES),
+            Transport::Mmio => 1,
+        };
+        let disks = disks
+            .into_iter()
+            .map(|d| DiskConfig {
+                queues: Some(d.queues.unwrap_or(default_queues)),
+                ..d
+            })
+            .collect();
         let api_socket = cli.api_socket.or(file.api_socket);
         if api_socket
             .as_ref()
@@ -776,6 +824,30 @@ mod tests {
     }
 
     #[test]
+    fn queues_default_to_one_per_vcpu_on_pci_and_one_on_mmio() {
+        let merge = |args: &[&str]| {
+            let mut all = vec!["--kernel", "k", "--cpus", "4"];
+            all.extend_from_slice(args);
+            VmConfig::merge(cli(&all), FileConfig::default(), HOST_MIB).expect("valid")
+        };
+        let pci = merge(&[
+            "--transport",
+            "pci",
+            "--disk",
+            "path=/a",
+            "--disk",
+            "path=/b,queues=2",
+        ]);
+        assert_eq!(pci.transport, Transport::Pci);
+        assert_eq!(pci.disks[0].queues, Some(4), "one per vCPU");
+        assert_eq!(pci.disks[1].queues, Some(2), "as asked");
+        let mmio = merge(&["--disk", "path=/a", "--net", "tap=t0,queues=3"]);
+        assert_eq!(mmio.transport, Transport::Mmio, "the default");
+        assert_eq!(mmio.disks[0].queues, Some(1));
+        assert_eq!(mmio.nets[0].queues, Some(3));
+    }
+
+    #[test]
     fn devices_from_file() {
         let file = FileConfig::parse(
             r#"{"kernel": "k", "disks": [{"path": "/a", "readonly": true}],
@@ -811,6 +883,11 @@ mod tests {
         assert!(bad(&["--net", "tap=t0,mac=01:00:5e:00:00:01"]).contains("not a unicast"));
         assert!(bad(&["--net", "tap=t0,mac=52:54"]).contains("not of the form"));
         assert!(bad(&["--net", "tap=t0", "--net", "tap=t0"]).contains("twice"));
+        assert!(bad(&["--disk", "path=/a,queues=0"]).contains("from 1 to 16"));
+        assert!(bad(&["--disk", "path=/a,queues=17"]).contains("from 1 to 16"));
+        assert!(bad(&["--net", "tap=t0,queues=x"]).contains("from 1 to 16"));
+        assert!(bad(&["--net", "fd=5,queues=2"]).contains("queues needs tap=NAME"));
+        assert!(bad(&["--transport", "isa"]).contains("expected mmio or pci"));
         let many: Vec<String> = (0..17).map(|i| format!("path=/d{i}")).collect();
         let mut args = Vec::new();
         for m in &many {

@@ -42,9 +42,11 @@ use crate::devices::virtio::pci::{
 };
 use crate::devices::virtio::registers::RegisterPage;
 use crate::devices::virtio::tap::TapError;
+use crate::devices::virtio::transport::WorkerGroup;
 use crate::devices::virtio::worker::{self, WorkerControl};
 use crate::devices::virtio::{
-    block, net, rng, type_name, DeviceCounters, DeviceInfo, QueueHandler, VIRTIO_MMIO_INT_VRING,
+    block, net, rng, type_name, DeviceCounters, DeviceInfo, QueueGroup, QueueHandler,
+    VIRTIO_MMIO_INT_VRING,
 };
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
@@ -108,23 +110,37 @@ const VIRTIO_FIRST_GSI: u32 = 5;
 /// First KVM memory slot for virtio register pages (guest RAM takes the slots below).
 const FIRST_DEVICE_SLOT: u32 = 16;
 
-/// A virtio device opened but not yet wired: name, transport description, worker half,
-/// counters.
-type PendingDevice = (
-    String,
-    DeviceInfo,
-    Box<dyn QueueHandler>,
-    Arc<DeviceCounters>,
-);
+/// A virtio device opened but not yet wired: name, transport description, the handlers of
+/// its queue groups (one worker thread each), counters.
+type PendingDevice = (String, DeviceInfo, Vec<QueueGroup>, Arc<DeviceCounters>);
+
+/// A device whose queues are all served by one handler.
+fn one_group(info: &DeviceInfo, handler: impl QueueHandler + 'static) -> Vec<QueueGroup> {
+    vec![QueueGroup {
+        handler: Box::new(handler),
+        queues: 0..info.queue_max_sizes.len(),
+    }]
+}
 
 /// Opens the virtio devices' backends (disk images, TAPs). Done before privileges are
 /// dropped, like every other open.
 fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmError> {
     let mut devices: Vec<PendingDevice> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        let (info, dev) = block::open(&disk.path, disk.readonly, disk.serial.as_deref())?;
-        let counters = dev.counters();
-        devices.push((format!("virtio-blk{i}"), info, Box::new(dev), counters));
+        let queues = disk.queues.unwrap_or(1);
+        let (info, workers) =
+            block::open(&disk.path, disk.readonly, disk.serial.as_deref(), queues)?;
+        let counters = workers.first().map(|w| w.counters()).unwrap_or_default();
+        // A thread per queue: requests of different vCPUs run in parallel.
+        let groups = workers
+            .into_iter()
+            .enumerate()
+            .map(|(q, w)| QueueGroup {
+                handler: Box::new(w),
+                queues: q..q + 1,
+            })
+            .collect();
+        devices.push((format!("virtio-blk{i}"), info, groups, counters));
     }
     for (i, nic) in config.nets.iter().enumerate() {
         let mac = nic.mac.as_deref().and_then(net::parse_mac);
@@ -133,33 +149,50 @@ fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmErro
             None => net::open(&nic.tap, mac.unwrap_or_else(|| net::default_mac(&nic.tap)))?,
         };
         let counters = dev.counters();
-        devices.push((format!("virtio-net{i}"), info, Box::new(dev), counters));
+        let groups = one_group(&info, dev);
+        devices.push((format!("virtio-net{i}"), info, groups, counters));
     }
     if config.rng {
         let (info, dev) = rng::new();
         let counters = dev.counters();
-        devices.push(("virtio-rng0".to_string(), info, Box::new(dev), counters));
+        let groups = one_group(&info, dev);
+        devices.push(("virtio-rng0".to_string(), info, groups, counters));
     }
     Ok(devices)
 }
 
-/// Starts a device's worker thread (which installs `worker_filter`) on its queue eventfds and
-/// puts its counters in the registry; returns the transport's line to the worker.
-fn start_worker(
+/// Starts a device's worker threads, one per queue group (each installs `worker_filter`),
+/// each waiting on its own queues' eventfds; returns the transport's lines to them.
+fn start_workers(
     name: &str,
-    handler: Box<dyn QueueHandler>,
+    groups: Vec<QueueGroup>,
     queue_events: Vec<EventFd>,
     worker_filter: Option<&BpfProgram>,
-) -> io::Result<Arc<WorkerControl>> {
-    let control = WorkerControl::new()?;
-    worker::spawn(
-        name.to_string(),
-        handler,
-        queue_events,
-        control.clone(),
-        worker_filter.cloned(),
-    )?;
-    Ok(control)
+) -> io::Result<Vec<WorkerGroup>> {
+    let single = groups.len() == 1;
+    let mut events = queue_events.into_iter();
+    let mut workers = Vec::with_capacity(groups.len());
+    for (g, group) in groups.into_iter().enumerate() {
+        let control = WorkerControl::new()?;
+        let thread = if single {
+            name.to_string()
+        } else {
+            format!("{name}-q{g}")
+        };
+        let mine: Vec<EventFd> = events.by_ref().take(group.queues.len()).collect();
+        worker::spawn(
+            thread,
+            group.handler,
+            mine,
+            control.clone(),
+            worker_filter.cloned(),
+        )?;
+        workers.push(WorkerGroup {
+            control,
+            queues: group.queues,
+        });
+    }
+    Ok(workers)
 }
 
 /// Wires the opened virtio devices as virtio-mmio: starts their worker threads, wires their
@@ -174,7 +207,7 @@ fn virtio_mmio_devices(
     registry: &DeviceRegistry,
 ) -> Result<Vec<MmioDeviceInfo>, VmmError> {
     let mut announced = Vec::new();
-    for (i, (name, info, handler, counters)) in devices.into_iter().enumerate() {
+    for (i, (name, info, groups, counters)) in devices.into_iter().enumerate() {
         let setup = |source: io::Error| VmmError::DeviceSetup {
             device: name.clone(),
             source,
@@ -197,7 +230,7 @@ fn virtio_mmio_devices(
             queue_events.push(evt);
         }
         registry.register_source(&name, type_name(info.device_type), counters);
-        let control = start_worker(&name, handler, queue_events, worker_filter).map_err(setup)?;
+        let workers = start_workers(&name, groups, queue_events, worker_filter).map_err(setup)?;
         // The register window as memory the guest reads without exits (see
         // devices/virtio/registers); writes still exit to the transport.
         let registers = Arc::new(RegisterPage::new().map_err(setup)?);
@@ -223,7 +256,7 @@ fn virtio_mmio_devices(
             )
             .map_err(kvm)?;
         let interrupt = MmioInterrupt::new(registers, irqfd);
-        let transport = MmioTransport::new(info, mem.clone(), interrupt, control, Some(ack_sink));
+        let transport = MmioTransport::new(info, mem.clone(), interrupt, workers, Some(ack_sink));
         mmio_bus.insert(
             base,
             layout::VIRTIO_MMIO_SIZE,
@@ -252,7 +285,7 @@ fn virtio_pci_devices(
 ) -> Result<(), VmmError> {
     let vm_fd = vm.shared_fd();
     let windows = root.windows().to_vec();
-    for (name, info, handler, counters) in devices {
+    for (name, info, groups, counters) in devices {
         let setup = |source: io::Error| VmmError::DeviceSetup {
             device: name.clone(),
             source,
@@ -269,7 +302,7 @@ fn virtio_pci_devices(
             .collect::<io::Result<Vec<_>>>()
             .map_err(setup)?;
         registry.register_source(&name, type_name(info.device_type), counters);
-        let control = start_worker(&name, handler, queue_events, worker_filter).map_err(setup)?;
+        let workers = start_workers(&name, groups, queue_events, worker_filter).map_err(setup)?;
         let bar = root.allocate_bar(0, virtio_pci::BAR_SIZE)?;
         let device = VirtioPciDevice::new(
             info,
@@ -279,7 +312,7 @@ fn virtio_pci_devices(
                 routing,
                 windows: &windows,
             },
-            control,
+            workers,
             notify_events,
             bar,
         )?;
@@ -559,7 +592,9 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     let worker_filter = filters.device_worker.as_ref();
     let cpuid = vm.supported_cpuid()?;
     let bridge = pci_host_bridge(mem_size, cpuid::phys_address_bits(&cpuid));
-    let windows = std::iter::once(bridge.mmio32).chain(bridge.mmio64).collect();
+    let windows = std::iter::once(bridge.mmio32)
+        .chain(bridge.mmio64)
+        .collect();
     let mut pci_root = PciRoot::new(windows);
     let (virtio_mmio, pci) = match config.transport {
         Transport::Mmio => {

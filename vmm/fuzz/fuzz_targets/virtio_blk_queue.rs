@@ -65,11 +65,15 @@ fuzz_target!(|input: &[u8]| {
         .try_set_used_ring_address(GuestAddress(USED_RING))
         .expect("aligned");
     queue.set_ready(true);
-    let (_, mut device) = block::open(disk(), read_only, Some("fuzz")).expect("open disk");
+    let (_, mut devices) = block::open(disk(), read_only, Some("fuzz"), 1).expect("open disk");
+    let Some(mut device) = devices.pop() else {
+        return;
+    };
     let irq = Arc::new(EventFd::new(0).expect("eventfd"));
     device.activate(Activation {
         mem: mem.clone(),
         queues: vec![queue],
+        first_queue: 0,
         acked_features: 1 << 32,
         interrupt: Interrupt::new(MmioInterrupt::new(
             Arc::new(RegisterPage::new().expect("register page")),

@@ -40,6 +40,10 @@ impl Counter {
 /// devices' [`DeviceCounters`].
 pub trait CounterSource: Send + Sync {
     fn counters(&self) -> Vec<(&'static str, u64)>;
+    /// Per-queue counts, if the device has queues.
+    fn queues(&self) -> Vec<u64> {
+        Vec::new()
+    }
 }
 
 impl CounterSource for DeviceCounters {
@@ -51,6 +55,13 @@ impl CounterSource for DeviceCounters {
             ("bytes_written", get(&self.bytes_written)),
             ("errors", get(&self.errors)),
         ]
+    }
+
+    fn queues(&self) -> Vec<u64> {
+        self.queue_used
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -103,6 +114,9 @@ pub struct DeviceSnapshot {
     pub kind: String,
     /// Counter name to value, sorted by name.
     pub counters: serde_json::Map<String, serde_json::Value>,
+    /// Buffers each queue used, by queue number (virtio devices).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub queue_used: Vec<u64>,
     /// Where it is on PCI (virtio devices on the PCI transport).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pci: Option<PciLocation>,
@@ -163,6 +177,7 @@ impl DeviceRegistry {
                     name: d.0.name.clone(),
                     kind: d.0.kind.clone(),
                     counters: all,
+                    queue_used: d.0.source.as_ref().map(|s| s.queues()).unwrap_or_default(),
                     pci: d.0.pci.get().cloned(),
                 }
             })

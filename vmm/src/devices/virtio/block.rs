@@ -29,6 +29,7 @@ const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
 
@@ -342,20 +343,24 @@ fn supports_punch_hole(file: &File, size: u64) -> bool {
     .is_ok()
 }
 
+/// The worker half of one request queue of a disk; a disk with several queues has one per
+/// queue, each on its own thread, sharing the image file (positional I/O needs no lock).
 pub struct BlockDevice {
-    file: File,
+    file: Arc<File>,
     disk: DiskGeometry,
     serial: [u8; ID_BYTES],
     counters: Arc<DeviceCounters>,
     active: Option<Activation>,
 }
 
-/// A virtio-blk disk: its transport description and its worker half.
+/// A virtio-blk disk with `queues` request queues (at least one): its transport description
+/// and the worker half of each queue.
 pub fn open(
     path: &Path,
     read_only: bool,
     serial: Option<&str>,
-) -> Result<(DeviceInfo, BlockDevice), BlockError> {
+    queues: u16,
+) -> Result<(DeviceInfo, Vec<BlockDevice>), BlockError> {
     let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -388,25 +393,28 @@ pub fn open(
         read_only,
         discard,
     };
+    let queues = queues.max(1);
     let info = DeviceInfo {
         device_type: TYPE_BLOCK,
-        queue_max_sizes: vec![QUEUE_SIZE],
-        features: features(&disk),
-        config_space: config_space(&disk),
+        queue_max_sizes: vec![QUEUE_SIZE; usize::from(queues)],
+        features: features(&disk, queues),
+        config_space: config_space(&disk, queues),
     };
-    Ok((
-        info,
-        BlockDevice {
-            file,
+    let file = Arc::new(file);
+    let counters = Arc::new(DeviceCounters::with_queues(usize::from(queues)));
+    let workers = (0..queues)
+        .map(|_| BlockDevice {
+            file: file.clone(),
             disk,
             serial: id,
-            counters: Arc::new(DeviceCounters::default()),
+            counters: counters.clone(),
             active: None,
-        },
-    ))
+        })
+        .collect();
+    Ok((info, workers))
 }
 
-fn features(disk: &DiskGeometry) -> u64 {
+fn features(disk: &DiskGeometry, queues: u16) -> u64 {
     let mut f = VIRTIO_F_VERSION_1
         | VIRTIO_RING_F_EVENT_IDX
         | VIRTIO_RING_F_INDIRECT_DESC
@@ -416,6 +424,9 @@ fn features(disk: &DiskGeometry) -> u64 {
     if disk.read_only {
         f |= VIRTIO_BLK_F_RO;
     }
+    if queues > 1 {
+        f |= VIRTIO_BLK_F_MQ;
+    }
     if disk.discard {
         f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
     }
@@ -423,9 +434,10 @@ fn features(disk: &DiskGeometry) -> u64 {
 }
 
 /// struct virtio_blk_config up to write_zeroes_may_unmap.
-fn config_space(disk: &DiskGeometry) -> Vec<u8> {
+fn config_space(disk: &DiskGeometry, queues: u16) -> Vec<u8> {
     let mut c = vec![0u8; 60];
     c[0..8].copy_from_slice(&(disk.size_bytes / SECTOR_SIZE).to_le_bytes());
+    c[34..36].copy_from_slice(&queues.to_le_bytes()); // num_queues
     c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
     c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
     if disk.discard {
@@ -531,9 +543,14 @@ impl BlockDevice {
         let Some(queue) = active.queues.first_mut() else {
             return false;
         };
-        serve_queue(0, queue, &mem, &active.interrupt, |descriptors| {
-            self.handle_chain(&mem, descriptors)
-        })
+        serve_queue(
+            active.first_queue,
+            queue,
+            &mem,
+            &active.interrupt,
+            &self.counters,
+            |descriptors| self.handle_chain(&mem, descriptors),
+        )
     }
 
     /// Parses and executes one request, writes its status byte; returns the used length.
@@ -772,7 +789,8 @@ mod tests {
         fn new(path: &Path, read_only: bool) -> Self {
             let mem = memory();
             let ring = TestRing::new(&mem, 256);
-            let (_, mut dev) = open(path, read_only, Some("disk-7")).expect("open");
+            let (_, mut devs) = open(path, read_only, Some("disk-7"), 1).expect("open");
+            let mut dev = devs.pop().expect("one queue");
             let (activation, irq) = ring.activation(vec![ring.queue()], VIRTIO_F_VERSION_1);
             dev.activate(activation);
             Harness {
@@ -876,7 +894,7 @@ mod tests {
     fn read_only_disk_refuses_writes_with_ioerr_and_keeps_data() {
         let path = temp_disk("ro", 64 * 1024);
         std::fs::write(&path, vec![0xabu8; 64 * 1024]).expect("fill");
-        let (info, _) = open(&path, true, None).expect("open");
+        let (info, _) = open(&path, true, None, 1).expect("open");
         assert_ne!(info.features & VIRTIO_BLK_F_RO, 0);
         assert_eq!(info.features & VIRTIO_BLK_F_DISCARD, 0);
         let mut h = Harness::new(&path, true);
@@ -894,9 +912,26 @@ mod tests {
     }
 
     #[test]
+    fn several_queues_share_the_disk_and_announce_mq() {
+        let path = temp_disk("mq", 64 * 1024);
+        let (one, _) = open(&path, false, None, 1).expect("open");
+        assert_eq!(one.features & VIRTIO_BLK_F_MQ, 0, "one queue: no MQ");
+        let (info, workers) = open(&path, false, None, 4).expect("open");
+        assert_eq!(workers.len(), 4, "a worker half per queue");
+        assert_eq!(info.queue_max_sizes, vec![QUEUE_SIZE; 4]);
+        assert_ne!(info.features & VIRTIO_BLK_F_MQ, 0);
+        assert_eq!(
+            u16::from_le_bytes([info.config_space[34], info.config_space[35]]),
+            4
+        );
+        assert!(Arc::ptr_eq(&workers[0].counters(), &workers[3].counters()));
+        assert_eq!(workers[0].counters().queue_used.len(), 4);
+    }
+
+    #[test]
     fn config_space_and_open_errors() {
         let path = temp_disk("cfg", 10 * 512 + 100);
-        let (info, _) = open(&path, false, None).expect("open");
+        let (info, _) = open(&path, false, None, 1).expect("open");
         assert_eq!(
             u64::from_le_bytes(info.config_space[0..8].try_into().expect("8")),
             10,
@@ -907,16 +942,16 @@ mod tests {
             SEG_MAX
         );
         assert!(matches!(
-            open(Path::new("/nonexistent/disk"), false, None),
+            open(Path::new("/nonexistent/disk"), false, None, 1),
             Err(BlockError::Open { .. })
         ));
         let tiny = temp_disk("tiny", 100);
         assert!(matches!(
-            open(&tiny, false, None),
+            open(&tiny, false, None, 1),
             Err(BlockError::TooSmall(_))
         ));
         assert!(matches!(
-            open(&path, false, Some("x".repeat(21).as_str())),
+            open(&path, false, Some("x".repeat(21).as_str()), 1),
             Err(BlockError::SerialTooLong(_))
         ));
     }

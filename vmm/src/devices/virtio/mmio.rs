@@ -11,8 +11,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::registers::RegisterPage;
-use super::transport::{set_high, set_low, StatusChange, VirtioCommon};
-use super::worker::WorkerControl;
+use super::transport::{set_high, set_low, StatusChange, VirtioCommon, WorkerGroup};
 use super::*;
 use crate::devices::BusDevice;
 
@@ -118,7 +117,7 @@ impl MmioTransport {
         info: DeviceInfo,
         mem: GuestMemoryMmap,
         interrupt: Arc<MmioInterrupt>,
-        worker: Arc<WorkerControl>,
+        workers: Vec<WorkerGroup>,
         ack_sink: Option<EventFd>,
     ) -> Self {
         let registers = interrupt.registers.clone();
@@ -127,7 +126,7 @@ impl MmioTransport {
             CONFIG_SPACE as usize,
             &info.config_space[..end - CONFIG_SPACE as usize],
         );
-        let common = VirtioCommon::new(info, mem, Interrupt::new(interrupt.clone()), worker);
+        let common = VirtioCommon::new(info, mem, Interrupt::new(interrupt.clone()), workers);
         let transport = MmioTransport {
             common,
             interrupt,
@@ -226,6 +225,7 @@ mod tests {
 
     use super::*;
     use crate::devices::virtio::testing::{memory, AVAIL_RING, DESC_TABLE, USED_RING};
+    use crate::devices::virtio::worker::WorkerControl;
 
     /// Reports what the worker was told.
     struct Recorder(mpsc::Sender<String>);
@@ -269,7 +269,16 @@ mod tests {
             config_space: vec![1, 2, 3, 4, 5, 6, 7, 8],
         };
         (
-            MmioTransport::new(info, memory(), interrupt.clone(), control, None),
+            MmioTransport::new(
+                info,
+                memory(),
+                interrupt.clone(),
+                vec![WorkerGroup {
+                    control,
+                    queues: 0..1,
+                }],
+                None,
+            ),
             rx,
             interrupt,
         )

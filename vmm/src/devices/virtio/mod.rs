@@ -134,6 +134,12 @@ impl Interrupt {
         self.target.needs_reset();
     }
 
+    /// An interrupt for another worker of the same device: the same transport, its own
+    /// batch (workers of one device run concurrently).
+    pub fn for_worker(&self) -> Interrupt {
+        Interrupt::new(self.target.clone())
+    }
+
     /// The device was reset: nothing is pending any more.
     pub fn clear(&self) {
         for bits in self.deferred.iter() {
@@ -162,7 +168,8 @@ pub fn pop_chain<'a>(queue: &mut Queue, mem: &'a GuestMemoryMmap) -> Popped<'a> 
     }
 }
 
-/// Serves every request available on `queue` (number `index` of its device): `handle` gets each chain's descriptors and returns
+/// Serves every request available on `queue` (number `index` of its device, counted in
+/// `counters`): `handle` gets each chain's descriptors and returns
 /// the used length. Re-checks after re-enabling notifications (no kick is lost) and interrupts
 /// the driver if it asked for it. Returns false if the driver broke the queue.
 pub fn serve_queue(
@@ -170,6 +177,7 @@ pub fn serve_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
+    counters: &DeviceCounters,
     mut handle: impl FnMut(&[virtio_queue::desc::split::Descriptor]) -> u32,
 ) -> bool {
     use virtio_queue::QueueT;
@@ -190,6 +198,7 @@ pub fn serve_queue(
             if queue.add_used(mem, head, used_len).is_err() {
                 return false;
             }
+            counters.used(index, 1);
             used_any = true;
         }
         match queue.enable_notification(mem) {
@@ -225,12 +234,21 @@ pub fn with_active<D>(
     }
 }
 
-/// What a device worker gets when the driver sets DRIVER_OK.
+/// What a device worker gets when the driver sets DRIVER_OK: its group's queues, the first
+/// of which is the device's queue number `first_queue` (for interrupts and counters).
 pub struct Activation {
     pub mem: GuestMemoryMmap,
     pub queues: Vec<Queue>,
+    pub first_queue: usize,
     pub acked_features: u64,
     pub interrupt: Interrupt,
+}
+
+/// Part of a multiqueue device: a handler serving a contiguous range of the device's queues
+/// on a worker thread of its own. A single-queue device is one group.
+pub struct QueueGroup {
+    pub handler: Box<dyn QueueHandler>,
+    pub queues: std::ops::Range<usize>,
 }
 
 /// The device-specific half of a virtio device, run on its worker thread.
@@ -239,7 +257,7 @@ pub trait QueueHandler: Send {
     fn activate(&mut self, activation: Activation);
     /// The driver reset the device: stop using the queues (they are dropped).
     fn reset(&mut self);
-    /// Queue `index` was kicked by the driver.
+    /// Queue `index` (counted from the group's first queue) was kicked by the driver.
     fn queue_notified(&mut self, index: usize);
     /// The backend file descriptor to watch for input (the TAP device of a NIC).
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
@@ -268,18 +286,35 @@ pub fn type_name(device_type: u32) -> &'static str {
     }
 }
 
-/// Per-device counters, readable while the VM runs (by the API's `info`).
+/// Per-device counters, readable while the VM runs (by the API's `info`), shared by the
+/// device's workers: totals, and the buffers each queue used.
 #[derive(Debug, Default)]
 pub struct DeviceCounters {
     pub requests: std::sync::atomic::AtomicU64,
     pub bytes_read: std::sync::atomic::AtomicU64,
     pub bytes_written: std::sync::atomic::AtomicU64,
     pub errors: std::sync::atomic::AtomicU64,
+    /// Buffers used per queue (requests served, frames moved).
+    pub queue_used: Box<[AtomicU64]>,
 }
 
 impl DeviceCounters {
+    pub fn with_queues(queues: usize) -> Self {
+        DeviceCounters {
+            queue_used: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            ..Default::default()
+        }
+    }
+
     pub fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` used buffers on queue `queue` of the device.
+    pub fn used(&self, queue: usize, n: u64) {
+        if let Some(c) = self.queue_used.get(queue) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
     }
 }
 #[cfg(test)]

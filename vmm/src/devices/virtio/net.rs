@@ -203,6 +203,7 @@ impl NetDevice {
                     if queue.add_used(&mem, head, n as u32).is_err() {
                         return false;
                     }
+                    self.counters.used(active.first_queue + RX_QUEUE, 1);
                     used_any = true;
                 }
                 Err(e) => {
@@ -217,7 +218,9 @@ impl NetDevice {
         }
         if used_any {
             match queue.needs_notification(&mem) {
-                Ok(true) => active.interrupt.signal_used_queue(RX_QUEUE),
+                Ok(true) => active
+                    .interrupt
+                    .signal_used_queue(active.first_queue + RX_QUEUE),
                 Ok(false) => {}
                 Err(_) => return false,
             }
@@ -230,10 +233,11 @@ impl NetDevice {
         let mem = active.mem.clone();
         let (tap, counters) = (&self.tap, &self.counters);
         serve_queue(
-            TX_QUEUE,
+            active.first_queue + TX_QUEUE,
             &mut active.queues[TX_QUEUE],
             &mem,
             &active.interrupt,
+            counters,
             |descriptors| {
                 match chain_iovecs(&mem, descriptors, false, MAX_TX_FRAME) {
                     Some(iovs) => match tap.writev(&iovs) {

@@ -29,8 +29,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::{set_high, set_low, StatusChange, VirtioCommon};
-use super::worker::WorkerControl;
+use super::transport::{set_high, set_low, StatusChange, VirtioCommon, WorkerGroup};
 use super::*;
 use crate::devices::pci::config::{Bar, BarKind, ConfigSpace, COMMAND, COMMAND_MEMORY_SPACE};
 use crate::devices::pci::msix::{self, MsixTable, MsixVectors};
@@ -218,7 +217,7 @@ impl VirtioPciDevice {
     pub fn new(
         info: DeviceInfo,
         platform: PciPlatform<'_>,
-        worker: Arc<WorkerControl>,
+        workers: Vec<WorkerGroup>,
         queue_events: Vec<EventFd>,
         bar_address: u64,
     ) -> Result<Self, VirtioPciError> {
@@ -272,7 +271,7 @@ impl VirtioPciDevice {
             info,
             platform.mem.clone(),
             Interrupt::new(interrupt.clone()),
-            worker,
+            workers,
         );
         let mut device = VirtioPciDevice {
             config,

@@ -77,12 +77,19 @@ impl RngDevice {
             return false;
         };
         let counters = &self.counters;
-        serve_queue(0, queue, &mem, &active.interrupt, |descriptors| {
-            let n = fill_chain(&mem, descriptors);
-            DeviceCounters::add(&counters.requests, 1);
-            DeviceCounters::add(&counters.bytes_written, u64::from(n));
-            n
-        })
+        serve_queue(
+            active.first_queue,
+            queue,
+            &mem,
+            &active.interrupt,
+            counters,
+            |descriptors| {
+                let n = fill_chain(&mem, descriptors);
+                DeviceCounters::add(&counters.requests, 1);
+                DeviceCounters::add(&counters.bytes_written, u64::from(n));
+                n
+            },
+        )
     }
 }
 

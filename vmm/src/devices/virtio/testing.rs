@@ -72,6 +72,7 @@ impl TestRing {
             Activation {
                 mem: self.mem.clone(),
                 queues,
+                first_queue: 0,
                 acked_features: features,
                 interrupt: Interrupt::new(MmioInterrupt::new(
                     std::sync::Arc::new(RegisterPage::new().expect("register page")),

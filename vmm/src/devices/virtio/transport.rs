@@ -72,6 +72,12 @@ impl QueueConfig {
     }
 }
 
+/// A worker thread of a device and the device queues it serves.
+pub struct WorkerGroup {
+    pub control: Arc<WorkerControl>,
+    pub queues: std::ops::Range<usize>,
+}
+
 /// Guest-caused warnings logged per device: a hostile driver must not flood the host's logs.
 const GUEST_WARNINGS: u32 = 16;
 
@@ -81,7 +87,7 @@ pub struct VirtioCommon {
     mem: GuestMemoryMmap,
     pub queues: Vec<QueueConfig>,
     interrupt: Interrupt,
-    worker: Arc<WorkerControl>,
+    workers: Vec<WorkerGroup>,
     /// The status the driver set, as far as the device accepted it (DEVICE_NEEDS_RESET is
     /// the interrupt target's: the worker sets it concurrently).
     pub status: u8,
@@ -95,11 +101,12 @@ pub struct VirtioCommon {
 }
 
 impl VirtioCommon {
+    /// `workers` split the device's queues between them, in order, each queue in one group.
     pub fn new(
         info: DeviceInfo,
         mem: GuestMemoryMmap,
         interrupt: Interrupt,
-        worker: Arc<WorkerControl>,
+        workers: Vec<WorkerGroup>,
     ) -> Self {
         let queues = info
             .queue_max_sizes
@@ -111,7 +118,7 @@ impl VirtioCommon {
             mem,
             queues,
             interrupt,
-            worker,
+            workers,
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -244,22 +251,31 @@ impl VirtioCommon {
                     .map_err(|e| format!("queue {i}: {e}"))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        self.worker.activate(Activation {
-            mem: self.mem.clone(),
-            queues,
-            acked_features: self.driver_features,
-            interrupt: self.interrupt.clone(),
-        });
+        let mut queues = queues.into_iter();
+        for group in &self.workers {
+            let mine: Vec<Queue> = queues.by_ref().take(group.queues.len()).collect();
+            group.control.activate(Activation {
+                mem: self.mem.clone(),
+                queues: mine,
+                first_queue: group.queues.start,
+                acked_features: self.driver_features,
+                interrupt: self.interrupt.for_worker(),
+            });
+        }
         Ok(())
     }
 
     fn reset(&mut self) {
-        if self.status & DEVICE_STATUS_DRIVER_OK != 0 && !self.worker.reset() {
-            tracing::error!(
-                "{}: worker did not stop in time on reset; device disabled",
-                self.name()
-            );
-            self.broken = true;
+        if self.status & DEVICE_STATUS_DRIVER_OK != 0 {
+            // Every worker lets go of its queues (each reset waits for its worker).
+            let stopped: Vec<bool> = self.workers.iter().map(|w| w.control.reset()).collect();
+            if stopped.contains(&false) {
+                tracing::error!(
+                    "{}: a worker did not stop in time on reset; device disabled",
+                    self.name()
+                );
+                self.broken = true;
+            }
         }
         for q in &mut self.queues {
             *q = QueueConfig::new(q.max_size);
