@@ -119,6 +119,15 @@ fn key_values(spec: &str) -> Result<Vec<(&str, &str)>, String> {
         .collect()
 }
 
+/// Queues (virtio-blk) or queue pairs (virtio-net) when not given: one per vCPU on PCI, where
+/// each queue has its own interrupt vector; one on virtio-mmio, whose one line they would share.
+pub fn default_queues(transport: Transport, vcpus: u8) -> u16 {
+    match transport {
+        Transport::Pci => u16::from(vcpus).min(MAX_QUEUES),
+        Transport::Mmio => 1,
+    }
+}
+
 fn queue_count(value: &str) -> Result<u16, String> {
     match value.parse::<u16>() {
         Ok(n) if (1..=MAX_QUEUES).contains(&n) => Ok(n),
@@ -608,11 +617,7 @@ impl VmConfig {
             Some(t) => t.parse()?,
             None => Transport::default(),
         };
-        // One queue per vCPU by default where each queue can have its own interrupt vector.
-        let default_queues = match transport {
-            Transport::Pci => u16::from(vcpus).min(MAX_QUEUES),
-            Transport::Mmio => 1,
-        };
+        let default_queues = default_queues(transport, vcpus);
         let disks = disks
             .into_iter()
             .map(|d| DiskConfig {

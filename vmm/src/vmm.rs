@@ -126,6 +126,7 @@ fn one_group(info: &DeviceInfo, handler: impl QueueHandler + 'static) -> Vec<Que
 /// dropped, like every other open.
 fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmError> {
     let mut devices: Vec<PendingDevice> = Vec::new();
+    let default_queues = crate::config::default_queues(config.transport, config.vcpus);
     for (i, disk) in config.disks.iter().enumerate() {
         let queues = disk.queues.unwrap_or(1);
         let (info, workers) =
@@ -144,13 +145,18 @@ fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmErro
     }
     for (i, nic) in config.nets.iter().enumerate() {
         let mac = nic.mac.as_deref().and_then(net::parse_mac);
-        let (info, dev) = match nic.fd {
+        let nic = match nic.fd {
             Some(fd) => net::open_fd(fd, mac)?,
-            None => net::open(&nic.tap, mac.unwrap_or_else(|| net::default_mac(&nic.tap)))?,
+            None => {
+                let pairs = match nic.queues {
+                    Some(n) => net::Pairs::Exactly(n),
+                    None => net::Pairs::UpTo(default_queues),
+                };
+                let mac = mac.unwrap_or_else(|| net::default_mac(&nic.tap));
+                net::open(&nic.tap, mac, pairs)?
+            }
         };
-        let counters = dev.counters();
-        let groups = one_group(&info, dev);
-        devices.push((format!("virtio-net{i}"), info, groups, counters));
+        devices.push((format!("virtio-net{i}"), nic.info, nic.groups, nic.counters));
     }
     if config.rng {
         let (info, dev) = rng::new();

@@ -293,13 +293,24 @@ struct Lan;
 
 impl Lan {
     fn new() -> Lan {
+        Lan::with_taps(&["vnet_hdr"])
+    }
+
+    /// TAPs that a multiqueue NIC can attach several queues to.
+    fn multi_queue() -> Lan {
+        Lan::with_taps(&["vnet_hdr", "multi_queue"])
+    }
+
+    fn with_taps(flags: &[&str]) -> Lan {
         let _ = Command::new("ip").args(["link", "del", "thvcbr0"]).output();
         ip(&["link", "add", "thvcbr0", "type", "bridge"]);
         ip(&["addr", "add", "10.77.0.1/24", "dev", "thvcbr0"]);
         ip(&["link", "set", "thvcbr0", "up"]);
         for tap in ["thvctap-a", "thvctap-b"] {
             let _ = Command::new("ip").args(["link", "del", tap]).output();
-            ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+            let mut add = vec!["tuntap", "add", "dev", tap, "mode", "tap"];
+            add.extend_from_slice(flags);
+            ip(&add);
             ip(&["link", "set", tap, "master", "thvcbr0"]);
             ip(&["link", "set", tap, "up"]);
         }
@@ -622,19 +633,25 @@ fn pci_garbage_from_the_guest_leaves_the_vmm_running() {
     eprintln!("console:\n{console}\nwhat the VMM logged of it:\n{stderr}");
 }
 
-/// A multiqueue disk on PCI: two vCPUs give the disk two queues by default, each with its own
-/// MSI-X vector and worker thread; a reader pinned to each CPU puts requests on both (blk-mq
-/// maps a queue to each CPU), and `info` counts each queue's requests.
+/// Multiqueue devices on PCI: two vCPUs give the disk two queues and the NIC two queue pairs
+/// by default, each queue with its own MSI-X vector and each queue (pair) with its own worker
+/// thread. A reader and a pinger pinned to each CPU put requests on every disk queue (blk-mq
+/// maps a queue to each CPU) and frames on every transmit queue (virtio-net's XPS), and
+/// `info` counts each queue's buffers.
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
-fn a_multiqueue_disk_on_pci_uses_every_queue() {
-    let dir = tempdir("blk-mq");
+fn multiqueue_disk_and_nic_on_pci_use_every_queue() {
+    let _lan = Lan::multi_queue();
+    let dir = tempdir("mq");
     let socket = dir.join("vm.sock");
     let _ = std::fs::remove_file(&socket);
     let disk = dir.join("data.raw");
     std::fs::write(&disk, vec![0x33u8; 8 << 20]).expect("disk image");
     let disk_arg = format!("path={},readonly=on", disk.display());
-    let cmdline = format!("{} thvc.action=mq", Transport::Pci.cmdline());
+    let cmdline = format!(
+        "{} thvc.action=mq thvc.ip=10.77.0.2/24 thvc.peer=10.77.0.1",
+        Transport::Pci.cmdline()
+    );
     let kernel = kernel();
     let initrd = initramfs();
     let mut args = vec![
@@ -648,6 +665,8 @@ fn a_multiqueue_disk_on_pci_uses_every_queue() {
         "2",
         "--disk",
         &disk_arg,
+        "--net",
+        "tap=thvctap-a",
         "--no-rng",
         "--api-socket",
         socket.to_str().expect("utf-8"),
@@ -681,7 +700,7 @@ fn a_multiqueue_disk_on_pci_uses_every_queue() {
         "console:\n{console}\nstderr:\n{stderr}"
     );
     // Each queue's own vector interrupted the guest.
-    for queue in ["-req.0 ", "-req.1 "] {
+    for queue in ["-req.0 ", "-req.1 ", "-output.0 ", "-output.1 "] {
         let line = console
             .lines()
             .find(|l| l.starts_with("THVC-IRQ=") && l.contains(queue))

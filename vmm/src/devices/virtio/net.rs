@@ -9,14 +9,18 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN};
+use super::tap::{
+    Tap, TapError, TapQueues, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN,
+};
 use super::{
     pop_chain, serve_queue, with_active, Activation, DeviceCounters, DeviceInfo, Popped,
-    QueueHandler, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    QueueGroup, QueueHandler, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 const QUEUE_SIZE: u16 = 256;
+/// The control queue carries a few small commands.
+const CTRL_QUEUE_SIZE: u16 = 64;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 /// Largest frame the guest may send: a 64 KiB TSO frame plus headers.
@@ -31,6 +35,14 @@ const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
 const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
 const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
 const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
+const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+
+/// Control queue: class and command of "set the number of queue pairs in use".
+const VIRTIO_NET_CTRL_MQ: u8 = 4;
+const VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const VIRTIO_NET_OK: u8 = 0;
+const VIRTIO_NET_ERR: u8 = 1;
 
 pub type MacAddr = [u8; 6];
 
@@ -67,25 +79,60 @@ pub fn default_mac(tap: &str) -> MacAddr {
     [0x52, 0x54, 0x00, b[0], b[1], b[2]]
 }
 
+/// The worker half of one queue pair (receive, transmit) and its TAP queue.
 pub struct NetDevice {
     tap: Tap,
     counters: Arc<DeviceCounters>,
     active: Option<Activation>,
 }
 
-pub fn open(tap_name: &str, mac: MacAddr) -> Result<(DeviceInfo, NetDevice), TapError> {
-    Ok(new(Tap::open(tap_name)?, mac))
+/// A NIC as the transport needs it: its description, the handlers of its queue groups (one
+/// per queue pair, plus the control queue when there are several pairs) and its counters.
+pub struct Nic {
+    pub info: DeviceInfo,
+    pub groups: Vec<QueueGroup>,
+    pub counters: Arc<DeviceCounters>,
 }
 
-/// A NIC on an inherited TAP descriptor; without a MAC, the default for the TAP's name.
-pub fn open_fd(fd: RawFd, mac: Option<MacAddr>) -> Result<(DeviceInfo, NetDevice), TapError> {
+/// How many queue pairs a NIC on a named TAP gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pairs {
+    /// Exactly this many (asked for by the user): the TAP must allow it.
+    Exactly(u16),
+    /// This many if the TAP is multi_queue (or is created now), else one: the default, so a
+    /// single-queue TAP that works today keeps working.
+    UpTo(u16),
+}
+
+/// A NIC on the TAP called `tap_name`.
+pub fn open(tap_name: &str, mac: MacAddr, pairs: Pairs) -> Result<Nic, TapError> {
+    let taps = match pairs {
+        Pairs::Exactly(n) | Pairs::UpTo(n) if n <= 1 => vec![Tap::open(tap_name)?],
+        Pairs::Exactly(n) => Tap::open_queues(tap_name, TapQueues::Multi(n))?,
+        Pairs::UpTo(n) => match Tap::open_queues(tap_name, TapQueues::Multi(n)) {
+            Ok(taps) => taps,
+            Err(e) => {
+                tracing::info!(
+                    "{e}; {tap_name} gets one queue pair (create the TAP multi_queue for {n})"
+                );
+                vec![Tap::open(tap_name)?]
+            }
+        },
+    };
+    Ok(new(taps, mac))
+}
+
+/// A NIC on an inherited TAP descriptor (one queue pair); without a MAC, the default for the
+/// TAP's name.
+pub fn open_fd(fd: RawFd, mac: Option<MacAddr>) -> Result<Nic, TapError> {
     let tap = Tap::from_fd(fd)?;
     let mac = mac.unwrap_or_else(|| default_mac(tap.name()));
-    Ok(new(tap, mac))
+    Ok(new(vec![tap], mac))
 }
 
-fn new(tap: Tap, mac: MacAddr) -> (DeviceInfo, NetDevice) {
-    let features = VIRTIO_F_VERSION_1
+fn new(taps: Vec<Tap>, mac: MacAddr) -> Nic {
+    let pairs = taps.len();
+    let mut features = VIRTIO_F_VERSION_1
         | VIRTIO_RING_F_EVENT_IDX
         | VIRTIO_RING_F_INDIRECT_DESC
         | VIRTIO_NET_F_MAC
@@ -97,21 +144,126 @@ fn new(tap: Tap, mac: MacAddr) -> (DeviceInfo, NetDevice) {
         | VIRTIO_NET_F_HOST_TSO4
         | VIRTIO_NET_F_HOST_TSO6
         | VIRTIO_NET_F_HOST_ECN;
-    let mut config_space = vec![0u8; 6];
-    config_space.copy_from_slice(&mac);
-    (
-        DeviceInfo {
+    // struct virtio_net_config: mac, status (unused), max_virtqueue_pairs.
+    let mut config_space = mac.to_vec();
+    let mut queue_max_sizes = vec![QUEUE_SIZE; 2 * pairs];
+    if pairs > 1 {
+        features |= VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ;
+        config_space.extend_from_slice(&[0, 0]);
+        config_space.extend_from_slice(&(pairs as u16).to_le_bytes());
+        queue_max_sizes.push(CTRL_QUEUE_SIZE);
+    }
+    let counters = Arc::new(DeviceCounters::with_queues(queue_max_sizes.len()));
+    let mut groups: Vec<QueueGroup> = taps
+        .into_iter()
+        .enumerate()
+        .map(|(k, tap)| QueueGroup {
+            handler: Box::new(NetDevice {
+                tap,
+                counters: counters.clone(),
+                active: None,
+            }),
+            queues: 2 * k..2 * k + 2,
+        })
+        .collect();
+    if pairs > 1 {
+        groups.push(QueueGroup {
+            handler: Box::new(NetControl {
+                pairs: pairs as u16,
+                counters: counters.clone(),
+                active: None,
+            }),
+            queues: 2 * pairs..2 * pairs + 1,
+        });
+    }
+    Nic {
+        info: DeviceInfo {
             device_type: TYPE_NET,
-            queue_max_sizes: vec![QUEUE_SIZE, QUEUE_SIZE],
+            queue_max_sizes,
             features,
             config_space,
         },
-        NetDevice {
-            tap,
-            counters: Arc::new(DeviceCounters::default()),
-            active: None,
-        },
-    )
+        groups,
+        counters,
+    }
+}
+
+/// The control queue of a multiqueue NIC: the driver says how many queue pairs it uses.
+/// Every pair is always served, so the command only needs checking and acknowledging;
+/// anything else is refused (its features are not offered).
+struct NetControl {
+    pairs: u16,
+    counters: Arc<DeviceCounters>,
+    active: Option<Activation>,
+}
+
+impl NetControl {
+    fn process(&mut self, active: &mut Activation) -> bool {
+        let mem = active.mem.clone();
+        let Some(queue) = active.queues.first_mut() else {
+            return false;
+        };
+        let pairs = self.pairs;
+        serve_queue(
+            active.first_queue,
+            queue,
+            &mem,
+            &active.interrupt,
+            &self.counters,
+            |descriptors| control_command(&mem, descriptors, pairs),
+        )
+    }
+}
+
+/// Executes one control command: header (class, command), data, then the ack byte the
+/// device writes. Returns the used length.
+fn control_command(mem: &GuestMemoryMmap, descriptors: &[Descriptor], pairs: u16) -> u32 {
+    use vm_memory::Bytes;
+    let Some((ack, rest)) = descriptors.split_last() else {
+        return 0;
+    };
+    if !ack.is_write_only() || ack.len() == 0 {
+        return 0;
+    }
+    let mut command = Vec::new();
+    for d in rest.iter().take(4) {
+        if d.is_write_only() || d.len() > 64 {
+            break;
+        }
+        let mut buf = vec![0u8; d.len() as usize];
+        if mem.read_slice(&mut buf, GuestAddress(d.addr().0)).is_err() {
+            break;
+        }
+        command.extend_from_slice(&buf);
+    }
+    let status = match command.as_slice() {
+        [VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..]
+            if (1..=pairs).contains(&u16::from_le_bytes([*lo, *hi])) =>
+        {
+            VIRTIO_NET_OK
+        }
+        _ => VIRTIO_NET_ERR,
+    };
+    match mem.write_obj(status, GuestAddress(ack.addr().0)) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
+}
+
+impl QueueHandler for NetControl {
+    fn activate(&mut self, activation: Activation) {
+        self.active = Some(activation);
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn queue_notified(&mut self, _index: usize) {
+        let mut active = self.active.take();
+        with_active(self, &mut active, Self::process);
+        self.active = active;
+    }
 }
 
 /// The TAP offloads matching what the guest driver accepted.
@@ -428,8 +580,14 @@ mod tap_tests {
     #[test]
     fn arp_round_trip_through_a_real_tap() {
         in_private_netns(|| {
-            let (info, mut dev) = open("thvctest0", GUEST_MAC).expect("TAP");
-            assert_eq!(&info.config_space[..6], &GUEST_MAC);
+            let nic = open("thvctest0", GUEST_MAC, Pairs::UpTo(1)).expect("TAP");
+            assert_eq!(nic.info.config_space, GUEST_MAC, "one pair: the MAC only");
+            assert_eq!(
+                nic.info.features & (VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ),
+                0
+            );
+            let counters = nic.counters.clone();
+            let mut dev = nic.groups.into_iter().next().expect("one group").handler;
             ip(&["link", "set", "thvctest0", "up"]);
             ip(&["addr", "add", "10.9.9.1/24", "dev", "thvctest0"]);
 
@@ -459,7 +617,7 @@ mod tap_tests {
             let mut found = false;
             for n in 0..2u16 {
                 if rx.used_idx() <= n {
-                    wait_readable(dev.tap.as_raw_fd());
+                    wait_readable(dev.backend_fd().expect("the TAP"));
                     dev.backend_ready();
                 }
                 assert!(rx.used_idx() > n, "a frame was received");
@@ -477,7 +635,6 @@ mod tap_tests {
             }
             assert!(found, "ARP reply received");
             assert!(irq.read().is_ok(), "guest interrupted");
-            let counters = dev.counters();
             assert!(
                 counters
                     .bytes_read
@@ -485,5 +642,77 @@ mod tap_tests {
                     >= frame.len() as u64
             );
         });
+    }
+
+    #[test]
+    fn several_pairs_on_a_multi_queue_tap_and_one_on_a_plain_one() {
+        in_private_netns(|| {
+            let nic = open("thvcmq0", GUEST_MAC, Pairs::Exactly(3)).expect("TAP");
+            let mq = VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ;
+            assert_eq!(nic.info.features & mq, mq);
+            assert_eq!(
+                nic.info.queue_max_sizes.len(),
+                7,
+                "3 pairs and the control queue"
+            );
+            assert_eq!(
+                &nic.info.config_space[8..10],
+                &[3, 0],
+                "max_virtqueue_pairs"
+            );
+            let ranges: Vec<_> = nic.groups.iter().map(|g| g.queues.clone()).collect();
+            assert_eq!(ranges, [0..2, 2..4, 4..6, 6..7]);
+            assert_eq!(nic.counters.queue_used.len(), 7);
+            // A TAP created single-queue: the default falls back to one pair, asking for
+            // more is an error.
+            ip(&["tuntap", "add", "dev", "thvcsq0", "mode", "tap", "vnet_hdr"]);
+            let nic = open("thvcsq0", GUEST_MAC, Pairs::UpTo(4)).expect("TAP");
+            assert_eq!(nic.groups.len(), 1);
+            assert!(open("thvcsq0", GUEST_MAC, Pairs::Exactly(2)).is_err());
+        });
+    }
+
+    #[test]
+    fn the_control_queue_accepts_a_valid_pair_count_only() {
+        let mem = memory();
+        let command = |class: u8, cmd: u8, pairs: u16| {
+            let mut bytes = vec![class, cmd];
+            bytes.extend_from_slice(&pairs.to_le_bytes());
+            mem.write_slice(&bytes, GuestAddress(DATA))
+                .expect("command");
+            mem.write_obj(0xffu8, GuestAddress(DATA + 0x100))
+                .expect("ack");
+            let used = control_command(
+                &mem,
+                &[
+                    desc(DATA, 2, false),
+                    desc(DATA + 2, 2, false),
+                    desc(DATA + 0x100, 1, true),
+                ],
+                4,
+            );
+            let ack: u8 = mem.read_obj(GuestAddress(DATA + 0x100)).expect("ack");
+            (used, ack)
+        };
+        assert_eq!(
+            command(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 2),
+            (1, VIRTIO_NET_OK)
+        );
+        assert_eq!(
+            command(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 5),
+            (1, VIRTIO_NET_ERR)
+        );
+        assert_eq!(
+            command(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 0),
+            (1, VIRTIO_NET_ERR)
+        );
+        assert_eq!(
+            command(0, 0, 1),
+            (1, VIRTIO_NET_ERR),
+            "rx mode is not offered"
+        );
+        // No writable ack descriptor: nothing written, nothing used.
+        assert_eq!(control_command(&mem, &[desc(DATA, 4, false)], 4), 0);
+        assert_eq!(control_command(&mem, &[], 4), 0);
     }
 }

@@ -11,6 +11,7 @@ const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
@@ -59,9 +60,32 @@ pub fn valid_name(name: &str) -> bool {
         && !name.chars().any(|c| c.is_whitespace() || c == '\0')
 }
 
+/// How many queues of a TAP to attach to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapQueues {
+    /// One, as a plain (single-queue) TAP: works with any TAP.
+    Single,
+    /// This many, each its own descriptor (IFF_MULTI_QUEUE): the TAP must have been created
+    /// multi_queue, or not exist yet.
+    Multi(u16),
+}
+
 impl Tap {
     /// Attaches to the TAP `name` (creating it if it does not exist and we may).
     pub fn open(name: &str) -> Result<Tap, TapError> {
+        Tap::attach(name, 0)
+    }
+
+    /// Attaches to `queues` queues of the TAP `name`; never an empty list.
+    pub fn open_queues(name: &str, queues: TapQueues) -> Result<Vec<Tap>, TapError> {
+        let (count, extra) = match queues {
+            TapQueues::Single => (1, 0),
+            TapQueues::Multi(n) => (n.max(1), IFF_MULTI_QUEUE),
+        };
+        (0..count).map(|_| Tap::attach(name, extra)).collect()
+    }
+
+    fn attach(name: &str, extra_flags: libc::c_short) -> Result<Tap, TapError> {
         if !valid_name(name) {
             return Err(TapError::Name(name.to_string()));
         }
@@ -73,7 +97,7 @@ impl Tap {
             .map_err(TapError::OpenTun)?;
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | extra_flags,
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
