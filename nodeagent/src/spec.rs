@@ -50,8 +50,30 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     #[serde(default)]
     pub nics: Vec<NicSpec>,
+    /// How the VM's devices attach (thvc-vmm's `--transport`); absent: the VMM's default
+    /// (virtio-mmio).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
     #[serde(default)]
     pub autostart: bool,
+}
+
+/// virtio-mmio (Linux guests, fewest exits) or virtio-pci with MSI-X (firmware, other
+/// operating systems, multiqueue devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Mmio,
+    Pci,
+}
+
+impl Transport {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Transport::Mmio => "mmio",
+            Transport::Pci => "pci",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +125,7 @@ pub struct ResolvedSpec {
     pub cmdline: Option<String>,
     pub disks: Vec<ResolvedDisk>,
     pub nics: Vec<ResolvedNic>,
+    pub transport: Option<Transport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +268,7 @@ impl VmSpec {
             cmdline: self.cmdline.clone(),
             disks,
             nics,
+            transport: self.transport,
         })
     }
 }
@@ -373,6 +397,10 @@ pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
         args.push("--cmdline".to_owned());
         args.push(cmdline.clone());
     }
+    if let Some(transport) = spec.transport {
+        args.push("--transport".to_owned());
+        args.push(transport.as_arg().to_owned());
+    }
     for d in &spec.disks {
         let mut v = format!("path={}", d.path.display());
         if d.readonly {
@@ -484,6 +512,23 @@ mod tests {
             },
         );
         assert!(args.join(" ").ends_with("--user 64000:64001"), "{args:?}");
+        assert!(
+            !args.contains(&"--transport".to_owned()),
+            "the VMM's default"
+        );
+        let mut pci = spec.clone();
+        pci.transport = Some(Transport::Pci);
+        let r = pci.resolve(&s).unwrap();
+        let params = VmmRunParams {
+            console_log: "/log/c".into(),
+            api_socket: "/run/a.sock".into(),
+            taps: vec!["tap0".into()],
+            switch_to_user: None,
+        };
+        assert!(vmm_args(&r, &params).join(" ").contains("--transport pci"));
+        assert!(parse(r#"{"vcpus":1,"memory_mib":128,"kernel":"k","transport":"isa"}"#).is_err());
+        let back = parse(&serde_json::to_string(&pci).unwrap()).unwrap();
+        assert_eq!(back.transport, Some(Transport::Pci), "round trip");
     }
 
     #[test]
