@@ -383,8 +383,10 @@ def main():
                 # Nested guests under TCG occasionally die (any VMM): count it, go on.
                 receiver.stop()
                 failures[(name, cpus)] = failures.get((name, cpus), 0) + 1
-                print(f"round {r + 1} {tag:19s} FAILED: {str(e)[-3000:] or type(e).__name__}",
-                      flush=True)
+                # The first line says what happened; the end of the console, how far it got.
+                text = str(e) or type(e).__name__
+                head, _, rest = text.partition("\n")
+                print(f"round {r + 1} {tag:19s} FAILED: {head}\n{rest[-3000:]}", flush=True)
                 continue
             finally:
                 os.unlink(image)

@@ -146,7 +146,9 @@ def table(results, metrics, vcpus, variants, footnote=""):
                 paired = [results[(r, cpus, a)][key] / results[(r, cpus, b)][key] for r in rounds
                           if (r, cpus, a) in results and (r, cpus, b) in results
                           and results[(r, cpus, b)][key]]
-                row.append(f"{med[a] / med[b]:.2f}x ({statistics.median(paired):.2f}x)")
+                # No round where both succeeded: no per-round ratio.
+                each = f"{statistics.median(paired):.2f}x" if paired else "-"
+                row.append(f"{med[a] / med[b]:.2f}x ({each})")
             lines.append("| " + " | ".join(row) + " |")
     out = "\n".join(lines)
     return out + ("\n" + footnote if footnote else "")
