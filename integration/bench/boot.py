@@ -1,14 +1,18 @@
 #!/usr/bin/python3
-"""Boot benchmark: thvc-vmm against QEMU microvm, run inside the test VM.
+"""Boot benchmark: thvc-vmm (virtio-mmio and virtio-pci) against QEMU microvm and QEMU q35,
+run inside the test VM.
 
-Both boot the same guest kernel, initramfs, command line, vCPUs and memory, alternating, N
-rounds. For each boot it measures:
+All variants (see variants.py) boot the same guest kernel, initramfs, command line (but
+`pci=off` on virtio-mmio), vCPUs and memory, with a virtio-rng device each, alternating, N
+rounds, for each vCPU count of --vcpus. For each boot it measures:
   * boot time: wall time from spawning the VMM process to the guest's init printing
-    THVC-GUEST-READY on the serial console;
+    THVC-GUEST-READY on the serial console (for q35 this includes SeaBIOS);
   * VMM memory overhead: the process's peak RSS (VmHWM) minus the guest memory it touched
     (the resident part of the guest RAM mapping, from /proc/PID/smaps), read once the guest is
     up and idle.
-Prints medians and the thvc/QEMU ratios. Not a test: nothing here passes or fails.
+Prints medians and the ratios thvc-pci/thvc-mmio, thvc-pci/qemu-q35 and thvc-mmio/qemu-microvm
+(times: below 1.0x is faster). Not a test: nothing here passes or fails; a boot that fails is
+reported with its console and counted, and the run goes on.
 """
 import argparse
 import os
@@ -19,6 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import variants
 
 MARKER = b"THVC-GUEST-READY"
 
@@ -89,48 +95,40 @@ def boot_once(cmd, mem_mib, timeout):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vmm", required=True, help="thvc-vmm binary")
-    ap.add_argument("--qemu", default="qemu-system-x86_64")
     # The uncompressed ELF vmlinux by default, as production VMMs boot (Firecracker only boots
-    # that), for both: QEMU loads it through its PVH entry. Pass --kernel "$THVC_GUEST_KERNEL"
-    # for the bzImage, whose xz decompression inside the guest then dominates both.
-    ap.add_argument("--kernel", default=os.environ.get("THVC_GUEST_VMLINUX"))
-    ap.add_argument("--initrd", default=os.environ.get("THVC_GUEST_INITRAMFS"))
+    # that), for all: QEMU loads it through its PVH entry. Pass --kernel "$THVC_GUEST_KERNEL"
+    # for the bzImage, whose xz decompression inside the guest then dominates every variant.
+    variants.add_arguments(ap, os.environ.get("THVC_GUEST_VMLINUX"), memory_default=256)
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--cpus", type=int, default=1)
-    ap.add_argument("--memory", type=int, default=256, help="MiB")
-    ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--timeout", type=float, default=120, help="seconds per boot")
     args = ap.parse_args()
+    args.initrd = args.initrd or os.environ.get("THVC_GUEST_INITRAMFS")
     if not args.kernel or not args.initrd:
         sys.exit("boot.py: --kernel/--initrd (or THVC_GUEST_VMLINUX/THVC_GUEST_INITRAMFS) needed")
 
-    cmdline = "console=ttyS0 panic=1 pci=off quiet thvc.action=hang"
-    thvc = [args.vmm, "--kernel", args.kernel, "--initrd", args.initrd, "--cmdline", cmdline,
-            "--cpus", str(args.cpus), "--memory", str(args.memory)]
-    qemu = [args.qemu, "-M", "microvm,x-option-roms=off,rtc=off,pit=off,pic=off,isa-serial=on",
-            "-accel", "kvm", "-cpu", "host", "-smp", str(args.cpus), "-m", str(args.memory),
-            "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
-            "-kernel", args.kernel, "-initrd", args.initrd, "-append", cmdline]
-    results = {"thvc-vmm": [], "qemu-microvm": []}
-    for r in range(args.rounds):
-        order = [("thvc-vmm", thvc), ("qemu-microvm", qemu)]
-        if r % 2:
-            order.reverse()
-        for name, cmd in order:
+    results = {}
+    failures = {}
+    for r, cpus, name in variants.schedule(args.rounds, args.vcpus, args.variants):
+        cmd = variants.command(name, args, cpus, "thvc.action=hang")
+        try:
             boot_s, overhead_kib = boot_once(cmd, args.memory, args.timeout)
-            results[name].append((boot_s, overhead_kib))
-            print(f"round {r + 1:2d} {name:13s} boot {boot_s:6.3f} s  overhead {overhead_kib / 1024:7.2f} MiB",
-                  flush=True)
+        except (RuntimeError, OSError) as e:
+            failures[(name, cpus)] = failures.get((name, cpus), 0) + 1
+            print(f"round {r + 1:2d} {cpus} vCPU {name:13s} FAILED: {e}", flush=True)
+            continue
+        results[(r, cpus, name)] = {"boot": boot_s, "overhead": overhead_kib / 1024}
+        print(f"round {r + 1:2d} {cpus} vCPU {name:13s} boot {boot_s:6.3f} s  "
+              f"overhead {overhead_kib / 1024:7.2f} MiB", flush=True)
 
-    med = {n: (statistics.median(b for b, _ in v), statistics.median(o for _, o in v))
-           for n, v in results.items()}
-    t, q = med["thvc-vmm"], med["qemu-microvm"]
     print()
-    print(f"{'':14s}{'boot median':>14s}{'overhead median':>18s}")
-    for name, (b, o) in med.items():
-        print(f"{name:14s}{b:12.3f} s{o / 1024:14.2f} MiB")
-    print(f"ratio thvc/qemu: boot {t[0] / q[0]:.2f}x, memory overhead {t[1] / q[1]:.2f}x "
-          f"({args.rounds} rounds, {args.cpus} vCPU, {args.memory} MiB)")
+    print(variants.table(
+        results,
+        [("boot", "boot to init", "s", ".2f"),
+         ("overhead", "VMM memory overhead", "MiB", ".1f")],
+        args.vcpus, args.variants,
+        footnote=f"medians of {args.rounds} rounds, {args.memory} MiB, kernel "
+                 f"{os.path.basename(args.kernel)}; ratios of medians (median of per-round "
+                 f"ratios); lower is better; failed boots: {variants.failures_text(failures)}"))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 #!/usr/bin/python3
-"""I/O benchmark: virtio-blk and virtio-net throughput of thvc-vmm against QEMU microvm (with
-virtio-mmio devices), run inside the test VM.
+"""I/O benchmark: virtio-blk and virtio-net throughput of thvc-vmm (virtio-mmio and virtio-pci)
+against QEMU microvm (virtio-mmio) and QEMU q35 (virtio-pci), run inside the test VM.
 
-Each round boots one guest per VMM, alternating, with the same kernel, initramfs, command line,
-vCPUs, memory and a fresh copy of the same ext4 root image. The guest's /sbin/init:
-  * writes a 256 MiB file with direct I/O and reads it back with direct I/O (busybox dd,
-    which reports the rate),
-  * sends 256 MiB over TCP to a receiver on the host side of a bridge (this script), which
-    measures the rate from the first to the last byte.
-Prints medians and thvc/QEMU ratios. Not a test: nothing here passes or fails.
+Each round boots one guest per variant (see variants.py) and per vCPU count of --vcpus,
+alternating, with the same kernel, initramfs, command line (but `pci=off` on virtio-mmio),
+memory and a fresh copy of the same ext4 root image on virtio-blk, a virtio-net NIC and a
+virtio-rng device. The guest's /sbin/init:
+  * writes a --blk-mib (256) MiB file with direct I/O and reads it back with direct I/O
+    (busybox dd, timed with the guest's clock),
+  * sends --net-mib (32) MiB over TCP to a receiver on the host side of a bridge (this
+    script), which measures the rate from the first to the last byte.
+Prints medians and the ratios thvc-pci/thvc-mmio, thvc-pci/qemu-q35 and
+thvc-mmio/qemu-microvm (rates: above 1.0x is faster). Not a test: nothing here passes or fails.
 """
 import argparse
 import os
@@ -22,13 +25,14 @@ import tempfile
 import threading
 import time
 
+import variants
+
 HOST_IP, GUEST_IP, PORT = "10.88.0.1", "10.88.0.2", 5201
 BRIDGE, TAP = "thvcbenchbr", "thvcbenchtap"
-# TCP through nested KVM in a software-emulated VM moves about 1 MB/s: 32 MiB keeps a round
-# within minutes and is still thousands of full-size segments.
-NET_BYTES = 32 << 20
 
-GUEST_INIT = f"""#!/bin/busybox sh
+
+def guest_init(blk_mib, net_mib):
+    return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
@@ -36,15 +40,15 @@ exec </dev/console >/dev/console 2>&1
 ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0
 # busybox dd reports no rate: time it with the guest's clock (/proc/uptime, 10 ms steps).
 now() {{ read -r up _ </proc/uptime; echo "$up"; }}
-t0=$(now); dd if=/dev/zero of=/bench.dat bs=1M count=256 oflag=direct conv=fsync 2>/dev/null; t1=$(now)
-echo "BENCH-WRITE $((256 << 20)) $t0 $t1"
+t0=$(now); dd if=/dev/zero of=/bench.dat bs=1M count={blk_mib} oflag=direct conv=fsync 2>/dev/null; t1=$(now)
+echo "BENCH-WRITE $(({blk_mib} << 20)) $t0 $t1"
 sync; echo 3 > /proc/sys/vm/drop_caches
 t0=$(now); dd if=/bench.dat of=/dev/null bs=1M iflag=direct 2>/dev/null; t1=$(now)
-echo "BENCH-READ $((256 << 20)) $t0 $t1"
+echo "BENCH-READ $(({blk_mib} << 20)) $t0 $t1"
 n=0; until ping -c 1 -W 1 {HOST_IP} >/dev/null; do n=$((n+1)); [ $n -ge 60 ] && break; done
 # Where a guest that dies got to (nested guests under TCG do, now and then).
 echo "BENCH-NET-START after $n failed pings"
-dd if=/dev/zero bs=1M count={NET_BYTES >> 20} 2>/dev/null | nc {HOST_IP} {PORT}
+dd if=/dev/zero bs=1M count={net_mib} 2>/dev/null | nc {HOST_IP} {PORT}
 echo BENCH-SENT
 # Average transmitted frame: ~1.5 KB means no TSO, tens of KB means TSO frames reach the device.
 read -r txp </sys/class/net/eth0/statistics/tx_packets; read -r txb </sys/class/net/eth0/statistics/tx_bytes
@@ -59,16 +63,16 @@ def sh(*cmd):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def make_image(workdir):
+def make_image(workdir, blk_mib, net_mib):
     tree = os.path.join(workdir, "tree")
     for d in ("bin", "sbin", "dev", "proc", "sys", "tmp"):
         os.makedirs(os.path.join(tree, d), exist_ok=True)
     shutil.copy("/bin/busybox", os.path.join(tree, "bin/busybox"))
     with open(os.path.join(tree, "sbin/init"), "w") as f:
-        f.write(GUEST_INIT)
+        f.write(guest_init(blk_mib, net_mib))
     os.chmod(os.path.join(tree, "sbin/init"), 0o755)
     image = os.path.join(workdir, "root.ext4")
-    sh("mkfs.ext4", "-q", "-F", "-d", tree, image, "512M")
+    sh("mkfs.ext4", "-q", "-F", "-d", tree, image, f"{max(512, blk_mib + 128)}M")
     return image
 
 
@@ -142,10 +146,11 @@ def set_exit_histogram(on):
 
 
 class Receiver:
-    """Accepts one connection and measures how fast it delivers NET_BYTES; meanwhile takes the
+    """Accepts one connection and measures how fast it delivers `nbytes`; meanwhile takes the
     VM's KVM counters at the first and the last byte (set `pid` to the VMM's process)."""
 
-    def __init__(self):
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
         self.pid = None
         self.kvm_delta = None
         self.trace_exits = False
@@ -175,7 +180,7 @@ class Receiver:
                 # The histogram costs time on every exit: on during the transfer only.
                 first_reasons = set_exit_histogram(True) if self.trace_exits else None
             total += len(data)
-            if total >= NET_BYTES:
+            if total >= self.nbytes:
                 last = kvm_stats(self.pid)
                 if first and last:
                     self.kvm_delta = {k: last[k] - first[k] for k in first if k in last}
@@ -201,7 +206,7 @@ class Receiver:
     def wait(self):
         self.thread.join(600)
         self.sock.close()
-        if not self.result or self.result[0] != NET_BYTES:
+        if not self.result or self.result[0] != self.nbytes:
             raise RuntimeError(f"receiver got {self.result}")
         return self.result[1]
 
@@ -285,7 +290,7 @@ def exit_trace(tids, seconds=1.0):
             else "  no exits or page faults traced")
 
 
-def run_guest(cmd, timeout, receiver):
+def run_guest(name, cmd, timeout, receiver):
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     receiver.pid = proc.pid
@@ -298,7 +303,7 @@ def run_guest(cmd, timeout, receiver):
         proc.kill()
         stdout, stderr = proc.communicate()
         # The report last: the caller prints only the end of the message.
-        raise RuntimeError(f"{cmd[0]} timed out after {timeout:.0f} s; console:\n"
+        raise RuntimeError(f"{name} timed out after {timeout:.0f} s; console:\n"
                            f"{stdout.decode(errors='replace')[-1500:]}\n"
                            f"{stderr.decode(errors='replace')[-1000:]}\n"
                            f"state when it timed out:\n{report}") from None
@@ -307,30 +312,31 @@ def run_guest(cmd, timeout, receiver):
     lines = {l.split(" ", 1)[0]: l.split(" ", 1)[1] for l in console.splitlines()
              if l.startswith("BENCH-") and " " in l}
     if "BENCH-WRITE" not in lines or "BENCH-READ" not in lines or "BENCH-SENT" not in console:
-        raise RuntimeError(f"{cmd[0]} exited {out.returncode}; console:\n{console[-3000:]}\n"
+        raise RuntimeError(f"{name} exited {out.returncode}; console:\n{console[-3000:]}\n"
                            f"{out.stderr.decode(errors='replace')[-2000:]}")
     if "BENCH-TX-FRAMES" in lines:
         packets, octets = (int(x) for x in lines["BENCH-TX-FRAMES"].split())
-        print(f"  {cmd[0]}: guest sent {packets} frames, {octets // max(packets, 1)} bytes on average",
+        print(f"  {name}: guest sent {packets} frames, {octets // max(packets, 1)} bytes on average",
               flush=True)
     return rate_mb_s(lines["BENCH-WRITE"]), rate_mb_s(lines["BENCH-READ"])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vmm", required=True)
-    ap.add_argument("--qemu", default="qemu-system-x86_64")
-    ap.add_argument("--kernel", default=os.environ.get("THVC_GUEST_KERNEL"))
-    ap.add_argument("--initrd", default=os.environ.get("THVC_GUEST_INITRAMFS"))
+    variants.add_arguments(ap, os.environ.get("THVC_GUEST_KERNEL"), memory_default=512)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--memory", type=int, default=512)
-    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--blk-mib", type=int, default=256, help="MiB written, then read (default 256)")
+    # TCP through nested KVM in a software-emulated VM moves a few MB/s: 32 MiB keeps a round
+    # within minutes and is still thousands of full-size segments.
+    ap.add_argument("--net-mib", type=int, default=32, help="MiB sent over TCP (default 32)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per guest")
     ap.add_argument("--exit-reasons", action="store_true",
                     help="count KVM exits by reason during the TCP transfer (kvm_exit histogram)")
     args = ap.parse_args()
+    args.initrd = args.initrd or os.environ.get("THVC_GUEST_INITRAMFS")
     if not args.kernel or not args.initrd:
         sys.exit("io.py: --kernel/--initrd (or THVC_GUEST_KERNEL/THVC_GUEST_INITRAMFS) needed")
+    net_bytes = args.net_mib << 20
 
     if not os.path.isdir(KVM_DEBUGFS):
         subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"],
@@ -347,85 +353,64 @@ def main():
     sh("ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
     sh("ip", "link", "set", TAP, "master", BRIDGE, "up")
     work = tempfile.mkdtemp(prefix="thvc-io-bench-")
-    golden = make_image(work)
-    cmdline = "console=ttyS0 panic=1 pci=off quiet thvc.action=root thvc.root=/dev/vda"
+    golden = make_image(work, args.blk_mib, args.net_mib)
     mac = "52:54:00:88:00:02"
 
-    def thvc(image):
-        return [args.vmm, "--kernel", args.kernel, "--initrd", args.initrd, "--cmdline", cmdline,
-                "--cpus", str(args.cpus), "--memory", str(args.memory),
-                "--disk", f"path={image}", "--net", f"tap={TAP},mac={mac}"]
-
-    def qemu(image):
-        return [args.qemu, "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=on",
-                "-accel", "kvm", "-cpu", "host", "-smp", str(args.cpus), "-m", str(args.memory),
-                "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
-                "-kernel", args.kernel, "-initrd", args.initrd, "-append", cmdline,
-                "-drive", f"id=root,file={image},format=raw,if=none",
-                "-device", "virtio-blk-device,drive=root",
-                "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-                "-device", f"virtio-net-device,netdev=n0,mac={mac}"]
-
-    names = ("thvc-vmm", "qemu-microvm")
-    # Results by round (the two guests of a round ran back to back), VMM name -> rates.
-    by_round = [{} for _ in range(args.rounds)]
-    failures = {name: 0 for name in names}
+    # (round, vCPUs, variant) -> rates of the successful guests.
+    results = {}
+    failures = {}
     try:
-        for r in range(args.rounds):
-            order = [("thvc-vmm", thvc), ("qemu-microvm", qemu)]
-            if r % 2:
-                order.reverse()
-            for name, make_cmd in order:
-                image = os.path.join(work, f"{name}.ext4")
-                shutil.copyfile(golden, image)
-                receiver = Receiver()
-                receiver.trace_exits = args.exit_reasons
-                try:
-                    write, read = run_guest(make_cmd(image), args.timeout, receiver)
-                    net = receiver.wait()
-                    if receiver.kvm_delta:
-                        mib = NET_BYTES / (1 << 20)
-                        print(f"  {name}: KVM per MiB sent: " + ", ".join(
-                            f"{k} {v / mib:.0f}" for k, v in receiver.kvm_delta.items()), flush=True)
-                    if receiver.reason_delta:
-                        top = sorted(receiver.reason_delta.items(), key=lambda kv: -kv[1])
-                        print(f"  {name}: exits per MiB by reason: " + ", ".join(
-                            f"{k} {v / mib:.0f}" for k, v in top if v), flush=True)
-                except (RuntimeError, subprocess.TimeoutExpired) as e:
-                    # Nested guests under TCG occasionally die (either VMM): count it, go on.
-                    receiver.stop()
-                    failures[name] += 1
-                    print(f"round {r + 1} {name:13s} FAILED: {str(e)[-3000:] or type(e).__name__}",
-                          flush=True)
-                    continue
-                by_round[r][name] = (write, read, net)
-                print(f"round {r + 1} {name:13s} blk write {write:8.1f} MB/s  read {read:8.1f} MB/s"
-                      f"  net guest->host {net:8.1f} MB/s", flush=True)
+        for r, cpus, name in variants.schedule(args.rounds, args.vcpus, args.variants):
+            image = os.path.join(work, f"{name}.ext4")
+            shutil.copyfile(golden, image)
+            cmd = variants.command(name, args, cpus, "thvc.action=root thvc.root=/dev/vda",
+                                   disk=image, tap=TAP, mac=mac)
+            receiver = Receiver(net_bytes)
+            receiver.trace_exits = args.exit_reasons
+            tag = f"{cpus} vCPU {name}"
+            try:
+                write, read = run_guest(tag, cmd, args.timeout, receiver)
+                net = receiver.wait()
+                if receiver.kvm_delta:
+                    print(f"  {tag}: KVM per MiB sent: " + ", ".join(
+                        f"{k} {v / args.net_mib:.0f}" for k, v in receiver.kvm_delta.items()),
+                        flush=True)
+                if receiver.reason_delta:
+                    top = sorted(receiver.reason_delta.items(), key=lambda kv: -kv[1])
+                    print(f"  {tag}: exits per MiB by reason: " + ", ".join(
+                        f"{k} {v / args.net_mib:.0f}" for k, v in top if v), flush=True)
+            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                # Nested guests under TCG occasionally die (any VMM): count it, go on.
+                receiver.stop()
+                failures[(name, cpus)] = failures.get((name, cpus), 0) + 1
+                # The first line says what happened; the end of the console, how far it got.
+                text = str(e) or type(e).__name__
+                head, _, rest = text.partition("\n")
+                print(f"round {r + 1} {tag:19s} FAILED: {head}\n{rest[-3000:]}", flush=True)
+                continue
+            finally:
+                os.unlink(image)
+            results[(r, cpus, name)] = {"write": write, "read": read, "net": net}
+            print(f"round {r + 1} {tag:19s} blk write {write:8.1f} MB/s  read {read:8.1f} MB/s"
+                  f"  net guest->host {net:8.1f} MB/s", flush=True)
     finally:
         subprocess.run(["ip", "link", "del", TAP], stderr=subprocess.DEVNULL)
         subprocess.run(["ip", "link", "del", BRIDGE], stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
 
-    results = {n: [x[n] for x in by_round if n in x] for n in names}
-    if not all(results.values()):
-        sys.exit(f"io.py: no successful round for some VMM: failures {failures}")
-    med = {n: [statistics.median(x[i] for x in v) for i in range(3)] for n, v in results.items()}
-    t, q = med["thvc-vmm"], med["qemu-microvm"]
-    print()
-    print(f"{'':14s}{'blk write':>12s}{'blk read':>12s}{'net g->h':>12s}   (MB/s, medians)")
-    for name, m in med.items():
-        print(f"{name:14s}{m[0]:12.1f}{m[1]:12.1f}{m[2]:12.1f}")
-    print(f"ratio thvc/qemu: blk write {t[0] / q[0]:.2f}x, blk read {t[1] / q[1]:.2f}x, "
-          f"net {t[2] / q[2]:.2f}x ({args.rounds} rounds, {args.cpus} vCPUs, {args.memory} MiB; "
-          f"failed rounds: {failures})")
     # The host's speed drifts over minutes here (other work on the machine, the nested
-    # setup); a round's two guests ran back to back, so their ratio drifts less. Both kinds
-    # of ratio are printed; they should agree.
-    pairs = [(x["thvc-vmm"], x["qemu-microvm"]) for x in by_round if len(x) == 2]
-    if pairs:
-        paired = [statistics.median(a[i] / b[i] for a, b in pairs) for i in range(3)]
-        print(f"median of per-round ratios ({len(pairs)} complete rounds): blk write "
-              f"{paired[0]:.2f}x, blk read {paired[1]:.2f}x, net {paired[2]:.2f}x")
+    # setup); a round's guests of one vCPU count ran back to back, so their per-round ratios
+    # drift less: both kinds of ratio are printed; they should agree.
+    print()
+    print(variants.table(
+        results,
+        [("write", f"blk seq write {args.blk_mib} MiB", "MB/s", ".1f"),
+         ("read", f"blk seq read {args.blk_mib} MiB", "MB/s", ".1f"),
+         ("net", f"TCP guest->host {args.net_mib} MiB", "MB/s", ".2f")],
+        args.vcpus, args.variants,
+        footnote=f"medians of {args.rounds} rounds, {args.memory} MiB, kernel "
+                 f"{os.path.basename(args.kernel)}; ratios of medians (median of per-round "
+                 f"ratios); higher is better; failed guests: {variants.failures_text(failures)}"))
 
 
 if __name__ == "__main__":
