@@ -417,7 +417,7 @@ fn class_of(device_type: u32) -> u32 {
     match device_type {
         TYPE_NET => 0x0002_0000,   // network, Ethernet
         TYPE_BLOCK => 0x0001_0000, // mass storage, SCSI (as QEMU's virtio-blk-pci)
-        _ => 0x0000_ff00,          // unclassified
+        _ => 0x00ff_0000,          // other (0xff), as QEMU's virtio-rng-pci
     }
 }
 
