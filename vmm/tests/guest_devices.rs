@@ -60,26 +60,10 @@ fn boot_root(image: &Path, extra: &[&str]) -> Guest {
 
 /// Boots `image` as the root disk with the devices on `transport`.
 fn boot_root_on(transport: Transport, image: &Path, extra: &[&str]) -> Guest {
-    let kernel = kernel();
-    let initrd = initramfs();
     let disk = format!("path={},serial=root-disk", image.display());
-    let cmdline = format!(
-        "{} thvc.action=root thvc.root=/dev/vda",
-        transport.cmdline()
-    );
-    let mut args = vec![
-        "--kernel",
-        kernel.to_str().expect("utf-8"),
-        "--initrd",
-        initrd.to_str().expect("utf-8"),
-        "--cmdline",
-        &cmdline,
-        "--disk",
-        &disk,
-    ];
-    args.extend_from_slice(transport.args());
+    let mut args = vec!["--disk", disk.as_str()];
     args.extend_from_slice(extra);
-    Guest::start(&args)
+    Guest::boot_on(transport, "thvc.action=root thvc.root=/dev/vda", &args)
 }
 
 /// A file's content inside an ext4 image, read without mounting it.
@@ -471,22 +455,10 @@ fn pci_functions_use_msix_vectors_per_queue() {
     let disk = dir.join("data.raw");
     std::fs::write(&disk, vec![0x5au8; 4 << 20]).expect("disk image");
     let disk_arg = format!("path={},readonly=on", disk.display());
-    let mut args = Transport::Pci.args().to_vec();
-    args.extend_from_slice(&["--disk", &disk_arg, "--net", "tap=thvctap-a"]);
-    let mut guest = Guest::start_with(
-        &[
-            &[
-                "--kernel",
-                kernel().to_str().expect("utf-8"),
-                "--initrd",
-                initramfs().to_str().expect("utf-8"),
-                "--cmdline",
-                &format!("{} thvc.action=pci", Transport::Pci.cmdline()),
-            ][..],
-            &args,
-        ]
-        .concat(),
-        |_| {},
+    let mut guest = Guest::boot_on(
+        Transport::Pci,
+        "thvc.action=pci",
+        &["--disk", &disk_arg, "--net", "tap=thvctap-a"],
     );
     assert_eq!(guest.wait_for("THVC-HWRNG="), "64", "hwrng over virtio-pci");
     guest.wait_for("THVC-ACTION=");
@@ -573,28 +545,18 @@ fn pci_garbage_from_the_guest_leaves_the_vmm_running() {
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
     let disk_arg = format!("path={},readonly=on", disk.display());
     // iomem=relaxed: /dev/mem may reach BARs a driver owns (Debian's IO_STRICT_DEVMEM).
-    let cmdline = format!(
-        "{} iomem=relaxed thvc.action=pci_garbage",
-        Transport::Pci.cmdline()
+    let mut guest = Guest::boot_on(
+        Transport::Pci,
+        "iomem=relaxed thvc.action=pci_garbage",
+        &[
+            "--disk",
+            &disk_arg,
+            "--net",
+            "tap=thvctap-a",
+            "--api-socket",
+            socket.to_str().expect("utf-8"),
+        ],
     );
-    let kernel = kernel();
-    let initrd = initramfs();
-    let mut args = vec![
-        "--kernel",
-        kernel.to_str().expect("utf-8"),
-        "--initrd",
-        initrd.to_str().expect("utf-8"),
-        "--cmdline",
-        &cmdline,
-        "--disk",
-        &disk_arg,
-        "--net",
-        "tap=thvctap-a",
-        "--api-socket",
-        socket.to_str().expect("utf-8"),
-    ];
-    args.extend_from_slice(Transport::Pci.args());
-    let mut guest = Guest::start(&args);
     guest.wait_for("THVC-GARBAGE-DONE");
     // The guest lives on: its clock and console still work a second later.
     guest.wait_until("THVC-TICK=10", |l| l == "THVC-TICK=10");
@@ -648,31 +610,21 @@ fn multiqueue_disk_and_nic_on_pci_use_every_queue() {
     let disk = dir.join("data.raw");
     std::fs::write(&disk, vec![0x33u8; 8 << 20]).expect("disk image");
     let disk_arg = format!("path={},readonly=on", disk.display());
-    let cmdline = format!(
-        "{} thvc.action=mq thvc.ip=10.77.0.2/24 thvc.peer=10.77.0.1",
-        Transport::Pci.cmdline()
+    let mut guest = Guest::boot_on(
+        Transport::Pci,
+        "thvc.action=mq thvc.ip=10.77.0.2/24 thvc.peer=10.77.0.1",
+        &[
+            "--cpus",
+            "2",
+            "--disk",
+            &disk_arg,
+            "--net",
+            "tap=thvctap-a",
+            "--no-rng",
+            "--api-socket",
+            socket.to_str().expect("utf-8"),
+        ],
     );
-    let kernel = kernel();
-    let initrd = initramfs();
-    let mut args = vec![
-        "--kernel",
-        kernel.to_str().expect("utf-8"),
-        "--initrd",
-        initrd.to_str().expect("utf-8"),
-        "--cmdline",
-        &cmdline,
-        "--cpus",
-        "2",
-        "--disk",
-        &disk_arg,
-        "--net",
-        "tap=thvctap-a",
-        "--no-rng",
-        "--api-socket",
-        socket.to_str().expect("utf-8"),
-    ];
-    args.extend_from_slice(Transport::Pci.args());
-    let mut guest = Guest::start(&args);
     guest.wait_for("THVC-MQ-DONE");
     let info = api_call(&socket, "info");
     let blk = info["devices"]

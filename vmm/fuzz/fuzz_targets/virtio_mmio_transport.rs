@@ -8,6 +8,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use thvc_vmm::devices::virtio::mmio::{MmioInterrupt, MmioTransport};
 use thvc_vmm::devices::virtio::registers::RegisterPage;
+use thvc_vmm::devices::virtio::transport::WorkerGroup;
 use thvc_vmm::devices::virtio::worker::{self, WorkerControl};
 use thvc_vmm::devices::virtio::{Activation, DeviceInfo, QueueHandler};
 use thvc_vmm::devices::BusDevice;
@@ -38,7 +39,11 @@ fuzz_target!(|input: &[u8]| {
     };
     let registers = Arc::new(RegisterPage::new().expect("register page"));
     let interrupt = MmioInterrupt::new(registers, Arc::new(EventFd::new(0).expect("eventfd")));
-    let mut transport = MmioTransport::new(info, mem, interrupt, control.clone(), None);
+    let workers = vec![WorkerGroup {
+        control: control.clone(),
+        queues: 0..1,
+    }];
+    let mut transport = MmioTransport::new(info, mem, interrupt, workers, None);
     // Each 6-byte record: offset (u16, 4-byte aligned within 0x200), then a 32-bit value;
     // the high bit of the offset's first byte selects a read.
     for record in input.chunks_exact(6) {

@@ -25,6 +25,7 @@ use libfuzzer_sys::fuzz_target;
 use thvc_vmm::devices::pci::{PciConfigIo, PciEcam, PciRoot, PciWindow};
 use thvc_vmm::devices::virtio::pci::{self as virtio_pci, PciPlatform, VirtioPciDevice};
 use thvc_vmm::devices::virtio::rng;
+use thvc_vmm::devices::virtio::transport::WorkerGroup;
 use thvc_vmm::devices::virtio::worker::{self, WorkerControl};
 use thvc_vmm::devices::{BusDevice, VmExitRequest};
 use thvc_vmm::vstate::msi::GsiRouting;
@@ -336,7 +337,10 @@ fuzz_target!(|input: &[u8]| {
             routing: &routing,
             windows: &[WINDOW],
         },
-        control.clone(),
+        vec![WorkerGroup {
+            control: control.clone(),
+            queues: 0..1,
+        }],
         notify_events,
         bar,
     )

@@ -125,6 +125,25 @@ impl Guest {
         Guest::start_with(&args, configure)
     }
 
+    /// Boots the test kernel and initramfs with the devices on `transport`; `params` are the
+    /// guest's kernel parameters after the transport's base command line (the action, ...).
+    pub fn boot_on(transport: Transport, params: &str, extra: &[&str]) -> Guest {
+        let kernel = kernel();
+        let initrd = initramfs();
+        let cmdline = format!("{} {params}", transport.cmdline());
+        let mut args = vec![
+            "--kernel",
+            kernel.to_str().expect("utf-8 path"),
+            "--initrd",
+            initrd.to_str().expect("utf-8 path"),
+            "--cmdline",
+            &cmdline,
+        ];
+        args.extend_from_slice(transport.args());
+        args.extend_from_slice(extra);
+        Guest::start(&args)
+    }
+
     /// Waits for a console line (old or new) for which `pred` holds and returns it.
     pub fn wait_until(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + BOOT_TIMEOUT;

@@ -15,7 +15,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
-    serve_queue, with_active, Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_BLOCK,
+    serve_first_queue, Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -537,22 +537,6 @@ impl BlockDevice {
         }
     }
 
-    /// Handles every available request; returns false if the queue itself is broken.
-    fn process_queue(&mut self, active: &mut Activation) -> bool {
-        let mem = active.mem.clone();
-        let Some(queue) = active.queues.first_mut() else {
-            return false;
-        };
-        serve_queue(
-            active.first_queue,
-            queue,
-            &mem,
-            &active.interrupt,
-            &self.counters,
-            |descriptors| self.handle_chain(&mem, descriptors),
-        )
-    }
-
     /// Parses and executes one request, writes its status byte; returns the used length.
     fn handle_chain(&self, mem: &GuestMemoryMmap, descriptors: &[Descriptor]) -> u32 {
         DeviceCounters::add(&self.counters.requests, 1);
@@ -596,7 +580,9 @@ impl QueueHandler for BlockDevice {
 
     fn queue_notified(&mut self, _index: usize) {
         let mut active = self.active.take();
-        with_active(self, &mut active, Self::process_queue);
+        serve_first_queue(&mut active, &self.counters, |mem, d| {
+            self.handle_chain(mem, d)
+        });
         self.active = active;
     }
 }

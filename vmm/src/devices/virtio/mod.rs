@@ -234,6 +234,25 @@ pub fn with_active<D>(
     }
 }
 
+/// The whole queue work of a single-queue device (or group): serves every chain on the first
+/// queue of `active` with `handle` (guest memory, the chain's descriptors -> used length);
+/// a queue the driver broke stops the device (NEEDS_RESET).
+pub fn serve_first_queue(
+    active: &mut Option<Activation>,
+    counters: &DeviceCounters,
+    mut handle: impl FnMut(&GuestMemoryMmap, &[virtio_queue::desc::split::Descriptor]) -> u32,
+) {
+    with_active(&mut (), active, |_, a| {
+        let mem = a.mem.clone();
+        let Some(queue) = a.queues.first_mut() else {
+            return false;
+        };
+        serve_queue(a.first_queue, queue, &mem, &a.interrupt, counters, |d| {
+            handle(&mem, d)
+        })
+    });
+}
+
 /// What a device worker gets when the driver sets DRIVER_OK: its group's queues, the first
 /// of which is the device's queue number `first_queue` (for interrupts and counters).
 pub struct Activation {

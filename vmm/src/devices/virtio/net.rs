@@ -13,8 +13,8 @@ use super::tap::{
     Tap, TapError, TapQueues, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN,
 };
 use super::{
-    pop_chain, serve_queue, with_active, Activation, DeviceCounters, DeviceInfo, Popped,
-    QueueGroup, QueueHandler, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    pop_chain, serve_first_queue, serve_queue, with_active, Activation, DeviceCounters, DeviceInfo,
+    Popped, QueueGroup, QueueHandler, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -197,24 +197,6 @@ struct NetControl {
     active: Option<Activation>,
 }
 
-impl NetControl {
-    fn process(&mut self, active: &mut Activation) -> bool {
-        let mem = active.mem.clone();
-        let Some(queue) = active.queues.first_mut() else {
-            return false;
-        };
-        let pairs = self.pairs;
-        serve_queue(
-            active.first_queue,
-            queue,
-            &mem,
-            &active.interrupt,
-            &self.counters,
-            |descriptors| control_command(&mem, descriptors, pairs),
-        )
-    }
-}
-
 /// Executes one control command: header (class, command), data, then the ack byte the
 /// device writes. Returns the used length.
 fn control_command(mem: &GuestMemoryMmap, descriptors: &[Descriptor], pairs: u16) -> u32 {
@@ -260,9 +242,10 @@ impl QueueHandler for NetControl {
     }
 
     fn queue_notified(&mut self, _index: usize) {
-        let mut active = self.active.take();
-        with_active(self, &mut active, Self::process);
-        self.active = active;
+        let pairs = self.pairs;
+        serve_first_queue(&mut self.active, &self.counters, |mem, d| {
+            control_command(mem, d, pairs)
+        });
     }
 }
 

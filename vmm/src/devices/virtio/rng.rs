@@ -7,7 +7,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::{
-    serve_queue, with_active, Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_RNG,
+    serve_first_queue, Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_RNG,
     VIRTIO_F_VERSION_1,
 };
 
@@ -70,27 +70,6 @@ impl RngDevice {
     pub fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
     }
-
-    fn process(&mut self, active: &mut Activation) -> bool {
-        let mem = active.mem.clone();
-        let Some(queue) = active.queues.first_mut() else {
-            return false;
-        };
-        let counters = &self.counters;
-        serve_queue(
-            active.first_queue,
-            queue,
-            &mem,
-            &active.interrupt,
-            counters,
-            |descriptors| {
-                let n = fill_chain(&mem, descriptors);
-                DeviceCounters::add(&counters.requests, 1);
-                DeviceCounters::add(&counters.bytes_written, u64::from(n));
-                n
-            },
-        )
-    }
 }
 
 impl QueueHandler for RngDevice {
@@ -103,9 +82,13 @@ impl QueueHandler for RngDevice {
     }
 
     fn queue_notified(&mut self, _index: usize) {
-        let mut active = self.active.take();
-        with_active(self, &mut active, Self::process);
-        self.active = active;
+        let counters = &self.counters;
+        serve_first_queue(&mut self.active, counters, |mem, descriptors| {
+            let n = fill_chain(mem, descriptors);
+            DeviceCounters::add(&counters.requests, 1);
+            DeviceCounters::add(&counters.bytes_written, u64::from(n));
+            n
+        });
     }
 }
 
