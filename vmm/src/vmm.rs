@@ -51,6 +51,7 @@ use crate::devices::virtio::{
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
 use crate::sandbox::{self, Filters, KvmFdError, PrivilegeError, SeccompError, ThreadKind};
+use crate::vstate::coalesced::CoalescedError;
 use crate::vstate::control::{install_kick_handler, ControlError, VcpuControl};
 use crate::vstate::msi::GsiRouting;
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuRuntime};
@@ -60,6 +61,8 @@ use crate::vstate::vm::{Vm, VmError};
 pub enum VmmError {
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Coalesced(#[from] CoalescedError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
@@ -644,6 +647,16 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
         let vcpu = Vcpu::new(&vm, id, bus.clone(), mmio_bus.clone(), exit.clone())?;
         vcpu.configure(&cpuid, config.vcpus, entry)?;
         vcpus.push(vcpu);
+    }
+    // The PCI address port's writes do not exit (see vstate::coalesced): half the exits of
+    // every configuration access through 0xCF8/0xCFC.
+    if let Some(first) = vcpus.first() {
+        if let Some(ring) = vm.coalesced_ports(first.fd(), &[(PCI_CONFIG_PORT, 4)])? {
+            let ring = Arc::new(ring);
+            for vcpu in &mut vcpus {
+                vcpu.set_coalesced(ring.clone());
+            }
+        }
     }
 
     let epoll = Epoll::new().map_err(VmmError::EventLoop)?;

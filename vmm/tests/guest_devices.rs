@@ -263,6 +263,68 @@ fn virtio_interrupt_exits(transport: Transport) {
     assert_eq!(status.code(), Some(0), "console:\n{console}");
 }
 
+/// x86 Linux reads the first 256 bytes of each function's configuration space through
+/// 0xCF8/0xCFC even with ECAM announced: two port accesses per read. The address write is
+/// coalesced by KVM (see vstate::coalesced), so a configuration read costs one exit, not two.
+/// The guest reads the host bridge's configuration space in batches of 640 dword reads and
+/// counts them on the console; the VMM's port-exit counter over a window of batches gives
+/// the exits per read.
+#[test]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+fn a_pci_configuration_read_costs_one_exit_on_pci() {
+    const READS_PER_BATCH: u64 = 640; // 10 x 256 bytes, one dword read per 4 bytes
+    let dir = tempdir("cfg-exits");
+    let socket = dir.join("vm.sock");
+    let _ = std::fs::remove_file(&socket);
+    let init = "n=0\n\
+        while [ $n -lt 60 ]; do\n\
+        for i in 0 1 2 3 4 5 6 7 8 9; do \
+        dd if=/sys/bus/pci/devices/0000:00:00.0/config of=/dev/null bs=256 count=1 2>/dev/null; done\n\
+        n=$((n + 1)); echo THVC-PCICFG=$n\n\
+        done\nsleep 600";
+    let root = root_image(&dir, "root", init, 32);
+    let mut guest = boot_root_on(
+        Transport::Pci,
+        &root,
+        &["--api-socket", socket.to_str().expect("utf-8")],
+    );
+    let port_exits = |guest: &Guest| {
+        let info = api_call(&socket, "info");
+        let exits = info["vcpu_exits"].as_array().expect("vcpu_exits");
+        let io: u64 = exits.iter().filter_map(|e| e["io"].as_u64()).sum();
+        // The last batch the guest reported once the counter was read: the reads between
+        // two samples are known to a batch either way.
+        let batch = guest
+            .seen()
+            .iter()
+            .filter_map(|l| l.split("THVC-PCICFG=").nth(1))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        (io, batch)
+    };
+    guest.wait_for("THVC-PCICFG=5");
+    let (io1, batch1) = port_exits(&guest);
+    guest.wait_for("THVC-PCICFG=45");
+    let (io2, batch2) = port_exits(&guest);
+    let reads = (batch2 - batch1) * READS_PER_BATCH;
+    assert!(reads >= 30 * READS_PER_BATCH, "batches {batch1}..{batch2}");
+    let per_read = (io2 - io1) as f64 / reads as f64;
+    eprintln!(
+        "{} port exits for about {reads} configuration reads: {per_read:.2} per read",
+        io2 - io1
+    );
+    // One exit per read plus the console lines; two per read without coalescing.
+    assert!(
+        per_read < 1.4,
+        "{per_read:.2} port exits per configuration read ({} for about {reads})",
+        io2 - io1
+    );
+    api_call(&socket, "stop");
+    let (status, console, _) = guest.finish();
+    assert_eq!(status.code(), Some(0), "console:\n{console}");
+}
+
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("ip runs");
     assert!(

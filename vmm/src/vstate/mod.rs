@@ -1,5 +1,6 @@
 //! KVM state: the VM (memory slots, in-kernel irqchip) and its vCPUs.
 
+pub mod coalesced;
 pub mod control;
 pub mod memory;
 pub mod msi;

@@ -11,6 +11,7 @@ use crate::arch::x86_64::{cpuid, interrupts, regs};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExitRequest};
 use crate::sandbox::{self, ThreadKind};
+use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::control::{set_current_kvm_run, VcpuControl, VcpuStats};
 use crate::vstate::vm::Vm;
 
@@ -47,6 +48,8 @@ pub struct Vcpu {
     pio: Bus,
     mmio: Bus,
     exit: VmExitRequest,
+    /// The VM's coalesced port writes, replayed before each port exit is handled.
+    coalesced: Option<Arc<CoalescedRing>>,
 }
 
 impl Vcpu {
@@ -71,7 +74,18 @@ impl Vcpu {
             pio,
             mmio,
             exit,
+            coalesced: None,
         })
+    }
+
+    /// The vCPU's KVM fd (for mappings the VM shares through it).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Replays `ring`'s buffered port writes before each port exit.
+    pub fn set_coalesced(&mut self, ring: Arc<CoalescedRing>) {
+        self.coalesced = Some(ring);
     }
 
     pub fn id(&self) -> u8 {
@@ -158,8 +172,18 @@ impl Vcpu {
         };
         VcpuStats::count(counter);
         match result {
-            Ok(VcpuExit::IoIn(port, data)) => self.pio.read(u64::from(port), data),
-            Ok(VcpuExit::IoOut(port, data)) => self.pio.write(u64::from(port), data),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if let Some(ring) = &self.coalesced {
+                    ring.drain(&self.pio);
+                }
+                self.pio.read(u64::from(port), data)
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if let Some(ring) = &self.coalesced {
+                    ring.drain(&self.pio);
+                }
+                self.pio.write(u64::from(port), data)
+            }
             Ok(VcpuExit::MmioRead(addr, data)) => self.mmio.read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => self.mmio.write(addr, data),
             Ok(VcpuExit::Hlt) => {}

@@ -1,5 +1,6 @@
 //! The KVM VM: opened /dev/kvm, in-kernel IOAPIC/LAPIC/PIT, guest memory registered as slots.
 
+use crate::vstate::coalesced::{CoalescedError, CoalescedRing};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
     KVM_PIT_SPEAKER_DUMMY,
@@ -76,6 +77,16 @@ impl Vm {
 
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// KVM's ring of coalesced writes with `ports` (start, length) registered, mapped from
+    /// `vcpu`'s fd; None where KVM cannot coalesce port writes.
+    pub fn coalesced_ports(
+        &self,
+        vcpu: &impl std::os::fd::AsRawFd,
+        ports: &[(u16, u32)],
+    ) -> Result<Option<CoalescedRing>, CoalescedError> {
+        CoalescedRing::for_ports(&self.kvm, &self.fd, vcpu, ports)
     }
 
     pub fn shared_fd(&self) -> Arc<VmFd> {
