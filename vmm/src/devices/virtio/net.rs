@@ -652,6 +652,20 @@ mod tap_tests {
             let nic = open("thvcsq0", GUEST_MAC, Pairs::UpTo(4)).expect("TAP");
             assert_eq!(nic.groups.len(), 1);
             assert!(open("thvcsq0", GUEST_MAC, Pairs::Exactly(2)).is_err());
+            // One pair on a TAP created multi_queue (the kernel refuses a plain attach to it).
+            ip(&[
+                "tuntap",
+                "add",
+                "dev",
+                "thvcmq1",
+                "mode",
+                "tap",
+                "vnet_hdr",
+                "multi_queue",
+            ]);
+            let nic = open("thvcmq1", GUEST_MAC, Pairs::Exactly(1)).expect("one queue");
+            assert_eq!(nic.groups.len(), 1);
+            assert_eq!(nic.info.features & mq, 0, "one pair: no MQ");
         });
     }
 

@@ -71,9 +71,15 @@ pub enum TapQueues {
 }
 
 impl Tap {
-    /// Attaches to the TAP `name` (creating it if it does not exist and we may).
+    /// Attaches to one queue of the TAP `name` (creating it if it does not exist and we
+    /// may): a plain TAP, or one created multi_queue (which refuses a plain attach).
     pub fn open(name: &str) -> Result<Tap, TapError> {
-        Tap::attach(name, 0)
+        match Tap::attach(name, 0) {
+            Err(TapError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                Tap::attach(name, IFF_MULTI_QUEUE)
+            }
+            other => other,
+        }
     }
 
     /// Attaches to `queues` queues of the TAP `name`; never an empty list.
