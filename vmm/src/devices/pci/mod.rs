@@ -60,11 +60,15 @@ pub enum PciError {
     WindowFull { size: u64 },
 }
 
-/// A function on the bus. Configuration reads come from its `ConfigSpace`; writes and BAR
-/// accesses go to the device, which applies side effects (moving its notification
-/// addresses, enabling MSI-X).
+/// A function on the bus. Configuration reads come from its `ConfigSpace` unless the device
+/// serves some itself (virtio's PCI configuration access window); writes and BAR accesses
+/// go to the device, which applies side effects (moving its notification addresses,
+/// enabling MSI-X).
 pub trait PciDevice: Send {
     fn config(&self) -> &ConfigSpace;
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config().read(offset, data);
+    }
     fn config_write(&mut self, offset: usize, data: &[u8]);
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
@@ -170,7 +174,7 @@ impl PciRoot {
         data: &mut [u8],
     ) {
         match self.function(bus, device, function) {
-            Some((_, dev)) => lock(dev).config().read(offset, data),
+            Some((_, dev)) => lock(dev).config_read(offset, data),
             None => data.fill(0xff),
         }
     }

@@ -16,7 +16,10 @@
 //! the MSI-X vector its driver chose, through its own irqfd (see `pci::msix`), so there is no
 //! shared interrupt status to read: an interrupt costs the guest no exit at all. Devices have
 //! no INTx line (interrupt pin 0), like Cloud Hypervisor's: drivers that cannot use MSI-X
-//! cannot drive them. The optional-to-use `VIRTIO_PCI_CAP_PCI_CFG` window is not offered yet.
+//! cannot drive them. The `VIRTIO_PCI_CAP_PCI_CFG` capability is a window into BAR 0 through
+//! configuration space (for firmware that cannot map the BAR): the driver sets BAR, offset
+//! and length (1, 2 or 4, aligned, inside BAR 0) in the capability and reads or writes its
+//! data field; anything else reads zero and writes nothing.
 //!
 //! Every register and table write is guest input and goes through the same checks as
 //! virtio-mmio's (`transport::VirtioCommon`): vector numbers past the table read back as
@@ -59,6 +62,12 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+/// In the VIRTIO_PCI_CAP_PCI_CFG capability (from its ID): the BAR, offset, length and data.
+const PCI_CFG_BAR: usize = 4;
+const PCI_CFG_OFFSET: usize = 8;
+const PCI_CFG_LENGTH: usize = 12;
+const PCI_CFG_DATA: usize = 16;
 
 /// ISR bit for a configuration change (queue bits are unused: every queue has its vector).
 const ISR_CONFIG: u8 = 2;
@@ -195,6 +204,8 @@ pub struct VirtioPciDevice {
     msix: MsixTable,
     /// Where the MSI-X capability is in config space.
     msix_cap: usize,
+    /// Where the VIRTIO_PCI_CAP_PCI_CFG capability is in config space.
+    pci_cfg_cap: usize,
     device_config: Vec<u8>,
     notifier: Notifier,
     windows: Vec<(u64, u64)>,
@@ -262,6 +273,13 @@ impl VirtioPciDevice {
         let mut notify = virtio_cap(20, CAP_NOTIFY, NOTIFY, queues as u64 * NOTIFY_MULTIPLIER);
         notify.extend_from_slice(&(NOTIFY_MULTIPLIER as u32).to_le_bytes());
         config.add_capability(CAP_VENDOR, &notify, &[])?;
+        // The window's BAR, offset, length and data are the driver's to write.
+        let mut window_writable = [0u8; 20];
+        window_writable[PCI_CFG_BAR] = 0xff;
+        window_writable[PCI_CFG_OFFSET..].fill(0xff);
+        let mut window = virtio_cap(20, CAP_PCI_CFG, 0, 0);
+        window.extend_from_slice(&[0; 4]);
+        let pci_cfg_cap = config.add_capability(CAP_VENDOR, &window, &window_writable)?;
         let (body, writable) = msix.capability(0, MSIX_TABLE as u32, MSIX_PBA as u32);
         let msix_cap = config.add_capability(msix::CAPABILITY_ID, &body, &writable)?;
         // Memory decoding on from the start: the BAR is placed as firmware would place it.
@@ -279,6 +297,7 @@ impl VirtioPciDevice {
             interrupt,
             msix,
             msix_cap,
+            pci_cfg_cap,
             device_config,
             notifier: Notifier {
                 vm: platform.vm.clone(),
@@ -433,13 +452,59 @@ fn read_bytes(bytes: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+impl VirtioPciDevice {
+    /// Whether a configuration access at `offset` of `len` bytes touches the PCI_CFG
+    /// window's data field.
+    fn touches_window_data(&self, offset: usize, len: usize) -> bool {
+        let data = self.pci_cfg_cap + PCI_CFG_DATA;
+        offset < data + 4 && data < offset + len
+    }
+
+    /// The BAR 0 access the PCI_CFG window is set to (offset, length), if it is a valid one:
+    /// BAR 0, length 1, 2 or 4, aligned, inside the BAR.
+    fn window(&self) -> Option<(u64, usize)> {
+        let cap = self.pci_cfg_cap;
+        let bar = self.config.register(cap + PCI_CFG_BAR) & 0xff;
+        let offset = u64::from(self.config.register(cap + PCI_CFG_OFFSET));
+        let length = self.config.register(cap + PCI_CFG_LENGTH) as usize;
+        (bar == 0
+            && matches!(length, 1 | 2 | 4)
+            && offset.is_multiple_of(length as u64)
+            && offset + length as u64 <= BAR_SIZE)
+            .then_some((offset, length))
+    }
+}
+
 impl PciDevice for VirtioPciDevice {
     fn config(&self) -> &ConfigSpace {
         &self.config
     }
 
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        if self.touches_window_data(offset, data.len()) {
+            // The window's data is BAR 0 read now (a read of the ISR clears it, as through
+            // the BAR).
+            let mut value = [0u8; 4];
+            if let Some((at, length)) = self.window() {
+                self.bar_read(0, at, &mut value[..length]);
+            }
+            self.config.write(self.pci_cfg_cap + PCI_CFG_DATA, &value);
+        }
+        self.config.read(offset, data);
+    }
+
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
+        if self.touches_window_data(offset, data.len()) {
+            if let Some((at, length)) = self.window() {
+                let value = self
+                    .config
+                    .register(self.pci_cfg_cap + PCI_CFG_DATA)
+                    .to_le_bytes();
+                self.bar_write(0, at, &value[..length]);
+            }
+            return;
+        }
         let control = self.msix_cap + msix::CONTROL_OFFSET;
         if offset < control + 2 && control < offset + data.len() {
             let value = (self.config.register(self.msix_cap) >> 16) as u16;
@@ -482,6 +547,116 @@ impl PciDevice for VirtioPciDevice {
             MSIX_TABLE..=0x4fff => self.msix.write_table(offset - MSIX_TABLE, data),
             // The ISR, the device configuration and the PBA are read-only.
             _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use super::*;
+    use crate::devices::virtio::testing::memory;
+    use crate::devices::virtio::worker::WorkerControl;
+
+    const WINDOW: (u64, u64) = (0xc000_0000, 0x1000_0000);
+
+    /// A virtio-blk function with two queues on a real KVM VM (its vectors are irqfds).
+    fn device() -> VirtioPciDevice {
+        let kvm = kvm_ioctls::Kvm::new().expect("the unit tests need /dev/kvm");
+        let vm = kvm.create_vm().expect("a VM");
+        vm.create_irq_chip().expect("the in-kernel irqchip");
+        let vm = Arc::new(vm);
+        let routing = Arc::new(GsiRouting::new(vm.clone()));
+        let info = DeviceInfo {
+            device_type: TYPE_BLOCK,
+            queue_max_sizes: vec![16, 16],
+            features: VIRTIO_F_VERSION_1,
+            config_space: vec![1, 2, 3, 4],
+        };
+        let events = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).expect("eventfd"))
+            .collect();
+        let workers = vec![WorkerGroup {
+            control: WorkerControl::new().expect("control"),
+            queues: 0..2,
+        }];
+        let platform = PciPlatform {
+            mem: &memory(),
+            vm: &vm,
+            routing: &routing,
+            windows: &[WINDOW],
+        };
+        VirtioPciDevice::new(info, platform, workers, events, WINDOW.0).expect("device")
+    }
+
+    /// The VIRTIO_PCI_CAP_PCI_CFG capability, found by walking the list as a driver does.
+    fn window_cap(d: &VirtioPciDevice) -> usize {
+        let mut at = (d.config.register(0x34) & 0xff) as usize;
+        while at != 0 {
+            let reg = d.config.register(at);
+            if reg & 0xff == u32::from(CAP_VENDOR) && reg >> 24 == u32::from(CAP_PCI_CFG) {
+                assert_eq!((reg >> 16) & 0xff, 20, "cap_len");
+                return at;
+            }
+            at = ((reg >> 8) & 0xff) as usize;
+        }
+        panic!("no VIRTIO_PCI_CAP_PCI_CFG capability");
+    }
+
+    fn set_window(d: &mut VirtioPciDevice, cap: usize, bar: u8, offset: u32, length: u32) {
+        d.config_write(cap + PCI_CFG_BAR, &[bar]);
+        d.config_write(cap + PCI_CFG_OFFSET, &offset.to_le_bytes());
+        d.config_write(cap + PCI_CFG_LENGTH, &length.to_le_bytes());
+    }
+
+    fn window_read(d: &mut VirtioPciDevice, cap: usize) -> u32 {
+        let mut data = [0u8; 4];
+        d.config_read(cap + PCI_CFG_DATA, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn bar_read16(d: &mut VirtioPciDevice, offset: u64) -> u16 {
+        let mut data = [0u8; 2];
+        d.bar_read(0, offset, &mut data);
+        u16::from_le_bytes(data)
+    }
+
+    #[test]
+    fn the_pci_cfg_window_reads_and_writes_bar_0_through_configuration_space() {
+        let mut d = device();
+        let cap = window_cap(&d);
+        // num_queues (common configuration 0x12, 16 bits).
+        set_window(&mut d, cap, 0, 0x12, 2);
+        assert_eq!(window_read(&mut d, cap) & 0xffff, 2, "num_queues");
+        // The device configuration.
+        set_window(&mut d, cap, 0, DEVICE_CONFIG as u32, 4);
+        assert_eq!(window_read(&mut d, cap), u32::from_le_bytes([1, 2, 3, 4]));
+        // A write: queue_select (0x16) = 1, seen through the BAR.
+        set_window(&mut d, cap, 0, 0x16, 2);
+        d.config_write(cap + PCI_CFG_DATA, &1u32.to_le_bytes());
+        assert_eq!(bar_read16(&mut d, 0x16), 1, "queue_select");
+        assert_eq!(bar_read16(&mut d, 0x18), 16, "queue_size of queue 1");
+    }
+
+    #[test]
+    fn a_bad_pci_cfg_window_reads_zero_and_writes_nothing() {
+        let mut d = device();
+        let cap = window_cap(&d);
+        set_window(&mut d, cap, 0, 0x16, 2);
+        d.config_write(cap + PCI_CFG_DATA, &1u32.to_le_bytes());
+        for (bar, offset, length) in [
+            (1, 0x16, 2),            // another BAR
+            (0, 0x16, 3),            // a length other than 1, 2, 4
+            (0, 0x17, 2),            // unaligned
+            (0, BAR_SIZE as u32, 4), // past the BAR
+            (0, u32::MAX - 1, 2),    // far past it
+            (0, 0x16, 0),            // nothing
+        ] {
+            set_window(&mut d, cap, bar, offset, length);
+            assert_eq!(window_read(&mut d, cap), 0, "{bar} {offset:#x} {length}");
+            d.config_write(cap + PCI_CFG_DATA, &0u32.to_le_bytes());
+            assert_eq!(bar_read16(&mut d, 0x16), 1, "queue_select unchanged");
         }
     }
 }
