@@ -31,45 +31,72 @@ HOST_IP, GUEST_IP, PORT = "10.88.0.1", "10.88.0.2", 5201
 BRIDGE, TAP = "thvcbenchbr", "thvcbenchtap"
 
 
-def guest_init(blk_mib, net_mib):
+def parallel(streams, command):
+    """Shell lines that run `command` (with $i, the stream's number) `streams` times at once,
+    stream i pinned to CPU i modulo the guest's CPUs, and wait for all; one stream runs
+    unpinned (as this benchmark always did)."""
+    if streams == 1:
+        return command.replace("$i", "0")
+    return (f"i=0; while [ $i -lt {streams} ]; do "
+            f"taskset -c $((i % ncpu)) sh -c \"{command}\" & i=$((i + 1)); done; wait")
+
+
+def guest_init(blk_mib, net_mib, streams):
+    blk_each, net_each = blk_mib // streams, net_mib // streams
+    write = parallel(streams, f"dd if=/dev/zero of=/bench$i.dat bs=1M count={blk_each} "
+                              "oflag=direct conv=fsync 2>/dev/null")
+    read = parallel(streams, "dd if=/bench$i.dat of=/dev/null bs=1M iflag=direct 2>/dev/null")
+    send = parallel(streams, f"dd if=/dev/zero bs=1M count={net_each} 2>/dev/null | nc {HOST_IP} {PORT}")
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 ip link set eth0 up; ip addr add {GUEST_IP}/24 dev eth0
+ncpu=$(grep -c ^processor /proc/cpuinfo)
 # busybox dd reports no rate: time it with the guest's clock (/proc/uptime, 10 ms steps).
 now() {{ read -r up _ </proc/uptime; echo "$up"; }}
-t0=$(now); dd if=/dev/zero of=/bench.dat bs=1M count={blk_mib} oflag=direct conv=fsync 2>/dev/null; t1=$(now)
-echo "BENCH-WRITE $(({blk_mib} << 20)) $t0 $t1"
+t0=$(now); {write}; t1=$(now)
+echo "BENCH-WRITE $(({blk_each * streams} << 20)) $t0 $t1"
 sync; echo 3 > /proc/sys/vm/drop_caches
-t0=$(now); dd if=/bench.dat of=/dev/null bs=1M iflag=direct 2>/dev/null; t1=$(now)
-echo "BENCH-READ $(({blk_mib} << 20)) $t0 $t1"
+t0=$(now); {read}; t1=$(now)
+echo "BENCH-READ $(({blk_each * streams} << 20)) $t0 $t1"
 n=0; until ping -c 1 -W 1 {HOST_IP} >/dev/null; do n=$((n+1)); [ $n -ge 60 ] && break; done
 # Where a guest that dies got to (nested guests under TCG do, now and then).
 echo "BENCH-NET-START after $n failed pings"
-dd if=/dev/zero bs=1M count={net_mib} 2>/dev/null | nc {HOST_IP} {PORT}
+{send}
 echo BENCH-SENT
 # Average transmitted frame: ~1.5 KB means no TSO, tens of KB means TSO frames reach the device.
 read -r txp </sys/class/net/eth0/statistics/tx_packets; read -r txb </sys/class/net/eth0/statistics/tx_bytes
 echo "BENCH-TX-FRAMES $txp $txb"
+# Which queues carried the load (virtio-pci: one MSI-X vector per queue).
+grep -E 'virtio[0-9]+-(req|input|output)' /proc/interrupts | awk '{{s = 0; for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; print "BENCH-QUEUE-IRQS " $NF " " s}}'
 # Let the console send the line above before the power goes (busybox stty drains on tcsetattr).
 stty -F /dev/console "$(stty -F /dev/console -g)"
 sync; poweroff -f
 """
 
 
+def make_tap(multi_queue):
+    """(Re)creates the bench TAP on the bridge: multi_queue for the variants that can attach
+    several queues to it."""
+    subprocess.run(["ip", "link", "del", TAP], stderr=subprocess.DEVNULL)
+    sh("ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr",
+       *(["multi_queue"] if multi_queue else []))
+    sh("ip", "link", "set", TAP, "master", BRIDGE, "up")
+
+
 def sh(*cmd):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def make_image(workdir, blk_mib, net_mib):
+def make_image(workdir, blk_mib, net_mib, streams):
     tree = os.path.join(workdir, "tree")
     for d in ("bin", "sbin", "dev", "proc", "sys", "tmp"):
         os.makedirs(os.path.join(tree, d), exist_ok=True)
     shutil.copy("/bin/busybox", os.path.join(tree, "bin/busybox"))
     with open(os.path.join(tree, "sbin/init"), "w") as f:
-        f.write(guest_init(blk_mib, net_mib))
+        f.write(guest_init(blk_mib, net_mib, streams))
     os.chmod(os.path.join(tree, "sbin/init"), 0o755)
     image = os.path.join(workdir, "root.ext4")
     sh("mkfs.ext4", "-q", "-F", "-d", tree, image, f"{max(512, blk_mib + 128)}M")
@@ -146,11 +173,13 @@ def set_exit_histogram(on):
 
 
 class Receiver:
-    """Accepts one connection and measures how fast it delivers `nbytes`; meanwhile takes the
-    VM's KVM counters at the first and the last byte (set `pid` to the VMM's process)."""
+    """Accepts `streams` connections and measures how fast they deliver `nbytes` together
+    (from the first byte of any to the last of all); meanwhile takes the VM's KVM counters at
+    the first and the last byte (set `pid` to the VMM's process)."""
 
-    def __init__(self, nbytes):
+    def __init__(self, nbytes, streams=1):
         self.nbytes = nbytes
+        self.streams = streams
         self.pid = None
         self.kvm_delta = None
         self.trace_exits = False
@@ -158,41 +187,59 @@ class Receiver:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((HOST_IP, PORT))
-        self.sock.listen(1)
+        self.sock.listen(streams)
         self.sock.settimeout(600)
         self.result = None
+        self.lock = threading.Lock()
+        self.total = 0
+        self.start = self.first = self.first_reasons = None
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
     def run(self):
+        readers = []
         try:
-            conn, _ = self.sock.accept()
+            for _ in range(self.streams):
+                conn, _ = self.sock.accept()
+                t = threading.Thread(target=self.read, args=(conn,), daemon=True)
+                t.start()
+                readers.append(t)
         except OSError:  # stop() shut the listening socket down
             return
-        total, start, first = 0, None, None
+        for t in readers:
+            t.join()
+        end = time.monotonic()
+        start = self.start
+        self.result = (self.total, self.total / (end - start) / 1e6 if start and end > start else 0.0)
+
+    def read(self, conn):
         while True:
             data = conn.recv(1 << 20)
             if not data:
                 break
-            if start is None:
-                start = time.monotonic()
-                first = kvm_stats(self.pid)
-                # The histogram costs time on every exit: on during the transfer only.
-                first_reasons = set_exit_histogram(True) if self.trace_exits else None
-            total += len(data)
-            if total >= self.nbytes:
-                last = kvm_stats(self.pid)
-                if first and last:
-                    self.kvm_delta = {k: last[k] - first[k] for k in first if k in last}
-                last_reasons = exit_reasons() if self.trace_exits else None
-                if self.trace_exits:
-                    set_exit_histogram(False)
-                if first_reasons is not None and last_reasons:
-                    self.reason_delta = {k: v - first_reasons.get(k, 0)
-                                         for k, v in last_reasons.items()}
-        end = time.monotonic()
+            with self.lock:
+                if self.start is None:
+                    self.start = time.monotonic()
+                    self.first = kvm_stats(self.pid)
+                    # The histogram costs time on every exit: on during the transfer only.
+                    self.first_reasons = set_exit_histogram(True) if self.trace_exits else None
+                before = self.total
+                self.total += len(data)
+                if before < self.nbytes <= self.total:
+                    self.finished()
         conn.close()
-        self.result = (total, total / (end - start) / 1e6 if start and end > start else 0.0)
+
+    def finished(self):
+        """At the last byte: the counters' deltas since the first."""
+        last = kvm_stats(self.pid)
+        if self.first and last:
+            self.kvm_delta = {k: last[k] - self.first[k] for k in self.first if k in last}
+        last_reasons = exit_reasons() if self.trace_exits else None
+        if self.trace_exits:
+            set_exit_histogram(False)
+        if self.first_reasons is not None and last_reasons:
+            self.reason_delta = {k: v - self.first_reasons.get(k, 0)
+                                 for k, v in last_reasons.items()}
 
     def stop(self):
         """Gives up on the connection: wakes the accepting thread and frees the port."""
@@ -314,6 +361,9 @@ def run_guest(name, cmd, timeout, receiver):
     if "BENCH-WRITE" not in lines or "BENCH-READ" not in lines or "BENCH-SENT" not in console:
         raise RuntimeError(f"{name} exited {out.returncode}; console:\n{console[-3000:]}\n"
                            f"{out.stderr.decode(errors='replace')[-2000:]}")
+    queues = [l.split(" ", 2)[1:] for l in console.splitlines() if l.startswith("BENCH-QUEUE-IRQS ")]
+    if queues:
+        print(f"  {name}: interrupts per queue: " + ", ".join(f"{q} {n}" for q, n in queues), flush=True)
     if "BENCH-TX-FRAMES" in lines:
         packets, octets = (int(x) for x in lines["BENCH-TX-FRAMES"].split())
         print(f"  {name}: guest sent {packets} frames, {octets // max(packets, 1)} bytes on average",
@@ -330,12 +380,18 @@ def main():
     # within minutes and is still thousands of full-size segments.
     ap.add_argument("--net-mib", type=int, default=32, help="MiB sent over TCP (default 32)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per guest")
+    ap.add_argument("--streams", type=int, default=1,
+                    help="parallel writers, readers and TCP connections, stream i pinned to "
+                         "vCPU i mod vCPUs (default 1, unpinned): what a multiqueue device "
+                         "needs to use more than one queue")
     ap.add_argument("--exit-reasons", action="store_true",
                     help="count KVM exits by reason during the TCP transfer (kvm_exit histogram)")
     args = ap.parse_args()
     args.initrd = args.initrd or os.environ.get("THVC_GUEST_INITRAMFS")
     if not args.kernel or not args.initrd:
         sys.exit("io.py: --kernel/--initrd (or THVC_GUEST_KERNEL/THVC_GUEST_INITRAMFS) needed")
+    if args.streams < 1 or args.blk_mib % args.streams or args.net_mib % args.streams:
+        sys.exit("io.py: --streams must be at least 1 and divide --blk-mib and --net-mib")
     net_bytes = args.net_mib << 20
 
     if not os.path.isdir(KVM_DEBUGFS):
@@ -350,10 +406,8 @@ def main():
     sh("ip", "link", "add", BRIDGE, "type", "bridge")
     sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", BRIDGE)
     sh("ip", "link", "set", BRIDGE, "up")
-    sh("ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
-    sh("ip", "link", "set", TAP, "master", BRIDGE, "up")
     work = tempfile.mkdtemp(prefix="thvc-io-bench-")
-    golden = make_image(work, args.blk_mib, args.net_mib)
+    golden = make_image(work, args.blk_mib, args.net_mib, args.streams)
     mac = "52:54:00:88:00:02"
 
     # (round, vCPUs, variant) -> rates of the successful guests.
@@ -361,11 +415,12 @@ def main():
     failures = {}
     try:
         for r, cpus, name in variants.schedule(args.rounds, args.vcpus, args.variants):
+            make_tap(variants.multi_queue_tap(name))
             image = os.path.join(work, f"{name}.ext4")
             shutil.copyfile(golden, image)
             cmd = variants.command(name, args, cpus, "thvc.action=root thvc.root=/dev/vda",
                                    disk=image, tap=TAP, mac=mac)
-            receiver = Receiver(net_bytes)
+            receiver = Receiver(net_bytes, args.streams)
             receiver.trace_exits = args.exit_reasons
             tag = f"{cpus} vCPU {name}"
             try:
