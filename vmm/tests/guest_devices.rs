@@ -210,6 +210,12 @@ fn api_call(socket: &Path, request: &str) -> serde_json::Value {
     answer["result"].clone()
 }
 
+/// The VM's exits of `kind` ("io", "mmio", ...) over all vCPUs, from an `info` answer.
+fn vcpu_exits(info: &serde_json::Value, kind: &str) -> u64 {
+    let exits = info["vcpu_exits"].as_array().expect("vcpu_exits");
+    exits.iter().filter_map(|e| e[kind].as_u64()).sum()
+}
+
 /// On virtio-mmio the driver reads the registers from a page mapped into the guest and
 /// acknowledges interrupts into an ioeventfd; on virtio-pci each queue has its own MSI-X
 /// vector and nothing to read or acknowledge: either way thousands of virtio interrupts (one
@@ -250,8 +256,7 @@ fn virtio_interrupt_exits(transport: Transport) {
         "one interrupt per request expected, got {interrupts}"
     );
     let info = api_call(&socket, "info");
-    let exits = info["vcpu_exits"].as_array().expect("vcpu_exits");
-    let mmio: u64 = exits.iter().filter_map(|e| e["mmio"].as_u64()).sum();
+    let mmio = vcpu_exits(&info, "mmio");
     eprintln!("{mmio} MMIO exits to the VMM for {interrupts} virtio interrupts");
     // Left: the register writes of the drivers' setup (a few dozen per device).
     assert!(
@@ -289,9 +294,7 @@ fn a_pci_configuration_read_costs_one_exit_on_pci() {
         &["--api-socket", socket.to_str().expect("utf-8")],
     );
     let port_exits = |guest: &Guest| {
-        let info = api_call(&socket, "info");
-        let exits = info["vcpu_exits"].as_array().expect("vcpu_exits");
-        let io: u64 = exits.iter().filter_map(|e| e["io"].as_u64()).sum();
+        let io = vcpu_exits(&api_call(&socket, "info"), "io");
         // The last batch the guest reported once the counter was read: the reads between
         // two samples are known to a batch either way.
         let batch = guest

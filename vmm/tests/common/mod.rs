@@ -110,38 +110,33 @@ impl Guest {
     }
 
     pub fn boot_with(action: &str, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Guest {
-        let kernel = kernel();
-        let initrd = initramfs();
         let cmdline = format!("{BASE_CMDLINE} thvc.action={action}");
-        let mut args = vec![
-            "--kernel",
-            kernel.to_str().expect("utf-8 path"),
-            "--initrd",
-            initrd.to_str().expect("utf-8 path"),
-            "--cmdline",
-            &cmdline,
-        ];
-        args.extend_from_slice(extra);
-        Guest::start_with(&args, configure)
+        Guest::boot_kernel(&cmdline, extra, configure)
     }
 
     /// Boots the test kernel and initramfs with the devices on `transport`; `params` are the
     /// guest's kernel parameters after the transport's base command line (the action, ...).
     pub fn boot_on(transport: Transport, params: &str, extra: &[&str]) -> Guest {
+        let cmdline = format!("{} {params}", transport.cmdline());
+        let mut args = transport.args().to_vec();
+        args.extend_from_slice(extra);
+        Guest::boot_kernel(&cmdline, &args, |_| {})
+    }
+
+    /// The test kernel and initramfs with `cmdline`, then `extra`.
+    fn boot_kernel(cmdline: &str, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Guest {
         let kernel = kernel();
         let initrd = initramfs();
-        let cmdline = format!("{} {params}", transport.cmdline());
         let mut args = vec![
             "--kernel",
             kernel.to_str().expect("utf-8 path"),
             "--initrd",
             initrd.to_str().expect("utf-8 path"),
             "--cmdline",
-            &cmdline,
+            cmdline,
         ];
-        args.extend_from_slice(transport.args());
         args.extend_from_slice(extra);
-        Guest::start(&args)
+        Guest::start_with(&args, configure)
     }
 
     /// Waits for a console line (old or new) for which `pred` holds and returns it.
