@@ -34,8 +34,20 @@ pub enum ConfigError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("no kernel given: use --kernel PATH or \"kernel\" in the config file")]
+    #[error("nothing to boot: use --kernel PATH or --firmware PATH (or \"kernel\"/\"firmware\" in the config file)")]
     MissingKernel,
+    #[error(
+        "--kernel and --firmware exclude each other: the firmware loads the kernel from a disk"
+    )]
+    KernelAndFirmware,
+    #[error("--{0} needs --kernel: with --firmware the boot loader on the disk chooses kernel, initrd and command line")]
+    FirmwareWith(&'static str),
+    #[error("--firmware needs the pci transport (the firmware drives virtio-pci devices, not virtio-mmio)")]
+    FirmwareNeedsPci,
+    #[error("--firmware needs a disk to boot from (--disk path=FILE)")]
+    FirmwareWithoutDisk,
+    #[error("invalid --platform '{spec}': {why}")]
+    Platform { spec: String, why: String },
     #[error("cpus must be between 1 and {MAX_VCPUS}, got {0}")]
     Cpus(u64),
     #[error("memory must be at least {MIN_MEMORY_MIB} MiB, got {0} MiB")]
@@ -411,6 +423,13 @@ pub struct Cli {
     /// Kernel command line; replaces the default "console=ttyS0 panic=1 pci=off".
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
+    /// UEFI firmware (a PVH ELF such as edk2's CloudHv build, see vmm/firmware) instead of
+    /// --kernel: it boots the first disk's boot loader. Implies --transport pci.
+    #[arg(long, value_name = "PATH")]
+    pub firmware: Option<PathBuf>,
+    /// The machine identity in the SMBIOS tables: uuid=UUID[,serial=STR][,product=STR].
+    #[arg(long, value_name = "SPEC")]
+    pub platform: Option<String>,
     /// Number of vCPUs (1-32) [default: 1].
     #[arg(long, value_name = "N")]
     pub cpus: Option<u64>,
@@ -460,6 +479,8 @@ pub struct FileConfig {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
+    pub firmware: Option<PathBuf>,
+    pub platform: Option<PlatformConfig>,
     pub cpus: Option<u64>,
     pub memory: Option<u64>,
     pub serial: Option<String>,
@@ -491,12 +512,109 @@ impl FileConfig {
     }
 }
 
+/// What the first vCPU runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// A Linux kernel loaded by the VMM (64-bit boot protocol), with its initrd and command
+    /// line: the fastest boot, for guests the operator provides.
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+    /// UEFI firmware entered through PVH: it finds the boot loader on the disks, as on a
+    /// physical server, so tenants can bring their own images.
+    Firmware(PathBuf),
+}
+
+/// The identity the guest reads from the SMBIOS tables (`/sys/class/dmi/id/`): what
+/// cloud-init, licensing and inventory tools use to recognise the machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformConfig {
+    /// RFC 4122 text form; None: the tables say "no UUID".
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// The product name; None: "thvc-vmm".
+    #[serde(default)]
+    pub product: Option<String>,
+}
+
+/// The longest SMBIOS string we accept: a string in the tables is NUL-terminated text.
+pub const MAX_SMBIOS_STRING_LEN: usize = 64;
+
+/// Parses the RFC 4122 text form (8-4-4-4-12 hex digits) into its 16 bytes, in text order.
+pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let groups: Vec<&str> = text.split('-').collect();
+    if groups.iter().map(|g| g.len()).collect::<Vec<_>>() != [8, 4, 4, 4, 12] {
+        return None;
+    }
+    let hex: String = groups.concat();
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl FromStr for PlatformConfig {
+    type Err = ConfigError;
+
+    /// `uuid=UUID[,serial=STR][,product=STR]`
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let err = |why: String| ConfigError::Platform {
+            spec: spec.to_string(),
+            why,
+        };
+        let mut platform = PlatformConfig::default();
+        for (key, value) in key_values(spec).map_err(err)? {
+            match key {
+                "uuid" => platform.uuid = Some(value.to_string()),
+                "serial" => platform.serial = Some(value.to_string()),
+                "product" => platform.product = Some(value.to_string()),
+                _ => return Err(err(format!("unknown key '{key}' (uuid, serial, product)"))),
+            }
+        }
+        platform.validate().map_err(err)?;
+        Ok(platform)
+    }
+}
+
+impl PlatformConfig {
+    fn validate(&self) -> Result<(), String> {
+        if let Some(uuid) = &self.uuid {
+            if parse_uuid(uuid).is_none() {
+                return Err(format!(
+                    "uuid '{uuid}' is not of the form 01234567-89ab-cdef-0123-456789abcdef"
+                ));
+            }
+        }
+        for (name, value) in [("serial", &self.serial), ("product", &self.product)] {
+            if let Some(v) = value {
+                if v.is_empty()
+                    || v.len() > MAX_SMBIOS_STRING_LEN
+                    || !v.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                {
+                    return Err(format!(
+                        "{name} must be 1-{MAX_SMBIOS_STRING_LEN} printable ASCII characters"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A validated VM configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
+    pub boot: Boot,
+    pub platform: PlatformConfig,
     pub vcpus: u8,
     pub memory_mib: u64,
     pub serial: SerialTarget,
@@ -522,10 +640,48 @@ impl VmConfig {
     }
 
     pub fn merge(cli: Cli, file: FileConfig, host_memory_mib: u64) -> Result<Self, ConfigError> {
-        let kernel = cli
-            .kernel
-            .or(file.kernel)
-            .ok_or(ConfigError::MissingKernel)?;
+        let kernel = cli.kernel.or(file.kernel);
+        let firmware = cli.firmware.or(file.firmware);
+        let initrd = cli.initrd.or(file.initrd);
+        let cmdline = cli.cmdline.or(file.cmdline);
+        let boot = match (kernel, firmware) {
+            (Some(_), Some(_)) => return Err(ConfigError::KernelAndFirmware),
+            (None, None) => return Err(ConfigError::MissingKernel),
+            (None, Some(firmware)) => {
+                if initrd.is_some() {
+                    return Err(ConfigError::FirmwareWith("initrd"));
+                }
+                if cmdline.is_some() {
+                    return Err(ConfigError::FirmwareWith("cmdline"));
+                }
+                Boot::Firmware(firmware)
+            }
+            (Some(kernel), None) => {
+                let cmdline = cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+                if cmdline.len() >= MAX_CMDLINE_LEN {
+                    return Err(ConfigError::CmdlineTooLong(cmdline.len()));
+                }
+                if cmdline.contains('\0') {
+                    return Err(ConfigError::CmdlineNul);
+                }
+                Boot::Kernel {
+                    kernel,
+                    initrd,
+                    cmdline,
+                }
+            }
+        };
+        let platform = match (cli.platform, file.platform) {
+            (Some(spec), _) => spec.parse()?,
+            (None, Some(platform)) => {
+                platform.validate().map_err(|why| ConfigError::Platform {
+                    spec: "(config file)".into(),
+                    why,
+                })?;
+                platform
+            }
+            (None, None) => PlatformConfig::default(),
+        };
         let cpus = cli.cpus.or(file.cpus).unwrap_or(u64::from(DEFAULT_VCPUS));
         let vcpus = match u8::try_from(cpus) {
             Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
@@ -540,16 +696,6 @@ impl VmConfig {
                 requested: memory_mib,
                 host: host_memory_mib,
             });
-        }
-        let cmdline = cli
-            .cmdline
-            .or(file.cmdline)
-            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
-        if cmdline.len() >= MAX_CMDLINE_LEN {
-            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
-        }
-        if cmdline.contains('\0') {
-            return Err(ConfigError::CmdlineNul);
         }
         let serial = match cli.serial.or(file.serial) {
             Some(s) => s.parse()?,
@@ -613,10 +759,19 @@ impl VmConfig {
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
-        let transport = match cli.transport.or(file.transport) {
-            Some(t) => t.parse()?,
-            None => Transport::default(),
+        let transport = match (cli.transport.or(file.transport), &boot) {
+            (Some(t), _) => t.parse()?,
+            (None, Boot::Firmware(_)) => Transport::Pci,
+            (None, Boot::Kernel { .. }) => Transport::default(),
         };
+        if let Boot::Firmware(_) = boot {
+            if transport != Transport::Pci {
+                return Err(ConfigError::FirmwareNeedsPci);
+            }
+            if disks.is_empty() {
+                return Err(ConfigError::FirmwareWithoutDisk);
+            }
+        }
         let default_queues = default_queues(transport, vcpus);
         let disks = disks
             .into_iter()
@@ -652,9 +807,8 @@ impl VmConfig {
             None => None,
         };
         Ok(VmConfig {
-            kernel,
-            initrd: cli.initrd.or(file.initrd),
-            cmdline,
+            boot,
+            platform,
             vcpus,
             memory_mib,
             serial,
@@ -701,9 +855,16 @@ mod tests {
             .expect("valid");
         assert_eq!(cfg.vcpus, 1);
         assert_eq!(cfg.memory_mib, 256);
-        assert_eq!(cfg.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(
+            cfg.boot,
+            Boot::Kernel {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: DEFAULT_CMDLINE.into()
+            }
+        );
         assert_eq!(cfg.serial, SerialTarget::Stdout);
-        assert_eq!(cfg.initrd, None);
+        assert_eq!(cfg.platform, PlatformConfig::default());
     }
 
     #[test]
@@ -715,12 +876,92 @@ mod tests {
         )
         .expect("valid file");
         let cfg = VmConfig::merge(cli(&["--cpus", "2"]), file, HOST_MIB).expect("valid");
-        assert_eq!(cfg.kernel, PathBuf::from("/file-k"));
-        assert_eq!(cfg.initrd, Some(PathBuf::from("/i")));
-        assert_eq!(cfg.cmdline, "x=1");
+        assert_eq!(
+            cfg.boot,
+            Boot::Kernel {
+                kernel: "/file-k".into(),
+                initrd: Some("/i".into()),
+                cmdline: "x=1".into()
+            }
+        );
         assert_eq!(cfg.vcpus, 2, "the command line wins over the file");
         assert_eq!(cfg.memory_mib, 512);
         assert_eq!(cfg.serial, SerialTarget::File("/tmp/s.log".into()));
+    }
+
+    #[test]
+    fn firmware_boots_the_disks_over_pci() {
+        let cfg = VmConfig::merge(
+            cli(&["--firmware", "/fw", "--disk", "path=/d"]),
+            FileConfig::default(),
+            HOST_MIB,
+        )
+        .expect("valid");
+        assert_eq!(cfg.boot, Boot::Firmware("/fw".into()));
+        assert_eq!(cfg.transport, Transport::Pci, "firmware implies PCI");
+        let bad = |args: &[&str]| {
+            VmConfig::merge(cli(args), FileConfig::default(), HOST_MIB)
+                .expect_err("must be rejected")
+                .to_string()
+        };
+        let with_disk = |extra: &[&'static str]| {
+            let mut a = vec!["--firmware", "/fw", "--disk", "path=/d"];
+            a.extend_from_slice(extra);
+            a
+        };
+        assert!(bad(&with_disk(&["--kernel", "/k"])).contains("exclude each other"));
+        assert!(bad(&with_disk(&["--initrd", "/i"])).contains("--initrd needs --kernel"));
+        assert!(bad(&with_disk(&["--cmdline", "x"])).contains("--cmdline needs --kernel"));
+        assert!(bad(&with_disk(&["--transport", "mmio"])).contains("needs the pci transport"));
+        assert!(bad(&["--firmware", "/fw"]).contains("needs a disk"));
+        let file = FileConfig::parse(
+            r#"{"firmware": "/fw", "disks": [{"path": "/d"}],
+                "platform": {"uuid": "0123abcd-0000-4000-8000-00000000beef", "serial": "s1"}}"#,
+            Path::new("c.json"),
+        )
+        .expect("valid file");
+        let cfg = VmConfig::merge(Cli::default(), file, HOST_MIB).expect("valid");
+        assert_eq!(cfg.boot, Boot::Firmware("/fw".into()));
+        assert_eq!(cfg.platform.serial.as_deref(), Some("s1"));
+    }
+
+    #[test]
+    fn platform_identity() {
+        let p: PlatformConfig = "uuid=0123ABCD-0000-4000-8000-00000000beef,serial=vm 7,product=p"
+            .parse()
+            .expect("valid");
+        assert_eq!(
+            parse_uuid(p.uuid.as_deref().expect("uuid")),
+            Some([0x01, 0x23, 0xab, 0xcd, 0, 0, 0x40, 0, 0x80, 0, 0, 0, 0, 0, 0xbe, 0xef])
+        );
+        assert_eq!(
+            (p.serial.as_deref(), p.product.as_deref()),
+            (Some("vm 7"), Some("p"))
+        );
+        for (spec, why) in [
+            (
+                "uuid=0123abcd-0000-4000-8000-00000000bee",
+                "not of the form",
+            ),
+            ("uuid=0123abcd00004000800000000000beef", "not of the form"),
+            (
+                "uuid=0123abcg-0000-4000-8000-00000000beef",
+                "not of the form",
+            ),
+            (
+                "uuid=+123abcd-0000-4000-8000-00000000beef",
+                "not of the form",
+            ),
+            ("serial=", "1-64 printable"),
+            ("serial=tab\there", "1-64 printable"),
+            ("product=é", "1-64 printable"),
+            ("vendor=x", "unknown key 'vendor'"),
+        ] {
+            let err = spec.parse::<PlatformConfig>().expect_err(spec).to_string();
+            assert!(err.contains(why), "{spec}: {err}");
+        }
+        let long = format!("serial={}", "x".repeat(MAX_SMBIOS_STRING_LEN + 1));
+        assert!(long.parse::<PlatformConfig>().is_err());
     }
 
     #[test]
@@ -749,7 +990,7 @@ mod tests {
         assert!(bad(&["--kernel", "k", "--cpus", "4294967297"]).contains("between 1 and 32"));
         assert!(bad(&["--kernel", "k", "--memory", "63"]).contains("at least 64"));
         assert!(bad(&["--kernel", "k", "--memory", "16385"]).contains("more than this host"));
-        assert!(bad(&["--cpus", "2"]).contains("no kernel"));
+        assert!(bad(&["--cpus", "2"]).contains("nothing to boot"));
         assert!(bad(&["--kernel", "k", "--serial", "tty"]).contains("invalid serial"));
         assert!(bad(&["--kernel", "k", "--serial", "file:"]).contains("invalid serial"));
         let long = "a".repeat(MAX_CMDLINE_LEN);

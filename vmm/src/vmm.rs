@@ -12,9 +12,10 @@
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
@@ -24,9 +25,13 @@ use seccompiler::BpfProgram;
 
 use crate::api::{self, ApiError, VmApi, VmSummary};
 use crate::arch::x86_64::acpi::{self, AcpiPlatform, MmioDeviceInfo, PciHostBridge};
-use crate::arch::x86_64::{boot, cpuid, layout, regs};
-use crate::config::{Transport, VmConfig};
-use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_PORT};
+use crate::arch::x86_64::regs::BootEntry;
+use crate::arch::x86_64::{boot, cpuid, layout, pvh, regs, smbios};
+use crate::config::{Boot, Transport, VmConfig};
+use crate::devices::acpi_pm::{
+    AcpiPm, PmTimer, ACPI_PM_PORT, FIRMWARE_SHUTDOWN_PORT, PM_TIMER_LEN, PM_TIMER_PORT,
+};
+use crate::devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_COUNT};
 use crate::devices::ged::{Ged, PowerButton, GED_MMIO_SIZE};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT};
 use crate::devices::metrics::{DeviceRegistry, PciLocation};
@@ -67,6 +72,10 @@ pub enum VmmError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Firmware(#[from] pvh::PvhError),
+    #[error(transparent)]
+    Smbios(#[from] smbios::SmbiosError),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
@@ -341,11 +350,41 @@ fn virtio_pci_devices(
     Ok(())
 }
 
+/// The files the guest boots from, opened before privileges are dropped, with their paths
+/// for error messages.
+enum BootFiles {
+    Kernel {
+        kernel: (File, PathBuf),
+        initrd: Option<(File, PathBuf)>,
+        cmdline: String,
+    },
+    Firmware(File, PathBuf),
+}
+
+impl BootFiles {
+    fn open(boot: &Boot) -> Result<Self, VmmError> {
+        Ok(match boot {
+            Boot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => BootFiles::Kernel {
+                kernel: (boot::open_kernel(kernel)?, kernel.clone()),
+                initrd: match initrd {
+                    Some(path) => Some((boot::open_initrd(path)?, path.clone())),
+                    None => None,
+                },
+                cmdline: cmdline.clone(),
+            },
+            Boot::Firmware(path) => BootFiles::Firmware(pvh::open_firmware(path)?, path.clone()),
+        })
+    }
+}
+
 /// Everything opened before privileges are dropped.
 struct Resources {
     kvm: kvm_ioctls::Kvm,
-    kernel: File,
-    initrd: Option<File>,
+    boot: BootFiles,
     serial: SerialSink,
     virtio: Vec<PendingDevice>,
     api: Option<api::ApiListener>,
@@ -360,18 +399,12 @@ impl Resources {
             .map(|path| api::bind(path, config.api_socket_group))
             .transpose()?;
         let kvm = sandbox::open_kvm(config.sandbox.kvm_fd)?;
-        let kernel = boot::open_kernel(&config.kernel)?;
-        let initrd = config
-            .initrd
-            .as_deref()
-            .map(boot::open_initrd)
-            .transpose()?;
+        let boot = BootFiles::open(&config.boot)?;
         let serial = SerialSink::open(&config.serial).map_err(VmmError::SerialOutput)?;
         let virtio = open_virtio_backends(config)?;
         Ok(Resources {
             kvm,
-            kernel,
-            initrd,
+            boot,
             serial,
             virtio,
             api,
@@ -379,29 +412,43 @@ impl Resources {
     }
 }
 
-/// Everything the guest needs in memory before the first instruction.
+/// Everything the guest needs in memory before the first instruction: the kernel and its boot
+/// parameters, or the firmware and its PVH start info; ACPI and SMBIOS tables for both.
 fn load_guest(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     platform: &AcpiPlatform,
-    kernel_file: &mut File,
-    initrd_file: Option<&mut File>,
-) -> Result<GuestAddress, VmmError> {
+    files: &mut BootFiles,
+) -> Result<BootEntry, VmmError> {
     let mem_size = config.memory_mib << 20;
-    let kernel = boot::load_kernel(mem, kernel_file, &config.kernel)?;
-    let initrd = match (initrd_file, &config.initrd) {
-        (Some(file), Some(path)) => Some(boot::load_initrd(mem, file, path, &kernel)?),
-        _ => None,
-    };
-    let cmdline_len = boot::write_cmdline(mem, &config.cmdline)?;
     let rsdp = acpi::write_acpi_tables(mem, platform)?;
+    smbios::write_smbios(mem, &config.platform)?;
     // Linux uses ECAM only where E820 reserves it.
     let reserved: Vec<(u64, u64)> = platform.pci.iter().map(|p| p.ecam_range()).collect();
-    let params = boot::boot_params(&kernel, initrd, cmdline_len, mem_size, rsdp, &reserved);
-    boot::write_boot_params(mem, &params)?;
+    let entry = match files {
+        BootFiles::Kernel {
+            kernel: (kernel, kernel_path),
+            initrd,
+            cmdline,
+        } => {
+            let loaded = boot::load_kernel(mem, kernel, kernel_path)?;
+            let initrd = match initrd {
+                Some((file, path)) => Some(boot::load_initrd(mem, file, path, &loaded)?),
+                None => None,
+            };
+            let cmdline_len = boot::write_cmdline(mem, cmdline)?;
+            let params = boot::boot_params(&loaded, initrd, cmdline_len, mem_size, rsdp, &reserved);
+            boot::write_boot_params(mem, &params)?;
+            BootEntry::Linux64(loaded.entry)
+        }
+        BootFiles::Firmware(file, path) => BootEntry::Pvh {
+            entry: pvh::load_firmware(mem, file, path)?,
+            start_info: pvh::write_start_info(mem, mem_size, rsdp, &reserved)?,
+        },
+    };
     boot::write_reset_vector(mem)?;
-    regs::setup_boot_memory(mem)?;
-    Ok(kernel.entry)
+    regs::setup_boot_memory(mem, &entry)?;
+    Ok(entry)
 }
 
 /// An eventfd wired to interrupt `gsi`.
@@ -420,6 +467,8 @@ fn legacy_devices(
     exit: &VmExitRequest,
     registry: &DeviceRegistry,
     pci_root: Arc<PciRoot>,
+    boot: &Boot,
+    mem_size: u64,
 ) -> Result<(Bus, Arc<Mutex<SerialDevice>>), VmmError> {
     let irq = irqfd(vm, COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(
@@ -432,11 +481,25 @@ fn legacy_devices(
         5,
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
     )?;
+    let pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone())));
+    bus.insert(ACPI_PM_PORT.into(), 1, pm.clone())?;
     bus.insert(
-        ACPI_PM_PORT.into(),
-        1,
-        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        CMOS_PORT.into(),
+        CMOS_PORT_COUNT.into(),
+        Arc::new(Mutex::new(Cmos::new(
+            layout::low_ram_end(mem_size),
+            mem_size,
+        ))),
     )?;
+    if let Boot::Firmware(_) = boot {
+        // Only for the firmware: 0x3c0 is a VGA port to other software.
+        bus.insert(FIRMWARE_SHUTDOWN_PORT.into(), 1, pm)?;
+        bus.insert(
+            PM_TIMER_PORT.into(),
+            PM_TIMER_LEN.into(),
+            Arc::new(Mutex::new(PmTimer::default())),
+        )?;
+    }
     bus.insert(
         PCI_CONFIG_PORT.into(),
         PCI_CONFIG_PORT_COUNT.into(),
@@ -569,9 +632,8 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
         VmSummary {
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
-            kernel: config.kernel.clone(),
-            initrd: config.initrd.clone(),
-            cmdline: config.cmdline.clone(),
+            boot: config.boot.clone(),
+            uuid: config.platform.uuid.clone(),
         },
         vcpu_control.clone(),
         registry.clone(),
@@ -629,19 +691,21 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     if let Some(bridge) = &pci {
         pci_buses(&mut mmio_bus, &pci_root, bridge)?;
     }
-    let (bus, serial) = legacy_devices(&vm, resources.serial, &exit, &registry, pci_root)?;
+    let (bus, serial) = legacy_devices(
+        &vm,
+        resources.serial,
+        &exit,
+        &registry,
+        pci_root,
+        &config.boot,
+        mem_size,
+    )?;
     let platform = AcpiPlatform {
         vcpus: config.vcpus,
         virtio_mmio,
         pci,
     };
-    let entry = load_guest(
-        &mem,
-        &config,
-        &platform,
-        &mut resources.kernel,
-        resources.initrd.as_mut(),
-    )?;
+    let entry = load_guest(&mem, &config, &platform, &mut resources.boot)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm, id, bus.clone(), mmio_bus.clone(), exit.clone())?;

@@ -44,7 +44,7 @@ fn non_numeric_value_is_a_usage_error() {
 
 #[test]
 fn missing_kernel_is_a_usage_error() {
-    assert_one_line_error(&run(&[]), 2, "no kernel given");
+    assert_one_line_error(&run(&[]), 2, "nothing to boot");
 }
 
 #[test]
@@ -139,4 +139,28 @@ fn missing_kernel_file_is_one_line_with_the_cause_once() {
         1,
         "{stderr}"
     );
+}
+
+#[test]
+fn firmware_usage_errors_and_missing_file() {
+    assert_one_line_error(
+        &run(&["--firmware", "/fw", "--kernel", "/k", "--disk", "path=/d"]),
+        2,
+        "exclude each other",
+    );
+    assert_one_line_error(&run(&["--firmware", "/fw"]), 2, "needs a disk");
+    assert_one_line_error(
+        &run(&["--kernel", "/k", "--platform", "uuid=nope"]),
+        2,
+        "invalid --platform 'uuid=nope'",
+    );
+    let out = run(&[
+        "--firmware",
+        "/nonexistent/CLOUDHV.fd",
+        "--disk",
+        "path=/nonexistent/disk",
+        "--seccomp",
+        "off",
+    ]);
+    assert_one_line_error(&out, 1, "cannot open firmware /nonexistent/CLOUDHV.fd");
 }

@@ -24,6 +24,22 @@ fn boots_to_init_and_powers_off_with_status_0() {
     assert!(console.contains("THVC-ACTION=poweroff"));
 }
 
+/// The SMBIOS tables reach a directly booted kernel too (it scans 0xF0000 for them).
+#[test]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+fn the_guest_sees_the_smbios_identity_it_was_given() {
+    let uuid = "0f1e2d3c-4b5a-4697-8877-665544332211";
+    let platform = format!("uuid={uuid},serial=rack 4/vm-17,product=thvc-test");
+    let mut guest = Guest::boot("poweroff", &["--platform", &platform]);
+    let dmi = guest.wait_for("THVC-DMI ");
+    let (status, console, _) = guest.finish();
+    assert_eq!(status.code(), Some(0), "console:\n{console}");
+    assert_eq!(
+        dmi,
+        format!("uuid={uuid} serial=rack 4/vm-17 product=thvc-test")
+    );
+}
+
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn guest_sees_exactly_the_vcpus_it_was_given() {

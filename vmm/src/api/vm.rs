@@ -1,6 +1,5 @@
 //! What each API request does to the VM.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -8,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{ApiHandler, Request};
+use crate::config::Boot;
 use crate::devices::ged::PowerButton;
 use crate::devices::metrics::DeviceRegistry;
 use crate::exit::{ExitReason, VmExitRequest};
@@ -24,9 +24,9 @@ pub const CONNECTIONS_DURING_START: usize = 4;
 pub struct VmSummary {
     pub vcpus: u8,
     pub memory_mib: u64,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
+    pub boot: Boot,
+    /// The SMBIOS system UUID, if one was given.
+    pub uuid: Option<String>,
 }
 
 /// The VM as the control API sees it; shared with the VMM, which fills in the power button
@@ -105,18 +105,29 @@ impl VmApi {
                 v
             })
             .collect();
-        json!({
+        let mut info = json!({
             "state": self.state(),
             "pid": std::process::id(),
             "vcpus": self.summary.vcpus,
             "memory_mib": self.summary.memory_mib,
             "uptime_ms": u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "kernel": self.summary.kernel.to_string_lossy(),
-            "initrd": self.summary.initrd.as_ref().map(|p| p.to_string_lossy()),
-            "cmdline": self.summary.cmdline,
+            "uuid": self.summary.uuid,
             "devices": self.devices.snapshot(),
             "vcpu_exits": exits,
-        })
+        });
+        match &self.summary.boot {
+            Boot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                info["kernel"] = json!(kernel.to_string_lossy());
+                info["initrd"] = json!(initrd.as_ref().map(|p| p.to_string_lossy()));
+                info["cmdline"] = json!(cmdline);
+            }
+            Boot::Firmware(firmware) => info["firmware"] = json!(firmware.to_string_lossy()),
+        }
+        info
     }
 
     fn state_result(&self) -> Value {
@@ -195,9 +206,12 @@ mod tests {
             VmSummary {
                 vcpus: 2,
                 memory_mib: 512,
-                kernel: "/k".into(),
-                initrd: None,
-                cmdline: "console=ttyS0".into(),
+                boot: Boot::Kernel {
+                    kernel: "/k".into(),
+                    initrd: None,
+                    cmdline: "console=ttyS0".into(),
+                },
+                uuid: Some("0123abcd-0000-4000-8000-00000000beef".into()),
             },
             Arc::new(VcpuControl::new()),
             DeviceRegistry::default(),
@@ -217,6 +231,8 @@ mod tests {
         assert_eq!(info["kernel"], "/k");
         assert_eq!(info["initrd"], Value::Null);
         assert_eq!(info["cmdline"], "console=ttyS0");
+        assert_eq!(info["uuid"], "0123abcd-0000-4000-8000-00000000beef");
+        assert_eq!(info["firmware"], Value::Null);
         assert_eq!(info["vcpu_exits"][1]["vcpu"], 1);
         assert_eq!(info["vcpu_exits"][1]["mmio"], 1);
         assert_eq!(info["vcpu_exits"][1]["total"], 1);

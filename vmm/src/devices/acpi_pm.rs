@@ -1,5 +1,13 @@
 //! The ACPI PM device of a hardware-reduced platform: one I/O port that is at once the FADT's
 //! sleep control register (the guest writes SLP_TYP|SLP_EN to power off) and its reset register.
+//!
+//! Firmware boot adds two things edk2's CloudHv platform expects at Cloud Hypervisor's fixed
+//! ports: a second sleep control port (`FIRMWARE_SHUTDOWN_PORT`, which the firmware's
+//! ResetSystem(Shutdown) writes; Linux booted through UEFI on a hardware-reduced platform
+//! powers off through that runtime service) and the ACPI PM timer (`PM_TIMER_PORT`), the
+//! firmware's clock for delays.
+
+use std::time::Instant;
 
 use super::{BusDevice, VmExitRequest};
 use crate::exit::ExitReason;
@@ -8,6 +16,16 @@ use crate::exit::ExitReason;
 pub const ACPI_PM_PORT: u16 = 0x600;
 /// The value the guest writes to the reset register.
 pub const RESET_VALUE: u8 = 1;
+/// Where edk2's CloudHv firmware writes SLP_TYP|SLP_EN to power off (CLOUDHV_ACPI_SHUTDOWN_IO_ADDRESS).
+pub const FIRMWARE_SHUTDOWN_PORT: u16 = 0x3c0;
+/// The ACPI PM timer edk2's CloudHv firmware reads (CLOUDHV_ACPI_TIMER_IO_ADDRESS).
+pub const PM_TIMER_PORT: u16 = 0xb008;
+/// The PM timer's length in ports: one 32-bit register.
+pub const PM_TIMER_LEN: u16 = 4;
+/// The PM timer runs at 3.579545 MHz.
+const PM_TIMER_HZ: u128 = 3_579_545;
+/// A 24-bit counter (the FADT's TMR_VAL_EXT clear), as the firmware's timer library assumes.
+const PM_TIMER_MASK: u32 = 0x00ff_ffff;
 /// SLP_TYP of \_S5_ (soft off) in the DSDT.
 pub const S5_SLEEP_TYPE: u8 = 5;
 const SLEEP_ENABLE: u8 = 1 << 5;
@@ -40,9 +58,75 @@ impl BusDevice for AcpiPm {
     }
 }
 
+/// The ACPI PM timer: a free-running 24-bit counter at 3.579545 MHz, read-only.
+pub struct PmTimer {
+    start: Instant,
+}
+
+impl Default for PmTimer {
+    fn default() -> Self {
+        PmTimer {
+            start: Instant::now(),
+        }
+    }
+}
+
+impl PmTimer {
+    fn ticks(&self) -> u32 {
+        let ticks = self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
+        (ticks as u32) & PM_TIMER_MASK
+    }
+}
+
+impl BusDevice for PmTimer {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = self.ticks().to_le_bytes();
+        // Byte reads at an offset see that part of the register; beyond it, zeros.
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .saturating_add(i);
+            *byte = value.get(at).copied().unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pm_timer_counts_at_its_rate() {
+        let mut timer = PmTimer::default();
+        let read = |t: &mut PmTimer| {
+            let mut b = [0u8; 4];
+            t.read(0, &mut b);
+            u32::from_le_bytes(b)
+        };
+        let before = Instant::now();
+        let first = read(&mut timer);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let second = read(&mut timer);
+        let wall = before.elapsed().as_nanos();
+        let elapsed = u128::from(second.wrapping_sub(first) & PM_TIMER_MASK);
+        // Between the two reads: at least the 20 ms slept, at most the time measured around
+        // them (plus one tick of rounding), whatever the machine's load.
+        assert!(elapsed >= 20 * PM_TIMER_HZ / 1000 - 1, "{elapsed} ticks");
+        assert!(
+            elapsed <= wall * PM_TIMER_HZ / 1_000_000_000 + 1,
+            "{elapsed} ticks"
+        );
+        assert_eq!(second & !PM_TIMER_MASK, 0, "24 bits");
+        let mut high = [0xaau8; 2];
+        timer.read(3, &mut high);
+        assert_eq!(
+            high,
+            [0, 0],
+            "the top byte of a 24-bit counter, then nothing"
+        );
+    }
 
     #[test]
     fn s5_powers_off_and_reset_value_resets() {

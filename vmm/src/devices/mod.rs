@@ -2,6 +2,7 @@
 //! the per-device counters the control API reports (`metrics`).
 
 pub mod acpi_pm;
+pub mod cmos;
 pub mod ged;
 pub mod i8042;
 pub mod metrics;

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use seccompiler::BpfProgram;
-use vm_memory::GuestAddress;
 
+use crate::arch::x86_64::regs::BootEntry;
 use crate::arch::x86_64::{cpuid, interrupts, regs};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExitRequest};
@@ -98,7 +98,7 @@ impl Vcpu {
         &self,
         supported_cpuid: &CpuId,
         vcpu_count: u8,
-        entry: GuestAddress,
+        entry: BootEntry,
     ) -> Result<(), VcpuError> {
         let id = self.id;
         let kvm = |what| move |source| VcpuError::Kvm { id, what, source };

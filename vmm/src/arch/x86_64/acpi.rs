@@ -25,7 +25,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{ACPI_START, GED_GSI, GED_MMIO_BASE, IOAPIC_ADDR, LAPIC_ADDR, RESET_VECTOR};
+use super::layout::{ACPI_START, GED_GSI, GED_MMIO_BASE, IOAPIC_ADDR, LAPIC_ADDR, SMBIOS_START};
 use crate::devices::acpi_pm::{ACPI_PM_PORT, RESET_VALUE, S5_SLEEP_TYPE};
 use crate::devices::ged::GED_EVENT_POWER_BUTTON;
 use crate::devices::pci::{PCI_CONFIG_PORT, PCI_CONFIG_PORT_COUNT};
@@ -403,7 +403,7 @@ pub fn write_acpi_tables(
     let xsdt_addr = place(xsdt.len());
     let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
 
-    if next > RESET_VECTOR {
+    if next > SMBIOS_START {
         return Err(AcpiError::TooLarge(next - ACPI_START));
     }
     for (addr, table) in [

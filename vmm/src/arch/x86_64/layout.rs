@@ -2,12 +2,14 @@
 //!
 //! ```text
 //! 0x0000_0500  GDT, IDT
+//! 0x0000_6000  PVH start info and memory map (firmware boot)
 //! 0x0000_7000  zero page (struct boot_params)
 //! 0x0000_8ff0  initial stack
 //! 0x0000_9000  PML4, PDPT, PD: identity map of the first GiB
 //! 0x0002_0000  kernel command line (2 KiB)
 //! 0x0009_fc00  EBDA: end of low RAM in the E820 map
 //! 0x000e_0000  ACPI tables (RSDP first, where the kernel scans for it)
+//! 0x000f_0000  SMBIOS 3.0 entry point and tables (where Linux and edk2's CloudHv look)
 //! 0x000f_fff0  reset vector: a stub that resets the VM when a guest reboots through the BIOS
 //! 0x0010_0000  kernel, then initrd at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole, which holds:
@@ -30,6 +32,10 @@ use vm_memory::GuestAddress;
 
 pub const BOOT_GDT_START: u64 = 0x500;
 pub const BOOT_IDT_START: u64 = 0x520;
+pub const PVH_INFO_START: u64 = 0x6000;
+pub const PVH_MEMMAP_START: u64 = 0x6040;
+/// The most memory map entries the start info carries (they must end below the zero page).
+pub const PVH_MEMMAP_MAX_ENTRIES: usize = 16;
 pub const ZERO_PAGE_START: u64 = 0x7000;
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 pub const PML4_START: u64 = 0x9000;
@@ -39,6 +45,8 @@ pub const CMDLINE_START: u64 = 0x20000;
 /// First byte past the usable low memory below 1 MiB.
 pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
+/// The SMBIOS entry point; the ACPI tables must end below it.
+pub const SMBIOS_START: u64 = 0xf0000;
 pub const HIMEM_START: u64 = 0x100000;
 /// Where an x86 CPU starts after reset (F000:FFF0): a stub there resets the VM.
 pub const RESET_VECTOR: u64 = 0xffff0;
@@ -78,6 +86,9 @@ const PCI_MMIO64_MAX_SIZE: u64 = 64 << 30;
 const _: () =
     assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
 const _: () = assert!(CMDLINE_START + 2048 < EBDA_START);
+const _: () = assert!(PVH_MEMMAP_START >= PVH_INFO_START + 56);
+const _: () = assert!(PVH_MEMMAP_START + 24 * PVH_MEMMAP_MAX_ENTRIES as u64 <= ZERO_PAGE_START);
+const _: () = assert!(ACPI_START < SMBIOS_START && SMBIOS_START < RESET_VECTOR);
 
 /// Whether [a, a + a_size) and [b, b + b_size) are disjoint.
 const fn disjoint(a: u64, a_size: u64, b: u64, b_size: u64) -> bool {

@@ -5,4 +5,6 @@ pub mod boot;
 pub mod cpuid;
 pub mod interrupts;
 pub mod layout;
+pub mod pvh;
 pub mod regs;
+pub mod smbios;

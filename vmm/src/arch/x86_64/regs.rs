@@ -1,5 +1,7 @@
-//! Initial vCPU register state for the Linux 64-bit boot protocol: long mode with an identity
-//! map of the first GiB, flat segments, RSI pointing at the zero page.
+//! Initial vCPU register state: for the Linux 64-bit boot protocol long mode with an identity
+//! map of the first GiB, flat segments, RSI pointing at the zero page; for firmware entered
+//! through PVH 32-bit protected mode without paging, flat segments, EBX pointing at the
+//! start info.
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
@@ -70,6 +72,35 @@ pub const BOOT_GDT: [u64; 4] = [
     0x008f_8b00_0000_ffff, // gdt_entry(0x808b, 0, 0xfffff)
 ];
 
+/// The PVH GDT: null, 32-bit code, data, TSS (the PVH ABI's flat 32-bit segments).
+pub const PVH_GDT: [u64; 4] = [
+    0,
+    0x00cf_9b00_0000_ffff, // gdt_entry(0xc09b, 0, 0xfffff)
+    0x00cf_9300_0000_ffff, // gdt_entry(0xc093, 0, 0xfffff)
+    0x008f_8b00_0000_ffff, // gdt_entry(0x808b, 0, 0xfffff)
+];
+
+/// Where and in which state vCPU 0 starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootEntry {
+    /// A Linux kernel's 64-bit entry point.
+    Linux64(GuestAddress),
+    /// A PVH entry point (firmware), with the address of its start info.
+    Pvh {
+        entry: GuestAddress,
+        start_info: GuestAddress,
+    },
+}
+
+impl BootEntry {
+    fn gdt(&self) -> &'static [u64; 4] {
+        match self {
+            BootEntry::Linux64(_) => &BOOT_GDT,
+            BootEntry::Pvh { .. } => &PVH_GDT,
+        }
+    }
+}
+
 /// Writes the identity-mapping page tables (first GiB, 2 MiB pages) into guest memory.
 pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     // PML4[0] -> PDPT, PDPT[0] -> PD; present + writable.
@@ -82,8 +113,8 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     Ok(())
 }
 
-fn write_gdt_and_idt(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
-    for (i, entry) in BOOT_GDT.iter().enumerate() {
+fn write_gdt_and_idt(mem: &GuestMemoryMmap, gdt: &[u64; 4]) -> Result<(), RegsError> {
+    for (i, entry) in gdt.iter().enumerate() {
         mem.write_obj(
             *entry,
             GuestAddress(BOOT_GDT_START).unchecked_add(i as u64 * 8),
@@ -93,13 +124,13 @@ fn write_gdt_and_idt(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     Ok(())
 }
 
-/// Special registers for long mode, given the vCPU's current ones.
-pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let code = segment_from_gdt(BOOT_GDT[1], 1);
-    let data = segment_from_gdt(BOOT_GDT[2], 2);
-    let tss = segment_from_gdt(BOOT_GDT[3], 3);
+/// Flat segments from `gdt` and the GDT/IDT registers pointing at the boot tables.
+fn flat_segments(mut sregs: kvm_sregs, gdt: &[u64; 4]) -> kvm_sregs {
+    let code = segment_from_gdt(gdt[1], 1);
+    let data = segment_from_gdt(gdt[2], 2);
+    let tss = segment_from_gdt(gdt[3], 3);
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&BOOT_GDT) - 1) as u16;
+    sregs.gdt.limit = (std::mem::size_of_val(gdt) - 1) as u16;
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -109,6 +140,21 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
+    sregs
+}
+
+/// Special registers for the PVH entry: protected mode, no paging, flat 32-bit segments.
+pub fn pvh_sregs(sregs: kvm_sregs) -> kvm_sregs {
+    let mut sregs = flat_segments(sregs, &PVH_GDT);
+    sregs.cr0 = (sregs.cr0 & !X86_CR0_PG) | X86_CR0_PE;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs
+}
+
+/// Special registers for long mode, given the vCPU's current ones.
+pub fn long_mode_sregs(sregs: kvm_sregs) -> kvm_sregs {
+    let mut sregs = flat_segments(sregs, &BOOT_GDT);
     sregs.cr3 = PML4_START;
     sregs.cr4 |= X86_CR4_PAE;
     sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
@@ -155,14 +201,16 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     .collect()
 }
 
-/// Writes the boot page tables and GDT into guest memory. Done once per VM.
-pub fn setup_boot_memory(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
-    write_page_tables(mem)?;
-    write_gdt_and_idt(mem)
+/// Writes the boot GDT (and for Linux the page tables) into guest memory. Done once per VM.
+pub fn setup_boot_memory(mem: &GuestMemoryMmap, entry: &BootEntry) -> Result<(), RegsError> {
+    if let BootEntry::Linux64(_) = entry {
+        write_page_tables(mem)?;
+    }
+    write_gdt_and_idt(mem, entry.gdt())
 }
 
-/// Puts a vCPU into the state the 64-bit boot protocol requires, entering at `entry`.
-pub fn setup_vcpu_regs(vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), RegsError> {
+/// Puts a vCPU into the state its boot protocol requires.
+pub fn setup_vcpu_regs(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), RegsError> {
     let kvm = |what| move |source| RegsError::Kvm { what, source };
     let entries = boot_msrs();
     let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::Msrs {
@@ -183,16 +231,29 @@ pub fn setup_vcpu_regs(vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), RegsErr
     };
     vcpu.set_fpu(&fpu).map_err(kvm("FPU state"))?;
     let sregs = vcpu.get_sregs().map_err(kvm("special registers"))?;
-    vcpu.set_sregs(&long_mode_sregs(sregs))
-        .map_err(kvm("special registers"))?;
-    let regs = kvm_regs {
-        rflags: 0x2,
-        rip: entry.raw_value(),
-        rsp: BOOT_STACK_POINTER,
-        rbp: BOOT_STACK_POINTER,
-        rsi: ZERO_PAGE_START,
-        ..Default::default()
+    let (sregs, regs) = match entry {
+        BootEntry::Linux64(entry) => (
+            long_mode_sregs(sregs),
+            kvm_regs {
+                rflags: 0x2,
+                rip: entry.raw_value(),
+                rsp: BOOT_STACK_POINTER,
+                rbp: BOOT_STACK_POINTER,
+                rsi: ZERO_PAGE_START,
+                ..Default::default()
+            },
+        ),
+        BootEntry::Pvh { entry, start_info } => (
+            pvh_sregs(sregs),
+            kvm_regs {
+                rflags: 0x2,
+                rip: entry.raw_value(),
+                rbx: start_info.raw_value(),
+                ..Default::default()
+            },
+        ),
     };
+    vcpu.set_sregs(&sregs).map_err(kvm("special registers"))?;
     vcpu.set_regs(&regs).map_err(kvm("general registers"))?;
     Ok(())
 }
@@ -239,9 +300,44 @@ mod tests {
     }
 
     #[test]
+    fn pvh_entry_is_flat_32_bit_protected_mode() {
+        let s = pvh_sregs(kvm_sregs {
+            cr0: X86_CR0_PG | 0x10,
+            cr4: X86_CR4_PAE,
+            efer: EFER_LME | EFER_LMA,
+            ..Default::default()
+        });
+        assert_eq!(
+            s.cr0,
+            X86_CR0_PE | 0x10,
+            "PE on, paging off, other bits kept"
+        );
+        assert_eq!((s.cr4, s.efer), (0, 0));
+        let cs = s.cs;
+        assert_eq!((cs.l, cs.db, cs.type_, cs.base), (0, 1, 0xb, 0));
+        assert_eq!(cs.limit, 0xffff_ffff);
+        assert_eq!(PVH_GDT[1], gdt_entry(0xc09b, 0, 0xfffff));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let pvh = BootEntry::Pvh {
+            entry: GuestAddress(0x1000),
+            start_info: GuestAddress(0x6000),
+        };
+        setup_boot_memory(&mem, &pvh).expect("fits");
+        let code: u64 = mem
+            .read_obj(GuestAddress(BOOT_GDT_START + 8))
+            .expect("read");
+        assert_eq!(
+            code, PVH_GDT[1],
+            "the GDT in memory matches the loaded segments"
+        );
+        let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).expect("read");
+        assert_eq!(pml4, 0, "no page tables for a 32-bit entry");
+    }
+
+    #[test]
     fn page_tables_identity_map_the_first_gib() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
-        setup_boot_memory(&mem).expect("fits");
+        setup_boot_memory(&mem, &BootEntry::Linux64(GuestAddress(0))).expect("fits");
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).expect("read");
         assert_eq!(pml4, PDPTE_START | 3);
         let pdpte: u64 = mem.read_obj(GuestAddress(PDPTE_START)).expect("read");
