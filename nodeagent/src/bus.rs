@@ -271,6 +271,13 @@ impl VmObject {
         self.vm.name.clone()
     }
 
+    /// The SMBIOS system UUID the guest sees (lower-case 8-4-4-4-12); fixed for the VM's
+    /// lifetime.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn uuid(&self) -> String {
+        self.vm.uuid()
+    }
+
     /// defined, starting, running, paused, stopping, stopped or failed.
     #[zbus(property)]
     fn state(&self) -> String {

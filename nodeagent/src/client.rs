@@ -65,6 +65,8 @@ pub trait Vm {
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;
     #[zbus(property)]
+    fn uuid(&self) -> zbus::Result<String>;
+    #[zbus(property)]
     fn state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn state_reason(&self) -> zbus::Result<String>;

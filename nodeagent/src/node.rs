@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{watch, Mutex, Notify};
 
+use crate::cloudinit::SeedFiles;
 use crate::console;
 use crate::fsutil;
 use crate::images::{self, ImageError, ImageInfo};
@@ -43,7 +44,8 @@ use crate::layout::Layout;
 use crate::names;
 use crate::network::{NetError, Network, TapRequest};
 use crate::runner::{describe_exit, Adoption, ExitFuture, ExitOutcome, LaunchSpec, VmRunner};
-use crate::spec::{self, Stores, VmSpec, VmmRunParams};
+use crate::seed;
+use crate::spec::{self, Boot, ResolvedSpec, Stores, VmSpec, VmmRunParams};
 use crate::vmm_api::{self, Request, VmmApiError};
 use crate::vmm_user::VmmUser;
 
@@ -115,6 +117,9 @@ impl VmState {
 pub struct NodeConfig {
     pub layout: Layout,
     pub vmm_binary: PathBuf,
+    /// UEFI firmware for VMs with `firmware: "uefi"` (`--firmware`); checked at every
+    /// start of such a VM, so installing it later needs no agent restart.
+    pub firmware: PathBuf,
     /// The user the VMMs run as; it owns their TAPs so the unprivileged VMM can attach.
     pub vmm_user: VmmUser,
     /// Start the VMM with `--user` (the direct runner, asked for another user than the
@@ -229,6 +234,11 @@ impl Vm {
     }
     pub fn autostart(&self) -> bool {
         self.lock().spec.autostart
+    }
+    /// The SMBIOS system UUID (fixed at creation, or when a spec from before UUIDs was
+    /// loaded).
+    pub fn uuid(&self) -> String {
+        self.lock().spec.uuid.clone().unwrap_or_default()
     }
 
     /// Ends the wait of a Shutdown for the guest, if one waits: it stops the VMM at once.
@@ -493,9 +503,11 @@ impl Node {
         names::validate_vm_name(name).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
         let mut spec = spec::parse(spec_json).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
         spec.fill_macs(&self.cfg.node_name, name);
+        spec.fill_uuid()
+            .map_err(|e| NodeError::InvalidSpec(format!("VM {name}: {e}")))?;
         let resolved = {
-            let (spec, stores) = (spec.clone(), self.stores.clone());
-            blocking(move || spec.resolve(&stores))
+            let (spec, stores, vm) = (spec.clone(), self.stores.clone(), name.to_owned());
+            blocking(move || spec.resolve(&vm, &stores))
                 .await?
                 .map_err(|e| NodeError::InvalidSpec(format!("VM {name}: {e}")))?
         };
@@ -524,7 +536,7 @@ impl Node {
         let new = name.to_owned();
         let conflict = blocking(move || {
             for (other, other_spec) in others {
-                let Ok(other_resolved) = other_spec.resolve(&stores) else {
+                let Ok(other_resolved) = other_spec.resolve(&other, &stores) else {
                     continue;
                 };
                 for d in &disks {
@@ -667,8 +679,8 @@ impl Node {
     async fn launch_locked(&self, vm: &Arc<Vm>) -> Result<(), NodeError> {
         let spec = vm.spec();
         let resolved = {
-            let (spec, stores) = (spec.clone(), self.stores.clone());
-            blocking(move || spec.resolve(&stores)).await?
+            let (spec, stores, name) = (spec.clone(), self.stores.clone(), vm.name.clone());
+            blocking(move || spec.resolve(&name, &stores)).await?
         };
         let resolved = match resolved {
             Ok(r) => r,
@@ -677,6 +689,23 @@ impl Node {
                 self.end_run(vm, VmState::Failed, msg.clone(), false).await;
                 return Err(NodeError::InvalidSpec(msg));
             }
+        };
+        if let Err(e) = self.check_firmware(&resolved).await {
+            let msg = format!("VM {}: {e}", vm.name);
+            self.end_run(vm, VmState::Failed, msg.clone(), false).await;
+            return Err(NodeError::Io(msg));
+        }
+        // From the spec as it is now, at every start (and restart after a reboot).
+        let seed_disk = match &resolved.seed {
+            Some(files) => match self.write_seed(&vm.name, &resolved.uuid, files).await {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    let msg = format!("VM {}: {e}", vm.name);
+                    self.end_run(vm, VmState::Failed, msg.clone(), false).await;
+                    return Err(NodeError::Io(msg));
+                }
+            },
+            None => None,
         };
         // A run in progress has no terminal status.
         let status_file = self.cfg.layout.status_file(&vm.name);
@@ -705,6 +734,8 @@ impl Node {
             api_socket: self.cfg.layout.api_socket(&vm.name),
             taps: taps.clone(),
             switch_to_user: self.cfg.vmm_switches_user.then_some(self.cfg.vmm_user),
+            firmware: self.cfg.firmware.clone(),
+            seed_disk,
         };
         let launch = LaunchSpec {
             name: vm.name.clone(),
@@ -729,6 +760,61 @@ impl Node {
         vm.lock().process = true;
         self.watch_exit(vm, generation, exited);
         self.wait_ready(vm, generation).await
+    }
+
+    /// Builds the VM's NoCloud seed volume in its run directory (a tmpfs: the seed is
+    /// rebuilt at every start, and the run directory is the one the VMM may read under the
+    /// systemd unit); returns its path.
+    async fn write_seed(
+        &self,
+        name: &str,
+        uuid: &str,
+        files: &SeedFiles,
+    ) -> Result<PathBuf, String> {
+        let path = self.cfg.layout.seed_image(name);
+        // The VMM's --disk option separates its parameters with commas.
+        if path.to_string_lossy().contains(',') {
+            return Err(format!(
+                "the cloud-init seed path {} contains ',', which thvc-vmm's --disk cannot take",
+                path.display()
+            ));
+        }
+        let dir = self.cfg.layout.vm_run_dir(name);
+        let (files, id, target) = (files.clone(), seed::volume_id(uuid), path.clone());
+        blocking(move || {
+            fsutil::create_dir_all(&dir, 0o750).map_err(|e| e.to_string())?;
+            seed::write(&target, &files, id).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        Ok(path)
+    }
+
+    /// A firmware-booted VM needs the agent's firmware file: say so clearly instead of
+    /// letting the VMM fail on it.
+    async fn check_firmware(&self, resolved: &ResolvedSpec) -> Result<(), String> {
+        if !matches!(resolved.boot, Boot::Firmware(_)) {
+            return Ok(());
+        }
+        let path = self.cfg.firmware.clone();
+        let meta = blocking({
+            let path = path.clone();
+            move || std::fs::metadata(path)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match meta {
+            Ok(m) if m.is_file() => Ok(()),
+            Ok(_) => Err(format!(
+                "the UEFI firmware {} is not a regular file",
+                path.display()
+            )),
+            Err(e) => Err(format!(
+                "the UEFI firmware {} cannot be used ({e}): install it or start \
+                 thvc-nodeagent with --firmware PATH",
+                path.display()
+            )),
+        }
     }
 
     fn watch_exit(&self, vm: &Arc<Vm>, generation: u64, exited: ExitFuture) {
@@ -1073,7 +1159,7 @@ impl Node {
                 tracing::error!("ignoring {}: {e}", entry.path().display());
                 continue;
             }
-            let spec = match std::fs::read_to_string(entry.path())
+            let mut spec = match std::fs::read_to_string(entry.path())
                 .map_err(|e| e.to_string())
                 .and_then(|s| spec::parse(&s).map_err(|e| e.to_string()))
             {
@@ -1083,6 +1169,13 @@ impl Node {
                     continue;
                 }
             };
+            if spec.uuid.is_none() {
+                // Defined before VMs had UUIDs: fix one now, for good.
+                if let Err(e) = self.give_uuid(name, &mut spec) {
+                    tracing::error!("VM {name}: {e}");
+                    continue;
+                }
+            }
             names_found.push((name.to_owned(), spec));
         }
         names_found.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1175,6 +1268,16 @@ impl Node {
                 }
             });
         }
+        Ok(())
+    }
+
+    /// Gives a loaded spec without a UUID one and persists it, so the guest sees the same
+    /// UUID from now on.
+    fn give_uuid(&self, name: &str, spec: &mut VmSpec) -> Result<(), NodeError> {
+        spec.fill_uuid().map_err(io)?;
+        let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
+        fsutil::write_atomic(&self.cfg.layout.spec_file(name), &data, 0o640).map_err(io)?;
+        tracing::info!(vm = %name, uuid = spec.uuid.as_deref().unwrap_or(""), "assigned a UUID");
         Ok(())
     }
 

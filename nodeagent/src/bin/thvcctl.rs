@@ -80,7 +80,8 @@ enum VmAction {
     Delete {
         name: String,
     },
-    /// State, spec and the VMM's own info.
+    /// State, UUID, spec and the VMM's own info.
+    #[command(visible_alias = "show")]
     Info {
         name: String,
     },
@@ -262,6 +263,28 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
     Ok(())
 }
 
+/// The `Uuid` of every VM object by path, from one GetManagedObjects call (not one
+/// property read per VM).
+async fn vm_uuids(conn: &zbus::Connection) -> Result<std::collections::HashMap<String, String>> {
+    let om = zbus::fdo::ObjectManagerProxy::builder(conn)
+        .destination(client::BUS_NAME)?
+        .path(thvc_nodeagent::names::MANAGER_PATH)?
+        .build()
+        .await?;
+    let mut out = std::collections::HashMap::new();
+    for (path, ifaces) in om.get_managed_objects().await? {
+        let uuid = ifaces
+            .iter()
+            .find(|(i, _)| i.as_str() == thvc_nodeagent::bus::VM_INTERFACE)
+            .and_then(|(_, props)| props.get("Uuid"))
+            .and_then(|v| String::try_from(v.try_clone().ok()?).ok());
+        if let Some(uuid) = uuid {
+            out.insert(path.to_string(), uuid);
+        }
+    }
+    Ok(out)
+}
+
 async fn vm(
     conn: &zbus::Connection,
     manager: &ManagerProxy<'_>,
@@ -275,16 +298,22 @@ async fn vm(
     match action {
         VmAction::List => {
             let vms = manager.list_vms().await?;
+            let uuids = vm_uuids(conn).await?;
+            let uuid_of = |p: &zbus::zvariant::OwnedObjectPath| {
+                uuids.get(p.as_str()).cloned().unwrap_or_default()
+            };
             if json_out {
                 let v: Vec<_> = vms
                     .iter()
-                    .map(|(n, s, p)| json!({"name": n, "state": s, "path": p.as_str()}))
+                    .map(|(n, s, p)| {
+                        json!({"name": n, "state": s, "uuid": uuid_of(p), "path": p.as_str()})
+                    })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
-                println!("{:<32} {:<10}", "NAME", "STATE");
-                for (n, s, _) in vms {
-                    println!("{n:<32} {s:<10}");
+                println!("{:<32} {:<10} UUID", "NAME", "STATE");
+                for (n, s, p) in &vms {
+                    println!("{n:<32} {s:<10} {}", uuid_of(p));
                 }
             }
         }
@@ -309,6 +338,7 @@ async fn vm(
             let vm = proxy(name.clone()).await?;
             let state = vm.state().await?;
             let reason = vm.state_reason().await?;
+            let uuid = vm.uuid().await?;
             let spec: serde_json::Value = serde_json::from_str(&vm.spec().await?)?;
             // The VMM's view exists only while it runs.
             let vmm: serde_json::Value = match vm.info().await {
@@ -317,7 +347,7 @@ async fn vm(
                     json!({ "unavailable": client::method_error(&e).map(|m| m.1).unwrap_or_else(|| e.to_string()) })
                 }
             };
-            let v = json!({"name": name, "state": state, "state_reason": reason, "spec": spec, "vmm": vmm});
+            let v = json!({"name": name, "uuid": uuid, "state": state, "state_reason": reason, "spec": spec, "vmm": vmm});
             if json_out {
                 println!("{v}");
             } else {
