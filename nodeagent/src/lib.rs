@@ -6,6 +6,7 @@ pub mod bus;
 pub mod client;
 pub mod cloudinit;
 pub mod console;
+pub mod disks;
 pub mod fsutil;
 pub mod hostinfo;
 pub mod images;

@@ -61,6 +61,9 @@ struct DaemonArgs {
     /// UEFI firmware (edk2 CloudHv) for VMs with `firmware: "uefi"`.
     #[arg(long, default_value = "/usr/share/thvc/firmware/CLOUDHV.fd")]
     firmware: PathBuf,
+    /// qemu-img (Debian's qemu-utils), which converts qcow2 images into raw disks.
+    #[arg(long, default_value = "/usr/bin/qemu-img")]
+    qemu_img: PathBuf,
     /// Group whose members (besides root) may change state.
     #[arg(long, default_value = DEFAULT_CONTROL_GROUP)]
     control_group: String,
@@ -250,6 +253,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         layout,
         vmm_binary: args.vmm.unwrap_or_else(default_vmm),
         firmware: args.firmware,
+        qemu_img: args.qemu_img,
         vmm_user,
         vmm_switches_user,
         control_group: args.control_group,

@@ -27,6 +27,8 @@
 //! Blocking file work (fsync, canonicalize, directory removal) runs on tokio's blocking
 //! threads ([`blocking`]), not on the few threads that answer the bus.
 
+mod disk_ops;
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock, Weak};
@@ -82,6 +84,12 @@ pub enum NodeError {
     ChecksumMismatch(String),
     #[error("{0}")]
     Busy(String),
+    #[error("{0}")]
+    InUse(String),
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    InvalidImage(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +128,8 @@ pub struct NodeConfig {
     /// UEFI firmware for VMs with `firmware: "uefi"` (`--firmware`); checked at every
     /// start of such a VM, so installing it later needs no agent restart.
     pub firmware: PathBuf,
+    /// `qemu-img`, for images imported into the disk store (`--qemu-img`).
+    pub qemu_img: PathBuf,
     /// The user the VMMs run as; it owns their TAPs so the unprivileged VMM can attach.
     pub vmm_user: VmmUser,
     /// Start the VMM with `--user` (the direct runner, asked for another user than the
@@ -276,6 +286,8 @@ pub struct Node {
     membership: Mutex<()>,
     bus: OnceLock<zbus::Connection>,
     pulls: StdMutex<HashSet<String>>,
+    /// Disk names with an operation in progress (see `disk_ops`).
+    disk_ops: StdMutex<HashSet<String>>,
     http: reqwest::Client,
     net_lock: Mutex<()>,
     network_state: StdMutex<String>,
@@ -337,6 +349,8 @@ impl Node {
             fsutil::create_dir_all(&dir, mode).map_err(io)?;
         }
         fsutil::remove_stale_temps(&l.specs_dir());
+        // Disks an earlier agent was making when it died.
+        fsutil::remove_stale_temps(&l.disks_dir());
         images::clean_partials(&l.images_dir());
         let stores = Stores::new(&l.images_dir(), &l.disks_dir()).map_err(io)?;
         let http = images::http_client()?;
@@ -355,6 +369,7 @@ impl Node {
             membership: Mutex::new(()),
             bus: OnceLock::new(),
             pulls: StdMutex::new(HashSet::new()),
+            disk_ops: StdMutex::new(HashSet::new()),
             http,
             net_lock: Mutex::new(()),
             network_state: StdMutex::new(network_state.to_owned()),

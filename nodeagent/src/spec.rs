@@ -345,6 +345,26 @@ impl VmSpec {
         })
     }
 
+    /// The files this spec's disks name, for "which VMs use this disk": each as written
+    /// (made absolute against the disk store) and, where it resolves, canonical. Never an
+    /// error: a spec whose disk is gone references nothing there.
+    pub fn referenced_disk_paths(&self, stores: &Stores) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for d in &self.disks {
+            let given = Path::new(&d.path);
+            let lexical = if given.is_absolute() {
+                given.to_owned()
+            } else {
+                stores.disks.join(given)
+            };
+            if let Ok(c) = lexical.canonicalize() {
+                out.push(c);
+            }
+            out.push(lexical);
+        }
+        out
+    }
+
     /// Exactly one of `kernel` and `firmware`, and what goes with it.
     fn resolve_boot(&self, stores: &Stores) -> Result<Boot, SpecError> {
         let firmware = match (&self.kernel, self.firmware) {
