@@ -399,6 +399,83 @@ async fn imports_that_do_not_fit_are_refused_before_writing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_images_are_reflinked_where_the_file_system_can() {
+    require_tool("unshare", "util-linux");
+    let nsenter = require_tool("nsenter", "util-linux");
+    let mkfs = require_tool("mkfs.xfs", "xfsprogs");
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    // The state directory (both stores) on a loop-mounted XFS with reflink, in the agent's
+    // own mount namespace; the image is copied in before the agent starts.
+    let fs_image = dirs.root.path().join("state.xfs");
+    std::fs::File::create(&fs_image)
+        .unwrap()
+        .set_len(512 * MIB)
+        .unwrap();
+    let out = Command::new(mkfs)
+        .args(["-q", "-m", "reflink=1"])
+        .arg(&fs_image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let source = dirs.root.path().join("source.raw");
+    let expected = raw_image(&source, 32 * MIB);
+    let state = dirs.state();
+    let script = format!(
+        "mount -o loop '{}' '{s}' && mkdir -p '{s}/images' '{s}/disks' && \
+         cp '{}' '{s}/images/raw.img' && exec \"$0\" \"$@\"",
+        fs_image.display(),
+        source.display(),
+        s = state.display()
+    );
+    let agent = Agent::start_with(
+        &bus,
+        &dirs,
+        &[],
+        &["unshare", "--mount", "--", "sh", "-c", &script],
+    );
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let created: Value = serde_json::from_str(
+        &m.create_disk("clone", r#"{"from_image": "raw.img", "size": 67108864}"#)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(created["method"], "reflink", "{created}");
+    assert_eq!(created["size"], 64 * MIB, "grown after the clone");
+    let ns = |args: &[&str]| {
+        Command::new(&nsenter)
+            .args(["-t", &agent.pid().to_string(), "-m"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let disk = state.join("disks/clone");
+    let image = state.join("images/raw.img");
+    let cmp = ns(&[
+        "cmp",
+        "-n",
+        &expected.len().to_string(),
+        image.to_str().unwrap(),
+        disk.to_str().unwrap(),
+    ]);
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    // Shared extents: filefrag marks them "shared".
+    let frag = ns(&["filefrag", "-v", disk.to_str().unwrap()]);
+    let frag = String::from_utf8_lossy(&frag.stdout);
+    assert!(frag.contains("shared"), "{frag}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resize_grows_only_and_disks_in_use_are_protected() {
     let bus = TestBus::start();
     let dirs = NodeDirs::new();
