@@ -550,6 +550,15 @@ impl Node {
         let disks = resolved.disks;
         let new = name.to_owned();
         let conflict = blocking(move || {
+            // Resolved before the lock: a DeleteDisk (which takes it) may have run since.
+            for d in &disks {
+                if !d.path.is_file() {
+                    return Some(format!(
+                        "VM {new}: disk {} was deleted meanwhile",
+                        d.path.display()
+                    ));
+                }
+            }
             for (other, other_spec) in others {
                 let Ok(other_resolved) = other_spec.resolve(&other, &stores) else {
                     continue;
