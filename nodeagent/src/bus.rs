@@ -47,6 +47,12 @@ pub enum BusError {
     ChecksumMismatch(String),
     /// The same operation is already in progress.
     Busy(String),
+    /// A disk is used by a VM (DeleteDisk), or by a running one (ResizeDisk).
+    InUse(String),
+    /// The disk store has not enough free space for an import.
+    NoSpace(String),
+    /// An image was refused: unsupported format, a backing or data file, corrupt.
+    InvalidImage(String),
 }
 
 impl From<NodeError> for BusError {
@@ -63,6 +69,9 @@ impl From<NodeError> for BusError {
             NodeError::Download(m) => BusError::Download(m),
             NodeError::ChecksumMismatch(m) => BusError::ChecksumMismatch(m),
             NodeError::Busy(m) => BusError::Busy(m),
+            NodeError::InUse(m) => BusError::InUse(m),
+            NodeError::NoSpace(m) => BusError::NoSpace(m),
+            NodeError::InvalidImage(m) => BusError::InvalidImage(m),
         }
     }
 }
@@ -244,6 +253,51 @@ impl Manager {
             .collect())
     }
 
+    /// Makes disk `name` in the disk store from `options_json`: `{"size": BYTES}` (empty,
+    /// sparse) or `{"from_image": IMAGE, "size": BYTES?}` (a raw copy of a raw or qcow2
+    /// image, grown to `size`). Returns the disk as JSON (name, path, size, allocated,
+    /// source_format, method).
+    #[zbus(out_args("disk_json"))]
+    async fn create_disk(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        options_json: String,
+    ) -> Result<String, BusError> {
+        authorize(conn, Some(&header), &self.node, "CreateDisk").await?;
+        Ok(self.node.create_disk(&name, &options_json).await?)
+    }
+
+    /// Grows disk `name` to `size` bytes; refused while a running VM uses it.
+    async fn resize_disk(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        size: u64,
+    ) -> Result<(), BusError> {
+        authorize(conn, Some(&header), &self.node, "ResizeDisk").await?;
+        Ok(self.node.resize_disk(&name, size).await?)
+    }
+
+    /// Deletes disk `name`; refused while any VM's spec names it.
+    async fn delete_disk(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> Result<(), BusError> {
+        authorize(conn, Some(&header), &self.node, "DeleteDisk").await?;
+        Ok(self.node.delete_disk(&name).await?)
+    }
+
+    /// Disks in the store as JSON: [{name, size, allocated, users: [VM names]}].
+    #[zbus(out_args("disks_json"))]
+    async fn list_disks(&self) -> Result<String, BusError> {
+        Ok(self.node.list_disks().await?)
+    }
+
     #[zbus(signal)]
     async fn vm_new(
         emitter: &SignalEmitter<'_>,
@@ -269,6 +323,13 @@ impl VmObject {
     #[zbus(property(emits_changed_signal = "const"))]
     fn name(&self) -> String {
         self.vm.name.clone()
+    }
+
+    /// The SMBIOS system UUID the guest sees (lower-case 8-4-4-4-12); fixed for the VM's
+    /// lifetime.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn uuid(&self) -> String {
+        self.vm.uuid()
     }
 
     /// defined, starting, running, paused, stopping, stopped or failed.

@@ -50,6 +50,10 @@ pub trait Manager {
     fn get_network(&self) -> zbus::Result<String>;
     fn pull_image(&self, url: &str, sha256: &str) -> zbus::Result<String>;
     fn list_images(&self) -> zbus::Result<Vec<(String, u64, String)>>;
+    fn create_disk(&self, name: &str, options_json: &str) -> zbus::Result<String>;
+    fn resize_disk(&self, name: &str, size: u64) -> zbus::Result<()>;
+    fn delete_disk(&self, name: &str) -> zbus::Result<()>;
+    fn list_disks(&self) -> zbus::Result<String>;
 
     #[zbus(signal)]
     fn vm_new(&self, name: String, path: OwnedObjectPath) -> zbus::Result<()>;
@@ -64,6 +68,8 @@ pub trait Manager {
 pub trait Vm {
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn uuid(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn state(&self) -> zbus::Result<String>;
     #[zbus(property)]

@@ -77,6 +77,30 @@ pub fn write_atomic(target: &Path, data: &[u8], mode: u32) -> Result<(), FsError
     fsync_dir(target.parent().unwrap_or(Path::new("/")))
 }
 
+/// Renames `from` to `to` unless `to` exists (`AlreadyExists` then): publishing a file
+/// never replaces one placed meanwhile.
+pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let f = CString::new(from.as_os_str().as_bytes())?;
+    let t = CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Removes `path` (if present) and makes the removal durable.
 pub fn remove_durable(path: &Path) -> Result<(), FsError> {
     match fs::remove_file(path) {

@@ -155,7 +155,7 @@ pub async fn pull(
         return Err(e);
     }
     // Publish: never replace an existing file (a file placed by hand meanwhile wins).
-    if let Err(e) = rename_noreplace(&tmp, &final_path) {
+    if let Err(e) = fsutil::rename_noreplace(&tmp, &final_path) {
         let _ = std::fs::remove_file(&tmp);
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             let existing = file_sha256(&final_path).await?;
@@ -241,28 +241,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let f = CString::new(from.as_os_str().as_bytes())?;
-    let t = CString::new(to.as_os_str().as_bytes())?;
-    // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// Lists the regular files in the store (hidden bookkeeping directories excluded).

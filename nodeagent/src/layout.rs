@@ -13,6 +13,7 @@
 //! <run>/vms/<name>/status.json     last terminal state (stopped/failed + reason)
 //! <run>/vms/<name>/api.sock        VMM API socket
 //! <run>/vms/<name>/vmm-args.json   argv for `thvc-nodeagent exec-vm` (systemd mode)
+//! <run>/vms/<name>/seed.img        cloud-init NoCloud seed, rebuilt at every start
 //! <log>/<name>/console.log         guest serial console (sparse, bounded window)
 //! <log>/<name>/vmm.log             VMM stdout/stderr (direct mode)
 //! ```
@@ -67,6 +68,11 @@ impl Layout {
     }
     pub fn api_socket(&self, vm: &str) -> PathBuf {
         self.vm_run_dir(vm).join("api.sock")
+    }
+    /// The cloud-init seed volume of a VM with `metadata`: rebuilt from the spec at every
+    /// start, so it lives with the run (tmpfs) and goes with the VM's run directory.
+    pub fn seed_image(&self, vm: &str) -> PathBuf {
+        self.vm_run_dir(vm).join("seed.img")
     }
     pub fn status_file(&self, vm: &str) -> PathBuf {
         self.vm_run_dir(vm).join("status.json")

@@ -4,7 +4,9 @@
 pub mod auth;
 pub mod bus;
 pub mod client;
+pub mod cloudinit;
 pub mod console;
+pub mod disks;
 pub mod fsutil;
 pub mod hostinfo;
 pub mod images;
@@ -14,6 +16,8 @@ pub mod network;
 pub mod node;
 pub mod procinfo;
 pub mod runner;
+pub mod seed;
 pub mod spec;
+pub mod vm_uuid;
 pub mod vmm_api;
 pub mod vmm_user;

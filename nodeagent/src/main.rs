@@ -58,6 +58,12 @@ struct DaemonArgs {
     /// [default: the agent's own user, no switch].
     #[arg(long, value_name = "USER")]
     vmm_user: Option<String>,
+    /// UEFI firmware (edk2 CloudHv) for VMs with `firmware: "uefi"`.
+    #[arg(long, default_value = "/usr/share/thvc/firmware/CLOUDHV.fd")]
+    firmware: PathBuf,
+    /// qemu-img (Debian's qemu-utils), which converts qcow2 images into raw disks.
+    #[arg(long, default_value = "/usr/bin/qemu-img")]
+    qemu_img: PathBuf,
     /// Group whose members (besides root) may change state.
     #[arg(long, default_value = DEFAULT_CONTROL_GROUP)]
     control_group: String,
@@ -246,6 +252,8 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
     let cfg = NodeConfig {
         layout,
         vmm_binary: args.vmm.unwrap_or_else(default_vmm),
+        firmware: args.firmware,
+        qemu_img: args.qemu_img,
         vmm_user,
         vmm_switches_user,
         control_group: args.control_group,

@@ -27,6 +27,8 @@
 //! Blocking file work (fsync, canonicalize, directory removal) runs on tokio's blocking
 //! threads ([`blocking`]), not on the few threads that answer the bus.
 
+mod disk_ops;
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock, Weak};
@@ -36,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{watch, Mutex, Notify};
 
+use crate::cloudinit::SeedFiles;
 use crate::console;
 use crate::fsutil;
 use crate::images::{self, ImageError, ImageInfo};
@@ -43,7 +46,8 @@ use crate::layout::Layout;
 use crate::names;
 use crate::network::{NetError, Network, TapRequest};
 use crate::runner::{describe_exit, Adoption, ExitFuture, ExitOutcome, LaunchSpec, VmRunner};
-use crate::spec::{self, Stores, VmSpec, VmmRunParams};
+use crate::seed;
+use crate::spec::{self, Boot, ResolvedSpec, Stores, VmSpec, VmmRunParams};
 use crate::vmm_api::{self, Request, VmmApiError};
 use crate::vmm_user::VmmUser;
 
@@ -80,6 +84,12 @@ pub enum NodeError {
     ChecksumMismatch(String),
     #[error("{0}")]
     Busy(String),
+    #[error("{0}")]
+    InUse(String),
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    InvalidImage(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +125,11 @@ impl VmState {
 pub struct NodeConfig {
     pub layout: Layout,
     pub vmm_binary: PathBuf,
+    /// UEFI firmware for VMs with `firmware: "uefi"` (`--firmware`); checked at every
+    /// start of such a VM, so installing it later needs no agent restart.
+    pub firmware: PathBuf,
+    /// `qemu-img`, for images imported into the disk store (`--qemu-img`).
+    pub qemu_img: PathBuf,
     /// The user the VMMs run as; it owns their TAPs so the unprivileged VMM can attach.
     pub vmm_user: VmmUser,
     /// Start the VMM with `--user` (the direct runner, asked for another user than the
@@ -230,6 +245,11 @@ impl Vm {
     pub fn autostart(&self) -> bool {
         self.lock().spec.autostart
     }
+    /// The SMBIOS system UUID (fixed at creation, or when a spec from before UUIDs was
+    /// loaded).
+    pub fn uuid(&self) -> String {
+        self.lock().spec.uuid.clone().unwrap_or_default()
+    }
 
     /// Ends the wait of a Shutdown for the guest, if one waits: it stops the VMM at once.
     /// True if one waited.
@@ -266,6 +286,8 @@ pub struct Node {
     membership: Mutex<()>,
     bus: OnceLock<zbus::Connection>,
     pulls: StdMutex<HashSet<String>>,
+    /// Disk names with an operation in progress (see `disk_ops`).
+    disk_ops: StdMutex<HashSet<String>>,
     http: reqwest::Client,
     net_lock: Mutex<()>,
     network_state: StdMutex<String>,
@@ -327,6 +349,8 @@ impl Node {
             fsutil::create_dir_all(&dir, mode).map_err(io)?;
         }
         fsutil::remove_stale_temps(&l.specs_dir());
+        // Disks an earlier agent was making when it died.
+        fsutil::remove_stale_temps(&l.disks_dir());
         images::clean_partials(&l.images_dir());
         let stores = Stores::new(&l.images_dir(), &l.disks_dir()).map_err(io)?;
         let http = images::http_client()?;
@@ -345,6 +369,7 @@ impl Node {
             membership: Mutex::new(()),
             bus: OnceLock::new(),
             pulls: StdMutex::new(HashSet::new()),
+            disk_ops: StdMutex::new(HashSet::new()),
             http,
             net_lock: Mutex::new(()),
             network_state: StdMutex::new(network_state.to_owned()),
@@ -493,9 +518,11 @@ impl Node {
         names::validate_vm_name(name).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
         let mut spec = spec::parse(spec_json).map_err(|e| NodeError::InvalidSpec(e.to_string()))?;
         spec.fill_macs(&self.cfg.node_name, name);
+        spec.fill_uuid()
+            .map_err(|e| NodeError::InvalidSpec(format!("VM {name}: {e}")))?;
         let resolved = {
-            let (spec, stores) = (spec.clone(), self.stores.clone());
-            blocking(move || spec.resolve(&stores))
+            let (spec, stores, vm) = (spec.clone(), self.stores.clone(), name.to_owned());
+            blocking(move || spec.resolve(&vm, &stores))
                 .await?
                 .map_err(|e| NodeError::InvalidSpec(format!("VM {name}: {e}")))?
         };
@@ -523,8 +550,17 @@ impl Node {
         let disks = resolved.disks;
         let new = name.to_owned();
         let conflict = blocking(move || {
+            // Resolved before the lock: a DeleteDisk (which takes it) may have run since.
+            for d in &disks {
+                if !d.path.is_file() {
+                    return Some(format!(
+                        "VM {new}: disk {} was deleted meanwhile",
+                        d.path.display()
+                    ));
+                }
+            }
             for (other, other_spec) in others {
-                let Ok(other_resolved) = other_spec.resolve(&stores) else {
+                let Ok(other_resolved) = other_spec.resolve(&other, &stores) else {
                     continue;
                 };
                 for d in &disks {
@@ -667,8 +703,8 @@ impl Node {
     async fn launch_locked(&self, vm: &Arc<Vm>) -> Result<(), NodeError> {
         let spec = vm.spec();
         let resolved = {
-            let (spec, stores) = (spec.clone(), self.stores.clone());
-            blocking(move || spec.resolve(&stores)).await?
+            let (spec, stores, name) = (spec.clone(), self.stores.clone(), vm.name.clone());
+            blocking(move || spec.resolve(&name, &stores)).await?
         };
         let resolved = match resolved {
             Ok(r) => r,
@@ -677,6 +713,23 @@ impl Node {
                 self.end_run(vm, VmState::Failed, msg.clone(), false).await;
                 return Err(NodeError::InvalidSpec(msg));
             }
+        };
+        if let Err(e) = self.check_firmware(&resolved).await {
+            let msg = format!("VM {}: {e}", vm.name);
+            self.end_run(vm, VmState::Failed, msg.clone(), false).await;
+            return Err(NodeError::Io(msg));
+        }
+        // From the spec as it is now, at every start (and restart after a reboot).
+        let seed_disk = match &resolved.seed {
+            Some(files) => match self.write_seed(&vm.name, &resolved.uuid, files).await {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    let msg = format!("VM {}: {e}", vm.name);
+                    self.end_run(vm, VmState::Failed, msg.clone(), false).await;
+                    return Err(NodeError::Io(msg));
+                }
+            },
+            None => None,
         };
         // A run in progress has no terminal status.
         let status_file = self.cfg.layout.status_file(&vm.name);
@@ -705,6 +758,8 @@ impl Node {
             api_socket: self.cfg.layout.api_socket(&vm.name),
             taps: taps.clone(),
             switch_to_user: self.cfg.vmm_switches_user.then_some(self.cfg.vmm_user),
+            firmware: self.cfg.firmware.clone(),
+            seed_disk,
         };
         let launch = LaunchSpec {
             name: vm.name.clone(),
@@ -729,6 +784,61 @@ impl Node {
         vm.lock().process = true;
         self.watch_exit(vm, generation, exited);
         self.wait_ready(vm, generation).await
+    }
+
+    /// Builds the VM's NoCloud seed volume in its run directory (a tmpfs: the seed is
+    /// rebuilt at every start, and the run directory is the one the VMM may read under the
+    /// systemd unit); returns its path.
+    async fn write_seed(
+        &self,
+        name: &str,
+        uuid: &str,
+        files: &SeedFiles,
+    ) -> Result<PathBuf, String> {
+        let path = self.cfg.layout.seed_image(name);
+        // The VMM's --disk option separates its parameters with commas.
+        if path.to_string_lossy().contains(',') {
+            return Err(format!(
+                "the cloud-init seed path {} contains ',', which thvc-vmm's --disk cannot take",
+                path.display()
+            ));
+        }
+        let dir = self.cfg.layout.vm_run_dir(name);
+        let (files, id, target) = (files.clone(), seed::volume_id(uuid), path.clone());
+        blocking(move || {
+            fsutil::create_dir_all(&dir, 0o750).map_err(|e| e.to_string())?;
+            seed::write(&target, &files, id).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        Ok(path)
+    }
+
+    /// A firmware-booted VM needs the agent's firmware file: say so clearly instead of
+    /// letting the VMM fail on it.
+    async fn check_firmware(&self, resolved: &ResolvedSpec) -> Result<(), String> {
+        if !matches!(resolved.boot, Boot::Firmware(_)) {
+            return Ok(());
+        }
+        let path = self.cfg.firmware.clone();
+        let meta = blocking({
+            let path = path.clone();
+            move || std::fs::metadata(path)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match meta {
+            Ok(m) if m.is_file() => Ok(()),
+            Ok(_) => Err(format!(
+                "the UEFI firmware {} is not a regular file",
+                path.display()
+            )),
+            Err(e) => Err(format!(
+                "the UEFI firmware {} cannot be used ({e}): install it or start \
+                 thvc-nodeagent with --firmware PATH",
+                path.display()
+            )),
+        }
     }
 
     fn watch_exit(&self, vm: &Arc<Vm>, generation: u64, exited: ExitFuture) {
@@ -1073,7 +1183,7 @@ impl Node {
                 tracing::error!("ignoring {}: {e}", entry.path().display());
                 continue;
             }
-            let spec = match std::fs::read_to_string(entry.path())
+            let mut spec = match std::fs::read_to_string(entry.path())
                 .map_err(|e| e.to_string())
                 .and_then(|s| spec::parse(&s).map_err(|e| e.to_string()))
             {
@@ -1083,6 +1193,13 @@ impl Node {
                     continue;
                 }
             };
+            if spec.uuid.is_none() {
+                // Defined before VMs had UUIDs: fix one now, for good.
+                if let Err(e) = self.give_uuid(name, &mut spec) {
+                    tracing::error!("VM {name}: {e}");
+                    continue;
+                }
+            }
             names_found.push((name.to_owned(), spec));
         }
         names_found.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1175,6 +1292,16 @@ impl Node {
                 }
             });
         }
+        Ok(())
+    }
+
+    /// Gives a loaded spec without a UUID one and persists it, so the guest sees the same
+    /// UUID from now on.
+    fn give_uuid(&self, name: &str, spec: &mut VmSpec) -> Result<(), NodeError> {
+        spec.fill_uuid().map_err(io)?;
+        let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
+        fsutil::write_atomic(&self.cfg.layout.spec_file(name), &data, 0o640).map_err(io)?;
+        tracing::info!(vm = %name, uuid = spec.uuid.as_deref().unwrap_or(""), "assigned a UUID");
         Ok(())
     }
 

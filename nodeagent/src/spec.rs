@@ -1,6 +1,12 @@
 //! The VM specification: the JSON document a client hands to `CreateVm`, its validation and
 //! its translation into a `thvc-vmm` command line.
 //!
+//! A VM boots either a Linux kernel directly (`kernel`, optional `initrd` and `cmdline`) or
+//! UEFI firmware (`firmware: "uefi"`) that boots from the VM's first disk, as cloud disk
+//! images expect. The firmware file is the agent's setting (`--firmware`), not the
+//! client's: a client picks the kind of boot, the node decides which binary runs as the
+//! guest's firmware. Firmware boot needs virtio-pci (the firmware drives no virtio-mmio).
+//!
 //! Files a spec references must resolve (after following every symlink) to regular files
 //! inside the node's stores: kernels and initrds in the image store, disks in the disk store
 //! (read-only disks may also come from the image store). Anything else is refused, so a
@@ -11,7 +17,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::cloudinit::{self, Metadata, SeedFiles};
 use crate::names;
+use crate::vm_uuid;
 use crate::vmm_user::VmmUser;
 
 // The limits of thvc-vmm (vmm/src/config.rs), so a spec it would refuse is refused here,
@@ -40,8 +48,17 @@ fn invalid(msg: impl Into<String>) -> SpecError {
 pub struct VmSpec {
     pub vcpus: u32,
     pub memory_mib: u64,
-    /// Kernel image: absolute path, or relative to the image store.
-    pub kernel: String,
+    /// The SMBIOS system UUID the guest sees; generated at creation when absent, then
+    /// fixed (see [`crate::vm_uuid`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Kernel image: absolute path, or relative to the image store. Exactly one of
+    /// `kernel` and `firmware`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Boot firmware instead of a kernel: the guest boots from its first disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,6 +71,10 @@ pub struct VmSpec {
     /// (virtio-mmio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+    /// cloud-init metadata: the agent attaches a NoCloud seed built from it as the last disk
+    /// (see [`crate::cloudinit`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
     #[serde(default)]
     pub autostart: bool,
 }
@@ -74,6 +95,14 @@ impl Transport {
             Transport::Pci => "pci",
         }
     }
+}
+
+/// Which firmware boots the guest. Only UEFI (edk2's CloudHv build, the file the agent's
+/// `--firmware` names) for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    Uefi,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,12 +149,29 @@ impl Stores {
 pub struct ResolvedSpec {
     pub vcpus: u32,
     pub memory_mib: u64,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: Option<String>,
+    /// Normalized (lower case).
+    pub uuid: String,
+    pub boot: Boot,
     pub disks: Vec<ResolvedDisk>,
     pub nics: Vec<ResolvedNic>,
+    /// Always `Some(Pci)` for firmware boot.
     pub transport: Option<Transport>,
+    /// The NoCloud seed's documents when the spec has `metadata`.
+    pub seed: Option<SeedFiles>,
+}
+
+/// How the guest starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// Direct Linux boot.
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: Option<String>,
+    },
+    /// Firmware that boots the first disk; the file is the agent's setting
+    /// ([`VmmRunParams::firmware`]).
+    Firmware(Firmware),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,8 +203,18 @@ impl VmSpec {
         }
     }
 
-    /// Validates every field and resolves the referenced files against `stores`.
-    pub fn resolve(&self, stores: &Stores) -> Result<ResolvedSpec, SpecError> {
+    /// Fixes the VM's UUID at creation: the client's, normalized, or a new random one.
+    pub fn fill_uuid(&mut self) -> Result<(), SpecError> {
+        self.uuid = Some(match &self.uuid {
+            Some(u) => normalize_uuid(u)?,
+            None => vm_uuid::generate().map_err(|e| invalid(e.to_string()))?,
+        });
+        Ok(())
+    }
+
+    /// Validates every field of VM `vm`'s spec and resolves the referenced files against
+    /// `stores`.
+    pub fn resolve(&self, vm: &str, stores: &Stores) -> Result<ResolvedSpec, SpecError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(invalid(format!(
                 "vcpus must be between 1 and {MAX_VCPUS}, not {}",
@@ -171,31 +227,41 @@ impl VmSpec {
                 self.memory_mib
             )));
         }
-        let kernel = resolve_file("kernel", &self.kernel, &stores.images, &[&stores.images])?;
-        let initrd = match &self.initrd {
-            Some(p) => Some(resolve_file(
-                "initrd",
-                p,
-                &stores.images,
-                &[&stores.images],
-            )?),
-            None => None,
-        };
-        if let Some(c) = &self.cmdline {
-            if c.len() > MAX_CMDLINE {
-                return Err(invalid(format!(
-                    "cmdline is {} bytes long, at most {MAX_CMDLINE} are allowed",
-                    c.len()
-                )));
-            }
-            if c.chars().any(|ch| ch == '\0' || ch == '\n') {
+        let uuid = match &self.uuid {
+            Some(u) => normalize_uuid(u)?,
+            None => {
                 return Err(invalid(
-                    "cmdline must not contain NUL or newline characters",
-                ));
+                    "uuid is missing (the agent fills it in at creation)",
+                ))
             }
+        };
+        let boot = self.resolve_boot(stores)?;
+        let transport = match (&boot, self.transport) {
+            (Boot::Firmware(_), None | Some(Transport::Pci)) => Some(Transport::Pci),
+            (Boot::Firmware(_), Some(Transport::Mmio)) => {
+                return Err(invalid(
+                    "firmware boot needs transport \"pci\" (or none): the firmware drives \
+                     virtio-pci devices only",
+                ))
+            }
+            (Boot::Kernel { .. }, t) => t,
+        };
+        if matches!(boot, Boot::Firmware(_)) && self.disks.is_empty() {
+            return Err(invalid(
+                "firmware boot needs at least one disk: the guest boots from the first disk",
+            ));
         }
-        if self.disks.len() > MAX_DISKS {
-            return Err(invalid(format!("at most {MAX_DISKS} disks are allowed")));
+        // The seed takes a disk slot of the VMM's.
+        let max_disks = MAX_DISKS - usize::from(self.metadata.is_some());
+        if self.disks.len() > max_disks {
+            return Err(invalid(format!(
+                "at most {max_disks} disks are allowed{}",
+                if self.metadata.is_some() {
+                    " (the cloud-init seed from metadata is one more)"
+                } else {
+                    ""
+                }
+            )));
         }
         let mut disks: Vec<ResolvedDisk> = Vec::new();
         for (i, d) in self.disks.iter().enumerate() {
@@ -260,17 +326,115 @@ impl VmSpec {
                 mac,
             });
         }
+        let seed = match &self.metadata {
+            Some(md) => {
+                let macs: Vec<String> = nics.iter().map(|n| n.mac.clone()).collect();
+                Some(cloudinit::render(md, vm, &uuid, &macs).map_err(|e| invalid(e.to_string()))?)
+            }
+            None => None,
+        };
         Ok(ResolvedSpec {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
+            uuid,
+            boot,
+            disks,
+            nics,
+            transport,
+            seed,
+        })
+    }
+
+    /// The files this spec's disks name, for "which VMs use this disk": each as written
+    /// (made absolute against the disk store) and, where it resolves, canonical. Never an
+    /// error: a spec whose disk is gone references nothing there.
+    pub fn referenced_disk_paths(&self, stores: &Stores) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for d in &self.disks {
+            let given = Path::new(&d.path);
+            let lexical = if given.is_absolute() {
+                given.to_owned()
+            } else {
+                stores.disks.join(given)
+            };
+            if let Ok(c) = lexical.canonicalize() {
+                out.push(c);
+            }
+            out.push(lexical);
+        }
+        out
+    }
+
+    /// Exactly one of `kernel` and `firmware`, and what goes with it.
+    fn resolve_boot(&self, stores: &Stores) -> Result<Boot, SpecError> {
+        let firmware = match (&self.kernel, self.firmware) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "give either kernel (direct Linux boot) or firmware, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "either kernel (direct Linux boot) or firmware: \"uefi\" (boot from the \
+                     first disk) is required",
+                ))
+            }
+            (None, Some(f)) => f,
+            (Some(kernel), None) => return self.resolve_kernel_boot(kernel, stores),
+        };
+        for (field, given) in [
+            ("initrd", self.initrd.is_some()),
+            ("cmdline", self.cmdline.is_some()),
+        ] {
+            if given {
+                return Err(invalid(format!(
+                    "{field} belongs to direct kernel boot; with firmware the guest's boot \
+                     loader on its first disk chooses kernel and command line"
+                )));
+            }
+        }
+        Ok(Boot::Firmware(firmware))
+    }
+
+    fn resolve_kernel_boot(&self, kernel: &str, stores: &Stores) -> Result<Boot, SpecError> {
+        let kernel = resolve_file("kernel", kernel, &stores.images, &[&stores.images])?;
+        let initrd = match &self.initrd {
+            Some(p) => Some(resolve_file(
+                "initrd",
+                p,
+                &stores.images,
+                &[&stores.images],
+            )?),
+            None => None,
+        };
+        if let Some(c) = &self.cmdline {
+            if c.len() > MAX_CMDLINE {
+                return Err(invalid(format!(
+                    "cmdline is {} bytes long, at most {MAX_CMDLINE} are allowed",
+                    c.len()
+                )));
+            }
+            if c.chars().any(|ch| ch == '\0' || ch == '\n') {
+                return Err(invalid(
+                    "cmdline must not contain NUL or newline characters",
+                ));
+            }
+        }
+        Ok(Boot::Kernel {
             kernel,
             initrd,
             cmdline: self.cmdline.clone(),
-            disks,
-            nics,
-            transport: self.transport,
         })
     }
+}
+
+fn normalize_uuid(u: &str) -> Result<String, SpecError> {
+    vm_uuid::normalize(u).ok_or_else(|| {
+        invalid(format!(
+            "uuid {u:?} is not a UUID like 0f3c1b2a-9d4e-4f6a-8b7c-1d2e3f4a5b6c (8-4-4-4-12 \
+             hexadecimal digits, not all zero or all f)"
+        ))
+    })
 }
 
 /// Resolves `value` (absolute, or relative to `base`) to a canonical regular file that lies
@@ -370,13 +534,24 @@ pub struct VmmRunParams {
     pub taps: Vec<String>,
     /// Passed as `--user UID:GID`: the VMM starts as root and switches to it.
     pub switch_to_user: Option<VmmUser>,
+    /// The UEFI firmware file (the agent's `--firmware`), used for firmware boot.
+    pub firmware: PathBuf,
+    /// The NoCloud seed volume, attached read-only after the spec's disks.
+    pub seed_disk: Option<PathBuf>,
 }
 
 /// The `thvc-vmm` arguments (without the program name) for `spec`.
 pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
-    let mut args = vec![
-        "--kernel".to_owned(),
-        spec.kernel.display().to_string(),
+    let mut args = match &spec.boot {
+        Boot::Kernel { kernel, .. } => vec!["--kernel".to_owned(), kernel.display().to_string()],
+        Boot::Firmware(Firmware::Uefi) => {
+            vec![
+                "--firmware".to_owned(),
+                params.firmware.display().to_string(),
+            ]
+        }
+    };
+    args.extend([
         "--cpus".to_owned(),
         spec.vcpus.to_string(),
         "--memory".to_owned(),
@@ -388,14 +563,22 @@ pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
         // The agent shares the VMM's group, not its user: under systemd the VMM runs as
         // thvc-vm and the agent has no right to override file permissions.
         "--api-socket-group".to_owned(),
-    ];
-    if let Some(initrd) = &spec.initrd {
-        args.push("--initrd".to_owned());
-        args.push(initrd.display().to_string());
-    }
-    if let Some(cmdline) = &spec.cmdline {
-        args.push("--cmdline".to_owned());
-        args.push(cmdline.clone());
+        // SMBIOS system UUID, for every VM: cloud-init and licensing read it.
+        "--platform".to_owned(),
+        format!("uuid={}", spec.uuid),
+    ]);
+    if let Boot::Kernel {
+        initrd, cmdline, ..
+    } = &spec.boot
+    {
+        if let Some(initrd) = initrd {
+            args.push("--initrd".to_owned());
+            args.push(initrd.display().to_string());
+        }
+        if let Some(cmdline) = cmdline {
+            args.push("--cmdline".to_owned());
+            args.push(cmdline.clone());
+        }
     }
     if let Some(transport) = spec.transport {
         args.push("--transport".to_owned());
@@ -411,6 +594,10 @@ pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
         }
         args.push("--disk".to_owned());
         args.push(v);
+    }
+    if let Some(seed) = &params.seed_disk {
+        args.push("--disk".to_owned());
+        args.push(format!("path={},readonly=on", seed.display()));
     }
     for (nic, tap) in spec.nics.iter().zip(&params.taps) {
         args.push("--net".to_owned());
@@ -428,12 +615,31 @@ mod tests {
     use super::*;
     use std::fs;
 
+    /// Parses `json` and fills in the UUID as CreateVm does.
+    fn parsed(json: &str) -> VmSpec {
+        let mut spec = parse(json).unwrap();
+        spec.fill_uuid().unwrap();
+        spec
+    }
+
+    fn params() -> VmmRunParams {
+        VmmRunParams {
+            console_log: "/log/c".into(),
+            api_socket: "/run/a.sock".into(),
+            taps: vec!["tap0".into()],
+            switch_to_user: None,
+            firmware: "/fw/CLOUDHV.fd".into(),
+            seed_disk: None,
+        }
+    }
+
     fn stores() -> (tempfile::TempDir, Stores) {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join("images")).unwrap();
         fs::create_dir(dir.path().join("disks")).unwrap();
         fs::write(dir.path().join("images/vmlinuz"), b"k").unwrap();
         fs::write(dir.path().join("disks/root.img"), b"d").unwrap();
+        fs::write(dir.path().join("disks/data.img"), b"d").unwrap();
         fs::write(dir.path().join("secret"), b"s").unwrap();
         let s = Stores::new(&dir.path().join("images"), &dir.path().join("disks")).unwrap();
         (dir, s)
@@ -443,12 +649,12 @@ mod tests {
     fn rejects_unknown_fields_and_bad_values() {
         assert!(parse(r#"{"vcpus":1,"memory_mib":128,"kernel":"k","cpus":2}"#).is_err());
         let (_d, s) = stores();
-        let mut spec = parse(r#"{"vcpus":0,"memory_mib":128,"kernel":"vmlinuz"}"#).unwrap();
-        assert!(spec.resolve(&s).is_err());
+        let mut spec = parsed(r#"{"vcpus":0,"memory_mib":128,"kernel":"vmlinuz"}"#);
+        assert!(spec.resolve("vm", &s).is_err());
         spec.vcpus = 1;
-        assert!(spec.resolve(&s).is_ok());
+        assert!(spec.resolve("vm", &s).is_ok());
         spec.memory_mib = 1;
-        assert!(spec.resolve(&s).is_err());
+        assert!(spec.resolve("vm", &s).is_err());
     }
 
     #[test]
@@ -456,42 +662,33 @@ mod tests {
         let (d, s) = stores();
         let base = r#""vcpus":1,"memory_mib":128"#;
         let outside = d.path().join("secret");
-        let spec = parse(&format!(r#"{{{base},"kernel":"{}"}}"#, outside.display())).unwrap();
-        assert!(spec.resolve(&s).is_err());
-        let spec = parse(&format!(r#"{{{base},"kernel":"../secret"}}"#)).unwrap();
-        assert!(spec.resolve(&s).is_err());
+        let spec = parsed(&format!(r#"{{{base},"kernel":"{}"}}"#, outside.display()));
+        assert!(spec.resolve("vm", &s).is_err());
+        let spec = parsed(&format!(r#"{{{base},"kernel":"../secret"}}"#));
+        assert!(spec.resolve("vm", &s).is_err());
         std::os::unix::fs::symlink(&outside, d.path().join("images/link")).unwrap();
-        let spec = parse(&format!(r#"{{{base},"kernel":"link"}}"#)).unwrap();
-        let err = spec.resolve(&s).unwrap_err().to_string();
+        let spec = parsed(&format!(r#"{{{base},"kernel":"link"}}"#));
+        let err = spec.resolve("vm", &s).unwrap_err().to_string();
         assert!(err.contains("outside"), "{err}");
         // A writable disk must not come from the image store.
-        let spec = parse(&format!(
+        let spec = parsed(&format!(
             r#"{{{base},"kernel":"vmlinuz","disks":[{{"path":"{}"}}]}}"#,
             d.path().join("images/vmlinuz").display()
-        ))
-        .unwrap();
-        assert!(spec.resolve(&s).is_err());
+        ));
+        let err = spec.resolve("vm", &s).unwrap_err().to_string();
+        assert!(err.contains("outside"), "{err}");
     }
 
     #[test]
     fn builds_vmm_command_line() {
         let (_d, s) = stores();
-        let mut spec = parse(
+        let mut spec = parsed(
             r#"{"vcpus":2,"memory_mib":256,"kernel":"vmlinuz","cmdline":"console=ttyS0",
                 "disks":[{"path":"root.img","serial":"root"}],"nics":[{"bridge":"br0","vlan":10}]}"#,
-        )
-        .unwrap();
-        spec.fill_macs("node", "vm");
-        let r = spec.resolve(&s).unwrap();
-        let args = vmm_args(
-            &r,
-            &VmmRunParams {
-                console_log: "/log/c".into(),
-                api_socket: "/run/a.sock".into(),
-                taps: vec!["tap0".into()],
-                switch_to_user: None,
-            },
         );
+        spec.fill_macs("node", "vm");
+        let r = spec.resolve("vm", &s).unwrap();
+        let args = vmm_args(&r, &params());
         let joined = args.join(" ");
         assert!(joined.contains("--cpus 2 --memory 256"), "{joined}");
         assert!(joined.contains("--disk path="), "{joined}");
@@ -499,16 +696,22 @@ mod tests {
         assert!(joined.contains("--net tap=tap0,mac="), "{joined}");
         assert!(joined.contains("--serial file:/log/c"), "{joined}");
         assert!(!joined.contains("--user"), "{joined}");
+        assert!(joined.starts_with("--kernel /"), "{joined}");
+        assert!(joined.contains("--cmdline console=ttyS0"), "{joined}");
+        let platform = format!("--platform uuid={}", spec.uuid.as_deref().unwrap());
+        assert!(
+            joined.contains(&platform),
+            "kernel boot has the UUID too: {joined}"
+        );
+        assert!(!joined.contains("--firmware"), "{joined}");
         let args = vmm_args(
             &r,
             &VmmRunParams {
-                console_log: "/log/c".into(),
-                api_socket: "/run/a.sock".into(),
-                taps: vec!["tap0".into()],
                 switch_to_user: Some(VmmUser {
                     uid: 64000,
                     gid: 64001,
                 }),
+                ..params()
             },
         );
         assert!(args.join(" ").ends_with("--user 64000:64001"), "{args:?}");
@@ -518,17 +721,177 @@ mod tests {
         );
         let mut pci = spec.clone();
         pci.transport = Some(Transport::Pci);
-        let r = pci.resolve(&s).unwrap();
-        let params = VmmRunParams {
-            console_log: "/log/c".into(),
-            api_socket: "/run/a.sock".into(),
-            taps: vec!["tap0".into()],
-            switch_to_user: None,
-        };
-        assert!(vmm_args(&r, &params).join(" ").contains("--transport pci"));
+        let r = pci.resolve("vm", &s).unwrap();
+        assert!(vmm_args(&r, &params())
+            .join(" ")
+            .contains("--transport pci"));
         assert!(parse(r#"{"vcpus":1,"memory_mib":128,"kernel":"k","transport":"isa"}"#).is_err());
         let back = parse(&serde_json::to_string(&pci).unwrap()).unwrap();
         assert_eq!(back.transport, Some(Transport::Pci), "round trip");
+    }
+
+    #[test]
+    fn firmware_boot_is_an_alternative_to_kernel() {
+        let (_d, s) = stores();
+        let base = r#""vcpus":1,"memory_mib":128"#;
+        let err_of = |extra: &str| {
+            parsed(&format!("{{{base}{extra}}}"))
+                .resolve("vm", &s)
+                .unwrap_err()
+                .to_string()
+        };
+        let disk = r#","disks":[{"path":"root.img"}]"#;
+        assert!(err_of("").contains("either kernel"), "neither");
+        let both = err_of(&format!(r#","kernel":"vmlinuz","firmware":"uefi"{disk}"#));
+        assert!(both.contains("not both"), "{both}");
+        let e = err_of(&format!(r#","firmware":"uefi","initrd":"vmlinuz"{disk}"#));
+        assert!(e.contains("initrd belongs to direct kernel boot"), "{e}");
+        let e = err_of(&format!(r#","firmware":"uefi","cmdline":"quiet"{disk}"#));
+        assert!(e.contains("cmdline belongs to direct kernel boot"), "{e}");
+        let e = err_of(&format!(r#","firmware":"uefi","transport":"mmio"{disk}"#));
+        assert!(e.contains("transport \"pci\""), "{e}");
+        let e = err_of(r#","firmware":"uefi""#);
+        assert!(e.contains("at least one disk"), "{e}");
+        assert!(parse(&format!(r#"{{{base},"firmware":"bios"{disk}}}"#)).is_err());
+
+        // Transport absent or pci: both run on virtio-pci.
+        for transport in ["", r#","transport":"pci""#] {
+            let spec = parsed(&format!(
+                r#"{{{base},"firmware":"uefi"{transport},"disks":[{{"path":"root.img"}},
+                    {{"path":"data.img","readonly":true}}]}}"#
+            ));
+            let r = spec.resolve("vm", &s).unwrap();
+            assert_eq!(r.boot, Boot::Firmware(Firmware::Uefi));
+            assert_eq!(r.transport, Some(Transport::Pci));
+            let args = vmm_args(&r, &params());
+            let joined = args.join(" ");
+            assert!(joined.starts_with("--firmware /fw/CLOUDHV.fd "), "{joined}");
+            assert!(joined.contains("--transport pci"), "{joined}");
+            let uuid = spec.uuid.as_deref().unwrap();
+            assert!(
+                joined.contains(&format!("--platform uuid={uuid}")),
+                "{joined}"
+            );
+            for absent in ["--kernel", "--initrd", "--cmdline"] {
+                assert!(!args.contains(&absent.to_owned()), "{joined}");
+            }
+            // The first disk of the spec is the first --disk: the one the firmware boots.
+            let first = args.iter().position(|a| a == "--disk").unwrap();
+            assert!(args[first + 1].ends_with("/root.img"), "{joined}");
+            // Serialized form: lowercase, round trip.
+            let json = serde_json::to_value(&spec).unwrap();
+            assert_eq!(json["firmware"], "uefi");
+            assert!(json.get("kernel").is_none(), "{json}");
+            assert_eq!(parse(&json.to_string()).unwrap(), spec);
+        }
+    }
+
+    #[test]
+    fn uuid_is_kept_normalized_or_generated() {
+        let (_d, s) = stores();
+        let mut spec = parse(
+            r#"{"vcpus":1,"memory_mib":128,"kernel":"vmlinuz",
+                "uuid":"0F3C1B2A-9D4E-4F6A-8B7C-1D2E3F4A5B6C"}"#,
+        )
+        .unwrap();
+        spec.fill_uuid().unwrap();
+        assert_eq!(
+            spec.uuid.as_deref(),
+            Some("0f3c1b2a-9d4e-4f6a-8b7c-1d2e3f4a5b6c")
+        );
+        let again = spec.clone();
+        spec.fill_uuid().unwrap();
+        assert_eq!(spec, again, "filling twice changes nothing");
+        assert_eq!(
+            spec.resolve("vm", &s).unwrap().uuid,
+            "0f3c1b2a-9d4e-4f6a-8b7c-1d2e3f4a5b6c"
+        );
+
+        let mut a = parse(r#"{"vcpus":1,"memory_mib":128,"kernel":"vmlinuz"}"#).unwrap();
+        let e = a.resolve("vm", &s).unwrap_err().to_string();
+        assert!(e.contains("uuid is missing"), "{e}");
+        let mut b = a.clone();
+        a.fill_uuid().unwrap();
+        b.fill_uuid().unwrap();
+        assert_ne!(a.uuid, b.uuid, "generated per VM");
+        assert!(a.resolve("vm", &s).is_ok());
+
+        for bad in ["", "not-a-uuid", "00000000-0000-0000-0000-000000000000"] {
+            let mut c = parse(&format!(
+                r#"{{"vcpus":1,"memory_mib":128,"kernel":"vmlinuz","uuid":"{bad}"}}"#
+            ))
+            .unwrap();
+            let e = c.fill_uuid().unwrap_err().to_string();
+            assert!(e.contains("is not a UUID"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn metadata_becomes_a_read_only_seed_disk_after_the_others() {
+        let (_d, s) = stores();
+        let mut spec = parsed(
+            r#"{"vcpus":1,"memory_mib":128,"firmware":"uefi",
+                "disks":[{"path":"root.img"},{"path":"data.img"}],
+                "nics":[{"bridge":"br0"}],
+                "metadata":{"hostname":"web","network":[{"addresses":["10.0.0.5/24"],
+                    "gateway":"10.0.0.1"}]}}"#,
+        );
+        spec.fill_macs("node", "web");
+        let r = spec.resolve("web", &s).unwrap();
+        let seed = r.seed.clone().expect("seed documents");
+        let meta: serde_json::Value = serde_json::from_str(&seed.meta_data).unwrap();
+        assert_eq!(
+            meta["instance-id"],
+            r.uuid.as_str(),
+            "instance-id is the UUID"
+        );
+        let net = seed.network_config.unwrap();
+        assert!(
+            net.contains(&r.nics[0].mac),
+            "matched by the NIC's MAC: {net}"
+        );
+        let args = vmm_args(
+            &r,
+            &VmmRunParams {
+                seed_disk: Some("/run/thvc/vms/web/seed.img".into()),
+                ..params()
+            },
+        );
+        let disks: Vec<&String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(a, _)| *a == "--disk")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(disks.len(), 3, "{args:?}");
+        assert!(disks[0].ends_with("/root.img"), "{args:?}");
+        assert_eq!(disks[2], "path=/run/thvc/vms/web/seed.img,readonly=on");
+        // The metadata round-trips through the stored spec.
+        let back = parse(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+
+        // Metadata problems are spec problems; the seed takes one of the VMM's disk slots.
+        let mut bad = spec.clone();
+        bad.metadata
+            .as_mut()
+            .unwrap()
+            .network
+            .push(Default::default());
+        let e = bad.resolve("web", &s).unwrap_err().to_string();
+        assert!(e.contains("metadata.network"), "{e}");
+        let mut full = spec.clone();
+        full.disks = (0..MAX_DISKS)
+            .map(|i| DiskSpec {
+                path: "data.img".into(),
+                readonly: true,
+                serial: Some(format!("d{i}")),
+            })
+            .collect();
+        let e = full.resolve("web", &s).unwrap_err().to_string();
+        assert!(e.contains("at most 15 disks") && e.contains("seed"), "{e}");
+        let mut no_md = spec;
+        no_md.metadata = None;
+        assert_eq!(no_md.resolve("web", &s).unwrap().seed, None);
     }
 
     #[test]

@@ -41,13 +41,20 @@ async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
     let (ok, out, _) = thvcctl(&t, &["--json", "vm", "list"]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let conn = connect(&bus).await;
+    let uuid = vm(&conn, manager(&conn).await.get_vm("web").await.unwrap())
+        .await
+        .uuid()
+        .await
+        .unwrap();
+    assert_eq!(uuid.len(), 36, "{uuid}");
     assert_eq!(
         v,
-        serde_json::json!([{"name": "web", "state": "running", "path": "/de/thueringen/thvc/node1/vm/web"}])
+        serde_json::json!([{"name": "web", "state": "running", "uuid": uuid, "path": "/de/thueringen/thvc/node1/vm/web"}])
     );
     let (ok, out, _) = thvcctl(&t, &["vm", "list"]);
     assert!(
-        ok && out.contains("web") && out.contains("running"),
+        ok && out.contains("web") && out.contains("running") && out.contains(&uuid),
         "{out}"
     );
 
@@ -57,6 +64,13 @@ async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
     assert_eq!(v["state"], "running");
     assert_eq!(v["vmm"]["fake"], true);
     assert_eq!(v["spec"]["cmdline"], "console=ttyS0");
+    assert_eq!(v["uuid"], uuid);
+    assert_eq!(v["spec"]["uuid"], uuid, "stored with the spec");
+    let (ok, out, _) = thvcctl(&t, &["vm", "show", "web"]);
+    assert!(
+        ok && out.contains(&format!("\"uuid\": \"{uuid}\"")),
+        "{out}"
+    );
 
     let (ok, out, _) = thvcctl(&t, &["vm", "console", "web"]);
     assert!(ok && out.contains("fake-vmm: booting"), "{out}");

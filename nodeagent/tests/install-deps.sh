@@ -2,7 +2,9 @@
 # Installs what the thvc-nodeagent tests need on Debian (run as root; CI calls this).
 # dbus-daemon: private buses; systemd: busctl and systemd-stdio-bridge;
 # util-linux: unshare/nsenter; iproute2: ip; openssl: the HTTPS image server;
-# e2fsprogs (mkfs.ext4) and busybox-static: the guest root disk of tests/vm_guest.rs.
+# e2fsprogs (mkfs.ext4) and busybox-static: the guest root disk of tests/vm_guest.rs
+# (filefrag: tests/disks.rs); qemu-utils (qemu-img, qemu-io): image imports and the
+# test images of tests/disks.rs; xfsprogs (mkfs.xfs): the reflink test's file system.
 set -eu
 missing=""
 command -v dbus-daemon >/dev/null 2>&1 || missing="$missing dbus-daemon"
@@ -12,6 +14,9 @@ command -v nsenter >/dev/null 2>&1 || missing="$missing util-linux"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
 command -v mkfs.ext4 >/dev/null 2>&1 || missing="$missing e2fsprogs"
+command -v qemu-img >/dev/null 2>&1 || missing="$missing qemu-utils"
+command -v qemu-io >/dev/null 2>&1 || missing="$missing qemu-utils"
+command -v mkfs.xfs >/dev/null 2>&1 || missing="$missing xfsprogs"
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' ||
     missing="$missing busybox-static"
 if [ -n "$missing" ]; then

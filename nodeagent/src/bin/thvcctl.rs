@@ -49,6 +49,11 @@ enum Command {
         #[command(subcommand)]
         action: ImageAction,
     },
+    /// The node's disk store (raw disks for VMs).
+    Disk {
+        #[command(subcommand)]
+        action: DiskAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -80,7 +85,8 @@ enum VmAction {
     Delete {
         name: String,
     },
-    /// State, spec and the VMM's own info.
+    /// State, UUID, spec and the VMM's own info.
+    #[command(visible_alias = "show")]
     Info {
         name: String,
     },
@@ -117,6 +123,76 @@ enum ImageAction {
         sha256: String,
     },
     List,
+}
+
+#[derive(Subcommand)]
+enum DiskAction {
+    /// Make a disk: empty (--size) or a raw copy of an image (--from; qcow2 is converted).
+    Create {
+        name: String,
+        /// Size (bytes, or with K, M, G, T: powers of 1024); with --from, grow to it.
+        #[arg(long, value_parser = parse_size, required_unless_present = "from")]
+        size: Option<u64>,
+        /// An image in the node's image store.
+        #[arg(long, value_name = "IMAGE")]
+        from: Option<String>,
+    },
+    /// Grow a disk (never shrinks; not while a running VM uses it).
+    Resize {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a disk no VM uses.
+    Delete { name: String },
+    /// Disks with their sizes and the VMs that use them.
+    List,
+}
+
+/// `1048576`, `512M`, `20G`, `1.5T`, `10GiB`: K, M, G, T are powers of 1024.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix("ib"))
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let bad = || format!("{s:?} is not a size like 1073741824, 512M, 20G or 1.5T");
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(bad());
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(1u64 << shift).ok_or_else(bad);
+    }
+    // Fractions (1.5T) only with a unit, rounded down to whole bytes.
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    let bytes = f * (1u64 << shift) as f64;
+    if shift == 0 || !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// Bytes for people: `0 B`, `512 B`, `20.0 GiB`.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 fn main() -> ExitCode {
@@ -185,6 +261,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{out}");
             Ok(())
         }
+        Command::Disk { action } => disk(&manager, action, json_out).await,
         Command::Image { action } => match action {
             ImageAction::Pull { url, sha256 } => {
                 let path = manager.pull_image(&url, &sha256).await?;
@@ -213,6 +290,63 @@ async fn run(cli: Cli) -> Result<()> {
             }
         },
     }
+}
+
+async fn disk(manager: &ManagerProxy<'_>, action: DiskAction, json_out: bool) -> Result<()> {
+    match action {
+        DiskAction::Create { name, size, from } => {
+            let mut options = serde_json::Map::new();
+            if let Some(size) = size {
+                options.insert("size".into(), json!(size));
+            }
+            if let Some(image) = from {
+                options.insert("from_image".into(), json!(image));
+            }
+            let created = manager
+                .create_disk(&name, &serde_json::Value::Object(options).to_string())
+                .await?;
+            if json_out {
+                println!("{created}");
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&created)?;
+                println!(
+                    "created {name} ({}, {} allocated, {})",
+                    human(v["size"].as_u64().unwrap_or(0)),
+                    human(v["allocated"].as_u64().unwrap_or(0)),
+                    v["method"].as_str().unwrap_or("")
+                );
+            }
+        }
+        DiskAction::Resize { name, size } => manager.resize_disk(&name, size).await?,
+        DiskAction::Delete { name } => manager.delete_disk(&name).await?,
+        DiskAction::List => {
+            let listed = manager.list_disks().await?;
+            if json_out {
+                println!("{listed}");
+            } else {
+                let disks: Vec<serde_json::Value> = serde_json::from_str(&listed)?;
+                println!("{:<40} {:>12} {:>12}  USERS", "NAME", "SIZE", "ALLOCATED");
+                for d in disks {
+                    let users: Vec<&str> = d["users"]
+                        .as_array()
+                        .map(|u| u.iter().filter_map(|v| v.as_str()).collect())
+                        .unwrap_or_default();
+                    println!(
+                        "{:<40} {:>12} {:>12}  {}",
+                        d["name"].as_str().unwrap_or(""),
+                        human(d["size"].as_u64().unwrap_or(0)),
+                        human(d["allocated"].as_u64().unwrap_or(0)),
+                        if users.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            users.join(",")
+                        }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
@@ -262,6 +396,28 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
     Ok(())
 }
 
+/// The `Uuid` of every VM object by path, from one GetManagedObjects call (not one
+/// property read per VM).
+async fn vm_uuids(conn: &zbus::Connection) -> Result<std::collections::HashMap<String, String>> {
+    let om = zbus::fdo::ObjectManagerProxy::builder(conn)
+        .destination(client::BUS_NAME)?
+        .path(thvc_nodeagent::names::MANAGER_PATH)?
+        .build()
+        .await?;
+    let mut out = std::collections::HashMap::new();
+    for (path, ifaces) in om.get_managed_objects().await? {
+        let uuid = ifaces
+            .iter()
+            .find(|(i, _)| i.as_str() == thvc_nodeagent::bus::VM_INTERFACE)
+            .and_then(|(_, props)| props.get("Uuid"))
+            .and_then(|v| String::try_from(v.try_clone().ok()?).ok());
+        if let Some(uuid) = uuid {
+            out.insert(path.to_string(), uuid);
+        }
+    }
+    Ok(out)
+}
+
 async fn vm(
     conn: &zbus::Connection,
     manager: &ManagerProxy<'_>,
@@ -275,16 +431,22 @@ async fn vm(
     match action {
         VmAction::List => {
             let vms = manager.list_vms().await?;
+            let uuids = vm_uuids(conn).await?;
+            let uuid_of = |p: &zbus::zvariant::OwnedObjectPath| {
+                uuids.get(p.as_str()).cloned().unwrap_or_default()
+            };
             if json_out {
                 let v: Vec<_> = vms
                     .iter()
-                    .map(|(n, s, p)| json!({"name": n, "state": s, "path": p.as_str()}))
+                    .map(|(n, s, p)| {
+                        json!({"name": n, "state": s, "uuid": uuid_of(p), "path": p.as_str()})
+                    })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
-                println!("{:<32} {:<10}", "NAME", "STATE");
-                for (n, s, _) in vms {
-                    println!("{n:<32} {s:<10}");
+                println!("{:<32} {:<10} UUID", "NAME", "STATE");
+                for (n, s, p) in &vms {
+                    println!("{n:<32} {s:<10} {}", uuid_of(p));
                 }
             }
         }
@@ -309,6 +471,7 @@ async fn vm(
             let vm = proxy(name.clone()).await?;
             let state = vm.state().await?;
             let reason = vm.state_reason().await?;
+            let uuid = vm.uuid().await?;
             let spec: serde_json::Value = serde_json::from_str(&vm.spec().await?)?;
             // The VMM's view exists only while it runs.
             let vmm: serde_json::Value = match vm.info().await {
@@ -317,7 +480,7 @@ async fn vm(
                     json!({ "unavailable": client::method_error(&e).map(|m| m.1).unwrap_or_else(|| e.to_string()) })
                 }
             };
-            let v = json!({"name": name, "state": state, "state_reason": reason, "spec": spec, "vmm": vmm});
+            let v = json!({"name": name, "uuid": uuid, "state": state, "state_reason": reason, "spec": spec, "vmm": vmm});
             if json_out {
                 println!("{v}");
             } else {
@@ -346,4 +509,29 @@ async fn vm(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("20G"), Ok(20 << 30));
+        assert_eq!(parse_size("20g"), Ok(20 << 30));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        for bad in ["", "G", "-1G", "1.5", "1e3", "12X", "1 G x", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(1023), "1023 B");
+        assert_eq!(human(1 << 20), "1.0 MiB");
+        assert_eq!(human(20 << 30), "20.0 GiB");
+        assert_eq!(human(3 << 39), "1.5 TiB");
+    }
 }

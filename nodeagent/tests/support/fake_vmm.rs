@@ -12,6 +12,9 @@
 //!   fake.no_api=1                      serve no API socket (like a VMM without the API)
 //!
 //! `--user UID:GID` switches user once the console and API socket are open, like thvc-vmm.
+//! `--firmware PATH` instead of `--kernel` (it needs `--transport pci`, as thvc-vmm's UEFI
+//! boot does) and `--platform uuid=UUID` are checked the way thvc-vmm checks them, so a
+//! command line the real VMM would refuse fails here too (exit 2).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -44,6 +47,9 @@ fn main() {
         }
         let takes_value = [
             "--kernel",
+            "--firmware",
+            "--transport",
+            "--platform",
             "--initrd",
             "--cmdline",
             "--cpus",
@@ -69,12 +75,44 @@ fn main() {
             }
         }
     }
-    let Some(kernel) = opts.get("--kernel") else {
-        usage("--kernel is required")
+    let kernel = match (opts.get("--kernel"), opts.get("--firmware")) {
+        (Some(k), None) => k.clone(),
+        (None, Some(f)) => {
+            if opts.get("--transport").map(String::as_str) != Some("pci") {
+                usage("--firmware needs --transport pci");
+            }
+            for o in ["--initrd", "--cmdline"] {
+                if opts.contains_key(o) {
+                    usage(&format!("{o} is for --kernel, not --firmware"));
+                }
+            }
+            if disks.is_empty() {
+                usage("--firmware boots from the first --disk; there is none");
+            }
+            f.clone()
+        }
+        _ => usage("exactly one of --kernel and --firmware is required"),
     };
-    if !std::path::Path::new(kernel).is_file() {
-        eprintln!("thvc-fake-vmm: kernel {kernel} not found");
+    if !std::path::Path::new(&kernel).is_file() {
+        eprintln!("thvc-fake-vmm: kernel or firmware {kernel} not found");
         std::process::exit(1);
+    }
+    if let Some(t) = opts.get("--transport") {
+        if t != "mmio" && t != "pci" {
+            usage(&format!("--transport {t}: mmio or pci"));
+        }
+    }
+    if let Some(p) = opts.get("--platform") {
+        let ok = p.strip_prefix("uuid=").is_some_and(|u| {
+            u.len() == 36
+                && u.char_indices().all(|(i, c)| match i {
+                    8 | 13 | 18 | 23 => c == '-',
+                    _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+                })
+        });
+        if !ok {
+            usage(&format!("--platform {p}: expected uuid=<lower-case UUID>"));
+        }
     }
     for d in &disks {
         let path = d
