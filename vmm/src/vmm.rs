@@ -28,9 +28,7 @@ use crate::arch::x86_64::acpi::{self, AcpiPlatform, MmioDeviceInfo, PciHostBridg
 use crate::arch::x86_64::regs::BootEntry;
 use crate::arch::x86_64::{boot, cpuid, layout, pvh, regs, smbios};
 use crate::config::{Boot, Transport, VmConfig};
-use crate::devices::acpi_pm::{
-    AcpiPm, PmTimer, ACPI_PM_PORT, FIRMWARE_SHUTDOWN_PORT, PM_TIMER_LEN, PM_TIMER_PORT,
-};
+use crate::devices::acpi_pm::{AcpiPm, PmTimer, ACPI_PM_PORT, PM_TIMER_LEN, PM_TIMER_PORT};
 use crate::devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_COUNT};
 use crate::devices::ged::{Ged, PowerButton, GED_MMIO_SIZE};
 use crate::devices::i8042::{I8042, I8042_DATA_PORT};
@@ -467,7 +465,6 @@ fn legacy_devices(
     exit: &VmExitRequest,
     registry: &DeviceRegistry,
     pci_root: Arc<PciRoot>,
-    boot: &Boot,
     mem_size: u64,
 ) -> Result<(Bus, Arc<Mutex<SerialDevice>>), VmmError> {
     let irq = irqfd(vm, COM1_IRQ)?;
@@ -481,8 +478,16 @@ fn legacy_devices(
         5,
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
     )?;
-    let pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone())));
-    bus.insert(ACPI_PM_PORT.into(), 1, pm.clone())?;
+    bus.insert(
+        ACPI_PM_PORT.into(),
+        1,
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+    )?;
+    bus.insert(
+        PM_TIMER_PORT.into(),
+        PM_TIMER_LEN.into(),
+        Arc::new(Mutex::new(PmTimer::default())),
+    )?;
     bus.insert(
         CMOS_PORT.into(),
         CMOS_PORT_COUNT.into(),
@@ -491,15 +496,7 @@ fn legacy_devices(
             mem_size,
         ))),
     )?;
-    if let Boot::Firmware(_) = boot {
-        // Only for the firmware: 0x3c0 is a VGA port to other software.
-        bus.insert(FIRMWARE_SHUTDOWN_PORT.into(), 1, pm)?;
-        bus.insert(
-            PM_TIMER_PORT.into(),
-            PM_TIMER_LEN.into(),
-            Arc::new(Mutex::new(PmTimer::default())),
-        )?;
-    }
+
     bus.insert(
         PCI_CONFIG_PORT.into(),
         PCI_CONFIG_PORT_COUNT.into(),
@@ -691,15 +688,8 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     if let Some(bridge) = &pci {
         pci_buses(&mut mmio_bus, &pci_root, bridge)?;
     }
-    let (bus, serial) = legacy_devices(
-        &vm,
-        resources.serial,
-        &exit,
-        &registry,
-        pci_root,
-        &config.boot,
-        mem_size,
-    )?;
+    let (bus, serial) =
+        legacy_devices(&vm, resources.serial, &exit, &registry, pci_root, mem_size)?;
     let platform = AcpiPlatform {
         vcpus: config.vcpus,
         virtio_mmio,

@@ -7,6 +7,11 @@
 //! The firmware path itself is also checked with a small disk (integration/guest/uefi/build:
 //! systemd-boot, the test kernel and busybox initramfs on an ESP) that boots in seconds.
 //! Run in the test VM, like guest_stock.rs.
+//!
+//! One vCPU: with two, the firmware's multiprocessor start-up (INIT-SIPI-SIPI broadcast from
+//! edk2's MpInitLib) makes the test VM's emulator abort ("tcg_handle_interrupt: assertion
+//! failed"), in QEMU 7.2 and 10.0, and QEMU q35 with Debian's OVMF in the test VM aborts the
+//! same way: a limit of nested KVM under TCG, not of the firmware path.
 
 mod common;
 
@@ -184,8 +189,6 @@ fn a_cloud_image_boots_through_uefi_and_cloud_init_configures_it() {
         &net_arg,
         "--platform",
         &platform,
-        "--cpus",
-        "2",
         "--memory",
         "1024",
     ]);
@@ -278,8 +281,6 @@ fn the_firmware_boots_the_disks_boot_loader_and_the_guest_powers_off() {
         &disk_arg,
         "--platform",
         &format!("uuid={UUID},serial={SERIAL}"),
-        "--cpus",
-        "2",
         "--memory",
         "512",
     ]);
@@ -322,7 +323,7 @@ fn shutdown_through_the_api_powers_off_a_firmware_booted_guest() {
     ]);
     guest.wait_for("THVC-ACPID=started");
     guest.wait_for("THVC-TICK=");
-    let info = api_call(&socket, "info");
+    let info = &api_call(&socket, "info")["result"];
     assert_eq!(
         info["firmware"],
         firmware.to_str().expect("utf-8"),

@@ -1,11 +1,11 @@
 //! The ACPI PM device of a hardware-reduced platform: one I/O port that is at once the FADT's
 //! sleep control register (the guest writes SLP_TYP|SLP_EN to power off) and its reset register.
 //!
-//! Firmware boot adds two things edk2's CloudHv platform expects at Cloud Hypervisor's fixed
-//! ports: a second sleep control port (`FIRMWARE_SHUTDOWN_PORT`, which the firmware's
-//! ResetSystem(Shutdown) writes; Linux booted through UEFI on a hardware-reduced platform
-//! powers off through that runtime service) and the ACPI PM timer (`PM_TIMER_PORT`), the
-//! firmware's clock for delays.
+//! Both sit where Cloud Hypervisor has them, the ports edk2's CloudHv firmware hard-codes
+//! (`OvmfPkg/Include/IndustryStandard/CloudHv.h`): the firmware's ResetSystem(Shutdown)
+//! writes SLP_TYP|SLP_EN to 0x600 (Linux booted through UEFI on a hardware-reduced platform
+//! powers off through that runtime service), and it times its delays with the ACPI PM timer
+//! at 0x608 (`PmTimer`).
 
 use std::time::Instant;
 
@@ -16,16 +16,17 @@ use crate::exit::ExitReason;
 pub const ACPI_PM_PORT: u16 = 0x600;
 /// The value the guest writes to the reset register.
 pub const RESET_VALUE: u8 = 1;
-/// Where edk2's CloudHv firmware writes SLP_TYP|SLP_EN to power off (CLOUDHV_ACPI_SHUTDOWN_IO_ADDRESS).
-pub const FIRMWARE_SHUTDOWN_PORT: u16 = 0x3c0;
 /// The ACPI PM timer edk2's CloudHv firmware reads (CLOUDHV_ACPI_TIMER_IO_ADDRESS).
-pub const PM_TIMER_PORT: u16 = 0xb008;
+pub const PM_TIMER_PORT: u16 = 0x608;
 /// The PM timer's length in ports: one 32-bit register.
 pub const PM_TIMER_LEN: u16 = 4;
 /// The PM timer runs at 3.579545 MHz.
 const PM_TIMER_HZ: u128 = 3_579_545;
-/// A 24-bit counter (the FADT's TMR_VAL_EXT clear), as the firmware's timer library assumes.
-const PM_TIMER_MASK: u32 = 0x00ff_ffff;
+/// A 32-bit counter (TMR_VAL_EXT), as in Cloud Hypervisor: edk2's delay loop computes the
+/// deadline in 32-bit arithmetic (`Ticks = now + delay`, wait until bit 23 of
+/// `Ticks - now` flips), which a counter wrapping at 24 bits breaks near the wrap (a delay
+/// then lasts until the counter is half a wrap, up to 2.3 s, further).
+const PM_TIMER_MASK: u32 = u32::MAX;
 /// SLP_TYP of \_S5_ (soft off) in the DSDT.
 pub const S5_SLEEP_TYPE: u8 = 5;
 const SLEEP_ENABLE: u8 = 1 << 5;
@@ -58,7 +59,7 @@ impl BusDevice for AcpiPm {
     }
 }
 
-/// The ACPI PM timer: a free-running 24-bit counter at 3.579545 MHz, read-only.
+/// The ACPI PM timer: a free-running 32-bit counter at 3.579545 MHz, read-only.
 pub struct PmTimer {
     start: Instant,
 }
