@@ -727,3 +727,124 @@ async fn guest_pause_resume_reboot_and_vmm_crash_through_the_agent() {
     call_then_wait_state(&node, &v, "Stop", v.stop(), "stopped").await;
     eprintln!("whole test {:?}", started.elapsed());
 }
+
+/// A tenant's cloud image through the agent, as a control plane drives it: the image is in
+/// the image store, `CreateDisk` clones it into the disk store, `CreateVm` with
+/// `"firmware": "uefi"`, a UUID and cloud-init metadata (host name, SSH key, a static
+/// address), `Start`. The firmware boots the image's own boot loader; cloud-init reads the
+/// agent's NoCloud seed: the host pings the address and logs in with the key, and the guest
+/// sees the VM's UUID in its SMBIOS tables. `Shutdown` powers it off (VMM status 0).
+/// One vCPU: see vmm/tests/guest_uefi.rs (the test VM's emulator and firmware MP start-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+async fn agent_boots_a_cloud_image_through_uefi_configured_by_cloud_init() {
+    const UUID: &str = "3f2a1b0c-9d8e-4f7a-8b6c-5d4e3f2a1b0c";
+    const HOSTNAME: &str = "tenant-vm";
+    let started = Instant::now();
+    let firmware = asset("THVC_FIRMWARE");
+    let node = GuestNode::start(
+        &["--firmware", firmware.to_str().expect("utf-8")],
+        &guest_init(IDLE),
+    )
+    .await;
+    let copy = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(asset("THVC_CLOUD_IMAGE"))
+        .arg(node.dirs.state().join("images/cloud.raw"))
+        .status()
+        .expect("cp runs");
+    assert!(
+        copy.success(),
+        "copying the cloud image into the image store"
+    );
+    let key = node.dirs.root.path().join("tenant-key");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen runs (openssh-client)");
+    assert!(keygen.success());
+    let public_key = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+
+    let conn = node.connect().await;
+    let m = manager(&conn).await;
+    let disk: serde_json::Value = serde_json::from_str(
+        &m.create_disk("tenant", r#"{"from_image": "cloud.raw"}"#)
+            .await
+            .expect("CreateDisk from the image"),
+    )
+    .expect("disk JSON");
+    eprintln!("CreateDisk: {disk}");
+    let spec = serde_json::json!({
+        "vcpus": 1,
+        "memory_mib": 1024,
+        "firmware": "uefi",
+        "uuid": UUID,
+        "disks": [{"path": "tenant"}],
+        "nics": [{"bridge": "br0"}],
+        "metadata": {
+            "hostname": HOSTNAME,
+            "ssh_authorized_keys": [public_key.trim()],
+            "network": [{"addresses": [format!("{GUEST_ADDRESS}/24")]}],
+        },
+    });
+    let v = vm(
+        &conn,
+        m.create_vm("tenant", &spec.to_string()).await.unwrap(),
+    )
+    .await;
+    assert_eq!(v.uuid().await.unwrap(), UUID);
+    v.start().await.expect("Start");
+
+    let (mut console, mut offset) = (String::new(), 0);
+    let done = wait_console_line(
+        &v,
+        &mut console,
+        &mut offset,
+        Duration::from_secs(600),
+        |l| (l.contains("Cloud-init v.") && l.contains("finished")).then_some(()),
+    )
+    .await;
+    check(&node, "tenant", done.is_some(), "cloud-init never finished");
+    eprintln!("cloud-init finished after {:?}", started.elapsed());
+    node.ping_guest();
+    let ssh = |command: &str| {
+        node.in_netns(&[
+            "ssh",
+            "-i",
+            key.to_str().expect("utf-8"),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+            &format!("debian@{GUEST_ADDRESS}"),
+            command,
+        ])
+    };
+    let (ok, out) = ssh("hostname; sudo cat /sys/class/dmi/id/product_uuid");
+    check(
+        &node,
+        "tenant",
+        ok,
+        &format!("ssh with the metadata's key: {out}"),
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [HOSTNAME, UUID],
+        "host name from the seed, UUID from SMBIOS"
+    );
+    let users: serde_json::Value =
+        serde_json::from_str(&m.list_disks().await.unwrap()).expect("ListDisks JSON");
+    assert!(users.to_string().contains("\"tenant\""), "{users}");
+
+    call_then_wait_state(&node, &v, "Shutdown", v.shutdown(), "stopped").await;
+    let exit = std::fs::read_to_string(node.dirs.run().join("vms/tenant/exit.json")).unwrap();
+    assert!(exit.contains("\"code\":0"), "{exit}");
+    eprintln!("whole test {:?}", started.elapsed());
+}
