@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{tempdir, Guest, Transport};
+use common::{tempdir, Guest, HostTap, Transport};
 
 const TAP: &str = "thvcstock0";
 const HOST_IP: &str = "10.99.0.1";
@@ -32,36 +32,6 @@ fn stock(file: &str) -> PathBuf {
     let path = PathBuf::from(dir).join(file);
     assert!(path.is_file(), "{} is missing", path.display());
     path
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The host's side of the guest's NIC, as a user makes it: a TAP with vnet headers and an
-/// address on the guest's subnet.
-struct HostTap;
-
-impl HostTap {
-    fn new() -> HostTap {
-        let _ = Command::new("ip").args(["link", "del", TAP]).output();
-        ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
-        ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
-        ip(&["link", "set", TAP, "up"]);
-        HostTap
-    }
-}
-
-impl Drop for HostTap {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", TAP]).output();
-    }
 }
 
 /// Accepts one connection and passes on what it sends (the guest's report over TCP).
@@ -128,7 +98,7 @@ fn stock_guest(transport: Transport) {
         .expect("cp runs");
     assert!(copy.success(), "copying the stock root image failed");
     let socket = dir.join("api.sock");
-    let _tap = HostTap::new();
+    let _tap = HostTap::new(TAP, &format!("{HOST_IP}/24"));
     let (port, tcp) = tcp_receiver();
     let kernel = stock("vmlinuz");
     let initrd = stock("initrd.img");

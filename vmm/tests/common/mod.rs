@@ -369,3 +369,34 @@ pub fn tempdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir
 }
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The host's side of a guest's NIC, as a user makes it: a TAP with vnet headers and an
+/// address on the guest's subnet; removed when dropped.
+pub struct HostTap(&'static str);
+
+impl HostTap {
+    /// The TAP `name` with `address` (CIDR notation).
+    pub fn new(name: &'static str, address: &str) -> HostTap {
+        let _ = Command::new("ip").args(["link", "del", name]).output();
+        ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"]);
+        ip(&["addr", "add", address, "dev", name]);
+        ip(&["link", "set", name, "up"]);
+        HostTap(name)
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", self.0]).output();
+    }
+}
