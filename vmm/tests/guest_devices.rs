@@ -193,23 +193,6 @@ fn hwrng_gives_the_guest_entropy() {
     assert_eq!(status.code(), Some(0));
 }
 
-/// One request on the VMM's API socket; the result of a successful answer.
-fn api_call(socket: &Path, request: &str) -> serde_json::Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("API socket");
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .expect("timeout");
-    stream
-        .write_all(format!("{{\"request\":\"{request}\"}}\n").as_bytes())
-        .expect("send");
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).expect("answer");
-    let answer: serde_json::Value = serde_json::from_str(&line).expect("JSON answer");
-    assert_eq!(answer["ok"], true, "{request}: {answer}");
-    answer["result"].clone()
-}
-
 /// The VM's exits of `kind` ("io", "mmio", ...) over all vCPUs, from an `info` answer.
 fn vcpu_exits(info: &serde_json::Value, kind: &str) -> u64 {
     let exits = info["vcpu_exits"].as_array().expect("vcpu_exits");

@@ -7,15 +7,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{tempdir, Guest, HostTap, Transport};
+use common::{api_call, tempdir, Guest, HostTap, Transport};
 
 const TAP: &str = "thvcstock0";
 const HOST_IP: &str = "10.99.0.1";
@@ -48,19 +47,6 @@ fn tcp_receiver() -> (u16, mpsc::Receiver<String>) {
         }
     });
     (port, rx)
-}
-
-fn api_call(socket: &std::path::Path, request: &str) -> serde_json::Value {
-    let mut stream = UnixStream::connect(socket).expect("connect to the API socket");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    stream
-        .write_all(format!("{{\"request\":\"{request}\"}}\n").as_bytes())
-        .expect("send");
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).expect("answer");
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"))
 }
 
 /// Lines of one kind of the guest's report (`THVC-STOCK-<kind> ...`), without the prefix.
@@ -178,8 +164,7 @@ fn stock_guest(transport: Transport) {
     );
 
     // The API's shutdown is a clean power-off through the guest's own systemd.
-    let answer = api_call(&socket, "shutdown");
-    assert_eq!(answer["ok"], true, "shutdown: {answer}");
+    api_call(&socket, "shutdown");
     let (status, console, stderr) = guest.finish();
     assert_eq!(
         status.code(),

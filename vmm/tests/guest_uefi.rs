@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{asset, tempdir, Guest, HostTap, BOOT_TIMEOUT};
+use common::{api_call, asset, tempdir, Guest, HostTap, BOOT_TIMEOUT};
 
 const TAP: &str = "thvcuefi0";
 const HOST_IP: &str = "10.99.2.1";
@@ -277,7 +277,7 @@ fn the_firmware_boots_the_disks_boot_loader_and_shutdown_powers_the_guest_off() 
     assert_eq!(dmi, format!("uuid={UUID} serial={SERIAL} product=thvc-vmm"));
     guest.wait_for("THVC-ACPID=started");
     guest.wait_for("THVC-TICK=");
-    let info = &api_call(&socket, "info")["result"];
+    let info = &api_call(&socket, "info");
     assert_eq!(
         info["firmware"],
         firmware.to_str().expect("utf-8"),
@@ -294,8 +294,7 @@ fn the_firmware_boots_the_disks_boot_loader_and_shutdown_powers_the_guest_off() 
         blk["counters"]["bytes_read"].as_u64().unwrap_or(0) > 8 << 20,
         "the firmware read the kernel and initrd from the disk: {blk}"
     );
-    let answer = api_call(&socket, "shutdown");
-    assert_eq!(answer["ok"], true, "shutdown: {answer}");
+    api_call(&socket, "shutdown");
     guest.wait_for_within("THVC-POWER-BUTTON", BOOT_TIMEOUT);
     let (status, console, stderr) = guest.finish();
     assert_eq!(
@@ -304,20 +303,6 @@ fn the_firmware_boots_the_disks_boot_loader_and_shutdown_powers_the_guest_off() 
         "exit status after shutdown; stderr:\n{stderr}\nconsole:\n{console}"
     );
     assert!(!console.contains("THVC-ERROR"), "{console}");
-}
-
-fn api_call(socket: &Path, request: &str) -> serde_json::Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    stream
-        .write_all(format!("{{\"request\":\"{request}\"}}\n").as_bytes())
-        .expect("send");
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).expect("answer");
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"))
 }
 
 /// A file that is not a PVH firmware (here: a flash image as QEMU's OVMF ships it, raw

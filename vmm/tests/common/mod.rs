@@ -400,3 +400,20 @@ impl Drop for HostTap {
         let _ = Command::new("ip").args(["link", "del", self.0]).output();
     }
 }
+
+/// One request on the VMM's API socket; the result of a successful answer.
+pub fn api_call(socket: &std::path::Path, request: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("API socket");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    stream
+        .write_all(format!("{{\"request\":\"{request}\"}}\n").as_bytes())
+        .expect("send");
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).expect("answer");
+    let answer: serde_json::Value = serde_json::from_str(&line).expect("JSON answer");
+    assert_eq!(answer["ok"], true, "{request}: {answer}");
+    answer["result"].clone()
+}
