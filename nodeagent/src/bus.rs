@@ -15,7 +15,7 @@ use zbus::{interface, Connection};
 use crate::auth;
 use crate::hostinfo;
 use crate::names::MANAGER_PATH;
-use crate::node::{Node, NodeError, Vm, VmProperty};
+use crate::node::{EventStream, Node, NodeError, NodeEvent, Vm, VmProperty};
 
 pub const BUS_NAME: &str = "de.thueringen.thvc.node1";
 pub const MANAGER_INTERFACE: &str = "de.thueringen.thvc.node1.Manager";
@@ -47,7 +47,8 @@ pub enum BusError {
     ChecksumMismatch(String),
     /// The same operation is already in progress.
     Busy(String),
-    /// A disk is used by a VM (DeleteDisk), or by a running one (ResizeDisk).
+    /// A disk or image is used by a VM (DeleteDisk, DeleteImage), or a disk by a running
+    /// one (ResizeDisk).
     InUse(String),
     /// The disk store has not enough free space for an import.
     NoSpace(String),
@@ -247,10 +248,23 @@ impl Manager {
     async fn list_images(&self) -> Result<Vec<(String, u64, String)>, BusError> {
         Ok(self
             .node
-            .list_images()?
+            .list_images()
+            .await?
             .into_iter()
             .map(|i| (i.name, i.size, i.sha256))
             .collect())
+    }
+
+    /// Deletes image `name` (as ListImages shows it) and its digest; refused (`InUse`)
+    /// while any VM's spec uses it.
+    async fn delete_image(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> Result<(), BusError> {
+        authorize(conn, Some(&header), &self.node, "DeleteImage").await?;
+        Ok(self.node.delete_image(&name).await?)
     }
 
     /// Makes disk `name` in the disk store from `options_json`: `{"size": BYTES}` (empty,
@@ -448,15 +462,39 @@ fn to_fdo(e: BusError) -> zbus::fdo::Error {
     }
 }
 
-/// Serves the manager and the object manager on `conn` (VM objects are added by the node).
+/// Serves the manager and the object manager on `conn`, and from then on the node's events
+/// (VM objects come and go, signals, PropertiesChanged): see [`crate::node::events`].
 pub async fn serve(conn: &Connection, node: Arc<Node>) -> zbus::Result<()> {
     let server = conn.object_server();
-    server.at(MANAGER_PATH, Manager::new(node)).await?;
+    server.at(MANAGER_PATH, Manager::new(node.clone())).await?;
     server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;
+    let events = node.subscribe();
+    tokio::spawn(pump_events(conn.clone(), Arc::downgrade(&node), events));
     Ok(())
 }
 
-pub async fn register_vm(conn: &Connection, node: Arc<Node>, vm: Arc<Vm>) -> zbus::Result<()> {
+/// Turns the node's events into D-Bus objects and signals, in order, until the node is gone.
+async fn pump_events(conn: Connection, node: std::sync::Weak<Node>, mut events: EventStream) {
+    while let Some((event, ack)) = events.next().await {
+        tracing::trace!(?event, "node event");
+        match event {
+            NodeEvent::VmAdded(vm) => {
+                let Some(node) = node.upgrade() else { break };
+                ack.done(
+                    register_vm(&conn, node, vm)
+                        .await
+                        .map_err(|e| format!("registering the D-Bus object: {e}")),
+                );
+            }
+            NodeEvent::VmAnnounced(vm) => emit_manager_signal(&conn, &vm, true).await,
+            NodeEvent::VmRemoved(vm) => unregister_vm(&conn, &vm).await,
+            NodeEvent::VmChanged(vm, props) => emit_vm_changed(&conn, &vm, &props).await,
+            NodeEvent::NetworkStateChanged => emit_network_state_changed(&conn).await,
+        }
+    }
+}
+
+async fn register_vm(conn: &Connection, node: Arc<Node>, vm: Arc<Vm>) -> zbus::Result<()> {
     let path = vm.path.clone();
     conn.object_server()
         .at(path.as_str(), VmObject { node, vm })
@@ -464,7 +502,7 @@ pub async fn register_vm(conn: &Connection, node: Arc<Node>, vm: Arc<Vm>) -> zbu
     Ok(())
 }
 
-pub async fn unregister_vm(conn: &Connection, vm: &Vm) {
+async fn unregister_vm(conn: &Connection, vm: &Vm) {
     if let Err(e) = conn
         .object_server()
         .remove::<VmObject, _>(vm.path.as_str())
@@ -473,10 +511,6 @@ pub async fn unregister_vm(conn: &Connection, vm: &Vm) {
         tracing::warn!(vm = %vm.name, "removing D-Bus object: {e}");
     }
     emit_manager_signal(conn, vm, false).await;
-}
-
-pub async fn emit_vm_new(conn: &Connection, vm: &Vm) {
-    emit_manager_signal(conn, vm, true).await;
 }
 
 async fn emit_manager_signal(conn: &Connection, vm: &Vm, added: bool) {
@@ -496,7 +530,7 @@ async fn emit_manager_signal(conn: &Connection, vm: &Vm, added: bool) {
 }
 
 /// PropertiesChanged for the given VM properties, with their new values.
-pub async fn emit_vm_changed(conn: &Connection, vm: &Vm, props: &[VmProperty]) {
+async fn emit_vm_changed(conn: &Connection, vm: &Vm, props: &[VmProperty]) {
     let state = vm.state().as_str().to_owned();
     let reason = vm.state_reason();
     let spec = vm.spec_json();
@@ -529,7 +563,7 @@ pub async fn emit_vm_changed(conn: &Connection, vm: &Vm, props: &[VmProperty]) {
     }
 }
 
-pub async fn emit_network_state_changed(conn: &Connection) {
+async fn emit_network_state_changed(conn: &Connection) {
     let result = async {
         let iface = conn
             .object_server()

@@ -50,6 +50,7 @@ pub trait Manager {
     fn get_network(&self) -> zbus::Result<String>;
     fn pull_image(&self, url: &str, sha256: &str) -> zbus::Result<String>;
     fn list_images(&self) -> zbus::Result<Vec<(String, u64, String)>>;
+    fn delete_image(&self, name: &str) -> zbus::Result<()>;
     fn create_disk(&self, name: &str, options_json: &str) -> zbus::Result<String>;
     fn resize_disk(&self, name: &str, size: u64) -> zbus::Result<()>;
     fn delete_disk(&self, name: &str) -> zbus::Result<()>;

@@ -1,10 +1,21 @@
 //! The image store: `PullImage` downloads over HTTP(S), verifies SHA-256 and publishes the
-//! file under its final name only once complete and durable; `ListImages` lists it.
+//! file under its final name only once complete and durable; `ListImages` lists it,
+//! `DeleteImage` removes one.
 //!
-//! Downloads go to `<images>/.partial/`, are hashed while streaming, fsynced, and renamed into
-//! place (RENAME_NOREPLACE, then the directory is fsynced), so the final name never holds a
-//! partial or unverified file, even if the agent dies mid-download. The verified digest is
-//! kept in `<images>/.meta/<name>.sha256` for `ListImages`.
+//! An image is named by its URL's path (without the host): `https://h/vmlinuz` is stored as
+//! `vmlinuz`, `https://h/a/vmlinuz` as `a/vmlinuz` and `https://h/b/vmlinuz` as `b/vmlinuz`, so
+//! two kernels of the same file name from different directories do not collide. The name
+//! is what specs use (`"kernel": "a/vmlinuz"`, relative to the store). Each path segment is a
+//! plain file name of safe characters, at most [`MAX_IMAGE_DEPTH`] of them.
+//!
+//! Downloads go to `<images>/.partial/`, are hashed while streaming and fsynced. The verified
+//! digest is then written to `<images>/.meta/<name>.sha256`, and only then the file is renamed
+//! into place (RENAME_NOREPLACE, then the directory is fsynced): the final name never holds
+//! a partial or unverified file, and a published image always has its digest, whenever the
+//! agent dies. A digest without its image (the agent died between the two) is removed at the
+//! next start, with the partial downloads and temporary files ([`clean_store`]).
+//!
+//! The file work runs on tokio's blocking threads, not on the threads that answer the bus.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +47,8 @@ pub enum ImageError {
     },
     #[error("{url} is larger than the limit of {MAX_IMAGE_BYTES} bytes")]
     TooLarge { url: String },
+    #[error("no image named {0:?} in the image store")]
+    NotFound(String),
     #[error(transparent)]
     Fs(#[from] FsError),
 }
@@ -70,7 +83,16 @@ pub fn valid_image_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
 }
 
-/// Name under which `url` is stored: its last path segment.
+/// Most path segments an image name may have.
+pub const MAX_IMAGE_DEPTH: usize = 8;
+
+/// An image name: one or more [`valid_image_name`] segments joined by `/`.
+pub fn valid_image_path(name: &str) -> bool {
+    let segments: Vec<&str> = name.split('/').collect();
+    segments.len() <= MAX_IMAGE_DEPTH && segments.iter().all(|s| valid_image_name(s))
+}
+
+/// Name under which `url` is stored: its path without the leading `/`.
 pub fn image_name_from_url(url: &reqwest::Url) -> Result<String, ImageError> {
     let bad = |reason: &str| ImageError::BadUrl {
         url: url.to_string(),
@@ -79,14 +101,12 @@ pub fn image_name_from_url(url: &reqwest::Url) -> Result<String, ImageError> {
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(bad("only http and https are supported"));
     }
-    let name = url
-        .path_segments()
-        .and_then(|mut s| s.next_back())
-        .unwrap_or("");
-    if !valid_image_name(name) {
-        return Err(bad(
-            "the last path segment must be a file name of letters, digits, '.', '_', '-', '+'",
-        ));
+    let name = url.path().trim_start_matches('/');
+    if !valid_image_path(name) {
+        return Err(bad(&format!(
+            "the path must be at most {MAX_IMAGE_DEPTH} segments, each a file name of letters, \
+             digits, '.', '_', '-', '+' (not starting with '.' or '-')"
+        )));
     }
     Ok(name.to_owned())
 }
@@ -99,9 +119,65 @@ fn partial_dir(images: &Path) -> PathBuf {
     images.join(".partial")
 }
 
-/// Removes downloads that an earlier agent left unfinished.
-pub fn clean_partials(images: &Path) {
+/// Removes what an earlier agent left unfinished: partial downloads, temporary files of
+/// interrupted atomic writes, digests whose image was never published. Blocking.
+pub fn clean_store(images: &Path) {
     let _ = std::fs::remove_dir_all(partial_dir(images));
+    let meta = images.join(".meta");
+    for file in walk(&meta) {
+        let Ok(rel) = file.strip_prefix(&meta) else {
+            continue;
+        };
+        let rel = rel.to_string_lossy();
+        let orphan = match rel.strip_suffix(".sha256") {
+            Some(name) => !images.join(name).is_file(),
+            None => true,
+        };
+        if orphan {
+            tracing::info!("removing leftover {}", file.display());
+            let _ = std::fs::remove_file(&file);
+        }
+    }
+    for file in walk(images) {
+        let hidden_tmp = file
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .is_some_and(|n| n.starts_with('.') && n.contains(".tmp."));
+        if hidden_tmp {
+            tracing::info!("removing leftover {}", file.display());
+            let _ = std::fs::remove_file(&file);
+        }
+    }
+}
+
+/// Regular files below `dir`, recursively (symlinks are not followed).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => todo.push(entry.path()),
+                Ok(t) if t.is_file() => out.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ImageError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ImageError::Download {
+            url: String::new(),
+            reason: format!("file task failed: {e}"),
+        })?
 }
 
 /// SHA-256 of a file on disk.
@@ -139,37 +215,96 @@ pub async fn pull(
     })?;
     let name = image_name_from_url(&parsed)?;
     let final_path = images.join(&name);
-    if final_path.exists() {
-        let existing = file_sha256(&final_path).await?;
-        if existing == expected {
-            return Ok(final_path);
-        }
-        return Err(ImageError::Conflict { name, existing });
+    let exists = {
+        let p = final_path.clone();
+        blocking(move || Ok(p.exists())).await?
+    };
+    if exists {
+        return verify_existing(images, &name, &expected).await;
     }
     let partial = partial_dir(images);
-    fsutil::create_dir_all(&partial, 0o700)?;
-    let tmp = fsutil::temp_sibling(&partial.join(&name))?;
-    let result = download_to(client, url, &parsed, &tmp, &expected).await;
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
+    let tmp = {
+        let (partial, name) = (partial.clone(), name.replace('/', "_"));
+        blocking(move || {
+            fsutil::create_dir_all(&partial, 0o700)?;
+            Ok(fsutil::temp_sibling(&partial.join(name))?)
+        })
+        .await?
+    };
+    if let Err(e) = download_to(client, url, &parsed, &tmp, &expected).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
         return Err(e);
     }
-    // Publish: never replace an existing file (a file placed by hand meanwhile wins).
-    if let Err(e) = fsutil::rename_noreplace(&tmp, &final_path) {
-        let _ = std::fs::remove_file(&tmp);
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            let existing = file_sha256(&final_path).await?;
-            if existing == expected {
-                return Ok(final_path);
-            }
-            return Err(ImageError::Conflict { name, existing });
+    let published = {
+        let (images, name, tmp, expected) = (
+            images.to_owned(),
+            name.clone(),
+            tmp.clone(),
+            expected.clone(),
+        );
+        blocking(move || publish(&images, &name, &tmp, &expected)).await
+    };
+    match published {
+        Ok(Published::New) => Ok(final_path),
+        Ok(Published::Existed) => verify_existing(images, &name, &expected).await,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(e)
         }
-        return Err(FsError::io("rename into place", &final_path, e).into());
     }
-    fsutil::fsync_dir(images)?;
-    let meta = meta_file(images, &name);
+}
+
+enum Published {
+    New,
+    /// A file of that name appeared meanwhile (placed by hand): it was left alone.
+    Existed,
+}
+
+/// The digest first, then the file under its name: a published image always has its
+/// digest. Blocking.
+fn publish(images: &Path, name: &str, tmp: &Path, expected: &str) -> Result<Published, ImageError> {
+    let final_path = images.join(name);
+    let parent = final_path.parent().unwrap_or(images).to_owned();
+    fsutil::create_dir_all(&parent, 0o755)?;
+    let meta = meta_file(images, name);
     fsutil::create_dir_all(meta.parent().unwrap_or(images), 0o755)?;
     fsutil::write_atomic(&meta, format!("{expected}\n").as_bytes(), 0o644)?;
+    // Publish: never replace an existing file (a file placed by hand meanwhile wins).
+    if let Err(e) = fsutil::rename_noreplace(tmp, &final_path) {
+        let _ = std::fs::remove_file(tmp);
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            // That file's digest is not known to be ours.
+            let _ = fsutil::remove_durable(&meta);
+            return Ok(Published::Existed);
+        }
+        let _ = fsutil::remove_durable(&meta);
+        return Err(FsError::io("rename into place", &final_path, e).into());
+    }
+    fsutil::fsync_dir(&parent)?;
+    Ok(Published::New)
+}
+
+/// An image of the name exists: fine if it has the expected digest (a repeated pull).
+async fn verify_existing(images: &Path, name: &str, expected: &str) -> Result<PathBuf, ImageError> {
+    let final_path = images.join(name);
+    let existing = file_sha256(&final_path).await?;
+    if existing != expected {
+        return Err(ImageError::Conflict {
+            name: name.to_owned(),
+            existing,
+        });
+    }
+    // A pulled image keeps its digest record (restored if it went missing).
+    let meta = meta_file(images, name);
+    let record = format!("{expected}\n");
+    blocking(move || {
+        if std::fs::read_to_string(&meta).ok().as_deref() != Some(record.as_str()) {
+            fsutil::create_dir_all(meta.parent().unwrap_or(Path::new("/")), 0o755)?;
+            fsutil::write_atomic(&meta, record.as_bytes(), 0o644)?;
+        }
+        Ok(())
+    })
+    .await?;
     Ok(final_path)
 }
 
@@ -243,32 +378,72 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Lists the regular files in the store (hidden bookkeeping directories excluded).
+/// Lists the regular files in the store (hidden bookkeeping directories excluded), named by
+/// their path in the store. Blocking.
 pub fn list(images: &Path) -> Result<Vec<ImageInfo>, ImageError> {
+    if let Err(e) = std::fs::metadata(images) {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return Ok(Vec::new());
+        }
+        return Err(FsError::io("list", images, e).into());
+    }
     let mut out = Vec::new();
-    let entries = match std::fs::read_dir(images) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(FsError::io("list", images, e).into()),
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(images.join(&rel)) else {
             continue;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if file.starts_with('.') {
+                continue;
+            }
+            let rel = rel.join(&file);
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                todo.push(rel);
+                continue;
+            }
+            if !meta.is_file() {
+                continue;
+            }
+            let name = rel.to_string_lossy().into_owned();
+            let sha256 = std::fs::read_to_string(meta_file(images, &name))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default();
+            out.push(ImageInfo {
+                name,
+                size: meta.len(),
+                sha256,
+            });
         }
-        let Ok(meta) = entry.metadata() else { continue };
-        if !meta.is_file() {
-            continue;
-        }
-        let sha256 = std::fs::read_to_string(meta_file(images, &name))
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default();
-        out.push(ImageInfo {
-            name,
-            size: meta.len(),
-            sha256,
-        });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// Removes image `name` and its digest durably, and directories it leaves empty. Blocking;
+/// the caller checks that no VM uses it.
+pub fn delete(images: &Path, name: &str) -> Result<(), ImageError> {
+    let path = images.join(name);
+    match path.symlink_metadata() {
+        Ok(m) if m.is_file() || m.file_type().is_symlink() => {}
+        Ok(_) => return Err(ImageError::NotFound(name.to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ImageError::NotFound(name.to_owned()))
+        }
+        Err(e) => return Err(FsError::io("inspect", &path, e).into()),
+    }
+    fsutil::remove_durable(&path)?;
+    fsutil::remove_durable(&meta_file(images, name))?;
+    for root in [images.to_owned(), images.join(".meta")] {
+        let mut dir = root.join(name);
+        while dir.pop() && dir != root && dir.starts_with(&root) {
+            // Only empty directories go; the first non-empty one ends the walk.
+            if std::fs::remove_dir(&dir).is_err() {
+                break;
+            }
+        }
+    }
+    Ok(())
 }

@@ -270,7 +270,6 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
     bus::serve(&conn, node.clone())
         .await
         .context("serving the manager object")?;
-    node.attach_bus(conn.clone());
     // The host network first: VMs adopted or autostarted below need their bridges.
     match std::env::var_os("CREDENTIALS_DIRECTORY") {
         Some(dir) => node.apply_network_credential(Path::new(&dir)).await,

@@ -13,8 +13,9 @@ async fn fifty_concurrent_creates_from_separate_connections() {
     let bus = TestBus::start();
     let dirs = NodeDirs::new();
     let _agent = Agent::start(&bus, &dirs, &[]);
-    // 40 distinct names plus 10 that collide with one of them: exactly one call per name
-    // may win, the rest must get AlreadyExists.
+    // 40 distinct names plus 10 that collide with one of them with another spec: exactly
+    // one call per name may win, the rest must get AlreadyExists. (A collision with the
+    // same spec is a retry and succeeds: idempotent.rs.)
     let names: Vec<String> = (0..50)
         .map(|i| {
             if i < 40 {
@@ -25,14 +26,19 @@ async fn fifty_concurrent_creates_from_separate_connections() {
         })
         .collect();
     let mut tasks = Vec::new();
-    for name in names {
+    for (i, name) in names.into_iter().enumerate() {
+        let vm_spec = if i < 40 {
+            spec("")
+        } else {
+            spec(r#","cmdline":"other""#)
+        };
         let address = bus.address.clone();
         tasks.push(tokio::spawn(async move {
             let conn = client::connect(&BusTarget::Address(address))
                 .await
                 .expect("own connection");
             let m = manager(&conn).await;
-            let r = m.create_vm(&name, &spec("")).await;
+            let r = m.create_vm(&name, &vm_spec).await;
             (name, r.map_err(|e| error_name(&e)))
         }));
     }

@@ -279,3 +279,107 @@ async fn a_vmm_outliving_its_supervisor_is_still_reported_running_until_it_exits
     assert_eq!(v.state().await.unwrap(), "stopped");
     assert!(!vmm.is_alive());
 }
+
+/// The operator's Stop survives an agent SIGKILL in the middle of it: the intent is on disk
+/// before the Stop acts, so the next agent finishes the stop (VMM still there) or records it
+/// as stopped by the operator (VMM gone meanwhile), and neither VM is autostarted, then or
+/// on the agent restart after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_cut_short_by_agent_sigkill_is_remembered() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    // A VMM that ignores SIGTERM keeps the Stop waiting for the stop timeout.
+    let mut agent = Agent::start(&bus, &dirs, &["--stop-timeout", "60"]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let deaf = spec(r#","autostart":true,"cmdline":"console=ttyS0 fake.ignore_sigterm=1""#);
+    let mut paths = Vec::new();
+    for name in ["lives", "dies"] {
+        let path = m.create_vm(name, &deaf).await.unwrap();
+        vm(&conn, path.clone()).await.start().await.unwrap();
+        paths.push(path);
+    }
+    let lives_vmm = dirs.vmm_process("lives").unwrap();
+    let dies_vmm = dirs.vmm_process("dies").unwrap();
+    // Autostarted by the next agent: once it runs, autostart has had its chance.
+    m.create_vm("witness", &spec(r#","autostart":true"#))
+        .await
+        .unwrap();
+    for path in &paths {
+        let mut states = StateWatcher::new(&conn, path).await;
+        let address = bus.address.clone();
+        let path = path.clone();
+        tokio::spawn(async move {
+            let c = thvc_nodeagent::client::connect(&thvc_nodeagent::client::BusTarget::Address(
+                address,
+            ))
+            .await
+            .expect("own connection");
+            // Cut short by the agent's death: the result does not matter.
+            let _ = vm(&c, path).await.stop().await;
+        });
+        states.wait_for("stopping").await;
+    }
+    agent.kill9();
+    assert!(
+        lives_vmm.is_alive() && dies_vmm.is_alive(),
+        "SIGTERM was ignored"
+    );
+    // One VMM ends while no agent runs.
+    dies_vmm.signal(libc::SIGKILL).unwrap();
+    let d = dies_vmm;
+    eventually("VMM gone", || async move { !d.is_alive() }).await;
+
+    let mut agent2 = Agent::start(&bus, &dirs, &["--stop-timeout", "1"]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    wait_running(&conn, &m, "witness").await;
+    let dies = vm(&conn, m.get_vm("dies").await.unwrap()).await;
+    assert_eq!(
+        dies.state().await.unwrap(),
+        "stopped",
+        "not failed, not autostarted"
+    );
+    // The Stop of `lives` is finished: SIGTERM, then SIGKILL after the stop timeout.
+    let lives = vm(&conn, m.get_vm("lives").await.unwrap()).await;
+    let l = lives.clone();
+    eventually("the interrupted stop finished", || {
+        let l = l.clone();
+        async move { l.state().await.unwrap() == "stopped" }
+    })
+    .await;
+    assert!(!lives_vmm.is_alive());
+    assert!(dirs.vmm_process("lives").is_none_or(|p| !p.is_alive()));
+    assert!(dirs.vmm_process("dies").is_none_or(|p| !p.is_alive()));
+
+    // Remembered across the next restart too: no autostart of either.
+    m.create_vm("witness2", &spec(r#","autostart":true"#))
+        .await
+        .unwrap();
+    agent2.kill9();
+    let _agent3 = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    wait_running(&conn, &m, "witness2").await;
+    for name in ["lives", "dies"] {
+        let v = vm(&conn, m.get_vm(name).await.unwrap()).await;
+        assert_eq!(v.state().await.unwrap(), "stopped", "{name}");
+        assert!(
+            dirs.vmm_process(name).is_none_or(|p| !p.is_alive()),
+            "{name}"
+        );
+    }
+}
+
+async fn wait_running(
+    conn: &zbus::Connection,
+    m: &thvc_nodeagent::client::ManagerProxy<'static>,
+    name: &str,
+) {
+    let v = vm(conn, m.get_vm(name).await.unwrap()).await;
+    eventually("autostarted", || {
+        let v = v.clone();
+        async move { v.state().await.unwrap() == "running" }
+    })
+    .await;
+}

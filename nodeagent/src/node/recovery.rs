@@ -1,0 +1,187 @@
+//! Recovery after an agent (re)start: persisted VMs are loaded, running VMMs re-adopted,
+//! exits that happened meanwhile reported, autostart VMs started.
+
+use super::*;
+
+impl Node {
+    // ----- recovery ------------------------------------------------------------------------
+
+    /// Loads persisted VMs, re-adopts running VMMs, reports exits that happened while no
+    /// agent ran, and starts autostart VMs. Call after [`Node::subscribe`] (the transport serves
+    /// the loaded VMs' objects).
+    pub async fn recover(&self) -> Result<(), NodeError> {
+        let first_since_boot = !self.cfg.layout.boot_marker().exists();
+        let dir = self.cfg.layout.specs_dir();
+        let mut names_found = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io)?.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(name) = file.strip_suffix(".json") else {
+                continue;
+            };
+            if file.starts_with('.') {
+                continue;
+            }
+            if let Err(e) = names::validate_vm_name(name) {
+                tracing::error!("ignoring {}: {e}", entry.path().display());
+                continue;
+            }
+            let mut spec = match std::fs::read_to_string(entry.path())
+                .map_err(|e| e.to_string())
+                .and_then(|s| spec::parse(&s).map_err(|e| e.to_string()))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("VM {name}: cannot load {}: {e}", entry.path().display());
+                    continue;
+                }
+            };
+            if spec.uuid.is_none() {
+                // Defined before VMs had UUIDs: fix one now, for good.
+                if let Err(e) = self.give_uuid(name, &mut spec) {
+                    tracing::error!("VM {name}: {e}");
+                    continue;
+                }
+            }
+            names_found.push((name.to_owned(), spec));
+        }
+        names_found.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut loaded = Vec::new();
+        {
+            // No CreateVm of the same names meanwhile.
+            let _membership = self.membership.lock().await;
+            for (name, spec) in names_found {
+                let vm = Vm::new(&name, spec, VmState::Defined, String::new());
+                // In the table before its object is announced, as in `create`.
+                self.table().insert(name.clone(), vm.clone());
+                if let Err(e) = self.publish(NodeEvent::VmAdded(vm.clone())).await {
+                    tracing::error!(vm = %name, "serving the VM's object: {e}");
+                }
+                loaded.push(vm);
+            }
+        }
+        let mut to_autostart = Vec::new();
+        for vm in &loaded {
+            let terminal = self.read_terminal(&vm.name).await;
+            let pending = terminal.as_ref().and_then(|t| t.pending);
+            match self.runner.adopt(&vm.name).await {
+                Ok(Adoption::Running(exited)) => {
+                    let paused =
+                        vmm_api::call(&self.cfg.layout.api_socket(&vm.name), Request::Info)
+                            .await
+                            .ok()
+                            .and_then(|v| {
+                                v.get("state")
+                                    .and_then(|s| s.as_str())
+                                    .map(|s| s == "paused")
+                            })
+                            .unwrap_or(false);
+                    let generation = {
+                        let mut st = vm.lock();
+                        st.generation += 1;
+                        st.process = true;
+                        st.taps = (0..st.spec.nics.len())
+                            .map(|i| names::tap_name(&vm.name, i))
+                            .collect();
+                        st.generation
+                    };
+                    let state = if paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
+                    self.set_state(vm, state, "").await;
+                    tracing::info!(vm = %vm.name, "re-adopted running VMM");
+                    self.watch_exit(vm, generation, exited);
+                    if let Some(kind) = pending {
+                        // The previous agent died during a Stop or Shutdown: finish it.
+                        tracing::info!(vm = %vm.name, ?kind, "finishing the stop the previous agent began");
+                        if let Some(node) = self.arc() {
+                            let vm = vm.clone();
+                            tokio::spawn(async move {
+                                let graceful = kind == PendingStop::Shutdown;
+                                if let Err(e) = node.stop(&vm.name, graceful).await {
+                                    tracing::warn!(vm = %vm.name, "finishing the stop failed: {e}");
+                                }
+                            });
+                        }
+                    }
+                }
+                Ok(Adoption::Exited(_)) | Ok(Adoption::NotRunning) if pending.is_some() => {
+                    // Stopped as the operator asked; the agent died before recording it.
+                    tracing::info!(vm = %vm.name, "VMM gone after a Stop the previous agent began");
+                    self.end_run(vm, VmState::Stopped, "stopped", true).await;
+                }
+                Ok(Adoption::Exited(outcome)) if terminal.is_none() => {
+                    // It ended while no agent watched: handle it as if we had.
+                    tracing::info!(vm = %vm.name, ?outcome, "VMM ended while the agent was away");
+                    let generation = vm.lock().generation;
+                    self.handle_unattended_exit(vm, generation, outcome, true)
+                        .await;
+                }
+                Ok(Adoption::Exited(_)) | Ok(Adoption::NotRunning) => match terminal {
+                    Some(t) => {
+                        self.set_state(vm, t.state, t.reason).await;
+                        if vm.autostart() && !t.operator_stopped && t.state == VmState::Stopped {
+                            to_autostart.push(vm.clone());
+                        }
+                    }
+                    None => {
+                        if vm.autostart() {
+                            to_autostart.push(vm.clone());
+                        }
+                    }
+                },
+                Err(e) => {
+                    let reason = format!("cannot determine whether the VMM still runs: {e}");
+                    self.set_state(vm, VmState::Failed, reason).await;
+                }
+            }
+        }
+        if first_since_boot {
+            if let Err(e) = fsutil::write_atomic(&self.cfg.layout.boot_marker(), b"", 0o644) {
+                tracing::warn!("cannot write boot marker: {e}");
+            }
+        }
+        for vm in to_autostart {
+            tracing::info!(vm = %vm.name, "autostart");
+            let Some(node) = self.arc() else { break };
+            tokio::spawn(async move {
+                if let Err(e) = node.start(&vm.name).await {
+                    tracing::warn!(vm = %vm.name, "autostart failed: {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Gives a loaded spec without a UUID one and persists it, so the guest sees the same
+    /// UUID from now on.
+    pub(super) fn give_uuid(&self, name: &str, spec: &mut VmSpec) -> Result<(), NodeError> {
+        spec.fill_uuid().map_err(io)?;
+        let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
+        fsutil::write_atomic(&self.cfg.layout.spec_file(name), &data, 0o640).map_err(io)?;
+        tracing::info!(vm = %name, uuid = spec.uuid.as_deref().unwrap_or(""), "assigned a UUID");
+        Ok(())
+    }
+
+    /// Keeps console logs of running VMs bounded (see [`crate::console`]). Runs forever.
+    pub async fn console_trim_loop(&self) {
+        let mut tick = tokio::time::interval(CONSOLE_TRIM_INTERVAL);
+        loop {
+            tick.tick().await;
+            for vm in self.list() {
+                if !vm.lock().process {
+                    continue;
+                }
+                let path = self.cfg.layout.console_log(&vm.name);
+                let r = tokio::task::spawn_blocking(move || {
+                    console::trim(&path, console::KEEP_BYTES, console::TRIM_SLACK)
+                })
+                .await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(vm = %vm.name, "trimming console log: {e}");
+                }
+            }
+        }
+    }
+}
