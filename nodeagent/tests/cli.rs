@@ -102,6 +102,13 @@ async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
     let (ok, _, err) = thvcctl(&t, &["net", "plan", bad.to_str().unwrap()]);
     assert!(!ok && err.contains("Error.InvalidSpec"), "{err}");
 
+    // The image its spec names cannot go while the VM exists.
+    let (ok, _, err) = thvcctl(&t, &["image", "delete", "vmlinuz"]);
+    assert!(
+        !ok && err.contains("Error.InUse") && err.contains("web"),
+        "{err}"
+    );
+
     let (ok, _, err) = thvcctl(&t, &["vm", "shutdown", "web"]);
     assert!(ok, "{err}");
     let (ok, _, err) = thvcctl(&t, &["vm", "delete", "web"]);
@@ -112,6 +119,10 @@ async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
     assert!(ok, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["name"], "vmlinuz");
+    let (ok, _, err) = thvcctl(&t, &["image", "delete", "vmlinuz"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = thvcctl(&t, &["--json", "image", "list"]);
+    assert!(ok && !out.contains("vmlinuz"), "{out}");
 
     // No bus there: a clear error, not a panic.
     let (ok, _, err) = thvcctl(&["--bus", "unix:path=/nonexistent/bus"], &["status"]);

@@ -16,7 +16,8 @@ fn body(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 251) as u8).collect()
 }
 
-/// Serves /good.img and /other.img (the same bytes), /slow.img (half, then stalls),
+/// Serves /good.img and /other.img (the same bytes), /a/vmlinuz (the same) and /b/vmlinuz
+/// (half of them), /slow.img (half, then stalls),
 /// anything else 404. Returns the base URL and a receiver told when /slow.img stalled.
 fn http_server(content: Vec<u8>) -> (String, mpsc::Receiver<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -48,6 +49,20 @@ fn http_server(content: Vec<u8>) -> (String, mpsc::Receiver<()>) {
                             content.len()
                         );
                         let _ = w.write_all(&content);
+                    }
+                    // Two files of one name in two directories, with different contents.
+                    "/a/vmlinuz" | "/b/vmlinuz" => {
+                        let half = if path == "/a/vmlinuz" {
+                            &content[..]
+                        } else {
+                            &content[..content.len() / 2]
+                        };
+                        let _ = write!(
+                            w,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            half.len()
+                        );
+                        let _ = w.write_all(half);
                     }
                     "/slow.img" => {
                         let _ = write!(
@@ -377,4 +392,205 @@ async fn pull_over_https_verifies_the_server_certificate() {
         content.len() as u64,
         sha
     )));
+}
+
+/// Images are named by their URL path, so `.../a/vmlinuz` and `.../b/vmlinuz` do not collide;
+/// specs use those names; DeleteImage refuses while a VM uses an image and removes it with
+/// its digest otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_named_by_url_path_and_deleted_when_unused() {
+    let content = body(1 << 20);
+    let sha_a = hex::encode(Sha256::digest(&content));
+    let sha_b = hex::encode(Sha256::digest(&content[..content.len() / 2]));
+    let (base, _) = http_server(content.clone());
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let images = dirs.state().join("images");
+
+    let a = m
+        .pull_image(&format!("{base}/a/vmlinuz"), &sha_a)
+        .await
+        .unwrap();
+    let b = m
+        .pull_image(&format!("{base}/b/vmlinuz"), &sha_b)
+        .await
+        .unwrap();
+    assert_eq!(a, images.join("a/vmlinuz").display().to_string());
+    assert_eq!(b, images.join("b/vmlinuz").display().to_string());
+    assert_eq!(std::fs::read(&a).unwrap(), content);
+    assert_eq!(std::fs::read(&b).unwrap(), &content[..content.len() / 2]);
+    let listed = m.list_images().await.unwrap();
+    assert!(
+        listed.contains(&("a/vmlinuz".to_owned(), content.len() as u64, sha_a.clone()))
+            && listed.contains(&(
+                "b/vmlinuz".to_owned(),
+                (content.len() / 2) as u64,
+                sha_b.clone()
+            )),
+        "{listed:?}"
+    );
+    // A single-segment URL keeps its plain name, as before.
+    let good = m
+        .pull_image(&format!("{base}/good.img"), &sha_a)
+        .await
+        .unwrap();
+    assert_eq!(good, images.join("good.img").display().to_string());
+
+    // A VM names the image as ListImages shows it.
+    let kernel_a = r#"{"vcpus":1,"memory_mib":128,"kernel":"a/vmlinuz"}"#;
+    m.create_vm("uses-a", kernel_a)
+        .await
+        .expect("spec naming a/vmlinuz");
+    let e = m.delete_image("a/vmlinuz").await.unwrap_err();
+    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.InUse");
+    assert!(
+        error_message(&e).contains("uses-a"),
+        "{}",
+        error_message(&e)
+    );
+    assert!(
+        images.join("a/vmlinuz").is_file(),
+        "refused: nothing removed"
+    );
+
+    // Unused: removed with its digest and the directory it leaves empty.
+    m.delete_image("b/vmlinuz").await.expect("DeleteImage");
+    assert!(!images.join("b").exists());
+    assert!(!images.join(".meta/b/vmlinuz.sha256").exists());
+    assert!(!images.join(".meta/b").exists());
+    let names: Vec<String> = m
+        .list_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.0)
+        .collect();
+    // (vmlinuz is the test kernel every NodeDirs has.)
+    assert_eq!(names, ["a/vmlinuz", "good.img", "vmlinuz"]);
+    // Gone is NotFound; malformed names are refused before touching anything.
+    let e = m.delete_image("b/vmlinuz").await.unwrap_err();
+    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.NotFound");
+    for bad in [
+        "../specs/x.json",
+        "/etc/passwd",
+        "a/../good.img",
+        ".meta/a/vmlinuz.sha256",
+        "",
+    ] {
+        let e = m.delete_image(bad).await.unwrap_err();
+        assert_eq!(
+            error_name(&e),
+            "de.thueringen.thvc.node1.Error.InvalidArgument",
+            "{bad:?}"
+        );
+    }
+    assert!(images.join("good.img").is_file());
+    // Once the VM is gone, its image may go too.
+    m.delete_vm("uses-a").await.unwrap();
+    m.delete_image("a/vmlinuz")
+        .await
+        .expect("DeleteImage after DeleteVm");
+    assert!(!images.join("a").exists());
+}
+
+/// The digest is written before the image is published: when it cannot be written, the
+/// image is not published at all (never an image without its digest), and nothing is left
+/// behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_is_never_published_without_its_digest() {
+    let content = body(1 << 20);
+    let sha = hex::encode(Sha256::digest(&content));
+    let (base, _) = http_server(content.clone());
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let images = dirs.state().join("images");
+    // A directory where the digest file goes: writing the digest fails.
+    let blocker = images.join(".meta/good.img.sha256");
+    std::fs::create_dir_all(blocker.join("x")).unwrap();
+    let e = m
+        .pull_image(&format!("{base}/good.img"), &sha)
+        .await
+        .unwrap_err();
+    assert_eq!(error_name(&e), "de.thueringen.thvc.node1.Error.Io", "{e}");
+    assert!(
+        !images.join("good.img").exists(),
+        "published without its digest"
+    );
+    let partial: Vec<_> = std::fs::read_dir(images.join(".partial"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(partial.is_empty(), "{partial:?}");
+    // With the obstacle gone the same pull succeeds, digest and all.
+    std::fs::remove_dir_all(&blocker).unwrap();
+    m.pull_image(&format!("{base}/good.img"), &sha)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&blocker).unwrap().trim(),
+        sha.as_str()
+    );
+}
+
+/// Leftovers of an agent that died mid-write are removed from every store at the next
+/// start: temporary files of atomic writes (specs, the node's state, disks, run records,
+/// images), partial downloads, digests of images never published. Real files stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftover_temporary_files_are_removed_from_every_store_at_start() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let mut agent = Agent::start(&bus, &dirs, &[]);
+    {
+        let conn = connect(&bus).await;
+        let m = manager(&conn).await;
+        m.create_vm("keep", &spec("")).await.unwrap();
+        vm(&conn, m.get_vm("keep").await.unwrap())
+            .await
+            .stop()
+            .await
+            .unwrap();
+    }
+    agent.kill9();
+    let state = dirs.state();
+    let images = state.join("images");
+    let leftovers = [
+        state.join(".network.json.tmp.1.0"),
+        state.join("vms/.keep.json.tmp.1.1"),
+        state.join("disks/.root.img.tmp.1.2"),
+        images.join(".vmlinuz.tmp.1.3"),
+        images.join("sub/.kernel.tmp.1.4"),
+        images.join(".partial/.x.img.tmp.1.5"),
+        images.join(".meta/never-published.img.sha256"),
+        images.join(".meta/sub/.kernel.sha256.tmp.1.6"),
+        dirs.run().join(".booted.tmp.1.7"),
+        dirs.run().join("vms/keep/.status.json.tmp.1.8"),
+    ];
+    for f in &leftovers {
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, b"partial").unwrap();
+    }
+    let keep: Vec<std::path::PathBuf> = [
+        state.join("vms/keep.json"),
+        images.join("vmlinuz"),
+        dirs.run().join("vms/keep/status.json"),
+    ]
+    .into_iter()
+    .collect();
+    for f in &keep {
+        assert!(f.exists(), "{} exists before the restart", f.display());
+    }
+    let _agent2 = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    manager(&conn).await.list_vms().await.unwrap();
+    for f in &leftovers {
+        assert!(!f.exists(), "{} was not removed", f.display());
+    }
+    for f in &keep {
+        assert!(f.exists(), "{} was removed", f.display());
+    }
 }

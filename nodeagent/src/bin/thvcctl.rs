@@ -123,6 +123,10 @@ enum ImageAction {
         sha256: String,
     },
     List,
+    /// Delete an image (NAME as `image list` shows it); refused while a VM uses it.
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -286,6 +290,10 @@ async fn run(cli: Cli) -> Result<()> {
                         println!("{n:<40} {s:>14}  {}", if h.is_empty() { "-" } else { &h });
                     }
                 }
+                Ok(())
+            }
+            ImageAction::Delete { name } => {
+                manager.delete_image(&name).await?;
                 Ok(())
             }
         },
