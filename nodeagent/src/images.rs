@@ -92,6 +92,21 @@ pub fn valid_image_path(name: &str) -> bool {
     segments.len() <= MAX_IMAGE_DEPTH && segments.iter().all(|s| valid_image_name(s))
 }
 
+/// True if every directory on the way from the store to image `name` is a real directory,
+/// not a symlink (which could lead out of the store). Blocking (a few stats).
+pub fn inside_store(images: &Path, name: &str) -> bool {
+    let mut dir = images.to_owned();
+    let segments: Vec<&str> = name.split('/').collect();
+    for segment in &segments[..segments.len().saturating_sub(1)] {
+        dir.push(segment);
+        match dir.symlink_metadata() {
+            Ok(m) if m.is_dir() => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Name under which `url` is stored: its path without the leading `/`.
 pub fn image_name_from_url(url: &reqwest::Url) -> Result<String, ImageError> {
     let bad = |reason: &str| ImageError::BadUrl {
@@ -426,6 +441,9 @@ pub fn list(images: &Path) -> Result<Vec<ImageInfo>, ImageError> {
 /// the caller checks that no VM uses it.
 pub fn delete(images: &Path, name: &str) -> Result<(), ImageError> {
     let path = images.join(name);
+    if !inside_store(images, name) {
+        return Err(ImageError::NotFound(name.to_owned()));
+    }
     match path.symlink_metadata() {
         Ok(m) if m.is_file() || m.file_type().is_symlink() => {}
         Ok(_) => return Err(ImageError::NotFound(name.to_owned())),
@@ -446,4 +464,45 @@ pub fn delete(images: &Path, name: &str) -> Result<(), ImageError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_come_from_the_url_path() {
+        let name = |u: &str| image_name_from_url(&reqwest::Url::parse(u).unwrap());
+        assert_eq!(name("https://h/vmlinuz").unwrap(), "vmlinuz");
+        assert_eq!(name("https://h/a/vmlinuz").unwrap(), "a/vmlinuz");
+        assert_eq!(name("http://h:8080/x/y/z.img?q=1").unwrap(), "x/y/z.img");
+        for bad in [
+            "https://h/",
+            "https://h/a//b",
+            "https://h/a/",
+            "https://h/.hidden/x",
+            "https://h/a/..%2f..%2fx",
+            "https://h/1/2/3/4/5/6/7/8/9",
+            "ftp://h/x",
+        ] {
+            assert!(name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_symlinked_directory_is_not_inside_the_store() {
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("images");
+        std::fs::create_dir_all(store.join("real")).unwrap();
+        std::os::unix::fs::symlink("/etc", store.join("link")).unwrap();
+        assert!(inside_store(&store, "real/x"));
+        assert!(inside_store(&store, "x"));
+        assert!(!inside_store(&store, "link/passwd"));
+        assert!(!inside_store(&store, "missing/x"));
+        assert!(matches!(
+            delete(&store, "link/passwd"),
+            Err(ImageError::NotFound(_))
+        ));
+        assert!(std::path::Path::new("/etc/passwd").exists());
+    }
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::fsutil::{self, FsError};
-use crate::images::{valid_image_name, valid_image_path};
+use crate::images::{inside_store, valid_image_name, valid_image_path};
 use qemu_img::{Format, QemuImgError};
 
 /// Largest disk accepted (ext4's file size limit with 4 KiB blocks).
@@ -270,7 +270,7 @@ async fn from_image(
     image: &str,
     size: Option<u64>,
 ) -> Result<(Format, Method), DiskError> {
-    if !valid_image_path(image) {
+    if !valid_image_path(image) || !inside_store(&store.images, image) {
         return Err(DiskError::ImageNotFound(image.to_owned()));
     }
     let source = store.images.join(image);

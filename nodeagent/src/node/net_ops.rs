@@ -17,12 +17,10 @@ impl Node {
         let _g = self.net_lock.lock().await;
         match self.network.apply(document_json).await {
             Ok(plan) => {
-                fsutil::write_atomic(
-                    &self.cfg.layout.network_file(),
-                    document_json.as_bytes(),
-                    0o640,
-                )
-                .map_err(io)?;
+                let (file, data) = (self.cfg.layout.network_file(), document_json.to_owned());
+                blocking(move || fsutil::write_atomic(&file, data.as_bytes(), 0o640))
+                    .await?
+                    .map_err(io)?;
                 self.set_network_state("configured").await;
                 Ok(plan)
             }
@@ -41,7 +39,11 @@ impl Node {
     /// [`Node::recover`], which starts VMs that need the bridges.
     pub async fn apply_network_credential(&self, credentials_dir: &Path) {
         let path = credentials_dir.join(NETWORK_CREDENTIAL);
-        let document = match std::fs::read_to_string(&path) {
+        let read = {
+            let path = path.clone();
+            blocking(move || std::fs::read_to_string(path)).await
+        };
+        let document = match read.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::info!(

@@ -10,40 +10,14 @@ impl Node {
     /// agent ran, and starts autostart VMs. Call after [`Node::subscribe`] (the transport serves
     /// the loaded VMs' objects).
     pub async fn recover(&self) -> Result<(), NodeError> {
-        let first_since_boot = !self.cfg.layout.boot_marker().exists();
-        let dir = self.cfg.layout.specs_dir();
-        let mut names_found = Vec::new();
-        for entry in std::fs::read_dir(&dir).map_err(io)?.flatten() {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            let Some(name) = file.strip_suffix(".json") else {
-                continue;
-            };
-            if file.starts_with('.') {
-                continue;
-            }
-            if let Err(e) = names::validate_vm_name(name) {
-                tracing::error!("ignoring {}: {e}", entry.path().display());
-                continue;
-            }
-            let mut spec = match std::fs::read_to_string(entry.path())
-                .map_err(|e| e.to_string())
-                .and_then(|s| spec::parse(&s).map_err(|e| e.to_string()))
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!("VM {name}: cannot load {}: {e}", entry.path().display());
-                    continue;
-                }
-            };
-            if spec.uuid.is_none() {
-                // Defined before VMs had UUIDs: fix one now, for good.
-                if let Err(e) = self.give_uuid(name, &mut spec) {
-                    tracing::error!("VM {name}: {e}");
-                    continue;
-                }
-            }
-            names_found.push((name.to_owned(), spec));
-        }
+        // Blocking file work (a directory of specs, fsyncs for new UUIDs) off the runtime
+        // threads, like every other call's.
+        let layout = self.cfg.layout.clone();
+        let (first_since_boot, mut names_found) = blocking(move || {
+            let first_since_boot = !layout.boot_marker().exists();
+            load_specs(&layout).map(|found| (first_since_boot, found))
+        })
+        .await??;
         names_found.sort_by(|a, b| a.0.cmp(&b.0));
         let mut loaded = Vec::new();
         {
@@ -138,7 +112,8 @@ impl Node {
             }
         }
         if first_since_boot {
-            if let Err(e) = fsutil::write_atomic(&self.cfg.layout.boot_marker(), b"", 0o644) {
+            let marker = self.cfg.layout.boot_marker();
+            if let Ok(Err(e)) = blocking(move || fsutil::write_atomic(&marker, b"", 0o644)).await {
                 tracing::warn!("cannot write boot marker: {e}");
             }
         }
@@ -151,16 +126,6 @@ impl Node {
                 }
             });
         }
-        Ok(())
-    }
-
-    /// Gives a loaded spec without a UUID one and persists it, so the guest sees the same
-    /// UUID from now on.
-    pub(super) fn give_uuid(&self, name: &str, spec: &mut VmSpec) -> Result<(), NodeError> {
-        spec.fill_uuid().map_err(io)?;
-        let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
-        fsutil::write_atomic(&self.cfg.layout.spec_file(name), &data, 0o640).map_err(io)?;
-        tracing::info!(vm = %name, uuid = spec.uuid.as_deref().unwrap_or(""), "assigned a UUID");
         Ok(())
     }
 
@@ -184,4 +149,53 @@ impl Node {
             }
         }
     }
+}
+
+/// The persisted specs (`<state>/vms/NAME.json`); files that do not load are logged and
+/// skipped. Blocking.
+fn load_specs(layout: &Layout) -> Result<Vec<(String, VmSpec)>, NodeError> {
+    let dir = layout.specs_dir();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(io)?.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(name) = file.strip_suffix(".json") else {
+            continue;
+        };
+        if file.starts_with('.') {
+            continue;
+        }
+        if let Err(e) = names::validate_vm_name(name) {
+            tracing::error!("ignoring {}: {e}", entry.path().display());
+            continue;
+        }
+        let mut spec = match std::fs::read_to_string(entry.path())
+            .map_err(|e| e.to_string())
+            .and_then(|s| spec::parse(&s).map_err(|e| e.to_string()))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("VM {name}: cannot load {}: {e}", entry.path().display());
+                continue;
+            }
+        };
+        if spec.uuid.is_none() {
+            // Defined before VMs had UUIDs: fix one now, for good.
+            if let Err(e) = give_uuid(&layout.spec_file(name), name, &mut spec) {
+                tracing::error!("VM {name}: {e}");
+                continue;
+            }
+        }
+        found.push((name.to_owned(), spec));
+    }
+    Ok(found)
+}
+
+/// Gives a loaded spec without a UUID one and persists it, so the guest sees the same UUID
+/// from now on. Blocking.
+fn give_uuid(file: &Path, name: &str, spec: &mut VmSpec) -> Result<(), NodeError> {
+    spec.fill_uuid().map_err(io)?;
+    let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
+    fsutil::write_atomic(file, &data, 0o640).map_err(io)?;
+    tracing::info!(vm = %name, uuid = spec.uuid.as_deref().unwrap_or(""), "assigned a UUID");
+    Ok(())
 }

@@ -92,26 +92,38 @@ impl DirectRunner {
             reason,
         };
         let run_dir = self.layout.vm_run_dir(&spec.name);
-        fsutil::create_dir_all(&run_dir, 0o750).map_err(|e| err(e.to_string()))?;
-        for f in [
+        // The run directory's records of the last run go durably (fsyncs): on a blocking
+        // thread, not on the threads that answer the bus.
+        let stale = [
             layout::process_file(&run_dir),
             layout::vmm_process_file(&run_dir),
             layout::exit_file(&run_dir),
             self.layout.api_socket(&spec.name),
-        ] {
-            fsutil::remove_durable(&f).map_err(|e| err(e.to_string()))?;
-        }
-        let log_dir = self.layout.vm_log_dir(&spec.name);
-        fsutil::create_dir_all(&log_dir, 0o750).map_err(|e| err(e.to_string()))?;
-        let log_path = self.layout.vmm_log(&spec.name);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| err(format!("{}: {e}", log_path.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| err(format!("{}: {e}", log_path.display())))?;
+        ];
+        let (dir, log_dir, log_path) = (
+            run_dir.clone(),
+            self.layout.vm_log_dir(&spec.name),
+            self.layout.vmm_log(&spec.name),
+        );
+        let (log, log2) = tokio::task::spawn_blocking(move || {
+            fsutil::create_dir_all(&dir, 0o750).map_err(|e| e.to_string())?;
+            for f in stale {
+                fsutil::remove_durable(&f).map_err(|e| e.to_string())?;
+            }
+            fsutil::create_dir_all(&log_dir, 0o750).map_err(|e| e.to_string())?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| format!("{}: {e}", log_path.display()))?;
+            let log2 = log
+                .try_clone()
+                .map_err(|e| format!("{}: {e}", log_path.display()))?;
+            Ok::<_, String>((log, log2))
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .map_err(err)?;
         let mut cmd = std::process::Command::new(&self.agent_exe);
         cmd.arg("supervise-vm")
             .arg("--run-dir")
@@ -141,7 +153,10 @@ impl DirectRunner {
         // Record the supervisor here too: it also records itself, but only once it runs.
         if let Ok(id) = ProcessId::of(pid) {
             if let Ok(data) = serde_json::to_vec(&id) {
-                let _ = fsutil::write_atomic(&layout::process_file(&run_dir), &data, 0o644);
+                let file = layout::process_file(&run_dir);
+                let _ =
+                    tokio::task::spawn_blocking(move || fsutil::write_atomic(&file, &data, 0o644))
+                        .await;
             }
         }
         let layout = self.layout.clone();

@@ -201,18 +201,26 @@ impl VmRunner for SystemdRunner {
                 reason,
             };
             let run_dir = self.layout.vm_run_dir(&spec.name);
-            fsutil::create_dir_all(&run_dir, 0o750).map_err(|e| err(e.to_string()))?;
-            fsutil::create_dir_all(&self.layout.vm_log_dir(&spec.name), 0o750)
-                .map_err(|e| err(e.to_string()))?;
-            fsutil::remove_durable(&self.layout.api_socket(&spec.name))
-                .map_err(|e| err(e.to_string()))?;
             let argv = VmmArgv {
                 vmm: spec.vmm.display().to_string(),
                 args: spec.args.clone(),
             };
             let data = serde_json::to_vec(&argv).map_err(|e| err(e.to_string()))?;
-            fsutil::write_atomic(&layout::vmm_args_file(&run_dir), &data, 0o640)
-                .map_err(|e| err(e.to_string()))?;
+            // fsyncs: on a blocking thread, not on the threads that answer the bus.
+            let (dir, log_dir, socket) = (
+                run_dir.clone(),
+                self.layout.vm_log_dir(&spec.name),
+                self.layout.api_socket(&spec.name),
+            );
+            tokio::task::spawn_blocking(move || {
+                fsutil::create_dir_all(&dir, 0o750)?;
+                fsutil::create_dir_all(&log_dir, 0o750)?;
+                fsutil::remove_durable(&socket)?;
+                fsutil::write_atomic(&layout::vmm_args_file(&dir), &data, 0o640)
+            })
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(e.to_string()))?;
             let unit_name = names::vm_unit_name(&spec.name);
             let manager = self.manager().await?;
             // A previous failed run leaves the unit in "failed"; clear it (errors just mean
