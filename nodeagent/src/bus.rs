@@ -385,6 +385,7 @@ impl VmObject {
             .map_err(|e| to_fdo(e.into()))
     }
 
+    /// Starts the VM; returns once it runs. Of a running VM: succeeds, nothing done.
     async fn start(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -395,7 +396,7 @@ impl VmObject {
     }
 
     /// Presses the ACPI power button, waits for the guest to power off (up to the agent's
-    /// shutdown timeout), then stops the VMM.
+    /// shutdown timeout), then stops the VMM. Of a VM that is down: succeeds, nothing done.
     async fn shutdown(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -405,7 +406,8 @@ impl VmObject {
         Ok(self.node.stop(&self.vm.name, true).await?)
     }
 
-    /// Stops the VMM (SIGTERM, then SIGKILL after 10 s).
+    /// Stops the VMM (SIGTERM, then SIGKILL after 10 s); ends a Shutdown's wait for the
+    /// guest. Of a VM that is down: succeeds, nothing done.
     async fn stop(
         &self,
         #[zbus(header)] header: Header<'_>,
