@@ -387,19 +387,21 @@ impl Node {
             }
             return Ok(());
         }
-        let has_process = {
-            let mut st = vm.lock();
-            st.stop_requested = true;
-            st.process
-        };
         // The intent is durable before anything is done: an agent killed during the stop
         // finishes it when it comes back instead of restarting (or autostarting) the VM.
+        // (Before `stop_requested`: an exit noticed from then on records the real end,
+        // which this record must not overwrite.)
         let kind = if graceful {
             PendingStop::Shutdown
         } else {
             PendingStop::Stop
         };
         self.persist_pending_stop(&vm, kind).await;
+        let has_process = {
+            let mut st = vm.lock();
+            st.stop_requested = true;
+            st.process
+        };
         let result = self.stop_running(&vm, state, graceful, has_process).await;
         if result.is_err() && vm.lock().process {
             // Not stopped after all: a running VM has no terminal record.
@@ -418,15 +420,14 @@ impl Node {
         has_process: bool,
     ) -> Result<(), NodeError> {
         let name = vm.name.as_str();
-        let vm = vm.clone();
         if !has_process {
             // Between a reboot exit and its restart: nothing to stop.
-            self.end_run(&vm, VmState::Stopped, "stopped", true).await;
+            self.end_run(vm, VmState::Stopped, "stopped", true).await;
             return Ok(());
         }
         // Unless the VMM exited meanwhile: its end (stopped, as asked) must not be
         // overwritten.
-        self.transition(&vm, |st| st.process, VmState::Stopping, String::new())
+        self.transition(vm, |st| st.process, VmState::Stopping, String::new())
             .await;
         let socket = self.cfg.layout.api_socket(name);
         if graceful {
@@ -435,7 +436,7 @@ impl Node {
                 let _ = vmm_api::call(&socket, Request::Resume).await;
             }
             match vmm_api::call(&socket, Request::Shutdown).await {
-                Ok(_) => match self.wait_power_off(&vm).await {
+                Ok(_) => match self.wait_power_off(vm).await {
                     PowerOff::Done => return Ok(()),
                     PowerOff::TimedOut => {
                         tracing::warn!(vm = %name, timeout = ?self.cfg.shutdown_timeout, "guest did not power off in time; stopping the VMM");
@@ -450,12 +451,12 @@ impl Node {
             }
         }
         self.runner.terminate(name).await.map_err(io)?;
-        if self.wait_run_ended(&vm, self.cfg.stop_timeout).await {
+        if self.wait_run_ended(vm, self.cfg.stop_timeout).await {
             return Ok(());
         }
         tracing::warn!(vm = %name, "VMM ignored SIGTERM; killing it");
         self.runner.kill(name).await.map_err(io)?;
-        if self.wait_run_ended(&vm, self.cfg.stop_timeout).await {
+        if self.wait_run_ended(vm, self.cfg.stop_timeout).await {
             return Ok(());
         }
         Err(NodeError::Io(format!(
