@@ -414,11 +414,13 @@ pub fn list(images: &Path) -> Result<Vec<ImageInfo>, ImageError> {
                 continue;
             }
             let rel = rel.join(&file);
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
+            // Directories are walked only when real (a symlinked one could loop or lead
+            // out of the store); files may be symlinks, as before.
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 todo.push(rel);
                 continue;
             }
+            let Ok(meta) = entry.metadata() else { continue };
             if !meta.is_file() {
                 continue;
             }
@@ -504,5 +506,8 @@ mod tests {
             Err(ImageError::NotFound(_))
         ));
         assert!(std::path::Path::new("/etc/passwd").exists());
+        std::fs::write(store.join("real/x"), b"x").unwrap();
+        let names: Vec<String> = list(&store).unwrap().into_iter().map(|i| i.name).collect();
+        assert_eq!(names, ["real/x"], "the symlinked directory is not walked");
     }
 }
