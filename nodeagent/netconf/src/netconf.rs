@@ -134,6 +134,25 @@ impl Netconf {
             .map_err(NetconfError::State)
     }
 
+    /// Reads the ownership records on a blocking thread (not on the async runtime's threads,
+    /// which may be answering other calls meanwhile).
+    async fn load_state(&self) -> Result<Ownership, NetconfError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.load())
+            .await
+            .map_err(|e| NetconfError::Internal(format!("state read task: {e}")))?
+            .map_err(NetconfError::State)
+    }
+
+    /// Writes the ownership records (an fsync or two) on a blocking thread.
+    async fn save_state(&self, ownership: &Ownership) -> Result<(), NetconfError> {
+        let (store, ownership) = (self.store.clone(), ownership.clone());
+        tokio::task::spawn_blocking(move || store.save(&ownership))
+            .await
+            .map_err(|e| NetconfError::Internal(format!("state write task: {e}")))?
+            .map_err(NetconfError::State)
+    }
+
     async fn observe(&self) -> Result<ObservedState, NetconfError> {
         observe(&self.handle)
             .await
@@ -145,7 +164,7 @@ impl Netconf {
         doc.validate()?;
         let _busy = self.busy.lock().await;
         let _lock = self.lock_state().await?;
-        let mut ownership = self.store.load()?;
+        let mut ownership = self.load_state().await?;
         let observed = self.observe().await?;
         forget_stale_records(&mut ownership, &observed);
         Ok(compute_plan(doc, &observed, &ownership)?)
@@ -158,13 +177,13 @@ impl Netconf {
         doc.validate()?;
         let _busy = self.busy.lock().await;
         let _lock = self.lock_state().await?;
-        let mut ownership = self.store.load()?;
+        let mut ownership = self.load_state().await?;
         let observed = self.observe().await?;
         let forgot = forget_stale_records(&mut ownership, &observed);
         let plan = compute_plan(doc, &observed, &ownership)?;
         if plan.is_empty() {
             if forgot {
-                self.store.save(&ownership)?;
+                self.save_state(&ownership).await?;
             }
             info!("network already matches the document");
             return Ok(ApplyReport {
@@ -186,7 +205,7 @@ impl Netconf {
                 );
             }
         }
-        self.store.save(&ownership)?;
+        self.save_state(&ownership).await?;
         let known = observed.links.values().map(|l| (l.name.clone(), l.index));
         let mut executor = Executor::new(self.handle.clone(), known);
         let total = plan.steps.len();
@@ -227,7 +246,7 @@ impl Netconf {
                             }
                         }
                     }
-                    self.store.save(&ownership)?;
+                    self.save_state(&ownership).await?;
                     return Err(NetconfError::StepFailed {
                         number: i + 1,
                         total,
@@ -238,7 +257,7 @@ impl Netconf {
                 }
             }
         }
-        self.store.save(&ownership)?;
+        self.save_state(&ownership).await?;
         Ok(ApplyReport {
             changed: true,
             steps: done,
@@ -251,7 +270,7 @@ impl Netconf {
         let _busy = self.busy.lock().await;
         let ownership = {
             let _lock = self.lock_state().await?;
-            self.store.load()?
+            self.load_state().await?
         };
         let observed = self.observe().await?;
         Ok(document_from_state(&observed, &ownership))
@@ -283,7 +302,7 @@ impl Netconf {
         }
         let _busy = self.busy.lock().await;
         let _lock = self.lock_state().await?;
-        let mut ownership = self.store.load()?;
+        let mut ownership = self.load_state().await?;
         let observed = self.observe().await?;
         forget_stale_records(&mut ownership, &observed);
         if ownership.links.contains_key(&tap.name) {
@@ -347,11 +366,11 @@ impl Netconf {
             ifindex: existing.map(|l| l.index),
         };
         ownership.taps.insert(tap.name.clone(), record.clone());
-        self.store.save(&ownership)?;
+        self.save_state(&ownership).await?;
         if existing.is_none() {
             if let Err(e) = create_persistent_tap(&tap.name, tap.uid, tap.gid) {
                 ownership.taps.remove(&tap.name);
-                self.store.save(&ownership)?;
+                self.save_state(&ownership).await?;
                 return Err(e.into());
             }
         }
@@ -442,7 +461,7 @@ impl Netconf {
                     })?,
             );
         ownership.taps.insert(tap.name.clone(), record);
-        self.store.save(&ownership)?;
+        self.save_state(&ownership).await?;
         Ok(())
     }
 
@@ -451,7 +470,7 @@ impl Netconf {
     pub async fn delete_tap(&self, name: &str) -> Result<(), NetconfError> {
         let _busy = self.busy.lock().await;
         let _lock = self.lock_state().await?;
-        let mut ownership = self.store.load()?;
+        let mut ownership = self.load_state().await?;
         let observed = self.observe().await?;
         let link = observed.get(name);
         if !ownership.taps.contains_key(name) {
@@ -463,7 +482,7 @@ impl Netconf {
         if let Some(link) = link {
             if !ownership.owns_tap(link) {
                 ownership.taps.remove(name);
-                self.store.save(&ownership)?;
+                self.save_state(&ownership).await?;
                 return Err(TapError::NotOurs(name.to_string()).into());
             }
             let step = Step::DeleteLink {
@@ -484,7 +503,7 @@ impl Netconf {
                 })?;
         }
         ownership.taps.remove(name);
-        self.store.save(&ownership)?;
+        self.save_state(&ownership).await?;
         Ok(())
     }
 }
