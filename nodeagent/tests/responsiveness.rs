@@ -239,3 +239,96 @@ async fn stop_ends_a_graceful_shutdown_in_progress() {
     deaf.stop().await.expect("Stop of a stopped VM");
     assert_eq!(deaf.state().await.unwrap(), "stopped");
 }
+
+/// A Stop during a Shutdown that a DeleteVm waits for: the Stop ends the shutdown at once,
+/// the DeleteVm then deletes the stopped VM, and the Stop succeeds (the VM was stopped as
+/// asked, even if it is gone when the Stop gets its turn). Other VMs answer meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_a_shutdown_that_a_delete_waits_for() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(
+        &bus,
+        &dirs,
+        &["--shutdown-timeout", "120", "--stop-timeout", "2"],
+    );
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let path = m
+        .create_vm("deaf", &spec_cmdline("fake.ignore_shutdown=1"))
+        .await
+        .unwrap();
+    let deaf = vm(&conn, path.clone()).await;
+    deaf.start().await.unwrap();
+    m.create_vm("other", &spec("")).await.unwrap();
+    m.list_vms().await.unwrap();
+    let vmm = dirs.vmm_process("deaf").expect("VMM recorded");
+    let mut states = StateWatcher::new(&conn, &path).await;
+    let own_connection = |bus_address: String| async move {
+        thvc_nodeagent::client::connect(&thvc_nodeagent::client::BusTarget::Address(bus_address))
+            .await
+            .expect("own connection")
+    };
+    let shutdown = {
+        let c = own_connection(bus.address.clone()).await;
+        let path = path.clone();
+        tokio::spawn(async move {
+            vm(&c, path)
+                .await
+                .shutdown()
+                .await
+                .map_err(|e| error_name(&e))
+        })
+    };
+    states.wait_for("stopping").await;
+    let delete = {
+        let c = own_connection(bus.address.clone()).await;
+        tokio::spawn(async move {
+            manager(&c)
+                .await
+                .delete_vm("deaf")
+                .await
+                .map_err(|e| error_name(&e))
+        })
+    };
+    // Let the Shutdown press the button and the DeleteVm queue behind it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(vmm.is_alive(), "the guest ignores the power button");
+    assert!(!delete.is_finished(), "the DeleteVm waits for the shutdown");
+    let mut latencies = Vec::new();
+    timed("ListVms", &mut latencies, m.list_vms()).await;
+    timed("GetVm(other)", &mut latencies, m.get_vm("other")).await;
+    timed(
+        "CreateVm(new)",
+        &mut latencies,
+        m.create_vm("new", &spec("")),
+    )
+    .await;
+
+    let t = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), deaf.stop()).await;
+    let took = t.elapsed();
+    eprintln!(
+        "Stop during a Shutdown a DeleteVm waited for answered after {:.1} ms",
+        took.as_secs_f64() * 1000.0
+    );
+    r.expect("Stop does not wait for the Shutdown's timeout")
+        .expect("Stop succeeds: the VM was stopped (and then deleted)");
+    assert!(!vmm.is_alive());
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("the Shutdown ends")
+        .unwrap()
+        .expect("Shutdown");
+    tokio::time::timeout(Duration::from_secs(10), delete)
+        .await
+        .expect("the DeleteVm ends")
+        .unwrap()
+        .expect("DeleteVm of the stopped VM");
+    assert!(m.get_vm("deaf").await.is_err());
+    for (what, took) in &latencies {
+        eprintln!("  {what:<18} {:>8.1} ms", took.as_secs_f64() * 1000.0);
+    }
+    let slow: Vec<_> = latencies.iter().filter(|(_, t)| *t > PROMPT).collect();
+    assert!(slow.is_empty(), "{slow:?}");
+}

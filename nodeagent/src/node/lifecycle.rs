@@ -376,6 +376,11 @@ impl Node {
         // default): it ends that wait, and the Shutdown stops the VMM right away.
         let cut_short = !graceful && vm.cut_shutdown_short();
         let _ops = vm.ops.lock().await;
+        if cut_short && vm.ensure_exists().is_err() {
+            // The Shutdown it cut short stopped the VM, and a DeleteVm that waited for that
+            // shutdown deleted it before this Stop got its turn: stopped, as asked.
+            return Ok(());
+        }
         vm.ensure_exists()?;
         let state = vm.state();
         if state.is_down() {
