@@ -49,7 +49,8 @@ impl Default for LogLimit {
 }
 
 impl LogLimit {
-    pub fn new(burst: u32, interval: Duration) -> Self {
+    /// Const, so a module can keep a `static` one for lines not tied to one device.
+    pub const fn new(burst: u32, interval: Duration) -> Self {
         LogLimit {
             burst,
             interval,

@@ -229,7 +229,16 @@ pub fn with_active<D>(
     if f(device, &mut current) {
         *active = Some(current);
     } else {
-        tracing::debug!("virtio queue broken by the driver; device needs reset");
+        // A driver can break, reset and reactivate a queue in a loop.
+        static LOG: crate::devices::log_limit::LogLimit = crate::devices::log_limit::LogLimit::new(
+            crate::devices::log_limit::DEFAULT_BURST,
+            crate::devices::log_limit::DEFAULT_INTERVAL,
+        );
+        crate::guest_log!(
+            tracing::Level::DEBUG,
+            LOG,
+            "virtio queue broken by the driver; device needs reset"
+        );
         current.interrupt.signal_needs_reset();
     }
 }
