@@ -157,6 +157,58 @@ mod tests {
         assert_eq!(lines, 12 * 10);
     }
 
+    /// Everything a `tracing` subscriber at `max` writes while `f` runs, one line per event.
+    fn logged_lines(max: tracing::Level, f: impl FnOnce()) -> Vec<String> {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("sink").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(max)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = sink.0.lock().expect("sink").clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_macro_logs_a_burst_and_ignores_levels_that_are_off() {
+        // 1000 warnings at once (well within one 5 s interval): 10 lines.
+        let limit = LogLimit::default();
+        let lines = logged_lines(tracing::Level::WARN, || {
+            for i in 0..1000 {
+                crate::guest_log!(tracing::Level::WARN, limit, "bad request {i}");
+            }
+        });
+        assert_eq!(lines.len(), DEFAULT_BURST as usize, "{lines:?}");
+        assert!(lines[0].ends_with("bad request 0"), "{lines:?}");
+        // Debug lines while only warnings are on are not counted: the warning still shows.
+        let limit = LogLimit::new(1, Duration::from_secs(5));
+        let lines = logged_lines(tracing::Level::WARN, || {
+            for _ in 0..100 {
+                crate::guest_log!(tracing::Level::DEBUG, limit, "noise");
+            }
+            crate::guest_log!(tracing::Level::WARN, limit, "disk failed");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("disk failed"), "{lines:?}");
+    }
+
     #[test]
     fn a_clock_going_backwards_does_not_open_a_new_interval() {
         let limit = LogLimit::new(1, Duration::from_secs(5));
