@@ -6,6 +6,12 @@
 //! | 1      | an error (KVM, a device, a missing or corrupt kernel, ...)               |
 //! | 2      | invalid usage or configuration                                         |
 //! | 3      | the guest reset: reboot, or a panic with panic=N; restart it            |
+//! | 4      | the guest crashed its vCPU: an instruction KVM cannot emulate, an        |
+//! |        | exception it cannot deliver, an unknown hardware exit. The guest's fault, |
+//! |        | not the host's: restarting it may well crash it again                    |
+//!
+//! A triple fault stays a reset (3): it is how Linux reboots when nothing else works, and
+//! what a PC does.
 
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +21,7 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_ERROR: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_GUEST_RESET: i32 = 3;
+pub const EXIT_GUEST_FAULT: i32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitReason {
@@ -24,8 +31,12 @@ pub enum ExitReason {
     GuestReset,
     /// SIGTERM, SIGINT or the control API's `stop`.
     Stopped,
-    /// A vCPU failed in a way the guest cannot recover from.
+    /// A vCPU failed in a way the guest cannot recover from, through the host's fault (KVM,
+    /// the VMM).
     VcpuError,
+    /// The guest made its vCPU fail (emulation failure, undeliverable exception, unknown
+    /// exit).
+    GuestFault,
 }
 
 impl ExitReason {
@@ -34,6 +45,7 @@ impl ExitReason {
             ExitReason::GuestPowerOff | ExitReason::Stopped => EXIT_OK,
             ExitReason::GuestReset => EXIT_GUEST_RESET,
             ExitReason::VcpuError => EXIT_ERROR,
+            ExitReason::GuestFault => EXIT_GUEST_FAULT,
         }
     }
 }
@@ -92,5 +104,7 @@ mod tests {
         assert_eq!(ExitReason::Stopped.status(), 0);
         assert_eq!(ExitReason::GuestReset.status(), 3);
         assert_eq!(ExitReason::VcpuError.status(), 1);
+        assert_eq!(ExitReason::GuestFault.status(), 4);
+        assert_ne!(ExitReason::GuestFault.status(), EXIT_USAGE);
     }
 }

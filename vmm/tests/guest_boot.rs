@@ -87,6 +87,81 @@ fn guest_reboot_exits_with_status_3() {
     );
 }
 
+/// A minimal PVH "firmware" (an ELF64 with one loadable segment and the Xen PVH entry note)
+/// whose code jumps into the empty PCI window at 0xc800_0000: there is nothing to execute
+/// there, and KVM cannot emulate an instruction it cannot fetch.
+fn jump_into_mmio_blob() -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    const CODE_AT: usize = 0x1000;
+    const NOTE_AT: usize = 0x200;
+    // mov eax, 0xc8000000; jmp eax
+    let code = [0xb8, 0x00, 0x00, 0x00, 0xc8, 0xff, 0xe0];
+    let mut elf = vec![0u8; CODE_AT + code.len()];
+    let put = |elf: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+        elf[at..at + bytes.len()].copy_from_slice(bytes);
+    };
+    put(&mut elf, 0, b"\x7fELF\x02\x01\x01");
+    put(&mut elf, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut elf, 18, &62u16.to_le_bytes()); // EM_X86_64
+    put(&mut elf, 20, &1u32.to_le_bytes());
+    put(&mut elf, 24, &LOAD.to_le_bytes()); // e_entry
+    put(&mut elf, 32, &64u64.to_le_bytes()); // e_phoff
+    put(&mut elf, 52, &64u16.to_le_bytes()); // e_ehsize
+    put(&mut elf, 54, &56u16.to_le_bytes()); // e_phentsize
+    put(&mut elf, 56, &2u16.to_le_bytes()); // e_phnum
+    let phdr = |p_type: u32, flags: u32, offset: usize, addr: u64, size: usize| {
+        let mut h = Vec::with_capacity(56);
+        h.extend_from_slice(&p_type.to_le_bytes());
+        h.extend_from_slice(&flags.to_le_bytes());
+        h.extend_from_slice(&(offset as u64).to_le_bytes());
+        h.extend_from_slice(&addr.to_le_bytes()); // vaddr
+        h.extend_from_slice(&addr.to_le_bytes()); // paddr
+        h.extend_from_slice(&(size as u64).to_le_bytes()); // filesz
+        h.extend_from_slice(&(size as u64).to_le_bytes()); // memsz
+        h.extend_from_slice(&0x1000u64.to_le_bytes());
+        h
+    };
+    put(&mut elf, 64, &phdr(1, 5, CODE_AT, LOAD, code.len())); // PT_LOAD, r-x
+    put(&mut elf, 120, &phdr(4, 4, NOTE_AT, 0, 20)); // PT_NOTE
+                                                     // XEN_ELFNOTE_PHYS32_ENTRY (18), name "Xen", the 32-bit entry point.
+    let mut note = Vec::new();
+    for word in [4u32, 4, 18] {
+        note.extend_from_slice(&word.to_le_bytes());
+    }
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(LOAD as u32).to_le_bytes());
+    put(&mut elf, NOTE_AT, &note);
+    put(&mut elf, CODE_AT, &code);
+    elf
+}
+
+/// A guest that crashes its vCPU (an instruction fetch from MMIO, which KVM cannot emulate)
+/// ends the VMM with status 4, its own, not 1 (a host error) or 3 (a reset to restart).
+#[test]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+fn a_guest_kvm_cannot_emulate_exits_with_status_4() {
+    let dir = tempdir("guest-fault");
+    let blob = dir.join("jump-into-mmio.elf");
+    std::fs::write(&blob, jump_into_mmio_blob()).expect("write");
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("write");
+    let disk_arg = format!("path={}", disk.display());
+    let guest = Guest::start(&[
+        "--firmware",
+        blob.to_str().expect("utf-8"),
+        "--disk",
+        &disk_arg,
+    ]);
+    let (status, _, stderr) = guest.finish();
+    assert_eq!(status.code(), Some(4), "stderr: {stderr}");
+    assert!(
+        stderr.contains(
+            "the guest crashed its vCPU: KVM internal error 1 (instruction emulation failed)"
+        ),
+        "stderr: {stderr}"
+    );
+}
+
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn guest_panic_with_panic_1_exits_with_status_3() {

@@ -718,3 +718,82 @@ fn multiqueue_disk_and_nic_on_pci_use_every_queue() {
         assert!(count > 0, "{line}");
     }
 }
+
+/// A hostile guest floods its disk with requests whose data buffer lies outside guest RAM
+/// (integration/guest/init's blk_flood: 2560 of them, set up by hand through /dev/mem). Each
+/// fails with an I/O error status and counts as an error, and the VMM, even logging the block
+/// device at debug level, writes a bounded number of lines, not one per request.
+#[test]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+fn a_guest_flooding_bad_descriptors_gets_errors_and_cannot_flood_the_host_log() {
+    let dir = tempdir("blk-flood");
+    let socket = dir.join("vm.sock");
+    let _ = std::fs::remove_file(&socket);
+    let disk = dir.join("data.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
+    let disk_arg = format!("path={}", disk.display());
+    let started = std::time::Instant::now();
+    let cmdline = format!(
+        "{} iomem=relaxed memmap=64K$0x8000000 thvc.action=blk_flood",
+        Transport::Mmio.cmdline()
+    );
+    let mut guest = Guest::start_with(
+        &[
+            "--kernel",
+            kernel().to_str().expect("utf-8"),
+            "--initrd",
+            initramfs().to_str().expect("utf-8"),
+            "--cmdline",
+            &cmdline,
+            "--transport",
+            "mmio",
+            "--disk",
+            &disk_arg,
+            "--api-socket",
+            socket.to_str().expect("utf-8"),
+        ],
+        // Every bad request is worth a debug line: without the limit, thousands of them.
+        |cmd| {
+            cmd.env("RUST_LOG", "warn,thvc_vmm::devices::virtio::block=debug");
+        },
+    );
+    let done = guest.wait_for("THVC-FLOOD-DONE ");
+    assert_eq!(
+        done, "requests=2560 status=1",
+        "every request failed with IOERR"
+    );
+    let info = api_call(&socket, "info");
+    let blk = info["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["kind"] == "virtio-blk"))
+        .unwrap_or_else(|| panic!("no disk in {info}"));
+    let errors = blk["counters"]["errors"].as_u64().unwrap_or(0);
+    assert_eq!(errors, 2560, "the device saw every bad request: {blk}");
+    api_call(&socket, "stop");
+    let (status, console, stderr) = guest.finish();
+    let elapsed = started.elapsed().as_secs();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "console:\n{console}\nstderr:\n{stderr}"
+    );
+    let flood: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("bad virtio-blk request"))
+        .collect();
+    // 10 lines per 5 s window (devices::log_limit), over the whole run.
+    let bound = 10 * (elapsed / 5 + 2) as usize;
+    eprintln!(
+        "{} lines about 2560 bad requests in {elapsed} s (bound {bound})",
+        flood.len()
+    );
+    assert!(
+        !flood.is_empty() && flood.len() <= bound,
+        "{} lines about bad requests in {elapsed} s (bound {bound}); stderr:\n{stderr}",
+        flood.len()
+    );
+    assert!(
+        stderr.lines().count() <= bound + 20,
+        "the VMM's stderr stays short:\n{stderr}"
+    );
+}

@@ -123,6 +123,11 @@ pub fn describe_exit(outcome: &ExitOutcome) -> String {
             "the VMM exited with status 2 (invalid usage or configuration)".to_owned()
         }
         ExitOutcome::Exited(3) => "the guest rebooted (VMM exit status 3)".to_owned(),
+        ExitOutcome::Exited(4) => {
+            "the guest crashed its vCPU (VMM exit status 4: an instruction KVM cannot emulate \
+             or an unknown exit; the guest's fault, not the host's)"
+                .to_owned()
+        }
         ExitOutcome::Exited(c) => format!("the VMM exited with unexpected status {c}"),
         ExitOutcome::Signaled(s) => format!("the VMM was killed by signal {s}"),
         ExitOutcome::Unknown(r) => format!("the VMM ended with unknown status: {r}"),
@@ -133,4 +138,27 @@ pub fn describe_exit(outcome: &ExitOutcome) -> String {
 pub fn systemd_is_pid1() -> bool {
     // The same test sd_booted() makes.
     std::path::Path::new("/run/systemd/system").is_dir()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_vmm_exit_status_has_its_own_meaning() {
+        let said: Vec<String> = (0..=5)
+            .map(|c| describe_exit(&ExitOutcome::Exited(c)))
+            .collect();
+        assert!(
+            said[4].contains("guest crashed") && said[4].contains("status 4"),
+            "{}",
+            said[4]
+        );
+        assert!(said[1].contains("error"));
+        assert!(said[5].contains("unexpected status 5"));
+        let mut distinct = said.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), said.len(), "{said:?}");
+    }
 }

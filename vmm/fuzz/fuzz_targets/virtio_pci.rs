@@ -13,7 +13,8 @@
 //! operation is a driver's whole set-up of the device, another its reset.
 //!
 //! Whatever the guest did: nothing panics, both functions keep their identity, only the bits
-//! config space marks writable changed (command, BAR 0, MSI-X enable and mask), absent
+//! config space marks writable changed (command, BAR 0, MSI-X enable and mask, the PCI_CFG
+//! window's BAR, offset, length and data), absent
 //! functions read all ones, and once memory decoding is off no queue notification of the
 //! device is left in KVM.
 #![no_main]
@@ -250,9 +251,11 @@ impl Guest {
 }
 
 /// The bits of each dword the guest may change: the command register (I/O, memory, bus
-/// master, INTx disable), BAR 0 (a 64-bit BAR of `BAR_SIZE` bytes, when `bar0` is set) and
-/// the MSI-X enable and function-mask bits of the capability at `msix`, if any.
-fn writable(bar0: bool, msix: Option<usize>) -> [u32; 64] {
+/// master, INTx disable), BAR 0 (a 64-bit BAR of `BAR_SIZE` bytes, when `bar0` is set), the
+/// MSI-X enable and function-mask bits of the capability at `msix`, if any, and the
+/// VIRTIO_PCI_CAP_PCI_CFG window at `pci_cfg`, if any: its BAR byte, offset and length, and
+/// its data, which reads whatever the window shows of BAR 0.
+fn writable(bar0: bool, msix: Option<usize>, pci_cfg: Option<usize>) -> [u32; 64] {
     let mut mask = [0u32; 64];
     mask[COMMAND / 4] = 0x0407;
     if bar0 {
@@ -262,7 +265,31 @@ fn writable(bar0: bool, msix: Option<usize>) -> [u32; 64] {
     if let Some(at) = msix {
         mask[at / 4] = 0xc000_0000;
     }
+    if let Some(at) = pci_cfg {
+        mask[(at + 4) / 4] |= 0xff;
+        for field in [8, 12, 16] {
+            if let Some(m) = mask.get_mut((at + field) / 4) {
+                *m = u32::MAX;
+            }
+        }
+    }
     mask
+}
+
+/// Where the vendor capability of virtio `cfg_type` sits in a config space snapshot.
+fn find_virtio_capability(config: &[u32; 64], cfg_type: u8) -> Option<usize> {
+    let byte = |at: usize| (config[at / 4] >> (at % 4 * 8)) as u8;
+    let mut at = usize::from(byte(0x34));
+    for _ in 0..48 {
+        if at < 0x40 || at % 4 != 0 || at > 0xfc {
+            return None;
+        }
+        if byte(at) == 0x09 && byte(at + 3) == cfg_type {
+            return Some(at);
+        }
+        at = usize::from(byte(at + 1));
+    }
+    None
 }
 
 /// Where the capability with `id` sits in a config space snapshot.
@@ -377,10 +404,11 @@ fuzz_target!(|input: &[u8]| {
     let device = guest.read32(address(1, 0));
     assert_eq!(device, VIRTIO_RNG_ID, "virtio-rng IDs");
     let bridge_after = guest.snapshot(0);
-    let bridge_mask = writable(false, None);
+    let bridge_mask = writable(false, None, None);
     assert_only_writable_bits_changed("00:00.0", &bridge_before, &bridge_after, &bridge_mask);
     let device_after = guest.snapshot(1);
-    let device_mask = writable(true, msix);
+    // VIRTIO_PCI_CAP_PCI_CFG is cfg_type 5.
+    let device_mask = writable(true, msix, find_virtio_capability(&device_before, 5));
     assert_only_writable_bits_changed("00:01.0", &device_before, &device_after, &device_mask);
     for absent in [
         address(2, 0),

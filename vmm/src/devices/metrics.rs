@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use super::virtio::DeviceCounters;
+use super::virtio::{CounterKind, DeviceCounters};
 
 /// One monotonically increasing count.
 #[derive(Clone, Default, Debug)]
@@ -49,12 +49,26 @@ pub trait CounterSource: Send + Sync {
 impl CounterSource for DeviceCounters {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        vec![
-            ("requests", get(&self.requests)),
-            ("bytes_read", get(&self.bytes_read)),
-            ("bytes_written", get(&self.bytes_written)),
-            ("errors", get(&self.errors)),
-        ]
+        match self.kind {
+            CounterKind::Disk => vec![
+                ("requests", get(&self.requests)),
+                ("bytes_read", get(&self.bytes_read)),
+                ("bytes_written", get(&self.bytes_written)),
+                ("errors", get(&self.errors)),
+            ],
+            CounterKind::Net => vec![
+                ("rx_bytes", get(&self.rx_bytes)),
+                ("rx_packets", get(&self.rx_packets)),
+                ("tx_bytes", get(&self.tx_bytes)),
+                ("tx_packets", get(&self.tx_packets)),
+                ("errors", get(&self.errors)),
+            ],
+            CounterKind::Entropy => vec![
+                ("requests", get(&self.requests)),
+                ("bytes", get(&self.bytes_read)),
+                ("errors", get(&self.errors)),
+            ],
+        }
     }
 
     fn queues(&self) -> Vec<u64> {
@@ -247,16 +261,29 @@ mod tests {
     }
 
     #[test]
-    fn virtio_counters_are_reported_live() {
+    fn virtio_counters_are_reported_live_and_named_for_what_they_count() {
         let registry = DeviceRegistry::default();
-        let counters = Arc::new(DeviceCounters::default());
-        registry.register_source("virtio-rng0", "virtio-rng", counters.clone());
-        DeviceCounters::add(&counters.requests, 2);
-        DeviceCounters::add(&counters.bytes_written, 64);
+        let rng = Arc::new(DeviceCounters::with_queues(CounterKind::Entropy, 1));
+        registry.register_source("virtio-rng0", "virtio-rng", rng.clone());
+        let net = Arc::new(DeviceCounters::with_queues(CounterKind::Net, 2));
+        registry.register_source("net0", "virtio-net", net.clone());
+        DeviceCounters::add(&rng.requests, 2);
+        DeviceCounters::add(&rng.bytes_read, 64);
+        DeviceCounters::add(&net.rx_bytes, 1500);
+        DeviceCounters::add(&net.rx_packets, 1);
+        DeviceCounters::add(&net.tx_bytes, 60);
+        DeviceCounters::add(&net.tx_packets, 2);
         let snap = registry.snapshot();
         assert_eq!(snap[0].kind, "virtio-rng");
         assert_eq!(snap[0].counters["requests"], 2);
-        assert_eq!(snap[0].counters["bytes_written"], 64);
+        assert_eq!(snap[0].counters["bytes"], 64);
         assert_eq!(snap[0].counters["errors"], 0);
+        let names: Vec<&str> = snap[1].counters.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            ["errors", "rx_bytes", "rx_packets", "tx_bytes", "tx_packets"]
+        );
+        assert_eq!(snap[1].counters["rx_bytes"], 1500);
+        assert_eq!(snap[1].counters["tx_packets"], 2);
     }
 }

@@ -5,6 +5,7 @@ pub mod acpi_pm;
 pub mod cmos;
 pub mod ged;
 pub mod i8042;
+pub mod log_limit;
 pub mod metrics;
 pub mod pci;
 pub mod serial;

@@ -30,6 +30,17 @@ pub enum VcpuError {
 }
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+
+/// What a KVM_EXIT_INTERNAL_ERROR suberror means.
+fn internal_error_name(suberror: u32) -> &'static str {
+    match suberror {
+        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
+        kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+        kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+        kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "unexpected exit reason",
+        _ => "unknown suberror",
+    }
+}
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
@@ -159,6 +170,16 @@ impl Vcpu {
         runtime.control.thread_finished();
     }
 
+    /// The suberror and data of the KVM_EXIT_INTERNAL_ERROR that just happened.
+    fn internal_error(&mut self) -> (u32, Vec<u64>) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
+        // member KVM filled in; ndata is clamped to the array.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        (internal.suberror, internal.data[..n].to_vec())
+    }
+
     /// Runs the guest until its next exit and handles it; returns why the VM must end, if so.
     fn run_once(&mut self, stats: &VcpuStats) -> Option<ExitReason> {
         let id = self.id;
@@ -204,8 +225,21 @@ impl Vcpu {
                 return Some(ExitReason::VcpuError);
             }
             Ok(VcpuExit::InternalError) => {
-                tracing::error!("vCPU {id}: KVM internal error (emulation failure)");
-                return Some(ExitReason::VcpuError);
+                let (suberror, data) = self.internal_error();
+                tracing::error!(
+                    "vCPU {id}: the guest crashed its vCPU: KVM internal error {suberror} \
+                     ({}), data {data:x?}",
+                    internal_error_name(suberror)
+                );
+                return Some(ExitReason::GuestFault);
+            }
+            Ok(VcpuExit::Unknown) => {
+                tracing::error!("vCPU {id}: the guest crashed its vCPU: unknown hardware exit");
+                return Some(ExitReason::GuestFault);
+            }
+            Ok(VcpuExit::Exception) => {
+                tracing::error!("vCPU {id}: the guest crashed its vCPU: unhandled exception");
+                return Some(ExitReason::GuestFault);
             }
             Ok(other) => {
                 tracing::error!("vCPU {id}: unexpected exit {other:?}");

@@ -15,14 +15,18 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
-    serve_first_queue, Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    serve_first_queue, Activation, CounterKind, DeviceCounters, DeviceInfo, QueueHandler,
+    TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
 /// The most data segments one request may have: the queue size minus header and status.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// The most data one request may carry. Linux sends at most max_sectors_kb (a few MiB) and
+/// UEFI's driver at most 1 GiB per request; the bound keeps the used length (a u32, data plus
+/// status byte) from overflowing whatever a hostile driver puts in its descriptors.
+pub const MAX_REQUEST_BYTES: u64 = 1 << 30;
 pub const ID_BYTES: usize = 20;
 
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -80,6 +84,8 @@ pub enum RequestError {
     OutOfRange { sector: u64, bytes: u64 },
     #[error("too many data descriptors ({0})")]
     TooManySegments(usize),
+    #[error("{0} bytes of data, more than {MAX_REQUEST_BYTES}")]
+    TooLarge(u64),
     #[error("write to a read-only disk")]
     ReadOnly,
     #[error("unsupported request type {0}")]
@@ -157,6 +163,9 @@ pub fn parse_request(
     }
     let segments: Vec<(GuestAddress, u32)> = data.iter().map(|d| (d.addr(), d.len())).collect();
     let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+    if total > MAX_REQUEST_BYTES {
+        return Err(RequestError::TooLarge(total));
+    }
     let expect_direction =
         |writable: bool| match data.iter().position(|d| d.is_write_only() != writable) {
             Some(i) => Err(RequestError::WrongDirection(i)),
@@ -401,7 +410,10 @@ pub fn open(
         config_space: config_space(&disk, queues),
     };
     let file = Arc::new(file);
-    let counters = Arc::new(DeviceCounters::with_queues(usize::from(queues)));
+    let counters = Arc::new(DeviceCounters::with_queues(
+        CounterKind::Disk,
+        usize::from(queues),
+    ));
     let workers = (0..queues)
         .map(|_| BlockDevice {
             file: file.clone(),
@@ -458,34 +470,52 @@ impl BlockDevice {
 
     /// Executes a parsed request; returns its status and the bytes written to guest buffers.
     fn execute(&self, mem: &GuestMemoryMmap, req: &Request) -> (u8, u32) {
+        // The host's disk failing (or the guest provoking it over and over): logged, but
+        // rate-limited per device.
         let io_status = |r: io::Result<u64>| match r {
             Ok(_) => VIRTIO_BLK_S_OK,
             Err(e) => {
-                tracing::warn!("disk I/O failed: {e}");
+                crate::guest_log!(
+                    tracing::Level::WARN,
+                    self.counters.guest_log,
+                    "virtio-blk: disk I/O failed: {e}"
+                );
                 VIRTIO_BLK_S_IOERR
             }
         };
         let c = &self.counters;
         match req.kind {
-            RequestKind::Read { offset } => {
-                let r =
-                    iovecs(mem, &req.data).and_then(|v| transfer_all(&self.file, v, offset, false));
+            RequestKind::Read { offset } | RequestKind::Write { offset } => {
+                let write = matches!(req.kind, RequestKind::Write { .. });
+                // Buffers outside guest memory are the guest's error: an I/O error for this
+                // request, and at most a rate-limited debug line.
+                let iovs = match iovecs(mem, &req.data) {
+                    Ok(iovs) => iovs,
+                    Err(e) => {
+                        crate::guest_log!(
+                            tracing::Level::DEBUG,
+                            c.guest_log,
+                            "bad virtio-blk request: {e}"
+                        );
+                        return (VIRTIO_BLK_S_IOERR, 0);
+                    }
+                };
+                let r = transfer_all(&self.file, iovs, offset, write);
                 if let Ok(n) = r {
-                    DeviceCounters::add(&c.bytes_read, n);
+                    DeviceCounters::add(
+                        if write {
+                            &c.bytes_written
+                        } else {
+                            &c.bytes_read
+                        },
+                        n,
+                    );
                 }
-                let len = req.data.iter().map(|d| d.1).sum::<u32>();
                 match io_status(r) {
-                    VIRTIO_BLK_S_OK => (VIRTIO_BLK_S_OK, len),
+                    VIRTIO_BLK_S_OK if !write => (VIRTIO_BLK_S_OK, data_len(&req.data)),
+                    VIRTIO_BLK_S_OK => (VIRTIO_BLK_S_OK, 0),
                     s => (s, 0),
                 }
-            }
-            RequestKind::Write { offset } => {
-                let r =
-                    iovecs(mem, &req.data).and_then(|v| transfer_all(&self.file, v, offset, true));
-                if let Ok(n) = r {
-                    DeviceCounters::add(&c.bytes_written, n);
-                }
-                (io_status(r), 0)
             }
             RequestKind::Flush => (io_status(self.file.sync_data().map(|_| 0)), 0),
             RequestKind::GetId => {
@@ -546,7 +576,11 @@ impl BlockDevice {
                 (status, len, Some(req.status))
             }
             Err(e) => {
-                tracing::debug!("bad virtio-blk request: {e}");
+                crate::guest_log!(
+                    tracing::Level::DEBUG,
+                    self.counters.guest_log,
+                    "bad virtio-blk request: {e}"
+                );
                 let status = match e {
                     RequestError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP,
                     _ => VIRTIO_BLK_S_IOERR,
@@ -563,10 +597,17 @@ impl BlockDevice {
             DeviceCounters::add(&self.counters.errors, 1);
         }
         match status_addr {
-            Some(addr) if mem.write_obj(status, addr).is_ok() => len + 1,
+            Some(addr) if mem.write_obj(status, addr).is_ok() => len.saturating_add(1),
             _ => len,
         }
     }
+}
+
+/// The used length of a read: all its data buffers. Parsing bounds them by
+/// [`MAX_REQUEST_BYTES`]; past u32 (which cannot happen then) it saturates rather than wraps.
+fn data_len(data: &[(GuestAddress, u32)]) -> u32 {
+    let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
+    u32::try_from(total).unwrap_or(u32::MAX)
 }
 
 impl QueueHandler for BlockDevice {
@@ -874,6 +915,53 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             2
         );
+    }
+
+    #[test]
+    fn requests_over_the_size_cap_fail_and_used_lengths_never_wrap() {
+        let mem = memory();
+        header(&mem, DATA, VIRTIO_BLK_T_IN, 0);
+        let huge = DiskGeometry {
+            size_bytes: u64::MAX / 2,
+            ..DISK
+        };
+        // Three 512 MiB buffers: 1.5 GiB in one request (parsing never touches the data).
+        let chain = [
+            desc(DATA, 16, false),
+            desc(DATA + 0x1000, 1 << 29, true),
+            desc(DATA + 0x1000, 1 << 29, true),
+            desc(DATA + 0x1000, 1 << 29, true),
+            desc(DATA + 0x800, 1, true),
+        ];
+        assert_eq!(
+            parse_request(&mem, &chain, &huge),
+            Err(RequestError::TooLarge(3 << 29))
+        );
+        // Exactly the cap is still a request.
+        let at_cap = [chain[0], chain[1], chain[2], chain[4]];
+        assert!(parse_request(&mem, &at_cap, &huge).is_ok());
+        // What the device would report for buffers summing past u32: saturated, not wrapped.
+        let big = [(GuestAddress(DATA), u32::MAX); 3];
+        assert_eq!(data_len(&big), u32::MAX);
+        assert_eq!(data_len(&[(GuestAddress(DATA), 512); 2]), 1024);
+    }
+
+    #[test]
+    fn buffers_outside_guest_memory_fail_the_request_only() {
+        let path = temp_disk("outside", 1 << 20);
+        let mut h = Harness::new(&path, false);
+        let outside = MEM_SIZE as u64 + 0x10_0000;
+        for _ in 0..1000 {
+            let (status, len) = h.submit(VIRTIO_BLK_T_IN, 0, &[(outside, 512, true)]);
+            assert_eq!((status, len), (VIRTIO_BLK_S_IOERR, 1));
+            let (status, len) = h.submit(VIRTIO_BLK_T_OUT, 0, &[(outside, 512, false)]);
+            assert_eq!((status, len), (VIRTIO_BLK_S_IOERR, 1));
+        }
+        let c = h.dev.counters();
+        assert_eq!(c.errors.load(std::sync::atomic::Ordering::Relaxed), 2000);
+        // The device still works.
+        let (status, len) = h.submit(VIRTIO_BLK_T_IN, 0, &[(DATA + 0x1000, 512, true)]);
+        assert_eq!((status, len), (VIRTIO_BLK_S_OK, 513));
     }
 
     #[test]

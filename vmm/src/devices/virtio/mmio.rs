@@ -15,6 +15,13 @@ use super::transport::{set_high, set_low, StatusChange, VirtioCommon, WorkerGrou
 use super::*;
 use crate::devices::BusDevice;
 
+/// Lines about register accesses a driver got wrong (it can repeat them at will): rate-limited
+/// for all virtio-mmio devices together.
+static GUEST_LOG: crate::devices::log_limit::LogLimit = crate::devices::log_limit::LogLimit::new(
+    crate::devices::log_limit::DEFAULT_BURST,
+    crate::devices::log_limit::DEFAULT_INTERVAL,
+);
+
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x5448_5643; // "THVC"
@@ -188,7 +195,9 @@ impl MmioTransport {
             // Notifications arrive through ioeventfds; a write that reaches us here (no
             // ioeventfd match, e.g. an out-of-range queue index) is ignored.
             REG_QUEUE_NOTIFY => {}
-            _ => tracing::debug!(
+            _ => crate::guest_log!(
+                tracing::Level::DEBUG,
+                GUEST_LOG,
                 "{}: ignored write {value:#x} to register {offset:#x} in status {:#x}",
                 c.name(),
                 c.status
@@ -206,7 +215,12 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
-            tracing::debug!("{}: config space is read-only", self.common.name());
+            crate::guest_log!(
+                tracing::Level::DEBUG,
+                GUEST_LOG,
+                "{}: config space is read-only",
+                self.common.name()
+            );
             return;
         }
         // Registers are 32 bits wide and must be written as such.

@@ -229,7 +229,16 @@ pub fn with_active<D>(
     if f(device, &mut current) {
         *active = Some(current);
     } else {
-        tracing::debug!("virtio queue broken by the driver; device needs reset");
+        // A driver can break, reset and reactivate a queue in a loop.
+        static LOG: crate::devices::log_limit::LogLimit = crate::devices::log_limit::LogLimit::new(
+            crate::devices::log_limit::DEFAULT_BURST,
+            crate::devices::log_limit::DEFAULT_INTERVAL,
+        );
+        crate::guest_log!(
+            tracing::Level::DEBUG,
+            LOG,
+            "virtio queue broken by the driver; device needs reset"
+        );
         current.interrupt.signal_needs_reset();
     }
 }
@@ -305,21 +314,46 @@ pub fn type_name(device_type: u32) -> &'static str {
     }
 }
 
+/// Which counters a device keeps, so `info` names them for what they count.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum CounterKind {
+    /// requests, bytes_read and bytes_written (from and to the disk), errors.
+    #[default]
+    Disk,
+    /// rx_bytes, rx_packets (to the guest), tx_bytes, tx_packets (from it), errors.
+    Net,
+    /// requests and bytes (of entropy handed to the guest), errors.
+    Entropy,
+}
+
 /// Per-device counters, readable while the VM runs (by the API's `info`), shared by the
-/// device's workers: totals, and the buffers each queue used.
+/// device's workers: totals, and the buffers each queue used. The device's rate-limited log
+/// of guest errors lives here too, shared the same way.
 #[derive(Debug, Default)]
 pub struct DeviceCounters {
+    pub kind: CounterKind,
     pub requests: std::sync::atomic::AtomicU64,
+    /// Disk: bytes read from the image; entropy: bytes handed out.
     pub bytes_read: std::sync::atomic::AtomicU64,
+    /// Disk: bytes written to the image.
     pub bytes_written: std::sync::atomic::AtomicU64,
+    /// Net: frames (vnet header included) and their bytes, received by the guest.
+    pub rx_bytes: std::sync::atomic::AtomicU64,
+    pub rx_packets: std::sync::atomic::AtomicU64,
+    /// Net: frames (vnet header included) and their bytes, sent by the guest.
+    pub tx_bytes: std::sync::atomic::AtomicU64,
+    pub tx_packets: std::sync::atomic::AtomicU64,
     pub errors: std::sync::atomic::AtomicU64,
     /// Buffers used per queue (requests served, frames moved).
     pub queue_used: Box<[AtomicU64]>,
+    /// Warnings about what the guest did, rate-limited (see `devices::log_limit`).
+    pub guest_log: crate::devices::log_limit::LogLimit,
 }
 
 impl DeviceCounters {
-    pub fn with_queues(queues: usize) -> Self {
+    pub fn with_queues(kind: CounterKind, queues: usize) -> Self {
         DeviceCounters {
+            kind,
             queue_used: (0..queues).map(|_| AtomicU64::new(0)).collect(),
             ..Default::default()
         }

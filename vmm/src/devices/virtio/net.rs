@@ -13,9 +13,9 @@ use super::tap::{
     Tap, TapError, TapQueues, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN,
 };
 use super::{
-    pop_chain, serve_first_queue, serve_queue, with_active, Activation, DeviceCounters, DeviceInfo,
-    Popped, QueueGroup, QueueHandler, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    pop_chain, serve_first_queue, serve_queue, with_active, Activation, CounterKind,
+    DeviceCounters, DeviceInfo, Popped, QueueGroup, QueueHandler, TYPE_NET, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -24,7 +24,10 @@ const CTRL_QUEUE_SIZE: u16 = 64;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 /// Largest frame the guest may send: a 64 KiB TSO frame plus headers.
-const MAX_TX_FRAME: u64 = 65536 + 256 + VNET_HDR_LEN as u64;
+pub const MAX_TX_FRAME: u64 = 65536 + 256 + VNET_HDR_LEN as u64;
+/// The most buffers one readv/writev takes (the kernel's UIO_MAXIOV): a chain with more
+/// (indirect tables can hold thousands) is completed with an error, never retried forever.
+pub const MAX_IOVECS: usize = libc::UIO_MAXIOV as usize;
 
 const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
 const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
@@ -79,9 +82,35 @@ pub fn default_mac(tap: &str) -> MacAddr {
     [0x52, 0x54, 0x00, b[0], b[1], b[2]]
 }
 
+/// Where a queue pair's frames go and come from: a TAP queue, or in tests and fuzzing a
+/// datagram socket (it keeps frame boundaries the same way). One frame per readv/writev,
+/// vnet header included; the descriptor is non-blocking and watched for input.
+pub trait NetBackend: AsRawFd + Send {
+    fn name(&self) -> &str;
+    /// Which offloaded frames the backend may hand to the guest (TUN_F_*).
+    fn set_offload(&self, flags: u32) -> Result<(), TapError>;
+    fn readv(&self, iovs: &[libc::iovec]) -> std::io::Result<usize>;
+    fn writev(&self, iovs: &[libc::iovec]) -> std::io::Result<usize>;
+}
+
+impl NetBackend for Tap {
+    fn name(&self) -> &str {
+        Tap::name(self)
+    }
+    fn set_offload(&self, flags: u32) -> Result<(), TapError> {
+        Tap::set_offload(self, flags)
+    }
+    fn readv(&self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
+        Tap::readv(self, iovs)
+    }
+    fn writev(&self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
+        Tap::writev(self, iovs)
+    }
+}
+
 /// The worker half of one queue pair (receive, transmit) and its TAP queue.
 pub struct NetDevice {
-    tap: Tap,
+    tap: Box<dyn NetBackend>,
     counters: Arc<DeviceCounters>,
     active: Option<Activation>,
 }
@@ -153,16 +182,12 @@ fn new(taps: Vec<Tap>, mac: MacAddr) -> Nic {
         config_space.extend_from_slice(&(pairs as u16).to_le_bytes());
         queue_max_sizes.push(CTRL_QUEUE_SIZE);
     }
-    let counters = Arc::new(DeviceCounters::with_queues(queue_max_sizes.len()));
+    let counters = new_counters(queue_max_sizes.len());
     let mut groups: Vec<QueueGroup> = taps
         .into_iter()
         .enumerate()
         .map(|(k, tap)| QueueGroup {
-            handler: Box::new(NetDevice {
-                tap,
-                counters: counters.clone(),
-                active: None,
-            }),
+            handler: Box::new(NetDevice::with_backend(Box::new(tap), counters.clone())),
             queues: 2 * k..2 * k + 2,
         })
         .collect();
@@ -249,6 +274,11 @@ impl QueueHandler for NetControl {
     }
 }
 
+/// The counters of a NIC with `queues` queues.
+pub fn new_counters(queues: usize) -> Arc<DeviceCounters> {
+    Arc::new(DeviceCounters::with_queues(CounterKind::Net, queues))
+}
+
 /// The TAP offloads matching what the guest driver accepted.
 pub fn tap_offloads(acked: u64) -> u32 {
     let mut flags = 0;
@@ -301,6 +331,15 @@ pub fn chain_iovecs(
 }
 
 impl NetDevice {
+    /// One queue pair on `backend`, counting into `counters` (see [`new_counters`]).
+    pub fn with_backend(backend: Box<dyn NetBackend>, counters: Arc<DeviceCounters>) -> Self {
+        NetDevice {
+            tap: backend,
+            counters,
+            active: None,
+        }
+    }
+
     pub fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
     }
@@ -324,32 +363,59 @@ impl NetDevice {
             };
             let head = chain.head_index();
             let descriptors: Vec<Descriptor> = chain.collect();
-            let Some(iovs) = chain_iovecs(&mem, &descriptors, true, u64::MAX) else {
-                DeviceCounters::add(&self.counters.errors, 1);
-                if queue.add_used(&mem, head, 0).is_err() {
-                    return false;
-                }
-                used_any = true;
-                continue;
+            // A buffer the frame cannot go into is the guest's fault: it gets it back unused
+            // (length 0) and the queue moves on; retrying it would stall receiving for good.
+            let unusable = match chain_iovecs(&mem, &descriptors, true, u64::MAX) {
+                Some(iovs) if iovs.len() <= MAX_IOVECS => match self.tap.readv(&iovs) {
+                    Ok(n) => {
+                        DeviceCounters::add(&self.counters.rx_bytes, n as u64);
+                        DeviceCounters::add(&self.counters.rx_packets, 1);
+                        // A frame never exceeds the buffers it went into, which are in
+                        // guest memory: it fits a u32, but never trust that blindly.
+                        let used = u32::try_from(n).unwrap_or(u32::MAX);
+                        if queue.add_used(&mem, head, used).is_err() {
+                            return false;
+                        }
+                        self.counters.used(active.first_queue + RX_QUEUE, 1);
+                        used_any = true;
+                        continue;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                        format!("receive buffer not writable: {e}")
+                    }
+                    Err(e) => {
+                        // Nothing to read (EAGAIN) or a TAP error: give the buffer back.
+                        queue.go_to_previous_position();
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            DeviceCounters::add(&self.counters.errors, 1);
+                            crate::guest_log!(
+                                tracing::Level::WARN,
+                                self.counters.guest_log,
+                                "TAP {} read failed: {e}",
+                                self.tap.name()
+                            );
+                        }
+                        break;
+                    }
+                },
+                Some(iovs) => format!(
+                    "receive chain of {} buffers, more than {MAX_IOVECS}",
+                    iovs.len()
+                ),
+                None => "receive chain read-only, outside guest memory or too short".to_owned(),
             };
-            match self.tap.readv(&iovs) {
-                Ok(n) => {
-                    DeviceCounters::add(&self.counters.bytes_written, n as u64);
-                    if queue.add_used(&mem, head, n as u32).is_err() {
-                        return false;
-                    }
-                    self.counters.used(active.first_queue + RX_QUEUE, 1);
-                    used_any = true;
-                }
-                Err(e) => {
-                    // Nothing to read (EAGAIN) or a TAP error: give the buffer back.
-                    queue.go_to_previous_position();
-                    if e.kind() != std::io::ErrorKind::WouldBlock {
-                        tracing::debug!("TAP {} read failed: {e}", self.tap.name());
-                    }
-                    break;
-                }
+            DeviceCounters::add(&self.counters.errors, 1);
+            crate::guest_log!(
+                tracing::Level::DEBUG,
+                self.counters.guest_log,
+                "{}: {unusable}; buffer returned unused",
+                self.tap.name()
+            );
+            if queue.add_used(&mem, head, 0).is_err() {
+                return false;
             }
+            self.counters.used(active.first_queue + RX_QUEUE, 1);
+            used_any = true;
         }
         if used_any {
             match queue.needs_notification(&mem) {
@@ -374,16 +440,31 @@ impl NetDevice {
             &active.interrupt,
             counters,
             |descriptors| {
-                match chain_iovecs(&mem, descriptors, false, MAX_TX_FRAME) {
-                    Some(iovs) => match tap.writev(&iovs) {
-                        Ok(n) => DeviceCounters::add(&counters.bytes_read, n as u64),
-                        Err(e) => {
-                            DeviceCounters::add(&counters.errors, 1);
-                            tracing::debug!("TAP {} write failed: {e}", tap.name());
+                let failure = match chain_iovecs(&mem, descriptors, false, MAX_TX_FRAME) {
+                    Some(iovs) if iovs.len() <= MAX_IOVECS => match tap.writev(&iovs) {
+                        Ok(n) => {
+                            DeviceCounters::add(&counters.tx_bytes, n as u64);
+                            DeviceCounters::add(&counters.tx_packets, 1);
+                            return 0;
                         }
+                        Err(e) => format!("TAP write failed: {e}"),
                     },
-                    None => DeviceCounters::add(&counters.errors, 1),
-                }
+                    Some(iovs) => {
+                        format!("frame of {} buffers, more than {MAX_IOVECS}", iovs.len())
+                    }
+                    None => format!(
+                        "frame writable, outside guest memory, shorter than its header or over \
+                         {MAX_TX_FRAME} bytes"
+                    ),
+                };
+                // Dropped, as a NIC drops a frame it cannot send; the guest gets it back.
+                DeviceCounters::add(&counters.errors, 1);
+                crate::guest_log!(
+                    tracing::Level::DEBUG,
+                    counters.guest_log,
+                    "{}: {failure}; frame dropped",
+                    tap.name()
+                );
                 0
             },
         )
@@ -406,7 +487,12 @@ impl QueueHandler for NetDevice {
             .tap
             .set_offload(tap_offloads(activation.acked_features))
         {
-            tracing::warn!("{e}; continuing without offloads");
+            // The guest picks the offloads and can reset and activate the device in a loop.
+            crate::guest_log!(
+                tracing::Level::WARN,
+                self.counters.guest_log,
+                "{e}; continuing without offloads"
+            );
             let _ = self.tap.set_offload(0);
         }
         self.active = Some(activation);
@@ -519,6 +605,129 @@ mod chain_tests {
     }
 }
 
+/// The device on a datagram socket instead of a TAP (no root needed): hostile chains.
+#[cfg(test)]
+mod ring_tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use vm_memory::Bytes;
+
+    use super::*;
+    use crate::devices::virtio::testing::*;
+
+    const VRING_DESC_F_INDIRECT: u16 = 4;
+
+    struct Nic {
+        dev: NetDevice,
+        rx: TestRing,
+        tx: TestRing,
+        host: std::os::unix::net::UnixDatagram,
+        counters: Arc<DeviceCounters>,
+    }
+
+    fn nic() -> Nic {
+        let mem = memory();
+        let rx = TestRing::new(&mem, 256);
+        let tx = TestRing::at(&mem, 256, 0x8000);
+        let (backend, host) = DatagramBackend::pair();
+        let counters = new_counters(2);
+        let mut dev = NetDevice::with_backend(Box::new(backend), counters.clone());
+        let (activation, _irq) = rx.activation(vec![rx.queue(), tx.queue()], VIRTIO_F_VERSION_1);
+        dev.activate(activation);
+        Nic {
+            dev,
+            rx,
+            tx,
+            host,
+            counters,
+        }
+    }
+
+    #[test]
+    fn a_receive_chain_too_long_for_readv_is_returned_and_receiving_goes_on() {
+        let mut n = nic();
+        let mem = n.rx.mem.clone();
+        // Head 0: an indirect table of 1100 writable 16-byte buffers (more than UIO_MAXIOV).
+        let table = DATA + 0x10000;
+        let count = 1100u64;
+        for i in 0..count {
+            let at = GuestAddress(table + i * 16);
+            let next = if i + 1 < count { i as u16 + 1 } else { 0 };
+            let flags = VRING_DESC_F_WRITE | if i + 1 < count { VRING_DESC_F_NEXT } else { 0 };
+            mem.write_obj(DATA + 0x20000 + i * 16, at).expect("addr");
+            mem.write_obj(16u32, GuestAddress(at.0 + 8)).expect("len");
+            mem.write_obj(flags, GuestAddress(at.0 + 12))
+                .expect("flags");
+            mem.write_obj(next, GuestAddress(at.0 + 14)).expect("next");
+        }
+        n.rx.set_desc(0, table, (count * 16) as u32, VRING_DESC_F_INDIRECT, 0);
+        n.rx.publish(0);
+        // Head 1: an ordinary buffer.
+        n.rx.add_chain(1, &[(DATA, 2048, true)]);
+        let frame = vec![0x5au8; 100];
+        n.host.send(&frame).expect("send");
+        n.dev.backend_ready();
+        assert_eq!(n.rx.used_idx(), 2, "both buffers used, nothing stalled");
+        assert_eq!(n.rx.used(0), (0, 0), "the long chain came back empty");
+        assert_eq!(n.rx.used(1), (1, 100), "the frame went to the next buffer");
+        let mut got = vec![0u8; 100];
+        mem.read_slice(&mut got, GuestAddress(DATA)).expect("read");
+        assert_eq!(got, frame);
+        assert_eq!(n.counters.errors.load(Relaxed), 1);
+        assert_eq!(n.counters.rx_packets.load(Relaxed), 1);
+        assert_eq!(n.counters.rx_bytes.load(Relaxed), 100);
+    }
+
+    #[test]
+    fn receive_buffers_the_guest_broke_are_returned_without_a_frame() {
+        let mut n = nic();
+        n.rx.add_chain(0, &[(DATA, 2048, false)]); // read-only
+        n.rx.add_chain(1, &[(MEM_SIZE as u64 + 4096, 2048, true)]); // outside memory
+        n.rx.add_chain(2, &[(DATA, 4, true)]); // shorter than the vnet header
+        n.dev.backend_ready();
+        assert_eq!(n.rx.used_idx(), 3);
+        for i in 0..3 {
+            assert_eq!(n.rx.used(i), (u32::from(i), 0));
+        }
+        assert_eq!(n.counters.errors.load(Relaxed), 3);
+        // Nothing was read from the host: a good buffer still gets the frame.
+        n.host.send(&[1u8; 60]).expect("send");
+        n.rx.add_chain(3, &[(DATA, 2048, true)]);
+        n.dev.queue_notified(RX_QUEUE);
+        assert_eq!(n.rx.used(3), (3, 60));
+    }
+
+    #[test]
+    fn transmit_caps_the_frame_size_and_counts_frames_and_bytes() {
+        let mut n = nic();
+        let mem = n.tx.mem.clone();
+        mem.write_slice(&[7u8; 74], GuestAddress(DATA))
+            .expect("frame");
+        n.tx.add_chain(0, &[(DATA, 12, false), (DATA + 12, 62, false)]);
+        // One byte over the cap, in two buffers.
+        let over = MAX_TX_FRAME as u32 + 1;
+        n.tx.add_chain(
+            2,
+            &[(DATA, over / 2, false), (DATA, over - over / 2, false)],
+        );
+        n.dev.queue_notified(TX_QUEUE);
+        assert_eq!(n.tx.used_idx(), 2, "both chains given back");
+        assert_eq!(n.tx.used(0), (0, 0));
+        assert_eq!(n.tx.used(1), (2, 0));
+        let mut got = [0u8; 128];
+        assert_eq!(n.host.recv(&mut got).expect("frame"), 74);
+        n.host.set_nonblocking(true).expect("non-blocking");
+        assert!(
+            n.host.recv(&mut got).is_err(),
+            "the oversized frame was dropped"
+        );
+        assert_eq!(n.counters.tx_packets.load(Relaxed), 1);
+        assert_eq!(n.counters.tx_bytes.load(Relaxed), 74);
+        assert_eq!(n.counters.errors.load(Relaxed), 1);
+        assert_eq!(n.counters.rx_packets.load(Relaxed), 0);
+    }
+}
+
 /// The device against a real TAP in a fresh network namespace: a frame the "guest" transmits
 /// reaches the host kernel, and the kernel's answer arrives in the guest's receive buffers.
 #[cfg(test)]
@@ -619,10 +828,7 @@ mod tap_tests {
             assert!(found, "ARP reply received");
             assert!(irq.read().is_ok(), "guest interrupted");
             assert!(
-                counters
-                    .bytes_read
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    >= frame.len() as u64
+                counters.tx_bytes.load(std::sync::atomic::Ordering::Relaxed) >= frame.len() as u64
             );
         });
     }

@@ -39,6 +39,13 @@ use crate::devices::pci::msix::{self, MsixTable, MsixVectors};
 use crate::devices::pci::{inside_windows, PciDevice};
 use crate::vstate::msi::GsiRouting;
 
+/// Lines about what a driver did that it can repeat at will (resets, moving BAR 0, odd
+/// writes): rate-limited for all virtio-pci devices together.
+static GUEST_LOG: crate::devices::log_limit::LogLimit = crate::devices::log_limit::LogLimit::new(
+    crate::devices::log_limit::DEFAULT_BURST,
+    crate::devices::log_limit::DEFAULT_INTERVAL,
+);
+
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
 /// Modern virtio devices are 0x1040 + their virtio device type.
 const MODERN_DEVICE_BASE: u16 = 0x1040;
@@ -160,7 +167,11 @@ impl Notifier {
             for (q, evt) in self.events.iter().enumerate() {
                 let addr = IoEventAddress::Mmio(notify_address(old, q));
                 if let Err(e) = self.vm.unregister_ioevent(evt, &addr, NoDatamatch) {
-                    tracing::debug!("cannot remove a queue notification at {addr:?}: {e}");
+                    crate::guest_log!(
+                        tracing::Level::DEBUG,
+                        GUEST_LOG,
+                        "cannot remove a queue notification at {addr:?}: {e}"
+                    );
                 }
             }
         }
@@ -170,7 +181,11 @@ impl Notifier {
                 if let Err(e) = self.vm.register_ioevent(evt, &addr, NoDatamatch) {
                     // Writes that miss the ioeventfd still reach `bar_write`, which kicks
                     // the queue: slower, not broken.
-                    tracing::debug!("cannot place a queue notification at {addr:?}: {e}");
+                    crate::guest_log!(
+                        tracing::Level::DEBUG,
+                        GUEST_LOG,
+                        "cannot place a queue notification at {addr:?}: {e}"
+                    );
                 }
             }
             self.at = Some(new);
@@ -392,7 +407,12 @@ impl VirtioPciDevice {
             }
             (0x14, 1) => {
                 if c.write_status(value as u8) == StatusChange::Reset {
-                    tracing::debug!("{}: reset by the driver", c.name());
+                    crate::guest_log!(
+                        tracing::Level::DEBUG,
+                        GUEST_LOG,
+                        "{}: reset by the driver",
+                        c.name()
+                    );
                 }
             }
             (0x16, 2) => c.queue_sel = value as u32,
@@ -413,7 +433,9 @@ impl VirtioPciDevice {
             (0x30, 8) => c.with_queue(|q| q.used_ring = value),
             (0x30, 4) => c.with_queue(|q| set_low(&mut q.used_ring, value as u32)),
             (0x34, 4) => c.with_queue(|q| set_high(&mut q.used_ring, value as u32)),
-            _ => tracing::debug!(
+            _ => crate::guest_log!(
+                tracing::Level::DEBUG,
+                GUEST_LOG,
                 "{}: ignored {}-byte write to common config {offset:#x}",
                 c.name(),
                 data.len()

@@ -7,7 +7,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::{
-    serve_first_queue, Activation, DeviceCounters, DeviceInfo, QueueHandler, TYPE_RNG,
+    serve_first_queue, Activation, CounterKind, DeviceCounters, DeviceInfo, QueueHandler, TYPE_RNG,
     VIRTIO_F_VERSION_1,
 };
 
@@ -29,7 +29,7 @@ pub fn new() -> (DeviceInfo, RngDevice) {
             config_space: Vec::new(),
         },
         RngDevice {
-            counters: Arc::new(DeviceCounters::default()),
+            counters: Arc::new(DeviceCounters::with_queues(CounterKind::Entropy, 1)),
             active: None,
         },
     )
@@ -86,7 +86,7 @@ impl QueueHandler for RngDevice {
         serve_first_queue(&mut self.active, counters, |mem, descriptors| {
             let n = fill_chain(mem, descriptors);
             DeviceCounters::add(&counters.requests, 1);
-            DeviceCounters::add(&counters.bytes_written, u64::from(n));
+            DeviceCounters::add(&counters.bytes_read, u64::from(n));
             n
         });
     }

@@ -1,6 +1,7 @@
 //! Test helpers: a split virtqueue laid out in guest memory by hand, the way a (possibly
 //! hostile) driver would, so device code can be driven without a guest.
 
+use std::os::fd::AsRawFd;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use virtio_queue::QueueT;
@@ -182,4 +183,42 @@ pub fn in_private_netns(test: impl FnOnce() + Send + 'static) {
     })
     .join()
     .expect("test thread");
+}
+
+/// A NIC backend without a TAP: one end of a datagram socket pair (frame boundaries kept, like
+/// a TAP's); the test holds the other end as the "host network".
+pub struct DatagramBackend(pub std::os::unix::net::UnixDatagram);
+
+impl DatagramBackend {
+    /// The backend (non-blocking, as a TAP is) and the host's end.
+    pub fn pair() -> (Self, std::os::unix::net::UnixDatagram) {
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().expect("socketpair");
+        a.set_nonblocking(true).expect("non-blocking");
+        (DatagramBackend(a), b)
+    }
+}
+
+impl std::os::fd::AsRawFd for DatagramBackend {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl super::net::NetBackend for DatagramBackend {
+    fn name(&self) -> &str {
+        "test"
+    }
+    fn set_offload(&self, _flags: u32) -> Result<(), super::tap::TapError> {
+        Ok(())
+    }
+    fn readv(&self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the iovecs describe writable guest memory (checked by the device).
+        let n = unsafe { libc::readv(self.as_raw_fd(), iovs.as_ptr(), iovs.len() as i32) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+    fn writev(&self, iovs: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the iovecs describe readable guest memory (checked by the device).
+        let n = unsafe { libc::writev(self.as_raw_fd(), iovs.as_ptr(), iovs.len() as i32) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
 }
