@@ -629,6 +629,16 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// The inherited descriptors the VMM was handed and uses (`--kvm-fd`, `--net fd=N`);
+    /// every other inherited descriptor is closed at start.
+    pub fn inherited_fds(&self) -> Vec<i32> {
+        self.sandbox
+            .kvm_fd
+            .into_iter()
+            .chain(self.nets.iter().filter_map(|n| n.fd))
+            .collect()
+    }
+
     /// Merges the command line over the config file (if any) and validates the result.
     /// `host_memory_mib` is the host's physical RAM, the upper bound for guest memory.
     pub fn from_cli(cli: Cli, host_memory_mib: u64) -> Result<Self, ConfigError> {

@@ -56,6 +56,10 @@ fn real_main() -> i32 {
             return EXIT_USAGE;
         }
     };
+    if let Err(e) = thvc_vmm::sandbox::close_inherited_fds(&config.inherited_fds()) {
+        eprintln!("thvc-vmm: cannot close inherited file descriptors: {e}");
+        return EXIT_ERROR;
+    }
     match thvc_vmm::vmm::run(config) {
         Ok(reason) => {
             tracing::info!(?reason, "VM ended");

@@ -53,7 +53,9 @@ use crate::devices::virtio::{
 };
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
-use crate::sandbox::{self, Filters, KvmFdError, PrivilegeError, SeccompError, ThreadKind};
+use crate::sandbox::{
+    self, check_tap_owner, Filters, KvmFdError, PrivilegeError, SeccompError, ThreadKind,
+};
 use crate::vstate::coalesced::CoalescedError;
 use crate::vstate::control::{install_kick_handler, ControlError, VcpuControl};
 use crate::vstate::msi::GsiRouting;
@@ -390,13 +392,16 @@ struct Resources {
 
 impl Resources {
     fn acquire(config: &VmConfig) -> Result<Resources, VmmError> {
+        let kvm = sandbox::open_kvm(config.sandbox.kvm_fd)?;
         // The API socket first, so that a supervisor can connect as early as possible.
         let api = config
             .api_socket
             .as_deref()
             .map(|path| api::bind(path, config.api_socket_group))
             .transpose()?;
-        let kvm = sandbox::open_kvm(config.sandbox.kvm_fd)?;
+        for nic in config.nets.iter().filter(|n| n.fd.is_none()) {
+            check_tap_owner(&nic.tap, config.sandbox.user)?;
+        }
         let boot = BootFiles::open(&config.boot)?;
         let serial = SerialSink::open(&config.serial).map_err(VmmError::SerialOutput)?;
         let virtio = open_virtio_backends(config)?;

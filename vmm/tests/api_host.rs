@@ -363,3 +363,98 @@ fn a_forbidden_syscall_in_the_api_thread_kills_the_process() {
     let mut c = unfiltered.connect();
     assert_eq!(c.request(b"{\"request\":\"ping\"}\n")["result"], "pong");
 }
+
+/// The API thread may send the vCPU kick signal, but only to its own process's threads: sent
+/// to another process, tgkill kills the VMM (SIGSYS) and the other process never sees it.
+#[cfg(debug_assertions)]
+#[test]
+fn tgkill_to_another_process_is_killed_by_seccomp() {
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("sleep");
+    let dir = temp_dir("tgkill");
+    let kernel = StuckKernel::new(&dir);
+    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+        cmd.env("THVC_TEST_FORBIDDEN_SYSCALL", "api")
+            .env("THVC_TEST_TGKILL_PID", bystander.id().to_string());
+    });
+    let status = vmm.wait();
+    let stderr = vmm.stderr();
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status}: {stderr}");
+    assert!(stderr.contains("signals process"), "{stderr}");
+    assert!(!stderr.contains("was allowed"), "{stderr}");
+    let alive = bystander.try_wait().expect("try_wait");
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    assert!(
+        alive.is_none(),
+        "the other process got the signal: {alive:?}"
+    );
+}
+
+/// A descriptor the supervisor leaked (no O_CLOEXEC) is closed at start; one it handed over
+/// on purpose (`--kvm-fd`) stays open.
+#[test]
+fn inherited_descriptors_are_closed_except_the_handed_ones() {
+    use std::os::fd::AsRawFd;
+    let dir = temp_dir("closefds");
+    let kernel = StuckKernel::new(&dir);
+    let secret = dir.join("another-vms-disk");
+    std::fs::write(&secret, b"not for this VM").expect("write");
+    let leaked = std::fs::File::open(&secret).expect("open");
+    let kvm = std::fs::File::open("/dev/kvm").expect("/dev/kvm");
+    let (leaked_fd, kvm_fd) = (leaked.as_raw_fd(), kvm.as_raw_fd());
+    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+        cmd.args(["--kvm-fd", "41"]);
+        // SAFETY: dup2 is async-signal-safe; runs in the child before exec. The copies at 40
+        // and 41 have no close-on-exec flag, as from a careless supervisor.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(leaked_fd, 40) < 0 || libc::dup2(kvm_fd, 41) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let mut c = vmm.connect();
+    assert_eq!(c.request(b"{\"request\":\"ping\"}\n")["result"], "pong");
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", vmm.child.id())).expect("fd dir");
+    let targets: Vec<PathBuf> = fds
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .collect();
+    assert!(
+        !targets.contains(&secret),
+        "the leaked descriptor is still open: {targets:?}"
+    );
+    assert!(
+        targets.contains(&PathBuf::from("/dev/kvm")),
+        "the handed /dev/kvm descriptor is gone: {targets:?}"
+    );
+}
+
+/// Started as root with `--user`, the VMM attaches only a TAP that user could attach itself
+/// (its owner or group): root with CAP_NET_ADMIN could attach any TAP, another VM's too.
+#[test]
+fn with_user_a_tap_of_another_user_is_refused() {
+    const NOBODY: u32 = 65534;
+    let dir = temp_dir("asuser");
+    let kernel = StuckKernel::new(&dir);
+    let user = format!("{NOBODY}:{NOBODY}");
+    let tap = format!("thvcu{}", std::process::id() % 100_000);
+    let made = Command::new("ip")
+        .args(["tuntap", "add", &tap, "mode", "tap", "user", "1234"])
+        .status()
+        .expect("ip");
+    assert!(made.success(), "ip tuntap add {tap}");
+    let mut foreign_tap = Vmm::start(&dir, &kernel, |cmd| {
+        cmd.args(["--user", &user, "--net", &format!("tap={tap}")]);
+    });
+    let status = foreign_tap.wait();
+    let err = foreign_tap.stderr();
+    let _ = Command::new("ip").args(["link", "del", &tap]).status();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("belongs to uid 1234"), "{err}");
+}

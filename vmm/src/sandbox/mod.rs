@@ -13,7 +13,7 @@ use std::os::fd::{FromRawFd, RawFd};
 
 use kvm_ioctls::Kvm;
 
-pub use privileges::{drop_privileges, PrivilegeError};
+pub use privileges::{check_tap_owner, drop_privileges, PrivilegeError};
 pub use seccomp::{Filters, SeccompError, ThreadKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,33 @@ pub fn open_kvm(fd: Option<RawFd>) -> Result<Kvm, KvmFdError> {
     Ok(unsafe { Kvm::from_raw_fd(fd) })
 }
 
+/// Closes every descriptor from 3 up that the VMM was not explicitly handed (`keep`: the
+/// `--kvm-fd` and `--net fd=N` descriptors). A supervisor that forgets O_CLOEXEC on one of its
+/// own files (another VM's disk, a socket) must not leak it into a process a hostile guest
+/// may take over. Called first thing, before the VMM opens anything of its own.
+pub fn close_inherited_fds(keep: &[RawFd]) -> std::io::Result<()> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|fd| u32::try_from(*fd).ok())
+        .filter(|fd| *fd >= 3)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut first = 3u32;
+    for fd in keep.into_iter().chain(std::iter::once(u32::MAX)) {
+        if fd > first {
+            // SAFETY: close_range only closes descriptors; none of the ones in this range is
+            // owned by Rust code (nothing has been opened yet but stdio).
+            let r = unsafe { libc::syscall(libc::SYS_close_range, first, fd - 1, 0u32) };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        first = fd.saturating_add(1);
+    }
+    Ok(())
+}
+
 /// Debug builds only: `THVC_TEST_FORBIDDEN_SYSCALL=<thread kind>` makes that thread open a file
 /// once its filter is on, which the filter must punish by killing the process. The tests use
 /// it to prove the filters are enforced; release builds have no such hook.
@@ -61,11 +88,34 @@ pub fn test_forbidden_syscall(kind: ThreadKind) {
     static TRIGGER: OnceLock<Option<String>> = OnceLock::new();
     // Reading the environment makes no syscall, so this is fine after the filter is on.
     let trigger = TRIGGER.get_or_init(|| std::env::var("THVC_TEST_FORBIDDEN_SYSCALL").ok());
-    if trigger.as_deref() == Some(kind.name()) {
-        tracing::warn!("test hook: {} thread opens a file", kind.name());
-        let _ = std::fs::File::open("/etc/hostname");
-        tracing::error!("test hook: the forbidden syscall was allowed");
+    static TGKILL_PID: OnceLock<Option<i32>> = OnceLock::new();
+    // THVC_TEST_TGKILL_PID=PID: instead of opening a file, the thread sends the signal it
+    // may send to its own threads (the kick, or SIGABRT) to another process.
+    let tgkill_pid = TGKILL_PID.get_or_init(|| {
+        std::env::var("THVC_TEST_TGKILL_PID")
+            .ok()
+            .and_then(|pid| pid.parse().ok())
+    });
+    if trigger.as_deref() != Some(kind.name()) {
+        return;
     }
+    match tgkill_pid {
+        Some(pid) => {
+            tracing::warn!("test hook: {} thread signals process {pid}", kind.name());
+            let signal = match kind {
+                ThreadKind::Api => crate::vstate::control::kick_signal(),
+                _ => libc::SIGABRT,
+            };
+            // SAFETY: tgkill with plain integers; the target is a process the test started
+            // to be signalled.
+            unsafe { libc::syscall(libc::SYS_tgkill, *pid, *pid, signal) };
+        }
+        None => {
+            tracing::warn!("test hook: {} thread opens a file", kind.name());
+            let _ = std::fs::File::open("/etc/hostname");
+        }
+    }
+    tracing::error!("test hook: the forbidden syscall was allowed");
 }
 
 #[cfg(not(debug_assertions))]

@@ -21,6 +21,16 @@ pub enum PrivilegeError {
         what: &'static str,
         source: io::Error,
     },
+    #[error(
+        "TAP {tap} belongs to {owner}; the VMM's user {uid}:{gid} could not attach it \
+         (make it with `ip tuntap add {tap} mode tap user {uid}` or `group {gid}`)"
+    )]
+    TapNotOwned {
+        tap: String,
+        owner: String,
+        uid: u32,
+        gid: u32,
+    },
     #[error("still uid {uid}/gid {gid} after switching to {want_uid}:{want_gid}")]
     SwitchFailed {
         uid: u32,
@@ -137,6 +147,36 @@ fn switch_user(user: UserIds) -> Result<(), PrivilegeError> {
         }
     }
     Ok(())
+}
+
+/// With `--user`, a TAP given by name must be one that user could attach without privileges:
+/// owned by its uid or its gid (root with CAP_NET_ADMIN could attach any TAP, another VM's too).
+pub fn check_tap_owner(tap: &str, user: Option<UserIds>) -> Result<(), PrivilegeError> {
+    let Some(user) = user else { return Ok(()) };
+    let read = |what: &str| -> Option<i64> {
+        std::fs::read_to_string(format!("/sys/class/net/{tap}/{what}"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+    };
+    // -1: no owner (only CAP_NET_ADMIN attaches); missing: the TAP does not exist yet, which
+    // the open reports.
+    let (owner, group) = (read("owner"), read("group"));
+    if owner.is_none() && group.is_none() {
+        return Ok(());
+    }
+    if owner == Some(i64::from(user.uid)) || group == Some(i64::from(user.gid)) {
+        return Ok(());
+    }
+    let describe = |v: Option<i64>| {
+        v.filter(|v| *v >= 0)
+            .map_or("nobody".to_string(), |v| v.to_string())
+    };
+    Err(PrivilegeError::TapNotOwned {
+        tap: tap.to_string(),
+        owner: format!("uid {} / gid {}", describe(owner), describe(group)),
+        uid: user.uid,
+        gid: user.gid,
+    })
 }
 
 /// Drops everything the VMM does not need once its resources are open. Call before spawning

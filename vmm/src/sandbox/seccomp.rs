@@ -100,6 +100,25 @@ fn when_arg_is(syscall: libc::c_long, index: u8, values: &[u64]) -> Allowed {
     (syscall, rules)
 }
 
+/// tgkill(tgid, tid, sig) with one of `signals`, only to a thread of this process: the
+/// thread group id (argument 0) must be our own pid, read when the filter is built (the VMM
+/// never forks after that). Without that check a compromised thread could signal any process
+/// of the VMM's user, e.g. another VM's VMM when the users are shared.
+fn tgkill_own_threads(signals: &[u64]) -> Allowed {
+    let own = u64::from(std::process::id());
+    let rules = signals
+        .iter()
+        .filter_map(|sig| {
+            let tgid = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, own);
+            let signal = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *sig);
+            tgid.and_then(|t| signal.map(|s| vec![t, s]))
+                .and_then(SeccompRule::new)
+                .ok()
+        })
+        .collect();
+    (libc::SYS_tgkill, rules)
+}
+
 /// Allowed when argument `index` has none of the bits in `mask` set.
 fn when_bits_clear(syscall: libc::c_long, index: u8, mask: u64) -> Allowed {
     let rules = SeccompCondition::new(
@@ -142,7 +161,7 @@ fn base_syscalls() -> Vec<Allowed> {
         // abort() after a panic: getpid + tgkill(SIGABRT), so the crash is reported as such.
         always(libc::SYS_getpid),
         always(libc::SYS_gettid),
-        when_arg_is(libc::SYS_tgkill, 2, &[libc::SIGABRT as u64]),
+        tgkill_own_threads(&[libc::SIGABRT as u64]),
     ]
 }
 
@@ -169,7 +188,7 @@ fn api_syscalls() -> Vec<Allowed> {
         always(libc::SYS_sendto),
         always(libc::SYS_shutdown),
         // Kicking vCPU threads out of KVM_RUN to pause them (pthread_kill).
-        when_arg_is(libc::SYS_tgkill, 2, &[kick]),
+        tgkill_own_threads(&[kick]),
     ]
 }
 
