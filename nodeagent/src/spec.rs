@@ -71,6 +71,10 @@ pub struct VmSpec {
     /// (virtio-mmio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
+    /// The CPU model (thvc-vmm's `--cpu-template`); absent: `host`. A fleet that moves VMs
+    /// between nodes gives every VM the baseline its nodes share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<CpuTemplate>,
     /// cloud-init metadata: the agent attaches a NoCloud seed built from it as the last disk
     /// (see [`crate::cloudinit`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,6 +90,30 @@ pub struct VmSpec {
 pub enum Transport {
     Mmio,
     Pci,
+}
+
+/// thvc-vmm's CPU templates (vmm/README.md, "CPU model").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CpuTemplate {
+    #[serde(rename = "host")]
+    Host,
+    #[serde(rename = "x86-64-v2")]
+    X86_64V2,
+    #[serde(rename = "x86-64-v3")]
+    X86_64V3,
+    #[serde(rename = "x86-64-v4")]
+    X86_64V4,
+}
+
+impl CpuTemplate {
+    fn as_arg(self) -> &'static str {
+        match self {
+            CpuTemplate::Host => "host",
+            CpuTemplate::X86_64V2 => "x86-64-v2",
+            CpuTemplate::X86_64V3 => "x86-64-v3",
+            CpuTemplate::X86_64V4 => "x86-64-v4",
+        }
+    }
 }
 
 impl Transport {
@@ -156,6 +184,7 @@ pub struct ResolvedSpec {
     pub nics: Vec<ResolvedNic>,
     /// Always `Some(Pci)` for firmware boot.
     pub transport: Option<Transport>,
+    pub cpu_template: Option<CpuTemplate>,
     /// The NoCloud seed's documents when the spec has `metadata`.
     pub seed: Option<SeedFiles>,
 }
@@ -341,6 +370,7 @@ impl VmSpec {
             disks,
             nics,
             transport,
+            cpu_template: self.cpu_template,
             seed,
         })
     }
@@ -580,6 +610,10 @@ pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
             args.push(cmdline.clone());
         }
     }
+    if let Some(template) = spec.cpu_template {
+        args.push("--cpu-template".to_owned());
+        args.push(template.as_arg().to_owned());
+    }
     if let Some(transport) = spec.transport {
         args.push("--transport".to_owned());
         args.push(transport.as_arg().to_owned());
@@ -719,6 +753,12 @@ mod tests {
             !args.contains(&"--transport".to_owned()),
             "the VMM's default"
         );
+        let mut v2 = spec.clone();
+        v2.cpu_template = Some(CpuTemplate::X86_64V2);
+        let r2 = v2.resolve("vm", &s).unwrap();
+        assert!(vmm_args(&r2, &params())
+            .join(" ")
+            .contains("--cpu-template x86-64-v2"));
         let mut pci = spec.clone();
         pci.transport = Some(Transport::Pci);
         let r = pci.resolve("vm", &s).unwrap();
@@ -726,6 +766,12 @@ mod tests {
             .join(" ")
             .contains("--transport pci"));
         assert!(parse(r#"{"vcpus":1,"memory_mib":128,"kernel":"k","transport":"isa"}"#).is_err());
+        let v3 = parse(r#"{"vcpus":1,"memory_mib":128,"kernel":"k","cpu_template":"x86-64-v3"}"#)
+            .expect("template");
+        assert_eq!(v3.cpu_template, Some(CpuTemplate::X86_64V3));
+        let bad = r#"{"vcpus":1,"memory_mib":128,"kernel":"k","cpu_template":"skylake"}"#;
+        let e = parse(bad).expect_err("unknown template").to_string();
+        assert!(e.contains("x86-64-v3"), "{e}");
         let back = parse(&serde_json::to_string(&pci).unwrap()).unwrap();
         assert_eq!(back.transport, Some(Transport::Pci), "round trip");
     }

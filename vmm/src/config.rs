@@ -4,6 +4,7 @@
 //! flag given on the command line wins over the file. Validation happens once, here, so the
 //! rest of the VMM works with a [`VmConfig`] that is known to be sane.
 
+use crate::arch::x86_64::cpu_template::{CpuTemplate, CpuTemplateError};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -24,6 +25,8 @@ pub const MAX_CMDLINE_LEN: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--cpu-template: {0}")]
+    CpuTemplate(#[from] CpuTemplateError),
     #[error("cannot read config file {path}: {source}")]
     ReadFile {
         path: PathBuf,
@@ -448,6 +451,10 @@ pub struct Cli {
     /// Do not give the guest a virtio-rng device (it has one by default).
     #[arg(long)]
     pub no_rng: bool,
+    /// The CPU model: host (default; KVM's CPU without PMU, WAITPKG and brand string) or a
+    /// fleet baseline: x86-64-v2, x86-64-v3, x86-64-v4 (see vmm/README.md).
+    #[arg(long, value_name = "TEMPLATE")]
+    pub cpu_template: Option<String>,
     /// How virtio devices attach: mmio (default) or pci (virtio-pci with MSI-X)
     #[arg(long, value_name = "mmio|pci")]
     pub transport: Option<String>,
@@ -482,6 +489,7 @@ pub struct FileConfig {
     pub firmware: Option<PathBuf>,
     pub platform: Option<PlatformConfig>,
     pub cpus: Option<u64>,
+    pub cpu_template: Option<String>,
     pub memory: Option<u64>,
     pub serial: Option<String>,
     pub disks: Option<Vec<DiskConfig>>,
@@ -616,6 +624,7 @@ pub struct VmConfig {
     pub boot: Boot,
     pub platform: PlatformConfig,
     pub vcpus: u8,
+    pub cpu_template: CpuTemplate,
     pub memory_mib: u64,
     pub serial: SerialTarget,
     pub disks: Vec<DiskConfig>,
@@ -816,10 +825,15 @@ impl VmConfig {
             Some(s) => Some(s.parse()?),
             None => None,
         };
+        let cpu_template = match cli.cpu_template.or(file.cpu_template) {
+            Some(s) => s.parse()?,
+            None => CpuTemplate::default(),
+        };
         Ok(VmConfig {
             boot,
             platform,
             vcpus,
+            cpu_template,
             memory_mib,
             serial,
             disks,
@@ -1005,6 +1019,22 @@ mod tests {
         assert!(bad(&["--kernel", "k", "--serial", "file:"]).contains("invalid serial"));
         let long = "a".repeat(MAX_CMDLINE_LEN);
         assert!(bad(&["--kernel", "k", "--cmdline", &long]).contains("limit is 2047"));
+        assert!(bad(&["--kernel", "k", "--cpu-template", "skylake"])
+            .contains("--cpu-template: unknown CPU template \"skylake\""));
+        let merge = |args: &[&str], file: &str| {
+            VmConfig::merge(
+                cli(args),
+                FileConfig::parse(file, Path::new("c")).expect("file"),
+                HOST_MIB,
+            )
+            .expect("valid")
+            .cpu_template
+        };
+        assert_eq!(merge(&["--kernel", "k"], "{}"), CpuTemplate::Host);
+        let v3 = r#"{"cpu_template": "x86-64-v3"}"#;
+        assert_eq!(merge(&["--kernel", "k"], v3), CpuTemplate::X86_64V3);
+        let cli_wins = merge(&["--kernel", "k", "--cpu-template", "x86-64-v2"], v3);
+        assert_eq!(cli_wins, CpuTemplate::X86_64V2);
         let ok = VmConfig::merge(
             cli(&["--kernel", "k", "--cpus", "32", "--memory", "64"]),
             FileConfig::default(),

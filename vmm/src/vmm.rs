@@ -26,7 +26,7 @@ use seccompiler::BpfProgram;
 use crate::api::{self, ApiError, VmApi, VmSummary};
 use crate::arch::x86_64::acpi::{self, AcpiPlatform, MmioDeviceInfo, PciHostBridge};
 use crate::arch::x86_64::regs::BootEntry;
-use crate::arch::x86_64::{boot, cpuid, layout, pvh, regs, smbios};
+use crate::arch::x86_64::{boot, cpu_template, cpuid, layout, pvh, regs, smbios};
 use crate::config::{Boot, Transport, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, PmTimer, ACPI_PM_PORT, PM_TIMER_LEN, PM_TIMER_PORT};
 use crate::devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_COUNT};
@@ -64,6 +64,8 @@ use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    #[error(transparent)]
+    CpuTemplate(#[from] cpu_template::CpuTemplateError),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -636,6 +638,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
             memory_mib: config.memory_mib,
             boot: config.boot.clone(),
             uuid: config.platform.uuid.clone(),
+            cpu_template: config.cpu_template.to_string(),
         },
         vcpu_control.clone(),
         registry.clone(),
@@ -663,7 +666,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     vm_api.set_power_button(power_button(&vm, &mut mmio_bus, &registry)?);
     let virtio = std::mem::take(&mut resources.virtio);
     let worker_filter = filters.device_worker.as_ref();
-    let cpuid = vm.supported_cpuid()?;
+    let cpuid = cpu_template::guest_cpuid(&vm.supported_cpuid()?, config.cpu_template)?;
     let bridge = pci_host_bridge(mem_size, cpuid::phys_address_bits(&cpuid));
     let windows = std::iter::once(bridge.mmio32)
         .chain(bridge.mmio64)

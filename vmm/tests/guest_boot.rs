@@ -339,3 +339,116 @@ fn bad_kernel_gives_one_clear_line_and_status_1() {
         "{stderr}"
     );
 }
+
+/// What the guest's `cpu` action reports about its CPU.
+struct GuestCpu {
+    /// CPUID leaf -> [eax, ebx, ecx, edx].
+    leaves: std::collections::BTreeMap<u32, [u32; 4]>,
+    model: String,
+    flags: Vec<String>,
+    pmu: String,
+}
+
+fn guest_cpu(extra: &[&str]) -> GuestCpu {
+    let mut guest = Guest::boot("cpu", extra);
+    let pmu = guest.wait_for("THVC-PMU=");
+    let (status, console, stderr) = guest.finish();
+    assert_eq!(status.code(), Some(0), "{stderr}\n{console}");
+    assert!(!console.contains("THVC-ERROR"), "{console}");
+    let value = |prefix: &str| {
+        console
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{console}"))
+            .trim()
+            .to_string()
+    };
+    let mut leaves = std::collections::BTreeMap::new();
+    for line in console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("THVC-CPUID="))
+    {
+        let words: Vec<u32> = line
+            .split_whitespace()
+            .map(|w| u32::from_str_radix(w, 16).unwrap_or_else(|_| panic!("{line}")))
+            .collect();
+        assert_eq!(words.len(), 5, "{line}");
+        leaves.insert(words[0], [words[1], words[2], words[3], words[4]]);
+    }
+    assert_eq!(leaves.len(), 3, "{console}");
+    GuestCpu {
+        leaves,
+        model: value("THVC-CPU-MODEL="),
+        flags: value("THVC-CPU-FLAGS=")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+        pmu: pmu.trim_start_matches("THVC-PMU=").to_string(),
+    }
+}
+
+/// Every guest: no PMU (CPUID leaf 0xA zero and no hardware event source, because KVM's PMU
+/// is off for the VM), no host brand string. A CPU template hides what its level lacks
+/// (x86-64-v2: no AVX, no AVX2, no BMI) and keeps what it promises.
+#[test]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+fn the_guest_cpu_has_no_pmu_no_host_brand_and_follows_its_template() {
+    let host = guest_cpu(&[]);
+    assert_eq!(host.leaves[&0xa], [0; 4], "CPUID leaf 0xA");
+    let sources: Vec<&str> = host.pmu.split_whitespace().collect();
+    assert!(
+        sources.contains(&"software"),
+        "the event sources were listed: {sources:?}"
+    );
+    assert!(
+        !sources.contains(&"cpu"),
+        "a hardware PMU in the guest: {sources:?}"
+    );
+    assert_eq!(host.model, "thvc virtual CPU");
+    assert!(!host
+        .flags
+        .iter()
+        .any(|f| f == "waitpkg" || f == "arch_perfmon"));
+
+    let v2 = guest_cpu(&["--cpu-template", "x86-64-v2"]);
+    assert_eq!(v2.model, "thvc virtual CPU (x86-64-v2)");
+    assert_eq!(v2.leaves[&0xa], [0; 4]);
+    for promised in [
+        "sse4_2",
+        "popcnt",
+        "cx16",
+        "ssse3",
+        "lm",
+        "nx",
+        "hypervisor",
+    ] {
+        assert!(
+            v2.flags.iter().any(|f| f == promised),
+            "v2 lacks {promised}: {:?}",
+            v2.flags
+        );
+    }
+    let above_v2 = [
+        "avx", "avx2", "bmi1", "bmi2", "fma", "f16c", "movbe", "xsave", "aes",
+    ];
+    let hidden: Vec<&str> = above_v2
+        .iter()
+        .copied()
+        .filter(|f| host.flags.iter().any(|h| h == f))
+        .collect();
+    assert!(
+        !hidden.is_empty(),
+        "the test needs a host CPU above x86-64-v2 (it has: {:?})",
+        host.flags
+    );
+    for f in &hidden {
+        assert!(
+            !v2.flags.iter().any(|g| g == f),
+            "v2 shows {f}: {:?}",
+            v2.flags
+        );
+    }
+    // Leaf 7 EBX: AVX2 (bit 5) and BMI2 (bit 8) hidden whatever the host has.
+    assert_eq!(v2.leaves[&7][1] & ((1 << 5) | (1 << 8)), 0);
+    eprintln!("x86-64-v2 hid {hidden:?} from this host's CPU");
+}

@@ -49,6 +49,7 @@ fn main() {
             "--kernel",
             "--firmware",
             "--transport",
+            "--cpu-template",
             "--platform",
             "--initrd",
             "--cmdline",

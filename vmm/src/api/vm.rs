@@ -27,6 +27,8 @@ pub struct VmSummary {
     pub boot: Boot,
     /// The SMBIOS system UUID, if one was given.
     pub uuid: Option<String>,
+    /// The CPU model (`--cpu-template`).
+    pub cpu_template: String,
 }
 
 /// The VM as the control API sees it; shared with the VMM, which fills in the power button
@@ -112,6 +114,7 @@ impl VmApi {
             "memory_mib": self.summary.memory_mib,
             "uptime_ms": u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "uuid": self.summary.uuid,
+            "cpu_template": self.summary.cpu_template,
             "devices": self.devices.snapshot(),
             "vcpu_exits": exits,
         });
@@ -212,6 +215,7 @@ mod tests {
                     cmdline: "console=ttyS0".into(),
                 },
                 uuid: Some("0123abcd-0000-4000-8000-00000000beef".into()),
+                cpu_template: "x86-64-v3".into(),
             },
             Arc::new(VcpuControl::new()),
             DeviceRegistry::default(),
@@ -232,6 +236,7 @@ mod tests {
         assert_eq!(info["initrd"], Value::Null);
         assert_eq!(info["cmdline"], "console=ttyS0");
         assert_eq!(info["uuid"], "0123abcd-0000-4000-8000-00000000beef");
+        assert_eq!(info["cpu_template"], "x86-64-v3");
         assert_eq!(info["firmware"], Value::Null);
         assert_eq!(info["vcpu_exits"][1]["vcpu"], 1);
         assert_eq!(info["vcpu_exits"][1]["mmio"], 1);

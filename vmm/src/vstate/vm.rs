@@ -18,6 +18,12 @@ pub enum VmError {
     OpenKvm(kvm_ioctls::Error),
     #[error("/dev/kvm lacks a capability this VMM needs: {0:?}")]
     MissingCap(Cap),
+    #[error(
+        "this host's KVM cannot disable the guest PMU (KVM_CAP_PMU_CAPABILITY, Linux 5.18+) \
+         and its kvm module has enable_pmu=Y: performance counters would be a side channel \
+         between tenants (load kvm with enable_pmu=0 on such a host)"
+    )]
+    PmuStaysOn,
     #[error("KVM cannot {what}: {source}")]
     Kvm {
         what: &'static str,
@@ -36,6 +42,29 @@ const REQUIRED_CAPS: [Cap; 8] = [
     Cap::ExtCpuid,
     Cap::IrqRouting,
 ];
+
+/// Turns KVM's virtual PMU off for this VM (before any vCPU exists, as KVM requires): no
+/// performance counters, whatever the guest's CPUID says (on AMD, Linux uses the legacy
+/// counters without asking CPUID). Where KVM lacks the capability, only a kvm module loaded
+/// with enable_pmu=0 (no PMU for any VM) is accepted.
+fn disable_pmu(fd: &VmFd) -> Result<(), VmError> {
+    let supported = fd.check_extension_raw(kvm_bindings::KVM_CAP_PMU_CAPABILITY.into());
+    if supported & kvm_bindings::KVM_PMU_CAP_DISABLE as i32 != 0 {
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_PMU_CAPABILITY,
+            ..Default::default()
+        };
+        cap.args[0] = kvm_bindings::KVM_PMU_CAP_DISABLE.into();
+        return fd.enable_cap(&cap).map_err(|source| VmError::Kvm {
+            what: "disable the guest PMU",
+            source,
+        });
+    }
+    match std::fs::read_to_string("/sys/module/kvm/parameters/enable_pmu") {
+        Ok(v) if v.trim() == "N" => Ok(()),
+        _ => Err(VmError::PmuStaysOn),
+    }
+}
 
 pub struct Vm {
     kvm: Kvm,
@@ -58,6 +87,7 @@ impl Vm {
         }
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        disable_pmu(&fd)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("set the identity map address"))?;
         fd.set_tss_address(KVM_TSS_ADDR as usize)
