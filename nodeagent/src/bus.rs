@@ -12,7 +12,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath, Value};
 use zbus::{interface, Connection};
 
-use crate::auth;
+use crate::auth::Role;
 use crate::hostinfo;
 use crate::names::MANAGER_PATH;
 use crate::node::{EventStream, Node, NodeError, NodeEvent, Vm, VmProperty};
@@ -77,34 +77,42 @@ impl From<NodeError> for BusError {
     }
 }
 
-/// Refuses the call unless the sender is root or in the control group.
-async fn authorize(
-    conn: &Connection,
-    header: Option<&Header<'_>>,
-    node: &Node,
-    action: &str,
-) -> Result<(), BusError> {
+/// The caller's uid, from the bus (SO_PEERCRED: cannot be forged).
+async fn caller_uid(conn: &Connection, header: Option<&Header<'_>>) -> Result<u32, BusError> {
     let sender = header
         .and_then(|h| h.sender())
         .ok_or_else(|| BusError::AccessDenied("the call has no sender".to_owned()))?;
     let dbus = zbus::fdo::DBusProxy::new(conn).await?;
-    let uid = dbus
-        .get_connection_unix_user(sender.clone().into())
+    dbus.get_connection_unix_user(sender.clone().into())
         .await
-        .map_err(|e| BusError::AccessDenied(format!("cannot identify the caller {sender}: {e}")))?;
-    let group = node.config().control_group.clone();
-    let allowed = tokio::task::spawn_blocking(move || auth::may_control(uid, &group))
+        .map_err(|e| BusError::AccessDenied(format!("cannot identify the caller {sender}: {e}")))
+}
+
+/// Refuses the call unless the sender may act in `role` (see [`crate::auth`]).
+async fn authorize(
+    conn: &Connection,
+    header: Option<&Header<'_>>,
+    node: &Node,
+    role: Role,
+    action: &str,
+) -> Result<(), BusError> {
+    let uid = caller_uid(conn, header).await?;
+    let groups = node.config().role_groups.clone();
+    let allowed = tokio::task::spawn_blocking(move || groups.may(uid, role))
         .await
         .map_err(|e| BusError::Io(e.to_string()))?
         .map_err(|e| BusError::Io(e.to_string()))?;
     if allowed {
-        tracing::debug!(uid, action, "authorized");
+        tracing::debug!(uid, action, role = role.as_str(), "authorized");
         Ok(())
     } else {
-        tracing::info!(uid, action, "denied");
+        tracing::info!(uid, action, role = role.as_str(), "denied");
+        let groups = &node.config().role_groups;
         Err(BusError::AccessDenied(format!(
-            "{action} needs root or membership in group {}; uid {uid} has neither",
-            node.config().control_group
+            "{action} needs the {} role: root or membership in group {} or {}; uid {uid} has none",
+            role.as_str(),
+            groups.group(role),
+            groups.control
         )))
     }
 }
@@ -191,7 +199,7 @@ impl Manager {
         name: String,
         spec_json: String,
     ) -> Result<OwnedObjectPath, BusError> {
-        authorize(conn, Some(&header), &self.node, "CreateVm").await?;
+        authorize(conn, Some(&header), &self.node, Role::VmControl, "CreateVm").await?;
         let vm = self.node.create(&name, &spec_json).await?;
         owned_path(&vm.path)
     }
@@ -202,7 +210,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         name: String,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, "DeleteVm").await?;
+        authorize(conn, Some(&header), &self.node, Role::VmControl, "DeleteVm").await?;
         Ok(self.node.delete(&name).await?)
     }
 
@@ -217,7 +225,14 @@ impl Manager {
         dry_run: bool,
     ) -> Result<String, BusError> {
         if !dry_run {
-            authorize(conn, Some(&header), &self.node, "ApplyNetwork").await?;
+            authorize(
+                conn,
+                Some(&header),
+                &self.node,
+                Role::Network,
+                "ApplyNetwork",
+            )
+            .await?;
         }
         Ok(self.node.apply_network(&document_json, dry_run).await?)
     }
@@ -238,7 +253,7 @@ impl Manager {
         url: String,
         sha256: String,
     ) -> Result<String, BusError> {
-        authorize(conn, Some(&header), &self.node, "PullImage").await?;
+        authorize(conn, Some(&header), &self.node, Role::Images, "PullImage").await?;
         let path = self.node.pull_image(&url, &sha256).await?;
         Ok(path.display().to_string())
     }
@@ -263,7 +278,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         name: String,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, "DeleteImage").await?;
+        authorize(conn, Some(&header), &self.node, Role::Images, "DeleteImage").await?;
         Ok(self.node.delete_image(&name).await?)
     }
 
@@ -279,7 +294,7 @@ impl Manager {
         name: String,
         options_json: String,
     ) -> Result<String, BusError> {
-        authorize(conn, Some(&header), &self.node, "CreateDisk").await?;
+        authorize(conn, Some(&header), &self.node, Role::Images, "CreateDisk").await?;
         Ok(self.node.create_disk(&name, &options_json).await?)
     }
 
@@ -291,7 +306,7 @@ impl Manager {
         name: String,
         size: u64,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, "ResizeDisk").await?;
+        authorize(conn, Some(&header), &self.node, Role::Images, "ResizeDisk").await?;
         Ok(self.node.resize_disk(&name, size).await?)
     }
 
@@ -302,7 +317,7 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         name: String,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, "DeleteDisk").await?;
+        authorize(conn, Some(&header), &self.node, Role::Images, "DeleteDisk").await?;
         Ok(self.node.delete_disk(&name).await?)
     }
 
@@ -358,10 +373,31 @@ impl VmObject {
         self.vm.state_reason()
     }
 
-    /// The VM spec as JSON (with generated MAC addresses filled in).
+    /// The VM spec as JSON (with generated MAC addresses filled in). The kernel command line
+    /// and cloud-init user data may carry secrets: callers without the vm-control role (and
+    /// PropertiesChanged signals, which every reader receives) get the empty string instead.
+    /// Empty rather than an error, so GetAll and GetManagedObjects keep working for readers.
     #[zbus(property)]
-    fn spec(&self) -> String {
-        self.vm.spec_json()
+    async fn spec(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> String {
+        if header.is_none() {
+            return String::new();
+        }
+        match authorize(
+            conn,
+            header.as_ref(),
+            &self.node,
+            Role::VmControl,
+            "reading Spec",
+        )
+        .await
+        {
+            Ok(()) => self.vm.spec_json(),
+            Err(_) => String::new(),
+        }
     }
 
     #[zbus(property)]
@@ -376,9 +412,15 @@ impl VmObject {
         #[zbus(header)] header: Option<Header<'_>>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), zbus::fdo::Error> {
-        authorize(conn, header.as_ref(), &self.node, "setting Autostart")
-            .await
-            .map_err(to_fdo)?;
+        authorize(
+            conn,
+            header.as_ref(),
+            &self.node,
+            Role::VmControl,
+            "setting Autostart",
+        )
+        .await
+        .map_err(to_fdo)?;
         self.node
             .set_autostart(&self.vm.name, value)
             .await
@@ -391,7 +433,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, "Start").await?;
+        authorize(conn, Some(&header), &self.node, Role::VmControl, "Start").await?;
         Ok(self.node.start(&self.vm.name).await?)
     }
 
@@ -402,7 +444,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, "Shutdown").await?;
+        authorize(conn, Some(&header), &self.node, Role::VmControl, "Shutdown").await?;
         Ok(self.node.stop(&self.vm.name, true).await?)
     }
 
@@ -413,7 +455,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, "Stop").await?;
+        authorize(conn, Some(&header), &self.node, Role::VmControl, "Stop").await?;
         Ok(self.node.stop(&self.vm.name, false).await?)
     }
 
@@ -422,7 +464,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, "Pause").await?;
+        authorize(conn, Some(&header), &self.node, Role::VmControl, "Pause").await?;
         Ok(self.node.pause(&self.vm.name).await?)
     }
 
@@ -431,13 +473,19 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, "Resume").await?;
+        authorize(conn, Some(&header), &self.node, Role::VmControl, "Resume").await?;
         Ok(self.node.resume(&self.vm.name).await?)
     }
 
-    /// The VMM's own view of the VM (its API's `info` result), as JSON.
+    /// The VMM's own view of the VM (its API's `info` result), as JSON. Needs the vm-control
+    /// role: it includes the kernel command line.
     #[zbus(out_args("json"))]
-    async fn info(&self) -> Result<String, BusError> {
+    async fn info(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, BusError> {
+        authorize(conn, Some(&header), &self.node, Role::VmControl, "Info").await?;
         Ok(self.node.info(&self.vm.name).await?)
     }
 
@@ -451,7 +499,14 @@ impl VmObject {
         #[zbus(connection)] conn: &Connection,
         offset: u64,
     ) -> Result<(Vec<u8>, u64), BusError> {
-        authorize(conn, Some(&header), &self.node, "ReadConsole").await?;
+        authorize(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::Console,
+            "ReadConsole",
+        )
+        .await?;
         Ok(self.node.read_console(&self.vm.name, offset).await?)
     }
 }
@@ -535,9 +590,11 @@ async fn emit_manager_signal(conn: &Connection, vm: &Vm, added: bool) {
 async fn emit_vm_changed(conn: &Connection, vm: &Vm, props: &[VmProperty]) {
     let state = vm.state().as_str().to_owned();
     let reason = vm.state_reason();
-    let spec = vm.spec_json();
     let autostart = vm.autostart();
     let mut changed: HashMap<&str, Value<'_>> = HashMap::new();
+    // Spec is only invalidated: every reader receives signals, and it may carry secrets;
+    // a vm-control caller re-reads it (Get), which checks the role.
+    let mut invalidated: Vec<&str> = Vec::new();
     for p in props {
         match p {
             VmProperty::State => {
@@ -546,9 +603,7 @@ async fn emit_vm_changed(conn: &Connection, vm: &Vm, props: &[VmProperty]) {
             VmProperty::StateReason => {
                 changed.insert("StateReason", Value::from(reason.as_str()));
             }
-            VmProperty::Spec => {
-                changed.insert("Spec", Value::from(spec.as_str()));
-            }
+            VmProperty::Spec => invalidated.push("Spec"),
             VmProperty::Autostart => {
                 changed.insert("Autostart", Value::from(autostart));
             }
@@ -557,7 +612,8 @@ async fn emit_vm_changed(conn: &Connection, vm: &Vm, props: &[VmProperty]) {
     let result = async {
         let emitter = SignalEmitter::new(conn, vm.path.as_str())?;
         let iface = zbus::names::InterfaceName::try_from(VM_INTERFACE)?;
-        zbus::fdo::Properties::properties_changed(&emitter, iface, changed, (&[][..]).into()).await
+        zbus::fdo::Properties::properties_changed(&emitter, iface, changed, invalidated[..].into())
+            .await
     }
     .await;
     if let Err(e) = result {

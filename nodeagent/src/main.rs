@@ -67,6 +67,11 @@ struct DaemonArgs {
     /// Group whose members (besides root) may change state.
     #[arg(long, default_value = DEFAULT_CONTROL_GROUP)]
     control_group: String,
+    /// ROLE=GROUP: members of GROUP may act in ROLE (vm-control, console, network, images,
+    /// host); repeatable. Defaults: thvc-vmctl, thvc-console, thvc-network, thvc-images,
+    /// thvc-host.
+    #[arg(long = "role-group", value_name = "ROLE=GROUP")]
+    role_groups: Vec<String>,
     /// Seconds Shutdown waits for the guest to power off before stopping the VMM.
     #[arg(long, default_value_t = 60)]
     shutdown_timeout: u64,
@@ -249,6 +254,12 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         Arc::new(DirectRunner::new(layout.clone(), exe))
     };
     let node_name = hostinfo::hostname();
+    let mut role_groups = thvc_nodeagent::auth::RoleGroups::new(args.control_group.clone());
+    for setting in &args.role_groups {
+        role_groups
+            .set(setting)
+            .map_err(|e| anyhow::anyhow!("--role-group {e}"))?;
+    }
     let cfg = NodeConfig {
         layout,
         vmm_binary: args.vmm.unwrap_or_else(default_vmm),
@@ -256,6 +267,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         qemu_img: args.qemu_img,
         vmm_user,
         vmm_switches_user,
+        role_groups,
         control_group: args.control_group,
         node_name,
         os_release: args.os_release,

@@ -129,3 +129,78 @@ async fn members_of_the_control_group_may_change_state() {
     assert!(ok, "{err}");
     assert!(dirs.spec_files().is_empty());
 }
+
+/// One role group at a time is given to `nobody` (through its primary group): each role may
+/// do its own action class and nothing of the others'; Spec and Info stay hidden from everyone
+/// but vm-control.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_may_do_its_class_only() {
+    let group = if thvc_nodeagent::auth::group_id("nogroup").unwrap().is_some() {
+        "nogroup"
+    } else {
+        "nobody"
+    };
+    let zero = "0".repeat(64);
+    // (command, role it needs); image pull of a closed port fails after the check, so the
+    // test tells "denied" from "allowed" by the error name, not by success.
+    let cases: &[(&[&str], &str)] = &[
+        (&["vm", "stop", "mine"], "vm-control"),
+        (&["vm", "pause", "mine"], "vm-control"),
+        (&["vm", "autostart", "mine", "off"], "vm-control"),
+        (&["vm", "console", "mine"], "console"),
+        (
+            &["image", "pull", "http://127.0.0.1:9/x.img", &zero],
+            "images",
+        ),
+        (&["image", "delete", "nonexistent.img"], "images"),
+        (&["disk", "delete", "nonexistent"], "images"),
+    ];
+    for role in ["vm-control", "console", "images", "network", "host"] {
+        let bus = TestBus::start();
+        let dirs = NodeDirs::new();
+        let bin = thvcctl_copy(bus.dir.path());
+        let setting = format!("{role}={group}");
+        let _agent = Agent::start(
+            &bus,
+            &dirs,
+            &[
+                "--control-group",
+                "thvc-control-test-absent",
+                "--role-group",
+                &setting,
+            ],
+        );
+        let conn = connect(&bus).await;
+        let m = manager(&conn).await;
+        let mine = vm(&conn, m.create_vm("mine", &spec("")).await.unwrap()).await;
+        mine.start().await.unwrap();
+        // Spec and Info: vm-control only; the rest of `vm info` works for everyone. (Before the
+        // cases: vm-control may stop the VM.)
+        let (ok, out, err) = thvcctl_as_nobody(&bin, &bus, &["--json", "vm", "info", "mine"], "");
+        assert!(ok, "role {role}: vm info: {err}");
+        let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(info["state"], "running", "{out}");
+        if role == "vm-control" {
+            assert_eq!(info["spec"]["vcpus"], 1, "{out}");
+            assert!(info["vmm"].get("unavailable").is_none(), "{out}");
+        } else {
+            assert!(info["spec"].get("hidden").is_some(), "role {role}: {out}");
+            assert!(
+                info["vmm"]["unavailable"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("vm-control"),
+                "role {role}: {out}"
+            );
+        }
+        for (args, needs) in cases {
+            let (_, _, err) = thvcctl_as_nobody(&bin, &bus, args, "");
+            let denied = err.contains("AccessDenied");
+            assert_eq!(
+                denied,
+                role != *needs,
+                "role {role}: {args:?} (needs {needs}): {err}"
+            );
+        }
+    }
+}

@@ -480,7 +480,13 @@ async fn vm(
             let state = vm.state().await?;
             let reason = vm.state_reason().await?;
             let uuid = vm.uuid().await?;
-            let spec: serde_json::Value = serde_json::from_str(&vm.spec().await?)?;
+            // The agent hides the spec (empty) from callers without the vm-control role.
+            let spec_text = vm.spec().await?;
+            let spec: serde_json::Value = if spec_text.is_empty() {
+                json!({ "hidden": "reading the spec needs the vm-control role" })
+            } else {
+                serde_json::from_str(&spec_text)?
+            };
             // The VMM's view exists only while it runs.
             let vmm: serde_json::Value = match vm.info().await {
                 Ok(s) => serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s)),

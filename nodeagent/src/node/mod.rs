@@ -154,6 +154,8 @@ pub struct NodeConfig {
     /// agent's); the systemd runner's unit sets the user itself.
     pub vmm_switches_user: bool,
     pub control_group: String,
+    /// Which groups grant which roles (the control group grants all).
+    pub role_groups: crate::auth::RoleGroups,
     pub node_name: String,
     pub os_release: PathBuf,
     pub shutdown_timeout: Duration,
