@@ -12,6 +12,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath, Value};
 use zbus::{interface, Connection};
 
+use crate::audit;
 use crate::auth::Role;
 use crate::hostinfo;
 use crate::names::MANAGER_PATH;
@@ -95,7 +96,7 @@ async fn authorize(
     node: &Node,
     role: Role,
     action: &str,
-) -> Result<(), BusError> {
+) -> Result<u32, BusError> {
     let uid = caller_uid(conn, header).await?;
     let groups = node.config().role_groups.clone();
     let allowed = tokio::task::spawn_blocking(move || groups.may(uid, role))
@@ -104,7 +105,7 @@ async fn authorize(
         .map_err(|e| BusError::Io(e.to_string()))?;
     if allowed {
         tracing::debug!(uid, action, role = role.as_str(), "authorized");
-        Ok(())
+        Ok(uid)
     } else {
         tracing::info!(uid, action, role = role.as_str(), "denied");
         let groups = &node.config().role_groups;
@@ -114,6 +115,74 @@ async fn authorize(
             groups.group(role),
             groups.control
         )))
+    }
+}
+
+/// A state-changing call that was authorized: [`Audit::done`] records how it ended.
+struct Audit {
+    uid: u32,
+    action: &'static str,
+    object: String,
+    socket: Option<std::path::PathBuf>,
+}
+
+impl Audit {
+    /// Records the call's outcome in the audit trail and passes the result on.
+    fn done<T, E: Into<BusError>>(self, result: Result<T, E>) -> Result<T, BusError> {
+        let result = result.map_err(Into::into);
+        let error = result.as_ref().err().map(|e| e.to_string());
+        audit::record(
+            self.socket.as_deref(),
+            &audit::Record {
+                action: self.action,
+                uid: self.uid,
+                object: &self.object,
+                outcome: if result.is_ok() {
+                    audit::Outcome::Ok
+                } else {
+                    audit::Outcome::Failed
+                },
+                error: error.as_deref(),
+            },
+        );
+        result
+    }
+}
+
+/// [`authorize`] for a state-changing call on `object` (a VM, image, disk; empty for the
+/// node): a refusal is recorded in the audit trail, an authorized call returns its [`Audit`].
+async fn authorize_change(
+    conn: &Connection,
+    header: Option<&Header<'_>>,
+    node: &Node,
+    role: Role,
+    action: &'static str,
+    object: &str,
+) -> Result<Audit, BusError> {
+    let socket = node.config().journal_socket.clone();
+    match authorize(conn, header, node, role, action).await {
+        Ok(uid) => Ok(Audit {
+            uid,
+            action,
+            object: object.to_owned(),
+            socket,
+        }),
+        Err(e) => {
+            if let BusError::AccessDenied(m) = &e {
+                let uid = caller_uid(conn, header).await.unwrap_or(u32::MAX);
+                audit::record(
+                    socket.as_deref(),
+                    &audit::Record {
+                        action,
+                        uid,
+                        object,
+                        outcome: audit::Outcome::Denied,
+                        error: Some(m),
+                    },
+                );
+            }
+            Err(e)
+        }
     }
 }
 
@@ -199,8 +268,16 @@ impl Manager {
         name: String,
         spec_json: String,
     ) -> Result<OwnedObjectPath, BusError> {
-        authorize(conn, Some(&header), &self.node, Role::VmControl, "CreateVm").await?;
-        let vm = self.node.create(&name, &spec_json).await?;
+        let audit = authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::VmControl,
+            "CreateVm",
+            &name,
+        )
+        .await?;
+        let vm = audit.done(self.node.create(&name, &spec_json).await)?;
         owned_path(&vm.path)
     }
 
@@ -210,8 +287,16 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         name: String,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, Role::VmControl, "DeleteVm").await?;
-        Ok(self.node.delete(&name).await?)
+        authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::VmControl,
+            "DeleteVm",
+            &name,
+        )
+        .await?
+        .done(self.node.delete(&name).await)
     }
 
     /// Validates `document_json`, plans the changes and, unless `dry_run`, applies them.
@@ -224,17 +309,19 @@ impl Manager {
         document_json: String,
         dry_run: bool,
     ) -> Result<String, BusError> {
-        if !dry_run {
-            authorize(
-                conn,
-                Some(&header),
-                &self.node,
-                Role::Network,
-                "ApplyNetwork",
-            )
-            .await?;
+        if dry_run {
+            return Ok(self.node.apply_network(&document_json, true).await?);
         }
-        Ok(self.node.apply_network(&document_json, dry_run).await?)
+        let audit = authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::Network,
+            "ApplyNetwork",
+            "",
+        )
+        .await?;
+        audit.done(self.node.apply_network(&document_json, false).await)
     }
 
     /// The host network as observed now, as a document (links the node manages and
@@ -253,8 +340,16 @@ impl Manager {
         url: String,
         sha256: String,
     ) -> Result<String, BusError> {
-        authorize(conn, Some(&header), &self.node, Role::Images, "PullImage").await?;
-        let path = self.node.pull_image(&url, &sha256).await?;
+        let audit = authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::Images,
+            "PullImage",
+            &url,
+        )
+        .await?;
+        let path = audit.done(self.node.pull_image(&url, &sha256).await)?;
         Ok(path.display().to_string())
     }
 
@@ -278,8 +373,16 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         name: String,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, Role::Images, "DeleteImage").await?;
-        Ok(self.node.delete_image(&name).await?)
+        authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::Images,
+            "DeleteImage",
+            &name,
+        )
+        .await?
+        .done(self.node.delete_image(&name).await)
     }
 
     /// Makes disk `name` in the disk store from `options_json`: `{"size": BYTES}` (empty,
@@ -294,8 +397,16 @@ impl Manager {
         name: String,
         options_json: String,
     ) -> Result<String, BusError> {
-        authorize(conn, Some(&header), &self.node, Role::Images, "CreateDisk").await?;
-        Ok(self.node.create_disk(&name, &options_json).await?)
+        authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::Images,
+            "CreateDisk",
+            &name,
+        )
+        .await?
+        .done(self.node.create_disk(&name, &options_json).await)
     }
 
     /// Grows disk `name` to `size` bytes; refused while a running VM uses it.
@@ -306,8 +417,16 @@ impl Manager {
         name: String,
         size: u64,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, Role::Images, "ResizeDisk").await?;
-        Ok(self.node.resize_disk(&name, size).await?)
+        authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::Images,
+            "ResizeDisk",
+            &name,
+        )
+        .await?
+        .done(self.node.resize_disk(&name, size).await)
     }
 
     /// Deletes disk `name`; refused while any VM's spec names it.
@@ -317,8 +436,16 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         name: String,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, Role::Images, "DeleteDisk").await?;
-        Ok(self.node.delete_disk(&name).await?)
+        authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::Images,
+            "DeleteDisk",
+            &name,
+        )
+        .await?
+        .done(self.node.delete_disk(&name).await)
     }
 
     /// Disks in the store as JSON: [{name, size, allocated, users: [VM names]}].
@@ -395,7 +522,7 @@ impl VmObject {
         )
         .await
         {
-            Ok(()) => self.vm.spec_json(),
+            Ok(_) => self.vm.spec_json(),
             Err(_) => String::new(),
         }
     }
@@ -412,19 +539,19 @@ impl VmObject {
         #[zbus(header)] header: Option<Header<'_>>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), zbus::fdo::Error> {
-        authorize(
+        let audit = authorize_change(
             conn,
             header.as_ref(),
             &self.node,
             Role::VmControl,
-            "setting Autostart",
+            "SetAutostart",
+            &self.vm.name,
         )
         .await
         .map_err(to_fdo)?;
-        self.node
-            .set_autostart(&self.vm.name, value)
-            .await
-            .map_err(|e| to_fdo(e.into()))
+        audit
+            .done(self.node.set_autostart(&self.vm.name, value).await)
+            .map_err(to_fdo)
     }
 
     /// Starts the VM; returns once it runs. Of a running VM: succeeds, nothing done.
@@ -433,8 +560,16 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, Role::VmControl, "Start").await?;
-        Ok(self.node.start(&self.vm.name).await?)
+        authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::VmControl,
+            "Start",
+            &self.vm.name,
+        )
+        .await?
+        .done(self.node.start(&self.vm.name).await)
     }
 
     /// Presses the ACPI power button, waits for the guest to power off (up to the agent's
@@ -444,8 +579,16 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, Role::VmControl, "Shutdown").await?;
-        Ok(self.node.stop(&self.vm.name, true).await?)
+        authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::VmControl,
+            "Shutdown",
+            &self.vm.name,
+        )
+        .await?
+        .done(self.node.stop(&self.vm.name, true).await)
     }
 
     /// Stops the VMM (SIGTERM, then SIGKILL after 10 s); ends a Shutdown's wait for the
@@ -455,8 +598,16 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, Role::VmControl, "Stop").await?;
-        Ok(self.node.stop(&self.vm.name, false).await?)
+        authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::VmControl,
+            "Stop",
+            &self.vm.name,
+        )
+        .await?
+        .done(self.node.stop(&self.vm.name, false).await)
     }
 
     async fn pause(
@@ -464,8 +615,16 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, Role::VmControl, "Pause").await?;
-        Ok(self.node.pause(&self.vm.name).await?)
+        authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::VmControl,
+            "Pause",
+            &self.vm.name,
+        )
+        .await?
+        .done(self.node.pause(&self.vm.name).await)
     }
 
     async fn resume(
@@ -473,8 +632,16 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, Some(&header), &self.node, Role::VmControl, "Resume").await?;
-        Ok(self.node.resume(&self.vm.name).await?)
+        authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::VmControl,
+            "Resume",
+            &self.vm.name,
+        )
+        .await?
+        .done(self.node.resume(&self.vm.name).await)
     }
 
     /// The VMM's own view of the VM (its API's `info` result), as JSON. Needs the vm-control

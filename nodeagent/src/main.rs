@@ -72,6 +72,10 @@ struct DaemonArgs {
     /// thvc-host.
     #[arg(long = "role-group", value_name = "ROLE=GROUP")]
     role_groups: Vec<String>,
+    /// journald's native socket for audit records (default: /run/systemd/journal/socket if
+    /// it exists; without one, audit records are stderr lines).
+    #[arg(long)]
+    journal_socket: Option<PathBuf>,
     /// Seconds Shutdown waits for the guest to power off before stopping the VMM.
     #[arg(long, default_value_t = 60)]
     shutdown_timeout: u64,
@@ -268,6 +272,9 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         vmm_user,
         vmm_switches_user,
         role_groups,
+        journal_socket: args
+            .journal_socket
+            .or_else(thvc_nodeagent::audit::default_socket),
         control_group: args.control_group,
         node_name,
         os_release: args.os_release,

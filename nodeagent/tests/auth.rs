@@ -204,3 +204,93 @@ async fn each_role_may_do_its_class_only() {
         }
     }
 }
+
+/// Parses one journald native-protocol datagram (binary-safe fields only, as the agent
+/// writes them) into its fields.
+fn journal_fields(mut d: &[u8]) -> std::collections::HashMap<String, String> {
+    let mut fields = std::collections::HashMap::new();
+    while !d.is_empty() {
+        let nl = d
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("key ends in a newline");
+        let key = String::from_utf8(d[..nl].to_vec()).unwrap();
+        assert!(
+            !key.contains('='),
+            "the agent writes length-prefixed fields: {key}"
+        );
+        let len = u64::from_le_bytes(d[nl + 1..nl + 9].try_into().unwrap()) as usize;
+        let value = String::from_utf8(d[nl + 9..nl + 9 + len].to_vec()).unwrap();
+        assert_eq!(d[nl + 9 + len], b'\n');
+        d = &d[nl + 10 + len..];
+        fields.insert(key, value);
+    }
+    fields
+}
+
+/// Each state-changing call, allowed, refused or failed, is one journal record with the
+/// caller, the action, the VM and the result; reads are not recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changes_are_audited_to_the_journal() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let bin = thvcctl_copy(bus.dir.path());
+    let journal_path = bus.dir.path().join("journal.socket");
+    let journal = std::os::unix::net::UnixDatagram::bind(&journal_path).unwrap();
+    journal
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let _agent = Agent::start(
+        &bus,
+        &dirs,
+        &[
+            "--control-group",
+            "thvc-control-test-absent",
+            "--journal-socket",
+            journal_path.to_str().unwrap(),
+        ],
+    );
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let mut buf = vec![0u8; 65536];
+    let mut next = || {
+        let n = journal.recv(&mut buf).expect("an audit record arrives");
+        journal_fields(&buf[..n])
+    };
+
+    let path = m.create_vm("web1", &spec("")).await.unwrap();
+    let r = next();
+    assert_eq!(r["THVC_ACTION"], "CreateVm", "{r:?}");
+    assert_eq!(r["THVC_CALLER_UID"], "0");
+    assert_eq!(r["THVC_VM"], "web1");
+    assert_eq!(r["THVC_RESULT"], "ok");
+    assert_eq!(r["SYSLOG_IDENTIFIER"], "thvc-nodeagent");
+
+    let web1 = vm(&conn, path).await;
+    web1.start().await.unwrap();
+    let r = next();
+    assert_eq!(
+        (r["THVC_ACTION"].as_str(), r["THVC_RESULT"].as_str()),
+        ("Start", "ok")
+    );
+
+    // Refused: nobody may not stop it.
+    let (ok, _, _) = thvcctl_as_nobody(&bin, &bus, &["vm", "stop", "web1"], "");
+    assert!(!ok);
+    let r = next();
+    assert_eq!(r["THVC_ACTION"], "Stop", "{r:?}");
+    assert_eq!(r["THVC_CALLER_UID"], NOBODY.to_string());
+    assert_eq!(r["THVC_VM"], "web1");
+    assert_eq!(r["THVC_RESULT"], "denied");
+    assert!(r["THVC_ERROR"].contains("vm-control"), "{r:?}");
+
+    // Reads leave no record; a failed change does, with its error.
+    m.list_vms().await.unwrap();
+    let err = m.delete_vm("nonexistent").await.unwrap_err();
+    assert_eq!(error_name(&err), "de.thueringen.thvc.node1.Error.NotFound");
+    let r = next();
+    assert_eq!(r["THVC_ACTION"], "DeleteVm", "{r:?}");
+    assert_eq!(r["THVC_VM"], "nonexistent");
+    assert_eq!(r["THVC_RESULT"], "failed");
+    assert!(!r["THVC_ERROR"].is_empty());
+}

@@ -156,6 +156,8 @@ pub struct NodeConfig {
     pub control_group: String,
     /// Which groups grant which roles (the control group grants all).
     pub role_groups: crate::auth::RoleGroups,
+    /// Where audit records go (journald's native socket); None: stderr lines.
+    pub journal_socket: Option<PathBuf>,
     pub node_name: String,
     pub os_release: PathBuf,
     pub shutdown_timeout: Duration,
