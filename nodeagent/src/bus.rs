@@ -12,10 +12,14 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath, Value};
 use zbus::{interface, Connection};
 
+mod jobs;
+pub use jobs::JOB_INTERFACE;
+
 use crate::audit;
 use crate::auth::Role;
 use crate::hostinfo;
 use crate::names::MANAGER_PATH;
+use crate::node::jobs::JobOperation;
 use crate::node::{EventStream, Node, NodeError, NodeEvent, Vm, VmProperty};
 
 pub const BUS_NAME: &str = "de.thueringen.thvc.node1";
@@ -461,6 +465,34 @@ impl Manager {
         path: ObjectPath<'_>,
     ) -> zbus::Result<()>;
 
+    /// Jobs in progress: (id, operation, VM name, state, job path).
+    async fn list_jobs(&self) -> Vec<(u32, String, String, String, OwnedObjectPath)> {
+        self.node
+            .jobs()
+            .iter()
+            .filter_map(|j| {
+                let path = OwnedObjectPath::try_from(j.path.clone()).ok()?;
+                Some((
+                    j.id,
+                    j.operation.as_str().to_owned(),
+                    j.vm.clone(),
+                    j.state().to_owned(),
+                    path,
+                ))
+            })
+            .collect()
+    }
+
+    /// A job ended: result `done` or `failed`, with the error message (empty when done).
+    #[zbus(signal)]
+    async fn job_removed(
+        emitter: &SignalEmitter<'_>,
+        id: u32,
+        path: ObjectPath<'_>,
+        result: &str,
+        message: &str,
+    ) -> zbus::Result<()>;
+
     #[zbus(signal)]
     async fn vm_removed(
         emitter: &SignalEmitter<'_>,
@@ -472,6 +504,28 @@ impl Manager {
 pub struct VmObject {
     node: Arc<Node>,
     vm: Arc<Vm>,
+}
+
+impl VmObject {
+    async fn job(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        operation: JobOperation,
+        action: &'static str,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let audit = authorize_change(
+            conn,
+            Some(header),
+            &self.node,
+            Role::VmControl,
+            action,
+            &self.vm.name,
+        )
+        .await?;
+        let job = audit.done(self.node.start_job(&self.vm.name, operation).await)?;
+        owned_path(&job.path)
+    }
 }
 
 #[interface(name = "de.thueringen.thvc.node1.Vm")]
@@ -610,6 +664,35 @@ impl VmObject {
         .done(self.node.stop(&self.vm.name, false).await)
     }
 
+    /// Start as a job: returns the job's path at once; `JobRemoved` tells the result.
+    async fn start_job(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, BusError> {
+        self.job(conn, &header, JobOperation::Start, "StartJob")
+            .await
+    }
+
+    /// Stop as a job.
+    async fn stop_job(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, BusError> {
+        self.job(conn, &header, JobOperation::Stop, "StopJob").await
+    }
+
+    /// Shutdown as a job; a Stop (or StopJob) meanwhile ends its wait for the guest.
+    async fn shutdown_job(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath, BusError> {
+        self.job(conn, &header, JobOperation::Shutdown, "ShutdownJob")
+            .await
+    }
+
     async fn pause(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -714,6 +797,14 @@ async fn pump_events(conn: Connection, node: std::sync::Weak<Node>, mut events: 
             NodeEvent::VmRemoved(vm) => unregister_vm(&conn, &vm).await,
             NodeEvent::VmChanged(vm, props) => emit_vm_changed(&conn, &vm, &props).await,
             NodeEvent::NetworkStateChanged => emit_network_state_changed(&conn).await,
+            NodeEvent::JobNew(job) => ack.done(
+                jobs::register_job(&conn, job)
+                    .await
+                    .map_err(|e| format!("registering the job object: {e}")),
+            ),
+            NodeEvent::JobRemoved(job, result, message) => {
+                jobs::job_removed(&conn, &job, result, &message).await
+            }
         }
     }
 }

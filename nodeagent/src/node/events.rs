@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::jobs::{Job, JobResult};
 use super::{Node, Vm, VmProperty};
 
 /// Something about the node that its clients may want to know.
@@ -33,6 +34,11 @@ pub enum NodeEvent {
     VmChanged(Arc<Vm>, Vec<VmProperty>),
     /// The node's `NetworkState` changed.
     NetworkStateChanged,
+    /// A job began: serve its object before the caller gets its path.
+    JobNew(Arc<Job>),
+    /// A job ended with a result and an error message (empty when done): withdraw its object
+    /// and announce `JobRemoved`.
+    JobRemoved(Arc<Job>, JobResult, String),
 }
 
 impl std::fmt::Debug for NodeEvent {
@@ -43,6 +49,10 @@ impl std::fmt::Debug for NodeEvent {
             NodeEvent::VmRemoved(vm) => write!(f, "VmRemoved({})", vm.name),
             NodeEvent::VmChanged(vm, props) => write!(f, "VmChanged({}, {props:?})", vm.name),
             NodeEvent::NetworkStateChanged => write!(f, "NetworkStateChanged"),
+            NodeEvent::JobNew(job) => write!(f, "JobNew({})", job.id),
+            NodeEvent::JobRemoved(job, result, _) => {
+                write!(f, "JobRemoved({}, {})", job.id, result.as_str())
+            }
         }
     }
 }

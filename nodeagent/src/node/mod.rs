@@ -39,6 +39,7 @@
 mod disk_ops;
 pub mod events;
 mod image_ops;
+pub mod jobs;
 mod lifecycle;
 mod net_ops;
 mod recovery;
@@ -321,6 +322,8 @@ pub struct Node {
     membership: Mutex<()>,
     /// Where the node's events go (see [`events`]).
     events: events::Publisher,
+    /// Jobs in progress (see [`jobs`]).
+    jobs: jobs::Jobs,
     pulls: StdMutex<HashSet<String>>,
     /// Disk names with an operation in progress (see `disk_ops`).
     disk_ops: StdMutex<HashSet<String>>,
@@ -415,6 +418,7 @@ impl Node {
             vms: StdMutex::new(BTreeMap::new()),
             membership: Mutex::new(()),
             events: events::Publisher::default(),
+            jobs: jobs::Jobs::default(),
             pulls: StdMutex::new(HashSet::new()),
             disk_ops: StdMutex::new(HashSet::new()),
             http,

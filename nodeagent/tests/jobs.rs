@@ -1,0 +1,155 @@
+//! Long operations as jobs: StartJob/ShutdownJob/StopJob return a job object at once, the job
+//! is listed and served while it runs, and the Manager's JobRemoved tells its result.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use zbus::zvariant::OwnedObjectPath;
+
+const MANAGER: &str = "/de/thueringen/thvc/node1";
+
+async fn job_removed_stream(conn: &zbus::Connection) -> zbus::proxy::SignalStream<'static> {
+    let p = zbus::Proxy::new(
+        conn,
+        "de.thueringen.thvc.node1",
+        MANAGER,
+        "de.thueringen.thvc.node1.Manager",
+    )
+    .await
+    .unwrap();
+    p.receive_signal("JobRemoved").await.unwrap()
+}
+
+async fn call_job(conn: &zbus::Connection, vm: &OwnedObjectPath, method: &str) -> OwnedObjectPath {
+    let reply = conn
+        .call_method(
+            Some("de.thueringen.thvc.node1"),
+            vm.as_str(),
+            Some("de.thueringen.thvc.node1.Vm"),
+            method,
+            &(),
+        )
+        .await
+        .unwrap();
+    reply.body().deserialize().unwrap()
+}
+
+async fn next_removed(
+    stream: &mut zbus::proxy::SignalStream<'static>,
+) -> (u32, OwnedObjectPath, String, String) {
+    let msg = tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .expect("JobRemoved within 20 s")
+        .expect("signal stream open");
+    msg.body().deserialize().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_return_at_once_and_report_their_result() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(
+        &bus,
+        &dirs,
+        &["--shutdown-timeout", "30", "--stop-timeout", "2"],
+    );
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let mut removed = job_removed_stream(&conn).await;
+    let path = m
+        .create_vm("deaf", &spec_cmdline("fake.ignore_shutdown=1"))
+        .await
+        .unwrap();
+    let deaf = vm(&conn, path.clone()).await;
+
+    // StartJob: a job path, then JobRemoved(done) and the VM runs.
+    let job = call_job(&conn, &path, "StartJob").await;
+    assert!(
+        job.as_str().starts_with("/de/thueringen/thvc/node1/job/"),
+        "{job}"
+    );
+    let (id, p, result, message) = next_removed(&mut removed).await;
+    assert_eq!(
+        (p.as_str(), result.as_str(), message.as_str()),
+        (job.as_str(), "done", "")
+    );
+    assert!(id > 0);
+    assert_eq!(deaf.state().await.unwrap(), "running");
+
+    // ShutdownJob of a guest that ignores the power button: returns at once (the blocking
+    // Shutdown would take the 30 s timeout), is listed and served while it waits.
+    let t = Instant::now();
+    let job = call_job(&conn, &path, "ShutdownJob").await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let jp = zbus::Proxy::new(
+        &conn,
+        "de.thueringen.thvc.node1",
+        job.clone(),
+        "de.thueringen.thvc.node1.Job",
+    )
+    .await
+    .unwrap();
+    let op: String = jp.get_property("Operation").await.unwrap();
+    assert_eq!(op, "shutdown");
+    let vm_path: OwnedObjectPath = jp.get_property("Vm").await.unwrap();
+    assert_eq!(vm_path, path);
+    let list: Vec<(u32, String, String, String, OwnedObjectPath)> = conn
+        .call_method(
+            Some("de.thueringen.thvc.node1"),
+            MANAGER,
+            Some("de.thueringen.thvc.node1.Manager"),
+            "ListJobs",
+            &(),
+        )
+        .await
+        .unwrap()
+        .body()
+        .deserialize()
+        .unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].1, "shutdown");
+    assert_eq!(list[0].2, "deaf");
+    assert_eq!(list[0].3, "running");
+    assert_eq!(list[0].4, job);
+
+    // Replaced by a Stop: the shutdown job ends, done, and its object is gone.
+    let stop = call_job(&conn, &path, "StopJob").await;
+    let mut ended = Vec::new();
+    for _ in 0..2 {
+        let (_, p, result, message) = next_removed(&mut removed).await;
+        ended.push((p.to_string(), result, message));
+    }
+    ended.sort();
+    let mut want = vec![
+        (job.to_string(), "done".to_owned(), String::new()),
+        (stop.to_string(), "done".to_owned(), String::new()),
+    ];
+    want.sort();
+    assert_eq!(ended, want);
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(deaf.state().await.unwrap(), "stopped");
+    let gone = conn
+        .call_method(
+            Some("de.thueringen.thvc.node1"),
+            job.as_str(),
+            Some("org.freedesktop.DBus.Properties"),
+            "Get",
+            &("de.thueringen.thvc.node1.Job", "Operation"),
+        )
+        .await;
+    assert!(gone.is_err(), "the job object is withdrawn");
+
+    // A failing job: JobRemoved(failed) with the reason. Start of a VM whose VMM cannot run.
+    let bad = m
+        .create_vm("bad", &spec_cmdline("fake.exit=1 fake.exit_after_ms=0"))
+        .await
+        .unwrap();
+    let job = call_job(&conn, &bad, "StartJob").await;
+    let (_, p, result, message) = next_removed(&mut removed).await;
+    assert_eq!(p, job);
+    assert_eq!(result, "failed", "{message}");
+    assert!(!message.is_empty());
+}
