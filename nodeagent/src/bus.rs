@@ -466,6 +466,7 @@ impl Manager {
     ) -> zbus::Result<()>;
 
     /// Jobs in progress: (id, operation, VM name, state, job path).
+    #[zbus(out_args("jobs"))]
     async fn list_jobs(&self) -> Vec<(u32, String, String, String, OwnedObjectPath)> {
         self.node
             .jobs()
@@ -665,6 +666,7 @@ impl VmObject {
     }
 
     /// Start as a job: returns the job's path at once; `JobRemoved` tells the result.
+    #[zbus(out_args("job"))]
     async fn start_job(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -675,6 +677,7 @@ impl VmObject {
     }
 
     /// Stop as a job.
+    #[zbus(out_args("job"))]
     async fn stop_job(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -684,6 +687,7 @@ impl VmObject {
     }
 
     /// Shutdown as a job; a Stop (or StopJob) meanwhile ends its wait for the guest.
+    #[zbus(out_args("job"))]
     async fn shutdown_job(
         &self,
         #[zbus(header)] header: Header<'_>,
