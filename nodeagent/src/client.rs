@@ -60,6 +60,16 @@ pub trait Manager {
     fn vm_new(&self, name: String, path: OwnedObjectPath) -> zbus::Result<()>;
     #[zbus(signal)]
     fn vm_removed(&self, name: String, path: OwnedObjectPath) -> zbus::Result<()>;
+
+    fn list_jobs(&self) -> zbus::Result<Vec<(u32, String, String, String, OwnedObjectPath)>>;
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        path: OwnedObjectPath,
+        result: String,
+        message: String,
+    ) -> zbus::Result<()>;
 }
 
 #[zbus::proxy(
@@ -85,6 +95,9 @@ pub trait Vm {
     fn start(&self) -> zbus::Result<()>;
     fn shutdown(&self) -> zbus::Result<()>;
     fn stop(&self) -> zbus::Result<()>;
+    fn start_job(&self) -> zbus::Result<OwnedObjectPath>;
+    fn shutdown_job(&self) -> zbus::Result<OwnedObjectPath>;
+    fn stop_job(&self) -> zbus::Result<OwnedObjectPath>;
     fn pause(&self) -> zbus::Result<()>;
     fn resume(&self) -> zbus::Result<()>;
     fn info(&self) -> zbus::Result<String>;

@@ -274,11 +274,11 @@ async fn state_changes_are_audited_to_the_journal() {
         ("Start", "ok")
     );
 
-    // Refused: nobody may not stop it.
+    // Refused: nobody may not stop it (thvcctl uses the job variant).
     let (ok, _, _) = thvcctl_as_nobody(&bin, &bus, &["vm", "stop", "web1"], "");
     assert!(!ok);
     let r = next();
-    assert_eq!(r["THVC_ACTION"], "Stop", "{r:?}");
+    assert_eq!(r["THVC_ACTION"], "StopJob", "{r:?}");
     assert_eq!(r["THVC_CALLER_UID"], NOBODY.to_string());
     assert_eq!(r["THVC_VM"], "web1");
     assert_eq!(r["THVC_RESULT"], "denied");

@@ -142,3 +142,42 @@ async fn jobs_return_at_once_and_report_their_result() {
         .await;
     assert!(gone.is_err(), "the job object is withdrawn");
 }
+
+/// thvcctl runs start/stop/shutdown as jobs: it waits for JobRemoved, or with `--no-wait`
+/// prints the job path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thvcctl_waits_for_jobs_or_returns_the_path() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let v = vm(&conn, m.create_vm("web", &spec("")).await.unwrap()).await;
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(THVCCTL)
+            .arg("--bus")
+            .arg(&bus.address)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = ctl(&["vm", "start", "web"]);
+    assert!(ok, "{err}");
+    // It returned after the job ended: the VM runs now, no job is left.
+    assert_eq!(v.state().await.unwrap(), "running");
+    assert!(m.list_jobs().await.unwrap().is_empty());
+
+    let mut removed = job_removed_stream(&conn).await;
+    let (ok, out, err) = ctl(&["vm", "stop", "web", "--no-wait"]);
+    assert!(ok, "{err}");
+    let path = out.trim();
+    assert!(path.starts_with("/de/thueringen/thvc/node1/job/"), "{out}");
+    let (_, p, result, _) = next_removed(&mut removed).await;
+    assert_eq!((p.as_str(), result.as_str()), (path, "done"));
+    assert_eq!(v.state().await.unwrap(), "stopped");
+}

@@ -67,14 +67,23 @@ enum VmAction {
     },
     Start {
         name: String,
+        /// Print the job's object path and return instead of waiting for the job.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Graceful: ACPI power button, then stop after the agent's timeout.
     Shutdown {
         name: String,
+        /// Print the job's object path and return instead of waiting for the job.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Stop the VMM now.
     Stop {
         name: String,
+        /// Print the job's object path and return instead of waiting for the job.
+        #[arg(long)]
+        no_wait: bool,
     },
     Pause {
         name: String,
@@ -466,9 +475,30 @@ async fn vm(
                 println!("created {name} ({})", path.as_str());
             }
         }
-        VmAction::Start { name } => proxy(name).await?.start().await?,
-        VmAction::Shutdown { name } => proxy(name).await?.shutdown().await?,
-        VmAction::Stop { name } => proxy(name).await?.stop().await?,
+        VmAction::Start { name, no_wait } => {
+            run_job(
+                manager,
+                &proxy(name.clone()).await?,
+                JobKind::Start,
+                &name,
+                no_wait,
+            )
+            .await?
+        }
+        VmAction::Shutdown { name, no_wait } => {
+            let vm = proxy(name.clone()).await?;
+            run_job(manager, &vm, JobKind::Shutdown, &name, no_wait).await?
+        }
+        VmAction::Stop { name, no_wait } => {
+            run_job(
+                manager,
+                &proxy(name.clone()).await?,
+                JobKind::Stop,
+                &name,
+                no_wait,
+            )
+            .await?
+        }
         VmAction::Pause { name } => proxy(name).await?.pause().await?,
         VmAction::Resume { name } => proxy(name).await?.resume().await?,
         VmAction::Delete { name } => manager.delete_vm(&name).await?,
@@ -548,4 +578,45 @@ mod tests {
         assert_eq!(human(20 << 30), "20.0 GiB");
         assert_eq!(human(3 << 39), "1.5 TiB");
     }
+}
+
+#[derive(Clone, Copy)]
+enum JobKind {
+    Start,
+    Shutdown,
+    Stop,
+}
+
+/// Runs a VM operation as an agent job: subscribes to JobRemoved first (a fast job could end
+/// before a later subscription), calls the job method, then waits for the job's JobRemoved.
+/// With `no_wait`, prints the job path and returns.
+async fn run_job(
+    manager: &client::ManagerProxy<'_>,
+    vm: &client::VmProxy<'_>,
+    kind: JobKind,
+    name: &str,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let mut removed = manager.receive_job_removed().await?;
+    let (job, what) = match kind {
+        JobKind::Start => (vm.start_job().await?, "start"),
+        JobKind::Shutdown => (vm.shutdown_job().await?, "shutdown"),
+        JobKind::Stop => (vm.stop_job().await?, "stop"),
+    };
+    if no_wait {
+        println!("{}", job.as_str());
+        return Ok(());
+    }
+    while let Some(signal) = removed.next().await {
+        let args = signal.args()?;
+        if args.path.as_str() != job.as_str() {
+            continue;
+        }
+        if args.result == "done" {
+            return Ok(());
+        }
+        anyhow::bail!("{what} of {name} {}: {}", args.result, args.message);
+    }
+    anyhow::bail!("the bus connection ended before the {what} job of {name} did")
 }
