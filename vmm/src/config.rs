@@ -11,6 +11,8 @@ use std::str::FromStr;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::rate_limiter::{LimitConfig, RateError};
+
 /// Default kernel command line: console on COM1, reboot through the ACPI reset register,
 /// reboot one second after a panic so a supervisor sees the reset status, no PCI probing
 /// (all devices are announced through ACPI).
@@ -64,6 +66,10 @@ pub enum ConfigError {
     Disk { spec: String, why: String },
     #[error("invalid --net '{spec}': {why}")]
     Net { spec: String, why: String },
+    #[error("invalid --rng '{spec}': {why}")]
+    Rng { spec: String, why: String },
+    #[error("--rng and --no-rng exclude each other")]
+    RngAndNoRng,
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} are supported")]
     TooManyDevices(usize),
     #[error("invalid seccomp mode '{0}': expected on, off or log")]
@@ -100,6 +106,16 @@ pub struct DiskConfig {
     /// virtio-mmio (resolved by `VmConfig::merge`).
     #[serde(default)]
     pub queues: Option<u16>,
+    /// Rate limit (see `rate_limiter`): bytes per second (K/M/G = 1024^n), its burst in
+    /// bytes, operations per second, their burst; absent or 0: unlimited.
+    #[serde(default)]
+    pub bandwidth: Option<Amount>,
+    #[serde(default, alias = "bandwidth-burst")]
+    pub bandwidth_burst: Option<Amount>,
+    #[serde(default)]
+    pub ops: Option<Amount>,
+    #[serde(default, alias = "ops-burst")]
+    pub ops_burst: Option<Amount>,
 }
 
 /// A virtio-net NIC on an existing (or, with the right to, new) TAP device, named or handed
@@ -118,6 +134,137 @@ pub struct NetConfig {
     /// allows it (multi_queue), else one (resolved when the TAP is opened).
     #[serde(default)]
     pub queues: Option<u16>,
+    /// Applies to receiving and to transmitting, each on its own.
+    /// Rate limit (see `rate_limiter`): bytes per second (K/M/G = 1024^n), its burst in
+    /// bytes, operations per second, their burst; absent or 0: unlimited.
+    #[serde(default)]
+    pub bandwidth: Option<Amount>,
+    #[serde(default, alias = "bandwidth-burst")]
+    pub bandwidth_burst: Option<Amount>,
+    #[serde(default)]
+    pub ops: Option<Amount>,
+    #[serde(default, alias = "ops-burst")]
+    pub ops_burst: Option<Amount>,
+}
+
+/// The virtio-rng device's settings: only its rate limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngConfig {
+    /// Rate limit (see `rate_limiter`): bytes per second (K/M/G = 1024^n), its burst in
+    /// bytes, operations per second, their burst; absent or 0: unlimited.
+    #[serde(default)]
+    pub bandwidth: Option<Amount>,
+    #[serde(default, alias = "bandwidth-burst")]
+    pub bandwidth_burst: Option<Amount>,
+    #[serde(default)]
+    pub ops: Option<Amount>,
+    #[serde(default, alias = "ops-burst")]
+    pub ops_burst: Option<Amount>,
+}
+
+/// A rate or burst as written: a number, or a string with an optional K/M/G suffix.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Amount {
+    Number(u64),
+    Text(String),
+}
+
+/// The four rate limit settings of a device, parsed.
+pub fn parse_limits(
+    bandwidth: &Option<Amount>,
+    bandwidth_burst: &Option<Amount>,
+    ops: &Option<Amount>,
+    ops_burst: &Option<Amount>,
+) -> Result<LimitConfig, String> {
+    use crate::rate_limiter::{parse_bytes, parse_ops};
+    let get = |a: &Option<Amount>, what: &str, parse: fn(&str) -> Result<u64, RateError>| match a {
+        None => Ok(None),
+        Some(Amount::Number(n)) => Ok(Some(*n)),
+        Some(Amount::Text(t)) => parse(t).map(Some).map_err(|e| format!("{what}: {e}")),
+    };
+    let limits = LimitConfig {
+        bandwidth: get(bandwidth, "bandwidth", parse_bytes)?,
+        bandwidth_burst: get(bandwidth_burst, "bandwidth-burst", parse_bytes)?,
+        ops: get(ops, "ops", parse_ops)?,
+        ops_burst: get(ops_burst, "ops-burst", parse_ops)?,
+    };
+    limits.check()?;
+    Ok(limits)
+}
+
+/// Takes a rate limit key of a device spec; false if `key` is not one.
+fn limit_key(key: &str, value: &str, slots: [&mut Option<Amount>; 4]) -> bool {
+    let [bandwidth, bandwidth_burst, ops, ops_burst] = slots;
+    let slot = match key {
+        "bandwidth" => bandwidth,
+        "bandwidth-burst" | "bandwidth_burst" => bandwidth_burst,
+        "ops" => ops,
+        "ops-burst" | "ops_burst" => ops_burst,
+        _ => return false,
+    };
+    *slot = Some(Amount::Text(value.to_string()));
+    true
+}
+
+macro_rules! limits_of {
+    ($c:expr) => {
+        parse_limits(&$c.bandwidth, &$c.bandwidth_burst, &$c.ops, &$c.ops_burst)
+    };
+}
+
+macro_rules! limit_slots {
+    ($c:expr) => {
+        [
+            &mut $c.bandwidth,
+            &mut $c.bandwidth_burst,
+            &mut $c.ops,
+            &mut $c.ops_burst,
+        ]
+    };
+}
+
+impl DiskConfig {
+    /// The disk's rate limit (validated by parsing).
+    pub fn limits(&self) -> LimitConfig {
+        limits_of!(self).unwrap_or_default()
+    }
+}
+
+impl NetConfig {
+    /// The NIC's rate limit, per direction (validated by parsing).
+    pub fn limits(&self) -> LimitConfig {
+        limits_of!(self).unwrap_or_default()
+    }
+}
+
+impl RngConfig {
+    pub fn limits(&self) -> LimitConfig {
+        limits_of!(self).unwrap_or_default()
+    }
+}
+
+impl FromStr for RngConfig {
+    type Err = ConfigError;
+
+    /// `bandwidth=RATE[,bandwidth-burst=N][,ops=N][,ops-burst=N]`
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let err = |why: String| ConfigError::Rng {
+            spec: spec.to_string(),
+            why,
+        };
+        let mut rng = RngConfig::default();
+        for (key, value) in key_values(spec).map_err(err)? {
+            if !limit_key(key, value, limit_slots!(rng)) {
+                return Err(err(format!(
+                    "unknown key '{key}' (bandwidth, bandwidth-burst, ops, ops-burst)"
+                )));
+            }
+        }
+        limits_of!(rng).map_err(err)?;
+        Ok(rng)
+    }
 }
 
 /// Splits "a=1,b=2" into pairs; every part must be key=value.
@@ -171,6 +318,10 @@ impl FromStr for DiskConfig {
             readonly: false,
             serial: None,
             queues: None,
+            bandwidth: None,
+            bandwidth_burst: None,
+            ops: None,
+            ops_burst: None,
         };
         for (key, value) in key_values(spec).map_err(err)? {
             match key {
@@ -178,9 +329,11 @@ impl FromStr for DiskConfig {
                 "readonly" => disk.readonly = on_off(value).map_err(err)?,
                 "serial" => disk.serial = Some(value.to_string()),
                 "queues" => disk.queues = Some(queue_count(value).map_err(err)?),
+                _ if limit_key(key, value, limit_slots!(disk)) => {}
                 _ => {
                     return Err(err(format!(
-                        "unknown key '{key}' (path, readonly, serial, queues)"
+                        "unknown key '{key}' (path, readonly, serial, queues, bandwidth, \
+                         bandwidth-burst, ops, ops-burst)"
                     )))
                 }
             }
@@ -195,6 +348,7 @@ impl DiskConfig {
         if self.path.as_os_str().is_empty() {
             return Err("path is required".into());
         }
+        limits_of!(self)?;
         if let Some(n) = self.queues {
             queue_count(&n.to_string())?;
         }
@@ -223,6 +377,10 @@ impl FromStr for NetConfig {
             mac: None,
             fd: None,
             queues: None,
+            bandwidth: None,
+            bandwidth_burst: None,
+            ops: None,
+            ops_burst: None,
         };
         for (key, value) in key_values(spec).map_err(err)? {
             match key {
@@ -236,7 +394,13 @@ impl FromStr for NetConfig {
                     )
                 }
                 "queues" => net.queues = Some(queue_count(value).map_err(err)?),
-                _ => return Err(err(format!("unknown key '{key}' (tap, fd, mac, queues)"))),
+                _ if limit_key(key, value, limit_slots!(net)) => {}
+                _ => {
+                    return Err(err(format!(
+                        "unknown key '{key}' (tap, fd, mac, queues, bandwidth, \
+                         bandwidth-burst, ops, ops-burst)"
+                    )))
+                }
             }
         }
         net.validate().map_err(err)?;
@@ -246,6 +410,7 @@ impl FromStr for NetConfig {
 
 impl NetConfig {
     fn validate(&self) -> Result<(), String> {
+        limits_of!(self)?;
         if let Some(n) = self.queues {
             queue_count(&n.to_string())?;
         }
@@ -439,15 +604,22 @@ pub struct Cli {
     /// Guest serial console (COM1): stdout, file:PATH or none [default: stdout].
     #[arg(long, value_name = "TARGET")]
     pub serial: Option<String>,
-    /// virtio-blk disk from a raw image: path=FILE[,readonly=on][,serial=ID] (repeatable).
+    /// virtio-blk disk from a raw image: path=FILE[,readonly=on][,serial=ID][,queues=N]
+    /// [,bandwidth=RATE][,bandwidth-burst=BYTES][,ops=N][,ops-burst=N] (repeatable; RATE in
+    /// bytes per second, K/M/G = 1024^n).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
-    /// virtio-net NIC on a TAP device: tap=NAME[,mac=MAC] (repeatable).
+    /// virtio-net NIC on a TAP device: tap=NAME[,mac=MAC][,queues=N] and the rate limit keys
+    /// of --disk, each direction limited on its own (repeatable).
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
     /// Do not give the guest a virtio-rng device (it has one by default).
     #[arg(long)]
     pub no_rng: bool,
+    /// Rate limit of the virtio-rng device: bandwidth=RATE[,bandwidth-burst=BYTES][,ops=N]
+    /// [,ops-burst=N].
+    #[arg(long, value_name = "SPEC")]
+    pub rng: Option<String>,
     /// How virtio devices attach: mmio (default) or pci (virtio-pci with MSI-X)
     #[arg(long, value_name = "mmio|pci")]
     pub transport: Option<String>,
@@ -486,7 +658,8 @@ pub struct FileConfig {
     pub serial: Option<String>,
     pub disks: Option<Vec<DiskConfig>>,
     pub nets: Option<Vec<NetConfig>>,
-    pub rng: Option<bool>,
+    /// true, false, or the device's rate limit: {"bandwidth": "1K"}.
+    pub rng: Option<RngFile>,
     pub transport: Option<String>,
     pub api_socket: Option<PathBuf>,
     pub api_socket_group: Option<bool>,
@@ -510,6 +683,14 @@ impl FileConfig {
         })?;
         Self::parse(&text, path)
     }
+}
+
+/// `"rng"` in the config file: on/off, or on with a rate limit.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RngFile {
+    Enabled(bool),
+    Limited(RngConfig),
 }
 
 /// What the first vCPU runs.
@@ -620,7 +801,8 @@ pub struct VmConfig {
     pub serial: SerialTarget,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
-    pub rng: bool,
+    /// The virtio-rng device, if any.
+    pub rng: Option<RngConfig>,
     pub transport: Transport,
     pub api_socket: Option<PathBuf>,
     /// The API socket is mode 0660 instead of 0600.
@@ -764,8 +946,20 @@ impl VmConfig {
                 });
             }
         }
-        let rng = !cli.no_rng && file.rng.unwrap_or(true);
-        let devices = disks.len() + nets.len() + usize::from(rng);
+        let rng = match (cli.no_rng, cli.rng, file.rng) {
+            (true, Some(_), _) => return Err(ConfigError::RngAndNoRng),
+            (true, None, _) | (false, None, Some(RngFile::Enabled(false))) => None,
+            (false, Some(spec), _) => Some(spec.parse()?),
+            (false, None, Some(RngFile::Limited(rng))) => {
+                limits_of!(rng).map_err(|why| ConfigError::Rng {
+                    spec: "(config file)".into(),
+                    why,
+                })?;
+                Some(rng)
+            }
+            (false, None, Some(RngFile::Enabled(true)) | None) => Some(RngConfig::default()),
+        };
+        let devices = disks.len() + nets.len() + usize::from(rng.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -1076,7 +1270,7 @@ mod tests {
         assert_eq!(cfg.disks[1].serial.as_deref(), Some("data-1"));
         assert_eq!(cfg.nets[0].mac.as_deref(), Some("52:54:00:00:00:01"));
         assert_eq!(cfg.nets[1].tap, "tap1");
-        assert!(!cfg.rng);
+        assert!(cfg.rng.is_none());
     }
 
     #[test]
@@ -1115,7 +1309,7 @@ mod tests {
         assert_eq!(cfg.disks[0].path, PathBuf::from("/a"));
         assert!(cfg.disks[0].readonly);
         assert_eq!(cfg.nets[0].tap, "tap9");
-        assert!(cfg.rng, "rng is on by default");
+        assert!(cfg.rng.is_some(), "rng is on by default");
         let unknown =
             FileConfig::parse(r#"{"disks": [{"path": "/a", "ro": true}]}"#, Path::new("c"));
         assert!(unknown.is_err(), "unknown disk field");

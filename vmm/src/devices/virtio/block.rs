@@ -14,6 +14,7 @@ use std::sync::Arc;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::throttle::{Admit, Throttle};
 use super::{
     serve_first_queue, Activation, CounterKind, DeviceCounters, DeviceInfo, QueueHandler,
     TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -360,6 +361,8 @@ pub struct BlockDevice {
     serial: [u8; ID_BYTES],
     counters: Arc<DeviceCounters>,
     active: Option<Activation>,
+    /// The disk's rate limit (see `throttle`), shared by its queues.
+    throttle: Option<Throttle>,
 }
 
 /// A virtio-blk disk with `queues` request queues (at least one): its transport description
@@ -421,6 +424,7 @@ pub fn open(
             serial: id,
             counters: counters.clone(),
             active: None,
+            throttle: None,
         })
         .collect();
     Ok((info, workers))
@@ -464,6 +468,11 @@ fn config_space(disk: &DiskGeometry, queues: u16) -> Vec<u8> {
 }
 
 impl BlockDevice {
+    /// Limits this queue's requests by `throttle` (bytes: the request's data buffers).
+    pub fn set_throttle(&mut self, throttle: Throttle) {
+        self.throttle = Some(throttle);
+    }
+
     pub fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
     }
@@ -620,11 +629,39 @@ impl QueueHandler for BlockDevice {
     }
 
     fn queue_notified(&mut self, _index: usize) {
+        if self.throttle.as_ref().is_some_and(Throttle::is_blocked) {
+            return;
+        }
         let mut active = self.active.take();
+        let mut throttle = self.throttle.take();
         serve_first_queue(&mut active, &self.counters, |mem, d| {
-            self.handle_chain(mem, d)
+            if let Some(t) = &mut throttle {
+                // The data between header and status: what a read or write moves.
+                let bytes: u64 = d
+                    .iter()
+                    .skip(1)
+                    .take(d.len().saturating_sub(2))
+                    .map(|d| u64::from(d.len()))
+                    .sum();
+                if t.admit(bytes) == Admit::Wait {
+                    return None;
+                }
+            }
+            Some(self.handle_chain(mem, d))
         });
+        self.throttle = throttle;
         self.active = active;
+    }
+
+    fn timer_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.throttle.iter().map(Throttle::timer_fd).collect()
+    }
+
+    fn timer_fired(&mut self, _index: Option<usize>) {
+        if let Some(t) = &mut self.throttle {
+            t.unblock();
+        }
+        self.queue_notified(0);
     }
 }
 
