@@ -1316,6 +1316,68 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_from_flags_and_file() {
+        let merge = |args: &[&str], file: &str| {
+            let mut all = vec!["--kernel", "k"];
+            all.extend_from_slice(args);
+            let file = FileConfig::parse(file, Path::new("c.json")).expect("valid file");
+            VmConfig::merge(cli(&all), file, HOST_MIB)
+        };
+        let cfg = merge(
+            &[
+                "--disk",
+                "path=/a,bandwidth=10M,ops=2000,bandwidth-burst=512K",
+                "--net",
+                "tap=t0,bandwidth=1G,ops-burst=5,ops=100",
+                "--rng",
+                "bandwidth=1K",
+            ],
+            "{}",
+        )
+        .expect("valid");
+        let disk = cfg.disks[0].limits();
+        assert_eq!(disk.bandwidth, Some(10 << 20), "M is 1024 * 1024");
+        assert_eq!(disk.bandwidth_burst, Some(512 << 10));
+        assert_eq!((disk.ops, disk.ops_burst), (Some(2000), None));
+        let net = cfg.nets[0].limits();
+        assert_eq!(
+            (net.bandwidth, net.ops, net.ops_burst),
+            (Some(1 << 30), Some(100), Some(5))
+        );
+        assert_eq!(cfg.rng.expect("rng").limits().bandwidth, Some(1024));
+        let cfg = merge(
+            &[],
+            r#"{"disks": [{"path": "/a", "bandwidth": "10M", "ops": 2000}],
+                "nets": [{"tap": "t0", "bandwidth_burst": 4096, "bandwidth": 8192}],
+                "rng": {"bandwidth": "2K"}}"#,
+        )
+        .expect("valid");
+        assert_eq!(cfg.disks[0].limits().bandwidth, Some(10 << 20));
+        assert_eq!(cfg.disks[0].limits().ops, Some(2000));
+        assert_eq!(cfg.nets[0].limits().bandwidth_burst, Some(4096));
+        assert_eq!(cfg.rng.expect("rng").limits().bandwidth, Some(2048));
+        assert!(merge(&[], r#"{"rng": false}"#)
+            .expect("valid")
+            .rng
+            .is_none());
+        let bad = |args: &[&str], file: &str| {
+            merge(args, file).expect_err("must be rejected").to_string()
+        };
+        assert!(bad(&["--disk", "path=/a,bandwidth=fast"], "{}").contains("bandwidth"));
+        assert!(bad(&["--disk", "path=/a,bandwidth=10MB"], "{}").contains("K, M or G"));
+        assert!(bad(&["--disk", "path=/a,ops=2K"], "{}").contains("ops"));
+        assert!(bad(&["--disk", "path=/a,bandwidth=99999999999G"], "{}").contains("too large"));
+        assert!(bad(&["--net", "tap=t0,ops-burst=3"], "{}").contains("ops-burst needs ops"));
+        assert!(
+            bad(&["--disk", "path=/a,bandwidth=1M,bandwidth-burst=0"], "{}").contains("at least 1")
+        );
+        assert!(bad(&["--rng", "bandwidth=1K", "--no-rng"], "{}").contains("exclude"));
+        assert!(bad(&["--rng", "speed=1K"], "{}").contains("unknown key 'speed'"));
+        assert!(bad(&[], r#"{"disks": [{"path": "/a", "ops": "x"}]}"#).contains("ops"));
+        assert!(bad(&[], r#"{"rng": {"bandwidth": "1T"}}"#).contains("--rng"));
+    }
+
+    #[test]
     fn bad_device_specs() {
         let bad = |args: &[&str]| {
             let mut all = vec!["--kernel", "k"];
