@@ -896,6 +896,64 @@ mod tests {
     }
 
     #[test]
+    fn a_throttled_read_waits_on_the_queue_until_its_tokens_are_back() {
+        use crate::devices::virtio::throttle::{Clock, SharedLimit};
+        use crate::rate_limiter::LimitConfig;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::time::Duration;
+
+        let path = temp_disk("throttled", 1 << 20);
+        let mut h = Harness::new(&path, false);
+        let now = Arc::new(AtomicU64::new(0));
+        let clock_now = now.clone();
+        let clock: Clock =
+            Arc::new(move || Duration::from_millis(clock_now.load(Ordering::SeqCst)));
+        // 4 KiB/s with a 4 KiB burst: the first 4 KiB read goes, the second waits a second.
+        let limit = SharedLimit::with_clock(
+            LimitConfig {
+                bandwidth: Some(4096),
+                bandwidth_burst: Some(4096),
+                ..Default::default()
+            },
+            clock,
+        );
+        h.dev
+            .set_throttle(Throttle::new(limit.clone()).expect("timerfd"));
+        let read = [(DATA + 0x1000, 4096, true)];
+        assert_eq!(h.submit(VIRTIO_BLK_T_IN, 0, &read), (VIRTIO_BLK_S_OK, 4097));
+        let mem = h.ring.mem.clone();
+        header(&mem, DATA, VIRTIO_BLK_T_IN, 8);
+        h.ring.add_chain(
+            h.next_desc,
+            &[(DATA, 16, false), read[0], (DATA + 0x8000, 1, true)],
+        );
+        h.dev.queue_notified(0);
+        assert_eq!(h.ring.used_idx(), 1, "the second read waits on the queue");
+        now.store(500, Ordering::SeqCst);
+        h.dev.queue_notified(0);
+        assert_eq!(
+            h.ring.used_idx(),
+            1,
+            "a kick while throttled changes nothing"
+        );
+        now.store(1000, Ordering::SeqCst);
+        h.dev.timer_fired(Some(0));
+        assert_eq!(h.ring.used_idx(), 2, "the timer let it through");
+        assert_eq!(h.ring.used(1).1, 4097);
+        assert!(h.irq.read().is_ok());
+        // Limit removed at run time: nothing waits any more.
+        limit.update(LimitConfig::default());
+        h.used_seen = 2;
+        h.next_desc += 3;
+        for sector in 0..4 {
+            assert_eq!(
+                h.submit(VIRTIO_BLK_T_IN, sector * 8, &read),
+                (VIRTIO_BLK_S_OK, 4097)
+            );
+        }
+    }
+
+    #[test]
     fn write_read_flush_get_id_discard_on_a_real_file() {
         let path = temp_disk("rw", 1 << 20);
         let mut h = Harness::new(&path, false);
