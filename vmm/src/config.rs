@@ -12,6 +12,8 @@ use std::str::FromStr;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::rate_limiter::{LimitConfig, RateError};
+
 /// Default kernel command line: console on COM1, reboot through the ACPI reset register,
 /// reboot one second after a panic so a supervisor sees the reset status, no PCI probing
 /// (all devices are announced through ACPI).
@@ -67,6 +69,10 @@ pub enum ConfigError {
     Disk { spec: String, why: String },
     #[error("invalid --net '{spec}': {why}")]
     Net { spec: String, why: String },
+    #[error("invalid --rng '{spec}': {why}")]
+    Rng { spec: String, why: String },
+    #[error("--rng and --no-rng exclude each other")]
+    RngAndNoRng,
     #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} are supported")]
     TooManyDevices(usize),
     #[error("invalid seccomp mode '{0}': expected on, off or log")]
@@ -103,6 +109,16 @@ pub struct DiskConfig {
     /// virtio-mmio (resolved by `VmConfig::merge`).
     #[serde(default)]
     pub queues: Option<u16>,
+    /// Rate limit (see `rate_limiter`): bytes per second (K/M/G = 1024^n), its burst in
+    /// bytes, operations per second, their burst; absent or 0: unlimited.
+    #[serde(default)]
+    pub bandwidth: Option<Amount>,
+    #[serde(default, alias = "bandwidth-burst")]
+    pub bandwidth_burst: Option<Amount>,
+    #[serde(default)]
+    pub ops: Option<Amount>,
+    #[serde(default, alias = "ops-burst")]
+    pub ops_burst: Option<Amount>,
 }
 
 /// A virtio-net NIC on an existing (or, with the right to, new) TAP device, named or handed
@@ -121,6 +137,137 @@ pub struct NetConfig {
     /// allows it (multi_queue), else one (resolved when the TAP is opened).
     #[serde(default)]
     pub queues: Option<u16>,
+    /// Applies to receiving and to transmitting, each on its own.
+    /// Rate limit (see `rate_limiter`): bytes per second (K/M/G = 1024^n), its burst in
+    /// bytes, operations per second, their burst; absent or 0: unlimited.
+    #[serde(default)]
+    pub bandwidth: Option<Amount>,
+    #[serde(default, alias = "bandwidth-burst")]
+    pub bandwidth_burst: Option<Amount>,
+    #[serde(default)]
+    pub ops: Option<Amount>,
+    #[serde(default, alias = "ops-burst")]
+    pub ops_burst: Option<Amount>,
+}
+
+/// The virtio-rng device's settings: only its rate limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngConfig {
+    /// Rate limit (see `rate_limiter`): bytes per second (K/M/G = 1024^n), its burst in
+    /// bytes, operations per second, their burst; absent or 0: unlimited.
+    #[serde(default)]
+    pub bandwidth: Option<Amount>,
+    #[serde(default, alias = "bandwidth-burst")]
+    pub bandwidth_burst: Option<Amount>,
+    #[serde(default)]
+    pub ops: Option<Amount>,
+    #[serde(default, alias = "ops-burst")]
+    pub ops_burst: Option<Amount>,
+}
+
+/// A rate or burst as written: a number, or a string with an optional K/M/G suffix.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Amount {
+    Number(u64),
+    Text(String),
+}
+
+/// The four rate limit settings of a device, parsed.
+pub fn parse_limits(
+    bandwidth: &Option<Amount>,
+    bandwidth_burst: &Option<Amount>,
+    ops: &Option<Amount>,
+    ops_burst: &Option<Amount>,
+) -> Result<LimitConfig, String> {
+    use crate::rate_limiter::{parse_bytes, parse_ops};
+    let get = |a: &Option<Amount>, what: &str, parse: fn(&str) -> Result<u64, RateError>| match a {
+        None => Ok(None),
+        Some(Amount::Number(n)) => Ok(Some(*n)),
+        Some(Amount::Text(t)) => parse(t).map(Some).map_err(|e| format!("{what}: {e}")),
+    };
+    let limits = LimitConfig {
+        bandwidth: get(bandwidth, "bandwidth", parse_bytes)?,
+        bandwidth_burst: get(bandwidth_burst, "bandwidth-burst", parse_bytes)?,
+        ops: get(ops, "ops", parse_ops)?,
+        ops_burst: get(ops_burst, "ops-burst", parse_ops)?,
+    };
+    limits.check()?;
+    Ok(limits)
+}
+
+/// Takes a rate limit key of a device spec; false if `key` is not one.
+fn limit_key(key: &str, value: &str, slots: [&mut Option<Amount>; 4]) -> bool {
+    let [bandwidth, bandwidth_burst, ops, ops_burst] = slots;
+    let slot = match key {
+        "bandwidth" => bandwidth,
+        "bandwidth-burst" | "bandwidth_burst" => bandwidth_burst,
+        "ops" => ops,
+        "ops-burst" | "ops_burst" => ops_burst,
+        _ => return false,
+    };
+    *slot = Some(Amount::Text(value.to_string()));
+    true
+}
+
+macro_rules! limits_of {
+    ($c:expr) => {
+        parse_limits(&$c.bandwidth, &$c.bandwidth_burst, &$c.ops, &$c.ops_burst)
+    };
+}
+
+macro_rules! limit_slots {
+    ($c:expr) => {
+        [
+            &mut $c.bandwidth,
+            &mut $c.bandwidth_burst,
+            &mut $c.ops,
+            &mut $c.ops_burst,
+        ]
+    };
+}
+
+impl DiskConfig {
+    /// The disk's rate limit (validated by parsing).
+    pub fn limits(&self) -> LimitConfig {
+        limits_of!(self).unwrap_or_default()
+    }
+}
+
+impl NetConfig {
+    /// The NIC's rate limit, per direction (validated by parsing).
+    pub fn limits(&self) -> LimitConfig {
+        limits_of!(self).unwrap_or_default()
+    }
+}
+
+impl RngConfig {
+    pub fn limits(&self) -> LimitConfig {
+        limits_of!(self).unwrap_or_default()
+    }
+}
+
+impl FromStr for RngConfig {
+    type Err = ConfigError;
+
+    /// `bandwidth=RATE[,bandwidth-burst=N][,ops=N][,ops-burst=N]`
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let err = |why: String| ConfigError::Rng {
+            spec: spec.to_string(),
+            why,
+        };
+        let mut rng = RngConfig::default();
+        for (key, value) in key_values(spec).map_err(err)? {
+            if !limit_key(key, value, limit_slots!(rng)) {
+                return Err(err(format!(
+                    "unknown key '{key}' (bandwidth, bandwidth-burst, ops, ops-burst)"
+                )));
+            }
+        }
+        limits_of!(rng).map_err(err)?;
+        Ok(rng)
+    }
 }
 
 /// Splits "a=1,b=2" into pairs; every part must be key=value.
@@ -174,6 +321,10 @@ impl FromStr for DiskConfig {
             readonly: false,
             serial: None,
             queues: None,
+            bandwidth: None,
+            bandwidth_burst: None,
+            ops: None,
+            ops_burst: None,
         };
         for (key, value) in key_values(spec).map_err(err)? {
             match key {
@@ -181,9 +332,11 @@ impl FromStr for DiskConfig {
                 "readonly" => disk.readonly = on_off(value).map_err(err)?,
                 "serial" => disk.serial = Some(value.to_string()),
                 "queues" => disk.queues = Some(queue_count(value).map_err(err)?),
+                _ if limit_key(key, value, limit_slots!(disk)) => {}
                 _ => {
                     return Err(err(format!(
-                        "unknown key '{key}' (path, readonly, serial, queues)"
+                        "unknown key '{key}' (path, readonly, serial, queues, bandwidth, \
+                         bandwidth-burst, ops, ops-burst)"
                     )))
                 }
             }
@@ -198,6 +351,7 @@ impl DiskConfig {
         if self.path.as_os_str().is_empty() {
             return Err("path is required".into());
         }
+        limits_of!(self)?;
         if let Some(n) = self.queues {
             queue_count(&n.to_string())?;
         }
@@ -226,6 +380,10 @@ impl FromStr for NetConfig {
             mac: None,
             fd: None,
             queues: None,
+            bandwidth: None,
+            bandwidth_burst: None,
+            ops: None,
+            ops_burst: None,
         };
         for (key, value) in key_values(spec).map_err(err)? {
             match key {
@@ -239,7 +397,13 @@ impl FromStr for NetConfig {
                     )
                 }
                 "queues" => net.queues = Some(queue_count(value).map_err(err)?),
-                _ => return Err(err(format!("unknown key '{key}' (tap, fd, mac, queues)"))),
+                _ if limit_key(key, value, limit_slots!(net)) => {}
+                _ => {
+                    return Err(err(format!(
+                        "unknown key '{key}' (tap, fd, mac, queues, bandwidth, \
+                         bandwidth-burst, ops, ops-burst)"
+                    )))
+                }
             }
         }
         net.validate().map_err(err)?;
@@ -249,6 +413,7 @@ impl FromStr for NetConfig {
 
 impl NetConfig {
     fn validate(&self) -> Result<(), String> {
+        limits_of!(self)?;
         if let Some(n) = self.queues {
             queue_count(&n.to_string())?;
         }
@@ -442,15 +607,22 @@ pub struct Cli {
     /// Guest serial console (COM1): stdout, file:PATH or none [default: stdout].
     #[arg(long, value_name = "TARGET")]
     pub serial: Option<String>,
-    /// virtio-blk disk from a raw image: path=FILE[,readonly=on][,serial=ID] (repeatable).
+    /// virtio-blk disk from a raw image: path=FILE[,readonly=on][,serial=ID][,queues=N]
+    /// [,bandwidth=RATE][,bandwidth-burst=BYTES][,ops=N][,ops-burst=N] (repeatable; RATE in
+    /// bytes per second, K/M/G = 1024^n).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
-    /// virtio-net NIC on a TAP device: tap=NAME[,mac=MAC] (repeatable).
+    /// virtio-net NIC on a TAP device: tap=NAME[,mac=MAC][,queues=N] and the rate limit keys
+    /// of --disk, each direction limited on its own (repeatable).
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
     /// Do not give the guest a virtio-rng device (it has one by default).
     #[arg(long)]
     pub no_rng: bool,
+    /// Rate limit of the virtio-rng device: bandwidth=RATE[,bandwidth-burst=BYTES][,ops=N]
+    /// [,ops-burst=N].
+    #[arg(long, value_name = "SPEC")]
+    pub rng: Option<String>,
     /// The CPU model: host (default; KVM's CPU without PMU, WAITPKG and brand string) or a
     /// fleet baseline: x86-64-v2, x86-64-v3, x86-64-v4 (see vmm/README.md).
     #[arg(long, value_name = "TEMPLATE")]
@@ -494,7 +666,8 @@ pub struct FileConfig {
     pub serial: Option<String>,
     pub disks: Option<Vec<DiskConfig>>,
     pub nets: Option<Vec<NetConfig>>,
-    pub rng: Option<bool>,
+    /// true, false, or the device's rate limit: {"bandwidth": "1K"}.
+    pub rng: Option<RngFile>,
     pub transport: Option<String>,
     pub api_socket: Option<PathBuf>,
     pub api_socket_group: Option<bool>,
@@ -518,6 +691,14 @@ impl FileConfig {
         })?;
         Self::parse(&text, path)
     }
+}
+
+/// `"rng"` in the config file: on/off, or on with a rate limit.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RngFile {
+    Enabled(bool),
+    Limited(RngConfig),
 }
 
 /// What the first vCPU runs.
@@ -629,7 +810,8 @@ pub struct VmConfig {
     pub serial: SerialTarget,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
-    pub rng: bool,
+    /// The virtio-rng device, if any.
+    pub rng: Option<RngConfig>,
     pub transport: Transport,
     pub api_socket: Option<PathBuf>,
     /// The API socket is mode 0660 instead of 0600.
@@ -773,8 +955,20 @@ impl VmConfig {
                 });
             }
         }
-        let rng = !cli.no_rng && file.rng.unwrap_or(true);
-        let devices = disks.len() + nets.len() + usize::from(rng);
+        let rng = match (cli.no_rng, cli.rng, file.rng) {
+            (true, Some(_), _) => return Err(ConfigError::RngAndNoRng),
+            (true, None, _) | (false, None, Some(RngFile::Enabled(false))) => None,
+            (false, Some(spec), _) => Some(spec.parse()?),
+            (false, None, Some(RngFile::Limited(rng))) => {
+                limits_of!(rng).map_err(|why| ConfigError::Rng {
+                    spec: "(config file)".into(),
+                    why,
+                })?;
+                Some(rng)
+            }
+            (false, None, Some(RngFile::Enabled(true)) | None) => Some(RngConfig::default()),
+        };
+        let devices = disks.len() + nets.len() + usize::from(rng.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -1106,7 +1300,7 @@ mod tests {
         assert_eq!(cfg.disks[1].serial.as_deref(), Some("data-1"));
         assert_eq!(cfg.nets[0].mac.as_deref(), Some("52:54:00:00:00:01"));
         assert_eq!(cfg.nets[1].tap, "tap1");
-        assert!(!cfg.rng);
+        assert!(cfg.rng.is_none());
     }
 
     #[test]
@@ -1145,10 +1339,72 @@ mod tests {
         assert_eq!(cfg.disks[0].path, PathBuf::from("/a"));
         assert!(cfg.disks[0].readonly);
         assert_eq!(cfg.nets[0].tap, "tap9");
-        assert!(cfg.rng, "rng is on by default");
+        assert!(cfg.rng.is_some(), "rng is on by default");
         let unknown =
             FileConfig::parse(r#"{"disks": [{"path": "/a", "ro": true}]}"#, Path::new("c"));
         assert!(unknown.is_err(), "unknown disk field");
+    }
+
+    #[test]
+    fn rate_limits_from_flags_and_file() {
+        let merge = |args: &[&str], file: &str| {
+            let mut all = vec!["--kernel", "k"];
+            all.extend_from_slice(args);
+            let file = FileConfig::parse(file, Path::new("c.json")).expect("valid file");
+            VmConfig::merge(cli(&all), file, HOST_MIB)
+        };
+        let cfg = merge(
+            &[
+                "--disk",
+                "path=/a,bandwidth=10M,ops=2000,bandwidth-burst=512K",
+                "--net",
+                "tap=t0,bandwidth=1G,ops-burst=5,ops=100",
+                "--rng",
+                "bandwidth=1K",
+            ],
+            "{}",
+        )
+        .expect("valid");
+        let disk = cfg.disks[0].limits();
+        assert_eq!(disk.bandwidth, Some(10 << 20), "M is 1024 * 1024");
+        assert_eq!(disk.bandwidth_burst, Some(512 << 10));
+        assert_eq!((disk.ops, disk.ops_burst), (Some(2000), None));
+        let net = cfg.nets[0].limits();
+        assert_eq!(
+            (net.bandwidth, net.ops, net.ops_burst),
+            (Some(1 << 30), Some(100), Some(5))
+        );
+        assert_eq!(cfg.rng.expect("rng").limits().bandwidth, Some(1024));
+        let cfg = merge(
+            &[],
+            r#"{"disks": [{"path": "/a", "bandwidth": "10M", "ops": 2000}],
+                "nets": [{"tap": "t0", "bandwidth_burst": 4096, "bandwidth": 8192}],
+                "rng": {"bandwidth": "2K"}}"#,
+        )
+        .expect("valid");
+        assert_eq!(cfg.disks[0].limits().bandwidth, Some(10 << 20));
+        assert_eq!(cfg.disks[0].limits().ops, Some(2000));
+        assert_eq!(cfg.nets[0].limits().bandwidth_burst, Some(4096));
+        assert_eq!(cfg.rng.expect("rng").limits().bandwidth, Some(2048));
+        assert!(merge(&[], r#"{"rng": false}"#)
+            .expect("valid")
+            .rng
+            .is_none());
+        let bad = |args: &[&str], file: &str| {
+            merge(args, file).expect_err("must be rejected").to_string()
+        };
+        assert!(bad(&["--disk", "path=/a,bandwidth=fast"], "{}").contains("bandwidth"));
+        assert!(bad(&["--disk", "path=/a,bandwidth=10MB"], "{}").contains("K, M or G"));
+        assert!(bad(&["--disk", "path=/a,ops=2K"], "{}").contains("ops"));
+        assert!(bad(&["--disk", "path=/a,bandwidth=99999999999G"], "{}").contains("too large"));
+        assert!(bad(&["--net", "tap=t0,ops-burst=3"], "{}").contains("ops-burst needs ops"));
+        assert!(
+            bad(&["--disk", "path=/a,bandwidth=1M,bandwidth-burst=0"], "{}").contains("at least 1")
+        );
+        assert!(bad(&["--rng", "bandwidth=1K", "--no-rng"], "{}").contains("exclude"));
+        assert!(bad(&["--rng", "speed=1K"], "{}").contains("unknown key 'speed'"));
+        assert!(bad(&[], r#"{"disks": [{"path": "/a", "ops": "x"}]}"#).contains("ops"));
+        assert!(bad(&[], r#"{"rng": {"bandwidth": "1T"}}"#).contains("--rng"));
     }
 
     #[test]

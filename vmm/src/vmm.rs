@@ -45,6 +45,7 @@ use crate::devices::virtio::pci::{
 };
 use crate::devices::virtio::registers::RegisterPage;
 use crate::devices::virtio::tap::TapError;
+use crate::devices::virtio::throttle::{LimitHandle, LimitRegistry, SharedLimit, Throttle};
 use crate::devices::virtio::transport::WorkerGroup;
 use crate::devices::virtio::worker::{self, WorkerControl};
 use crate::devices::virtio::{
@@ -126,7 +127,13 @@ const FIRST_DEVICE_SLOT: u32 = 16;
 
 /// A virtio device opened but not yet wired: name, transport description, the handlers of
 /// its queue groups (one worker thread each), counters.
-type PendingDevice = (String, DeviceInfo, Vec<QueueGroup>, Arc<DeviceCounters>);
+type PendingDevice = (
+    String,
+    DeviceInfo,
+    Vec<QueueGroup>,
+    Arc<DeviceCounters>,
+    Vec<Arc<SharedLimit>>,
+);
 
 /// A device whose queues are all served by one handler.
 fn one_group(info: &DeviceInfo, handler: impl QueueHandler + 'static) -> Vec<QueueGroup> {
@@ -143,42 +150,79 @@ fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmErro
     let default_queues = crate::config::default_queues(config.transport, config.vcpus);
     for (i, disk) in config.disks.iter().enumerate() {
         let queues = disk.queues.unwrap_or(1);
+        let name = format!("virtio-blk{i}");
         let (info, workers) =
             block::open(&disk.path, disk.readonly, disk.serial.as_deref(), queues)?;
         let counters = workers.first().map(|w| w.counters()).unwrap_or_default();
+        // One limit for the disk, shared by its queues.
+        let limit = SharedLimit::new(disk.limits());
         // A thread per queue: requests of different vCPUs run in parallel.
-        let groups = workers
-            .into_iter()
-            .enumerate()
-            .map(|(q, w)| QueueGroup {
+        let mut groups = Vec::with_capacity(workers.len());
+        for (q, mut w) in workers.into_iter().enumerate() {
+            w.set_throttle(Throttle::new(limit.clone()).map_err(timer_error(&name))?);
+            groups.push(QueueGroup {
                 handler: Box::new(w),
                 queues: q..q + 1,
-            })
-            .collect();
-        devices.push((format!("virtio-blk{i}"), info, groups, counters));
+            });
+        }
+        devices.push((name, info, groups, counters, vec![limit]));
     }
     for (i, nic) in config.nets.iter().enumerate() {
         let mac = nic.mac.as_deref().and_then(net::parse_mac);
+        let limits = net::NetLimits {
+            rx: SharedLimit::new(nic.limits()),
+            tx: SharedLimit::new(nic.limits()),
+        };
         let nic = match nic.fd {
-            Some(fd) => net::open_fd(fd, mac)?,
+            Some(fd) => net::open_fd(fd, mac, Some(&limits))?,
             None => {
                 let pairs = match nic.queues {
                     Some(n) => net::Pairs::Exactly(n),
                     None => net::Pairs::UpTo(default_queues),
                 };
                 let mac = mac.unwrap_or_else(|| net::default_mac(&nic.tap));
-                net::open(&nic.tap, mac, pairs)?
+                net::open(&nic.tap, mac, pairs, Some(&limits))?
             }
         };
-        devices.push((format!("virtio-net{i}"), nic.info, nic.groups, nic.counters));
+        devices.push((
+            format!("virtio-net{i}"),
+            nic.info,
+            nic.groups,
+            nic.counters,
+            vec![limits.rx, limits.tx],
+        ));
     }
-    if config.rng {
-        let (info, dev) = rng::new();
+    if let Some(rng_config) = &config.rng {
+        let name = "virtio-rng0".to_string();
+        let (info, mut dev) = rng::new();
+        let limit = SharedLimit::new(rng_config.limits());
+        dev.set_throttle(Throttle::new(limit.clone()).map_err(timer_error(&name))?);
         let counters = dev.counters();
         let groups = one_group(&info, dev);
-        devices.push(("virtio-rng0".to_string(), info, groups, counters));
+        devices.push((name, info, groups, counters, vec![limit]));
     }
     Ok(devices)
+}
+
+fn timer_error(device: &str) -> impl FnOnce(io::Error) -> VmmError + '_ {
+    move |source| VmmError::DeviceSetup {
+        device: device.to_string(),
+        source,
+    }
+}
+
+/// Makes a device's rate limits changeable through the API, waking `workers` on a change.
+fn register_limits(
+    limits: &LimitRegistry,
+    device: &str,
+    shared: Vec<Arc<SharedLimit>>,
+    workers: &[WorkerGroup],
+) {
+    limits.add(LimitHandle {
+        device: device.to_string(),
+        limits: shared,
+        workers: workers.iter().map(|w| w.control.clone()).collect(),
+    });
 }
 
 /// Starts a device's worker threads, one per queue group (each installs `worker_filter`),
@@ -225,9 +269,10 @@ fn virtio_mmio_devices(
     mmio_bus: &mut Bus,
     worker_filter: Option<&BpfProgram>,
     registry: &DeviceRegistry,
+    limits: &LimitRegistry,
 ) -> Result<Vec<MmioDeviceInfo>, VmmError> {
     let mut announced = Vec::new();
-    for (i, (name, info, groups, counters)) in devices.into_iter().enumerate() {
+    for (i, (name, info, groups, counters, shared)) in devices.into_iter().enumerate() {
         let setup = |source: io::Error| VmmError::DeviceSetup {
             device: name.clone(),
             source,
@@ -251,6 +296,7 @@ fn virtio_mmio_devices(
         }
         registry.register_source(&name, type_name(info.device_type), counters);
         let workers = start_workers(&name, groups, queue_events, worker_filter).map_err(setup)?;
+        register_limits(limits, &name, shared, &workers);
         // The register window as memory the guest reads without exits (see
         // devices/virtio/registers); writes still exit to the transport.
         let registers = Arc::new(RegisterPage::new().map_err(setup)?);
@@ -301,11 +347,11 @@ fn virtio_pci_devices(
     root: &mut PciRoot,
     routing: &Arc<GsiRouting>,
     worker_filter: Option<&BpfProgram>,
-    registry: &DeviceRegistry,
+    (registry, limits): (&DeviceRegistry, &LimitRegistry),
 ) -> Result<(), VmmError> {
     let vm_fd = vm.shared_fd();
     let windows = root.windows().to_vec();
-    for (name, info, groups, counters) in devices {
+    for (name, info, groups, counters, shared) in devices {
         let setup = |source: io::Error| VmmError::DeviceSetup {
             device: name.clone(),
             source,
@@ -323,6 +369,7 @@ fn virtio_pci_devices(
             .map_err(setup)?;
         registry.register_source(&name, type_name(info.device_type), counters);
         let workers = start_workers(&name, groups, queue_events, worker_filter).map_err(setup)?;
+        register_limits(limits, &name, shared, &workers);
         let bar = root.allocate_bar(0, virtio_pci::BAR_SIZE)?;
         let device = VirtioPciDevice::new(
             info,
@@ -632,18 +679,22 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     let exit = VmExitRequest::new().map_err(VmmError::EventLoop)?;
     let vcpu_control = Arc::new(VcpuControl::new());
     let registry = DeviceRegistry::default();
-    let vm_api = Arc::new(VmApi::new(
-        VmSummary {
-            vcpus: config.vcpus,
-            memory_mib: config.memory_mib,
-            boot: config.boot.clone(),
-            uuid: config.platform.uuid.clone(),
-            cpu_template: config.cpu_template.to_string(),
-        },
-        vcpu_control.clone(),
-        registry.clone(),
-        exit.clone(),
-    ));
+    let limits = LimitRegistry::default();
+    let vm_api = Arc::new(
+        VmApi::new(
+            VmSummary {
+                vcpus: config.vcpus,
+                memory_mib: config.memory_mib,
+                boot: config.boot.clone(),
+                uuid: config.platform.uuid.clone(),
+                cpu_template: config.cpu_template.to_string(),
+            },
+            vcpu_control.clone(),
+            registry.clone(),
+            exit.clone(),
+        )
+        .with_limits(limits.clone()),
+    );
     if let Some(listener) = resources.api.take() {
         tracing::info!("control API on {}", listener.path().display());
         api::spawn(listener, vm_api.clone(), filters.api.clone())?;
@@ -674,8 +725,15 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     let mut pci_root = PciRoot::new(windows);
     let (virtio_mmio, pci) = match config.transport {
         Transport::Mmio => {
-            let announced =
-                virtio_mmio_devices(&vm, &mem, virtio, &mut mmio_bus, worker_filter, &registry)?;
+            let announced = virtio_mmio_devices(
+                &vm,
+                &mem,
+                virtio,
+                &mut mmio_bus,
+                worker_filter,
+                &registry,
+                &limits,
+            )?;
             (announced, None)
         }
         Transport::Pci => {
@@ -687,7 +745,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
                 &mut pci_root,
                 &routing,
                 worker_filter,
-                &registry,
+                (&registry, &limits),
             )?;
             (Vec::new(), Some(bridge))
         }

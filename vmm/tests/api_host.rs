@@ -458,3 +458,78 @@ fn with_user_a_tap_of_another_user_is_refused() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("belongs to uid 1234"), "{err}");
 }
+
+#[test]
+fn update_device_changes_rate_limits_and_refuses_bad_requests_without_changing_anything() {
+    let dir = temp_dir("limits");
+    let kernel = StuckKernel::new(&dir);
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
+    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+        cmd.arg("--disk")
+            .arg(format!("path={},bandwidth=10M,ops=2000", disk.display()));
+    });
+    let mut c = vmm.connect();
+    // The API serves while the devices are still being set up: wait for the last one (the
+    // entropy device, set up after the disk).
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let v = c.request(b"{\"request\":\"update-device\",\"device\":\"virtio-rng0\"}\n");
+        if v["ok"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "devices never registered: {v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let v = c.request(b"{\"request\":\"update-device\",\"device\":\"virtio-blk0\"}\n");
+    assert_eq!(v["result"]["bandwidth"], 10 << 20, "{v}");
+    assert_eq!(v["result"]["ops"], 2000, "{v}");
+    for (bad, why) in [
+        (
+            &br#"{"request":"update-device","device":"virtio-blk9","bandwidth":"1M"}"#[..],
+            "unknown device",
+        ),
+        (
+            br#"{"request":"update-device","device":"virtio-blk0","bandwidth":"fast"}"#,
+            "bandwidth",
+        ),
+        (
+            br#"{"request":"update-device","device":"virtio-blk0","ops":"50M","bandwidth":"1M"}"#,
+            "ops",
+        ),
+        (
+            br#"{"request":"update-device","device":"virtio-rng0","bandwidth-burst":"1K"}"#,
+            "needs a bandwidth",
+        ),
+        (
+            br#"{"request":"update-device","device":"virtio-blk0","speed":"1M"}"#,
+            "unknown field",
+        ),
+    ] {
+        let mut line = bad.to_vec();
+        line.push(b'\n');
+        let v = c.request(&line);
+        assert_eq!(v["ok"], false, "{v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{why}: {v}");
+    }
+    // Nothing changed; then a valid change, a removal and "0".
+    let v = c.request(b"{\"request\":\"update-device\",\"device\":\"virtio-blk0\"}\n");
+    assert_eq!(v["result"]["bandwidth"], 10 << 20, "{v}");
+    assert_eq!(v["result"]["ops"], 2000, "{v}");
+    let v = c.request(
+        b"{\"request\":\"update-device\",\"device\":\"virtio-blk0\",\"bandwidth\":\"50M\",\"ops\":null}\n",
+    );
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["result"]["bandwidth"], 50 << 20, "{v}");
+    assert_eq!(v["result"]["ops"], serde_json::Value::Null, "{v}");
+    let v = c.request(
+        b"{\"request\":\"update-device\",\"device\":\"virtio-blk0\",\"bandwidth\":\"0\"}\n",
+    );
+    assert_eq!(v["result"]["bandwidth"], serde_json::Value::Null, "{v}");
+    let v = c.request(
+        b"{\"request\":\"update-device\",\"device\":\"virtio-rng0\",\"bandwidth\":\"1K\"}\n",
+    );
+    assert_eq!(v["result"]["bandwidth"], 1024, "{v}");
+    vmm.assert_running();
+}

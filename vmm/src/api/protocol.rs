@@ -1,6 +1,9 @@
 //! The wire format of the control API: line-delimited JSON.
 //!
-//! Request: `{"request":"ping"|"info"|"pause"|"resume"|"shutdown"|"stop"}\n`. Response:
+//! Request: `{"request":"ping"|"info"|"pause"|"resume"|"shutdown"|"stop"}\n`, or
+//! `{"request":"update-device","device":"virtio-blk0","bandwidth":"50M","ops":null}\n` (rate
+//! limit keys bandwidth, bandwidth-burst, ops, ops-burst; absent: unchanged; null or "0":
+//! removed). Response:
 //! `{"ok":true,"result":...}\n` or `{"ok":false,"error":"..."}\n`. Lines are at most
 //! [`MAX_REQUEST_LEN`] bytes; a trailing `\r` is ignored.
 
@@ -9,7 +12,7 @@ use serde_json::{json, Value};
 /// The longest request line accepted, without its newline.
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Ping,
     Info,
@@ -17,9 +20,62 @@ pub enum Request {
     Resume,
     Shutdown,
     Stop,
+    UpdateDevice(DeviceUpdate),
+}
+
+/// One rate limit setting of `update-device`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Change {
+    #[default]
+    Keep,
+    Remove,
+    /// As given: a number, or a string with an optional K/M/G suffix (checked by the VM).
+    Set(String),
+}
+
+/// `update-device`: a device's new rate limit settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceUpdate {
+    pub device: String,
+    pub bandwidth: Change,
+    pub bandwidth_burst: Change,
+    pub ops: Change,
+    pub ops_burst: Change,
+}
+
+fn parse_update(mut fields: serde_json::Map<String, Value>) -> Result<DeviceUpdate, ProtocolError> {
+    let device = match fields.remove("device") {
+        Some(Value::String(d)) => d,
+        Some(_) => return Err(ProtocolError::Json("\"device\" is not a string".into())),
+        None => return Err(ProtocolError::Json("missing field \"device\"".into())),
+    };
+    let mut change = |key: &str| match fields.remove(key) {
+        None => Ok(Change::Keep),
+        Some(Value::Null) => Ok(Change::Remove),
+        Some(Value::String(s)) => Ok(Change::Set(s)),
+        Some(Value::Number(n)) => Ok(Change::Set(n.to_string())),
+        Some(_) => Err(ProtocolError::Json(format!(
+            "\"{key}\" is not a string, number or null"
+        ))),
+    };
+    let update = DeviceUpdate {
+        device,
+        bandwidth: change("bandwidth")?,
+        bandwidth_burst: change("bandwidth-burst")?,
+        ops: change("ops")?,
+        ops_burst: change("ops-burst")?,
+    };
+    if let Some(unknown) = fields.keys().next() {
+        let unknown: String = unknown.chars().take(MAX_ECHO).collect();
+        return Err(ProtocolError::Json(format!(
+            "unknown field \"{unknown}\" (device, bandwidth, bandwidth-burst, ops, ops-burst)"
+        )));
+    }
+    Ok(update)
 }
 
 impl Request {
+    /// The requests without arguments.
     pub const ALL: [Request; 6] = [
         Request::Ping,
         Request::Info,
@@ -29,7 +85,7 @@ impl Request {
         Request::Stop,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Request::Ping => "ping",
             Request::Info => "info",
@@ -37,6 +93,7 @@ impl Request {
             Request::Resume => "resume",
             Request::Shutdown => "shutdown",
             Request::Stop => "stop",
+            Request::UpdateDevice(_) => "update-device",
         }
     }
 }
@@ -49,7 +106,7 @@ pub enum ProtocolError {
     NotUtf8,
     #[error("invalid request: {0}; expected {{\"request\":\"<name>\"}}")]
     Json(String),
-    #[error("unknown request \"{0}\"; expected one of ping, info, pause, resume, shutdown, stop")]
+    #[error("unknown request \"{0}\"; expected one of ping, info, pause, resume, shutdown, stop, update-device")]
     Unknown(String),
     #[error("request longer than {MAX_REQUEST_LEN} bytes")]
     TooLong,
@@ -78,6 +135,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
         Some(_) => return Err(ProtocolError::Json("\"request\" is not a string".into())),
         None => return Err(ProtocolError::Json("missing field \"request\"".into())),
     };
+    if name == "update-device" {
+        return parse_update(fields).map(Request::UpdateDevice);
+    }
     if let Some(unknown) = fields.keys().next() {
         let unknown: String = unknown.chars().take(MAX_ECHO).collect();
         return Err(ProtocolError::Json(format!("unknown field \"{unknown}\"")));
@@ -190,6 +250,35 @@ mod tests {
             Ok(Request::Info),
             "whitespace and CRLF"
         );
+    }
+
+    #[test]
+    fn update_device_parses_and_rejects_bad_fields() {
+        let r = parse_request(
+            br#"{"request":"update-device","device":"virtio-blk0","bandwidth":"50M","ops":null,"ops-burst":7}"#,
+        );
+        assert_eq!(
+            r,
+            Ok(Request::UpdateDevice(DeviceUpdate {
+                device: "virtio-blk0".into(),
+                bandwidth: Change::Set("50M".into()),
+                bandwidth_burst: Change::Keep,
+                ops: Change::Remove,
+                ops_burst: Change::Set("7".into()),
+            }))
+        );
+        for bad in [
+            &br#"{"request":"update-device"}"#[..],
+            br#"{"request":"update-device","device":1}"#,
+            br#"{"request":"update-device","device":"d","bandwidth":true}"#,
+            br#"{"request":"update-device","device":"d","speed":"1M"}"#,
+        ] {
+            assert!(
+                matches!(parse_request(bad), Err(ProtocolError::Json(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

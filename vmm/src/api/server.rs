@@ -416,7 +416,7 @@ impl Connection {
             };
             match frame {
                 Frame::Line(line) => match parse_request(&line) {
-                    Ok(request) => match handler.handle(request) {
+                    Ok(request) => match handler.handle(request.clone()) {
                         Ok(result) => {
                             self.output.extend_from_slice(&ok_line(result));
                             self.after.push(request);

@@ -6,11 +6,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::protocol::{Change, DeviceUpdate};
 use super::{ApiHandler, Request};
 use crate::config::Boot;
 use crate::devices::ged::PowerButton;
 use crate::devices::metrics::DeviceRegistry;
+use crate::devices::virtio::throttle::LimitRegistry;
 use crate::exit::{ExitReason, VmExitRequest};
+use crate::rate_limiter::{parse_bytes, parse_ops, LimitConfig, RateError};
 use crate::vstate::control::{VcpuControl, VcpuStats};
 
 /// How long `pause` waits for every vCPU to stop; under the node agent's 5 s request timeout.
@@ -39,6 +42,7 @@ pub struct VmApi {
     vcpus: Arc<VcpuControl>,
     vcpu_stats: Vec<Arc<VcpuStats>>,
     devices: DeviceRegistry,
+    limits: LimitRegistry,
     exit: VmExitRequest,
     power_button: OnceLock<PowerButton>,
     shutdown_requested: AtomicBool,
@@ -62,11 +66,75 @@ impl VmApi {
             vcpus,
             vcpu_stats,
             devices,
+            limits: LimitRegistry::default(),
             exit,
             power_button: OnceLock::new(),
             shutdown_requested: AtomicBool::new(false),
             event_loop_running: AtomicBool::new(false),
         }
+    }
+
+    /// The devices whose rate limits `update-device` changes (filled as they are set up).
+    pub fn with_limits(mut self, limits: LimitRegistry) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// `update-device`: checks every value first, so a bad one changes nothing.
+    fn update_device(&self, update: &DeviceUpdate) -> Result<Value, String> {
+        let handle = self.limits.find(&update.device).ok_or_else(|| {
+            format!(
+                "unknown device \"{}\"; rate-limited devices: {}",
+                update.device.chars().take(64).collect::<String>(),
+                self.limits.names().join(", ")
+            )
+        })?;
+        let mut config = handle.config();
+        let apply = |slot: &mut Option<u64>,
+                     change: &Change,
+                     key: &str,
+                     parse: fn(&str) -> Result<u64, RateError>|
+         -> Result<(), String> {
+            match change {
+                Change::Keep => {}
+                Change::Remove => *slot = None,
+                Change::Set(text) => {
+                    let n = parse(text).map_err(|e| format!("{key}: {e}"))?;
+                    *slot = (n > 0).then_some(n);
+                }
+            }
+            Ok(())
+        };
+        apply(
+            &mut config.bandwidth,
+            &update.bandwidth,
+            "bandwidth",
+            parse_bytes,
+        )?;
+        apply(
+            &mut config.bandwidth_burst,
+            &update.bandwidth_burst,
+            "bandwidth-burst",
+            parse_bytes,
+        )?;
+        apply(&mut config.ops, &update.ops, "ops", parse_ops)?;
+        apply(
+            &mut config.ops_burst,
+            &update.ops_burst,
+            "ops-burst",
+            parse_ops,
+        )?;
+        // A burst outlives its rate only if explicitly kept: removing the rate removes it.
+        if config.bandwidth.is_none() && update.bandwidth_burst == Change::Keep {
+            config.bandwidth_burst = None;
+        }
+        if config.ops.is_none() && update.ops_burst == Change::Keep {
+            config.ops_burst = None;
+        }
+        config.check()?;
+        handle.update(config);
+        tracing::info!(device = %update.device, ?config, "rate limit changed");
+        Ok(limits_json(&update.device, &config))
     }
 
     /// The exit counters of vCPU `id`, for its thread to update.
@@ -138,6 +206,16 @@ impl VmApi {
     }
 }
 
+fn limits_json(device: &str, c: &LimitConfig) -> Value {
+    json!({
+        "device": device,
+        "bandwidth": c.bandwidth,
+        "bandwidth-burst": c.bandwidth_burst,
+        "ops": c.ops,
+        "ops-burst": c.ops_burst,
+    })
+}
+
 impl ApiHandler for VmApi {
     fn handle(&self, request: Request) -> Result<Value, String> {
         match request {
@@ -171,6 +249,7 @@ impl ApiHandler for VmApi {
                 Ok(self.state_result())
             }
             Request::Stop => Ok(json!({ "state": "stopping" })),
+            Request::UpdateDevice(update) => self.update_device(&update),
         }
     }
 

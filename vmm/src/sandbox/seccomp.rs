@@ -7,7 +7,8 @@
 //! * [`ThreadKind::Main`]: the event loop (signals, terminal input, exit).
 //! * [`ThreadKind::Api`]: the control socket.
 //! * [`ThreadKind::Vcpu`]: KVM_RUN and the port-I/O/MMIO device emulation it calls into.
-//! * [`ThreadKind::DeviceWorker`]: virtio device threads (block I/O, TAP, entropy).
+//! * [`ThreadKind::DeviceWorker`]: virtio device threads (block I/O, TAP, entropy, rate
+//!   limit timers).
 //!
 //! To extend a list, add to the `*_syscalls` function of that kind: the base list every Rust
 //! thread needs is in [`base_syscalls`].
@@ -230,6 +231,8 @@ fn device_worker_syscalls() -> Vec<Allowed> {
         always(libc::SYS_fdatasync),
         always(libc::SYS_fallocate),
         when_arg_is(libc::SYS_ioctl, 1, &[TUNSETOFFLOAD]),
+        // Rate limits: arming the timer that wakes a throttled device (read clears it).
+        always(libc::SYS_timerfd_settime),
     ]
 }
 
@@ -385,6 +388,17 @@ mod tests {
             assert_eq!(
                 allowed_syscalls(kind, Transport::Pci).contains_key(&libc::SYS_accept4),
                 kind == ThreadKind::Api
+            );
+        }
+    }
+
+    #[test]
+    fn only_device_workers_arm_rate_limit_timers() {
+        for kind in ThreadKind::ALL {
+            assert_eq!(
+                allowed_syscalls(kind, Transport::Mmio).contains_key(&libc::SYS_timerfd_settime),
+                kind == ThreadKind::DeviceWorker,
+                "{kind:?}"
             );
         }
     }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::throttle::{Admit, Throttle};
 use super::{
     serve_first_queue, Activation, CounterKind, DeviceCounters, DeviceInfo, QueueHandler,
     TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -360,6 +361,8 @@ pub struct BlockDevice {
     serial: [u8; ID_BYTES],
     counters: Arc<DeviceCounters>,
     active: Option<Activation>,
+    /// The disk's rate limit (see `throttle`), shared by its queues.
+    throttle: Option<Throttle>,
 }
 
 /// A virtio-blk disk with `queues` request queues (at least one): its transport description
@@ -421,6 +424,7 @@ pub fn open(
             serial: id,
             counters: counters.clone(),
             active: None,
+            throttle: None,
         })
         .collect();
     Ok((info, workers))
@@ -464,6 +468,11 @@ fn config_space(disk: &DiskGeometry, queues: u16) -> Vec<u8> {
 }
 
 impl BlockDevice {
+    /// Limits this queue's requests by `throttle` (bytes: the request's data buffers).
+    pub fn set_throttle(&mut self, throttle: Throttle) {
+        self.throttle = Some(throttle);
+    }
+
     pub fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
     }
@@ -620,11 +629,39 @@ impl QueueHandler for BlockDevice {
     }
 
     fn queue_notified(&mut self, _index: usize) {
+        if self.throttle.as_ref().is_some_and(Throttle::is_blocked) {
+            return;
+        }
         let mut active = self.active.take();
+        let mut throttle = self.throttle.take();
         serve_first_queue(&mut active, &self.counters, |mem, d| {
-            self.handle_chain(mem, d)
+            if let Some(t) = &mut throttle {
+                // The data between header and status: what a read or write moves.
+                let bytes: u64 = d
+                    .iter()
+                    .skip(1)
+                    .take(d.len().saturating_sub(2))
+                    .map(|d| u64::from(d.len()))
+                    .sum();
+                if t.admit(bytes) == Admit::Wait {
+                    return None;
+                }
+            }
+            Some(self.handle_chain(mem, d))
         });
+        self.throttle = throttle;
         self.active = active;
+    }
+
+    fn timer_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.throttle.iter().map(Throttle::timer_fd).collect()
+    }
+
+    fn timer_fired(&mut self, _index: Option<usize>) {
+        if let Some(t) = &mut self.throttle {
+            t.unblock();
+        }
+        self.queue_notified(0);
     }
 }
 
@@ -855,6 +892,64 @@ mod tests {
                 mem.read_obj(GuestAddress(DATA + 0x8000)).expect("status"),
                 len,
             )
+        }
+    }
+
+    #[test]
+    fn a_throttled_read_waits_on_the_queue_until_its_tokens_are_back() {
+        use crate::devices::virtio::throttle::{Clock, SharedLimit};
+        use crate::rate_limiter::LimitConfig;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::time::Duration;
+
+        let path = temp_disk("throttled", 1 << 20);
+        let mut h = Harness::new(&path, false);
+        let now = Arc::new(AtomicU64::new(0));
+        let clock_now = now.clone();
+        let clock: Clock =
+            Arc::new(move || Duration::from_millis(clock_now.load(Ordering::SeqCst)));
+        // 4 KiB/s with a 4 KiB burst: the first 4 KiB read goes, the second waits a second.
+        let limit = SharedLimit::with_clock(
+            LimitConfig {
+                bandwidth: Some(4096),
+                bandwidth_burst: Some(4096),
+                ..Default::default()
+            },
+            clock,
+        );
+        h.dev
+            .set_throttle(Throttle::new(limit.clone()).expect("timerfd"));
+        let read = [(DATA + 0x1000, 4096, true)];
+        assert_eq!(h.submit(VIRTIO_BLK_T_IN, 0, &read), (VIRTIO_BLK_S_OK, 4097));
+        let mem = h.ring.mem.clone();
+        header(&mem, DATA, VIRTIO_BLK_T_IN, 8);
+        h.ring.add_chain(
+            h.next_desc,
+            &[(DATA, 16, false), read[0], (DATA + 0x8000, 1, true)],
+        );
+        h.dev.queue_notified(0);
+        assert_eq!(h.ring.used_idx(), 1, "the second read waits on the queue");
+        now.store(500, Ordering::SeqCst);
+        h.dev.queue_notified(0);
+        assert_eq!(
+            h.ring.used_idx(),
+            1,
+            "a kick while throttled changes nothing"
+        );
+        now.store(1000, Ordering::SeqCst);
+        h.dev.timer_fired(Some(0));
+        assert_eq!(h.ring.used_idx(), 2, "the timer let it through");
+        assert_eq!(h.ring.used(1).1, 4097);
+        assert!(h.irq.read().is_ok());
+        // Limit removed at run time: nothing waits any more.
+        limit.update(LimitConfig::default());
+        h.used_seen = 2;
+        h.next_desc += 3;
+        for sector in 0..4 {
+            assert_eq!(
+                h.submit(VIRTIO_BLK_T_IN, sector * 8, &read),
+                (VIRTIO_BLK_S_OK, 4097)
+            );
         }
     }
 

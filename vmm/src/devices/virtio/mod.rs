@@ -23,6 +23,7 @@ pub mod pci;
 pub mod registers;
 pub mod rng;
 pub mod tap;
+pub mod throttle;
 pub mod transport;
 pub mod worker;
 
@@ -170,7 +171,8 @@ pub fn pop_chain<'a>(queue: &mut Queue, mem: &'a GuestMemoryMmap) -> Popped<'a> 
 
 /// Serves every request available on `queue` (number `index` of its device, counted in
 /// `counters`): `handle` gets each chain's descriptors and returns
-/// the used length. Re-checks after re-enabling notifications (no kick is lost) and interrupts
+/// the used length, or None to leave the chain on the queue for later (a rate limit; the
+/// device's timer brings the worker back, so notifications stay off meanwhile). Re-checks after re-enabling notifications (no kick is lost) and interrupts
 /// the driver if it asked for it. Returns false if the driver broke the queue.
 pub fn serve_queue(
     index: usize,
@@ -178,11 +180,11 @@ pub fn serve_queue(
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
     counters: &DeviceCounters,
-    mut handle: impl FnMut(&[virtio_queue::desc::split::Descriptor]) -> u32,
+    mut handle: impl FnMut(&[virtio_queue::desc::split::Descriptor]) -> Option<u32>,
 ) -> bool {
     use virtio_queue::QueueT;
     let mut used_any = false;
-    loop {
+    'serve: loop {
         if queue.disable_notification(mem).is_err() {
             return false;
         }
@@ -194,7 +196,10 @@ pub fn serve_queue(
             };
             let head = chain.head_index();
             let descriptors: Vec<_> = chain.collect();
-            let used_len = handle(&descriptors);
+            let Some(used_len) = handle(&descriptors) else {
+                queue.go_to_previous_position();
+                break 'serve;
+            };
             if queue.add_used(mem, head, used_len).is_err() {
                 return false;
             }
@@ -249,7 +254,7 @@ pub fn with_active<D>(
 pub fn serve_first_queue(
     active: &mut Option<Activation>,
     counters: &DeviceCounters,
-    mut handle: impl FnMut(&GuestMemoryMmap, &[virtio_queue::desc::split::Descriptor]) -> u32,
+    mut handle: impl FnMut(&GuestMemoryMmap, &[virtio_queue::desc::split::Descriptor]) -> Option<u32>,
 ) {
     with_active(&mut (), active, |_, a| {
         let mem = a.mem.clone();
@@ -293,7 +298,16 @@ pub trait QueueHandler: Send {
     }
     /// The backend file descriptor is readable.
     fn backend_ready(&mut self) {}
+    /// The rate limit timers to watch (see `throttle`), at most [`MAX_TIMERS`].
+    fn timer_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+    /// Rate limit timer `index` fired, or (index None) the limits changed: retry what waits.
+    fn timer_fired(&mut self, _index: Option<usize>) {}
 }
+
+/// The most rate limit timers one handler has (a NIC: receive and transmit).
+pub const MAX_TIMERS: usize = 2;
 
 /// The static description of a device that the transport presents to the driver.
 pub struct DeviceInfo {

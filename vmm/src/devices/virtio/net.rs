@@ -12,6 +12,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::tap::{
     Tap, TapError, TapQueues, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN,
 };
+use super::throttle::{Admit, SharedLimit, Throttle};
 use super::{
     pop_chain, serve_first_queue, serve_queue, with_active, Activation, CounterKind,
     DeviceCounters, DeviceInfo, Popped, QueueGroup, QueueHandler, TYPE_NET, VIRTIO_F_VERSION_1,
@@ -113,6 +114,9 @@ pub struct NetDevice {
     tap: Box<dyn NetBackend>,
     counters: Arc<DeviceCounters>,
     active: Option<Activation>,
+    /// Rate limits of receiving and transmitting (see `throttle`), shared by the pairs.
+    rx_throttle: Option<Throttle>,
+    tx_throttle: Option<Throttle>,
 }
 
 /// A NIC as the transport needs it: its description, the handlers of its queue groups (one
@@ -134,7 +138,19 @@ pub enum Pairs {
 }
 
 /// A NIC on the TAP called `tap_name`.
-pub fn open(tap_name: &str, mac: MacAddr, pairs: Pairs) -> Result<Nic, TapError> {
+/// A NIC's rate limits, one per direction, shared by its queue pairs.
+#[derive(Clone)]
+pub struct NetLimits {
+    pub rx: Arc<SharedLimit>,
+    pub tx: Arc<SharedLimit>,
+}
+
+pub fn open(
+    tap_name: &str,
+    mac: MacAddr,
+    pairs: Pairs,
+    limits: Option<&NetLimits>,
+) -> Result<Nic, TapError> {
     let taps = match pairs {
         Pairs::Exactly(n) | Pairs::UpTo(n) if n <= 1 => vec![Tap::open(tap_name)?],
         Pairs::Exactly(n) => Tap::open_queues(tap_name, TapQueues::Multi(n))?,
@@ -148,18 +164,22 @@ pub fn open(tap_name: &str, mac: MacAddr, pairs: Pairs) -> Result<Nic, TapError>
             }
         },
     };
-    Ok(new(taps, mac))
+    new(taps, mac, limits)
 }
 
 /// A NIC on an inherited TAP descriptor (one queue pair); without a MAC, the default for the
 /// TAP's name.
-pub fn open_fd(fd: RawFd, mac: Option<MacAddr>) -> Result<Nic, TapError> {
+pub fn open_fd(
+    fd: RawFd,
+    mac: Option<MacAddr>,
+    limits: Option<&NetLimits>,
+) -> Result<Nic, TapError> {
     let tap = Tap::from_fd(fd)?;
     let mac = mac.unwrap_or_else(|| default_mac(tap.name()));
-    Ok(new(vec![tap], mac))
+    new(vec![tap], mac, limits)
 }
 
-fn new(taps: Vec<Tap>, mac: MacAddr) -> Nic {
+fn new(taps: Vec<Tap>, mac: MacAddr, limits: Option<&NetLimits>) -> Result<Nic, TapError> {
     let pairs = taps.len();
     let mut features = VIRTIO_F_VERSION_1
         | VIRTIO_RING_F_EVENT_IDX
@@ -183,14 +203,20 @@ fn new(taps: Vec<Tap>, mac: MacAddr) -> Nic {
         queue_max_sizes.push(CTRL_QUEUE_SIZE);
     }
     let counters = new_counters(queue_max_sizes.len());
-    let mut groups: Vec<QueueGroup> = taps
-        .into_iter()
-        .enumerate()
-        .map(|(k, tap)| QueueGroup {
-            handler: Box::new(NetDevice::with_backend(Box::new(tap), counters.clone())),
+    let mut groups = Vec::with_capacity(pairs + 1);
+    for (k, tap) in taps.into_iter().enumerate() {
+        let mut dev = NetDevice::with_backend(Box::new(tap), counters.clone());
+        if let Some(l) = limits {
+            dev.set_throttles(
+                Throttle::new(l.rx.clone()).map_err(TapError::Timer)?,
+                Throttle::new(l.tx.clone()).map_err(TapError::Timer)?,
+            );
+        }
+        groups.push(QueueGroup {
+            handler: Box::new(dev),
             queues: 2 * k..2 * k + 2,
-        })
-        .collect();
+        });
+    }
     if pairs > 1 {
         groups.push(QueueGroup {
             handler: Box::new(NetControl {
@@ -201,7 +227,7 @@ fn new(taps: Vec<Tap>, mac: MacAddr) -> Nic {
             queues: 2 * pairs..2 * pairs + 1,
         });
     }
-    Nic {
+    Ok(Nic {
         info: DeviceInfo {
             device_type: TYPE_NET,
             queue_max_sizes,
@@ -210,7 +236,7 @@ fn new(taps: Vec<Tap>, mac: MacAddr) -> Nic {
         },
         groups,
         counters,
-    }
+    })
 }
 
 /// The control queue of a multiqueue NIC: the driver says how many queue pairs it uses.
@@ -269,7 +295,7 @@ impl QueueHandler for NetControl {
     fn queue_notified(&mut self, _index: usize) {
         let pairs = self.pairs;
         serve_first_queue(&mut self.active, &self.counters, |mem, d| {
-            control_command(mem, d, pairs)
+            Some(control_command(mem, d, pairs))
         });
     }
 }
@@ -337,7 +363,15 @@ impl NetDevice {
             tap: backend,
             counters,
             active: None,
+            rx_throttle: None,
+            tx_throttle: None,
         }
+    }
+
+    /// Limits receiving and transmitting, each by its own throttle.
+    pub fn set_throttles(&mut self, rx: Throttle, tx: Throttle) {
+        self.rx_throttle = Some(rx);
+        self.tx_throttle = Some(tx);
     }
 
     pub fn counters(&self) -> Arc<DeviceCounters> {
@@ -350,6 +384,13 @@ impl NetDevice {
         let queue = &mut active.queues[RX_QUEUE];
         let mut used_any = false;
         loop {
+            // Throttled: leave the frames in the TAP (the kernel queues or drops them, as
+            // for a slow guest) until the timer fires.
+            if let Some(t) = &mut self.rx_throttle {
+                if t.admit_unsized() == Admit::Wait {
+                    break;
+                }
+            }
             let chain = match pop_chain(queue, &mem) {
                 Popped::Chain(chain) => chain,
                 // No buffers: ask the guest to kick us when it adds some, and check once more
@@ -368,6 +409,9 @@ impl NetDevice {
             let unusable = match chain_iovecs(&mem, &descriptors, true, u64::MAX) {
                 Some(iovs) if iovs.len() <= MAX_IOVECS => match self.tap.readv(&iovs) {
                     Ok(n) => {
+                        if let Some(t) = &mut self.rx_throttle {
+                            t.charge(n as u64);
+                        }
                         DeviceCounters::add(&self.counters.rx_bytes, n as u64);
                         DeviceCounters::add(&self.counters.rx_packets, 1);
                         // A frame never exceeds the buffers it went into, which are in
@@ -433,6 +477,7 @@ impl NetDevice {
     fn process_tx(&mut self, active: &mut Activation) -> bool {
         let mem = active.mem.clone();
         let (tap, counters) = (&self.tap, &self.counters);
+        let throttle = &mut self.tx_throttle;
         serve_queue(
             active.first_queue + TX_QUEUE,
             &mut active.queues[TX_QUEUE],
@@ -440,12 +485,18 @@ impl NetDevice {
             &active.interrupt,
             counters,
             |descriptors| {
+                if let Some(t) = throttle.as_mut() {
+                    let bytes: u64 = descriptors.iter().map(|d| u64::from(d.len())).sum();
+                    if t.admit(bytes.min(MAX_TX_FRAME)) == Admit::Wait {
+                        return None;
+                    }
+                }
                 let failure = match chain_iovecs(&mem, descriptors, false, MAX_TX_FRAME) {
                     Some(iovs) if iovs.len() <= MAX_IOVECS => match tap.writev(&iovs) {
                         Ok(n) => {
                             DeviceCounters::add(&counters.tx_bytes, n as u64);
                             DeviceCounters::add(&counters.tx_packets, 1);
-                            return 0;
+                            return Some(0);
                         }
                         Err(e) => format!("TAP write failed: {e}"),
                     },
@@ -465,7 +516,7 @@ impl NetDevice {
                     "{}: {failure}; frame dropped",
                     tap.name()
                 );
-                0
+                Some(0)
             },
         )
     }
@@ -503,10 +554,37 @@ impl QueueHandler for NetDevice {
     }
 
     fn queue_notified(&mut self, index: usize) {
+        let blocked = |t: &Option<Throttle>| t.as_ref().is_some_and(Throttle::is_blocked);
         match index {
-            RX_QUEUE => self.with_active(Self::process_rx),
-            TX_QUEUE => self.with_active(Self::process_tx),
+            RX_QUEUE if !blocked(&self.rx_throttle) => self.with_active(Self::process_rx),
+            TX_QUEUE if !blocked(&self.tx_throttle) => self.with_active(Self::process_tx),
             _ => {}
+        }
+    }
+
+    fn timer_fds(&self) -> Vec<RawFd> {
+        [&self.rx_throttle, &self.tx_throttle]
+            .into_iter()
+            .flatten()
+            .map(Throttle::timer_fd)
+            .collect()
+    }
+
+    /// Timer 0 is receiving's, 1 transmitting's; None (the limits changed): both.
+    fn timer_fired(&mut self, index: Option<usize>) {
+        for (i, queue) in [(0, RX_QUEUE), (1, TX_QUEUE)] {
+            if index.is_some_and(|n| n != i) {
+                continue;
+            }
+            let t = if queue == RX_QUEUE {
+                &mut self.rx_throttle
+            } else {
+                &mut self.tx_throttle
+            };
+            if let Some(t) = t {
+                t.unblock();
+            }
+            self.queue_notified(queue);
         }
     }
 
@@ -515,7 +593,7 @@ impl QueueHandler for NetDevice {
     }
 
     fn backend_ready(&mut self) {
-        self.with_active(Self::process_rx);
+        self.queue_notified(RX_QUEUE);
     }
 }
 
@@ -772,7 +850,7 @@ mod tap_tests {
     #[test]
     fn arp_round_trip_through_a_real_tap() {
         in_private_netns(|| {
-            let nic = open("thvctest0", GUEST_MAC, Pairs::UpTo(1)).expect("TAP");
+            let nic = open("thvctest0", GUEST_MAC, Pairs::UpTo(1), None).expect("TAP");
             assert_eq!(nic.info.config_space, GUEST_MAC, "one pair: the MAC only");
             assert_eq!(
                 nic.info.features & (VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ),
@@ -836,7 +914,7 @@ mod tap_tests {
     #[test]
     fn several_pairs_on_a_multi_queue_tap_and_one_on_a_plain_one() {
         in_private_netns(|| {
-            let nic = open("thvcmq0", GUEST_MAC, Pairs::Exactly(3)).expect("TAP");
+            let nic = open("thvcmq0", GUEST_MAC, Pairs::Exactly(3), None).expect("TAP");
             let mq = VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ;
             assert_eq!(nic.info.features & mq, mq);
             assert_eq!(
@@ -855,9 +933,9 @@ mod tap_tests {
             // A TAP created single-queue: the default falls back to one pair, asking for
             // more is an error.
             ip(&["tuntap", "add", "dev", "thvcsq0", "mode", "tap", "vnet_hdr"]);
-            let nic = open("thvcsq0", GUEST_MAC, Pairs::UpTo(4)).expect("TAP");
+            let nic = open("thvcsq0", GUEST_MAC, Pairs::UpTo(4), None).expect("TAP");
             assert_eq!(nic.groups.len(), 1);
-            assert!(open("thvcsq0", GUEST_MAC, Pairs::Exactly(2)).is_err());
+            assert!(open("thvcsq0", GUEST_MAC, Pairs::Exactly(2), None).is_err());
             // One pair on a TAP created multi_queue (the kernel refuses a plain attach to it).
             ip(&[
                 "tuntap",
@@ -869,7 +947,7 @@ mod tap_tests {
                 "vnet_hdr",
                 "multi_queue",
             ]);
-            let nic = open("thvcmq1", GUEST_MAC, Pairs::Exactly(1)).expect("one queue");
+            let nic = open("thvcmq1", GUEST_MAC, Pairs::Exactly(1), None).expect("one queue");
             assert_eq!(nic.groups.len(), 1);
             assert_eq!(nic.info.features & mq, 0, "one pair: no MQ");
         });

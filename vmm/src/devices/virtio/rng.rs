@@ -6,6 +6,7 @@ use std::sync::Arc;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
+use super::throttle::{Admit, Throttle};
 use super::{
     serve_first_queue, Activation, CounterKind, DeviceCounters, DeviceInfo, QueueHandler, TYPE_RNG,
     VIRTIO_F_VERSION_1,
@@ -18,6 +19,7 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub struct RngDevice {
     counters: Arc<DeviceCounters>,
     active: Option<Activation>,
+    throttle: Option<Throttle>,
 }
 
 pub fn new() -> (DeviceInfo, RngDevice) {
@@ -31,6 +33,7 @@ pub fn new() -> (DeviceInfo, RngDevice) {
         RngDevice {
             counters: Arc::new(DeviceCounters::with_queues(CounterKind::Entropy, 1)),
             active: None,
+            throttle: None,
         },
     )
 }
@@ -67,6 +70,11 @@ pub fn fill_chain(mem: &GuestMemoryMmap, descriptors: &[Descriptor]) -> u32 {
 }
 
 impl RngDevice {
+    /// Limits the entropy handed out by `throttle` (bytes: what a request asks for).
+    pub fn set_throttle(&mut self, throttle: Throttle) {
+        self.throttle = Some(throttle);
+    }
+
     pub fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
     }
@@ -82,13 +90,38 @@ impl QueueHandler for RngDevice {
     }
 
     fn queue_notified(&mut self, _index: usize) {
+        if self.throttle.as_ref().is_some_and(Throttle::is_blocked) {
+            return;
+        }
         let counters = &self.counters;
+        let throttle = &mut self.throttle;
         serve_first_queue(&mut self.active, counters, |mem, descriptors| {
+            if let Some(t) = throttle.as_mut() {
+                let asked: u64 = descriptors
+                    .iter()
+                    .filter(|d| d.is_write_only())
+                    .map(|d| u64::from(d.len()))
+                    .sum();
+                if t.admit(asked.min(MAX_REQUEST_BYTES as u64)) == Admit::Wait {
+                    return None;
+                }
+            }
             let n = fill_chain(mem, descriptors);
             DeviceCounters::add(&counters.requests, 1);
             DeviceCounters::add(&counters.bytes_read, u64::from(n));
-            n
+            Some(n)
         });
+    }
+
+    fn timer_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.throttle.iter().map(Throttle::timer_fd).collect()
+    }
+
+    fn timer_fired(&mut self, _index: Option<usize>) {
+        if let Some(t) = &mut self.throttle {
+            t.unblock();
+        }
+        self.queue_notified(0);
     }
 }
 

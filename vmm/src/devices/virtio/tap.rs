@@ -25,6 +25,8 @@ pub const VNET_HDR_LEN: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
+    #[error("cannot create the rate limit timer: {0}")]
+    Timer(io::Error),
     #[error("invalid TAP name '{0}': 1-15 bytes, no '/' or whitespace")]
     Name(String),
     #[error("cannot open /dev/net/tun: {0}")]

@@ -17,6 +17,8 @@ use crate::sandbox::{self, ThreadKind};
 pub enum Command {
     Activate(Activation),
     Reset,
+    /// The device's rate limits changed: whatever waits for a timer tries again now.
+    LimitsChanged,
     /// End the worker thread (the VM is going away).
     Shutdown,
 }
@@ -71,6 +73,11 @@ impl WorkerControl {
         *done >= target
     }
 
+    /// Tells the worker its device's rate limits changed.
+    pub fn limits_changed(&self) {
+        self.push(Command::LimitsChanged);
+    }
+
     /// Ends the worker thread after the commands already queued.
     pub fn shutdown(&self) {
         self.push(Command::Shutdown);
@@ -88,6 +95,8 @@ impl WorkerControl {
 
 const TOKEN_CONTROL: u64 = u64::MAX;
 const TOKEN_BACKEND: u64 = u64::MAX - 1;
+/// Rate limit timer `i` of the handler has token `TOKEN_TIMER - i`.
+const TOKEN_TIMER: u64 = u64::MAX - 2;
 
 /// How many times one wakeup looks again for events that became ready while it worked,
 /// before it raises the interrupt for all of them: more work per guest interrupt under load,
@@ -123,6 +132,14 @@ pub fn spawn(
         // in does not spin this thread.
         add(fd, TOKEN_BACKEND, EventSet::IN | EventSet::EDGE_TRIGGERED)?;
     }
+    for (i, fd) in handler
+        .timer_fds()
+        .into_iter()
+        .take(super::MAX_TIMERS)
+        .enumerate()
+    {
+        add(fd, TOKEN_TIMER - i as u64, EventSet::IN)?;
+    }
     let builder = std::thread::Builder::new()
         .name(name)
         .stack_size(crate::THREAD_STACK_SIZE);
@@ -132,7 +149,7 @@ pub fn spawn(
             return;
         }
         sandbox::test_forbidden_syscall(ThreadKind::DeviceWorker);
-        let mut events = vec![EpollEvent::default(); queue_events.len() + 2];
+        let mut events = vec![EpollEvent::default(); queue_events.len() + 2 + super::MAX_TIMERS];
         // The active device's interrupt, for coalescing; None while the device is reset.
         let mut interrupt: Option<Interrupt> = None;
         loop {
@@ -205,6 +222,11 @@ fn handle_events(
                             handler.reset();
                             control.reset_done();
                         }
+                        Command::LimitsChanged => {
+                            if interrupt.is_some() {
+                                handler.timer_fired(None);
+                            }
+                        }
                         Command::Shutdown => {
                             if let Some(i) = interrupt.take() {
                                 i.end_batch();
@@ -220,6 +242,10 @@ fn handle_events(
                 if interrupt.is_some() {
                     handler.backend_ready();
                 }
+            }
+            token if token <= TOKEN_TIMER && token > TOKEN_TIMER - super::MAX_TIMERS as u64 => {
+                // Also read while inactive: the timer is level-triggered.
+                handler.timer_fired(Some((TOKEN_TIMER - token) as usize));
             }
             index => {
                 if let Some(evt) = queue_events.get(index as usize) {
