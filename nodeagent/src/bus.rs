@@ -357,6 +357,29 @@ impl Manager {
         Ok(path.display().to_string())
     }
 
+    /// PullImage as a job: returns the job's path at once; its `Progress` shows the bytes,
+    /// its `Cancel` stops the download, `JobRemoved` tells the result.
+    #[zbus(out_args("job"))]
+    async fn pull_image_job(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        url: String,
+        sha256: String,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let audit = authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::Images,
+            "PullImageJob",
+            &url,
+        )
+        .await?;
+        let job = audit.done(self.node.start_pull_job(&url, &sha256).await)?;
+        owned_path(&job.path)
+    }
+
     /// Images in the store: (name, size in bytes, verified SHA-256 or "").
     #[zbus(out_args("images"))]
     async fn list_images(&self) -> Result<Vec<(String, u64, String)>, BusError> {
@@ -465,7 +488,7 @@ impl Manager {
         path: ObjectPath<'_>,
     ) -> zbus::Result<()>;
 
-    /// Jobs in progress: (id, operation, VM name, state, job path).
+    /// Jobs in progress: (id, operation, VM name or image URL, state, job path).
     #[zbus(out_args("jobs"))]
     async fn list_jobs(&self) -> Vec<(u32, String, String, String, OwnedObjectPath)> {
         self.node
@@ -476,7 +499,11 @@ impl Manager {
                 Some((
                     j.id,
                     j.operation.as_str().to_owned(),
-                    j.vm.clone(),
+                    if j.vm.is_empty() {
+                        j.image_url.clone()
+                    } else {
+                        j.vm.clone()
+                    },
                     j.state().to_owned(),
                     path,
                 ))
@@ -484,7 +511,8 @@ impl Manager {
             .collect()
     }
 
-    /// A job ended: result `done` or `failed`, with the error message (empty when done).
+    /// A job ended: result `done`, `failed` or `canceled`, with the error message (when done:
+    /// a pull-image job's image path, empty for VM jobs).
     #[zbus(signal)]
     async fn job_removed(
         emitter: &SignalEmitter<'_>,
@@ -802,7 +830,7 @@ async fn pump_events(conn: Connection, node: std::sync::Weak<Node>, mut events: 
             NodeEvent::VmChanged(vm, props) => emit_vm_changed(&conn, &vm, &props).await,
             NodeEvent::NetworkStateChanged => emit_network_state_changed(&conn).await,
             NodeEvent::JobNew(job) => ack.done(
-                jobs::register_job(&conn, job)
+                jobs::register_job(&conn, node.upgrade(), job)
                     .await
                     .map_err(|e| format!("registering the job object: {e}")),
             ),

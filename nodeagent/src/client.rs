@@ -49,6 +49,7 @@ pub trait Manager {
     fn apply_network(&self, document_json: &str, dry_run: bool) -> zbus::Result<String>;
     fn get_network(&self) -> zbus::Result<String>;
     fn pull_image(&self, url: &str, sha256: &str) -> zbus::Result<String>;
+    fn pull_image_job(&self, url: &str, sha256: &str) -> zbus::Result<OwnedObjectPath>;
     fn list_images(&self) -> zbus::Result<Vec<(String, u64, String)>>;
     fn delete_image(&self, name: &str) -> zbus::Result<()>;
     fn create_disk(&self, name: &str, options_json: &str) -> zbus::Result<String>;
@@ -196,4 +197,15 @@ pub fn method_error(e: &zbus::Error) -> Option<(String, String)> {
         }
         _ => None,
     }
+}
+
+#[zbus::proxy(
+    interface = "de.thueringen.thvc.node1.Job",
+    default_service = "de.thueringen.thvc.node1"
+)]
+pub trait Job {
+    /// Bytes done and expected (0: unknown) of a pull-image job.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn progress(&self) -> zbus::Result<(u64, u64)>;
+    fn cancel(&self) -> zbus::Result<()>;
 }

@@ -18,6 +18,7 @@
 //! The file work runs on tokio's blocking threads, not on the threads that answer the bus.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -49,6 +50,8 @@ pub enum ImageError {
     TooLarge { url: String },
     #[error("no image named {0:?} in the image store")]
     NotFound(String),
+    #[error("the pull of {url} was canceled; nothing was stored")]
+    Canceled { url: String },
     #[error(transparent)]
     Fs(#[from] FsError),
 }
@@ -59,6 +62,49 @@ pub struct ImageInfo {
     pub size: u64,
     /// Verified SHA-256 for pulled images; empty for files placed by other means.
     pub sha256: String,
+}
+
+/// A pull's progress and its cancellation, shared with whoever watches it (a pull job).
+#[derive(Debug, Default)]
+pub struct PullControl {
+    done: AtomicU64,
+    /// 0 while unknown (no Content-Length yet, or none sent).
+    total: AtomicU64,
+    canceled: AtomicBool,
+    cancel: tokio::sync::Notify,
+}
+
+impl PullControl {
+    /// Bytes received and expected (0: not known).
+    pub fn progress(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stops the download at its next chunk or while it waits for one; the partial file is
+    /// removed and nothing is published.
+    pub fn cancel(&self) {
+        self.canceled.store(true, Ordering::SeqCst);
+        self.cancel.notify_waiters();
+    }
+
+    pub fn is_canceled(&self) -> bool {
+        self.canceled.load(Ordering::SeqCst)
+    }
+
+    async fn canceled(&self) {
+        loop {
+            let notified = self.cancel.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_canceled() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 pub fn http_client() -> Result<reqwest::Client, ImageError> {
@@ -219,6 +265,7 @@ pub async fn pull(
     images: &Path,
     url: &str,
     sha256: &str,
+    control: &PullControl,
 ) -> Result<PathBuf, ImageError> {
     let expected = sha256.to_ascii_lowercase();
     if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -246,7 +293,7 @@ pub async fn pull(
         })
         .await?
     };
-    if let Err(e) = download_to(client, url, &parsed, &tmp, &expected).await {
+    if let Err(e) = download_to(client, url, &parsed, &tmp, &expected, control).await {
         let _ = tokio::fs::remove_file(&tmp).await;
         return Err(e);
     }
@@ -329,16 +376,19 @@ async fn download_to(
     parsed: &reqwest::Url,
     tmp: &Path,
     expected: &str,
+    control: &PullControl,
 ) -> Result<(), ImageError> {
     let dl_err = |reason: String| ImageError::Download {
         url: url.to_owned(),
         reason,
     };
-    let mut resp = client
-        .get(parsed.clone())
-        .send()
-        .await
-        .map_err(|e| dl_err(error_chain(&e)))?;
+    let canceled = || ImageError::Canceled {
+        url: url.to_owned(),
+    };
+    let mut resp = tokio::select! {
+        resp = client.get(parsed.clone()).send() => resp.map_err(|e| dl_err(error_chain(&e)))?,
+        () = control.canceled() => return Err(canceled()),
+    };
     if !resp.status().is_success() {
         return Err(dl_err(format!("server answered {}", resp.status())));
     }
@@ -347,6 +397,9 @@ async fn download_to(
             url: url.to_owned(),
         });
     }
+    control
+        .total
+        .store(resp.content_length().unwrap_or(0), Ordering::Relaxed);
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -356,8 +409,14 @@ async fn download_to(
         .map_err(|e| FsError::io("create", tmp, e))?;
     let mut hasher = Sha256::new();
     let mut total = 0u64;
-    while let Some(chunk) = resp.chunk().await.map_err(|e| dl_err(error_chain(&e)))? {
+    loop {
+        let chunk = tokio::select! {
+            chunk = resp.chunk() => chunk.map_err(|e| dl_err(error_chain(&e)))?,
+            () = control.canceled() => return Err(canceled()),
+        };
+        let Some(chunk) = chunk else { break };
         total += chunk.len() as u64;
+        control.done.store(total, Ordering::Relaxed);
         if total > MAX_IMAGE_BYTES {
             return Err(ImageError::TooLarge {
                 url: url.to_owned(),

@@ -181,3 +181,236 @@ async fn thvcctl_waits_for_jobs_or_returns_the_path() {
     assert_eq!((p.as_str(), result.as_str()), (path, "done"));
     assert_eq!(v.state().await.unwrap(), "stopped");
 }
+
+/// An HTTP server for /paced.img whose body the test releases chunk by chunk (one chunk per
+/// message on the returned sender; dropping the sender stalls the rest forever).
+fn paced_server(content: Vec<u8>, chunk: usize) -> (String, std::sync::mpsc::Sender<()>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/paced.img", listener.local_addr().unwrap());
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let Some(Ok(stream)) = listener.incoming().next() else {
+            return;
+        };
+        let mut reader = BufReader::new(&stream);
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                break;
+            }
+        }
+        let mut w = &stream;
+        let _ = write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            content.len()
+        );
+        for piece in content.chunks(chunk) {
+            if go_rx.recv().is_err() {
+                // Stalled: keep the connection open until the client gives up.
+                std::thread::sleep(Duration::from_secs(60));
+                return;
+            }
+            let _ = w.write_all(piece);
+            let _ = w.flush();
+        }
+    });
+    (url, go_tx)
+}
+
+async fn call_manager(
+    conn: &zbus::Connection,
+    method: &str,
+    url: &str,
+    sha: &str,
+) -> OwnedObjectPath {
+    let reply = conn
+        .call_method(
+            Some("de.thueringen.thvc.node1"),
+            MANAGER,
+            Some("de.thueringen.thvc.node1.Manager"),
+            method,
+            &(url, sha),
+        )
+        .await
+        .unwrap();
+    reply.body().deserialize().unwrap()
+}
+
+async fn job_progress(conn: &zbus::Connection, job: &OwnedObjectPath) -> (u64, u64) {
+    let p = zbus::Proxy::new(
+        conn,
+        "de.thueringen.thvc.node1",
+        job.as_str(),
+        "de.thueringen.thvc.node1.Job",
+    )
+    .await
+    .unwrap();
+    p.get_property::<(u64, u64)>("Progress").await.unwrap()
+}
+
+/// Polls the job's Progress until `done` bytes are in (the server sent exactly that much).
+async fn wait_progress(conn: &zbus::Connection, job: &OwnedObjectPath, done: u64, total: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = job_progress(conn, job).await;
+        if now == (done, total) {
+            return;
+        }
+        assert!(now.0 <= done, "more than was sent: {now:?}");
+        assert!(
+            Instant::now() < deadline,
+            "progress stuck at {now:?}, want {done}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// PullImageJob returns at once; its Progress follows the bytes the server sends (released
+/// chunk by chunk by the test), then JobRemoved says done and the image is in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_pull_job_shows_its_progress() {
+    use sha2::{Digest, Sha256};
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(&bus, &dirs, &[]);
+    let conn = connect(&bus).await;
+    let content: Vec<u8> = (0..3 * 65536).map(|i| (i % 251) as u8).collect();
+    let sha = hex::encode(Sha256::digest(&content));
+    let (url, go) = paced_server(content.clone(), 65536);
+    let mut removed = job_removed_stream(&conn).await;
+    let job = call_manager(&conn, "PullImageJob", &url, &sha).await;
+    let total = content.len() as u64;
+    for sent in 1..=3u64 {
+        go.send(()).unwrap();
+        wait_progress(&conn, &job, sent * 65536, total).await;
+    }
+    let (_, path, result, message) = next_removed(&mut removed).await;
+    assert_eq!((path, result.as_str()), (job, "done"), "{message}");
+    let m = manager(&conn).await;
+    let images = m.list_images().await.unwrap();
+    assert!(
+        images
+            .iter()
+            .any(|(name, size, digest)| name == "paced.img" && *size == total && *digest == sha),
+        "{images:?}"
+    );
+}
+
+/// Cancel stops a pull in the middle: JobRemoved says canceled and nothing is stored.
+/// VM jobs refuse Cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_pull_job_can_be_canceled_and_stores_nothing() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(
+        &bus,
+        &dirs,
+        &["--shutdown-timeout", "30", "--stop-timeout", "2"],
+    );
+    let conn = connect(&bus).await;
+    let content = vec![7u8; 4 * 65536];
+    let sha = "ab".repeat(32);
+    let (url, go) = paced_server(content.clone(), 65536);
+    let mut removed = job_removed_stream(&conn).await;
+    let job = call_manager(&conn, "PullImageJob", &url, &sha).await;
+    go.send(()).unwrap();
+    wait_progress(&conn, &job, 65536, content.len() as u64).await;
+    conn.call_method(
+        Some("de.thueringen.thvc.node1"),
+        job.as_str(),
+        Some("de.thueringen.thvc.node1.Job"),
+        "Cancel",
+        &(),
+    )
+    .await
+    .unwrap();
+    let (_, path, result, message) = next_removed(&mut removed).await;
+    assert_eq!((path, result.as_str()), (job, "canceled"), "{message}");
+    drop(go);
+    let m = manager(&conn).await;
+    let images = m.list_images().await.unwrap();
+    assert!(!images.iter().any(|i| i.0 == "paced.img"), "{images:?}");
+    let store = walk(&dirs.state().join("images"));
+    assert!(
+        store.iter().any(|p| p.ends_with("vmlinuz")),
+        "not the store: {store:?}"
+    );
+    let leftovers: Vec<_> = store
+        .into_iter()
+        .filter(|p| !p.ends_with("vmlinuz"))
+        .collect();
+    assert!(leftovers.is_empty(), "files left behind: {leftovers:?}");
+
+    // A VM job cannot be canceled: a Shutdown job waiting for a guest that ignores the power
+    // button refuses, and a Stop ends it.
+    let v = m
+        .create_vm("deaf", &spec_cmdline("fake.ignore_shutdown=1"))
+        .await
+        .unwrap();
+    vm(&conn, v.clone()).await.start().await.unwrap();
+    let shutdown = call_job(&conn, &v, "ShutdownJob").await;
+    let err = conn
+        .call_method(
+            Some("de.thueringen.thvc.node1"),
+            shutdown.as_str(),
+            Some("de.thueringen.thvc.node1.Job"),
+            "Cancel",
+            &(),
+        )
+        .await
+        .expect_err("a VM job refuses Cancel");
+    assert!(err.to_string().contains("cannot be canceled"), "{err}");
+    vm(&conn, v).await.stop().await.unwrap();
+    let (_, path, result, _) = next_removed(&mut removed).await;
+    assert_eq!((path, result.as_str()), (shutdown, "done"));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// `thvcctl image pull` runs the pull as a job and prints the image's path when it is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thvcctl_pulls_an_image_as_a_job() {
+    use sha2::{Digest, Sha256};
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(&bus, &dirs, &[]);
+    let content = vec![3u8; 2 * 65536];
+    let sha = hex::encode(Sha256::digest(&content));
+    let (url, go) = paced_server(content, 65536);
+    go.send(()).unwrap();
+    go.send(()).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(THVCCTL)
+            .arg("--bus")
+            .arg(&bus.address)
+            .args(["image", "pull", &url, &sha])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = std::path::PathBuf::from(stdout.trim());
+    assert!(path.ends_with("paced.img"), "{stdout}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * 65536);
+}

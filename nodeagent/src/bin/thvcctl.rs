@@ -130,6 +130,9 @@ enum ImageAction {
     Pull {
         url: String,
         sha256: String,
+        /// Print the job's object path and return at once.
+        #[arg(long)]
+        no_wait: bool,
     },
     List,
     /// Delete an image (NAME as `image list` shows it); refused while a VM uses it.
@@ -276,8 +279,14 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Disk { action } => disk(&manager, action, json_out).await,
         Command::Image { action } => match action {
-            ImageAction::Pull { url, sha256 } => {
-                let path = manager.pull_image(&url, &sha256).await?;
+            ImageAction::Pull {
+                url,
+                sha256,
+                no_wait,
+            } => {
+                let Some(path) = pull_job(&manager, &url, &sha256, no_wait).await? else {
+                    return Ok(());
+                };
                 if json_out {
                     println!("{}", json!({ "path": path }));
                 } else {
@@ -577,6 +586,75 @@ mod tests {
         assert_eq!(human(1 << 20), "1.0 MiB");
         assert_eq!(human(20 << 30), "20.0 GiB");
         assert_eq!(human(3 << 39), "1.5 TiB");
+    }
+}
+
+/// Pulls an image as an agent job, showing its progress on stderr (a bar on a terminal, a
+/// line every few seconds otherwise); returns the image's path, or None with `no_wait` (the
+/// job path is printed then).
+async fn pull_job(
+    manager: &client::ManagerProxy<'_>,
+    url: &str,
+    sha256: &str,
+    no_wait: bool,
+) -> anyhow::Result<Option<String>> {
+    use futures_util::StreamExt;
+    use std::io::{IsTerminal, Write};
+    let mut removed = manager.receive_job_removed().await?;
+    let job_path = manager.pull_image_job(url, sha256).await?;
+    if no_wait {
+        println!("{}", job_path.as_str());
+        return Ok(None);
+    }
+    let job = client::JobProxy::builder(manager.inner().connection())
+        .path(job_path.clone())?
+        .build()
+        .await?;
+    let terminal = std::io::stderr().is_terminal();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(if terminal {
+        200
+    } else {
+        5000
+    }));
+    let mut shown = false;
+    loop {
+        tokio::select! {
+            signal = removed.next() => {
+                let Some(signal) = signal else {
+                    anyhow::bail!("the bus connection ended before the pull of {url} did");
+                };
+                let args = signal.args()?;
+                if args.path.as_str() != job_path.as_str() {
+                    continue;
+                }
+                if shown && terminal {
+                    eprintln!();
+                }
+                if args.result == "done" {
+                    return Ok(Some(args.message.to_string()));
+                }
+                anyhow::bail!("pull of {url} {}: {}", args.result, args.message);
+            }
+            _ = tick.tick() => {
+                // The job may have ended between the signal and this read.
+                let Ok((done, total)) = job.progress().await else { continue };
+                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                let text = match done.saturating_mul(100).checked_div(total) {
+                    Some(pct) => {
+                        let bar = "#".repeat((pct / 5).min(20) as usize);
+                        format!("[{bar:<20}] {pct:>3}% {:.1}/{:.1} MiB", mib(done), mib(total))
+                    }
+                    None => format!("{:.1} MiB", mib(done)),
+                };
+                if terminal {
+                    eprint!("\r{text}");
+                    let _ = std::io::stderr().flush();
+                } else {
+                    eprintln!("pulling {url}: {text}");
+                }
+                shown = true;
+            }
+        }
     }
 }
 

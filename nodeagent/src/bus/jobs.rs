@@ -7,14 +7,19 @@ use std::sync::Arc;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::{interface, Connection};
 
-use super::{Manager, MANAGER_PATH};
+use super::{authorize_change, BusError, Manager, Role, MANAGER_PATH};
 use crate::names::vm_object_path;
+use crate::node::jobs::JobOperation;
 use crate::node::jobs::{Job, JobResult};
+use crate::node::Node;
+use zbus::message::Header;
 
 pub const JOB_INTERFACE: &str = "de.thueringen.thvc.node1.Job";
 
 pub struct JobObject {
     job: Arc<Job>,
+    /// For authorizing Cancel; None once the node is gone.
+    node: Option<Arc<Node>>,
 }
 
 #[interface(name = "de.thueringen.thvc.node1.Job")]
@@ -24,13 +29,45 @@ impl JobObject {
         self.job.id
     }
 
-    /// start, stop or shutdown.
+    /// start, stop, shutdown or pull-image.
     #[zbus(property(emits_changed_signal = "const"))]
     fn operation(&self) -> String {
         self.job.operation.as_str().to_owned()
     }
 
-    /// The VM's object path.
+    /// The image URL of a pull-image job ("" for VM jobs).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn image_url(&self) -> String {
+        self.job.image_url.clone()
+    }
+
+    /// Bytes done and expected (0: not known yet) of a pull-image job; (0, 0) for VM jobs.
+    /// Not signalled: read it while the job runs.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn progress(&self) -> (u64, u64) {
+        self.job.progress()
+    }
+
+    /// Cancels a pull-image job (nothing is stored; JobRemoved says `canceled`). VM jobs
+    /// refuse (InvalidState): a Stop ends a Shutdown in progress.
+    async fn cancel(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        let Some(node) = &self.node else {
+            return Err(BusError::InvalidState("the node is shutting down".into()));
+        };
+        let (role, object) = match self.job.operation {
+            JobOperation::PullImage => (Role::Images, self.job.image_url.as_str()),
+            _ => (Role::VmControl, self.job.vm.as_str()),
+        };
+        authorize_change(conn, Some(&header), node, role, "CancelJob", object)
+            .await?
+            .done(self.job.cancel())
+    }
+
+    /// The VM's object path ("/" for image pulls).
     #[zbus(property(emits_changed_signal = "const"))]
     fn vm(&self) -> OwnedObjectPath {
         OwnedObjectPath::try_from(vm_object_path(&self.job.vm))
@@ -44,10 +81,14 @@ impl JobObject {
     }
 }
 
-pub(super) async fn register_job(conn: &Connection, job: Arc<Job>) -> zbus::Result<()> {
+pub(super) async fn register_job(
+    conn: &Connection,
+    node: Option<Arc<Node>>,
+    job: Arc<Job>,
+) -> zbus::Result<()> {
     let path = job.path.clone();
     conn.object_server()
-        .at(path.as_str(), JobObject { job })
+        .at(path.as_str(), JobObject { job, node })
         .await?;
     Ok(())
 }

@@ -11,6 +11,17 @@ impl Node {
     // ----- images --------------------------------------------------------------------------
 
     pub async fn pull_image(&self, url: &str, sha256: &str) -> Result<PathBuf, NodeError> {
+        self.pull_image_with(url, sha256, &images::PullControl::default())
+            .await
+    }
+
+    /// A pull whose progress `control` shows and through which it can be canceled.
+    pub async fn pull_image_with(
+        &self,
+        url: &str,
+        sha256: &str,
+        control: &images::PullControl,
+    ) -> Result<PathBuf, NodeError> {
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| NodeError::InvalidArgument(format!("invalid image URL {url:?}: {e}")))?;
         let name = images::image_name_from_url(&parsed)?;
@@ -22,7 +33,8 @@ impl Node {
                 )));
             }
         }
-        let result = images::pull(&self.http, &self.cfg.layout.images_dir(), url, sha256).await;
+        let images_dir = self.cfg.layout.images_dir();
+        let result = images::pull(&self.http, &images_dir, url, sha256, control).await;
         if let Ok(mut pulls) = self.pulls.lock() {
             pulls.remove(&name);
         }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use super::{Node, NodeError, NodeEvent};
+use crate::images::PullControl;
 use crate::names::MANAGER_PATH;
 
 /// What a job does.
@@ -16,6 +17,7 @@ pub enum JobOperation {
     Start,
     Stop,
     Shutdown,
+    PullImage,
 }
 
 impl JobOperation {
@@ -24,6 +26,7 @@ impl JobOperation {
             JobOperation::Start => "start",
             JobOperation::Stop => "stop",
             JobOperation::Shutdown => "shutdown",
+            JobOperation::PullImage => "pull-image",
         }
     }
 }
@@ -33,6 +36,7 @@ impl JobOperation {
 pub enum JobResult {
     Done,
     Failed,
+    Canceled,
 }
 
 impl JobResult {
@@ -40,6 +44,7 @@ impl JobResult {
         match self {
             JobResult::Done => "done",
             JobResult::Failed => "failed",
+            JobResult::Canceled => "canceled",
         }
     }
 }
@@ -49,13 +54,38 @@ impl JobResult {
 pub struct Job {
     pub id: u32,
     pub operation: JobOperation,
+    /// The VM a VM job works on; empty for image pulls.
     pub vm: String,
+    /// The URL an image pull fetches; empty for VM jobs.
+    pub image_url: String,
+    /// Progress and cancellation of an image pull.
+    pull: Option<Arc<PullControl>>,
     /// `<manager path>/job/<id>`.
     pub path: String,
     running: StdMutex<bool>,
 }
 
 impl Job {
+    /// Bytes done and expected (0: unknown) of an image pull; (0, 0) for VM jobs.
+    pub fn progress(&self) -> (u64, u64) {
+        self.pull.as_ref().map_or((0, 0), |p| p.progress())
+    }
+
+    /// Cancels an image pull (its partial download is removed, nothing is published). VM jobs
+    /// cannot be canceled: a Stop ends a Shutdown in progress.
+    pub fn cancel(&self) -> Result<(), NodeError> {
+        match &self.pull {
+            Some(pull) => {
+                pull.cancel();
+                Ok(())
+            }
+            None => Err(NodeError::InvalidState(format!(
+                "a {} job cannot be canceled (Stop ends a Shutdown in progress)",
+                self.operation.as_str()
+            ))),
+        }
+    }
+
     pub fn state(&self) -> &'static str {
         if *self.running.lock().unwrap_or_else(|p| p.into_inner()) {
             "running"
@@ -90,14 +120,78 @@ impl Node {
     ) -> Result<Arc<Job>, NodeError> {
         // Refuse unknown VMs at once rather than in a failed job.
         self.get(name)?;
+        let job = self.new_job(operation, name, "", None);
+        self.run_job(job, move |node, job| async move {
+            let name = job.vm.clone();
+            match job.operation {
+                JobOperation::Start => node.start(&name).await,
+                JobOperation::Stop => node.stop(&name, false).await,
+                JobOperation::Shutdown | JobOperation::PullImage => node.stop(&name, true).await,
+            }
+            .map(|()| String::new())
+        })
+        .await
+    }
+
+    /// Pulls an image as a job with byte progress, which `Cancel` stops.
+    pub async fn start_pull_job(
+        self: &Arc<Self>,
+        url: &str,
+        sha256: &str,
+    ) -> Result<Arc<Job>, NodeError> {
+        // Bad arguments are refused at once, not in a failed job.
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| NodeError::InvalidArgument(format!("invalid image URL {url:?}: {e}")))?;
+        crate::images::image_name_from_url(&parsed)?;
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(NodeError::InvalidArgument(format!(
+                "invalid SHA-256 {sha256:?}: expected 64 hexadecimal digits"
+            )));
+        }
+        let control = Arc::new(PullControl::default());
+        let job = self.new_job(JobOperation::PullImage, "", url, Some(control));
+        let sha256 = sha256.to_owned();
+        self.run_job(job, move |node, job| async move {
+            let Some(control) = job.pull.clone() else {
+                return Err(NodeError::Io("pull job without its control".into()));
+            };
+            node.pull_image_with(&job.image_url, &sha256, &control)
+                .await
+                .map(|path| path.display().to_string())
+        })
+        .await
+    }
+
+    fn new_job(
+        &self,
+        operation: JobOperation,
+        vm: &str,
+        image_url: &str,
+        pull: Option<Arc<PullControl>>,
+    ) -> Arc<Job> {
         let id = self.jobs.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let job = Arc::new(Job {
+        Arc::new(Job {
             id,
             operation,
-            vm: name.to_owned(),
+            vm: vm.to_owned(),
+            image_url: image_url.to_owned(),
+            pull,
             path: format!("{MANAGER_PATH}/job/{id}"),
             running: StdMutex::new(false),
-        });
+        })
+    }
+
+    /// Lists and announces `job`, then runs `work` on its own task; JobRemoved tells how it
+    /// ended, with `work`'s message when done (a pulled image's path) or the error.
+    async fn run_job<F, Fut>(
+        self: &Arc<Self>,
+        job: Arc<Job>,
+        work: F,
+    ) -> Result<Arc<Job>, NodeError>
+    where
+        F: FnOnce(Arc<Node>, Arc<Job>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<String, NodeError>> + Send + 'static,
+    {
         self.jobs
             .list
             .lock()
@@ -111,14 +205,11 @@ impl Node {
         let task_job = job.clone();
         tokio::spawn(async move {
             *task_job.running.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            let name = task_job.vm.clone();
-            let outcome = match task_job.operation {
-                JobOperation::Start => node.start(&name).await,
-                JobOperation::Stop => node.stop(&name, false).await,
-                JobOperation::Shutdown => node.stop(&name, true).await,
-            };
+            let outcome = work(node.clone(), task_job.clone()).await;
+            let canceled = task_job.pull.as_ref().is_some_and(|p| p.is_canceled());
             let (result, message) = match outcome {
-                Ok(()) => (JobResult::Done, String::new()),
+                Ok(message) => (JobResult::Done, message),
+                Err(e) if canceled => (JobResult::Canceled, e.to_string()),
                 Err(e) => (JobResult::Failed, e.to_string()),
             };
             node.forget_job(&task_job);

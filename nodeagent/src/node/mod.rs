@@ -363,7 +363,9 @@ impl From<ImageError> for NodeError {
             ImageError::BadUrl { .. } | ImageError::BadDigest(_) => NodeError::InvalidArgument(msg),
             ImageError::Conflict { .. } => NodeError::AlreadyExists(msg),
             ImageError::Checksum { .. } => NodeError::ChecksumMismatch(msg),
-            ImageError::Download { .. } | ImageError::TooLarge { .. } => NodeError::Download(msg),
+            ImageError::Download { .. }
+            | ImageError::TooLarge { .. }
+            | ImageError::Canceled { .. } => NodeError::Download(msg),
             ImageError::NotFound(_) => NodeError::NotFound(msg),
             ImageError::Fs(_) => NodeError::Io(msg),
         }
