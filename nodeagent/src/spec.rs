@@ -142,6 +142,59 @@ pub struct DiskSpec {
     pub readonly: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// The disk's rate limit (thvc-vmm's `--disk ...,bandwidth=,ops=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<RateLimit>,
+}
+
+/// A device's rate limit, as thvc-vmm takes it: `bandwidth` in bytes per second with an
+/// optional K/M/G suffix (powers of 1024), `ops` requests per second, each with an optional
+/// burst (default: 100 ms worth). Changeable at run time through the VMM's `update-device`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_burst: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops_burst: Option<u64>,
+}
+
+impl RateLimit {
+    /// Checks the values and returns the VMM's `,key=value` suffix.
+    fn vmm_keys(&self, what: &str) -> Result<String, SpecError> {
+        let mut out = String::new();
+        if let Some(b) = &self.bandwidth {
+            let digits = b.strip_suffix(['K', 'M', 'G']).unwrap_or(b);
+            if digits.is_empty() || digits.len() > 12 || !digits.bytes().all(|c| c.is_ascii_digit())
+            {
+                return Err(invalid(format!(
+                    "{what}.bandwidth {b:?} must be bytes per second, optionally with K, M or G \
+                     (powers of 1024), e.g. \"10M\""
+                )));
+            }
+            out.push_str(&format!(",bandwidth={b}"));
+        }
+        if let Some(n) = self.bandwidth_burst {
+            if self.bandwidth.is_none() {
+                return Err(invalid(format!("{what}.bandwidth_burst needs bandwidth")));
+            }
+            out.push_str(&format!(",bandwidth-burst={n}"));
+        }
+        if let Some(n) = self.ops {
+            out.push_str(&format!(",ops={n}"));
+        }
+        if let Some(n) = self.ops_burst {
+            if self.ops.is_none() {
+                return Err(invalid(format!("{what}.ops_burst needs ops")));
+            }
+            out.push_str(&format!(",ops-burst={n}"));
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +206,9 @@ pub struct NicSpec {
     /// Generated from node and VM name when absent (see [`names::stable_mac`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The NIC's rate limit, for each direction (receive and transmit separately).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<RateLimit>,
 }
 
 /// The two file stores a spec may reference, canonicalized.
@@ -208,6 +264,8 @@ pub struct ResolvedDisk {
     pub path: PathBuf,
     pub readonly: bool,
     pub serial: Option<String>,
+    /// `,bandwidth=...` keys for the VMM ("" without a limit).
+    pub limit: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,6 +273,8 @@ pub struct ResolvedNic {
     pub bridge: String,
     pub vlan: Option<u16>,
     pub mac: String,
+    /// `,bandwidth=...` keys for the VMM ("" without a limit).
+    pub limit: String,
 }
 
 /// Parses a spec document (unknown fields are errors, so typos do not pass silently).
@@ -318,10 +378,15 @@ impl VmSpec {
                     )));
                 }
             }
+            let limit = match &d.limit {
+                Some(l) => l.vmm_keys(&format!("disks[{i}].limit"))?,
+                None => String::new(),
+            };
             disks.push(ResolvedDisk {
                 path,
                 readonly: d.readonly,
                 serial: d.serial.clone(),
+                limit,
             });
         }
         if self.nics.len() > MAX_NICS {
@@ -349,10 +414,15 @@ impl VmSpec {
                     )))
                 }
             };
+            let limit = match &n.limit {
+                Some(l) => l.vmm_keys(&format!("nics[{i}].limit"))?,
+                None => String::new(),
+            };
             nics.push(ResolvedNic {
                 bridge: n.bridge.clone(),
                 vlan: n.vlan,
                 mac,
+                limit,
             });
         }
         let seed = match &self.metadata {
@@ -626,6 +696,7 @@ pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
         if let Some(s) = &d.serial {
             v.push_str(&format!(",serial={s}"));
         }
+        v.push_str(&d.limit);
         args.push("--disk".to_owned());
         args.push(v);
     }
@@ -635,7 +706,7 @@ pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
     }
     for (nic, tap) in spec.nics.iter().zip(&params.taps) {
         args.push("--net".to_owned());
-        args.push(format!("tap={tap},mac={}", nic.mac));
+        args.push(format!("tap={tap},mac={}{}", nic.mac, nic.limit));
     }
     if let Some(user) = params.switch_to_user {
         args.push("--user".to_owned());
@@ -766,6 +837,38 @@ mod tests {
             .join(" ")
             .contains("--transport pci"));
         assert!(parse(r#"{"vcpus":1,"memory_mib":128,"kernel":"k","transport":"isa"}"#).is_err());
+        let mut limited = parsed(
+            r#"{"vcpus":1,"memory_mib":128,"kernel":"vmlinuz",
+                "disks":[{"path":"root.img","limit":{"bandwidth":"10M","ops":2000}}],
+                "nics":[{"bridge":"br0","limit":{"bandwidth":"1G","bandwidth_burst":65536}}]}"#,
+        );
+        limited.fill_macs("node", "vm");
+        let r = limited.resolve("vm", &s).unwrap();
+        let joined = vmm_args(&r, &params()).join(" ");
+        assert!(
+            joined.contains("root.img,bandwidth=10M,ops=2000 "),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(",bandwidth=1G,bandwidth-burst=65536"),
+            "{joined}"
+        );
+        for (limit, why) in [
+            (r#"{"bandwidth":"10X"}"#, "bytes per second"),
+            (r#"{"bandwidth":""}"#, "bytes per second"),
+            (r#"{"ops_burst":5}"#, "needs ops"),
+            (r#"{"bandwidth_burst":5}"#, "needs bandwidth"),
+        ] {
+            let bad = parsed(&format!(
+                r#"{{"vcpus":1,"memory_mib":128,"kernel":"vmlinuz","disks":[{{"path":"root.img","limit":{limit}}}]}}"#
+            ));
+            let e = bad.resolve("vm", &s).expect_err(limit).to_string();
+            assert!(e.contains("disks[0].limit") && e.contains(why), "{e}");
+        }
+        assert!(parse(
+            r#"{"vcpus":1,"memory_mib":128,"kernel":"k","disks":[{"path":"r","limit":{"rate":1}}]}"#
+        )
+        .is_err());
         let v3 = parse(r#"{"vcpus":1,"memory_mib":128,"kernel":"k","cpu_template":"x86-64-v3"}"#)
             .expect("template");
         assert_eq!(v3.cpu_template, Some(CpuTemplate::X86_64V3));
@@ -931,6 +1034,7 @@ mod tests {
                 path: "data.img".into(),
                 readonly: true,
                 serial: Some(format!("d{i}")),
+                limit: None,
             })
             .collect();
         let e = full.resolve("web", &s).unwrap_err().to_string();
