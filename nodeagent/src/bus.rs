@@ -246,6 +246,41 @@ impl Manager {
         self.node.network_state()
     }
 
+    /// True while the node is drained: no VM starts (see Drain).
+    #[zbus(property)]
+    fn drained(&self) -> bool {
+        self.node.is_drained()
+    }
+
+    /// Drains the node: from now on no VM starts (persisted: the node stays drained across
+    /// agent restarts and reboots, and autostart starts nothing); a drain job shuts every
+    /// running VM down gracefully, in parallel, and stops those still running after
+    /// `timeout_seconds`. Returns the job's path at once; JobRemoved tells when every VM is
+    /// down. Draining a drained node starts another drain job.
+    #[zbus(out_args("job"))]
+    async fn drain(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        timeout_seconds: u64,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let audit =
+            authorize_change(conn, Some(&header), &self.node, Role::Host, "Drain", "").await?;
+        let job = audit.done(self.node.drain(timeout_seconds).await)?;
+        owned_path(&job.path)
+    }
+
+    /// Lifts the drain: starts are allowed again. Starts nothing itself.
+    async fn undrain(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), BusError> {
+        authorize_change(conn, Some(&header), &self.node, Role::Host, "Undrain", "")
+            .await?
+            .done(self.node.undrain().await)
+    }
+
     /// All VMs: (name, state, object path).
     #[zbus(out_args("vms"))]
     async fn list_vms(&self) -> Vec<(String, String, OwnedObjectPath)> {
@@ -829,6 +864,7 @@ async fn pump_events(conn: Connection, node: std::sync::Weak<Node>, mut events: 
             NodeEvent::VmRemoved(vm) => unregister_vm(&conn, &vm).await,
             NodeEvent::VmChanged(vm, props) => emit_vm_changed(&conn, &vm, &props).await,
             NodeEvent::NetworkStateChanged => emit_network_state_changed(&conn).await,
+            NodeEvent::DrainedChanged => emit_drained_changed(&conn).await,
             NodeEvent::JobNew(job) => ack.done(
                 jobs::register_job(&conn, node.upgrade(), job)
                     .await
@@ -908,6 +944,21 @@ async fn emit_vm_changed(conn: &Connection, vm: &Vm, props: &[VmProperty]) {
     .await;
     if let Err(e) = result {
         tracing::warn!(vm = %vm.name, "emitting PropertiesChanged: {e}");
+    }
+}
+
+async fn emit_drained_changed(conn: &Connection) {
+    let result = async {
+        let iface = conn
+            .object_server()
+            .interface::<_, Manager>(MANAGER_PATH)
+            .await?;
+        let manager = iface.get().await;
+        manager.drained_changed(iface.signal_emitter()).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!("emitting Drained change: {e}");
     }
 }
 

@@ -50,6 +50,10 @@ pub trait Manager {
     fn get_network(&self) -> zbus::Result<String>;
     fn pull_image(&self, url: &str, sha256: &str) -> zbus::Result<String>;
     fn pull_image_job(&self, url: &str, sha256: &str) -> zbus::Result<OwnedObjectPath>;
+    fn drain(&self, timeout_seconds: u64) -> zbus::Result<OwnedObjectPath>;
+    fn undrain(&self) -> zbus::Result<()>;
+    #[zbus(property)]
+    fn drained(&self) -> zbus::Result<bool>;
     fn list_images(&self) -> zbus::Result<Vec<(String, u64, String)>>;
     fn delete_image(&self, name: &str) -> zbus::Result<()>;
     fn create_disk(&self, name: &str, options_json: &str) -> zbus::Result<String>;

@@ -36,6 +36,10 @@ impl Layout {
             log_dir,
         }
     }
+    /// Present while the node is drained (`Drain`/`Undrain`).
+    pub fn drained_file(&self) -> PathBuf {
+        self.state_dir.join("drained")
+    }
     pub fn specs_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
     }

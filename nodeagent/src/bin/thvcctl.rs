@@ -54,6 +54,27 @@ enum Command {
         #[command(subcommand)]
         action: DiskAction,
     },
+    /// Node-wide operations.
+    Host {
+        #[command(subcommand)]
+        action: HostAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostAction {
+    /// No new VM starts; running VMs are shut down gracefully, stopped after the timeout.
+    /// Waits until every VM is down.
+    Drain {
+        /// Seconds a VM gets to shut down before it is stopped.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Print the drain job's object path and return.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Allow VM starts again (starts nothing).
+    Undrain,
 }
 
 #[derive(Subcommand)]
@@ -278,6 +299,29 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Disk { action } => disk(&manager, action, json_out).await,
+        Command::Host { action } => match action {
+            HostAction::Drain { timeout, no_wait } => {
+                use futures_util::StreamExt;
+                let mut removed = manager.receive_job_removed().await?;
+                let job = manager.drain(timeout).await?;
+                if no_wait {
+                    println!("{}", job.as_str());
+                    return Ok(());
+                }
+                while let Some(signal) = removed.next().await {
+                    let args = signal.args()?;
+                    if args.path.as_str() != job.as_str() {
+                        continue;
+                    }
+                    if args.result == "done" {
+                        return Ok(());
+                    }
+                    anyhow::bail!("drain {}: {}", args.result, args.message);
+                }
+                anyhow::bail!("the bus connection ended before the drain did")
+            }
+            HostAction::Undrain => Ok(manager.undrain().await?),
+        },
         Command::Image { action } => match action {
             ImageAction::Pull {
                 url,
@@ -388,6 +432,7 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
         "memory_bytes": manager.memory_bytes().await?,
         "memory_available_bytes": manager.memory_available_bytes().await?,
         "network_state": manager.network_state().await?,
+        "drained": manager.drained().await?,
         "vms": vms.len(),
         "vms_running": running,
         "vms_failed": failed,
@@ -414,6 +459,9 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
             gib(&v["memory_available_bytes"])
         );
         println!("Network:   {}", v["network_state"].as_str().unwrap_or(""));
+        if v["drained"] == true {
+            println!("Drained:   yes (no VM starts; `thvcctl host undrain` lifts it)");
+        }
         println!(
             "VMs:       {} ({running} running, {failed} failed)",
             vms.len()

@@ -34,6 +34,8 @@ pub enum NodeEvent {
     VmChanged(Arc<Vm>, Vec<VmProperty>),
     /// The node's `NetworkState` changed.
     NetworkStateChanged,
+    /// The node's `Drained` changed.
+    DrainedChanged,
     /// A job began: serve its object before the caller gets its path.
     JobNew(Arc<Job>),
     /// A job ended with a result and an error message (empty when done): withdraw its object
@@ -49,6 +51,7 @@ impl std::fmt::Debug for NodeEvent {
             NodeEvent::VmRemoved(vm) => write!(f, "VmRemoved({})", vm.name),
             NodeEvent::VmChanged(vm, props) => write!(f, "VmChanged({}, {props:?})", vm.name),
             NodeEvent::NetworkStateChanged => write!(f, "NetworkStateChanged"),
+            NodeEvent::DrainedChanged => write!(f, "DrainedChanged"),
             NodeEvent::JobNew(job) => write!(f, "JobNew({})", job.id),
             NodeEvent::JobRemoved(job, result, _) => {
                 write!(f, "JobRemoved({}, {})", job.id, result.as_str())

@@ -18,6 +18,7 @@ pub enum JobOperation {
     Stop,
     Shutdown,
     PullImage,
+    Drain,
 }
 
 impl JobOperation {
@@ -27,6 +28,7 @@ impl JobOperation {
             JobOperation::Stop => "stop",
             JobOperation::Shutdown => "shutdown",
             JobOperation::PullImage => "pull-image",
+            JobOperation::Drain => "drain",
         }
     }
 }
@@ -126,7 +128,9 @@ impl Node {
             match job.operation {
                 JobOperation::Start => node.start(&name).await,
                 JobOperation::Stop => node.stop(&name, false).await,
-                JobOperation::Shutdown | JobOperation::PullImage => node.stop(&name, true).await,
+                JobOperation::Shutdown | JobOperation::PullImage | JobOperation::Drain => {
+                    node.stop(&name, true).await
+                }
             }
             .map(|()| String::new())
         })
@@ -162,7 +166,7 @@ impl Node {
         .await
     }
 
-    fn new_job(
+    pub(super) fn new_job(
         &self,
         operation: JobOperation,
         vm: &str,
@@ -183,7 +187,7 @@ impl Node {
 
     /// Lists and announces `job`, then runs `work` on its own task; JobRemoved tells how it
     /// ended, with `work`'s message when done (a pulled image's path) or the error.
-    async fn run_job<F, Fut>(
+    pub(super) async fn run_job<F, Fut>(
         self: &Arc<Self>,
         job: Arc<Job>,
         work: F,

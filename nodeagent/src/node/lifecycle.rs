@@ -25,6 +25,7 @@ impl Node {
             }
             VmState::Defined | VmState::Stopped | VmState::Failed => {}
         }
+        self.refuse_if_drained(name)?;
         vm.lock().stop_requested = false;
         vm.lock().reboots.clear();
         self.launch_locked(&vm).await

@@ -37,6 +37,7 @@
 //! - `net_ops`, `image_ops`, `disk_ops`: the host network and the image and disk stores.
 
 mod disk_ops;
+mod drain;
 pub mod events;
 mod image_ops;
 pub mod jobs;
@@ -324,6 +325,8 @@ pub struct Node {
     events: events::Publisher,
     /// Jobs in progress (see [`jobs`]).
     jobs: jobs::Jobs,
+    /// No new starts (see [`drain`]); mirrors the state directory's `drained` file.
+    drained: std::sync::atomic::AtomicBool,
     pulls: StdMutex<HashSet<String>>,
     /// Disk names with an operation in progress (see `disk_ops`).
     disk_ops: StdMutex<HashSet<String>>,
@@ -412,6 +415,7 @@ impl Node {
         } else {
             "unconfigured"
         };
+        let drained = Node::drained_at_start(&cfg.layout);
         Ok(Arc::new_cyclic(|me| Node {
             cfg,
             stores,
@@ -426,6 +430,7 @@ impl Node {
             http,
             net_lock: Mutex::new(()),
             network_state: StdMutex::new(network_state.to_owned()),
+            drained: std::sync::atomic::AtomicBool::new(drained),
             me: me.clone(),
         }))
     }

@@ -117,6 +117,13 @@ impl Node {
                 tracing::warn!("cannot write boot marker: {e}");
             }
         }
+        if self.is_drained() && !to_autostart.is_empty() {
+            tracing::info!(
+                vms = to_autostart.len(),
+                "the node is drained: no autostart (Undrain to lift)"
+            );
+            to_autostart.clear();
+        }
         for vm in to_autostart {
             tracing::info!(vm = %vm.name, "autostart");
             let Some(node) = self.arc() else { break };

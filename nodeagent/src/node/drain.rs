@@ -1,0 +1,116 @@
+//! Drain: before a node's update (a reboot), the control plane empties it. `Drain(timeout)`
+//! marks the node drained at once (persisted in the state directory, so a drained node stays
+//! drained across agent restarts and reboots, and autostart starts nothing on it), refuses new
+//! starts from then on, and runs a drain job: every running VM is shut down gracefully in
+//! parallel, and those still running after `timeout` are stopped. `Undrain` lifts the mark;
+//! it starts nothing (the control plane decides what runs where).
+
+use std::time::Duration;
+
+use super::*;
+use crate::fsutil;
+use crate::node::jobs::{Job, JobOperation};
+
+impl Node {
+    /// Whether the node takes no new starts.
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The error for a start on a drained node.
+    pub(super) fn refuse_if_drained(&self, name: &str) -> Result<(), NodeError> {
+        if self.is_drained() {
+            return Err(NodeError::InvalidState(format!(
+                "the node is drained: VM {name} is not started here (Undrain first)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads the persisted mark (at start).
+    pub(super) fn drained_at_start(layout: &crate::layout::Layout) -> bool {
+        layout.drained_file().exists()
+    }
+
+    async fn set_drained(&self, drained: bool) -> Result<(), NodeError> {
+        let file = self.cfg.layout.drained_file();
+        // The mark on disk first: an agent killed right after this call still finds it.
+        blocking(move || {
+            if drained {
+                fsutil::write_atomic(&file, b"drained\n", 0o644)
+            } else {
+                fsutil::remove_durable(&file)
+            }
+        })
+        .await?
+        .map_err(io)?;
+        let was = self
+            .drained
+            .swap(drained, std::sync::atomic::Ordering::SeqCst);
+        if was != drained {
+            let _ = self.publish(NodeEvent::DrainedChanged).await;
+        }
+        Ok(())
+    }
+
+    /// Marks the node drained and starts the drain job (see the module docs).
+    pub async fn drain(self: &Arc<Self>, timeout_seconds: u64) -> Result<Arc<Job>, NodeError> {
+        if !(1..=86_400).contains(&timeout_seconds) {
+            return Err(NodeError::InvalidArgument(format!(
+                "the drain timeout must be 1 to 86400 seconds, not {timeout_seconds}"
+            )));
+        }
+        self.set_drained(true).await?;
+        self.start_drain_job(Duration::from_secs(timeout_seconds))
+            .await
+    }
+
+    pub async fn undrain(&self) -> Result<(), NodeError> {
+        self.set_drained(false).await
+    }
+
+    async fn start_drain_job(self: &Arc<Self>, timeout: Duration) -> Result<Arc<Job>, NodeError> {
+        let job = self.new_job(JobOperation::Drain, "", "", None);
+        self.run_job(job, move |node, _job| async move {
+            let running: Vec<String> = node
+                .list()
+                .into_iter()
+                .filter(|vm| !vm.state().is_down())
+                .map(|vm| vm.name.clone())
+                .collect();
+            let mut tasks = Vec::new();
+            for name in running {
+                let node = node.clone();
+                tasks.push(tokio::spawn(async move {
+                    let graceful = tokio::time::timeout(timeout, node.stop(&name, true)).await;
+                    let result = match graceful {
+                        Ok(result) => result,
+                        Err(_) => {
+                            tracing::info!(vm = %name, "drain: not down after {timeout:?}; stopping");
+                            // A Stop ends the Shutdown still waiting for the guest.
+                            node.stop(&name, false).await
+                        }
+                    };
+                    result.map_err(|e| format!("{name}: {e}"))
+                }));
+            }
+            let mut failures = Vec::new();
+            for task in tasks {
+                match task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => failures.push(e),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            if failures.is_empty() {
+                Ok(String::new())
+            } else {
+                Err(NodeError::Vmm(format!(
+                    "the node is drained, but not every VM stopped: {}",
+                    failures.join("; ")
+                )))
+            }
+        })
+        .await
+    }
+}
