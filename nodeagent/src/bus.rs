@@ -57,6 +57,8 @@ pub enum BusError {
     InUse(String),
     /// The disk store has not enough free space for an import.
     NoSpace(String),
+    /// A start would exceed the node's memory or vCPU capacity.
+    NoCapacity(String),
     /// An image was refused: unsupported format, a backing or data file, corrupt.
     InvalidImage(String),
 }
@@ -77,6 +79,7 @@ impl From<NodeError> for BusError {
             NodeError::Busy(m) => BusError::Busy(m),
             NodeError::InUse(m) => BusError::InUse(m),
             NodeError::NoSpace(m) => BusError::NoSpace(m),
+            NodeError::NoCapacity(m) => BusError::NoCapacity(m),
             NodeError::InvalidImage(m) => BusError::InvalidImage(m),
         }
     }
@@ -244,6 +247,43 @@ impl Manager {
     #[zbus(property)]
     fn network_state(&self) -> String {
         self.node.network_state()
+    }
+
+    /// vCPUs of the running and autostart VMs (and starts being admitted).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn allocated_vcpus(&self) -> u64 {
+        self.node.capacity().vcpus_allocated
+    }
+
+    /// vCPUs the node gives its VMs: host CPUs times the overcommit ratio.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn vcpu_capacity(&self) -> u64 {
+        self.node.capacity().vcpus_capacity
+    }
+
+    /// Memory (MiB) of the running and autostart VMs (and starts being admitted).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn allocated_memory_mib(&self) -> u64 {
+        self.node.capacity().memory_allocated_mib
+    }
+
+    /// Memory (MiB) the node gives its VMs: host RAM minus the host's reserve (never
+    /// overcommitted).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_capacity_mib(&self) -> u64 {
+        self.node.capacity().memory_capacity_mib
+    }
+
+    /// Free bytes in the image store's file system.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn image_store_free_bytes(&self) -> u64 {
+        self.node.store_free_bytes().await.0
+    }
+
+    /// Free bytes in the disk store's file system.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn disk_store_free_bytes(&self) -> u64 {
+        self.node.store_free_bytes().await.1
     }
 
     /// True while the node is drained: no VM starts (see Drain).

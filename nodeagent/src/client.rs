@@ -54,6 +54,18 @@ pub trait Manager {
     fn undrain(&self) -> zbus::Result<()>;
     #[zbus(property)]
     fn drained(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn allocated_vcpus(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn vcpu_capacity(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn allocated_memory_mib(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn memory_capacity_mib(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn image_store_free_bytes(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn disk_store_free_bytes(&self) -> zbus::Result<u64>;
     fn list_images(&self) -> zbus::Result<Vec<(String, u64, String)>>;
     fn delete_image(&self, name: &str) -> zbus::Result<()>;
     fn create_disk(&self, name: &str, options_json: &str) -> zbus::Result<String>;

@@ -85,6 +85,13 @@ struct DaemonArgs {
     /// Seconds Stop waits after SIGTERM (and again after SIGKILL) for the VMM to exit.
     #[arg(long, default_value_t = 10)]
     stop_timeout: u64,
+    /// vCPUs the node's VMs may have per host CPU (running and autostart VMs), e.g. 4 or 1.5
+    /// (tenths count); memory is never overcommitted.
+    #[arg(long, default_value = "4", value_parser = parse_ratio)]
+    vcpu_overcommit: u32,
+    /// Host memory (MiB) no VM may be given: the node's own share.
+    #[arg(long, default_value_t = 1024)]
+    memory_reserve_mib: u64,
     /// os-release file for ImageVersion.
     #[arg(long, default_value = "/etc/os-release")]
     os_release: PathBuf,
@@ -281,6 +288,8 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         start_timeout: Duration::from_secs(args.start_timeout),
         stop_timeout: Duration::from_secs(args.stop_timeout),
+        vcpu_overcommit_tenths: args.vcpu_overcommit,
+        memory_reserve_mib: args.memory_reserve_mib,
     };
     tracing::info!(runner = vm_runner.kind(), vmm = %cfg.vmm_binary.display(), vmm_user = %cfg.vmm_user, "starting");
     let node = Node::new(cfg, vm_runner)?;
@@ -309,4 +318,25 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
     }
     tracing::info!("exiting; running VMs keep running and are re-adopted on the next start");
     Ok(())
+}
+
+/// A ratio such as "4" or "1.5" in tenths (40, 15), between 0.1 and 64.
+fn parse_ratio(s: &str) -> Result<u32, String> {
+    let err = || format!("{s:?} is not a ratio between 0.1 and 64 (one decimal at most)");
+    let (whole, tenth) = match s.split_once('.') {
+        Some((w, t)) if t.len() == 1 => (w, t),
+        Some(_) => return Err(err()),
+        None => (s, "0"),
+    };
+    let whole: u32 = whole.parse().map_err(|_| err())?;
+    let tenth: u32 = tenth.parse().map_err(|_| err())?;
+    let tenths = whole
+        .checked_mul(10)
+        .and_then(|w| w.checked_add(tenth))
+        .ok_or_else(err)?;
+    if (1..=640).contains(&tenths) {
+        Ok(tenths)
+    } else {
+        Err(err())
+    }
 }

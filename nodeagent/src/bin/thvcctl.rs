@@ -433,6 +433,12 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
         "memory_available_bytes": manager.memory_available_bytes().await?,
         "network_state": manager.network_state().await?,
         "drained": manager.drained().await?,
+        "vcpus_allocated": manager.allocated_vcpus().await?,
+        "vcpus_capacity": manager.vcpu_capacity().await?,
+        "memory_allocated_mib": manager.allocated_memory_mib().await?,
+        "memory_capacity_mib": manager.memory_capacity_mib().await?,
+        "image_store_free_bytes": manager.image_store_free_bytes().await?,
+        "disk_store_free_bytes": manager.disk_store_free_bytes().await?,
         "vms": vms.len(),
         "vms_running": running,
         "vms_failed": failed,
@@ -459,6 +465,18 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
             gib(&v["memory_available_bytes"])
         );
         println!("Network:   {}", v["network_state"].as_str().unwrap_or(""));
+        println!(
+            "Allocated: {} of {} vCPUs, {} of {} MiB (running and autostart VMs)",
+            v["vcpus_allocated"],
+            v["vcpus_capacity"],
+            v["memory_allocated_mib"],
+            v["memory_capacity_mib"]
+        );
+        println!(
+            "Stores:    {:.1} GiB free for images, {:.1} GiB for disks",
+            gib(&v["image_store_free_bytes"]),
+            gib(&v["disk_store_free_bytes"])
+        );
         if v["drained"] == true {
             println!("Drained:   yes (no VM starts; `thvcctl host undrain` lifts it)");
         }

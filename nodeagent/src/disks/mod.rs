@@ -399,7 +399,7 @@ async fn finish(
 }
 
 /// Free bytes for unprivileged writers in the file system of `dir`, and its size.
-fn fs_space(dir: &Path) -> Result<(u64, u64), DiskError> {
+pub fn fs_space(dir: &Path) -> Result<(u64, u64), DiskError> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| FsError::io("statvfs", dir, std::io::Error::other(e)))?;

@@ -26,6 +26,7 @@ impl Node {
             VmState::Defined | VmState::Stopped | VmState::Failed => {}
         }
         self.refuse_if_drained(name)?;
+        let _admission = self.admit(&vm)?;
         vm.lock().stop_requested = false;
         vm.lock().reboots.clear();
         self.launch_locked(&vm).await
@@ -358,7 +359,14 @@ impl Node {
         tokio::pin!(stop_now);
         // Registered before the flag is set: a Stop that sees the flag reaches this wait.
         stop_now.as_mut().enable();
-        vm.lock().awaiting_power_off = true;
+        {
+            let mut st = vm.lock();
+            if st.stops_waiting > 0 {
+                // A Stop came before this wait began and waits for this Shutdown to end.
+                return PowerOff::CutShort;
+            }
+            st.awaiting_power_off = true;
+        }
         let outcome = tokio::select! {
             biased;
             ended = self.wait_run_ended(vm, self.cfg.shutdown_timeout) => {
@@ -375,8 +383,14 @@ impl Node {
         let vm = self.get(name)?;
         // A Stop does not queue behind a Shutdown that waits for the guest (60 s by
         // default): it ends that wait, and the Shutdown stops the VMM right away.
-        let cut_short = !graceful && vm.cut_shutdown_short();
+        let (cut_short, waiting) = if graceful {
+            (false, None)
+        } else {
+            let (cut, guard) = vm.stop_waiting();
+            (cut, Some(guard))
+        };
         let _ops = vm.ops.lock().await;
+        drop(waiting);
         if cut_short && vm.ensure_exists().is_err() {
             // The Shutdown it cut short stopped the VM, and a DeleteVm that waited for that
             // shutdown deleted it before this Stop got its turn: stopped, as asked.

@@ -36,6 +36,7 @@
 //! - `recovery`: loading, re-adopting and autostarting after an agent (re)start;
 //! - `net_ops`, `image_ops`, `disk_ops`: the host network and the image and disk stores.
 
+pub mod capacity;
 mod disk_ops;
 mod drain;
 pub mod events;
@@ -108,6 +109,9 @@ pub enum NodeError {
     InUse(String),
     #[error("{0}")]
     NoSpace(String),
+    /// A start would exceed the node's capacity (see [`capacity`]).
+    #[error("{0}")]
+    NoCapacity(String),
     #[error("{0}")]
     InvalidImage(String),
 }
@@ -164,6 +168,10 @@ pub struct NodeConfig {
     pub os_release: PathBuf,
     pub shutdown_timeout: Duration,
     pub start_timeout: Duration,
+    /// vCPUs per host CPU, in tenths (`--vcpu-overcommit 4` = 40).
+    pub vcpu_overcommit_tenths: u32,
+    /// Host memory kept out of the VMs' reach.
+    pub memory_reserve_mib: u64,
     /// After SIGTERM (and again after SIGKILL), how long to wait for the VMM to exit.
     pub stop_timeout: Duration,
 }
@@ -208,6 +216,9 @@ struct VmStatus {
     /// A Shutdown is waiting for the guest to power off; a Stop cuts that wait short
     /// through `Vm::stop_now` instead of waiting behind it.
     awaiting_power_off: bool,
+    /// Stops waiting for the VM's operation lock: a Shutdown that reaches its wait for the
+    /// guest while one waits ends at once (the Stop may have come before the wait began).
+    stops_waiting: u32,
 }
 
 pub struct Vm {
@@ -237,6 +248,16 @@ pub enum VmProperty {
     Autostart,
 }
 
+/// A Stop waiting for its VM's operation lock (see [`Vm::stop_waiting`]).
+struct StopWaiting<'a>(&'a Vm);
+
+impl Drop for StopWaiting<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.stops_waiting = st.stops_waiting.saturating_sub(1);
+    }
+}
+
 impl Vm {
     fn new(name: &str, spec: VmSpec, state: VmState, reason: String) -> Arc<Vm> {
         let (state_tx, _) = watch::channel(state);
@@ -257,6 +278,7 @@ impl Vm {
                 taps: Vec::new(),
                 deleted: false,
                 awaiting_power_off: false,
+                stops_waiting: 0,
             }),
             state_tx,
         })
@@ -288,15 +310,17 @@ impl Vm {
         self.lock().spec.uuid.clone().unwrap_or_default()
     }
 
-    /// Ends the wait of a Shutdown for the guest, if one waits: it stops the VMM at once.
-    /// True if one waited.
-    fn cut_shutdown_short(&self) -> bool {
-        let st = self.lock();
+    /// A Stop announces itself before it waits for the VM's operation lock: it ends the wait
+    /// of a Shutdown for the guest if one waits (true then), and a Shutdown that gets there
+    /// later ends its wait at once (see `wait_power_off`). The guard withdraws it.
+    fn stop_waiting(&self) -> (bool, StopWaiting<'_>) {
+        let mut st = self.lock();
+        st.stops_waiting += 1;
         if st.awaiting_power_off {
             // Under the status lock: the waiting Shutdown is registered for it.
             self.stop_now.notify_waiters();
         }
-        st.awaiting_power_off
+        (st.awaiting_power_off, StopWaiting(self))
     }
 
     /// NotFound if the VM was deleted after the caller looked it up.
@@ -325,6 +349,8 @@ pub struct Node {
     events: events::Publisher,
     /// Jobs in progress (see [`jobs`]).
     jobs: jobs::Jobs,
+    /// Starts being admitted (see [`capacity`]).
+    admitted: StdMutex<HashSet<String>>,
     /// No new starts (see [`drain`]); mirrors the state directory's `drained` file.
     drained: std::sync::atomic::AtomicBool,
     pulls: StdMutex<HashSet<String>>,
@@ -431,6 +457,7 @@ impl Node {
             net_lock: Mutex::new(()),
             network_state: StdMutex::new(network_state.to_owned()),
             drained: std::sync::atomic::AtomicBool::new(drained),
+            admitted: StdMutex::new(HashSet::new()),
             me: me.clone(),
         }))
     }

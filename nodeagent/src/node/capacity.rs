@@ -1,0 +1,118 @@
+//! Capacity: what the node has promised to its VMs, and the admission check every start
+//! passes. A VM holds its vCPUs and memory while it runs and, if it autostarts, while it is
+//! down too (it comes back at the next boot). Memory is never overcommitted: the VMs' memory
+//! stays within the host's RAM minus a reserve for the host (`--memory-reserve-mib`, default
+//! 1024). vCPUs may be, by a ratio (`--vcpu-overcommit`, default 4: four vCPUs per host CPU).
+//! A start that would exceed either is refused (`NoCapacity`) with the numbers.
+//!
+//! Starts in progress are admitted under one lock (their VMs are counted from then on), so
+//! two concurrent starts cannot both take the last free memory.
+
+use super::*;
+use crate::hostinfo;
+
+/// The node's capacity and what is allocated of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub vcpus_allocated: u64,
+    pub vcpus_capacity: u64,
+    pub memory_allocated_mib: u64,
+    pub memory_capacity_mib: u64,
+}
+
+impl Node {
+    fn holds_capacity(vm: &Vm) -> bool {
+        !vm.state().is_down() || vm.autostart()
+    }
+
+    /// What is allocated now (running and autostart VMs, and starts being admitted).
+    pub fn capacity(&self) -> Capacity {
+        let admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
+        self.capacity_with(&admitted, None)
+    }
+
+    fn capacity_with(&self, admitted: &HashSet<String>, except: Option<&str>) -> Capacity {
+        let (mut vcpus, mut memory) = (0u64, 0u64);
+        for vm in self.list() {
+            if Some(vm.name.as_str()) == except {
+                continue;
+            }
+            if Self::holds_capacity(&vm) || admitted.contains(&vm.name) {
+                let spec = vm.spec();
+                vcpus += u64::from(spec.vcpus);
+                memory += spec.memory_mib;
+            }
+        }
+        let host_mib = hostinfo::memory_bytes() >> 20;
+        let cpus = u64::from(hostinfo::cpus());
+        Capacity {
+            vcpus_allocated: vcpus,
+            // Whole vCPUs: the ratio is kept in tenths.
+            vcpus_capacity: cpus * u64::from(self.cfg.vcpu_overcommit_tenths) / 10,
+            memory_allocated_mib: memory,
+            memory_capacity_mib: host_mib.saturating_sub(self.cfg.memory_reserve_mib),
+        }
+    }
+
+    /// Free bytes in the image store's and the disk store's file systems (0 if unknown).
+    pub async fn store_free_bytes(&self) -> (u64, u64) {
+        let (images, disks) = (self.cfg.layout.images_dir(), self.cfg.layout.disks_dir());
+        blocking(move || {
+            let free = |d: &std::path::Path| crate::disks::fs_space(d).map_or(0, |(free, _)| free);
+            (free(&images), free(&disks))
+        })
+        .await
+        .unwrap_or((0, 0))
+    }
+
+    /// Admits a start of `vm` or refuses it; the returned guard keeps it counted until the
+    /// start has ended (then its state counts, or nothing when it failed).
+    pub(super) fn admit(&self, vm: &Vm) -> Result<Admission<'_>, NodeError> {
+        let mut admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
+        let have = self.capacity_with(&admitted, Some(&vm.name));
+        let spec = vm.spec();
+        let memory = have.memory_allocated_mib + spec.memory_mib;
+        if memory > have.memory_capacity_mib {
+            return Err(NodeError::NoCapacity(format!(
+                "VM {} needs {} MiB of memory; {} MiB of the node's {} MiB for VMs are \
+                 allocated (running and autostart VMs), memory is never overcommitted",
+                vm.name, spec.memory_mib, have.memory_allocated_mib, have.memory_capacity_mib
+            )));
+        }
+        let vcpus = have.vcpus_allocated + u64::from(spec.vcpus);
+        if vcpus > have.vcpus_capacity {
+            return Err(NodeError::NoCapacity(format!(
+                "VM {} needs {} vCPUs; {} of the node's {} are allocated ({} CPUs, overcommit \
+                 ratio {}.{})",
+                vm.name,
+                spec.vcpus,
+                have.vcpus_allocated,
+                have.vcpus_capacity,
+                hostinfo::cpus(),
+                self.cfg.vcpu_overcommit_tenths / 10,
+                self.cfg.vcpu_overcommit_tenths % 10
+            )));
+        }
+        admitted.insert(vm.name.clone());
+        Ok(Admission {
+            node: self,
+            name: vm.name.clone(),
+        })
+    }
+}
+
+/// A start being admitted (see [`Node::admit`]).
+pub(super) struct Admission<'a> {
+    node: &'a Node,
+    name: String,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.node
+            .admitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
+}
