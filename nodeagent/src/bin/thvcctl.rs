@@ -301,24 +301,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Disk { action } => disk(&manager, action, json_out).await,
         Command::Host { action } => match action {
             HostAction::Drain { timeout, no_wait } => {
-                use futures_util::StreamExt;
                 let mut removed = manager.receive_job_removed().await?;
                 let job = manager.drain(timeout).await?;
                 if no_wait {
                     println!("{}", job.as_str());
                     return Ok(());
                 }
-                while let Some(signal) = removed.next().await {
-                    let args = signal.args()?;
-                    if args.path.as_str() != job.as_str() {
-                        continue;
-                    }
-                    if args.result == "done" {
-                        return Ok(());
-                    }
-                    anyhow::bail!("drain {}: {}", args.result, args.message);
-                }
-                anyhow::bail!("the bus connection ended before the drain did")
+                wait_job(&mut removed, &job, "drain").await
             }
             HostAction::Undrain => Ok(manager.undrain().await?),
         },
@@ -741,7 +730,6 @@ async fn run_job(
     name: &str,
     no_wait: bool,
 ) -> anyhow::Result<()> {
-    use futures_util::StreamExt;
     let mut removed = manager.receive_job_removed().await?;
     let (job, what) = match kind {
         JobKind::Start => (vm.start_job().await?, "start"),
@@ -752,6 +740,17 @@ async fn run_job(
         println!("{}", job.as_str());
         return Ok(());
     }
+    wait_job(&mut removed, &job, &format!("{what} of {name}")).await
+}
+
+/// Waits for `job`'s JobRemoved on `removed` (subscribed before the job was created); an
+/// error unless it ended `done`.
+async fn wait_job(
+    removed: &mut client::JobRemovedStream,
+    job: &zbus::zvariant::OwnedObjectPath,
+    what: &str,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
     while let Some(signal) = removed.next().await {
         let args = signal.args()?;
         if args.path.as_str() != job.as_str() {
@@ -760,7 +759,7 @@ async fn run_job(
         if args.result == "done" {
             return Ok(());
         }
-        anyhow::bail!("{what} of {name} {}: {}", args.result, args.message);
+        anyhow::bail!("{what} {}: {}", args.result, args.message);
     }
-    anyhow::bail!("the bus connection ended before the {what} job of {name} did")
+    anyhow::bail!("the bus connection ended before the job ({what}) did")
 }
