@@ -61,6 +61,8 @@ pub enum BusError {
     NoCapacity(String),
     /// An image was refused: unsupported format, a backing or data file, corrupt.
     InvalidImage(String),
+    /// An ApplyVms job whose actions did not all succeed (in JobRemoved's message only).
+    Incomplete(String),
 }
 
 impl From<NodeError> for BusError {
@@ -81,6 +83,7 @@ impl From<NodeError> for BusError {
             NodeError::NoSpace(m) => BusError::NoSpace(m),
             NodeError::NoCapacity(m) => BusError::NoCapacity(m),
             NodeError::InvalidImage(m) => BusError::InvalidImage(m),
+            NodeError::Incomplete(m) => BusError::Incomplete(m),
         }
     }
 }
@@ -401,6 +404,42 @@ impl Manager {
         )
         .await?;
         audit.done(self.node.apply_network(&document_json, false).await)
+    }
+
+    /// Declarative VMs (see `node::apply`): checks the document, plans what makes the node
+    /// match it and, unless `dry_run`, starts a job that carries the plan out. Returns the
+    /// plan as JSON and the job's path ("/" for a dry run or when the node matches already);
+    /// JobRemoved's message is the plan with each action's result.
+    #[zbus(out_args("plan_json", "job"))]
+    async fn apply_vms(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        document_json: String,
+        dry_run: bool,
+    ) -> Result<(String, OwnedObjectPath), BusError> {
+        let plan = if dry_run {
+            // The plan names the VMs' spec fields that differ: for the control roles only.
+            authorize(conn, Some(&header), &self.node, Role::VmControl, "ApplyVms").await?;
+            self.node.apply_vms(&document_json, true).await?
+        } else {
+            let audit = authorize_change(
+                conn,
+                Some(&header),
+                &self.node,
+                Role::VmControl,
+                "ApplyVms",
+                "",
+            )
+            .await?;
+            audit.done(self.node.apply_vms(&document_json, false).await)?
+        };
+        let job = if plan.job.is_empty() {
+            "/"
+        } else {
+            plan.job.as_str()
+        };
+        Ok((plan.to_json(), owned_path(job)?))
     }
 
     /// The host network as observed now, as a document (links the node manages and

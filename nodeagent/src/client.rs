@@ -48,6 +48,11 @@ pub trait Manager {
     fn delete_vm(&self, name: &str) -> zbus::Result<()>;
     fn apply_network(&self, document_json: &str, dry_run: bool) -> zbus::Result<String>;
     fn get_network(&self) -> zbus::Result<String>;
+    fn apply_vms(
+        &self,
+        document_json: &str,
+        dry_run: bool,
+    ) -> zbus::Result<(String, OwnedObjectPath)>;
     fn pull_image(&self, url: &str, sha256: &str) -> zbus::Result<String>;
     fn pull_image_job(&self, url: &str, sha256: &str) -> zbus::Result<OwnedObjectPath>;
     fn drain(&self, timeout_seconds: u64) -> zbus::Result<OwnedObjectPath>;

@@ -64,9 +64,10 @@ pub struct ImageInfo {
     pub sha256: String,
 }
 
-/// A pull's progress and its cancellation, shared with whoever watches it (a pull job).
+/// A job's progress and its cancellation, shared with whoever watches it: bytes of an image
+/// pull, actions of an ApplyVms.
 #[derive(Debug, Default)]
-pub struct PullControl {
+pub struct JobControl {
     done: AtomicU64,
     /// 0 while unknown (no Content-Length yet, or none sent).
     total: AtomicU64,
@@ -74,7 +75,7 @@ pub struct PullControl {
     cancel: tokio::sync::Notify,
 }
 
-impl PullControl {
+impl JobControl {
     /// Bytes received and expected (0: not known).
     pub fn progress(&self) -> (u64, u64) {
         (
@@ -88,6 +89,16 @@ impl PullControl {
     pub fn cancel(&self) {
         self.canceled.store(true, Ordering::SeqCst);
         self.cancel.notify_waiters();
+    }
+
+    /// Sets what is expected (an ApplyVms: its actions).
+    pub fn set_total(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+    }
+
+    /// One more step done (an ApplyVms' action).
+    pub fn advance(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn is_canceled(&self) -> bool {
@@ -265,7 +276,7 @@ pub async fn pull(
     images: &Path,
     url: &str,
     sha256: &str,
-    control: &PullControl,
+    control: &JobControl,
 ) -> Result<PathBuf, ImageError> {
     let expected = sha256.to_ascii_lowercase();
     if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -376,7 +387,7 @@ async fn download_to(
     parsed: &reqwest::Url,
     tmp: &Path,
     expected: &str,
-    control: &PullControl,
+    control: &JobControl,
 ) -> Result<(), ImageError> {
     let dl_err = |reason: String| ImageError::Download {
         url: url.to_owned(),

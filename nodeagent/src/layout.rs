@@ -40,6 +40,10 @@ impl Layout {
     pub fn drained_file(&self) -> PathBuf {
         self.state_dir.join("drained")
     }
+    /// The names of the VMs that ApplyVms documents manage (see `node::apply`).
+    pub fn applied_file(&self) -> PathBuf {
+        self.state_dir.join("applied-vms.json")
+    }
     pub fn specs_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
     }

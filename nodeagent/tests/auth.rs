@@ -147,6 +147,9 @@ async fn each_role_may_do_its_class_only() {
         (&["vm", "stop", "mine"], "vm-control"),
         (&["vm", "pause", "mine"], "vm-control"),
         (&["vm", "autostart", "mine", "off"], "vm-control"),
+        // An empty document: refused as invalid once the role allows the call.
+        (&["vm", "apply", "-"], "vm-control"),
+        (&["vm", "apply", "--dry-run", "-"], "vm-control"),
         (&["vm", "console", "mine"], "console"),
         (
             &["image", "pull", "http://127.0.0.1:9/x.img", &zero],

@@ -109,6 +109,81 @@ async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
         "{err}"
     );
 
+    // vm apply: the plan, then the results; the same document again: nothing to do; an
+    // action that fails makes the command fail, naming it.
+    let document = dirs.root.path().join("vms.json");
+    let entry = |name: &str, memory: u32| {
+        format!(
+            r#"{{"name":"{name}","state":"running","spec":{{"vcpus":1,"memory_mib":{memory},"kernel":"vmlinuz"}}}}"#
+        )
+    };
+    std::fs::write(&document, format!(r#"{{"vms":[{}]}}"#, entry("db", 128))).unwrap();
+    let doc_path = document.to_str().unwrap();
+    let (ok, out, err) = thvcctl(&t, &["vm", "apply", "--dry-run", doc_path]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("create    db") && out.contains("start     db"),
+        "{out}"
+    );
+    assert!(out.contains("left alone: web"), "{out}");
+    let (ok, out, err) = thvcctl(&t, &["vm", "apply", doc_path]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("results:") && out.contains("start     db") && out.contains(": done"),
+        "{out}"
+    );
+    let (ok, out, err) = thvcctl(&t, &["vm", "apply", doc_path]);
+    assert!(
+        ok && out.contains("nothing to do") && out.contains("unchanged: db"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = thvcctl(&t, &["--json", "vm", "apply", doc_path]);
+    assert!(ok, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(plan["unchanged"], serde_json::json!(["db"]));
+    // More memory than the host has: the document is refused.
+    std::fs::write(
+        &document,
+        format!(r#"{{"vms":[{}]}}"#, entry("huge", 4 << 20)),
+    )
+    .unwrap();
+    let (ok, _, err) = thvcctl(&t, &["vm", "apply", doc_path]);
+    assert!(
+        !ok && err.contains("Error.InvalidSpec") && err.contains("huge"),
+        "{err}"
+    );
+    // Within the host's RAM but not its capacity for VMs (RAM less the reserve): created,
+    // but its start fails, and so does the command, naming it.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let host_mib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap()
+        / 1024;
+    std::fs::write(
+        &document,
+        format!(r#"{{"vms":[{}]}}"#, entry("big", host_mib - 10)),
+    )
+    .unwrap();
+    let (ok, out, err) = thvcctl(&t, &["vm", "apply", doc_path]);
+    assert!(
+        !ok && err.contains("not every action succeeded"),
+        "{out}{err}"
+    );
+    assert!(
+        out.contains("start     big") && out.contains(": failed: VM big needs"),
+        "{out}"
+    );
+    assert!(
+        out.contains("delete    db") && out.contains("create    big"),
+        "{out}"
+    );
+
+    let (ok, _, err) = thvcctl(&t, &["vm", "delete", "big"]);
+    assert!(ok, "{err}");
+
     let (ok, _, err) = thvcctl(&t, &["vm", "shutdown", "web"]);
     assert!(ok, "{err}");
     let (ok, _, err) = thvcctl(&t, &["vm", "delete", "web"]);

@@ -127,6 +127,17 @@ enum VmAction {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Make the node's VMs match a document (JSON, "-" for stdin): creates, updates,
+    /// starts, shuts down and deletes as it says; prints the plan, then each action's result.
+    Apply {
+        file: PathBuf,
+        /// Print the plan only; nothing changes.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the plan and the job's object path and return.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Set whether the VM starts with the node.
     Autostart {
         name: String,
@@ -531,6 +542,11 @@ async fn vm(
                 }
             }
         }
+        VmAction::Apply {
+            file,
+            dry_run,
+            no_wait,
+        } => apply_vms(manager, &read_input(&file)?, dry_run, no_wait, json_out).await?,
         VmAction::Create { name, spec } => {
             let path = manager.create_vm(&name, &read_input(&spec)?).await?;
             if json_out {
@@ -750,16 +766,107 @@ async fn wait_job(
     job: &zbus::zvariant::OwnedObjectPath,
     what: &str,
 ) -> anyhow::Result<()> {
+    let (result, message) = job_end(removed, job, what).await?;
+    if result == "done" {
+        return Ok(());
+    }
+    anyhow::bail!("{what} {result}: {message}")
+}
+
+/// The result and message of `job`'s JobRemoved.
+async fn job_end(
+    removed: &mut client::JobRemovedStream,
+    job: &zbus::zvariant::OwnedObjectPath,
+    what: &str,
+) -> anyhow::Result<(String, String)> {
     use futures_util::StreamExt;
     while let Some(signal) = removed.next().await {
         let args = signal.args()?;
-        if args.path.as_str() != job.as_str() {
-            continue;
+        if args.path.as_str() == job.as_str() {
+            return Ok((args.result.to_string(), args.message.to_string()));
         }
-        if args.result == "done" {
-            return Ok(());
-        }
-        anyhow::bail!("{what} {}: {}", args.result, args.message);
     }
     anyhow::bail!("the bus connection ended before the job ({what}) did")
+}
+
+/// `vm apply`: the plan at once, then (unless a dry run) each action's result.
+async fn apply_vms(
+    manager: &ManagerProxy<'_>,
+    document: &str,
+    dry_run: bool,
+    no_wait: bool,
+    json_out: bool,
+) -> Result<()> {
+    let mut removed = manager.receive_job_removed().await?;
+    let (plan_json, job) = manager.apply_vms(document, dry_run).await?;
+    let plan: serde_json::Value =
+        serde_json::from_str(&plan_json).context("the agent's plan is not JSON")?;
+    let nothing = job.as_str() == "/";
+    if json_out && (dry_run || nothing || no_wait) {
+        println!("{plan_json}");
+        return Ok(());
+    }
+    if !json_out {
+        let actions = plan["actions"].as_array().map_or(&[][..], |a| a);
+        if !actions.is_empty() {
+            println!("plan:");
+        }
+        print_actions(actions);
+        for (key, label) in [("unchanged", "unchanged"), ("left_alone", "left alone")] {
+            let names: Vec<&str> = plan[key].as_array().map_or(Vec::new(), |a| {
+                a.iter().filter_map(|n| n.as_str()).collect()
+            });
+            if !names.is_empty() {
+                println!("{label}: {}", names.join(", "));
+            }
+        }
+        if dry_run || nothing {
+            if nothing && !dry_run {
+                println!("nothing to do");
+            }
+            return Ok(());
+        }
+        if no_wait {
+            println!("{}", job.as_str());
+            return Ok(());
+        }
+    }
+    let (result, message) = job_end(&mut removed, &job, "apply").await?;
+    let report: Option<Vec<serde_json::Value>> = serde_json::from_str(&message).ok();
+    match (&report, json_out) {
+        (Some(_), true) => println!("{message}"),
+        (Some(actions), false) => {
+            println!("results:");
+            print_actions(actions);
+        }
+        (None, _) => {}
+    }
+    if result == "done" {
+        return Ok(());
+    }
+    match report {
+        Some(_) => anyhow::bail!("apply {result}: not every action succeeded"),
+        None => anyhow::bail!("apply {result}: {message}"),
+    }
+}
+
+fn print_actions(actions: &[serde_json::Value]) {
+    for a in actions {
+        let s = |k: &str| a[k].as_str().unwrap_or("").to_owned();
+        let mut line = format!("  {:<9} {:<24} {}", s("action"), s("vm"), s("reason"));
+        if let Some(fields) = a["fields"].as_array() {
+            let f: Vec<&str> = fields.iter().filter_map(|f| f.as_str()).collect();
+            line.push_str(&format!(" ({})", f.join(", ")));
+        }
+        if let Some(effect) = a["effect"].as_str() {
+            line.push_str(&format!(", takes effect: {effect}"));
+        }
+        if let Some(result) = a["result"].as_str() {
+            line.push_str(&format!(": {result}"));
+        }
+        if let Some(error) = a["error"].as_str() {
+            line.push_str(&format!(": {error}"));
+        }
+        println!("{line}");
+    }
 }

@@ -48,8 +48,9 @@ impl JobObject {
         self.job.progress()
     }
 
-    /// Cancels a pull-image job (nothing is stored; JobRemoved says `canceled`). VM jobs
-    /// refuse (InvalidState): a Stop ends a Shutdown in progress.
+    /// Cancels a pull-image job (nothing is stored; JobRemoved says `canceled`) or an
+    /// apply-vms job (actions not begun are skipped). VM jobs refuse (InvalidState): a Stop
+    /// ends a Shutdown in progress.
     async fn cancel(
         &self,
         #[zbus(header)] header: Header<'_>,

@@ -71,21 +71,54 @@ impl Node {
         let mut admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
         let have = self.capacity_with(&admitted, Some(&vm.name));
         let spec = vm.spec();
-        let memory = have.memory_allocated_mib + spec.memory_mib;
-        if memory > have.memory_capacity_mib {
+        self.fits(&vm.name, &have, (u64::from(spec.vcpus), spec.memory_mib))?;
+        admitted.insert(vm.name.clone());
+        Ok(Admission {
+            node: self,
+            name: vm.name.clone(),
+        })
+    }
+
+    /// Replaces `vm`'s spec (ApplyVms' update), unless that makes a VM that holds capacity
+    /// (running, or autostart) hold more than the node has: more vCPUs or memory, or
+    /// autostart newly set. An update that takes nothing more always passes.
+    pub(super) fn swap_spec_if_fits(&self, vm: &Vm, spec: VmSpec) -> Result<(), NodeError> {
+        let admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
+        let up = !vm.state().is_down() || admitted.contains(&vm.name);
+        let held = |s: &VmSpec| {
+            if up || s.autostart {
+                (u64::from(s.vcpus), s.memory_mib)
+            } else {
+                (0, 0)
+            }
+        };
+        let (before, after) = (held(&vm.spec()), held(&spec));
+        if after.0 > before.0 || after.1 > before.1 {
+            let have = self.capacity_with(&admitted, Some(&vm.name));
+            self.fits(&vm.name, &have, after)?;
+        }
+        vm.lock().spec = spec;
+        Ok(())
+    }
+
+    /// Whether VM `name` fits with `vcpus` and `memory` (MiB) beside what the others hold.
+    fn fits(
+        &self,
+        name: &str,
+        have: &Capacity,
+        (vcpus, memory): (u64, u64),
+    ) -> Result<(), NodeError> {
+        if have.memory_allocated_mib + memory > have.memory_capacity_mib {
             return Err(NodeError::NoCapacity(format!(
-                "VM {} needs {} MiB of memory; {} MiB of the node's {} MiB for VMs are \
-                 allocated (running and autostart VMs), memory is never overcommitted",
-                vm.name, spec.memory_mib, have.memory_allocated_mib, have.memory_capacity_mib
+                "VM {name} needs {memory} MiB of memory; {} MiB of the node's {} MiB for VMs \
+                 are allocated (running and autostart VMs), memory is never overcommitted",
+                have.memory_allocated_mib, have.memory_capacity_mib
             )));
         }
-        let vcpus = have.vcpus_allocated + u64::from(spec.vcpus);
-        if vcpus > have.vcpus_capacity {
+        if have.vcpus_allocated + vcpus > have.vcpus_capacity {
             return Err(NodeError::NoCapacity(format!(
-                "VM {} needs {} vCPUs; {} of the node's {} are allocated ({} CPUs, overcommit \
-                 ratio {}.{})",
-                vm.name,
-                spec.vcpus,
+                "VM {name} needs {vcpus} vCPUs; {} of the node's {} are allocated ({} CPUs, \
+                 overcommit ratio {}.{})",
                 have.vcpus_allocated,
                 have.vcpus_capacity,
                 hostinfo::cpus(),
@@ -93,11 +126,7 @@ impl Node {
                 self.cfg.vcpu_overcommit_tenths % 10
             )));
         }
-        admitted.insert(vm.name.clone());
-        Ok(Admission {
-            node: self,
-            name: vm.name.clone(),
-        })
+        Ok(())
     }
 }
 

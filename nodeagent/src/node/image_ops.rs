@@ -11,7 +11,7 @@ impl Node {
     // ----- images --------------------------------------------------------------------------
 
     pub async fn pull_image(&self, url: &str, sha256: &str) -> Result<PathBuf, NodeError> {
-        self.pull_image_with(url, sha256, &images::PullControl::default())
+        self.pull_image_with(url, sha256, &images::JobControl::default())
             .await
     }
 
@@ -20,7 +20,7 @@ impl Node {
         &self,
         url: &str,
         sha256: &str,
-        control: &images::PullControl,
+        control: &images::JobControl,
     ) -> Result<PathBuf, NodeError> {
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| NodeError::InvalidArgument(format!("invalid image URL {url:?}: {e}")))?;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use super::{Node, NodeError, NodeEvent};
-use crate::images::PullControl;
+use crate::images::JobControl;
 use crate::names::MANAGER_PATH;
 
 /// What a job does.
@@ -19,6 +19,7 @@ pub enum JobOperation {
     Shutdown,
     PullImage,
     Drain,
+    ApplyVms,
 }
 
 impl JobOperation {
@@ -29,6 +30,7 @@ impl JobOperation {
             JobOperation::Shutdown => "shutdown",
             JobOperation::PullImage => "pull-image",
             JobOperation::Drain => "drain",
+            JobOperation::ApplyVms => "apply-vms",
         }
     }
 }
@@ -60,25 +62,27 @@ pub struct Job {
     pub vm: String,
     /// The URL an image pull fetches; empty for VM jobs.
     pub image_url: String,
-    /// Progress and cancellation of an image pull.
-    pull: Option<Arc<PullControl>>,
+    /// Progress and cancellation of an image pull (bytes) or an ApplyVms (actions).
+    control: Option<Arc<JobControl>>,
     /// `<manager path>/job/<id>`.
     pub path: String,
     running: StdMutex<bool>,
 }
 
 impl Job {
-    /// Bytes done and expected (0: unknown) of an image pull; (0, 0) for VM jobs.
+    /// Done and expected (0: unknown): bytes of an image pull, actions of an ApplyVms;
+    /// (0, 0) for VM jobs.
     pub fn progress(&self) -> (u64, u64) {
-        self.pull.as_ref().map_or((0, 0), |p| p.progress())
+        self.control.as_ref().map_or((0, 0), |p| p.progress())
     }
 
-    /// Cancels an image pull (its partial download is removed, nothing is published). VM jobs
+    /// Cancels an image pull (its partial download is removed, nothing is published) or an
+    /// ApplyVms (actions not begun are skipped; those in progress finish). VM jobs
     /// cannot be canceled: a Stop ends a Shutdown in progress.
     pub fn cancel(&self) -> Result<(), NodeError> {
-        match &self.pull {
-            Some(pull) => {
-                pull.cancel();
+        match &self.control {
+            Some(control) => {
+                control.cancel();
                 Ok(())
             }
             None => Err(NodeError::InvalidState(format!(
@@ -128,9 +132,10 @@ impl Node {
             match job.operation {
                 JobOperation::Start => node.start(&name).await,
                 JobOperation::Stop => node.stop(&name, false).await,
-                JobOperation::Shutdown | JobOperation::PullImage | JobOperation::Drain => {
-                    node.stop(&name, true).await
-                }
+                JobOperation::Shutdown
+                | JobOperation::PullImage
+                | JobOperation::Drain
+                | JobOperation::ApplyVms => node.stop(&name, true).await,
             }
             .map(|()| String::new())
         })
@@ -152,11 +157,11 @@ impl Node {
                 "invalid SHA-256 {sha256:?}: expected 64 hexadecimal digits"
             )));
         }
-        let control = Arc::new(PullControl::default());
+        let control = Arc::new(JobControl::default());
         let job = self.new_job(JobOperation::PullImage, "", url, Some(control));
         let sha256 = sha256.to_owned();
         self.run_job(job, move |node, job| async move {
-            let Some(control) = job.pull.clone() else {
+            let Some(control) = job.control.clone() else {
                 return Err(NodeError::Io("pull job without its control".into()));
             };
             node.pull_image_with(&job.image_url, &sha256, &control)
@@ -171,7 +176,7 @@ impl Node {
         operation: JobOperation,
         vm: &str,
         image_url: &str,
-        pull: Option<Arc<PullControl>>,
+        control: Option<Arc<JobControl>>,
     ) -> Arc<Job> {
         let id = self.jobs.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         Arc::new(Job {
@@ -179,7 +184,7 @@ impl Node {
             operation,
             vm: vm.to_owned(),
             image_url: image_url.to_owned(),
-            pull,
+            control,
             path: format!("{MANAGER_PATH}/job/{id}"),
             running: StdMutex::new(false),
         })
@@ -210,7 +215,7 @@ impl Node {
         tokio::spawn(async move {
             *task_job.running.lock().unwrap_or_else(|p| p.into_inner()) = true;
             let outcome = work(node.clone(), task_job.clone()).await;
-            let canceled = task_job.pull.as_ref().is_some_and(|p| p.is_canceled());
+            let canceled = task_job.control.as_ref().is_some_and(|p| p.is_canceled());
             let (result, message) = match outcome {
                 Ok(message) => (JobResult::Done, message),
                 Err(e) if canceled => (JobResult::Canceled, e.to_string()),

@@ -31,11 +31,13 @@
 //! [`crate::bus`] turns into D-Bus objects and signals. The work is split by job:
 //!
 //! - `state`: transitions, their events, terminal records;
-//! - `vms`: the set of VMs (CreateVm, DeleteVm, Autostart);
+//! - `vms`: the set of VMs (CreateVm, DeleteVm, Autostart, spec updates);
+//! - `apply`: declarative VMs (ApplyVms);
 //! - `lifecycle`: Start, the VMM's exit, Stop/Shutdown, Pause/Resume, Info, console;
 //! - `recovery`: loading, re-adopting and autostarting after an agent (re)start;
 //! - `net_ops`, `image_ops`, `disk_ops`: the host network and the image and disk stores.
 
+pub mod apply;
 pub mod capacity;
 mod disk_ops;
 mod drain;
@@ -114,6 +116,9 @@ pub enum NodeError {
     NoCapacity(String),
     #[error("{0}")]
     InvalidImage(String),
+    /// An ApplyVms job whose actions did not all succeed; the message is its report.
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,6 +356,8 @@ pub struct Node {
     jobs: jobs::Jobs,
     /// Starts being admitted (see [`capacity`]).
     admitted: StdMutex<HashSet<String>>,
+    /// Held by the ApplyVms job in progress (one at a time).
+    apply: Arc<Mutex<()>>,
     /// No new starts (see [`drain`]); mirrors the state directory's `drained` file.
     drained: std::sync::atomic::AtomicBool,
     pulls: StdMutex<HashSet<String>>,
@@ -458,6 +465,7 @@ impl Node {
             network_state: StdMutex::new(network_state.to_owned()),
             drained: std::sync::atomic::AtomicBool::new(drained),
             admitted: StdMutex::new(HashSet::new()),
+            apply: Arc::new(Mutex::new(())),
             me: me.clone(),
         }))
     }

@@ -37,42 +37,8 @@ impl Node {
             return existing_if_same(&vm, spec, uuid_given);
         }
         // Two VMs writing one disk corrupts it: refuse writable disks already in use.
-        let others: Vec<(String, VmSpec)> = self
-            .list()
-            .iter()
-            .map(|vm| (vm.name.clone(), vm.spec()))
-            .collect();
-        let stores = self.stores.clone();
         let disks = resolved.disks;
-        let new = name.to_owned();
-        let conflict = blocking(move || {
-            // Resolved before the lock: a DeleteDisk (which takes it) may have run since.
-            for d in &disks {
-                if !d.path.is_file() {
-                    return Some(format!(
-                        "VM {new}: disk {} was deleted meanwhile",
-                        d.path.display()
-                    ));
-                }
-            }
-            for (other, other_spec) in others {
-                let Ok(other_resolved) = other_spec.resolve(&other, &stores) else {
-                    continue;
-                };
-                for d in &disks {
-                    if let Some(o) = other_resolved.disks.iter().find(|o| o.path == d.path) {
-                        if !(d.readonly && o.readonly) {
-                            return Some(format!(
-                                "VM {new}: disk {} is already attached to VM {other} (a disk may be shared only read-only)",
-                                d.path.display(),
-                            ));
-                        }
-                    }
-                }
-            }
-            None
-        })
-        .await?;
+        let conflict = self.disk_conflict(name, disks).await?;
         if let Some(msg) = conflict {
             return Err(NodeError::InvalidSpec(msg));
         }
@@ -150,6 +116,100 @@ impl Node {
         Ok(())
     }
 
+    /// A writable disk of VM `name` that another VM uses, or one that is gone: the refusal's
+    /// message. Two VMs writing one disk corrupts it; a disk may be shared only read-only.
+    async fn disk_conflict(
+        &self,
+        name: &str,
+        disks: Vec<spec::ResolvedDisk>,
+    ) -> Result<Option<String>, NodeError> {
+        let others: Vec<(String, VmSpec)> = self
+            .list()
+            .iter()
+            .filter(|vm| vm.name != name)
+            .map(|vm| (vm.name.clone(), vm.spec()))
+            .collect();
+        let stores = self.stores.clone();
+        let new = name.to_owned();
+        blocking(move || {
+            // Resolved before the lock: a DeleteDisk (which takes it) may have run since.
+            if let Some(d) = disks.iter().find(|d| !d.path.is_file()) {
+                return Some(format!(
+                    "VM {new}: disk {} was deleted meanwhile",
+                    d.path.display()
+                ));
+            }
+            for (other, other_spec) in others {
+                let Ok(other_resolved) = other_spec.resolve(&other, &stores) else {
+                    continue;
+                };
+                for d in &disks {
+                    if let Some(o) = other_resolved.disks.iter().find(|o| o.path == d.path) {
+                        if !(d.readonly && o.readonly) {
+                            return Some(format!(
+                                "VM {new}: disk {} is already attached to VM {other} (a disk may be shared only read-only)",
+                                d.path.display(),
+                            ));
+                        }
+                    }
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    /// Replaces the spec of an existing VM (ApplyVms' update). The UUID never changes (a new
+    /// one is a new VM). A running VM keeps running as it was started: the new spec takes
+    /// effect at its next start (a guest reboot is one: the VMM starts again); `autostart`
+    /// takes effect at once. A VM that holds capacity (running or autostart) must still fit.
+    pub async fn update_spec(&self, name: &str, mut spec: VmSpec) -> Result<(), NodeError> {
+        let vm = self.get(name)?;
+        let current = vm.spec();
+        match &spec.uuid {
+            None => spec.uuid = current.uuid.clone(),
+            Some(u) if Some(u) != current.uuid.as_ref() => {
+                return Err(NodeError::InvalidSpec(format!(
+                    "VM {name}: the uuid of a VM cannot change ({} to {u}); a new uuid is a new \
+                     VM: delete this one first",
+                    current.uuid.as_deref().unwrap_or("none")
+                )))
+            }
+            Some(_) => {}
+        }
+        spec.fill_macs(&self.cfg.node_name, name);
+        let resolved = {
+            let (spec, stores, vm) = (spec.clone(), self.stores.clone(), name.to_owned());
+            blocking(move || spec.resolve(&vm, &stores))
+                .await?
+                .map_err(|e| NodeError::InvalidSpec(format!("VM {name}: {e}")))?
+        };
+        // The same order as CreateVm: no VM created or deleted meanwhile.
+        let _w = vm.spec_write.lock().await;
+        let _membership = self.membership.lock().await;
+        vm.ensure_exists()?;
+        if let Some(msg) = self.disk_conflict(name, resolved.disks).await? {
+            return Err(NodeError::InvalidSpec(msg));
+        }
+        let old = vm.spec();
+        if old == spec {
+            return Ok(());
+        }
+        // Checked and swapped under the admission lock, so no start slips in between.
+        self.swap_spec_if_fits(&vm, spec.clone())?;
+        let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
+        let file = self.cfg.layout.spec_file(name);
+        let written = blocking(move || fsutil::write_atomic(&file, &data, 0o640)).await;
+        if let Err(e) = written.and_then(|r| r.map_err(io)) {
+            vm.lock().spec = old;
+            return Err(e);
+        }
+        tracing::info!(vm = %name, "spec updated");
+        self.emit(&vm, &[VmProperty::Autostart, VmProperty::Spec])
+            .await;
+        Ok(())
+    }
+
     pub async fn set_autostart(&self, name: &str, autostart: bool) -> Result<(), NodeError> {
         let vm = self.get(name)?;
         // Delete holds spec_write while removing the spec file, so this cannot resurrect it.
@@ -189,19 +249,7 @@ fn existing_if_same(
         tracing::info!(vm = %vm.name, "CreateVm with the spec it has: nothing to do");
         return Ok(vm.clone());
     }
-    let fields = |s: &VmSpec| match serde_json::to_value(s) {
-        Ok(serde_json::Value::Object(m)) => m,
-        _ => serde_json::Map::new(),
-    };
-    let (want, have) = (fields(&spec), fields(&current));
-    let mut differ: Vec<&str> = want
-        .keys()
-        .chain(have.keys())
-        .filter(|k| want.get(*k) != have.get(*k))
-        .map(String::as_str)
-        .collect();
-    differ.sort_unstable();
-    differ.dedup();
+    let differ = super::apply::differing_fields(&spec, &current);
     Err(NodeError::AlreadyExists(format!(
         "a VM named {:?} already exists on this node with a different spec (differs in: {}); \
          delete it first or choose another name",
