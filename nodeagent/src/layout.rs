@@ -47,6 +47,10 @@ impl Layout {
     pub fn specs_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
     }
+    /// The VM's own VMM uid (`--vmm-uids`), beside its spec.
+    pub fn uid_file(&self, vm: &str) -> PathBuf {
+        self.specs_dir().join(format!("{vm}.uid"))
+    }
     pub fn spec_file(&self, vm: &str) -> PathBuf {
         self.specs_dir().join(format!("{vm}.json"))
     }

@@ -1,6 +1,7 @@
 //! thvc node agent: the node daemon `thvc-nodeagent` on the system D-Bus and its client
 //! `thvcctl`. See README.md for the architecture and the D-Bus API.
 
+pub mod acl;
 pub mod audit;
 pub mod auth;
 pub mod bus;

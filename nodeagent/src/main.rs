@@ -16,7 +16,7 @@ use thvc_nodeagent::layout::Layout;
 use thvc_nodeagent::network::Network;
 use thvc_nodeagent::node::{Node, NodeConfig};
 use thvc_nodeagent::runner::{self, direct::DirectRunner, systemd::SystemdRunner, VmRunner};
-use thvc_nodeagent::vmm_user::{VmmUser, DEFAULT_SYSTEMD_VMM_USER};
+use thvc_nodeagent::vmm_user::{UidRange, VmmUser};
 use thvc_nodeagent::{hostinfo, runner::supervise};
 
 #[derive(Parser)]
@@ -52,12 +52,18 @@ struct DaemonArgs {
     /// How VMMs are run: systemd units where systemd is PID 1, else supervised directly.
     #[arg(long, value_enum, default_value_t = RunnerKind::Auto)]
     runner: RunnerKind,
-    /// User the VMMs run as (NAME or UID:GID, not root); it owns their TAP devices.
-    /// systemd runner: the User= of thvc-vm@.service [default: thvc-vm]. direct runner:
-    /// the VMM is started with `thvc-vmm --user` (the agent must run as root)
-    /// [default: the agent's own user, no switch].
+    /// User all VMMs run as (NAME or UID:GID, not root) when VMs have no uids of their own
+    /// (no --vmm-uids; direct runner only); it owns their TAP devices. The VMM is started
+    /// with `thvc-vmm --user` (the agent must run as root) [default: the agent's own user,
+    /// no switch].
     #[arg(long, value_name = "USER")]
     vmm_user: Option<String>,
+    /// Give each VM's VMM its own uid (and private group) from FIRST-LAST: it can open its
+    /// own disks, TAPs, console and API socket and nothing of other VMs' (POSIX ACLs on the
+    /// files; see the README, "Per-VM users"). Needs the agent to run as root; required by
+    /// the systemd runner (thvc-vm@.service starts as root and switches to the VM's uid).
+    #[arg(long, value_name = "FIRST-LAST")]
+    vmm_uids: Option<String>,
     /// UEFI firmware (edk2 CloudHv) for VMs with `firmware: "uefi"`.
     #[arg(long, default_value = "/usr/share/thvc/firmware/CLOUDHV.fd")]
     firmware: PathBuf,
@@ -116,6 +122,9 @@ enum Command {
     SuperviseVm {
         #[arg(long)]
         run_dir: PathBuf,
+        /// Become UID:GID:GROUPS before starting the VMM (per-VM uids).
+        #[arg(long)]
+        run_as: Option<String>,
         /// The VMM program and its arguments.
         #[arg(last = true, required = true)]
         vmm_argv: Vec<String>,
@@ -149,12 +158,20 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Some(Command::SuperviseVm { run_dir, vmm_argv }) => {
+        Some(Command::SuperviseVm {
+            run_dir,
+            run_as,
+            vmm_argv,
+        }) => {
             let Some((vmm, args)) = vmm_argv.split_first() else {
                 bail!("supervise-vm needs the VMM program after --");
             };
-            let code =
-                supervise::run(&run_dir, Path::new(vmm), args).context("supervising the VMM")?;
+            let run_as = run_as
+                .as_deref()
+                .map(thvc_nodeagent::vmm_user::RunAs::parse_arg)
+                .transpose()?;
+            let code = supervise::run(&run_dir, Path::new(vmm), args, run_as.as_ref())
+                .context("supervising the VMM")?;
             std::process::exit(code);
         }
         Some(Command::ExecVm { run_dir }) => {
@@ -202,12 +219,7 @@ fn default_vmm() -> PathBuf {
 
 /// The user the VMMs run as, and whether the VMM must be told to switch to it (see
 /// `vmm_user.rs`).
-fn vmm_user(requested: Option<&str>, use_systemd: bool) -> Result<(VmmUser, bool)> {
-    if use_systemd {
-        let name = requested.unwrap_or(DEFAULT_SYSTEMD_VMM_USER);
-        // thvc-vm@.service switches user itself (User=).
-        return Ok((VmmUser::resolve(name)?, false));
-    }
+fn vmm_user(requested: Option<&str>) -> Result<(VmmUser, bool)> {
     let me = VmmUser::current();
     let Some(name) = requested else {
         return Ok((me, false));
@@ -257,7 +269,27 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         RunnerKind::Direct => false,
         RunnerKind::Systemd => true,
     };
-    let (vmm_user, vmm_switches_user) = vmm_user(args.vmm_user.as_deref(), use_systemd)?;
+    let vmm_uids = args
+        .vmm_uids
+        .as_deref()
+        .map(UidRange::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--vmm-uids: {e}"))?;
+    if vmm_uids.is_some() && VmmUser::current().uid != 0 {
+        bail!("--vmm-uids: switching each VMM to its VM's uid needs the agent to run as root");
+    }
+    if use_systemd && vmm_uids.is_none() {
+        bail!(
+            "the systemd runner needs --vmm-uids FIRST-LAST: thvc-vm@.service starts each VMM \
+             as root and switches to its VM's own uid"
+        );
+    }
+    let (vmm_user, vmm_switches_user) = if vmm_uids.is_some() {
+        // Per VM; this user is not used.
+        (VmmUser::current(), false)
+    } else {
+        vmm_user(args.vmm_user.as_deref())?
+    };
     let vm_runner: Arc<dyn VmRunner> = if use_systemd {
         Arc::new(SystemdRunner::new(layout.clone()))
     } else {
@@ -278,6 +310,8 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         qemu_img: args.qemu_img,
         vmm_user,
         vmm_switches_user,
+        vmm_uids,
+        kvm_gid: thvc_nodeagent::vmm_user::group_gid("kvm"),
         role_groups,
         journal_socket: args
             .journal_socket

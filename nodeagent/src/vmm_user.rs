@@ -3,15 +3,14 @@
 //! TAP's owner or it is in the TAP's group, so a sandboxed VMM can open only TAPs made for
 //! its user.
 //!
-//! * systemd runner: `User=`/`Group=` of `thvc-vm@.service` (`thvc-vm`); the agent must be
-//!   told the same user (`--vmm-user`, default `thvc-vm`).
-//! * direct runner: the VMM runs as the agent's own user, or, with `--vmm-user`, is started
-//!   with `thvc-vmm --user UID:GID` and switches to it once its files are open.
+//! * per-VM uids (`--vmm-uids FIRST-LAST`, required by the systemd runner): each VM has a
+//!   uid of its own ([`UidRange`]); its launcher (`thvc-vm@.service`'s `exec-vm`, or the
+//!   direct runner's supervisor) becomes that user ([`RunAs`]) before it execs the VMM, so
+//!   the VMM opens everything as its VM's user (see `node::access`).
+//! * otherwise (direct runner): the VMM runs as the agent's own user, or, with `--vmm-user`,
+//!   is started with `thvc-vmm --user UID:GID` and switches to it once its files are open.
 
 use thiserror::Error;
-
-/// The user of the VMMs in the image (systemd/thvc.sysusers, thvc-vm@.service).
-pub const DEFAULT_SYSTEMD_VMM_USER: &str = "thvc-vm";
 
 #[derive(Debug, Error)]
 pub enum VmmUserError {
@@ -89,6 +88,129 @@ impl VmmUser {
     }
 }
 
+/// The uids VMMs run as when each VM has its own (`--vmm-uids FIRST-LAST`): the agent gives
+/// every VM one of them for its whole life (persisted beside its spec), with the same number
+/// as its private primary group. No user database entries are needed: the ids are only
+/// numbers on processes, TAPs and ACL entries. Pick a range no other software uses (the
+/// image: 400000-409999, below systemd-nspawn's container ranges and above DynamicUser's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl UidRange {
+    pub fn parse(s: &str) -> Result<UidRange, VmmUserError> {
+        let invalid = |reason: &str| VmmUserError::Invalid {
+            spec: s.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| invalid("expected FIRST-LAST, e.g. 400000-409999"))?;
+        let number = |v: &str| {
+            if v.is_empty() || !v.bytes().all(|c| c.is_ascii_digit()) {
+                return Err(invalid("FIRST and LAST must be decimal numbers"));
+            }
+            v.parse::<u32>()
+                .map_err(|_| invalid("FIRST and LAST must be decimal numbers"))
+        };
+        let (first, last) = (number(a)?, number(b)?);
+        if first < 1000 || last < first || last >= 0x7fff_ffff {
+            return Err(invalid(
+                "the range must lie within 1000-2147483646 and not be empty (FIRST <= LAST)",
+            ));
+        }
+        if [65534, 65535].iter().any(|id| (first..=last).contains(id)) {
+            return Err(invalid(
+                "the range must not include nobody (65534) or 65535",
+            ));
+        }
+        Ok(UidRange { first, last })
+    }
+
+    pub fn contains(&self, uid: u32) -> bool {
+        (self.first..=self.last).contains(&uid)
+    }
+
+    /// The lowest uid of the range not in `used`.
+    pub fn free(&self, used: &std::collections::HashSet<u32>) -> Option<u32> {
+        (self.first..=self.last).find(|u| !used.contains(u))
+    }
+}
+
+/// Who a VMM runs as when its launcher switches before exec (per-VM uids): uid, primary gid
+/// and supplementary groups (the kvm group for /dev/kvm).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(default)]
+    pub groups: Vec<u32>,
+}
+
+impl RunAs {
+    /// `UID:GID[:G1,G2...]`, the form `supervise-vm --run-as` takes.
+    pub fn to_arg(&self) -> String {
+        let groups: Vec<String> = self.groups.iter().map(u32::to_string).collect();
+        format!("{}:{}:{}", self.uid, self.gid, groups.join(","))
+    }
+
+    pub fn parse_arg(s: &str) -> Result<RunAs, VmmUserError> {
+        let invalid = || VmmUserError::Invalid {
+            spec: s.to_owned(),
+            reason: "expected UID:GID:GROUPS (GROUPS comma-separated, may be empty)".into(),
+        };
+        let mut parts = s.splitn(3, ':');
+        let mut next = || parts.next().ok_or_else(invalid);
+        let uid = next()?.parse().map_err(|_| invalid())?;
+        let gid = next()?.parse().map_err(|_| invalid())?;
+        let groups = next()?;
+        let groups = if groups.is_empty() {
+            Vec::new()
+        } else {
+            groups
+                .split(',')
+                .map(|g| g.parse().map_err(|_| invalid()))
+                .collect::<Result<_, _>>()?
+        };
+        let run_as = RunAs { uid, gid, groups };
+        if run_as.uid == 0 || run_as.gid == 0 {
+            return Err(VmmUserError::Invalid {
+                spec: s.to_owned(),
+                reason: "a VMM never runs as root".into(),
+            });
+        }
+        Ok(run_as)
+    }
+
+    /// Sets the groups, then the gids, then the uids (real, effective and saved): from
+    /// root that drops every capability. Only system calls: safe between fork and exec.
+    pub fn switch(&self) -> std::io::Result<()> {
+        // SAFETY: plain system calls with a valid pointer and length.
+        unsafe {
+            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0
+                || libc::setresgid(self.gid, self.gid, self.gid) != 0
+                || libc::setresuid(self.uid, self.uid, self.uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The gid of group `name`, if it exists.
+pub fn group_gid(name: &str) -> Option<u32> {
+    if name.contains('\0') {
+        return None;
+    }
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+}
+
 /// uid and primary gid of the user called `name`.
 fn lookup_user(name: &str) -> Result<Option<VmmUser>, VmmUserError> {
     if name.contains('\0') {
@@ -107,6 +229,42 @@ fn lookup_user(name: &str) -> Result<Option<VmmUser>, VmmUserError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uid_ranges_and_run_as() {
+        let r = UidRange::parse("400000-400002").unwrap();
+        assert_eq!(r.free(&[400000, 400001].into()), Some(400002));
+        assert_eq!(r.free(&[400000, 400001, 400002].into()), None);
+        for bad in [
+            "",
+            "5",
+            "400000",
+            "0-10",
+            "999-2000",
+            "5000-4000",
+            "60000-70000",
+            "a-b",
+            "1000-4294967295",
+        ] {
+            assert!(UidRange::parse(bad).is_err(), "{bad}");
+        }
+        let a = RunAs {
+            uid: 400000,
+            gid: 400000,
+            groups: vec![107, 5],
+        };
+        assert_eq!(a.to_arg(), "400000:400000:107,5");
+        assert_eq!(RunAs::parse_arg(&a.to_arg()).unwrap(), a);
+        let b = RunAs {
+            uid: 1,
+            gid: 2,
+            groups: vec![],
+        };
+        assert_eq!(RunAs::parse_arg(&b.to_arg()).unwrap(), b);
+        for bad in ["0:1:", "1:0:", "1:2", "x:1:", "1:2:a"] {
+            assert!(RunAs::parse_arg(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn numeric_and_named_users() {

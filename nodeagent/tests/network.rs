@@ -335,6 +335,138 @@ async fn vm_taps_belong_to_the_vmm_user() {
     assert!(!ip_in(pid, &["link", "show", &tap]).0, "TAP removed");
 }
 
+/// What a process running as `uid:gid` (no supplementary groups, no capabilities) gets
+/// when it opens `path` (`op`: "read", "rw", "connect" to a unix socket, or "unlink"): Ok,
+/// or the
+/// errno.
+fn try_as(uid: u32, gid: u32, op: &str, path: &Path) -> Result<(), i32> {
+    use std::os::unix::process::CommandExt;
+    // Debian's, by its path: one under root's home (pyenv) is out of the test user's reach.
+    let python = Path::new("/usr/bin/python3");
+    assert!(
+        python.exists(),
+        "/usr/bin/python3 missing: apt-get install python3"
+    );
+    let script = r#"
+import errno, os, socket, sys
+op, path = sys.argv[1], sys.argv[2]
+try:
+    if op == "connect":
+        socket.socket(socket.AF_UNIX).connect(path)
+    elif op == "unlink":
+        os.unlink(path)
+    else:
+        os.close(os.open(path, os.O_RDWR if op == "rw" else os.O_RDONLY))
+except OSError as e:
+    sys.exit(e.errno)
+"#;
+    let who = thvc_nodeagent::vmm_user::RunAs {
+        uid,
+        gid,
+        groups: Vec::new(),
+    };
+    let mut cmd = Command::new(python);
+    cmd.args(["-c", script, op]).arg(path);
+    // SAFETY: RunAs::switch makes only system calls on memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || who.switch());
+    }
+    let status = cmd.status().expect("run python3");
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(errno) => Err(errno),
+        None => panic!("python3 {op} {}: {status}", path.display()),
+    }
+}
+
+/// `--vmm-uids`: each VM's VMM runs as a uid of its own, and that user can open its own
+/// disk, TAP, console and API socket and none of another VM's; a deleted VM's uid goes to
+/// the next VM without the old VM's disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_vmm_runs_as_its_own_user_and_opens_only_its_own_files() {
+    require_tool("unshare", "util-linux");
+    require_tool("ip", "iproute2");
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let agent = Agent::start_with(&bus, &dirs, &["--vmm-uids", "500000-500099"], IN_NEW_NETNS);
+    let pid = agent.pid();
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    m.apply_network(r#"{"links": [{"name": "br0", "kind": "bridge"}]}"#, false)
+        .await
+        .expect("apply");
+    let disks = dirs.state().join("disks");
+    for (name, uid) in [("a", 500000u32), ("b", 500001)] {
+        std::fs::write(disks.join(format!("{name}.img")), vec![0u8; 4096]).unwrap();
+        let spec = spec(&format!(
+            r#","disks":[{{"path":"{name}.img"}}],"nics":[{{"bridge":"br0"}}]"#
+        ));
+        let v = vm(&conn, m.create_vm(name, &spec).await.unwrap()).await;
+        v.start()
+            .await
+            .expect("start: the VMM opens its disk as its own user");
+        let vmm = dirs.vmm_process(name).expect("VMM recorded").pid;
+        assert_eq!(proc_ids(vmm, "Uid:"), vec![uid; 4], "VM {name}");
+        assert_eq!(
+            proc_ids(vmm, "Gid:"),
+            vec![uid; 4],
+            "VM {name}: its private group"
+        );
+        let tap = thvc_nodeagent::names::tap_name(name, 0);
+        assert_eq!(
+            cat_in(pid, &format!("/sys/class/net/{tap}/owner")),
+            uid.to_string()
+        );
+    }
+    let (a, b) = (500000, 500001);
+    let file = |vm: &str, f: &str| match f {
+        "disk" => disks.join(format!("{vm}.img")),
+        "console" => dirs.log().join(vm).join("console.log"),
+        _ => dirs.run().join("vms").join(vm).join("api.sock"),
+    };
+    // VM a's user: its own disk (read-write), console and API socket; nothing of b's.
+    assert_eq!(try_as(a, a, "rw", &file("a", "disk")), Ok(()));
+    assert_eq!(try_as(a, a, "rw", &file("a", "console")), Ok(()));
+    assert_eq!(try_as(a, a, "connect", &file("a", "api")), Ok(()));
+    assert_eq!(try_as(a, a, "read", &file("b", "disk")), Err(libc::EACCES));
+    assert_eq!(
+        try_as(a, a, "read", &file("b", "console")),
+        Err(libc::EACCES)
+    );
+    assert_eq!(
+        try_as(a, a, "connect", &file("b", "api")),
+        Err(libc::EACCES)
+    );
+    assert_eq!(try_as(b, b, "rw", &file("a", "disk")), Err(libc::EACCES));
+    let tap_b = thvc_nodeagent::names::tap_name("b", 0);
+    attach_tap_as(pid, a, a, &thvc_nodeagent::names::tap_name("a", 0))
+        .expect("VM a's user attaches to its TAP");
+    let e = attach_tap_as(pid, a, a, &tap_b).expect_err("not to b's");
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    // The run directory is sticky: the VMM may create files there (its socket) but not
+    // remove or replace the agent's.
+    let record = dirs.run().join("vms").join("a").join("process.json");
+    assert!(record.exists());
+    assert_eq!(try_as(a, a, "unlink", &record), Err(libc::EPERM));
+
+    // b goes; c gets b's uid, and with it nothing of b's disk.
+    let vb = vm(&conn, m.get_vm("b").await.unwrap()).await;
+    vb.stop().await.unwrap();
+    m.delete_vm("b").await.unwrap();
+    let c = vm(&conn, m.create_vm("c", &spec("")).await.unwrap()).await;
+    c.start().await.unwrap();
+    let vmm = dirs.vmm_process("c").expect("VMM recorded").pid;
+    assert_eq!(proc_ids(vmm, "Uid:"), vec![b; 4], "the freed uid is reused");
+    assert_eq!(try_as(b, b, "read", &file("b", "disk")), Err(libc::EACCES));
+    // Uids are kept across agent restarts.
+    assert_eq!(
+        std::fs::read_to_string(dirs.state().join("vms").join("a.uid"))
+            .unwrap()
+            .trim(),
+        "500000"
+    );
+}
+
 /// A VMM user that does not exist, or root, stops the agent at start with a clear error.
 #[test]
 fn bad_vmm_user_is_refused_at_start() {

@@ -64,6 +64,12 @@ impl Node {
             },
             None => None,
         };
+        if let Err(e) = self.prepare_access(vm, &resolved, seed_disk.clone()).await {
+            let msg = format!("VM {}: {e}", vm.name);
+            self.end_run(vm, VmState::Failed, msg.clone(), false).await;
+            return Err(NodeError::Io(msg));
+        }
+        let (owner, run_as) = self.vmm_identity(vm);
         // A run in progress has no terminal status.
         let status_file = self.cfg.layout.status_file(&vm.name);
         let _ = blocking(move || fsutil::remove_durable(&status_file)).await;
@@ -72,8 +78,8 @@ impl Node {
         for (i, nic) in resolved.nics.iter().enumerate() {
             let tap = TapRequest {
                 name: names::tap_name(&vm.name, i),
-                uid: self.cfg.vmm_user.uid,
-                gid: self.cfg.vmm_user.gid,
+                uid: owner.uid,
+                gid: owner.gid,
                 bridge: nic.bridge.clone(),
                 vlan: nic.vlan,
                 mtu: None,
@@ -90,7 +96,8 @@ impl Node {
             console_log: self.cfg.layout.console_log(&vm.name),
             api_socket: self.cfg.layout.api_socket(&vm.name),
             taps: taps.clone(),
-            switch_to_user: self.cfg.vmm_switches_user.then_some(self.cfg.vmm_user),
+            switch_to_user: (run_as.is_none() && self.cfg.vmm_switches_user)
+                .then_some(self.cfg.vmm_user),
             firmware: self.cfg.firmware.clone(),
             seed_disk,
         };
@@ -98,6 +105,7 @@ impl Node {
             name: vm.name.clone(),
             vmm: self.cfg.vmm_binary.clone(),
             args: spec::vmm_args(&resolved, &params),
+            run_as,
         };
         let generation = {
             let mut st = vm.lock();

@@ -33,10 +33,12 @@
 //! - `state`: transitions, their events, terminal records;
 //! - `vms`: the set of VMs (CreateVm, DeleteVm, Autostart, spec updates);
 //! - `apply`: declarative VMs (ApplyVms);
+//! - `access`: per-VM VMM users and what each may open;
 //! - `lifecycle`: Start, the VMM's exit, Stop/Shutdown, Pause/Resume, Info, console;
 //! - `recovery`: loading, re-adopting and autostarting after an agent (re)start;
 //! - `net_ops`, `image_ops`, `disk_ops`: the host network and the image and disk stores.
 
+pub mod access;
 pub mod apply;
 pub mod capacity;
 mod disk_ops;
@@ -164,6 +166,10 @@ pub struct NodeConfig {
     /// Start the VMM with `--user` (the direct runner, asked for another user than the
     /// agent's); the systemd runner's unit sets the user itself.
     pub vmm_switches_user: bool,
+    /// Per-VM uids (`--vmm-uids`): each VM's VMM runs as its own uid (see [`access`]).
+    pub vmm_uids: Option<crate::vmm_user::UidRange>,
+    /// The kvm group, a supplementary group of per-VM VMM users (/dev/kvm is root:kvm 0660).
+    pub kvm_gid: Option<u32>,
     pub control_group: String,
     /// Which groups grant which roles (the control group grants all).
     pub role_groups: crate::auth::RoleGroups,
@@ -224,6 +230,8 @@ struct VmStatus {
     /// Stops waiting for the VM's operation lock: a Shutdown that reaches its wait for the
     /// guest while one waits ends at once (the Stop may have come before the wait began).
     stops_waiting: u32,
+    /// The VM's own VMM uid (`--vmm-uids`), fixed for its life.
+    vmm_uid: Option<u32>,
 }
 
 pub struct Vm {
@@ -284,6 +292,7 @@ impl Vm {
                 deleted: false,
                 awaiting_power_off: false,
                 stops_waiting: 0,
+                vmm_uid: None,
             }),
             state_tx,
         })
@@ -425,6 +434,23 @@ impl Node {
             (l.log_dir.clone(), 0o750),
         ] {
             fsutil::create_dir_all(&dir, mode).map_err(io)?;
+        }
+        if cfg.vmm_uids.is_some() {
+            // Per-VM users reach their own files in these (the files' ACLs say which) but
+            // may not list them: search permission for others, nothing more.
+            use std::os::unix::fs::PermissionsExt;
+            for dir in [
+                l.images_dir(),
+                l.disks_dir(),
+                l.run_dir.join("vms"),
+                l.log_dir.clone(),
+            ] {
+                let mode = std::fs::metadata(&dir).map_err(io)?.permissions().mode();
+                if mode & 0o001 == 0 {
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode | 0o001))
+                        .map_err(|e| io(format!("{}: {e}", dir.display())))?;
+                }
+            }
         }
         // What an earlier agent was writing when it died, in every store (blocking, but at
         // start, before anything is served): the node's own files (network.json, the boot

@@ -25,6 +25,13 @@ impl Node {
             let _membership = self.membership.lock().await;
             for (name, spec) in names_found {
                 let vm = Vm::new(&name, spec, VmState::Defined, String::new());
+                if self.cfg.vmm_uids.is_some() {
+                    let stored = self.stored_uid(&name).await;
+                    match self.allocate_uid(&name, stored).await {
+                        Ok(uid) => vm.lock().vmm_uid = uid,
+                        Err(e) => tracing::error!(vm = %name, "{e}"),
+                    }
+                }
                 // In the table before its object is announced, as in `create`.
                 self.table().insert(name.clone(), vm.clone());
                 if let Err(e) = self.publish(NodeEvent::VmAdded(vm.clone())).await {

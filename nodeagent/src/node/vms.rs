@@ -56,7 +56,15 @@ impl Node {
             .await?
             .map_err(io)?;
         }
+        let vmm_uid = match self.allocate_uid(name, None).await {
+            Ok(uid) => uid,
+            Err(e) => {
+                let _ = blocking(move || fsutil::remove_durable(&file)).await;
+                return Err(e);
+            }
+        };
         let vm = Vm::new(name, spec, VmState::Defined, String::new());
+        vm.lock().vmm_uid = vmm_uid;
         // In the table before its object is on the bus (registering announces it with
         // InterfacesAdded): a call on the new object finds the VM.
         self.table().insert(name.to_owned(), vm.clone());
@@ -95,6 +103,7 @@ impl Node {
             .map_err(io)?;
         vm.lock().deleted = true;
         self.table().remove(name);
+        self.release_uid(&vm).await;
         if let Err(e) = self.runner.forget(name).await {
             tracing::warn!(vm = %name, "cleaning up run state: {e}");
         }

@@ -125,10 +125,11 @@ impl DirectRunner {
         .map_err(|e| err(e.to_string()))?
         .map_err(err)?;
         let mut cmd = std::process::Command::new(&self.agent_exe);
-        cmd.arg("supervise-vm")
-            .arg("--run-dir")
-            .arg(&run_dir)
-            .arg("--")
+        cmd.arg("supervise-vm").arg("--run-dir").arg(&run_dir);
+        if let Some(who) = &spec.run_as {
+            cmd.arg("--run-as").arg(who.to_arg());
+        }
+        cmd.arg("--")
             .arg(&spec.vmm)
             .args(&spec.args)
             .stdin(Stdio::null())

@@ -37,6 +37,9 @@ pub struct LaunchSpec {
     pub name: String,
     pub vmm: PathBuf,
     pub args: Vec<String>,
+    /// Per-VM uids: the launcher (supervisor or `exec-vm`) becomes this user before it
+    /// execs the VMM, so the VMM opens everything as its VM's user.
+    pub run_as: Option<crate::vmm_user::RunAs>,
 }
 
 /// How a VMM process ended, as recorded by its supervisor.

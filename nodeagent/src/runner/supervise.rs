@@ -18,6 +18,7 @@ use crate::fsutil::{self, FsError};
 use crate::layout;
 use crate::procinfo::{ProcError, ProcessId};
 use crate::runner::ExitRecord;
+use crate::vmm_user::RunAs;
 
 #[derive(Debug, Error)]
 pub enum SuperviseError {
@@ -51,7 +52,12 @@ extern "C" fn on_sigterm(_: libc::c_int) {
 }
 
 /// Runs the supervisor; returns the process exit code.
-pub fn run(run_dir: &Path, vmm: &Path, args: &[String]) -> Result<i32, SuperviseError> {
+pub fn run(
+    run_dir: &Path,
+    vmm: &Path,
+    args: &[String],
+    run_as: Option<&RunAs>,
+) -> Result<i32, SuperviseError> {
     // SAFETY: installing signal dispositions before any other thread exists.
     unsafe {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
@@ -69,12 +75,17 @@ pub fn run(run_dir: &Path, vmm: &Path, args: &[String]) -> Result<i32, Supervise
     )?;
     let mut cmd = Command::new(vmm);
     cmd.args(args);
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    let run_as = run_as.cloned();
+    // SAFETY: only async-signal-safe calls between fork and exec (signal, and the system
+    // calls of RunAs::switch on memory allocated before the fork).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // Ignored dispositions survive exec; the VMM gets the defaults back.
             libc::signal(libc::SIGHUP, libc::SIG_DFL);
             libc::signal(libc::SIGINT, libc::SIG_DFL);
+            if let Some(who) = &run_as {
+                who.switch()?;
+            }
             Ok(())
         });
     }
@@ -123,6 +134,24 @@ pub fn exec_vm(run_dir: &Path) -> Result<std::convert::Infallible, SuperviseErro
     let path = layout::vmm_args_file(run_dir);
     let data = std::fs::read(&path).map_err(|e| FsError::io("read", &path, e))?;
     let argv: VmmArgv = serde_json::from_slice(&data)?;
+    // SAFETY: geteuid cannot fail.
+    if argv.run_as.is_none() && unsafe { libc::geteuid() } == 0 {
+        return Err(SuperviseError::Spawn {
+            vmm: argv.vmm,
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "refusing to run a VMM as root: vmm-args.json names no user (the agent needs --vmm-uids)",
+            ),
+        });
+    }
+    if let Some(who) = &argv.run_as {
+        // The unit runs this as root (with CAP_SETUID and CAP_SETGID only): become the
+        // VM's own user, which drops both, before the VMM runs.
+        who.switch().map_err(|source| SuperviseError::Spawn {
+            vmm: format!("{} (switching to {})", argv.vmm, who.to_arg()),
+            source,
+        })?;
+    }
     let err = Command::new(&argv.vmm).args(&argv.args).exec();
     Err(SuperviseError::Spawn {
         vmm: argv.vmm,
@@ -135,4 +164,7 @@ pub fn exec_vm(run_dir: &Path) -> Result<std::convert::Infallible, SuperviseErro
 pub struct VmmArgv {
     pub vmm: String,
     pub args: Vec<String>,
+    /// Per-VM uids: who the VMM runs as (absent: the unit's user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<RunAs>,
 }

@@ -204,6 +204,7 @@ impl VmRunner for SystemdRunner {
             let argv = VmmArgv {
                 vmm: spec.vmm.display().to_string(),
                 args: spec.args.clone(),
+                run_as: spec.run_as.clone(),
             };
             let data = serde_json::to_vec(&argv).map_err(|e| err(e.to_string()))?;
             // fsyncs: on a blocking thread, not on the threads that answer the bus.

@@ -124,6 +124,16 @@ fn main() {
             eprintln!("thvc-fake-vmm: disk {path} not found");
             std::process::exit(1);
         }
+        // Opened as thvc-vmm opens it: read-write unless read-only, as the user it runs as.
+        let readonly = d.split(',').any(|p| p == "readonly=on");
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+        {
+            eprintln!("thvc-fake-vmm: disk {path}: {e}");
+            std::process::exit(1);
+        }
     }
     let cmdline = opts.get("--cmdline").cloned().unwrap_or_default();
     let fake: HashMap<&str, &str> = cmdline
