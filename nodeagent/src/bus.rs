@@ -949,6 +949,7 @@ async fn pump_events(conn: Connection, node: std::sync::Weak<Node>, mut events: 
                     .await
                     .map_err(|e| format!("registering the job object: {e}")),
             ),
+            NodeEvent::JobChanged(job) => jobs::job_state_changed(&conn, &job).await,
             NodeEvent::JobRemoved(job, result, message) => {
                 jobs::job_removed(&conn, &job, result, &message).await
             }

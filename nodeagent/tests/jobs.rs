@@ -81,9 +81,41 @@ async fn jobs_return_at_once_and_report_their_result() {
 
     // ShutdownJob of a guest that ignores the power button: returns at once (the blocking
     // Shutdown would take the 30 s timeout), is listed and served while it waits.
+    // Its State becomes running with a PropertiesChanged (subscribed before the call).
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")
+        .unwrap()
+        .member("PropertiesChanged")
+        .unwrap()
+        .path_namespace("/de/thueringen/thvc/node1/job")
+        .unwrap()
+        .build();
+    let mut changes = zbus::MessageStream::for_match_rule(rule, &conn, None)
+        .await
+        .unwrap();
     let t = Instant::now();
     let job = call_job(&conn, &path, "ShutdownJob").await;
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), changes.next())
+            .await
+            .expect("State PropertiesChanged within 10 s")
+            .unwrap()
+            .unwrap();
+        if msg.header().path().map(|p| p.as_str()) != Some(job.as_str()) {
+            continue;
+        }
+        let (iface, changed, _): (
+            String,
+            std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+            Vec<String>,
+        ) = msg.body().deserialize().unwrap();
+        assert_eq!(iface, "de.thueringen.thvc.node1.Job");
+        let state: String = changed["State"].clone().try_into().unwrap();
+        assert_eq!(state, "running");
+        break;
+    }
     let jp = zbus::Proxy::new(
         &conn,
         "de.thueringen.thvc.node1",

@@ -75,8 +75,8 @@ impl JobObject {
             .unwrap_or_else(|_| OwnedObjectPath::from(ObjectPath::from_static_str_unchecked("/")))
     }
 
-    /// waiting or running.
-    #[zbus(property(emits_changed_signal = "false"))]
+    /// waiting or running (PropertiesChanged when it begins running).
+    #[zbus(property)]
     fn state(&self) -> String {
         self.job.state().to_owned()
     }
@@ -92,6 +92,22 @@ pub(super) async fn register_job(
         .at(path.as_str(), JobObject { job, node })
         .await?;
     Ok(())
+}
+
+pub(super) async fn job_state_changed(conn: &Connection, job: &Job) {
+    let result = async {
+        let iface = conn
+            .object_server()
+            .interface::<_, JobObject>(job.path.as_str())
+            .await?;
+        let object = iface.get().await;
+        object.state_changed(iface.signal_emitter()).await
+    }
+    .await;
+    if let Err(e) = result {
+        // A job that ended at once may be gone already.
+        tracing::debug!(job = job.id, "emitting State change: {e}");
+    }
 }
 
 pub(super) async fn job_removed(conn: &Connection, job: &Job, result: JobResult, message: &str) {

@@ -38,6 +38,8 @@ pub enum NodeEvent {
     DrainedChanged,
     /// A job began: serve its object before the caller gets its path.
     JobNew(Arc<Job>),
+    /// A job's `State` changed (from waiting to running).
+    JobChanged(Arc<Job>),
     /// A job ended with a result and an error message (empty when done): withdraw its object
     /// and announce `JobRemoved`.
     JobRemoved(Arc<Job>, JobResult, String),
@@ -53,6 +55,7 @@ impl std::fmt::Debug for NodeEvent {
             NodeEvent::NetworkStateChanged => write!(f, "NetworkStateChanged"),
             NodeEvent::DrainedChanged => write!(f, "DrainedChanged"),
             NodeEvent::JobNew(job) => write!(f, "JobNew({})", job.id),
+            NodeEvent::JobChanged(job) => write!(f, "JobChanged({})", job.id),
             NodeEvent::JobRemoved(job, result, _) => {
                 write!(f, "JobRemoved({}, {})", job.id, result.as_str())
             }

@@ -214,6 +214,7 @@ impl Node {
         let task_job = job.clone();
         tokio::spawn(async move {
             *task_job.running.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            let _ = node.publish(NodeEvent::JobChanged(task_job.clone())).await;
             let outcome = work(node.clone(), task_job.clone()).await;
             let canceled = task_job.control.as_ref().is_some_and(|p| p.is_canceled());
             let (result, message) = match outcome {
