@@ -396,11 +396,17 @@ async fn each_vmm_runs_as_its_own_user_and_opens_only_its_own_files() {
         .await
         .expect("apply");
     let disks = dirs.state().join("disks");
-    for (name, uid) in [("a", 500000u32), ("b", 500001)] {
+    // b's kernel sits in a subdirectory of the image store (an image named by its URL path)
+    // that others may not search, as the agent's umask makes them in the image.
+    let sub = dirs.state().join("images").join("guest");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("vmlinuz"), b"b's kernel").unwrap();
+    std::fs::set_permissions(&sub, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+    for (name, uid, kernel) in [("a", 500000u32, "vmlinuz"), ("b", 500001, "guest/vmlinuz")] {
         std::fs::write(disks.join(format!("{name}.img")), vec![0u8; 4096]).unwrap();
-        let spec = spec(&format!(
-            r#","disks":[{{"path":"{name}.img"}}],"nics":[{{"bridge":"br0"}}]"#
-        ));
+        let spec = format!(
+            r#"{{"vcpus":1,"memory_mib":128,"kernel":"{kernel}","disks":[{{"path":"{name}.img"}}],"nics":[{{"bridge":"br0"}}]}}"#
+        );
         let v = vm(&conn, m.create_vm(name, &spec).await.unwrap()).await;
         v.start()
             .await
@@ -438,6 +444,10 @@ async fn each_vmm_runs_as_its_own_user_and_opens_only_its_own_files() {
         Err(libc::EACCES)
     );
     assert_eq!(try_as(b, b, "rw", &file("a", "disk")), Err(libc::EACCES));
+    // Kernels: each VM's user reads its own (world-readable when placed) and not the other's.
+    let kernel_b = sub.join("vmlinuz");
+    assert_eq!(try_as(b, b, "read", &kernel_b), Ok(()));
+    assert_eq!(try_as(a, a, "read", &kernel_b), Err(libc::EACCES));
     let tap_b = thvc_nodeagent::names::tap_name("b", 0);
     attach_tap_as(pid, a, a, &thvc_nodeagent::names::tap_name("a", 0))
         .expect("VM a's user attaches to its TAP");

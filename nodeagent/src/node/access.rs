@@ -133,6 +133,30 @@ impl Node {
             }
             console_file(&console, agent).map_err(|e| format!("{}: {e}", console.display()))?;
             acl::grant(&console, Which::Access, uid, READ | WRITE).map_err(|e| e.to_string())?;
+            for (path, _) in &files {
+                // The directories between a store and the file (an image named by its URL
+                // path sits in subdirectories made under the agent's umask): search
+                // permission for others, so the VMM reaches the file its ACL grants.
+                if let Some(store) = stores.iter().find(|s| path.starts_with(s)) {
+                    let mut dir = path.parent();
+                    while let Some(d) =
+                        dir.filter(|d| d.starts_with(store) && *d != store.as_path())
+                    {
+                        let mode = std::fs::metadata(d)
+                            .map_err(|e| format!("{}: {e}", d.display()))?
+                            .permissions()
+                            .mode();
+                        if mode & 0o001 == 0 {
+                            std::fs::set_permissions(
+                                d,
+                                std::fs::Permissions::from_mode(mode | 0o001),
+                            )
+                            .map_err(|e| format!("{}: {e}", d.display()))?;
+                        }
+                        dir = d.parent();
+                    }
+                }
+            }
             for (path, perm) in &files {
                 // Others get nothing (a file placed world-readable would be every VMM's);
                 // the ACL names who may.

@@ -98,6 +98,13 @@ fn main() {
         eprintln!("thvc-fake-vmm: kernel or firmware {kernel} not found");
         std::process::exit(1);
     }
+    // Read as thvc-vmm reads them, with the rights of the user it runs as.
+    for file in std::iter::once(&kernel).chain(opts.get("--initrd")) {
+        if let Err(e) = std::fs::File::open(file) {
+            eprintln!("thvc-fake-vmm: {file}: {e}");
+            std::process::exit(1);
+        }
+    }
     if let Some(t) = opts.get("--transport") {
         if t != "mmio" && t != "pci" {
             usage(&format!("--transport {t}: mmio or pci"));
