@@ -206,19 +206,22 @@ pub fn grant(path: &Path, which: Which, uid: u32, perm: u16) -> Result<(), AclEr
             .filter(|e| matches!(e.tag, USER_OBJ | GROUP_OBJ | OTHER))
             .collect();
     }
-    if entries
-        .iter()
-        .any(|e| e.tag == USER && e.id == uid && e.perm == perm)
-    {
-        return Ok(());
-    }
+    let mut before = entries.clone();
+    before.sort();
     entries.retain(|e| !(e.tag == USER && e.id == uid));
     entries.push(Entry {
         tag: USER,
         id: uid,
         perm,
     });
-    write(path, which, with_mask(entries))
+    let mut after = with_mask(entries);
+    after.sort();
+    // Unchanged only if the mask is still right too: a chmod since narrowed it (the group
+    // bits of the mode are the mask), which would mask the entry.
+    if after == before {
+        return Ok(());
+    }
+    write(path, which, after)
 }
 
 /// Takes back every right user `uid` has on `path` by name; true if it had any.
@@ -261,6 +264,11 @@ mod tests {
             [(500_001, READ | WRITE), (500_002, READ)]
         );
         // The mask is the group class's union: the group bits of the mode show it.
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660, "{mode:o}");
+        // A chmod narrows the mask (the group bits); granting again widens it back.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        grant(&f, Which::Access, 500_001, READ | WRITE).unwrap();
         let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660, "{mode:o}");
         assert!(revoke(&f, 500_001).unwrap());

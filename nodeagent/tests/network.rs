@@ -459,6 +459,13 @@ async fn each_vmm_runs_as_its_own_user_and_opens_only_its_own_files() {
     assert!(record.exists());
     assert_eq!(try_as(a, a, "unlink", &record), Err(libc::EPERM));
 
+    // A second start (the same as a restart after a guest reboot) finds its files as
+    // before: the VMM binds its socket and opens its disk and console again.
+    let va = vm(&conn, m.get_vm("a").await.unwrap()).await;
+    va.stop().await.unwrap();
+    va.start().await.expect("a second start as the VM's user");
+    assert_eq!(try_as(a, a, "connect", &file("a", "api")), Ok(()));
+
     // b goes; c gets b's uid, and with it nothing of b's disk.
     let vb = vm(&conn, m.get_vm("b").await.unwrap()).await;
     vb.stop().await.unwrap();
