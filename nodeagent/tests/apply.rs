@@ -69,17 +69,6 @@ async fn apply(
     }
 }
 
-fn host_memory_mib() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kb: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024
-}
-
 async fn state(m: &ManagerProxy<'_>, name: &str) -> String {
     m.list_vms()
         .await

@@ -23,17 +23,6 @@ async fn prop(conn: &zbus::Connection, name: &str) -> u64 {
     p.get_property::<u64>(name).await.unwrap()
 }
 
-fn host_memory_mib() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kb: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_beyond_memory_or_vcpu_capacity_are_refused() {
     let bus = TestBus::start();

@@ -112,7 +112,7 @@ async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
     // vm apply: the plan, then the results; the same document again: nothing to do; an
     // action that fails makes the command fail, naming it.
     let document = dirs.root.path().join("vms.json");
-    let entry = |name: &str, memory: u32| {
+    let entry = |name: &str, memory: u64| {
         format!(
             r#"{{"name":"{name}","state":"running","spec":{{"vcpus":1,"memory_mib":{memory},"kernel":"vmlinuz"}}}}"#
         )
@@ -154,14 +154,7 @@ async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
     );
     // Within the host's RAM but not its capacity for VMs (RAM less the reserve): created,
     // but its start fails, and so does the command, naming it.
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let host_mib = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap()
-        / 1024;
+    let host_mib = host_memory_mib();
     std::fs::write(
         &document,
         format!(r#"{{"vms":[{}]}}"#, entry("big", host_mib - 10)),

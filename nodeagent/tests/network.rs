@@ -259,6 +259,27 @@ fn attach_tap_as(ns_pid: i32, uid: u32, gid: u32, tap: &str) -> std::io::Result<
     Ok(())
 }
 
+/// The agent (with `args`) in its own network namespace, with bridge br0 applied.
+async fn agent_with_bridge(
+    bus: &TestBus,
+    dirs: &NodeDirs,
+    args: &[&str],
+) -> (
+    Agent,
+    zbus::Connection,
+    thvc_nodeagent::client::ManagerProxy<'static>,
+) {
+    require_tool("unshare", "util-linux");
+    require_tool("ip", "iproute2");
+    let agent = Agent::start_with(bus, dirs, args, IN_NEW_NETNS);
+    let conn = connect(bus).await;
+    let m = manager(&conn).await;
+    m.apply_network(r#"{"links": [{"name": "br0", "kind": "bridge"}]}"#, false)
+        .await
+        .expect("apply");
+    (agent, conn, m)
+}
+
 /// uid and primary gid of a local user, through NSS (`id`).
 fn user_ids(name: &str) -> (u32, u32) {
     let id = |flag: &str| -> u32 {
@@ -289,18 +310,11 @@ fn proc_ids(pid: i32, key: &str) -> Vec<u32> {
 /// cannot. Without the flag (the other test) the TAP belongs to the agent's own user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_taps_belong_to_the_vmm_user() {
-    require_tool("unshare", "util-linux");
-    require_tool("ip", "iproute2");
     let (uid, gid) = user_ids("nobody");
     let bus = TestBus::start();
     let dirs = NodeDirs::new();
-    let agent = Agent::start_with(&bus, &dirs, &["--vmm-user", "nobody"], IN_NEW_NETNS);
+    let (agent, conn, m) = agent_with_bridge(&bus, &dirs, &["--vmm-user", "nobody"]).await;
     let pid = agent.pid();
-    let conn = connect(&bus).await;
-    let m = manager(&conn).await;
-    m.apply_network(r#"{"links": [{"name": "br0", "kind": "bridge"}]}"#, false)
-        .await
-        .expect("apply");
     let path = m
         .create_vm("owned", &spec(r#","nics":[{"bridge":"br0"}]"#))
         .await
@@ -384,17 +398,10 @@ except OSError as e:
 /// the next VM without the old VM's disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_vmm_runs_as_its_own_user_and_opens_only_its_own_files() {
-    require_tool("unshare", "util-linux");
-    require_tool("ip", "iproute2");
     let bus = TestBus::start();
     let dirs = NodeDirs::new();
-    let agent = Agent::start_with(&bus, &dirs, &["--vmm-uids", "500000-500099"], IN_NEW_NETNS);
+    let (agent, conn, m) = agent_with_bridge(&bus, &dirs, &["--vmm-uids", "500000-500099"]).await;
     let pid = agent.pid();
-    let conn = connect(&bus).await;
-    let m = manager(&conn).await;
-    m.apply_network(r#"{"links": [{"name": "br0", "kind": "bridge"}]}"#, false)
-        .await
-        .expect("apply");
     let disks = dirs.state().join("disks");
     // b's kernel sits in a subdirectory of the image store (an image named by its URL path)
     // that others may not search, as the agent's umask makes them in the image.

@@ -352,6 +352,18 @@ impl Drop for Agent {
     }
 }
 
+/// The host's RAM in MiB (MemTotal), as the agent sees it.
+pub fn host_memory_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
 /// A client connection to the test bus.
 pub async fn connect(bus: &TestBus) -> zbus::Connection {
     client::connect(&BusTarget::Address(bus.address.clone()))
