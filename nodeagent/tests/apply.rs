@@ -233,13 +233,7 @@ async fn apply_converges_reapply_is_free_and_drift_is_repaired() {
         ])
     );
     assert_eq!(end.unwrap().0, "done");
-    let names: Vec<String> = m
-        .list_vms()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.0)
-        .collect();
+    let names: Vec<String> = vm_names(&m).await;
     assert_eq!(names, ["c"]);
     assert_eq!(state(&m, "c").await, "stopped");
 }
@@ -343,15 +337,7 @@ async fn bad_documents_change_nothing_and_failures_are_reported_per_action() {
     m.apply_vms(&down, true)
         .await
         .expect("a dry run is not held up");
-    conn.call_method(
-        Some("de.thueringen.thvc.node1"),
-        job.as_str(),
-        Some("de.thueringen.thvc.node1.Job"),
-        "Cancel",
-        &(),
-    )
-    .await
-    .expect("Cancel");
+    cancel_job(&conn, job.as_str()).await.expect("Cancel");
     let report = loop {
         let signal = tokio::time::timeout(Duration::from_secs(30), removed.next())
             .await

@@ -64,13 +64,7 @@ async fn fifty_concurrent_creates_from_separate_connections() {
 
     let conn = connect(&bus).await;
     let m = manager(&conn).await;
-    let listed: BTreeSet<String> = m
-        .list_vms()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.0)
-        .collect();
+    let listed: BTreeSet<String> = vm_names(&m).await.into_iter().collect();
     assert_eq!(listed, ok_set);
     let files: BTreeSet<String> = dirs
         .spec_files()

@@ -351,15 +351,7 @@ async fn an_image_pull_job_can_be_canceled_and_stores_nothing() {
     let job = call_manager(&conn, "PullImageJob", &url, &sha).await;
     go.send(()).unwrap();
     wait_progress(&conn, &job, 65536, content.len() as u64).await;
-    conn.call_method(
-        Some("de.thueringen.thvc.node1"),
-        job.as_str(),
-        Some("de.thueringen.thvc.node1.Job"),
-        "Cancel",
-        &(),
-    )
-    .await
-    .unwrap();
+    cancel_job(&conn, job.as_str()).await.unwrap();
     let (_, path, result, message) = next_removed(&mut removed).await;
     assert_eq!((path, result.as_str()), (job, "canceled"), "{message}");
     drop(go);
@@ -385,14 +377,7 @@ async fn an_image_pull_job_can_be_canceled_and_stores_nothing() {
         .unwrap();
     vm(&conn, v.clone()).await.start().await.unwrap();
     let shutdown = call_job(&conn, &v, "ShutdownJob").await;
-    let err = conn
-        .call_method(
-            Some("de.thueringen.thvc.node1"),
-            shutdown.as_str(),
-            Some("de.thueringen.thvc.node1.Job"),
-            "Cancel",
-            &(),
-        )
+    let err = cancel_job(&conn, shutdown.as_str())
         .await
         .expect_err("a VM job refuses Cancel");
     assert!(err.to_string().contains("cannot be canceled"), "{err}");

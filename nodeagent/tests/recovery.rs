@@ -87,13 +87,7 @@ async fn agent_killed_mid_work_restarts_with_state_intact_and_vms_readopted() {
     let m = manager(&conn).await;
 
     // Every VM whose creation was confirmed exists, and every VM on disk is served.
-    let listed: BTreeSet<String> = m
-        .list_vms()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.0)
-        .collect();
+    let listed: BTreeSet<String> = vm_names(&m).await.into_iter().collect();
     for name in &created {
         assert!(listed.contains(name), "{name} was confirmed but is gone");
     }

@@ -165,13 +165,7 @@ async fn other_vms_answer_while_one_shuts_down_and_its_delete_waits() {
     r.expect("DeleteVm(slow) after the shutdown");
     assert!(m.get_vm("slow").await.is_err());
     assert!(!dirs.spec_file("slow").exists());
-    let names: Vec<String> = m
-        .list_vms()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.0)
-        .collect();
+    let names: Vec<String> = vm_names(&m).await;
     assert_eq!(names, ["new0", "new1", "new2", "other"]);
     assert_eq!(other.state().await.unwrap(), "running");
     other.stop().await.unwrap();

@@ -364,6 +364,29 @@ pub fn host_memory_mib() -> u64 {
     kb / 1024
 }
 
+/// The names ListVms gives, in its order (by name).
+pub async fn vm_names(m: &ManagerProxy<'_>) -> Vec<String> {
+    m.list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.0)
+        .collect()
+}
+
+/// Calls `Cancel` on the job at `job`.
+pub async fn cancel_job(conn: &zbus::Connection, job: &str) -> zbus::Result<()> {
+    conn.call_method(
+        Some("de.thueringen.thvc.node1"),
+        job,
+        Some("de.thueringen.thvc.node1.Job"),
+        "Cancel",
+        &(),
+    )
+    .await
+    .map(drop)
+}
+
 /// A client connection to the test bus.
 pub async fn connect(bus: &TestBus) -> zbus::Connection {
     client::connect(&BusTarget::Address(bus.address.clone()))
