@@ -247,6 +247,14 @@ impl Manager {
         hostinfo::image_version(&self.node.config().os_release)
     }
 
+    /// The image versions on this node's disks (the booted one and what an update
+    /// installed beside it), oldest first.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn installed_versions(&self) -> Vec<String> {
+        let c = self.node.config();
+        hostinfo::installed_versions(&c.os_release, &c.sys_block)
+    }
+
     #[zbus(property)]
     fn network_state(&self) -> String {
         self.node.network_state()

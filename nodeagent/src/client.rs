@@ -40,6 +40,8 @@ pub trait Manager {
     #[zbus(property)]
     fn image_version(&self) -> zbus::Result<String>;
     #[zbus(property)]
+    fn installed_versions(&self) -> zbus::Result<Vec<String>>;
+    #[zbus(property)]
     fn network_state(&self) -> zbus::Result<String>;
 
     fn list_vms(&self) -> zbus::Result<Vec<(String, String, OwnedObjectPath)>>;

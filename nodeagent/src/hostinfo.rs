@@ -64,13 +64,13 @@ pub fn kvm_available() -> bool {
         .is_ok()
 }
 
-/// IMAGE_VERSION from an os-release file (empty if absent), unquoted as os-release(5) says.
-pub fn image_version(os_release: &Path) -> String {
+/// A field of an os-release file (empty if absent), unquoted as os-release(5) says.
+fn os_release_field(os_release: &Path, key: &str) -> String {
     let Ok(text) = std::fs::read_to_string(os_release) else {
         return String::new();
     };
     text.lines()
-        .find_map(|l| l.strip_prefix("IMAGE_VERSION="))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
         .map(|v| {
             let v = v.trim();
             let unquoted = v
@@ -81,6 +81,78 @@ pub fn image_version(os_release: &Path) -> String {
             unquoted.replace("\\\"", "\"").replace("\\\\", "\\")
         })
         .unwrap_or_default()
+}
+
+/// IMAGE_VERSION from an os-release file (empty if absent).
+pub fn image_version(os_release: &Path) -> String {
+    os_release_field(os_release, "IMAGE_VERSION")
+}
+
+/// The image versions installed on this node's disks: a slot's root and verity partitions
+/// are both labelled `<IMAGE_ID>_<version>` (image/README.md, "Updates"), read from the
+/// kernel's `PARTNAME` of each block device under `sys_block` (/sys/class/block). A
+/// version with only one of the two (an update being written) is not installed. Sorted
+/// oldest first (versions sort as releases follow each other); empty off the image.
+pub fn installed_versions(os_release: &Path, sys_block: &Path) -> Vec<String> {
+    let image_id = os_release_field(os_release, "IMAGE_ID");
+    if image_id.is_empty() {
+        return Vec::new();
+    }
+    let prefix = format!("{image_id}_");
+    let Ok(entries) = std::fs::read_dir(sys_block) else {
+        return Vec::new();
+    };
+    let mut count: std::collections::BTreeMap<String, u32> = Default::default();
+    for e in entries.flatten() {
+        let Ok(uevent) = std::fs::read_to_string(e.path().join("uevent")) else {
+            continue;
+        };
+        if let Some(v) = uevent
+            .lines()
+            .find_map(|l| l.strip_prefix("PARTNAME=")?.strip_prefix(prefix.as_str()))
+        {
+            *count.entry(v.to_owned()).or_default() += 1;
+        }
+    }
+    let mut versions: Vec<String> = count
+        .into_iter()
+        .filter(|&(_, n)| n >= 2)
+        .map(|(v, _)| v)
+        .collect();
+    versions.sort_by(|a, b| version_cmp(a, b));
+    versions
+}
+
+/// Compares versions as systemd-sysupdate does in the common case: runs of digits by
+/// value, everything else by character; a version that extends another is newer.
+pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(v: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut rest = v;
+        while let Some(c) = rest.chars().next() {
+            let digit = c.is_ascii_digit();
+            let end = rest
+                .find(|x: char| x.is_ascii_digit() != digit)
+                .unwrap_or(rest.len());
+            out.push((digit, &rest[..end]));
+            rest = &rest[end..];
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let o = match (x, y) {
+            ((true, x), (true, y)) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            ((_, x), (_, y)) => x.cmp(y),
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    pa.len().cmp(&pb.len())
 }
 
 #[cfg(test)]
@@ -97,5 +169,52 @@ mod tests {
         assert_eq!(image_version(&f), "");
         assert!(memory_bytes() > 0);
         assert!(memory_available_bytes() <= memory_bytes());
+    }
+
+    #[test]
+    fn installed_versions_from_partition_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let os = dir.path().join("os-release");
+        std::fs::write(&os, "ID=debian\nIMAGE_ID=thvc-host\n").unwrap();
+        let sys = dir.path().join("block");
+        for (dev, label) in [
+            ("vda", ""),
+            ("vda1", "esp"),
+            ("vda2", "thvc-host_20261205.103412"),
+            ("vda3", "thvc-host_20261205.103412"),
+            ("vda4", "thvc-host_20261205.103412.1"),
+            ("vda5", "thvc-host_20261205.103412.1"),
+            ("vda6", "thvc-host_20261206.000000"), // verity not written yet
+            ("vda7", "_empty"),
+            ("vdb1", "other-os_1"),
+        ] {
+            std::fs::create_dir_all(sys.join(dev)).unwrap();
+            let name = if label.is_empty() {
+                String::new()
+            } else {
+                format!("PARTNAME={label}\n")
+            };
+            std::fs::write(
+                sys.join(dev).join("uevent"),
+                format!("MAJOR=254\nDEVNAME={dev}\n{name}"),
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            installed_versions(&os, &sys),
+            ["20261205.103412", "20261205.103412.1"]
+        );
+        std::fs::write(&os, "ID=debian\n").unwrap();
+        assert!(installed_versions(&os, &sys).is_empty());
+    }
+
+    #[test]
+    fn versions_sort_as_releases_follow() {
+        use std::cmp::Ordering::*;
+        assert_eq!(version_cmp("20261205.103412", "20261205.103412.1"), Less);
+        assert_eq!(version_cmp("20261205.9", "20261205.10"), Less);
+        assert_eq!(version_cmp("20261206.000000", "20261205.235959"), Greater);
+        assert_eq!(version_cmp("1.02", "1.2"), Equal);
+        assert_eq!(version_cmp("1.2a", "1.2b"), Less);
     }
 }

@@ -101,6 +101,9 @@ struct DaemonArgs {
     /// os-release file for ImageVersion.
     #[arg(long, default_value = "/etc/os-release")]
     os_release: PathBuf,
+    /// The kernel's block devices (their partition labels give InstalledVersions).
+    #[arg(long, default_value = "/sys/class/block")]
+    sys_block: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -319,6 +322,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         control_group: args.control_group,
         node_name,
         os_release: args.os_release,
+        sys_block: args.sys_block,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         start_timeout: Duration::from_secs(args.start_timeout),
         stop_timeout: Duration::from_secs(args.stop_timeout),

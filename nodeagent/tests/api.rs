@@ -459,11 +459,45 @@ async fn manager_reports_image_version_from_os_release() {
     let bus = TestBus::start();
     let dirs = NodeDirs::new();
     let os_release = dirs.root.path().join("os-release");
-    std::fs::write(&os_release, "ID=thvc\nIMAGE_VERSION=\"2026.11.7\"\n").unwrap();
-    let _agent = Agent::start(&bus, &dirs, &["--os-release", os_release.to_str().unwrap()]);
+    std::fs::write(
+        &os_release,
+        "ID=thvc\nIMAGE_ID=thvc-host\nIMAGE_VERSION=\"2026.11.7\"\n",
+    )
+    .unwrap();
+    // Slot A holds the booted version, slot B an update (root and verity partitions each).
+    let sys_block = dirs.root.path().join("block");
+    for (dev, label) in [
+        ("vda2", "thvc-host_2026.11.7"),
+        ("vda3", "thvc-host_2026.11.7"),
+        ("vda4", "thvc-host_2026.11.10"),
+        ("vda5", "thvc-host_2026.11.10"),
+        ("vda6", "thvc-var"),
+    ] {
+        std::fs::create_dir_all(sys_block.join(dev)).unwrap();
+        std::fs::write(
+            sys_block.join(dev).join("uevent"),
+            format!("MAJOR=254\nDEVTYPE=partition\nPARTNAME={label}\n"),
+        )
+        .unwrap();
+    }
+    let _agent = Agent::start(
+        &bus,
+        &dirs,
+        &[
+            "--os-release",
+            os_release.to_str().unwrap(),
+            "--sys-block",
+            sys_block.to_str().unwrap(),
+        ],
+    );
     let conn = connect(&bus).await;
     let m = manager(&conn).await;
     assert_eq!(m.image_version().await.unwrap(), "2026.11.7");
+    assert_eq!(
+        m.installed_versions().await.unwrap(),
+        ["2026.11.7", "2026.11.10"],
+        "oldest first, by version"
+    );
     // All properties at once, as busctl/GetAll clients read them.
     let props = zbus::fdo::PropertiesProxy::builder(&conn)
         .destination(thvc_nodeagent::client::BUS_NAME)
@@ -485,6 +519,7 @@ async fn manager_reports_image_version_from_os_release() {
         "MemoryBytes",
         "MemoryAvailableBytes",
         "ImageVersion",
+        "InstalledVersions",
         "NetworkState",
     ] {
         assert!(all.contains_key(p), "{p} missing from GetAll");

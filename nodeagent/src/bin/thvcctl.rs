@@ -427,6 +427,7 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
         "hostname": manager.hostname().await?,
         "version": manager.version().await?,
         "image_version": manager.image_version().await?,
+        "installed_versions": manager.installed_versions().await?,
         "kvm_available": manager.kvm_available().await?,
         "cpus": manager.cpus().await?,
         "memory_bytes": manager.memory_bytes().await?,
@@ -448,7 +449,19 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
     } else {
         let gib = |b: &serde_json::Value| b.as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64;
         println!("Host:      {}", v["hostname"].as_str().unwrap_or(""));
-        println!("Image:     {}", v["image_version"].as_str().unwrap_or(""));
+        let installed: Vec<&str> = v["installed_versions"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        if installed.is_empty() {
+            println!("Image:     {}", v["image_version"].as_str().unwrap_or(""));
+        } else {
+            println!(
+                "Image:     {} (installed: {})",
+                v["image_version"].as_str().unwrap_or(""),
+                installed.join(", ")
+            );
+        }
         println!("Agent:     {}", v["version"].as_str().unwrap_or(""));
         println!(
             "KVM:       {}",

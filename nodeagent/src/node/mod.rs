@@ -177,6 +177,8 @@ pub struct NodeConfig {
     pub journal_socket: Option<PathBuf>,
     pub node_name: String,
     pub os_release: PathBuf,
+    /// /sys/class/block: partition labels for the installed image versions.
+    pub sys_block: PathBuf,
     pub shutdown_timeout: Duration,
     pub start_timeout: Duration,
     /// vCPUs per host CPU, in tenths (`--vcpu-overcommit 4` = 40).
