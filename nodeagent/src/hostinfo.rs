@@ -123,36 +123,87 @@ pub fn installed_versions(os_release: &Path, sys_block: &Path) -> Vec<String> {
     versions
 }
 
-/// Compares versions as systemd-sysupdate does in the common case: runs of digits by
-/// value, everything else by character; a version that extends another is newer.
+/// Compares versions as systemd (sysupdate, systemd-boot) does: the UAPI Version Format
+/// Specification (`systemd-analyze compare-versions`).
 pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    fn parts(v: &str) -> Vec<(bool, &str)> {
-        let mut out = Vec::new();
-        let mut rest = v;
-        while let Some(c) = rest.chars().next() {
-            let digit = c.is_ascii_digit();
-            let end = rest
-                .find(|x: char| x.is_ascii_digit() != digit)
-                .unwrap_or(rest.len());
-            out.push((digit, &rest[..end]));
-            rest = &rest[end..];
-        }
-        out
-    }
-    let (pa, pb) = (parts(a), parts(b));
-    for (x, y) in pa.iter().zip(pb.iter()) {
-        let o = match (x, y) {
-            ((true, x), (true, y)) => {
-                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
-                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    let special = |c: u8| c.is_ascii_alphanumeric() || b"~-^.".contains(&c);
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        // 1. Skip separators (anything but letters, digits and ~ - ^ .).
+        while let Some((&c, rest)) = a.split_first() {
+            if special(c) {
+                break;
             }
-            ((_, x), (_, y)) => x.cmp(y),
-        };
-        if o != std::cmp::Ordering::Equal {
+            a = rest;
+        }
+        while let Some((&c, rest)) = b.split_first() {
+            if special(c) {
+                break;
+            }
+            b = rest;
+        }
+        // 2. A tilde sorts lower than anything, even the end.
+        match (a.first() == Some(&b'~'), b.first() == Some(&b'~')) {
+            (true, false) => return Less,
+            (false, true) => return Greater,
+            (true, true) => {
+                (a, b) = (&a[1..], &b[1..]);
+                continue;
+            }
+            _ => {}
+        }
+        // 3. The longer string is newer.
+        match (a.is_empty(), b.is_empty()) {
+            (true, true) => return Equal,
+            (true, false) => return Less,
+            (false, true) => return Greater,
+            _ => {}
+        }
+        // 4.-6. "-", then "^", then "." each sort lower than what the other string has there.
+        let mut skipped = false;
+        for sep in [b'-', b'^', b'.'] {
+            match (a[0] == sep, b[0] == sep) {
+                (true, false) => return Less,
+                (false, true) => return Greater,
+                (true, true) => {
+                    (a, b) = (&a[1..], &b[1..]);
+                    skipped = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if skipped {
+            continue;
+        }
+        // 7. Numbers by value (an absent number is 0).
+        if a[0].is_ascii_digit() || b[0].is_ascii_digit() {
+            let digits = |s: &[u8]| s.iter().take_while(|c| c.is_ascii_digit()).count();
+            let (na, nb) = (digits(a), digits(b));
+            let strip = |s: &[u8]| {
+                s.iter()
+                    .copied()
+                    .skip_while(|&c| c == b'0')
+                    .collect::<Vec<u8>>()
+            };
+            let (da, db) = (strip(&a[..na]), strip(&b[..nb]));
+            let o = da.len().cmp(&db.len()).then_with(|| da.cmp(&db));
+            if o != Equal {
+                return o;
+            }
+            (a, b) = (&a[na..], &b[nb..]);
+            continue;
+        }
+        // 8. Letters one by one (capitals before lower case); a longer run is newer.
+        let letters = |s: &[u8]| s.iter().take_while(|c| c.is_ascii_alphabetic()).count();
+        let (la, lb) = (letters(a), letters(b));
+        let o = a[..la].cmp(&b[..lb]);
+        if o != Equal {
             return o;
         }
+        (a, b) = (&a[la..], &b[lb..]);
     }
-    pa.len().cmp(&pb.len())
 }
 
 #[cfg(test)]
@@ -209,12 +260,58 @@ mod tests {
     }
 
     #[test]
-    fn versions_sort_as_releases_follow() {
+    fn versions_sort_as_systemd_sorts_them() {
         use std::cmp::Ordering::*;
         assert_eq!(version_cmp("20261205.103412", "20261205.103412.1"), Less);
+        assert_eq!(
+            version_cmp("20261205.103412.dirty", "20261205.103412.1"),
+            Less
+        );
         assert_eq!(version_cmp("20261205.9", "20261205.10"), Less);
         assert_eq!(version_cmp("20261206.000000", "20261205.235959"), Greater);
-        assert_eq!(version_cmp("1.02", "1.2"), Equal);
-        assert_eq!(version_cmp("1.2a", "1.2b"), Less);
+        // The examples of the UAPI Version Format Specification.
+        for (a, b, o) in [
+            ("11", "11", Equal),
+            ("systemd-123", "systemd-123", Equal),
+            ("bar-123", "foo-123", Less),
+            ("123a", "123", Greater),
+            ("123.a", "123", Greater),
+            ("123.a", "123.b", Less),
+            ("123a", "123.a", Greater),
+            ("B", "a", Less),
+            ("", "0", Less),
+            ("0.", "0", Greater),
+            ("0.0", "0", Greater),
+            ("0", "~", Greater),
+            ("", "~", Greater),
+            ("1_", "1", Equal),
+            ("_1", "1", Equal),
+            ("1_", "1.2", Less),
+            ("1_2_3", "1.3.3", Greater),
+            ("1+", "1", Equal),
+            ("1+2+3", "1.3.3", Greater),
+        ] {
+            assert_eq!(version_cmp(a, b), o, "{a} vs {b}");
+            assert_eq!(version_cmp(b, a), o.reverse(), "{b} vs {a}");
+        }
+        let chain = [
+            "122.1",
+            "123~rc1-1",
+            "123",
+            "123-a",
+            "123-a.1",
+            "123-1",
+            "123-1.1",
+            "123^post1",
+            "123.a-1",
+            "123.1-1",
+            "123a-1",
+            "124-1",
+        ];
+        for (i, a) in chain.iter().enumerate() {
+            for (j, b) in chain.iter().enumerate() {
+                assert_eq!(version_cmp(a, b), i.cmp(&j), "{a} vs {b}");
+            }
+        }
     }
 }
