@@ -23,10 +23,11 @@ image_install_host_tools() {
 
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
-# GPT partition of IMAGE by label: prints "OFFSET SIZE" in bytes.
-image_partition() { # IMAGE LABEL
-    python3 - "$1" "$2" <<'PY'
-import struct, sys
+# GPT partition of IMAGE by label (a shell pattern) and, if given, type GUID: prints
+# "OFFSET SIZE" in bytes of the first that matches.
+image_partition() { # IMAGE LABEL [TYPE]
+    python3 - "$1" "$2" "${3:-}" <<'PY'
+import fnmatch, struct, sys, uuid
 f = open(sys.argv[1], "rb")
 f.seek(512)
 hdr = f.read(92)
@@ -37,10 +38,12 @@ f.seek(lba * 512)
 for _ in range(count):
     e = f.read(size)
     first, last = struct.unpack("<QQ", e[32:48])
-    if e[56:128].decode("utf-16le").rstrip("\0") == sys.argv[2]:
+    label = e[56:128].decode("utf-16le").rstrip("\0")
+    ptype = str(uuid.UUID(bytes_le=e[:16]))
+    if fnmatch.fnmatchcase(label, sys.argv[2]) and sys.argv[3].lower() in ("", ptype):
         print(first * 512, (last - first + 1) * 512)
         sys.exit(0)
-sys.exit("no partition labelled %s in %s" % (sys.argv[2], sys.argv[1]))
+sys.exit("no partition labelled %s %s in %s" % (sys.argv[2], sys.argv[3], sys.argv[1]))
 PY
 }
 
