@@ -20,6 +20,9 @@ pub struct DirectRunner {
     agent_exe: PathBuf,
 }
 
+/// How long a supervisor whose VMM has ended may take to record the exit and go.
+const SUPERVISOR_WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl DirectRunner {
     pub fn new(layout: Layout, agent_exe: PathBuf) -> Self {
         DirectRunner { layout, agent_exe }
@@ -214,7 +217,18 @@ impl VmRunner for DirectRunner {
             let Some(sup) = self.supervisor(name) else {
                 return Ok(Adoption::NotRunning);
             };
-            let vmm_alive = self.vmm(name).is_some_and(|v| v.is_alive());
+            let vmm = self.vmm(name);
+            let vmm_alive = vmm.as_ref().is_some_and(|v| v.is_alive());
+            if vmm.is_some() && !vmm_alive && sup.is_alive() {
+                // The VMM has ended and its supervisor is recording the exit: report how it
+                // ended, not a moment of "running" for a VM whose process is gone.
+                if tokio::time::timeout(SUPERVISOR_WIND_DOWN, sup.wait_exit())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    return Ok(Adoption::Exited(self.exit_outcome(name)));
+                }
+            }
             if sup.is_alive() || vmm_alive {
                 let layout = self.layout.clone();
                 let name = name.to_owned();
@@ -243,5 +257,52 @@ impl VmRunner for DirectRunner {
 
     fn forget<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>> {
         async move { super::remove_run_dir(name, self.layout.vm_run_dir(name)).await }.boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent comes back just after a VMM died while its supervisor is still writing the
+    /// exit record: the VM is reported as ended, with the recorded status, never "running".
+    #[tokio::test]
+    async fn adopting_a_dead_vmm_whose_supervisor_is_winding_down_reports_its_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(
+            dir.path().join("s"),
+            dir.path().join("r"),
+            dir.path().join("l"),
+        );
+        let run_dir = layout.vm_run_dir("vm");
+        std::fs::create_dir_all(&run_dir).unwrap();
+
+        let mut vmm = std::process::Command::new("sleep")
+            .arg("0.1")
+            .spawn()
+            .unwrap();
+        let vmm_id = ProcessId::of(vmm.id() as i32).unwrap();
+        vmm.wait().unwrap();
+        let exit_file = layout::exit_file(&run_dir);
+        let mut sup = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#"sleep 0.5; printf '{"signal":9}' > "$0""#)
+            .arg(&exit_file)
+            .spawn()
+            .unwrap();
+        let sup_id = ProcessId::of(sup.id() as i32).unwrap();
+        let record = |path: PathBuf, id: &ProcessId| {
+            std::fs::write(path, serde_json::to_vec(id).unwrap()).unwrap()
+        };
+        record(layout::vmm_process_file(&run_dir), &vmm_id);
+        record(layout::process_file(&run_dir), &sup_id);
+
+        let runner = DirectRunner::new(layout, PathBuf::new());
+        match runner.adopt("vm").await.unwrap() {
+            Adoption::Exited(outcome) => assert_eq!(outcome, ExitOutcome::Signaled(9)),
+            Adoption::Running(_) => panic!("a VM whose VMM is gone was adopted as running"),
+            Adoption::NotRunning => panic!("the recorded run was not found"),
+        }
+        sup.wait().unwrap();
     }
 }
