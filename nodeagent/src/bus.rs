@@ -63,6 +63,8 @@ pub enum BusError {
     InvalidImage(String),
     /// An ApplyVms job whose actions did not all succeed (in JobRemoved's message only).
     Incomplete(String),
+    /// A host update check or install failed.
+    Update(String),
 }
 
 impl From<NodeError> for BusError {
@@ -84,6 +86,7 @@ impl From<NodeError> for BusError {
             NodeError::NoCapacity(m) => BusError::NoCapacity(m),
             NodeError::InvalidImage(m) => BusError::InvalidImage(m),
             NodeError::Incomplete(m) => BusError::Incomplete(m),
+            NodeError::Update(m) => BusError::Update(m),
         }
     }
 }
@@ -318,6 +321,42 @@ impl Manager {
         let audit =
             authorize_change(conn, Some(&header), &self.node, Role::Host, "Drain", "").await?;
         let job = audit.done(self.node.drain(timeout_seconds).await)?;
+        owned_path(&job.path)
+    }
+
+    /// Checks for (`dry_run`) or installs a host image update from `url` ("": the node's
+    /// configured update server) as a job: returns the job's path at once; JobRemoved's
+    /// message says which version was found or installed (booted at the next reboot), or
+    /// that none is newer. One update at a time (Busy).
+    #[zbus(out_args("job"))]
+    async fn update(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        url: String,
+        dry_run: bool,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let what = if dry_run { "UpdateCheck" } else { "Update" };
+        let audit =
+            authorize_change(conn, Some(&header), &self.node, Role::Host, what, &url).await?;
+        let job = audit.done(self.node.start_update_job(&url, dry_run).await)?;
+        owned_path(&job.path)
+    }
+
+    /// Reboots the host as a job: no VM starts from now on, every running VM is shut down
+    /// gracefully and stopped after `timeout_seconds`, then the host reboots. VMs with
+    /// autostart start again on the next boot. The job fails (and starts are allowed
+    /// again) if not every VM went down or the reboot could not start.
+    #[zbus(out_args("job"))]
+    async fn reboot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        timeout_seconds: u64,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let audit =
+            authorize_change(conn, Some(&header), &self.node, Role::Host, "Reboot", "").await?;
+        let job = audit.done(self.node.start_reboot_job(timeout_seconds).await)?;
         owned_path(&job.path)
     }
 

@@ -59,6 +59,8 @@ pub trait Manager {
     fn pull_image_job(&self, url: &str, sha256: &str) -> zbus::Result<OwnedObjectPath>;
     fn drain(&self, timeout_seconds: u64) -> zbus::Result<OwnedObjectPath>;
     fn undrain(&self) -> zbus::Result<()>;
+    fn update(&self, url: &str, dry_run: bool) -> zbus::Result<OwnedObjectPath>;
+    fn reboot(&self, timeout_seconds: u64) -> zbus::Result<OwnedObjectPath>;
     #[zbus(property)]
     fn drained(&self) -> zbus::Result<bool>;
     #[zbus(property)]

@@ -10,6 +10,7 @@ pub mod cloudinit;
 pub mod console;
 pub mod disks;
 pub mod fsutil;
+pub mod host;
 pub mod hostinfo;
 pub mod images;
 pub mod layout;

@@ -104,6 +104,12 @@ struct DaemonArgs {
     /// The kernel's block devices (their partition labels give InstalledVersions).
     #[arg(long, default_value = "/sys/class/block")]
     sys_block: PathBuf,
+    /// Program for host updates and reboots (Manager.Update, Manager.Reboot):
+    /// `PATH check|install [URL]` prints the version found or installed (nothing: none
+    /// newer), `PATH reboot` starts the reboot. Without it both are refused. The image
+    /// sets it with a drop-in (/usr/lib/thvc/host-helper).
+    #[arg(long, value_name = "PATH", env = "THVC_HOST_HELPER")]
+    host_helper: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -330,7 +336,11 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         memory_reserve_mib: args.memory_reserve_mib,
     };
     tracing::info!(runner = vm_runner.kind(), vmm = %cfg.vmm_binary.display(), vmm_user = %cfg.vmm_user, "starting");
-    let node = Node::new(cfg, vm_runner)?;
+    let host: Arc<dyn thvc_nodeagent::host::HostControl> = match args.host_helper {
+        Some(helper) => Arc::new(thvc_nodeagent::host::HelperHost::new(helper)),
+        None => Arc::new(thvc_nodeagent::host::NoHost),
+    };
+    let node = Node::new(cfg, vm_runner, host)?;
     let target = BusTarget::parse(&args.bus);
     let conn = thvc_nodeagent::client::connect(&target).await?;
     bus::serve(&conn, node.clone())

@@ -75,6 +75,28 @@ enum HostAction {
     },
     /// Allow VM starts again (starts nothing).
     Undrain,
+    /// Install the newest host image version from the update server (default: the node's
+    /// thvc.update-url) into the inactive slot; it boots at the next `host reboot`.
+    Update {
+        /// The update server (http://, https:// or file:///) instead of the node's.
+        url: Option<String>,
+        /// Only say which version the server offers beyond the installed ones.
+        #[arg(long)]
+        check: bool,
+        /// Print the update job's object path and return.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Shut every VM down gracefully (stopped after the timeout), then reboot the host.
+    /// Autostart VMs start again when it is back.
+    Reboot {
+        /// Seconds a VM gets to shut down before it is stopped.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Print the reboot job's object path and return.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -321,6 +343,43 @@ async fn run(cli: Cli) -> Result<()> {
                 wait_job(&mut removed, &job, "drain").await
             }
             HostAction::Undrain => Ok(manager.undrain().await?),
+            HostAction::Update {
+                url,
+                check,
+                no_wait,
+            } => {
+                let mut removed = manager.receive_job_removed().await?;
+                let job = manager.update(url.as_deref().unwrap_or(""), check).await?;
+                if no_wait {
+                    println!("{}", job.as_str());
+                    return Ok(());
+                }
+                let what = if check { "update check" } else { "update" };
+                let (result, message) = job_end(&mut removed, &job, what).await?;
+                if result != "done" {
+                    anyhow::bail!("{what} {result}: {message}");
+                }
+                if json_out {
+                    println!("{}", json!({ "result": result, "message": message }));
+                } else {
+                    println!("{message}");
+                }
+                Ok(())
+            }
+            HostAction::Reboot { timeout, no_wait } => {
+                let mut removed = manager.receive_job_removed().await?;
+                let job = manager.reboot(timeout).await?;
+                if no_wait {
+                    println!("{}", job.as_str());
+                    return Ok(());
+                }
+                let (result, message) = job_end(&mut removed, &job, "reboot").await?;
+                if result != "done" {
+                    anyhow::bail!("reboot {result}: {message}");
+                }
+                println!("{message}");
+                Ok(())
+            }
         },
         Command::Image { action } => match action {
             ImageAction::Pull {

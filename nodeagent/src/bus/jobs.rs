@@ -29,13 +29,14 @@ impl JobObject {
         self.job.id
     }
 
-    /// start, stop, shutdown or pull-image.
+    /// start, stop, shutdown, pull-image, drain, apply-vms, update or reboot.
     #[zbus(property(emits_changed_signal = "const"))]
     fn operation(&self) -> String {
         self.job.operation.as_str().to_owned()
     }
 
-    /// The image URL of a pull-image job ("" for VM jobs).
+    /// The URL of a pull-image job, or the update server of an update job ("" for the
+    /// others and for an update from the configured server).
     #[zbus(property(emits_changed_signal = "const"))]
     fn image_url(&self) -> String {
         self.job.image_url.clone()

@@ -19,6 +19,11 @@ impl Node {
 
     /// The error for a start on a drained node.
     pub(super) fn refuse_if_drained(&self, name: &str) -> Result<(), NodeError> {
+        if self.is_rebooting() {
+            return Err(NodeError::InvalidState(format!(
+                "the node is rebooting: VM {name} is not started here"
+            )));
+        }
         if self.is_drained() {
             return Err(NodeError::InvalidState(format!(
                 "the node is drained: VM {name} is not started here (Undrain first)"
@@ -72,45 +77,58 @@ impl Node {
     async fn start_drain_job(self: &Arc<Self>, timeout: Duration) -> Result<Arc<Job>, NodeError> {
         let job = self.new_job(JobOperation::Drain, "", "", None);
         self.run_job(job, move |node, _job| async move {
-            let running: Vec<String> = node
-                .list()
-                .into_iter()
-                .filter(|vm| !vm.state().is_down())
-                .map(|vm| vm.name.clone())
-                .collect();
-            let mut tasks = Vec::new();
-            for name in running {
-                let node = node.clone();
-                tasks.push(tokio::spawn(async move {
-                    let graceful = tokio::time::timeout(timeout, node.stop(&name, true)).await;
-                    let result = match graceful {
-                        Ok(result) => result,
-                        Err(_) => {
-                            tracing::info!(vm = %name, "drain: not down after {timeout:?}; stopping");
-                            // A Stop ends the Shutdown still waiting for the guest.
-                            node.stop(&name, false).await
-                        }
-                    };
-                    result.map_err(|e| format!("{name}: {e}"))
-                }));
-            }
-            let mut failures = Vec::new();
-            for task in tasks {
-                match task.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => failures.push(e),
-                    Err(e) => failures.push(e.to_string()),
-                }
-            }
-            if failures.is_empty() {
-                Ok(String::new())
-            } else {
-                Err(NodeError::Vmm(format!(
-                    "the node is drained, but not every VM stopped: {}",
-                    failures.join("; ")
-                )))
-            }
+            node.shut_down_all(timeout, "the node is drained")
+                .await
+                .map(|()| String::new())
         })
         .await
+    }
+
+    /// Shuts every running VM down gracefully, in parallel, and stops those still running
+    /// after `timeout`. `context` starts the error when not every VM went down.
+    pub(super) async fn shut_down_all(
+        self: &Arc<Self>,
+        timeout: Duration,
+        context: &str,
+    ) -> Result<(), NodeError> {
+        let node = self;
+        let running: Vec<String> = node
+            .list()
+            .into_iter()
+            .filter(|vm| !vm.state().is_down())
+            .map(|vm| vm.name.clone())
+            .collect();
+        let mut tasks = Vec::new();
+        for name in running {
+            let node = node.clone();
+            tasks.push(tokio::spawn(async move {
+                let graceful = tokio::time::timeout(timeout, node.stop(&name, true)).await;
+                let result = match graceful {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::info!(vm = %name, "not down after {timeout:?}; stopping");
+                        // A Stop ends the Shutdown still waiting for the guest.
+                        node.stop(&name, false).await
+                    }
+                };
+                result.map_err(|e| format!("{name}: {e}"))
+            }));
+        }
+        let mut failures = Vec::new();
+        for task in tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(e),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(NodeError::Vmm(format!(
+                "{context}, but not every VM stopped: {}",
+                failures.join("; ")
+            )))
+        }
     }
 }

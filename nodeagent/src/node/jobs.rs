@@ -20,6 +20,8 @@ pub enum JobOperation {
     PullImage,
     Drain,
     ApplyVms,
+    Update,
+    Reboot,
 }
 
 impl JobOperation {
@@ -31,6 +33,8 @@ impl JobOperation {
             JobOperation::PullImage => "pull-image",
             JobOperation::Drain => "drain",
             JobOperation::ApplyVms => "apply-vms",
+            JobOperation::Update => "update",
+            JobOperation::Reboot => "reboot",
         }
     }
 }
@@ -135,7 +139,9 @@ impl Node {
                 JobOperation::Shutdown
                 | JobOperation::PullImage
                 | JobOperation::Drain
-                | JobOperation::ApplyVms => node.stop(&name, true).await,
+                | JobOperation::ApplyVms
+                | JobOperation::Update
+                | JobOperation::Reboot => node.stop(&name, true).await,
             }
             .map(|()| String::new())
         })

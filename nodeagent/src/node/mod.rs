@@ -44,6 +44,7 @@ pub mod capacity;
 mod disk_ops;
 mod drain;
 pub mod events;
+mod host_ops;
 mod image_ops;
 pub mod jobs;
 mod lifecycle;
@@ -121,6 +122,10 @@ pub enum NodeError {
     /// An ApplyVms job whose actions did not all succeed; the message is its report.
     #[error("{0}")]
     Incomplete(String),
+    /// A host update check or install failed (the update server, a refused signature or
+    /// checksum, the installation).
+    #[error("{0}")]
+    Update(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -371,6 +376,12 @@ pub struct Node {
     apply: Arc<Mutex<()>>,
     /// No new starts (see [`drain`]); mirrors the state directory's `drained` file.
     drained: std::sync::atomic::AtomicBool,
+    /// Host updates and reboots (see [`host_ops`]).
+    host: Arc<dyn crate::host::HostControl>,
+    /// Held by the update job in progress (one at a time).
+    updating: Arc<Mutex<()>>,
+    /// Set by Reboot: no new starts in this boot.
+    rebooting: std::sync::atomic::AtomicBool,
     pulls: StdMutex<HashSet<String>>,
     /// Disk names with an operation in progress (see `disk_ops`).
     disk_ops: StdMutex<HashSet<String>>,
@@ -425,7 +436,11 @@ fn vmm_err(vm: &str, e: VmmApiError) -> NodeError {
 
 impl Node {
     /// Creates the state directories and the node (no VMs loaded yet: see [`Node::recover`]).
-    pub fn new(cfg: NodeConfig, runner: Arc<dyn VmRunner>) -> Result<Arc<Node>, NodeError> {
+    pub fn new(
+        cfg: NodeConfig,
+        runner: Arc<dyn VmRunner>,
+        host: Arc<dyn crate::host::HostControl>,
+    ) -> Result<Arc<Node>, NodeError> {
         let l = &cfg.layout;
         for (dir, mode) in [
             (l.state_dir.clone(), 0o755),
@@ -492,6 +507,9 @@ impl Node {
             net_lock: Mutex::new(()),
             network_state: StdMutex::new(network_state.to_owned()),
             drained: std::sync::atomic::AtomicBool::new(drained),
+            host,
+            updating: Arc::new(Mutex::new(())),
+            rebooting: std::sync::atomic::AtomicBool::new(false),
             admitted: StdMutex::new(HashSet::new()),
             apply: Arc::new(Mutex::new(())),
             me: me.clone(),
