@@ -373,11 +373,20 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("{}", job.as_str());
                     return Ok(());
                 }
-                let (result, message) = job_end(&mut removed, &job, "reboot").await?;
-                if result != "done" {
-                    anyhow::bail!("reboot {result}: {message}");
+                // The node may go down before its JobRemoved reaches us: the connection
+                // ending after the reboot job began is the reboot itself.
+                use futures_util::StreamExt;
+                while let Some(signal) = removed.next().await {
+                    let args = signal.args()?;
+                    if args.path.as_str() == job.as_str() {
+                        if args.result != "done" {
+                            anyhow::bail!("reboot {}: {}", args.result, args.message);
+                        }
+                        println!("{}", args.message);
+                        return Ok(());
+                    }
                 }
-                println!("{message}");
+                println!("the node went down for its reboot (the connection ended)");
                 Ok(())
             }
         },
