@@ -17,6 +17,7 @@ pub use jobs::JOB_INTERFACE;
 
 use crate::audit;
 use crate::auth::Role;
+use crate::host::UpdateAction;
 use crate::hostinfo;
 use crate::names::MANAGER_PATH;
 use crate::node::jobs::JobOperation;
@@ -336,10 +337,14 @@ impl Manager {
         url: String,
         dry_run: bool,
     ) -> Result<OwnedObjectPath, BusError> {
-        let what = if dry_run { "UpdateCheck" } else { "Update" };
+        let (what, action) = if dry_run {
+            ("UpdateCheck", UpdateAction::Check)
+        } else {
+            ("Update", UpdateAction::Install)
+        };
         let audit =
             authorize_change(conn, Some(&header), &self.node, Role::Host, what, &url).await?;
-        let job = audit.done(self.node.start_update_job(&url, dry_run).await)?;
+        let job = audit.done(self.node.start_update_job(&url, action).await)?;
         owned_path(&job.path)
     }
 

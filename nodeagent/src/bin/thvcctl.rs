@@ -375,18 +375,13 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 // The node may go down before its JobRemoved reaches us: the connection
                 // ending after the reboot job began is the reboot itself.
-                use futures_util::StreamExt;
-                while let Some(signal) = removed.next().await {
-                    let args = signal.args()?;
-                    if args.path.as_str() == job.as_str() {
-                        if args.result != "done" {
-                            anyhow::bail!("reboot {}: {}", args.result, args.message);
-                        }
-                        println!("{}", args.message);
-                        return Ok(());
+                match job_removed(&mut removed, &job).await? {
+                    Some((result, message)) if result != "done" => {
+                        anyhow::bail!("reboot {result}: {message}")
                     }
+                    Some((_, message)) => println!("{message}"),
+                    None => println!("the node went down for its reboot (the connection ended)"),
                 }
-                println!("the node went down for its reboot (the connection ended)");
                 Ok(())
             }
         },
@@ -860,14 +855,25 @@ async fn job_end(
     job: &zbus::zvariant::OwnedObjectPath,
     what: &str,
 ) -> anyhow::Result<(String, String)> {
+    match job_removed(removed, job).await? {
+        Some(end) => Ok(end),
+        None => anyhow::bail!("the bus connection ended before the job ({what}) did"),
+    }
+}
+
+/// `job`'s JobRemoved (result, message), or None if the connection ended first.
+async fn job_removed(
+    removed: &mut client::JobRemovedStream,
+    job: &zbus::zvariant::OwnedObjectPath,
+) -> anyhow::Result<Option<(String, String)>> {
     use futures_util::StreamExt;
     while let Some(signal) = removed.next().await {
         let args = signal.args()?;
         if args.path.as_str() == job.as_str() {
-            return Ok((args.result.to_string(), args.message.to_string()));
+            return Ok(Some((args.result.to_string(), args.message.to_string())));
         }
     }
-    anyhow::bail!("the bus connection ended before the job ({what}) did")
+    Ok(None)
 }
 
 /// `vm apply`: the plan at once, then (unless a dry run) each action's result.

@@ -47,23 +47,18 @@ impl Node {
         self.rebooting.load(Ordering::SeqCst)
     }
 
-    /// Checks for (`dry_run`) or installs an update as a job; its message says which
-    /// version was found or installed, or that none is newer.
+    /// Checks for or installs an update as a job; its message says which version was
+    /// found or installed, or that none is newer.
     pub async fn start_update_job(
         self: &Arc<Self>,
         url: &str,
-        dry_run: bool,
+        action: UpdateAction,
     ) -> Result<Arc<Job>, NodeError> {
         check_update_url(url)?;
         self.host.available().map_err(host_err)?;
         let guard = self.updating.clone().try_lock_owned().map_err(|_| {
             NodeError::Busy("an update is already in progress on this node".to_owned())
         })?;
-        let action = if dry_run {
-            UpdateAction::Check
-        } else {
-            UpdateAction::Install
-        };
         let job = self.new_job(JobOperation::Update, "", url, None);
         let url = url.to_owned();
         self.run_job(job, move |node, _job| async move {
