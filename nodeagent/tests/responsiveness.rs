@@ -10,9 +10,52 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// What "at once" means here: a D-Bus round trip plus the agent's own work (a CreateVm
-/// includes the spec's fsync), with room for a busy 2-core machine.
+/// What "at once" means here: a D-Bus round trip plus the agent's own work, with room for a
+/// busy 2-core machine. The typical (median) call of each kind must answer within it.
 const PROMPT: Duration = Duration::from_millis(100);
+
+/// No single call may take this long. A call that waited behind the slow VM's shutdown
+/// would take the rest of that shutdown (seconds); a CreateVm or DeleteVm (they fsync) can
+/// take more than PROMPT once when the disk is busy (CI's parallel builds: 120 ms seen),
+/// which is not waiting for another VM.
+const NEVER_WAITED: Duration = Duration::from_millis(1000);
+
+/// Fails unless every call answered within NEVER_WAITED and the median of each kind of call
+/// made at least three times within PROMPT.
+fn assert_prompt(latencies: &[(String, Duration)]) {
+    let waited: Vec<_> = latencies
+        .iter()
+        .filter(|(_, t)| *t > NEVER_WAITED)
+        .collect();
+    assert!(
+        waited.is_empty(),
+        "calls about other VMs waited behind another VM's operation: {waited:?}"
+    );
+    let mut kinds: Vec<&str> = latencies.iter().map(|(w, _)| kind(w)).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    for k in kinds {
+        let mut times: Vec<Duration> = latencies
+            .iter()
+            .filter(|(w, _)| kind(w) == k)
+            .map(|(_, t)| *t)
+            .collect();
+        times.sort_unstable();
+        if times.len() < 3 {
+            continue;
+        }
+        let median = times[times.len() / 2];
+        assert!(
+            median <= PROMPT,
+            "{k} answered in {median:?} (median of {times:?}), not promptly"
+        );
+    }
+}
+
+/// "CreateVm(new0)" -> "CreateVm".
+fn kind(what: &str) -> &str {
+    what.split('(').next().unwrap_or(what)
+}
 
 /// Runs `call`, bounded by TIMEOUT so a stalled agent fails the test instead of hanging it;
 /// records how long it took.
@@ -127,11 +170,7 @@ async fn other_vms_answer_while_one_shuts_down_and_its_delete_waits() {
     for (what, took) in &latencies {
         eprintln!("  {what:<18} {:>8.1} ms", took.as_secs_f64() * 1000.0);
     }
-    let slow_calls: Vec<_> = latencies.iter().filter(|(_, t)| *t > PROMPT).collect();
-    assert!(
-        slow_calls.is_empty(),
-        "calls about other VMs waited behind slow's shutdown: {slow_calls:?}"
-    );
+    assert_prompt(&latencies);
     // All of that happened while the shutdown still ran (it cannot end before its timeout).
     assert!(
         measured_during < shutdown_timeout,
@@ -323,6 +362,5 @@ async fn stop_ends_a_shutdown_that_a_delete_waits_for() {
     for (what, took) in &latencies {
         eprintln!("  {what:<18} {:>8.1} ms", took.as_secs_f64() * 1000.0);
     }
-    let slow: Vec<_> = latencies.iter().filter(|(_, t)| *t > PROMPT).collect();
-    assert!(slow.is_empty(), "{slow:?}");
+    assert_prompt(&latencies);
 }
