@@ -206,11 +206,21 @@ fn owned_path(p: &str) -> Result<OwnedObjectPath, BusError> {
 
 pub struct Manager {
     node: Arc<Node>,
+    failed_versions: Arc<hostinfo::FailedVersions>,
 }
 
 impl Manager {
     pub fn new(node: Arc<Node>) -> Self {
-        Manager { node }
+        let c = node.config();
+        let failed_versions = Arc::new(hostinfo::FailedVersions::new(
+            &c.esp,
+            &c.os_release,
+            &c.layout.state_dir,
+        ));
+        Manager {
+            node,
+            failed_versions,
+        }
     }
 }
 
@@ -257,6 +267,17 @@ impl Manager {
     fn installed_versions(&self) -> Vec<String> {
         let c = self.node.config();
         hostinfo::installed_versions(&c.os_release, &c.sys_block)
+    }
+
+    /// The image versions systemd-boot rolled back from (boot-counted UKIs on the ESP with
+    /// no tries left): (version, boot attempts, the boot that came back without it in µs
+    /// since the epoch), oldest first.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn failed_versions(&self) -> Vec<(String, u64, u64)> {
+        let failed = self.failed_versions.clone();
+        tokio::task::spawn_blocking(move || failed.read())
+            .await
+            .unwrap_or_default()
     }
 
     #[zbus(property)]
@@ -971,7 +992,11 @@ fn to_fdo(e: BusError) -> zbus::fdo::Error {
 /// (VM objects come and go, signals, PropertiesChanged): see [`crate::node::events`].
 pub async fn serve(conn: &Connection, node: Arc<Node>) -> zbus::Result<()> {
     let server = conn.object_server();
-    server.at(MANAGER_PATH, Manager::new(node.clone())).await?;
+    let manager = Manager::new(node.clone());
+    // Once at start, so a rollback is logged at boot even if nobody reads the property.
+    let failed = manager.failed_versions.clone();
+    tokio::task::spawn_blocking(move || failed.read());
+    server.at(MANAGER_PATH, manager).await?;
     server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;
     let events = node.subscribe();
     tokio::spawn(pump_events(conn.clone(), Arc::downgrade(&node), events));

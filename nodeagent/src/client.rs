@@ -41,6 +41,9 @@ pub trait Manager {
     fn image_version(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn installed_versions(&self) -> zbus::Result<Vec<String>>;
+    /// (version, boot attempts, µs since the epoch of the boot that came back without it)
+    #[zbus(property)]
+    fn failed_versions(&self) -> zbus::Result<Vec<(String, u64, u64)>>;
     #[zbus(property)]
     fn network_state(&self) -> zbus::Result<String>;
 

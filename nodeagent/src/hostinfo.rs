@@ -1,6 +1,12 @@
 //! Facts about the host for the Manager's properties.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
 
 /// The kernel's host name.
 pub fn hostname() -> String {
@@ -121,6 +127,271 @@ pub fn installed_versions(os_release: &Path, sys_block: &Path) -> Vec<String> {
         .collect();
     versions.sort_by(|a, b| version_cmp(a, b));
     versions
+}
+
+/// A Unified Kernel Image of this image on the ESP that systemd-boot's boot counting gave
+/// up on: it has no tries left (`<IMAGE_ID>_<version>+0-<done>.efi` or `+0.efi`), so
+/// systemd-boot boots the previous version instead (a rollback).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedUki {
+    pub version: String,
+    /// Boot attempts made (the `-<done>` of the counter; 0 when it has none).
+    pub tries_done: u64,
+}
+
+/// The versions that failed their boot attempts, from the names in the ESP's `EFI/Linux`
+/// directory: `<image_id>_<version>[+<left>[-<done>]].efi`, boot counting as systemd-boot
+/// does it (its suffix `.efi` in any case). A version with a bootable UKI beside the failed
+/// one (blessed, or tries left) is not failed. Names of other images and anything else are
+/// ignored. Sorted oldest first.
+pub fn failed_ukis<'a>(image_id: &str, names: impl IntoIterator<Item = &'a str>) -> Vec<FailedUki> {
+    if image_id.is_empty() {
+        return Vec::new();
+    }
+    let prefix = format!("{image_id}_");
+    // Per version: the most attempts among its failed UKIs, and whether one is bootable.
+    let mut seen: BTreeMap<String, (Option<u64>, bool)> = BTreeMap::new();
+    for name in names {
+        let Some((version, left, done)) = parse_uki_name(&prefix, name) else {
+            continue;
+        };
+        let entry = seen.entry(version.to_owned()).or_default();
+        match left {
+            Some(0) => entry.0 = Some(entry.0.unwrap_or(0).max(done.unwrap_or(0))),
+            _ => entry.1 = true,
+        }
+    }
+    let mut failed: Vec<FailedUki> = seen
+        .into_iter()
+        .filter_map(|(version, (tries, bootable))| match (tries, bootable) {
+            (Some(tries_done), false) => Some(FailedUki {
+                version,
+                tries_done,
+            }),
+            _ => None,
+        })
+        .collect();
+    failed.sort_by(|a, b| version_cmp(&a.version, &b.version));
+    failed
+}
+
+/// Splits `<prefix><version>[+<left>[-<done>]].efi` into the version and the counter (as
+/// systemd-boot reads it: a `+` suffix that is not a well-formed counter is part of the
+/// version). None for other names or an empty version.
+fn parse_uki_name<'a>(prefix: &str, name: &'a str) -> Option<(&'a str, Option<u64>, Option<u64>)> {
+    let stem_len = name.len().checked_sub(4)?;
+    // The last four bytes are ASCII if they spell .efi, so stem_len is a char boundary.
+    if !name.is_char_boundary(stem_len) || !name[stem_len..].eq_ignore_ascii_case(".efi") {
+        return None;
+    }
+    let rest = name[..stem_len].strip_prefix(prefix)?;
+    let number = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    let counter = rest.rsplit_once('+').and_then(|(version, counter)| {
+        let (left, done) = match counter.split_once('-') {
+            Some((left, done)) => (number(left)?, Some(number(done)?)),
+            None => (number(counter)?, None),
+        };
+        Some((version, left, done))
+    });
+    let (version, left, done) = match counter {
+        Some((version, left, done)) => (version, Some(left), done),
+        None => (rest, None, None),
+    };
+    if version.is_empty() {
+        return None;
+    }
+    Some((version, left, done))
+}
+
+/// A failed version as the Manager's `FailedVersions` reports it: the version, its boot
+/// attempts, and the boot (µs since the Unix epoch) on which the node came back without it.
+pub type FailedVersion = (String, u64, u64);
+
+/// The first boot on which the agent saw each failed version (µs since the epoch), by
+/// version: `<state>/failed-versions.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct FailedRecords {
+    versions: BTreeMap<String, FailedRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FailedRecord {
+    since_usec: u64,
+}
+
+/// The records for `failed` (what the ESP shows now): kept times for versions already
+/// recorded, `boot_usec` for new ones (returned second), none for versions gone from the ESP.
+fn merge_failed(
+    records: &FailedRecords,
+    failed: &[FailedUki],
+    boot_usec: u64,
+) -> (FailedRecords, Vec<FailedUki>) {
+    let mut merged = FailedRecords::default();
+    let mut new = Vec::new();
+    for f in failed {
+        let record = match records.versions.get(&f.version) {
+            Some(r) => r.clone(),
+            None => {
+                new.push(f.clone());
+                FailedRecord {
+                    since_usec: boot_usec,
+                }
+            }
+        };
+        merged.versions.insert(f.version.clone(), record);
+    }
+    (merged, new)
+}
+
+/// This boot's start, µs since the epoch: `btime` of /proc/stat, else now minus the uptime,
+/// else now.
+pub fn boot_time_usec() -> u64 {
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    if let Some(secs) = btime {
+        return secs.saturating_mul(1_000_000);
+    }
+    let uptime = std::fs::read_to_string("/proc/uptime").ok().and_then(|s| {
+        s.split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+    });
+    match uptime {
+        Some(up) if up.is_finite() && up >= 0.0 => now.saturating_sub((up * 1e6) as u64),
+        _ => now,
+    }
+}
+
+/// The image versions systemd-boot rolled back from, with when (see [`FailedUki`]): the ESP
+/// is read at every [`FailedVersions::read`], and the boot on which the agent first saw a
+/// version failed is kept in `<state>/failed-versions.json` (FAT keeps no useful change
+/// time), so agent restarts and later boots report the original time.
+///
+/// The records are updated on read, under a mutex, rather than once at agent start: the
+/// ESP may be mounted (an automount) or change (a failed UKI removed, another update tried
+/// by hand) while the agent runs, and the property must always match the directory; the
+/// mutex keeps concurrent reads (Get, GetAll) from both recording and warning about the
+/// same version. The agent also reads once at start ([`FailedVersions::read`] from the bus
+/// setup), so the warning about a rollback is logged at boot even if nobody asks.
+pub struct FailedVersions {
+    esp: PathBuf,
+    os_release: PathBuf,
+    file: PathBuf,
+    /// The records as last read or written; None until first loaded from `file`.
+    records: Mutex<Option<FailedRecords>>,
+}
+
+impl FailedVersions {
+    /// Failed versions of the image named by `os_release` on the ESP mounted at `esp`,
+    /// recorded in `state_dir`.
+    pub fn new(esp: &Path, os_release: &Path, state_dir: &Path) -> Self {
+        FailedVersions {
+            esp: esp.to_owned(),
+            os_release: os_release.to_owned(),
+            file: state_dir.join("failed-versions.json"),
+            records: Mutex::new(None),
+        }
+    }
+
+    /// The failed versions on the ESP now, oldest first (empty without an ESP or an
+    /// IMAGE_ID); records new ones (warning about each) and forgets those gone. Blocking
+    /// (file I/O, an fsync when the records change).
+    pub fn read(&self) -> Vec<FailedVersion> {
+        let image_id = os_release_field(&self.os_release, "IMAGE_ID");
+        let dir = self.esp.join("EFI").join("Linux");
+        let names: Vec<String> = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let failed = failed_ukis(&image_id, names.iter().map(String::as_str));
+        let mut guard = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let records = guard.get_or_insert_with(|| self.load());
+        let (merged, new) = merge_failed(records, &failed, boot_time_usec());
+        if !new.is_empty() {
+            let booted = image_version(&self.os_release);
+            for f in &new {
+                tracing::warn!(
+                    "version {} failed its {} boot attempts; the node came back on {}",
+                    f.version,
+                    f.tries_done,
+                    if booted.is_empty() {
+                        "an unknown version"
+                    } else {
+                        &booted
+                    }
+                );
+            }
+        }
+        if merged != *records {
+            self.store(&merged);
+            *records = merged;
+        }
+        failed
+            .into_iter()
+            .map(|f| {
+                let since = records
+                    .versions
+                    .get(&f.version)
+                    .map(|r| r.since_usec)
+                    .unwrap_or(0);
+                (f.version, f.tries_done, since)
+            })
+            .collect()
+    }
+
+    fn load(&self) -> FailedRecords {
+        match std::fs::read(&self.file) {
+            Ok(data) => serde_json::from_slice(&data).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "ignoring {} ({e}): failed versions count from this boot",
+                    self.file.display()
+                );
+                FailedRecords::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FailedRecords::default(),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read {} ({e}): failed versions count from this boot",
+                    self.file.display()
+                );
+                FailedRecords::default()
+            }
+        }
+    }
+
+    /// Writes the records (removes the file when there are none); a failure is a warning,
+    /// the records then last as long as the agent.
+    fn store(&self, records: &FailedRecords) {
+        let result = if records.versions.is_empty() {
+            fsutil::remove_durable(&self.file)
+        } else {
+            match serde_json::to_vec_pretty(records) {
+                Ok(data) => fsutil::write_atomic(&self.file, &data, 0o644),
+                Err(e) => {
+                    tracing::warn!("cannot encode the failed versions: {e}");
+                    return;
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!("cannot record the failed versions: {e}");
+        }
+    }
 }
 
 /// Compares versions as systemd (sysupdate, systemd-boot) does: the UAPI Version Format
@@ -257,6 +528,120 @@ mod tests {
         );
         std::fs::write(&os, "ID=debian\n").unwrap();
         assert!(installed_versions(&os, &sys).is_empty());
+    }
+
+    #[test]
+    fn failed_ukis_from_esp_names() {
+        let names = [
+            "thvc-host_20261205.170000.efi",                      // blessed
+            "thvc-host_20261206.000000+2-1.efi",                  // counting
+            "thvc-host_20261205.180000+0-3.efi",                  // failed
+            "thvc-host_20261204.1+0.EFI",                         // failed, no attempts counted
+            "thvc-host_20261203.1+3.efi",                         // fresh
+            "other-os_20261205.190000+0-3.efi",                   // another image
+            "thvc-host_+0-3.efi",                                 // no version
+            "thvc-host_20261207.1+0-3.efi.extra",                 // not a UKI
+            "thvc-host_20261208.1+0-3",                           // not a UKI
+            "thvc-host_20261209.1+0-x.efi", // bad counter: part of the version
+            "thvc-host_20261210.1+0-99999999999999999999999.efi", // overflow: not a counter
+            "thvc-host_20261211.1+0-3.efi", // failed, but
+            "thvc-host_20261211.1.efi",     // ... blessed again
+            "thvc-host_2026+1+0-2.efi",     // the last + is the counter
+            "thvc-host_x+0-1.efi",
+            "thvc-host_x+0-2.efi", // the most attempts count
+            "",
+            ".efi",
+            "+0-3.efi",
+            "thvc-host_",
+            "thvc-host_.efi",
+            "é.efi",
+            "aé",
+            "thvc-host_é+0-1.efi",
+            "thvc-host_1+0--1.efi",
+            "thvc-host_1+-1.efi",
+            "thvc-host_1+0-.efi",
+            "thvc-host_1+.efi",
+        ];
+        let got: Vec<(String, u64)> = failed_ukis("thvc-host", names)
+            .into_iter()
+            .map(|f| (f.version, f.tries_done))
+            .collect();
+        let want: Vec<(String, u64)> = [
+            // Sorted as systemd sorts versions: é is a separator, letters before digits.
+            ("é", 1),
+            ("x", 2),
+            ("2026+1", 2),
+            ("20261204.1", 0),
+            ("20261205.180000", 3),
+        ]
+        .iter()
+        .map(|&(v, n)| (v.to_owned(), n))
+        .collect();
+        assert_eq!(got, want);
+        assert!(
+            failed_ukis("", names).is_empty(),
+            "no IMAGE_ID, no versions"
+        );
+        assert_eq!(failed_ukis("other-os", names).len(), 1);
+    }
+
+    #[test]
+    fn failed_records_keep_the_first_boot_and_drop_versions_gone() {
+        let f = |v: &str, n| FailedUki {
+            version: v.to_owned(),
+            tries_done: n,
+        };
+        let (r1, new) = merge_failed(&FailedRecords::default(), &[f("2", 3)], 100);
+        assert_eq!(new, [f("2", 3)]);
+        assert_eq!(r1.versions["2"].since_usec, 100);
+        let (r2, new) = merge_failed(&r1, &[f("2", 3), f("3", 3)], 200);
+        assert_eq!(new, [f("3", 3)]);
+        assert_eq!(r2.versions["2"].since_usec, 100, "kept from the first boot");
+        assert_eq!(r2.versions["3"].since_usec, 200);
+        let (r3, new) = merge_failed(&r2, &[f("3", 3)], 300);
+        assert!(new.is_empty());
+        assert_eq!(r3.versions.keys().collect::<Vec<_>>(), ["3"]);
+        let (r4, _) = merge_failed(&r3, &[], 400);
+        assert!(r4.versions.is_empty());
+    }
+
+    #[test]
+    fn failed_versions_persist_and_tolerate_a_missing_esp() {
+        let dir = tempfile::tempdir().unwrap();
+        let os = dir.path().join("os-release");
+        std::fs::write(&os, "IMAGE_ID=thvc-host\nIMAGE_VERSION=1\n").unwrap();
+        let esp = dir.path().join("esp");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let fv = FailedVersions::new(&esp, &os, &state);
+        assert!(fv.read().is_empty(), "no ESP");
+        assert!(!state.join("failed-versions.json").exists());
+        let linux = esp.join("EFI/Linux");
+        std::fs::create_dir_all(&linux).unwrap();
+        std::fs::write(linux.join("thvc-host_1.efi"), "").unwrap();
+        std::fs::write(linux.join("thvc-host_2+0-3.efi"), "").unwrap();
+        let boot = boot_time_usec();
+        assert!(boot > 0);
+        assert_eq!(fv.read(), [("2".to_owned(), 3, boot)]);
+        // A record from an earlier boot wins, in a new agent.
+        std::fs::write(
+            state.join("failed-versions.json"),
+            r#"{"versions":{"2":{"since_usec":42}}}"#,
+        )
+        .unwrap();
+        let fv = FailedVersions::new(&esp, &os, &state);
+        assert_eq!(fv.read(), [("2".to_owned(), 3, 42)]);
+        std::fs::remove_file(linux.join("thvc-host_2+0-3.efi")).unwrap();
+        assert!(fv.read().is_empty());
+        assert!(
+            !state.join("failed-versions.json").exists(),
+            "record dropped"
+        );
+        // A corrupt record file is ignored.
+        std::fs::write(state.join("failed-versions.json"), "{").unwrap();
+        std::fs::write(linux.join("thvc-host_2+0-3.efi"), "").unwrap();
+        let fv = FailedVersions::new(&esp, &os, &state);
+        assert_eq!(fv.read(), [("2".to_owned(), 3, boot)]);
     }
 
     #[test]

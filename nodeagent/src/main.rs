@@ -104,6 +104,10 @@ struct DaemonArgs {
     /// The kernel's block devices (their partition labels give InstalledVersions).
     #[arg(long, default_value = "/sys/class/block")]
     sys_block: PathBuf,
+    /// Where the ESP is mounted: boot-counted UKIs in its EFI/Linux give FailedVersions
+    /// (the versions systemd-boot rolled back from).
+    #[arg(long, default_value = "/boot")]
+    esp: PathBuf,
     /// Program for host updates and reboots (Manager.Update, Manager.Reboot):
     /// `PATH check|install [URL]` prints the version found or installed (nothing: none
     /// newer), `PATH reboot` starts the reboot. Without it both are refused. The image
@@ -329,6 +333,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         node_name,
         os_release: args.os_release,
         sys_block: args.sys_block,
+        esp: args.esp,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         start_timeout: Duration::from_secs(args.start_timeout),
         stop_timeout: Duration::from_secs(args.stop_timeout),

@@ -221,3 +221,133 @@ async fn without_a_host_helper_update_and_reboot_are_refused() {
     );
     assert!(running.start().await.is_ok(), "starts still allowed");
 }
+
+/// FailedVersions: a boot-counted UKI with no tries left on the ESP (`--esp`) is a version
+/// systemd-boot rolled back from; the boot on which the agent first saw it is kept in the
+/// state directory, across agent restarts and later boots, and dropped with the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_versions_come_from_the_esp_and_keep_their_time() {
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let os_release = dirs.root.path().join("os-release");
+    std::fs::write(
+        &os_release,
+        "ID=debian\nIMAGE_ID=thvc-host\nIMAGE_VERSION=20261205.170000\n",
+    )
+    .unwrap();
+    let esp = dirs.root.path().join("esp");
+    let linux = esp.join("EFI/Linux");
+    std::fs::create_dir_all(&linux).unwrap();
+    for name in [
+        "thvc-host_20261205.170000.efi",
+        "thvc-host_20261205.180000+0-3.efi",
+        "thvc-host_20261206.000000+2-1.efi",
+        "other-os_1+0-3.efi",
+    ] {
+        std::fs::write(linux.join(name), "MZ").unwrap();
+    }
+    let log = dirs.root.path().join("agent.log");
+    let args = [
+        "--os-release",
+        os_release.to_str().unwrap(),
+        "--esp",
+        esp.to_str().unwrap(),
+    ];
+    let mut agent = Agent::start_full(&bus, &dirs, &args, &[], &[], Some(&log));
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let failed = m.failed_versions().await.unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let (version, tries, since) = failed[0].clone();
+    assert_eq!((version.as_str(), tries), ("20261205.180000", 3));
+    let btime: u64 = std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(since, btime * 1_000_000, "this boot");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        logged
+            .matches(
+                "version 20261205.180000 failed its 3 boot attempts; \
+                 the node came back on 20261205.170000"
+            )
+            .count(),
+        1,
+        "warned once:\n{logged}"
+    );
+
+    // thvcctl status: in the JSON and a line for people.
+    let thvcctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_thvcctl"))
+            .args(["--bus", bus.address.as_str()])
+            .args(args)
+            .output()
+            .expect("run thvcctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let v: serde_json::Value = serde_json::from_str(&thvcctl(&["--json", "status"])).unwrap();
+    assert_eq!(v["failed_versions"][0]["version"], "20261205.180000");
+    assert_eq!(v["failed_versions"][0]["tries"], 3);
+    assert_eq!(v["failed_versions"][0]["since_usec"], since);
+    let text = v["failed_versions"][0]["since"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(text.len() == 20 && text.ends_with('Z'), "{text}");
+    let human = thvcctl(&["status"]);
+    let line = human
+        .lines()
+        .find(|l| l.starts_with("Failed:"))
+        .unwrap_or_else(|| panic!("no Failed line:\n{human}"));
+    assert_eq!(
+        line,
+        format!(
+            "Failed:    20261205.180000 (3 boot attempts; rolled back at the boot of {} UTC)",
+            text.trim_end_matches('Z').replace('T', " ")
+        )
+    );
+
+    // A restart keeps the time (and does not warn again); so does a record from an
+    // earlier boot.
+    agent.terminate();
+    let record = dirs.state().join("failed-versions.json");
+    assert!(record.exists());
+    let _agent = Agent::start_full(&bus, &dirs, &args, &[], &[], Some(&log));
+    assert_eq!(m.failed_versions().await.unwrap(), failed);
+    drop(_agent);
+    let earlier = r#"{"versions":{"20261205.180000":{"since_usec":1796497331000000}}}"#;
+    std::fs::write(&record, earlier).unwrap();
+    let _agent = Agent::start_full(&bus, &dirs, &args, &[], &[], Some(&log));
+    assert_eq!(
+        m.failed_versions().await.unwrap(),
+        [("20261205.180000".to_owned(), 3, 1_796_497_331_000_000)]
+    );
+    assert!(thvcctl(&["status"]).contains(
+        "Failed:    20261205.180000 (3 boot attempts; rolled back at the boot of \
+             2026-12-05 19:02:11 UTC)"
+    ));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(logged.matches("failed its 3 boot attempts").count(), 1);
+
+    // The failed UKI removed: nothing failed, the record goes, status prints no line.
+    std::fs::remove_file(linux.join("thvc-host_20261205.180000+0-3.efi")).unwrap();
+    assert!(m.failed_versions().await.unwrap().is_empty());
+    assert!(!record.exists());
+    assert!(!thvcctl(&["status"]).contains("Failed:"));
+    let v: serde_json::Value = serde_json::from_str(&thvcctl(&["--json", "status"])).unwrap();
+    assert_eq!(v["failed_versions"], serde_json::json!([]));
+
+    // No ESP at all: an empty list, not an error.
+    std::fs::remove_dir_all(&esp).unwrap();
+    assert!(m.failed_versions().await.unwrap().is_empty());
+}

@@ -486,11 +486,25 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
     let vms = manager.list_vms().await?;
     let running = vms.iter().filter(|v| v.1 == "running").count();
     let failed = vms.iter().filter(|v| v.1 == "failed").count();
+    let failed_versions: Vec<serde_json::Value> = manager
+        .failed_versions()
+        .await?
+        .into_iter()
+        .map(|(version, tries, since)| {
+            json!({
+                "version": version,
+                "tries": tries,
+                "since": rfc3339(since),
+                "since_usec": since,
+            })
+        })
+        .collect();
     let v = json!({
         "hostname": manager.hostname().await?,
         "version": manager.version().await?,
         "image_version": manager.image_version().await?,
         "installed_versions": manager.installed_versions().await?,
+        "failed_versions": failed_versions,
         "kvm_available": manager.kvm_available().await?,
         "cpus": manager.cpus().await?,
         "memory_bytes": manager.memory_bytes().await?,
@@ -523,6 +537,15 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
                 "Image:     {} (installed: {})",
                 v["image_version"].as_str().unwrap_or(""),
                 installed.join(", ")
+            );
+        }
+        for f in v["failed_versions"].as_array().into_iter().flatten() {
+            let tries = f["tries"].as_u64().unwrap_or(0);
+            println!(
+                "Failed:    {} ({tries} boot attempt{}; rolled back at the boot of {})",
+                f["version"].as_str().unwrap_or(""),
+                if tries == 1 { "" } else { "s" },
+                utc_text(f["since_usec"].as_u64().unwrap_or(0))
             );
         }
         println!("Agent:     {}", v["version"].as_str().unwrap_or(""));
@@ -711,9 +734,53 @@ async fn vm(
     Ok(())
 }
 
+/// (year, month, day) of a day counted from 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// UTC date and time (to the second) of µs since the epoch.
+fn utc_parts(usec: u64) -> (i64, u32, u32, u64, u64, u64) {
+    let secs = usec / 1_000_000;
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    (y, m, d, s / 3600, s / 60 % 60, s % 60)
+}
+
+/// `2026-12-05T19:02:11Z`
+fn rfc3339(usec: u64) -> String {
+    let (y, m, d, hh, mm, ss) = utc_parts(usec);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+}
+
+/// `2026-12-05 19:02:11 UTC`
+fn utc_text(usec: u64) -> String {
+    let (y, m, d, hh, mm, ss) = utc_parts(usec);
+    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02} UTC")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_text(951_782_400_000_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(rfc3339(1_796_497_331_999_999), "2026-12-05T19:02:11Z");
+        assert_eq!(utc_text(1_796_497_331_000_000), "2026-12-05 19:02:11 UTC");
+        assert_eq!(rfc3339(4_102_444_799_000_000), "2099-12-31T23:59:59Z");
+        assert_eq!(rfc3339(u64::MAX), "586524-01-19T08:01:49Z");
+    }
 
     #[test]
     fn sizes() {

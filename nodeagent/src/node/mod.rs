@@ -184,6 +184,8 @@ pub struct NodeConfig {
     pub os_release: PathBuf,
     /// /sys/class/block: partition labels for the installed image versions.
     pub sys_block: PathBuf,
+    /// The ESP's mount point: boot-counted UKIs for the failed image versions.
+    pub esp: PathBuf,
     pub shutdown_timeout: Duration,
     pub start_timeout: Duration,
     /// vCPUs per host CPU, in tenths (`--vcpu-overcommit 4` = 40).
