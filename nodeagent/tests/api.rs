@@ -520,6 +520,7 @@ async fn manager_reports_image_version_from_os_release() {
         "MemoryAvailableBytes",
         "ImageVersion",
         "InstalledVersions",
+        "FailedVersions",
         "NetworkState",
     ] {
         assert!(all.contains_key(p), "{p} missing from GetAll");
