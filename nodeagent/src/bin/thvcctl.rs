@@ -486,19 +486,29 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
     let vms = manager.list_vms().await?;
     let running = vms.iter().filter(|v| v.1 == "running").count();
     let failed = vms.iter().filter(|v| v.1 == "failed").count();
-    let failed_versions: Vec<serde_json::Value> = manager
-        .failed_versions()
-        .await?
-        .into_iter()
-        .map(|(version, tries, since)| {
-            json!({
-                "version": version,
-                "tries": tries,
-                "since": rfc3339(since),
-                "since_usec": since,
-            })
-        })
-        .collect();
+    // An agent older than this thvcctl has no FailedVersions: unknown (null), not an error
+    // (a fleet runs mixed versions while an update rolls out).
+    let failed_versions: Option<Vec<serde_json::Value>> = match manager.failed_versions().await {
+        Ok(list) => Some(
+            list.into_iter()
+                .map(|(version, tries, since)| {
+                    json!({
+                        "version": version,
+                        "tries": tries,
+                        "since": rfc3339(since),
+                        "since_usec": since,
+                    })
+                })
+                .collect(),
+        ),
+        Err(e)
+            if client::method_error(&e)
+                .is_some_and(|(name, _)| name == "org.freedesktop.DBus.Error.UnknownProperty") =>
+        {
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     let v = json!({
         "hostname": manager.hostname().await?,
         "version": manager.version().await?,
