@@ -20,6 +20,9 @@ pub struct DirectRunner {
     agent_exe: PathBuf,
 }
 
+/// How long a supervisor may take to start its VMM and record it (launch and adopt wait).
+const VMM_RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long a supervisor whose VMM has ended may take to record the exit and go.
 const SUPERVISOR_WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -169,7 +172,7 @@ impl DirectRunner {
             // Callers expect the VMM's identity to be on record once launch returned (Stop
             // signals the VMM itself); the supervisor writes it right after spawning.
             let vmm_file = layout::vmm_process_file(&layout.vm_run_dir(&name));
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            let deadline = tokio::time::Instant::now() + VMM_RECORD_WAIT;
             while !vmm_file.exists() && tokio::time::Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
@@ -217,7 +220,15 @@ impl VmRunner for DirectRunner {
             let Some(sup) = self.supervisor(name) else {
                 return Ok(Adoption::NotRunning);
             };
-            let vmm = self.vmm(name);
+            let mut vmm = self.vmm(name);
+            // A start the previous agent began: its supervisor records the VMM right after
+            // spawning it. Wait for that as launch does, rather than call a VM running whose
+            // VMM does not exist yet (a loaded machine showed that moment).
+            let deadline = tokio::time::Instant::now() + VMM_RECORD_WAIT;
+            while vmm.is_none() && sup.is_alive() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                vmm = self.vmm(name);
+            }
             let vmm_alive = vmm.as_ref().is_some_and(|v| v.is_alive());
             if vmm.is_some() && !vmm_alive && sup.is_alive() {
                 // The VMM has ended and its supervisor is recording the exit: report how it
