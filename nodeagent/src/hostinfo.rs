@@ -61,13 +61,17 @@ pub fn memory_available_bytes() -> u64 {
     meminfo("MemAvailable")
 }
 
-/// True if /dev/kvm can be opened for reading and writing (what a VMM needs).
+/// True if the kernel offers KVM: /dev/kvm exists as a character device (the vendor module,
+/// kvm_amd or kvm_intel, is loaded). The agent does not open it: the VMMs do, each in its
+/// own unit. (Opening it from the agent's sandbox said "no" on nodes whose /dev/kvm
+/// appeared after the agent started: DeviceAllow= resolves a path when the unit starts.)
 pub fn kvm_available() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+    is_char_device(Path::new("/dev/kvm"))
+}
+
+fn is_char_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device())
 }
 
 /// A field of an os-release file (empty if absent), unquoted as os-release(5) says.
@@ -491,6 +495,17 @@ mod tests {
         assert_eq!(image_version(&f), "");
         assert!(memory_bytes() > 0);
         assert!(memory_available_bytes() <= memory_bytes());
+    }
+
+    #[test]
+    fn kvm_is_a_character_device() {
+        assert!(is_char_device(Path::new("/dev/null")));
+        assert!(!is_char_device(Path::new("/")));
+        assert!(!is_char_device(Path::new("/nonexistent/kvm")));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kvm");
+        std::fs::write(&f, b"").unwrap();
+        assert!(!is_char_device(&f));
     }
 
     #[test]
