@@ -215,7 +215,7 @@ impl Manager {
         let failed_versions = Arc::new(hostinfo::FailedVersions::new(
             &c.esp,
             &c.os_release,
-            &c.layout.state_dir,
+            &c.layout.failed_versions_file(),
         ));
         Manager {
             node,

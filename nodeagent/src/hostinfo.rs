@@ -299,12 +299,12 @@ pub struct FailedVersions {
 
 impl FailedVersions {
     /// Failed versions of the image named by `os_release` on the ESP mounted at `esp`,
-    /// recorded in `state_dir`.
-    pub fn new(esp: &Path, os_release: &Path, state_dir: &Path) -> Self {
+    /// recorded in `records` (the agent's `Layout::failed_versions_file`).
+    pub fn new(esp: &Path, os_release: &Path, records: &Path) -> Self {
         FailedVersions {
             esp: esp.to_owned(),
             os_release: os_release.to_owned(),
-            file: state_dir.join("failed-versions.json"),
+            file: records.to_owned(),
             records: Mutex::new(None),
         }
     }
@@ -628,7 +628,7 @@ mod tests {
         let esp = dir.path().join("esp");
         let state = dir.path().join("state");
         std::fs::create_dir_all(&state).unwrap();
-        let fv = FailedVersions::new(&esp, &os, &state);
+        let fv = FailedVersions::new(&esp, &os, &state.join("failed-versions.json"));
         assert!(fv.read().is_empty(), "no ESP");
         assert!(!state.join("failed-versions.json").exists());
         let linux = esp.join("EFI/Linux");
@@ -644,7 +644,7 @@ mod tests {
             r#"{"versions":{"2":{"since_usec":42}}}"#,
         )
         .unwrap();
-        let fv = FailedVersions::new(&esp, &os, &state);
+        let fv = FailedVersions::new(&esp, &os, &state.join("failed-versions.json"));
         assert_eq!(fv.read(), [("2".to_owned(), 3, 42)]);
         std::fs::remove_file(linux.join("thvc-host_2+0-3.efi")).unwrap();
         assert!(fv.read().is_empty());
@@ -655,7 +655,7 @@ mod tests {
         // A corrupt record file is ignored.
         std::fs::write(state.join("failed-versions.json"), "{").unwrap();
         std::fs::write(linux.join("thvc-host_2+0-3.efi"), "").unwrap();
-        let fv = FailedVersions::new(&esp, &os, &state);
+        let fv = FailedVersions::new(&esp, &os, &state.join("failed-versions.json"));
         assert_eq!(fv.read(), [("2".to_owned(), 3, boot)]);
     }
 

@@ -60,6 +60,10 @@ impl Layout {
     pub fn disks_dir(&self) -> PathBuf {
         self.state_dir.join("disks")
     }
+    /// The image versions systemd-boot rolled back from, with the boot that first saw each.
+    pub fn failed_versions_file(&self) -> PathBuf {
+        self.state_dir.join("failed-versions.json")
+    }
     pub fn network_file(&self) -> PathBuf {
         self.state_dir.join("network.json")
     }
