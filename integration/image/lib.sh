@@ -47,6 +47,65 @@ sys.exit("no partition labelled %s %s in %s" % (sys.argv[2], sys.argv[3], sys.ar
 PY
 }
 
+# uki_files UKI: the files in a UKI's early-microcode (.ucode) and initrd (.initrd)
+# sections, one "SECTION PATH" line each (PE sections read here; each initrd member is a
+# cpio, plain or zstd-compressed, padded to 4 bytes).
+uki_files() {
+    python3 - "$1" <<'PY'
+import struct, subprocess, sys
+d = open(sys.argv[1], "rb").read()
+pe = struct.unpack_from("<I", d, 0x3C)[0]
+if d[pe:pe + 4] != b"PE\0\0":
+    sys.exit("not a PE file: " + sys.argv[1])
+nsect, optsize = struct.unpack_from("<H", d, pe + 6)[0], struct.unpack_from("<H", d, pe + 20)[0]
+table = pe + 24 + optsize
+def cpio_names(b):
+    off, names = 0, []
+    while b[off:off + 6] == b"070701":
+        namesize, filesize = int(b[off + 94:off + 102], 16), int(b[off + 54:off + 62], 16)
+        name = b[off + 110:off + 110 + namesize - 1].decode()
+        if name == "TRAILER!!!":
+            off = (off + 110 + namesize + 3) & ~3
+            break
+        names.append(name)
+        off = (((off + 110 + namesize + 3) & ~3) + filesize + 3) & ~3
+    return names, off
+def zstd_frame_end(b, off):
+    # RFC 8878: frame header, then blocks (3-byte headers) up to the last, then a checksum.
+    fhd = b[off + 4]
+    single = (fhd >> 5) & 1
+    pos = off + 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fhd >> 6]
+    while True:
+        hdr = int.from_bytes(b[pos:pos + 3], "little")
+        pos += 3 + (1 if (hdr >> 1) & 3 == 1 else hdr >> 3)
+        if hdr & 1:
+            return pos + (4 if (fhd >> 2) & 1 else 0)
+for i in range(nsect):
+    name, _, _, size, ptr = struct.unpack_from("<8sIIII", d, table + 40 * i)
+    name = name.rstrip(b"\0").decode()
+    if name not in (".ucode", ".initrd"):
+        continue
+    data, off = d[ptr:ptr + size], 0
+    while off < len(data):
+        if data[off:off + 4] == b"\x28\xb5\x2f\xfd":
+            end = zstd_frame_end(data, off)
+            member = subprocess.run(["zstd", "-dcq"], input=data[off:end], capture_output=True,
+                                    check=True).stdout
+            names, _ = cpio_names(member)
+            off = end
+        elif data[off:off + 6] == b"070701":
+            names, used = cpio_names(data[off:])
+            off += used
+        elif data[off] == 0:
+            off += 1
+            continue
+        else:
+            sys.exit("%s: unknown data at %s+%d" % (sys.argv[1], name, off))
+        for n in names:
+            print(name, n)
+PY
+}
+
 # node_disk IMAGE: a sparse copy of IMAGE with 4 GiB more for /var.
 node_disk() {
     cp --sparse=always "$(readlink -f "$1")" "$work/disk.raw"
@@ -55,8 +114,8 @@ node_disk() {
 }
 
 # node_start [NAME=VALUE | NAME=@FILE]...: boots $work/disk.raw with those
-# credentials; sets qemu_pid, ssh_port; console in $work/console.log. Extra QEMU
-# arguments in the array qemu_extra.
+# credentials; sets qemu_pid, ssh_port and metrics_port (node-exporter's :9100);
+# console in $work/console.log. Extra QEMU arguments in the array qemu_extra.
 node_start() {
     local creds=() c name value
     for c in "$@"; do
@@ -68,6 +127,7 @@ node_start() {
         fi
     done
     ssh_port=$(free_port)
+    metrics_port=$(free_port)
     : > "$work/console.log"
     # One vCPU: with two, the node's kernel died in 3 of ~8 boot tests on one machine, each
     # time right at a nested VM's start or reset, where KVM flips static keys and the kernel
@@ -77,7 +137,7 @@ node_start() {
         -drive if=pflash,format=raw,readonly=on,file="$OVMF_CODE" \
         -drive if=pflash,format=raw,file="$work/vars.fd" \
         -drive if=virtio,format=raw,file="$work/disk.raw" \
-        -netdev user,id=mgmt,hostfwd=tcp:127.0.0.1:$ssh_port-:22 \
+        -netdev user,id=mgmt,hostfwd=tcp:127.0.0.1:$ssh_port-:22,hostfwd=tcp:127.0.0.1:$metrics_port-:9100 \
         -device virtio-net-pci,netdev=mgmt,mac=$MGMT_MAC \
         -netdev user,id=lan,restrict=on,net=10.77.0.0/24 \
         -device virtio-net-pci,netdev=lan,mac=$LAN_MAC \
