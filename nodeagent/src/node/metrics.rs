@@ -164,11 +164,14 @@ impl Node {
                 }
             })
             .collect();
-        let asked = futures_util::future::join_all(
-            facts
-                .iter()
-                .map(|f| async move { f.process.then_some(self.vmm_facts(&f.name).await) }),
-        )
+        // Only VMs with a VMM are asked (`then_some` would ask them all and drop answers).
+        let asked = futures_util::future::join_all(facts.iter().map(|f| async move {
+            if f.process {
+                Some(self.vmm_facts(&f.name).await)
+            } else {
+                None
+            }
+        }))
         .await;
         build_families(&facts, &asked)
     }
