@@ -241,6 +241,13 @@ impl Manager {
         hostinfo::kvm_available()
     }
 
+    /// Whether the kernel clock is synchronised (adjtimex: no TIME_ERROR, STA_UNSYNC clear),
+    /// as chrony or systemd-timesyncd leave it once they discipline the clock.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn time_synchronized(&self) -> bool {
+        hostinfo::time_synchronized()
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     fn cpus(&self) -> u32 {
         hostinfo::cpus()

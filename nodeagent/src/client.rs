@@ -44,6 +44,9 @@ pub trait Manager {
     /// (version, boot attempts, µs since the epoch of the boot that came back without it)
     #[zbus(property)]
     fn failed_versions(&self) -> zbus::Result<Vec<(String, u64, u64)>>;
+    /// The kernel clock is synchronised (absent from agents before it: UnknownProperty).
+    #[zbus(property)]
+    fn time_synchronized(&self) -> zbus::Result<bool>;
     #[zbus(property)]
     fn network_state(&self) -> zbus::Result<String>;
 

@@ -14,6 +14,7 @@ pub mod host;
 pub mod hostinfo;
 pub mod images;
 pub mod layout;
+pub mod metrics;
 pub mod names;
 pub mod network;
 pub mod node;

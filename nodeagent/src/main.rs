@@ -114,6 +114,15 @@ struct DaemonArgs {
     /// sets it with a drop-in (/usr/lib/thvc/host-helper).
     #[arg(long, value_name = "PATH", env = "THVC_HOST_HELPER")]
     host_helper: Option<PathBuf>,
+    /// Per-VM metrics in the Prometheus text format, rewritten (atomically, mode 0644) every
+    /// --metrics-interval for node-exporter's textfile collector; "" writes none. The agent
+    /// listens on no network port. [default: RUN_DIR/metrics/thvc.prom, i.e.
+    /// /run/thvc/metrics/thvc.prom]
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<std::ffi::OsString>,
+    /// Seconds between two writes of --metrics-file.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    metrics_interval: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -276,6 +285,17 @@ fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
 
 async fn run_daemon(args: DaemonArgs) -> Result<()> {
     let _lock = lock_run_dir(&args.run_dir)?;
+    let metrics_file = match args.metrics_file {
+        None => Some(args.run_dir.join("metrics").join("thvc.prom")),
+        Some(p) if p.is_empty() => None,
+        Some(p) => {
+            let p = PathBuf::from(p);
+            if p.file_name().is_none() {
+                bail!("--metrics-file {}: not a file name", p.display());
+            }
+            Some(p)
+        }
+    };
     let layout = Layout::new(args.state_dir, args.run_dir, args.log_dir);
     let use_systemd = match args.runner {
         RunnerKind::Auto => runner::systemd_is_pid1(),
@@ -364,6 +384,17 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
     tracing::info!("serving {BUS_NAME}");
     let trimmer = node.clone();
     tokio::spawn(async move { trimmer.console_trim_loop().await });
+    match metrics_file {
+        Some(file) => {
+            tracing::info!(file = %file.display(), interval_s = args.metrics_interval, "writing metrics");
+            tokio::spawn(Node::metrics_loop(
+                Arc::downgrade(&node),
+                file,
+                Duration::from_secs(args.metrics_interval),
+            ));
+        }
+        None => tracing::info!("no metrics file (--metrics-file \"\")"),
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}

@@ -44,6 +44,55 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// What a process has used: CPU time (user and system) and resident memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
+/// The CPU time (utime + stime of `/proc/PID/stat`) and `VmRSS` (`/proc/PID/status`) of
+/// `pid`. Blocking (two small /proc reads).
+pub fn usage(pid: i32) -> Result<Usage, ProcError> {
+    let read = |file: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .map_err(|source| ProcError::Io { pid, source })
+    };
+    let ticks = parse_cpu_ticks(&read("stat")?).ok_or(ProcError::Format { pid })?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    // A kernel thread or a zombie has no VmRSS: nothing resident.
+    let rss_bytes = parse_vm_rss(&read("status")?).unwrap_or(0);
+    Ok(Usage {
+        cpu_seconds: ticks as f64 / hz,
+        rss_bytes,
+    })
+}
+
+/// utime + stime (fields 14 and 15) in clock ticks.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    utime.checked_add(stime)
+}
+
+/// `VmRSS:   1234 kB` in bytes.
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    status.lines().find_map(|l| {
+        let kib: u64 = l
+            .strip_prefix("VmRSS:")?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()?;
+        kib.checked_mul(1024)
+    })
+}
+
 /// State letter of `pid` (R, S, Z, ...), or `None` if it does not exist.
 fn state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -146,6 +195,19 @@ mod tests {
         let stat =
             "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(parse_start_time(stat), Some(987654));
+    }
+
+    #[test]
+    fn parses_cpu_ticks_and_rss() {
+        let stat =
+            "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 17 25 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_cpu_ticks(stat), Some(42));
+        assert_eq!(parse_cpu_ticks("1 (x) S 1"), None);
+        let status = "Name:\tthvc-vmm\nVmPeak:\t  9000 kB\nVmRSS:\t    2048 kB\nThreads:\t4\n";
+        assert_eq!(parse_vm_rss(status), Some(2048 * 1024));
+        assert_eq!(parse_vm_rss("Name:\tkthreadd\n"), None);
+        let me = usage(std::process::id() as i32).unwrap();
+        assert!(me.rss_bytes > 0 && me.cpu_seconds >= 0.0, "{me:?}");
     }
 
     #[test]

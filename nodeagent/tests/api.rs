@@ -498,6 +498,11 @@ async fn manager_reports_image_version_from_os_release() {
         ["2026.11.7", "2026.11.10"],
         "oldest first, by version"
     );
+    // The kernel's clock state, read by the agent (the test and the agent share the kernel).
+    assert_eq!(
+        m.time_synchronized().await.unwrap(),
+        thvc_nodeagent::hostinfo::time_synchronized()
+    );
     // All properties at once, as busctl/GetAll clients read them.
     let props = zbus::fdo::PropertiesProxy::builder(&conn)
         .destination(thvc_nodeagent::client::BUS_NAME)
@@ -521,6 +526,7 @@ async fn manager_reports_image_version_from_os_release() {
         "ImageVersion",
         "InstalledVersions",
         "FailedVersions",
+        "TimeSynchronized",
         "NetworkState",
     ] {
         assert!(all.contains_key(p), "{p} missing from GetAll");

@@ -424,7 +424,7 @@ async fn call_then_wait_state(
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 async fn agent_boots_a_linux_guest_on_a_bridge_pings_it_and_shuts_it_down() {
     let started = Instant::now();
-    let node = GuestNode::start(&[], &guest_init(IDLE)).await;
+    let node = GuestNode::start(&["--metrics-interval", "1"], &guest_init(IDLE)).await;
     let conn = node.connect().await;
     let m = manager(&conn).await;
     let v = vm(&conn, m.create_vm("guest", &guest_spec()).await.unwrap()).await;
@@ -463,6 +463,7 @@ async fn agent_boots_a_linux_guest_on_a_bridge_pings_it_and_shuts_it_down() {
     );
     assert!(console.contains("THVC-ACPID=started"), "{console}");
     node.ping_guest();
+    real_vmm_metrics(&node).await;
 
     // Graceful: the power button, the guest's acpid powers off, the VMM exits 0.
     let shutdown_started = Instant::now();
@@ -485,6 +486,55 @@ async fn agent_boots_a_linux_guest_on_a_bridge_pings_it_and_shuts_it_down() {
         "TAP removed"
     );
     eprintln!("whole test {:?}", started.elapsed());
+}
+
+/// The metrics file (default path, `--metrics-interval 1`) of a booted guest that read its
+/// root disk and answered pings: the real VMM's device counters under their series, non-zero.
+async fn real_vmm_metrics(node: &GuestNode) {
+    let file = node.dirs.run().join("metrics/thvc.prom");
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    let wanted = [
+        "thvc_vm_running{vm=\"guest\"}",
+        "thvc_vm_metrics_up{vm=\"guest\"}",
+        "thvc_vm_cpu_seconds_total{vm=\"guest\"}",
+        "thvc_vm_memory_rss_bytes{vm=\"guest\"}",
+        "thvc_vm_disk_read_bytes_total{vm=\"guest\",device=\"virtio-blk0\"}",
+        "thvc_vm_disk_requests_total{vm=\"guest\",device=\"virtio-blk0\"}",
+        "thvc_vm_net_rx_bytes_total{vm=\"guest\",device=\"virtio-net0\"}",
+        "thvc_vm_net_tx_bytes_total{vm=\"guest\",device=\"virtio-net0\"}",
+        "thvc_vm_net_rx_packets_total{vm=\"guest\",device=\"virtio-net0\"}",
+        "thvc_vm_net_tx_packets_total{vm=\"guest\",device=\"virtio-net0\"}",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if wanted
+            .iter()
+            .all(|s| value(&text, s).is_some_and(|v| v > 0.0))
+        {
+            eprintln!(
+                "metrics of the real VMM:\n{}",
+                text.lines()
+                    .filter(|l| l.contains("vm=\"guest\""))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            return;
+        }
+        check(
+            node,
+            "guest",
+            Instant::now() < deadline,
+            &format!(
+                "metrics: each of {wanted:?} > 0 in {}:\n{text}",
+                file.display()
+            ),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// With `--vmm-user`, the real VMM switches to that user (`--user`) and its TAP belongs to

@@ -509,6 +509,17 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
+    // Likewise TimeSynchronized (null: the agent does not say).
+    let time_synchronized: Option<bool> = match manager.time_synchronized().await {
+        Ok(synced) => Some(synced),
+        Err(e)
+            if client::method_error(&e)
+                .is_some_and(|(name, _)| name == "org.freedesktop.DBus.Error.UnknownProperty") =>
+        {
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     let v = json!({
         "hostname": manager.hostname().await?,
         "version": manager.version().await?,
@@ -520,6 +531,7 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
         "memory_bytes": manager.memory_bytes().await?,
         "memory_available_bytes": manager.memory_available_bytes().await?,
         "network_state": manager.network_state().await?,
+        "time_synchronized": time_synchronized,
         "drained": manager.drained().await?,
         "vcpus_allocated": manager.allocated_vcpus().await?,
         "vcpus_capacity": manager.vcpu_capacity().await?,
@@ -574,6 +586,11 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
             gib(&v["memory_available_bytes"])
         );
         println!("Network:   {}", v["network_state"].as_str().unwrap_or(""));
+        match v["time_synchronized"].as_bool() {
+            Some(true) => println!("Time:      synchronised"),
+            Some(false) => println!("Time:      not synchronised"),
+            None => println!("Time:      unknown (the agent does not report it)"),
+        }
         println!(
             "Allocated: {} of {} vCPUs, {} of {} MiB (running and autostart VMs)",
             v["vcpus_allocated"],

@@ -36,7 +36,8 @@
 //! - `access`: per-VM VMM users and what each may open;
 //! - `lifecycle`: Start, the VMM's exit, Stop/Shutdown, Pause/Resume, Info, console;
 //! - `recovery`: loading, re-adopting and autostarting after an agent (re)start;
-//! - `net_ops`, `image_ops`, `disk_ops`: the host network and the image and disk stores.
+//! - `net_ops`, `image_ops`, `disk_ops`: the host network and the image and disk stores;
+//! - `metrics`: the per-VM series written for Prometheus (`--metrics-file`).
 
 pub mod access;
 pub mod apply;
@@ -48,6 +49,7 @@ mod host_ops;
 mod image_ops;
 pub mod jobs;
 mod lifecycle;
+pub mod metrics;
 mod net_ops;
 mod recovery;
 mod state;

@@ -9,10 +9,12 @@ use std::process::Stdio;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 
-use super::{Adoption, ExitFuture, ExitOutcome, ExitRecord, LaunchSpec, RunnerError, VmRunner};
+use super::{
+    Adoption, ExitFuture, ExitOutcome, ExitRecord, LaunchSpec, RunnerError, VmRunner, VmmUsage,
+};
 use crate::fsutil;
 use crate::layout::{self, Layout};
-use crate::procinfo::{read_record, ProcessId};
+use crate::procinfo::{self, read_record, ProcessId};
 
 pub struct DirectRunner {
     layout: Layout,
@@ -268,6 +270,39 @@ impl VmRunner for DirectRunner {
 
     fn forget<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>> {
         async move { super::remove_run_dir(name, self.layout.vm_run_dir(name)).await }.boxed()
+    }
+
+    fn usage<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<VmmUsage>, RunnerError>> {
+        let vmm_file = layout::vmm_process_file(&self.layout.vm_run_dir(name));
+        let vm = name.to_owned();
+        async move {
+            // Record and /proc reads: blocking, off the threads that answer the bus.
+            tokio::task::spawn_blocking(move || {
+                let Some(id) = read_record::<ProcessId>(&vmm_file).ok().flatten() else {
+                    return Ok(None);
+                };
+                if !id.is_alive() {
+                    return Ok(None);
+                }
+                let usage = procinfo::usage(id.pid).map_err(|e| RunnerError::Control {
+                    vm: vm.clone(),
+                    reason: e.to_string(),
+                })?;
+                Ok(Some(VmmUsage {
+                    cpu_seconds: Some(usage.cpu_seconds),
+                    rss_bytes: Some(usage.rss_bytes),
+                    cgroup_memory_bytes: None,
+                }))
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(RunnerError::Control {
+                    vm: name.to_owned(),
+                    reason: format!("reading the VMM's usage did not complete: {e}"),
+                })
+            })
+        }
+        .boxed()
     }
 }
 

@@ -99,6 +99,23 @@ pub trait VmRunner: Send + Sync {
     fn kill<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>>;
     /// Forgets a VM that is being deleted.
     fn forget<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RunnerError>>;
+    /// What the VMM of `name` has used so far, for the metrics; `None` if it does not run.
+    fn usage<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<VmmUsage>, RunnerError>>;
+}
+
+/// What a VMM has used, as its runner can tell ([`VmRunner::usage`]). Each runner knows
+/// the VMM its own way: the direct runner has its pid record and reads /proc (VmRSS); the
+/// systemd runner asks systemd about the unit's cgroup, since the agent's `ProtectProc=`
+/// hides the VMMs' /proc entries (they run as other uids) and a cgroup counts the whole
+/// unit.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct VmmUsage {
+    /// User and system CPU time.
+    pub cpu_seconds: Option<f64>,
+    /// Resident memory of the VMM process (direct runner).
+    pub rss_bytes: Option<u64>,
+    /// Memory charged to the VM's unit cgroup, page cache included (systemd runner).
+    pub cgroup_memory_bytes: Option<u64>,
 }
 
 /// Removes a deleted VM's run directory ([`VmRunner::forget`]) on tokio's blocking threads,

@@ -30,7 +30,7 @@ use tokio::sync::OnceCell;
 use zbus::zvariant::OwnedObjectPath;
 
 use super::supervise::VmmArgv;
-use super::{Adoption, ExitFuture, ExitOutcome, LaunchSpec, RunnerError, VmRunner};
+use super::{Adoption, ExitFuture, ExitOutcome, LaunchSpec, RunnerError, VmRunner, VmmUsage};
 use crate::fsutil;
 use crate::layout::{self, Layout};
 use crate::names;
@@ -74,6 +74,18 @@ trait SystemdService {
     fn exec_main_status(&self) -> zbus::Result<i32>;
     #[zbus(property)]
     fn exec_main_start_timestamp(&self) -> zbus::Result<u64>;
+}
+
+/// The unit's resource accounting (read uncached: these change without PropertiesChanged).
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait SystemdServiceUsage {
+    #[zbus(property(emits_changed_signal = "false"), name = "CPUUsageNSec")]
+    fn cpu_usage_nsec(&self) -> zbus::Result<u64>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn memory_current(&self) -> zbus::Result<u64>;
 }
 
 // si_code values of ExecMainCode.
@@ -306,6 +318,38 @@ impl VmRunner for SystemdRunner {
                 .reset_failed_unit(&names::vm_unit_name(name))
                 .await;
             super::remove_run_dir(name, self.layout.vm_run_dir(name)).await
+        }
+        .boxed()
+    }
+
+    fn usage<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<VmmUsage>, RunnerError>> {
+        async move {
+            let path = self
+                .manager()
+                .await?
+                .load_unit(&names::vm_unit_name(name))
+                .await
+                .map_err(sd_err)?;
+            let usage = SystemdServiceUsageProxy::builder(self.bus().await?)
+                .path(path)
+                .map_err(sd_err)?
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .map_err(sd_err)?;
+            // u64::MAX: systemd does not know (the unit is not running, or its accounting
+            // is off).
+            let known = |v: u64| (v != u64::MAX).then_some(v);
+            let cpu = known(usage.cpu_usage_nsec().await.map_err(sd_err)?);
+            let memory = known(usage.memory_current().await.map_err(sd_err)?);
+            if cpu.is_none() && memory.is_none() {
+                return Ok(None);
+            }
+            Ok(Some(VmmUsage {
+                cpu_seconds: cpu.map(|ns| ns as f64 / 1e9),
+                rss_bytes: None,
+                cgroup_memory_bytes: memory,
+            }))
         }
         .boxed()
     }

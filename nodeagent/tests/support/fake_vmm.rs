@@ -10,6 +10,13 @@
 //!   fake.ignore_sigterm=1              ignore SIGTERM (to test the SIGKILL escalation)
 //!   fake.console_bytes=N               write N bytes of console output at boot
 //!   fake.no_api=1                      serve no API socket (like a VMM without the API)
+//!   fake.hang_info=1                   never answer "info" (a hung VMM)
+//!
+//! `info` lists devices as thvc-vmm does (`devices[]` with `name`, `kind`, `counters`):
+//! `serial0`, then `virtio-blk<i>` per `--disk` and `virtio-net<i>` per `--net` with
+//! thvc-vmm's counter names and fixed values (disk i: requests 10+i, bytes_read
+//! 4096*(i+1), bytes_written 512*(i+1); NIC i: rx_bytes 1000+i, rx_packets 10, tx_bytes
+//! 2000+i, tx_packets 20; errors 0).
 //!
 //! `--user UID:GID` switches user once the console and API socket are open, like thvc-vmm.
 //! `--firmware PATH` instead of `--kernel` (it needs `--transport pci`, as thvc-vmm's UEFI
@@ -240,7 +247,14 @@ fn main() {
         say(&format!("fake-vmm: running as user {user}\n"));
     }
     if let Some(listener) = listener {
-        std::thread::spawn(move || serve_api(listener, cpus, memory, ignore_shutdown));
+        let api = Api {
+            cpus,
+            memory,
+            ignore_shutdown,
+            hang_info: flag("hang_info"),
+            devices: fake_devices(disks.len(), nets.len()),
+        };
+        std::thread::spawn(move || serve_api(listener, api));
     }
     if let Some(path) = reboot_marker {
         if !std::path::Path::new(&path).exists() {
@@ -279,10 +293,48 @@ fn switch_user(spec: &str) {
     }
 }
 
-fn serve_api(listener: UnixListener, cpus: u64, memory: u64, ignore_shutdown: bool) {
+/// The devices `info` reports, in thvc-vmm's format (see the module docs).
+fn fake_devices(disks: usize, nets: usize) -> serde_json::Value {
+    let mut devices = vec![serde_json::json!({
+        "name": "serial0", "kind": "serial", "counters": {"bytes_written": 0}
+    })];
+    for i in 0..disks as u64 {
+        devices.push(serde_json::json!({
+            "name": format!("virtio-blk{i}"), "kind": "virtio-blk",
+            "counters": {"bytes_read": 4096 * (i + 1), "bytes_written": 512 * (i + 1),
+                         "errors": 0, "requests": 10 + i}
+        }));
+    }
+    for i in 0..nets as u64 {
+        devices.push(serde_json::json!({
+            "name": format!("virtio-net{i}"), "kind": "virtio-net",
+            "counters": {"errors": 0, "rx_bytes": 1000 + i, "rx_packets": 10,
+                         "tx_bytes": 2000 + i, "tx_packets": 20}
+        }));
+    }
+    serde_json::Value::Array(devices)
+}
+
+struct Api {
+    cpus: u64,
+    memory: u64,
+    ignore_shutdown: bool,
+    hang_info: bool,
+    devices: serde_json::Value,
+}
+
+fn serve_api(listener: UnixListener, api: Api) {
+    let Api {
+        cpus,
+        memory,
+        ignore_shutdown,
+        hang_info,
+        devices,
+    } = api;
     {
         {
             for stream in listener.incoming().flatten() {
+                let devices = devices.clone();
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(&stream);
                     let mut line = String::new();
@@ -293,11 +345,15 @@ fn serve_api(listener: UnixListener, cpus: u64, memory: u64, ignore_shutdown: bo
                             Some("ping") => {
                                 (serde_json::json!({"ok": true, "result": "pong"}), false)
                             }
+                            Some("info") if hang_info => loop {
+                                std::thread::sleep(Duration::from_secs(3600));
+                            },
                             Some("info") => (
                                 serde_json::json!({"ok": true, "result": {
                                     "fake": true,
                                     "state": if PAUSED.load(Ordering::SeqCst) { "paused" } else { "running" },
-                                    "vcpus": cpus, "memory_mib": memory, "pid": std::process::id()}}),
+                                    "vcpus": cpus, "memory_mib": memory, "pid": std::process::id(),
+                                    "devices": devices}}),
                                 false,
                             ),
                             Some("pause") => {
