@@ -200,6 +200,42 @@ async fn authorize_change(
     }
 }
 
+/// systemd-timedated, for Manager.TimeSynchronized.
+#[zbus::proxy(
+    interface = "org.freedesktop.timedate1",
+    default_service = "org.freedesktop.timedate1",
+    default_path = "/org/freedesktop/timedate1"
+)]
+trait Timedate {
+    #[zbus(property(emits_changed_signal = "false"), name = "NTPSynchronized")]
+    fn ntp_synchronized(&self) -> zbus::Result<bool>;
+}
+
+/// timedated's NTPSynchronized; false (logged) when it does not answer within 2 s.
+async fn ntp_synchronized(conn: &Connection) -> bool {
+    let ask = async {
+        TimedateProxy::builder(conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?
+            .ntp_synchronized()
+            .await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), ask).await {
+        Ok(Ok(synced)) => synced,
+        Ok(Err(e)) => {
+            tracing::debug!("timedated: {e}; reporting the clock as not synchronised");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                "timedated did not answer within 2 s; reporting the clock as not synchronised"
+            );
+            false
+        }
+    }
+}
+
 fn owned_path(p: &str) -> Result<OwnedObjectPath, BusError> {
     OwnedObjectPath::try_from(p.to_owned()).map_err(|e| BusError::ZBus(e.into()))
 }
@@ -241,11 +277,15 @@ impl Manager {
         hostinfo::kvm_available()
     }
 
-    /// Whether the kernel clock is synchronised (adjtimex: no TIME_ERROR, STA_UNSYNC clear),
-    /// as chrony or systemd-timesyncd leave it once they discipline the clock.
+    /// Whether the host's clock is synchronised, as systemd-timedated judges it
+    /// (`NTPSynchronized`: the kernel's NTP state from adjtimex, set by chrony or
+    /// systemd-timesyncd once they discipline the clock). Asked over the bus, timedated
+    /// starting on demand, rather than with adjtimex here: the agent's unit keeps
+    /// ProtectClock=, whose filter refuses adjtimex even for reads. False when timedated
+    /// does not answer within 2 s.
     #[zbus(property(emits_changed_signal = "false"))]
-    fn time_synchronized(&self) -> bool {
-        hostinfo::time_synchronized()
+    async fn time_synchronized(&self, #[zbus(connection)] conn: &Connection) -> bool {
+        ntp_synchronized(conn).await
     }
 
     #[zbus(property(emits_changed_signal = "const"))]

@@ -69,35 +69,6 @@ pub fn kvm_available() -> bool {
     is_char_device(Path::new("/dev/kvm"))
 }
 
-/// True if the kernel says its clock is synchronised: `adjtimex(2)` with modes 0 (a read;
-/// no privilege needed) neither returns `TIME_ERROR` nor reports `STA_UNSYNC`. An NTP
-/// client (chrony, systemd-timesyncd) clears `STA_UNSYNC` once it disciplines the clock, and
-/// the kernel sets it again when the estimated error grows past 16 s; so this is the kernel's
-/// own view, with no dependence on which client runs. A VM host whose clock is off hands
-/// wrong time to its guests' kvmclock and TLS checks, hence `thvcctl status` shows it.
-///
-/// False (with a warning) when the call fails: the agent's unit must allow `adjtimex` and
-/// `clock_adjtime` (glibc implements `adjtimex` with the latter), which `ProtectClock=` and
-/// the `@clock` filter group forbid even for reads.
-pub fn time_synchronized() -> bool {
-    // SAFETY: timex is plain old data, for which all zeroes is a valid value (modes 0: read
-    // only).
-    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
-    // SAFETY: tx is a valid, writable timex for the duration of the call.
-    let rc = unsafe { libc::adjtimex(&mut tx) };
-    if rc == -1 {
-        let e = std::io::Error::last_os_error();
-        tracing::warn!("adjtimex: {e}; reporting the clock as not synchronised");
-        return false;
-    }
-    clock_synchronized(rc, tx.status)
-}
-
-/// Interprets an `adjtimex(2)` result: the clock state it returned and the `status` bits.
-fn clock_synchronized(rc: libc::c_int, status: libc::c_int) -> bool {
-    rc != -1 && rc != libc::TIME_ERROR && status & libc::STA_UNSYNC == 0
-}
-
 fn is_char_device(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device())
@@ -513,27 +484,6 @@ pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn clock_synchronized_needs_no_error_state_and_no_unsync_bit() {
-        // A disciplined clock: TIME_OK (or a leap second pending) with STA_PLL.
-        assert!(clock_synchronized(libc::TIME_OK, libc::STA_PLL));
-        assert!(clock_synchronized(
-            libc::TIME_INS,
-            libc::STA_PLL | libc::STA_INS
-        ));
-        // Nobody synchronised it (the boot state): STA_UNSYNC, and the kernel says TIME_ERROR.
-        assert!(!clock_synchronized(libc::TIME_ERROR, libc::STA_UNSYNC));
-        // Either alone is enough.
-        assert!(!clock_synchronized(
-            libc::TIME_OK,
-            libc::STA_UNSYNC | libc::STA_PLL
-        ));
-        assert!(!clock_synchronized(libc::TIME_ERROR, 0));
-        assert!(!clock_synchronized(-1, 0));
-        // The real call succeeds unprivileged (whatever this machine's clock state is).
-        let _ = time_synchronized();
-    }
 
     #[test]
     fn parses_image_version() {

@@ -498,11 +498,11 @@ async fn manager_reports_image_version_from_os_release() {
         ["2026.11.7", "2026.11.10"],
         "oldest first, by version"
     );
-    // The kernel's clock state, read by the agent (the test and the agent share the kernel).
-    assert_eq!(
-        m.time_synchronized().await.unwrap(),
-        thvc_nodeagent::hostinfo::time_synchronized()
-    );
+    // TimeSynchronized is systemd-timedated's NTPSynchronized: none on this bus, so false;
+    // then a timedated stand-in on the test's bus says true, and the agent follows it.
+    assert!(!m.time_synchronized().await.unwrap());
+    let _timedated = fake_timedated(&bus, true).await;
+    assert!(m.time_synchronized().await.unwrap());
     // All properties at once, as busctl/GetAll clients read them.
     let props = zbus::fdo::PropertiesProxy::builder(&conn)
         .destination(thvc_nodeagent::client::BUS_NAME)
@@ -532,4 +532,26 @@ async fn manager_reports_image_version_from_os_release() {
         assert!(all.contains_key(p), "{p} missing from GetAll");
     }
     let _: Option<OwnedObjectPath> = None;
+}
+
+/// A stand-in for systemd-timedated on the test's bus: org.freedesktop.timedate1 with the
+/// NTPSynchronized property the agent reads.
+async fn fake_timedated(bus: &TestBus, synced: bool) -> zbus::Connection {
+    struct Timedate(bool);
+    #[zbus::interface(name = "org.freedesktop.timedate1")]
+    impl Timedate {
+        #[zbus(property, name = "NTPSynchronized")]
+        fn ntp_synchronized(&self) -> bool {
+            self.0
+        }
+    }
+    zbus::connection::Builder::address(bus.address.as_str())
+        .unwrap()
+        .name("org.freedesktop.timedate1")
+        .unwrap()
+        .serve_at("/org/freedesktop/timedate1", Timedate(synced))
+        .unwrap()
+        .build()
+        .await
+        .unwrap()
 }
