@@ -122,16 +122,20 @@ impl SystemdRunner {
             .map_err(sd_err)
     }
 
+    /// The object path of VM `name`'s unit (loaded if systemd has not yet).
+    async fn unit_path(&self, name: &str) -> Result<OwnedObjectPath, RunnerError> {
+        self.manager()
+            .await?
+            .load_unit(&names::vm_unit_name(name))
+            .await
+            .map_err(sd_err)
+    }
+
     async fn unit_proxies(
         &self,
         name: &str,
     ) -> Result<(SystemdUnitProxy<'static>, SystemdServiceProxy<'static>), RunnerError> {
-        let path = self
-            .manager()
-            .await?
-            .load_unit(&names::vm_unit_name(name))
-            .await
-            .map_err(sd_err)?;
+        let path = self.unit_path(name).await?;
         let bus = self.bus().await?;
         let unit = SystemdUnitProxy::builder(bus)
             .path(path.clone())
@@ -324,12 +328,7 @@ impl VmRunner for SystemdRunner {
 
     fn usage<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<VmmUsage>, RunnerError>> {
         async move {
-            let path = self
-                .manager()
-                .await?
-                .load_unit(&names::vm_unit_name(name))
-                .await
-                .map_err(sd_err)?;
+            let path = self.unit_path(name).await?;
             let usage = SystemdServiceUsageProxy::builder(self.bus().await?)
                 .path(path)
                 .map_err(sd_err)?
