@@ -203,6 +203,17 @@ impl Executor {
                     .map_err(nl("setting MTU"))?;
                 Ok(Outcome::Done)
             }
+            Step::SetZone { name, to, .. } => {
+                let index = self.index(name).await?;
+                let message = LinkUnspec::new_with_index(index)
+                    .link_group(to.group())
+                    .build();
+                link.set(message)
+                    .execute()
+                    .await
+                    .map_err(nl("setting the interface group (firewall zone)"))?;
+                Ok(Outcome::Done)
+            }
             Step::SetMac { name, to, .. } => {
                 let index = self.index(name).await?;
                 let message = LinkUnspec::new_with_index(index)

@@ -58,6 +58,57 @@ pub struct LinkSpec {
     pub addresses: Option<Vec<IpCidr>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<Vec<RouteSpec>>,
+    /// What the host firewall lets in through this link (its interface group).
+    #[serde(default, skip_serializing_if = "Zone::is_isolated")]
+    pub zone: Zone,
+}
+
+/// The firewall zone of a link, carried as its interface group (`ip link set ... group N`)
+/// so the host's static nftables ruleset (image: `/usr/lib/thvc/firewall.nft`) matches it
+/// with `iifgroup` and never needs reloading when links come and go.
+///
+/// Every link the document lists gets its zone's group; links it does not list keep theirs
+/// (the kernel's default is 0: isolated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Zone {
+    /// No host service answers and nothing is forwarded to or from it: VM bridges, storage
+    /// and any link not known to be safe.
+    #[default]
+    Isolated,
+    /// The management network: sshd (the control plane) and the metrics port answer here.
+    Management,
+}
+
+impl Zone {
+    /// The interface group the ruleset matches (`define management = 1` there).
+    pub fn group(self) -> u32 {
+        match self {
+            Zone::Isolated => 0,
+            Zone::Management => 1,
+        }
+    }
+
+    /// The zone an interface group stands for; groups the ruleset does not know are isolated.
+    pub fn from_group(group: u32) -> Zone {
+        match group {
+            1 => Zone::Management,
+            _ => Zone::Isolated,
+        }
+    }
+
+    fn is_isolated(&self) -> bool {
+        *self == Zone::Isolated
+    }
+}
+
+impl fmt::Display for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Zone::Isolated => "isolated",
+            Zone::Management => "management",
+        })
+    }
 }
 
 impl LinkSpec {
@@ -74,6 +125,7 @@ impl LinkSpec {
             bridge: None,
             addresses: None,
             routes: None,
+            zone: Zone::Isolated,
         }
     }
 

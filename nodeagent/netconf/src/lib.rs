@@ -21,7 +21,7 @@ pub use cli::{run_cli, NetAction, NetCommand, DEFAULT_STATE_DIR};
 pub use document::{
     parse_document, BondMode, BondSpec, BridgeSpec, Document, LacpRate, LinkKind, LinkSpec,
     LinkState, PortVlanFlags, PortVlans, RouteSpec, ValidationError, ValidationErrors, VlanRange,
-    VlanSpec, XmitHashPolicy,
+    VlanSpec, XmitHashPolicy, Zone,
 };
 pub use model::{ObservedKind, ObservedLink, ObservedRoute, ObservedState};
 pub use netconf::{ApplyReport, Netconf, NetconfError};

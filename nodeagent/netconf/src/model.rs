@@ -36,6 +36,8 @@ pub struct ObservedLink {
     pub perm_mac: Option<MacAddr>,
     /// Administratively up (IFF_UP).
     pub up: bool,
+    /// The interface group (IFLA_GROUP): the link's firewall zone, see [`crate::Zone`].
+    pub group: u32,
     /// Name of the bond or bridge this link is enslaved to.
     pub master: Option<String>,
     /// Permanent, non-link-local addresses: those an administrator (or we) configured.
@@ -57,6 +59,7 @@ impl ObservedLink {
             mac: None,
             perm_mac: None,
             up: false,
+            group: 0,
             master: None,
             addresses: Vec::new(),
             routes: Vec::new(),

@@ -13,7 +13,7 @@ use crate::addr::IpCidr;
 use crate::apply::{ExecError, Executor, Outcome};
 use crate::document::{
     check_ifname, BondSpec, BridgeSpec, Document, LinkKind, LinkSpec, LinkState, PortVlanFlags,
-    PortVlans, RouteSpec, ValidationErrors, VlanRange, VlanSpec, MAIN_TABLE,
+    PortVlans, RouteSpec, ValidationErrors, VlanRange, VlanSpec, Zone, MAIN_TABLE,
 };
 use crate::model::{ObservedKind, ObservedLink, ObservedState};
 use crate::observe::observe;
@@ -578,6 +578,7 @@ pub fn document_from_state(observed: &ObservedState, ownership: &Ownership) -> D
         };
         let mut spec = LinkSpec::new(&link.name, kind);
         spec.mtu = Some(link.mtu);
+        spec.zone = Zone::from_group(link.group);
         spec.state = if link.up {
             LinkState::Up
         } else {

@@ -145,6 +145,7 @@ fn link_name(message: &LinkMessage) -> Option<String> {
 fn parse_link(message: &LinkMessage, names: &HashMap<u32, String>) -> Option<ObservedLink> {
     let name = link_name(message)?;
     let mut mtu = 0;
+    let mut group = 0;
     let mut mac = None;
     let mut perm_mac = None;
     let mut master = None;
@@ -154,6 +155,7 @@ fn parse_link(message: &LinkMessage, names: &HashMap<u32, String>) -> Option<Obs
     for attribute in &message.attributes {
         match attribute {
             LinkAttribute::Mtu(m) => mtu = *m,
+            LinkAttribute::Group(g) => group = *g,
             LinkAttribute::Address(bytes) => mac = MacAddr::from_bytes(bytes),
             LinkAttribute::PermAddress(bytes) => perm_mac = MacAddr::from_bytes(bytes),
             LinkAttribute::Controller(index) => master = names.get(index).cloned(),
@@ -207,6 +209,7 @@ fn parse_link(message: &LinkMessage, names: &HashMap<u32, String>) -> Option<Obs
         mac,
         perm_mac,
         up: message.header.flags.contains(LinkFlags::Up),
+        group,
         master,
         addresses: Vec::new(),
         routes: Vec::new(),

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::addr::{IpCidr, MacAddr};
 use crate::document::{
     dependencies, BondMode, Document, LacpRate, LinkKind, LinkSpec, LinkState, PortVlanFlags,
-    RouteSpec, XmitHashPolicy,
+    RouteSpec, XmitHashPolicy, Zone,
 };
 use crate::model::{
     ObservedBond, ObservedBridge, ObservedKind, ObservedLink, ObservedRoute, ObservedState,
@@ -123,6 +123,12 @@ pub enum Step {
         name: String,
         from: u32,
         to: u32,
+    },
+    /// The link's firewall zone, as its interface group.
+    SetZone {
+        name: String,
+        from: Zone,
+        to: Zone,
     },
     SetMac {
         name: String,
@@ -261,6 +267,7 @@ impl fmt::Display for Step {
             }
             Step::SetMtu { name, from: 0, to } => write!(f, "~ {name}: mtu {to}"),
             Step::SetMtu { name, from, to } => write!(f, "~ {name}: mtu {from} -> {to}"),
+            Step::SetZone { name, from, to } => write!(f, "~ {name}: zone {from} -> {to}"),
             Step::SetMac { name, from, to } => match from {
                 Some(from) => write!(f, "~ {name}: mac {from} -> {to}"),
                 None => write!(f, "~ {name}: mac -> {to}"),
@@ -673,6 +680,16 @@ pub fn compute_plan(
         let Some(link) = view.links.get_mut(&name) else {
             continue;
         };
+        // The zone before the link comes up or gets addresses: a link never answers on a
+        // port its zone closes.
+        if link.group != spec.zone.group() {
+            plan.steps.push(Step::SetZone {
+                name: name.clone(),
+                from: Zone::from_group(link.group),
+                to: spec.zone,
+            });
+            link.group = spec.zone.group();
+        }
         let want_up = spec.state == LinkState::Up;
         let joins_bond = desired_master.get(&name).is_some_and(|master| {
             link.master.as_ref() != Some(master)

@@ -526,3 +526,55 @@ fn cli_plan_apply_show() {
         let _ = std::fs::remove_file(&file);
     });
 }
+
+/// The link's interface group, which the host firewall matches as its zone.
+fn netdev_group(name: &str) -> u32 {
+    let path = format!("/sys/class/net/{name}/netdev_group");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.trim().parse().expect("a number")
+}
+
+#[test]
+fn zones_become_interface_groups_and_drift_is_put_back() {
+    in_netns(|state| async move {
+        veth("nic0", "sw0");
+        veth("nic1", "sw1");
+        // A link the document does not list keeps its group.
+        veth("other0", "sw2");
+        ip(&["link", "set", "other0", "group", "1"]);
+        let doc = parse_document(
+            r#"{ "links": [
+  {"name": "nic0", "kind": "physical", "zone": "management", "addresses": ["10.0.9.5/24"]},
+  {"name": "nic1", "kind": "physical"},
+  {"name": "br100", "kind": "bridge", "bridge": {"ports": ["nic1"]}, "addresses": ["192.168.77.1/24"]} ] }"#,
+        )
+        .expect("valid");
+        let netconf = Netconf::new(&state).await.expect("netconf");
+        let report = netconf.apply(&doc).await.expect("apply");
+        assert!(
+            report
+                .to_string()
+                .contains("~ nic0: zone isolated -> management"),
+            "{report}"
+        );
+        assert_eq!(netdev_group("nic0"), 1);
+        assert_eq!(netdev_group("nic1"), 0);
+        assert_eq!(netdev_group("br100"), 0);
+        assert_eq!(netdev_group("other0"), 1);
+        assert!(netconf.plan(&doc).await.expect("plan").is_empty());
+        let shown = netconf.show().await.expect("show");
+        let nic0 = shown.links.iter().find(|l| l.name == "nic0").expect("nic0");
+        assert_eq!(nic0.zone, thvc_netconf::Zone::Management);
+
+        // Someone opens the VM bridge to host services behind the agent's back.
+        ip(&["link", "set", "br100", "group", "1"]);
+        let plan = netconf.plan(&doc).await.expect("plan");
+        assert_eq!(
+            plan.to_string().trim(),
+            "1. ~ br100: zone management -> isolated",
+            "{plan}"
+        );
+        netconf.apply(&doc).await.expect("repair");
+        assert_eq!(netdev_group("br100"), 0);
+    });
+}

@@ -121,6 +121,7 @@ fn simulate(
                 next_index += 1;
             }
             Step::SetMtu { name, to, .. } => state.links.get_mut(name).unwrap().mtu = *to,
+            Step::SetZone { name, to, .. } => state.links.get_mut(name).unwrap().group = to.group(),
             Step::SetMac { name, to, .. } => state.links.get_mut(name).unwrap().mac = Some(*to),
             Step::SetBondOptions { name, options } => {
                 let Some(ObservedKind::Bond(bond)) = state.links.get_mut(name).map(|l| &mut l.kind)
