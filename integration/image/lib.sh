@@ -14,14 +14,31 @@ image_install_host_tools() {
     command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
     [ -e "$OVMF_CODE" ] || need+=(ovmf)
     command -v ssh >/dev/null || need+=(openssh-client)
-    for p in python3 zstd curl; do command -v "$p" >/dev/null || need+=("$p"); done
+    for p in python3 zstd curl openssl; do command -v "$p" >/dev/null || need+=("$p"); done
+    # The boot test's log collector (systemd-journal-remote: its package enables nothing)
+    # and what its NTS time server (image_chronyd) links.
+    [ -x /usr/lib/systemd/systemd-journal-remote ] || need+=(systemd-journal-remote)
+    for p in libgnutls30 libnettle8 libedit2 libseccomp2 libcap2; do
+        dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
+    done
     if [ ${#need[@]} -gt 0 ]; then
         echo "installing ${need[*]}" >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
     fi
 }
 
+# image_chronyd DIR: prints a chronyd to run: the host's, or the one of Debian's chrony
+# package unpacked into DIR (installed, the package would enable and start a time service
+# on a host that runs systemd).
+image_chronyd() {
+    if command -v chronyd; then return; fi
+    mkdir -p "$1"
+    (cd "$1" && apt-get download -q chrony >&2 && dpkg-deb -x chrony_*.deb pkg) || return
+    echo "$1/pkg/usr/sbin/chronyd"
+}
+
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+free_udp_port() { python3 -c 'import socket;s=socket.socket(type=socket.SOCK_DGRAM);s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 # GPT partition of IMAGE by label (a shell pattern) and, if given, type GUID: prints
 # "OFFSET SIZE" in bytes of the first that matches.
@@ -116,8 +133,10 @@ node_disk() {
 # node_start [NAME=VALUE | NAME=@FILE]...: boots $work/disk.raw with those
 # credentials; sets qemu_pid, ssh_port and metrics_port (node-exporter's :9100);
 # console in $work/console.log. Extra QEMU arguments in the array qemu_extra.
+# node_console=ttyS1: the node has two serial ports and console.log is the second's (the
+# first's output goes to console-ttyS0.log), for a node given the ttyS1 console add-on.
 node_start() {
-    local creds=() c name value
+    local creds=() c name value serial=(-serial file:"$work/console.log")
     for c in "$@"; do
         name=${c%%=*}; value=${c#*=}
         if [ "${value:0:1}" = @ ]; then
@@ -129,6 +148,10 @@ node_start() {
     ssh_port=$(free_port)
     metrics_port=$(free_port)
     : > "$work/console.log"
+    if [ "${node_console:-ttyS0}" = ttyS1 ]; then
+        : > "$work/console-ttyS0.log"
+        serial=(-serial file:"$work/console-ttyS0.log" -serial file:"$work/console.log")
+    fi
     # One vCPU: with two, the node's kernel died in 3 of ~8 boot tests on one machine, each
     # time right at a nested VM's start or reset, where KVM flips static keys and the kernel
     # patches its own code while the other vCPU runs it (multi-threaded TCG); with one, 5
@@ -142,7 +165,7 @@ node_start() {
         -netdev user,id=lan,restrict=on,net=10.77.0.0/24 \
         -device virtio-net-pci,netdev=lan,mac=$LAN_MAC \
         "${creds[@]}" "${qemu_extra[@]}" \
-        -display none -serial file:"$work/console.log" -monitor none &
+        -display none "${serial[@]}" -monitor none &
     qemu_pid=$!
 }
 
