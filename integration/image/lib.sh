@@ -14,9 +14,9 @@ image_install_host_tools() {
     command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
     [ -e "$OVMF_CODE" ] || need+=(ovmf)
     command -v ssh >/dev/null || need+=(openssh-client)
-    for p in python3 zstd curl openssl; do command -v "$p" >/dev/null || need+=("$p"); done
-    # The boot test's log collector (systemd-journal-remote: its package enables nothing)
-    # and what its NTS time server (image_chronyd) links.
+    for p in python3 zstd curl openssl socat; do command -v "$p" >/dev/null || need+=("$p"); done
+    # The boot test's log collector (systemd-journal-remote: its package enables nothing;
+    # socat its TLS) and what its NTS time server (image_chronyd) links.
     [ -x /usr/lib/systemd/systemd-journal-remote ] || need+=(systemd-journal-remote)
     for p in libgnutls30 libnettle8 libedit2 libseccomp2 libcap2; do
         dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
