@@ -16,11 +16,8 @@ image_install_host_tools() {
     command -v ssh >/dev/null || need+=(openssh-client)
     for p in python3 zstd curl openssl socat; do command -v "$p" >/dev/null || need+=("$p"); done
     # The boot test's log collector (systemd-journal-remote: its package enables nothing;
-    # socat its TLS) and what its NTS time server (image_chronyd) links.
+    # socat its TLS).
     [ -x /usr/lib/systemd/systemd-journal-remote ] || need+=(systemd-journal-remote)
-    for p in libgnutls30 libnettle8 libedit2 libseccomp2 libcap2; do
-        dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
-    done
     if [ ${#need[@]} -gt 0 ]; then
         echo "installing ${need[*]}" >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
@@ -34,6 +31,13 @@ image_chronyd() {
     if command -v chronyd; then return; fi
     mkdir -p "$1"
     (cd "$1" && apt-get download -q chrony >&2 && dpkg-deb -x chrony_*.deb pkg) || return
+    # The libraries it links (libraries start nothing when installed).
+    local libs=() l
+    for l in libgnutls30 libnettle8 libedit2 libseccomp2 libcap2; do
+        dpkg-query -W -f '${Status}' "$l" 2>/dev/null | grep -q 'ok installed' || libs+=("$l")
+    done
+    ((${#libs[@]} == 0)) ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${libs[@]}" >&2 || return
     echo "$1/pkg/usr/sbin/chronyd"
 }
 
