@@ -10,9 +10,10 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt;
+use rtnetlink::packet_core::{DefaultNla, NLA_F_NESTED};
 use rtnetlink::packet_route::link::{
-    BondLacpRate, BondMode as NlMode, BondXmitHashPolicy as NlHash, BridgeStpState,
-    BridgeVlanInfoFlags, InfoBond, InfoKind, LinkAttribute,
+    AfSpecInet, AfSpecUnspec, BondLacpRate, BondMode as NlMode, BondXmitHashPolicy as NlHash,
+    BridgeStpState, BridgeVlanInfoFlags, InfoBond, InfoKind, LinkAttribute,
 };
 use rtnetlink::packet_route::route::{RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{
@@ -75,6 +76,22 @@ impl fmt::Debug for Executor {
             .field("indexes", &self.indexes)
             .finish()
     }
+}
+
+/// `IFLA_AF_SPEC { AF_INET { IFLA_INET_CONF { IPV4_DEVCONF_FORWARDING: u32 } } }`: the
+/// link's `net.ipv4.conf.NAME.forwarding` set through rtnetlink, which needs no writable
+/// /proc/sys (the agent runs with ProtectKernelTunables=). Built by hand because the
+/// crate's `AfSpecInet::DevConfRequest` leaves out zero values, so it cannot turn one off.
+fn ipv4_forwarding(on: bool) -> LinkAttribute {
+    const IFLA_INET_CONF: u16 = 1;
+    const IPV4_DEVCONF_FORWARDING: u16 = 1;
+    let mut conf = Vec::with_capacity(8);
+    conf.extend_from_slice(&8u16.to_ne_bytes());
+    conf.extend_from_slice(&IPV4_DEVCONF_FORWARDING.to_ne_bytes());
+    conf.extend_from_slice(&u32::from(on).to_ne_bytes());
+    LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![AfSpecInet::Other(
+        DefaultNla::new(IFLA_INET_CONF | NLA_F_NESTED, conf),
+    )])])
 }
 
 fn nl(context: &'static str) -> impl FnOnce(rtnetlink::Error) -> ExecError {
@@ -212,6 +229,17 @@ impl Executor {
                     .execute()
                     .await
                     .map_err(nl("setting the interface group (firewall zone)"))?;
+                Ok(Outcome::Done)
+            }
+            Step::SetForwarding { name, to, .. } => {
+                let index = self.index(name).await?;
+                let message = LinkUnspec::new_with_index(index)
+                    .append_extra_attribute(ipv4_forwarding(*to))
+                    .build();
+                link.set(message)
+                    .execute()
+                    .await
+                    .map_err(nl("setting IPv4 forwarding"))?;
                 Ok(Outcome::Done)
             }
             Step::SetMac { name, to, .. } => {

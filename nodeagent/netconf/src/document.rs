@@ -78,14 +78,21 @@ pub enum Zone {
     Isolated,
     /// The management network: sshd (the control plane) and the metrics port answer here.
     Management,
+    /// A VM network the host routes (IPv4) to and from the management network, and only
+    /// there: no host service answers on it, as on an isolated link. The node forwards for
+    /// it only while the document lists one: the links of this zone and the management ones
+    /// then forward (their per-link IPv4 `forwarding`), and the firewall's forward chain
+    /// admits exactly routed <-> management.
+    Routed,
 }
 
 impl Zone {
-    /// The interface group the ruleset matches (`define management = 1` there).
+    /// The interface group the ruleset matches (`define management = 1`, `routed = 2`).
     pub fn group(self) -> u32 {
         match self {
             Zone::Isolated => 0,
             Zone::Management => 1,
+            Zone::Routed => 2,
         }
     }
 
@@ -93,6 +100,7 @@ impl Zone {
     pub fn from_group(group: u32) -> Zone {
         match group {
             1 => Zone::Management,
+            2 => Zone::Routed,
             _ => Zone::Isolated,
         }
     }
@@ -107,6 +115,7 @@ impl fmt::Display for Zone {
         f.write_str(match self {
             Zone::Isolated => "isolated",
             Zone::Management => "management",
+            Zone::Routed => "routed",
         })
     }
 }

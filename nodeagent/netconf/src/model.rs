@@ -38,6 +38,8 @@ pub struct ObservedLink {
     pub up: bool,
     /// The interface group (IFLA_GROUP): the link's firewall zone, see [`crate::Zone`].
     pub group: u32,
+    /// IPv4 forwarding of packets that arrive on this link (its `conf/NAME/forwarding`).
+    pub forwarding: bool,
     /// Name of the bond or bridge this link is enslaved to.
     pub master: Option<String>,
     /// Permanent, non-link-local addresses: those an administrator (or we) configured.
@@ -60,6 +62,7 @@ impl ObservedLink {
             perm_mac: None,
             up: false,
             group: 0,
+            forwarding: false,
             master: None,
             addresses: Vec::new(),
             routes: Vec::new(),

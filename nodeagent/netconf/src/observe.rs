@@ -12,8 +12,9 @@ use futures_util::TryStreamExt;
 use rtnetlink::packet_core::Nla;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{
-    AfSpecBridge, BridgeStpState, BridgeVlanInfoFlags, InfoBond, InfoBridge, InfoData, InfoKind,
-    InfoTun, InfoVlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
+    AfSpecBridge, AfSpecInet, AfSpecUnspec, BridgeStpState, BridgeVlanInfoFlags, InfoBond,
+    InfoBridge, InfoData, InfoKind, InfoTun, InfoVlan, LinkAttribute, LinkExtentMask, LinkFlags,
+    LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
@@ -146,6 +147,7 @@ fn parse_link(message: &LinkMessage, names: &HashMap<u32, String>) -> Option<Obs
     let name = link_name(message)?;
     let mut mtu = 0;
     let mut group = 0;
+    let mut forwarding = false;
     let mut mac = None;
     let mut perm_mac = None;
     let mut master = None;
@@ -156,6 +158,17 @@ fn parse_link(message: &LinkMessage, names: &HashMap<u32, String>) -> Option<Obs
         match attribute {
             LinkAttribute::Mtu(m) => mtu = *m,
             LinkAttribute::Group(g) => group = *g,
+            LinkAttribute::AfSpecUnspec(families) => {
+                for family in families {
+                    if let AfSpecUnspec::Inet(inet) = family {
+                        for conf in inet {
+                            if let AfSpecInet::DevConf(conf) = conf {
+                                forwarding = conf.forwarding != 0;
+                            }
+                        }
+                    }
+                }
+            }
             LinkAttribute::Address(bytes) => mac = MacAddr::from_bytes(bytes),
             LinkAttribute::PermAddress(bytes) => perm_mac = MacAddr::from_bytes(bytes),
             LinkAttribute::Controller(index) => master = names.get(index).cloned(),
@@ -210,6 +223,7 @@ fn parse_link(message: &LinkMessage, names: &HashMap<u32, String>) -> Option<Obs
         perm_mac,
         up: message.header.flags.contains(LinkFlags::Up),
         group,
+        forwarding,
         master,
         addresses: Vec::new(),
         routes: Vec::new(),

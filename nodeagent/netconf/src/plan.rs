@@ -130,6 +130,13 @@ pub enum Step {
         from: Zone,
         to: Zone,
     },
+    /// IPv4 forwarding of what arrives on the link (on for routed links and, while the
+    /// document has one, for management links).
+    SetForwarding {
+        name: String,
+        from: bool,
+        to: bool,
+    },
     SetMac {
         name: String,
         from: Option<MacAddr>,
@@ -268,6 +275,15 @@ impl fmt::Display for Step {
             Step::SetMtu { name, from: 0, to } => write!(f, "~ {name}: mtu {to}"),
             Step::SetMtu { name, from, to } => write!(f, "~ {name}: mtu {from} -> {to}"),
             Step::SetZone { name, from, to } => write!(f, "~ {name}: zone {from} -> {to}"),
+            Step::SetForwarding { name, from, to } => {
+                let word = |on: &bool| if *on { "on" } else { "off" };
+                write!(
+                    f,
+                    "~ {name}: IPv4 forwarding {} -> {}",
+                    word(from),
+                    word(to)
+                )
+            }
             Step::SetMac { name, from, to } => match from {
                 Some(from) => write!(f, "~ {name}: mac {from} -> {to}"),
                 None => write!(f, "~ {name}: mac -> {to}"),
@@ -612,6 +628,9 @@ pub fn compute_plan(
         }
     }
 
+    // The node routes only while the document has a routed link (Zone::Routed).
+    let routing = desired.iter().any(|s| s.zone == Zone::Routed);
+
     for spec in topological_order(&desired) {
         let name = kname(&spec.name);
         let fate = fates.get(&name).unwrap_or(&Fate::Update);
@@ -689,6 +708,19 @@ pub fn compute_plan(
                 to: spec.zone,
             });
             link.group = spec.zone.group();
+        }
+        let forward = match spec.zone {
+            Zone::Routed => true,
+            Zone::Management => routing,
+            Zone::Isolated => false,
+        };
+        if link.forwarding != forward {
+            plan.steps.push(Step::SetForwarding {
+                name: name.clone(),
+                from: link.forwarding,
+                to: forward,
+            });
+            link.forwarding = forward;
         }
         let want_up = spec.state == LinkState::Up;
         let joins_bond = desired_master.get(&name).is_some_and(|master| {

@@ -578,3 +578,190 @@ fn zones_become_interface_groups_and_drift_is_put_back() {
         assert_eq!(netdev_group("br100"), 0);
     });
 }
+
+/// `net.ipv4.conf.NAME.forwarding` as this network namespace has it.
+fn ipv4_forwarding(name: &str) -> bool {
+    let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.trim() == "1"
+}
+
+/// A network namespace of its own beside the test's (a VM, a management peer), with one
+/// end of a veth pair moved into it, addressed and routed.
+struct Peer {
+    name: String,
+}
+
+impl Peer {
+    fn new(role: &str, link: &str, address: &str, gateway: &str) -> Peer {
+        let name = format!("{role}-{}", std::process::id());
+        ip(&["netns", "add", &name]);
+        ip(&["link", "set", link, "netns", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ip(&["-n", &name, "address", "add", address, "dev", link]);
+        ip(&["-n", &name, "link", "set", link, "up"]);
+        ip(&["-n", &name, "route", "add", "default", "via", gateway]);
+        Peer { name }
+    }
+
+    /// Whether one echo request to `to` is answered within a second.
+    fn pings(&self, to: &str) -> bool {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "ping", "-c1", "-W1", "-n", to])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run ping: {e}"))
+            .status
+            .success()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+/// The host image's firewall, loaded into the test's network namespace as
+/// thvc-firewall.service loads it on a node.
+fn load_host_firewall() {
+    let ruleset = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../image/mkosi/mkosi.extra/usr/lib/thvc/firewall.nft"
+    );
+    let output = std::process::Command::new("nft")
+        .args(["-f", ruleset])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run nft (Debian: nftables): {e}"));
+    assert!(
+        output.status.success(),
+        "nft -f {ruleset}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn a_routed_zone_is_forwarded_to_the_management_network_and_nowhere_else() {
+    in_netns(|state| async move {
+        load_host_firewall();
+        veth("mgmt0", "up0");
+        veth("nic1", "vm0");
+        veth("nic2", "vm1");
+        let doc = |zone: &str| {
+            parse_document(&format!(
+                r#"{{ "links": [
+  {{"name": "mgmt0", "kind": "physical", "zone": "management", "addresses": ["10.0.9.5/24"]}},
+  {{"name": "nic1", "kind": "physical"}},
+  {{"name": "br100", "kind": "bridge", "bridge": {{"ports": ["nic1"]}}, "zone": "{zone}",
+    "addresses": ["192.168.77.1/24"]}},
+  {{"name": "nic2", "kind": "physical"}},
+  {{"name": "br200", "kind": "bridge", "bridge": {{"ports": ["nic2"]}},
+    "addresses": ["192.168.78.1/24"]}} ] }}"#
+            ))
+            .expect("valid")
+        };
+        // Upstream: a management peer that routes the VM network to the node.
+        let upstream = Peer::new("upstream", "up0", "10.0.9.1/24", "10.0.9.5");
+        let vm = Peer::new("vm", "vm0", "192.168.77.10/24", "192.168.77.1");
+        let other = Peer::new("other", "vm1", "192.168.78.10/24", "192.168.78.1");
+
+        let netconf = Netconf::new(&state).await.expect("netconf");
+        netconf.apply(&doc("isolated")).await.expect("apply");
+        for link in ["mgmt0", "br100", "br200", "all"] {
+            assert!(
+                !ipv4_forwarding(link),
+                "{link} forwards without a routed zone"
+            );
+        }
+        assert!(!vm.pings("10.0.9.1"), "an isolated VM network was routed");
+
+        let report = netconf.apply(&doc("routed")).await.expect("apply routed");
+        let text = report.to_string();
+        assert!(text.contains("~ br100: zone isolated -> routed"), "{text}");
+        assert!(
+            text.contains("~ br100: IPv4 forwarding off -> on"),
+            "{text}"
+        );
+        assert!(
+            text.contains("~ mgmt0: IPv4 forwarding off -> on"),
+            "{text}"
+        );
+        assert_eq!(netdev_group("br100"), 2);
+        assert!(ipv4_forwarding("br100") && ipv4_forwarding("mgmt0"));
+        // Per link, not the whole node: net.ipv4.ip_forward stays 0.
+        assert!(!ipv4_forwarding("all") && !ipv4_forwarding("br200"));
+        assert!(netconf.plan(&doc("routed")).await.expect("plan").is_empty());
+
+        // Both ways between the routed VM network and the management network ...
+        assert!(vm.pings("10.0.9.1"), "the routed VM cannot reach upstream");
+        assert!(
+            upstream.pings("192.168.77.10"),
+            "upstream cannot reach the VM"
+        );
+        // ... but not into the isolated one, nor to the node's own services.
+        ip(&[
+            "-n",
+            &upstream.name,
+            "route",
+            "add",
+            "192.168.78.0/24",
+            "via",
+            "10.0.9.5",
+        ]);
+        assert!(
+            !upstream.pings("192.168.78.10"),
+            "an isolated network was routed"
+        );
+        assert!(
+            !other.pings("192.168.77.10"),
+            "isolated -> routed was forwarded"
+        );
+        assert!(
+            !vm.pings("192.168.78.10"),
+            "routed -> isolated was forwarded"
+        );
+        assert!(
+            !vm.pings("10.0.9.5"),
+            "a routed VM reached the node's own address"
+        );
+
+        // The firewall holds by itself: with forwarding turned on behind the agent's back
+        // on the isolated bridge, still nothing crosses; the next apply turns it off.
+        std::fs::write("/proc/sys/net/ipv4/conf/br200/forwarding", "1").expect("drift");
+        assert!(
+            !upstream.pings("192.168.78.10"),
+            "the firewall let management -> isolated"
+        );
+        assert!(
+            !other.pings("10.0.9.1"),
+            "the firewall let isolated -> management"
+        );
+        let plan = netconf.plan(&doc("routed")).await.expect("plan");
+        assert_eq!(
+            plan.to_string().trim(),
+            "1. ~ br200: IPv4 forwarding on -> off",
+            "{plan}"
+        );
+        netconf.apply(&doc("routed")).await.expect("repair");
+        assert!(!ipv4_forwarding("br200"));
+
+        // Drift is put back, and without a routed link nothing forwards again.
+        std::fs::write("/proc/sys/net/ipv4/conf/br100/forwarding", "0").expect("drift");
+        let plan = netconf.plan(&doc("routed")).await.expect("plan");
+        assert_eq!(
+            plan.to_string().trim(),
+            "1. ~ br100: IPv4 forwarding off -> on",
+            "{plan}"
+        );
+        netconf
+            .apply(&doc("isolated"))
+            .await
+            .expect("back to isolated");
+        assert!(!ipv4_forwarding("br100") && !ipv4_forwarding("mgmt0"));
+        assert!(
+            !vm.pings("10.0.9.1"),
+            "still routed after the zone was removed"
+        );
+    });
+}

@@ -122,6 +122,9 @@ fn simulate(
             }
             Step::SetMtu { name, to, .. } => state.links.get_mut(name).unwrap().mtu = *to,
             Step::SetZone { name, to, .. } => state.links.get_mut(name).unwrap().group = to.group(),
+            Step::SetForwarding { name, to, .. } => {
+                state.links.get_mut(name).unwrap().forwarding = *to
+            }
             Step::SetMac { name, to, .. } => state.links.get_mut(name).unwrap().mac = Some(*to),
             Step::SetBondOptions { name, options } => {
                 let Some(ObservedKind::Bond(bond)) = state.links.get_mut(name).map(|l| &mut l.kind)
@@ -260,6 +263,50 @@ fn example_from_bare_nics_is_ordered_masters_before_members() {
     assert_eq!(json["steps"][2]["op"], "create_link");
     assert_eq!(json["steps"][2]["link"]["kind"], "bond");
     assert_eq!(json["steps"][2]["link"]["mode"], "802.3ad");
+}
+
+#[test]
+fn a_routed_link_forwards_with_the_management_ones_zone_first() {
+    let routed = |zone: &str| {
+        parse_document(&format!(
+            r#"{{ "links": [
+  {{"name": "eth0", "kind": "physical", "zone": "management"}},
+  {{"name": "br0", "kind": "bridge", "bridge": {{"ports": ["eth1"]}}, "zone": "{zone}"}},
+  {{"name": "eth1", "kind": "physical"}} ] }}"#
+        ))
+        .unwrap()
+    };
+    let mut ownership = Ownership::default();
+    let kernel = kernel_with_nics();
+    let plan = compute_plan(&routed("routed"), &kernel, &ownership).unwrap();
+    assert_eq!(
+        lines(&plan),
+        vec![
+            "~ eth0: zone isolated -> management",
+            "~ eth0: IPv4 forwarding off -> on",
+            "~ eth0: up",
+            "~ eth1: up",
+            "+ create bridge br0",
+            "~ eth1: enslave to br0",
+            "~ br0: zone isolated -> routed",
+            "~ br0: IPv4 forwarding off -> on",
+            "~ br0: up",
+        ]
+    );
+    let kernel = simulate(&kernel, &plan, Some(&mut ownership));
+    assert!(compute_plan(&routed("routed"), &kernel, &ownership)
+        .unwrap()
+        .is_empty());
+    // Without a routed link, nothing forwards (management links included).
+    let plan = compute_plan(&routed("isolated"), &kernel, &ownership).unwrap();
+    assert_eq!(
+        lines(&plan),
+        vec![
+            "~ eth0: IPv4 forwarding on -> off",
+            "~ br0: zone routed -> isolated",
+            "~ br0: IPv4 forwarding on -> off",
+        ]
+    );
 }
 
 #[test]
