@@ -137,9 +137,9 @@ pub struct NetConfig {
     /// allows it (multi_queue), else one (resolved when the TAP is opened).
     #[serde(default)]
     pub queues: Option<u16>,
-    /// Applies to receiving and to transmitting, each on its own.
     /// Rate limit (see `rate_limiter`): bytes per second (K/M/G = 1024^n), its burst in
-    /// bytes, operations per second, their burst; absent or 0: unlimited.
+    /// bytes, operations per second, their burst; absent or 0: unlimited. Applies to
+    /// receiving and to transmitting, each limited on its own.
     #[serde(default)]
     pub bandwidth: Option<Amount>,
     #[serde(default, alias = "bandwidth-burst")]
@@ -148,6 +148,25 @@ pub struct NetConfig {
     pub ops: Option<Amount>,
     #[serde(default, alias = "ops-burst")]
     pub ops_burst: Option<Amount>,
+    /// The receive direction's own setting of a key above, replacing it for receiving
+    /// (Firecracker's rx_rate_limiter); see [`NetConfig::limits`].
+    #[serde(default)]
+    pub rx_bandwidth: Option<Amount>,
+    #[serde(default, alias = "rx_bandwidth-burst")]
+    pub rx_bandwidth_burst: Option<Amount>,
+    #[serde(default)]
+    pub rx_ops: Option<Amount>,
+    #[serde(default, alias = "rx_ops-burst")]
+    pub rx_ops_burst: Option<Amount>,
+    /// The same for transmitting (Firecracker's tx_rate_limiter).
+    #[serde(default)]
+    pub tx_bandwidth: Option<Amount>,
+    #[serde(default, alias = "tx_bandwidth-burst")]
+    pub tx_bandwidth_burst: Option<Amount>,
+    #[serde(default)]
+    pub tx_ops: Option<Amount>,
+    #[serde(default, alias = "tx_ops-burst")]
+    pub tx_ops_burst: Option<Amount>,
 }
 
 /// The virtio-rng device's settings: only its rate limit.
@@ -181,19 +200,71 @@ pub fn parse_limits(
     ops: &Option<Amount>,
     ops_burst: &Option<Amount>,
 ) -> Result<LimitConfig, String> {
+    let limits = parse_amounts([bandwidth, bandwidth_burst, ops, ops_burst], "")?;
+    limits.check()?;
+    Ok(limits)
+}
+
+/// The four amounts of a limit parsed, not yet checked together; `prefix` names their keys
+/// in errors (`rx_`).
+fn parse_amounts(amounts: [&Option<Amount>; 4], prefix: &str) -> Result<LimitConfig, String> {
     use crate::rate_limiter::{parse_bytes, parse_ops};
     let get = |a: &Option<Amount>, what: &str, parse: fn(&str) -> Result<u64, RateError>| match a {
         None => Ok(None),
         Some(Amount::Number(n)) => Ok(Some(*n)),
-        Some(Amount::Text(t)) => parse(t).map(Some).map_err(|e| format!("{what}: {e}")),
+        Some(Amount::Text(t)) => parse(t)
+            .map(Some)
+            .map_err(|e| format!("{prefix}{what}: {e}")),
     };
-    let limits = LimitConfig {
+    let [bandwidth, bandwidth_burst, ops, ops_burst] = amounts;
+    Ok(LimitConfig {
         bandwidth: get(bandwidth, "bandwidth", parse_bytes)?,
         bandwidth_burst: get(bandwidth_burst, "bandwidth-burst", parse_bytes)?,
         ops: get(ops, "ops", parse_ops)?,
         ops_burst: get(ops_burst, "ops-burst", parse_ops)?,
+    })
+}
+
+/// One direction of a NIC: its own keys (`rx_*` or `tx_*`, parsed into `own`) replace the
+/// NIC's (`both`, checked), key by key. A burst the direction inherits goes with the
+/// direction's rate when the direction removes that rate (`rx_bandwidth=0`); a burst of its
+/// own needs a rate in that direction.
+pub fn direction_limits(
+    both: &LimitConfig,
+    own: &LimitConfig,
+    direction: &str,
+) -> Result<LimitConfig, String> {
+    let pick = |rate: Option<u64>,
+                burst: Option<u64>,
+                own_rate: Option<u64>,
+                own_burst: Option<u64>,
+                key: &str|
+     -> Result<(Option<u64>, Option<u64>), String> {
+        let rate = own_rate.or(rate);
+        let limited = rate.unwrap_or(0) > 0;
+        match own_burst {
+            Some(_) if !limited => Err(format!(
+                "{direction}_{key}-burst needs a {direction}_{key} or {key} above 0"
+            )),
+            Some(b) => Ok((rate, Some(b))),
+            None => Ok((rate, burst.filter(|_| limited))),
+        }
     };
-    limits.check()?;
+    let (bandwidth, bandwidth_burst) = pick(
+        both.bandwidth,
+        both.bandwidth_burst,
+        own.bandwidth,
+        own.bandwidth_burst,
+        "bandwidth",
+    )?;
+    let (ops, ops_burst) = pick(both.ops, both.ops_burst, own.ops, own.ops_burst, "ops")?;
+    let limits = LimitConfig {
+        bandwidth,
+        bandwidth_burst,
+        ops,
+        ops_burst,
+    };
+    limits.check().map_err(|e| format!("{direction}_*: {e}"))?;
     Ok(limits)
 }
 
@@ -236,9 +307,56 @@ impl DiskConfig {
 }
 
 impl NetConfig {
-    /// The NIC's rate limit, per direction (validated by parsing).
-    pub fn limits(&self) -> LimitConfig {
-        limits_of!(self).unwrap_or_default()
+    /// The NIC's rate limits, receiving and transmitting (validated by parsing).
+    pub fn limits(&self) -> (LimitConfig, LimitConfig) {
+        self.parse_limits().unwrap_or_default()
+    }
+
+    /// The `rx_*` (`rx` true) or `tx_*` settings, for [`limit_key`].
+    fn direction_slots(&mut self, rx: bool) -> [&mut Option<Amount>; 4] {
+        if rx {
+            [
+                &mut self.rx_bandwidth,
+                &mut self.rx_bandwidth_burst,
+                &mut self.rx_ops,
+                &mut self.rx_ops_burst,
+            ]
+        } else {
+            [
+                &mut self.tx_bandwidth,
+                &mut self.tx_bandwidth_burst,
+                &mut self.tx_ops,
+                &mut self.tx_ops_burst,
+            ]
+        }
+    }
+
+    /// `bandwidth`, `ops` and their bursts for both directions, each overridden key by key
+    /// by the direction's own `rx_*` or `tx_*` key (see [`direction_limits`]).
+    fn parse_limits(&self) -> Result<(LimitConfig, LimitConfig), String> {
+        let both = limits_of!(self)?;
+        let rx = parse_amounts(
+            [
+                &self.rx_bandwidth,
+                &self.rx_bandwidth_burst,
+                &self.rx_ops,
+                &self.rx_ops_burst,
+            ],
+            "rx_",
+        )?;
+        let tx = parse_amounts(
+            [
+                &self.tx_bandwidth,
+                &self.tx_bandwidth_burst,
+                &self.tx_ops,
+                &self.tx_ops_burst,
+            ],
+            "tx_",
+        )?;
+        Ok((
+            direction_limits(&both, &rx, "rx")?,
+            direction_limits(&both, &tx, "tx")?,
+        ))
     }
 }
 
@@ -369,7 +487,8 @@ impl DiskConfig {
 impl FromStr for NetConfig {
     type Err = ConfigError;
 
-    /// `tap=NAME[,mac=MAC][,queues=N]` or `fd=N[,mac=MAC]`
+    /// `tap=NAME[,mac=MAC][,queues=N]` or `fd=N[,mac=MAC]`, and the rate limit keys, each also
+    /// with `rx_` or `tx_` before it for one direction.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let err = |why: String| ConfigError::Net {
             spec: spec.to_string(),
@@ -384,8 +503,17 @@ impl FromStr for NetConfig {
             bandwidth_burst: None,
             ops: None,
             ops_burst: None,
+            rx_bandwidth: None,
+            rx_bandwidth_burst: None,
+            rx_ops: None,
+            rx_ops_burst: None,
+            tx_bandwidth: None,
+            tx_bandwidth_burst: None,
+            tx_ops: None,
+            tx_ops_burst: None,
         };
         for (key, value) in key_values(spec).map_err(err)? {
+            let direction = |prefix| key.strip_prefix(prefix).unwrap_or("");
             match key {
                 "tap" => net.tap = value.to_string(),
                 "mac" => net.mac = Some(value.to_string()),
@@ -398,10 +526,13 @@ impl FromStr for NetConfig {
                 }
                 "queues" => net.queues = Some(queue_count(value).map_err(err)?),
                 _ if limit_key(key, value, limit_slots!(net)) => {}
+                _ if limit_key(direction("rx_"), value, net.direction_slots(true)) => {}
+                _ if limit_key(direction("tx_"), value, net.direction_slots(false)) => {}
                 _ => {
                     return Err(err(format!(
                         "unknown key '{key}' (tap, fd, mac, queues, bandwidth, \
-                         bandwidth-burst, ops, ops-burst)"
+                         bandwidth-burst, ops, ops-burst, and each of these four with rx_ or \
+                         tx_ before it for one direction)"
                     )))
                 }
             }
@@ -413,7 +544,7 @@ impl FromStr for NetConfig {
 
 impl NetConfig {
     fn validate(&self) -> Result<(), String> {
-        limits_of!(self)?;
+        self.parse_limits()?;
         if let Some(n) = self.queues {
             queue_count(&n.to_string())?;
         }
@@ -613,7 +744,9 @@ pub struct Cli {
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// virtio-net NIC on a TAP device: tap=NAME[,mac=MAC][,queues=N] and the rate limit keys
-    /// of --disk, each direction limited on its own (repeatable).
+    /// of --disk, which limit receiving and transmitting each on its own; the same keys with
+    /// rx_ or tx_ before them (rx_bandwidth=RATE, tx_ops=N, ...) replace them for one
+    /// direction (repeatable).
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
     /// Do not give the guest a virtio-rng device (it has one by default).
@@ -1369,9 +1502,13 @@ mod tests {
         assert_eq!(disk.bandwidth, Some(10 << 20), "M is 1024 * 1024");
         assert_eq!(disk.bandwidth_burst, Some(512 << 10));
         assert_eq!((disk.ops, disk.ops_burst), (Some(2000), None));
-        let net = cfg.nets[0].limits();
+        let (rx, tx) = cfg.nets[0].limits();
         assert_eq!(
-            (net.bandwidth, net.ops, net.ops_burst),
+            rx, tx,
+            "without rx_/tx_ keys both directions get the same limit"
+        );
+        assert_eq!(
+            (rx.bandwidth, rx.ops, rx.ops_burst),
             (Some(1 << 30), Some(100), Some(5))
         );
         assert_eq!(cfg.rng.expect("rng").limits().bandwidth, Some(1024));
@@ -1384,7 +1521,8 @@ mod tests {
         .expect("valid");
         assert_eq!(cfg.disks[0].limits().bandwidth, Some(10 << 20));
         assert_eq!(cfg.disks[0].limits().ops, Some(2000));
-        assert_eq!(cfg.nets[0].limits().bandwidth_burst, Some(4096));
+        assert_eq!(cfg.nets[0].limits().0.bandwidth_burst, Some(4096));
+        assert_eq!(cfg.nets[0].limits().1.bandwidth_burst, Some(4096));
         assert_eq!(cfg.rng.expect("rng").limits().bandwidth, Some(2048));
         assert!(merge(&[], r#"{"rng": false}"#)
             .expect("valid")
@@ -1405,6 +1543,105 @@ mod tests {
         assert!(bad(&["--rng", "speed=1K"], "{}").contains("unknown key 'speed'"));
         assert!(bad(&[], r#"{"disks": [{"path": "/a", "ops": "x"}]}"#).contains("ops"));
         assert!(bad(&[], r#"{"rng": {"bandwidth": "1T"}}"#).contains("--rng"));
+    }
+
+    #[test]
+    fn a_nics_directions_take_their_own_limits_over_the_shared_ones() {
+        use crate::rate_limiter::RateLimiter;
+        use std::time::Duration;
+        let merge = |args: &[&str], file: &str| {
+            let mut all = vec!["--kernel", "k"];
+            all.extend_from_slice(args);
+            let file = FileConfig::parse(file, Path::new("c.json")).expect("valid file");
+            VmConfig::merge(cli(&all), file, HOST_MIB)
+        };
+        let nic = |spec: &str| {
+            merge(&["--net", spec], "{}")
+                .unwrap_or_else(|e| panic!("{spec}: {e}"))
+                .nets[0]
+                .limits()
+        };
+        let limit = |bandwidth, bandwidth_burst, ops, ops_burst| LimitConfig {
+            bandwidth,
+            bandwidth_burst,
+            ops,
+            ops_burst,
+        };
+        // Shared keys for both, a direction's key replaces one of them for that direction.
+        let (rx, tx) = nic("tap=t0,bandwidth=10M,ops=100,rx_bandwidth=1M,tx_ops=5");
+        assert_eq!(rx, limit(Some(1 << 20), None, Some(100), None));
+        assert_eq!(tx, limit(Some(10 << 20), None, Some(5), None));
+        // Only one direction limited; both spellings of the bursts.
+        let (rx, tx) = nic("tap=t0,tx_bandwidth=2K,tx_bandwidth-burst=512,rx_ops=7,rx_ops_burst=2");
+        assert_eq!(rx, limit(None, None, Some(7), Some(2)));
+        assert_eq!(tx, limit(Some(2048), Some(512), None, None));
+        // A shared burst goes with its rate: kept where the direction sets another rate,
+        // dropped where the direction removes the rate ("0": unlimited).
+        let (rx, tx) =
+            nic("tap=t0,bandwidth=10M,bandwidth-burst=1M,rx_bandwidth=0,tx_bandwidth=20M");
+        assert_eq!(rx, limit(Some(0), None, None, None));
+        assert_eq!(tx, limit(Some(20 << 20), Some(1 << 20), None, None));
+        assert!(RateLimiter::new(&rx, Duration::ZERO).is_unlimited());
+        // A direction's own burst over the shared rate.
+        let (rx, tx) = nic("tap=t0,ops=100,rx_ops-burst=1");
+        assert_eq!(rx, limit(None, None, Some(100), Some(1)));
+        assert_eq!(tx, limit(None, None, Some(100), None));
+        // The JSON config file: the same keys.
+        let cfg = merge(
+            &[],
+            r#"{"nets": [{"tap": "t0", "bandwidth": "1M", "rx_bandwidth": 4096,
+                          "tx_ops": 10, "tx_ops-burst": 3, "rx_bandwidth_burst": 100}]}"#,
+        )
+        .expect("valid");
+        let (rx, tx) = cfg.nets[0].limits();
+        assert_eq!(rx, limit(Some(4096), Some(100), None, None));
+        assert_eq!(tx, limit(Some(1 << 20), None, Some(10), Some(3)));
+        // Invalid combinations, each named.
+        let bad = |args: &[&str], file: &str| {
+            merge(args, file).expect_err("must be rejected").to_string()
+        };
+        for (spec, why) in [
+            (
+                "tap=t0,rx_bandwidth=fast",
+                "rx_bandwidth: 'fast' is not a number",
+            ),
+            ("tap=t0,tx_ops=2K", "tx_ops: '2K'"),
+            (
+                "tap=t0,rx_bandwidth-burst=4K",
+                "rx_bandwidth-burst needs a rx_bandwidth or bandwidth",
+            ),
+            (
+                "tap=t0,bandwidth=1M,tx_bandwidth=0,tx_bandwidth-burst=4K",
+                "tx_bandwidth-burst needs",
+            ),
+            (
+                "tap=t0,tx_ops-burst=3",
+                "tx_ops-burst needs a tx_ops or ops",
+            ),
+            (
+                "tap=t0,ops=5,rx_ops-burst=0",
+                "rx_*: a burst must be at least 1",
+            ),
+            (
+                "tap=t0,bandwidth-burst=4K,rx_bandwidth=1M",
+                "bandwidth-burst needs a bandwidth",
+            ),
+            ("tap=t0,rx_speed=1M", "unknown key 'rx_speed'"),
+            ("tap=t0,rx_=1M", "unknown key 'rx_'"),
+            ("tap=t0,up_bandwidth=1M", "unknown key 'up_bandwidth'"),
+        ] {
+            let e = bad(&["--net", spec], "{}");
+            assert!(e.contains(why), "{spec}: {e}");
+        }
+        let e = bad(&[], r#"{"nets": [{"tap": "t0", "tx_ops_burst": 3}]}"#);
+        assert!(e.contains("tx_ops-burst needs"), "{e}");
+        let e = FileConfig::parse(
+            r#"{"nets": [{"tap": "t0", "rx_speed": 3}]}"#,
+            Path::new("c"),
+        )
+        .expect_err("unknown field")
+        .to_string();
+        assert!(e.contains("rx_speed"), "{e}");
     }
 
     #[test]

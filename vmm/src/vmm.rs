@@ -45,7 +45,9 @@ use crate::devices::virtio::pci::{
 };
 use crate::devices::virtio::registers::RegisterPage;
 use crate::devices::virtio::tap::TapError;
-use crate::devices::virtio::throttle::{LimitHandle, LimitRegistry, SharedLimit, Throttle};
+use crate::devices::virtio::throttle::{
+    DeviceLimits, LimitHandle, LimitRegistry, SharedLimit, Throttle,
+};
 use crate::devices::virtio::transport::WorkerGroup;
 use crate::devices::virtio::worker::{self, WorkerControl};
 use crate::devices::virtio::{
@@ -132,7 +134,7 @@ type PendingDevice = (
     DeviceInfo,
     Vec<QueueGroup>,
     Arc<DeviceCounters>,
-    Vec<Arc<SharedLimit>>,
+    DeviceLimits,
 );
 
 /// A device whose queues are all served by one handler.
@@ -165,13 +167,15 @@ fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmErro
                 queues: q..q + 1,
             });
         }
-        devices.push((name, info, groups, counters, vec![limit]));
+        devices.push((name, info, groups, counters, DeviceLimits::One(limit)));
     }
     for (i, nic) in config.nets.iter().enumerate() {
         let mac = nic.mac.as_deref().and_then(net::parse_mac);
+        // Receiving and transmitting each have their own limit (`rx_*`, `tx_*` keys).
+        let (rx, tx) = nic.limits();
         let limits = net::NetLimits {
-            rx: SharedLimit::new(nic.limits()),
-            tx: SharedLimit::new(nic.limits()),
+            rx: SharedLimit::new(rx),
+            tx: SharedLimit::new(tx),
         };
         let nic = match nic.fd {
             Some(fd) => net::open_fd(fd, mac, Some(&limits))?,
@@ -189,7 +193,10 @@ fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmErro
             nic.info,
             nic.groups,
             nic.counters,
-            vec![limits.rx, limits.tx],
+            DeviceLimits::RxTx {
+                rx: limits.rx,
+                tx: limits.tx,
+            },
         ));
     }
     if let Some(rng_config) = &config.rng {
@@ -199,7 +206,7 @@ fn open_virtio_backends(config: &VmConfig) -> Result<Vec<PendingDevice>, VmmErro
         dev.set_throttle(Throttle::new(limit.clone()).map_err(timer_error(&name))?);
         let counters = dev.counters();
         let groups = one_group(&info, dev);
-        devices.push((name, info, groups, counters, vec![limit]));
+        devices.push((name, info, groups, counters, DeviceLimits::One(limit)));
     }
     Ok(devices)
 }
@@ -215,7 +222,7 @@ fn timer_error(device: &str) -> impl FnOnce(io::Error) -> VmmError + '_ {
 fn register_limits(
     limits: &LimitRegistry,
     device: &str,
-    shared: Vec<Arc<SharedLimit>>,
+    shared: DeviceLimits,
     workers: &[WorkerGroup],
 ) {
     limits.add(LimitHandle {

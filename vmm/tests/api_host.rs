@@ -536,3 +536,102 @@ fn update_device_changes_rate_limits_and_refuses_bad_requests_without_changing_a
     assert_eq!(v["result"]["bandwidth"], 1024, "{v}");
     vmm.assert_running();
 }
+
+/// A NIC's receive and transmit limits are separate (`rx_*`, `tx_*` over the shared keys) and
+/// each changeable at run time; a bad request changes neither. The VMM runs in a network
+/// namespace of its own, so the TAP it creates is private and goes with it.
+#[test]
+fn update_device_changes_a_nics_rx_and_tx_limits_apart_and_refuses_bad_ones() {
+    let dir = temp_dir("nic-limits");
+    let kernel = StuckKernel::new(&dir);
+    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+        cmd.args([
+            "--net",
+            "tap=thvcapi0,bandwidth=10M,rx_ops=100,tx_bandwidth=1M,tx_bandwidth-burst=64K",
+        ]);
+        // SAFETY: unshare only changes the child's own namespace, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::unshare(libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    });
+    let mut c = vmm.connect();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let v = c.request(b"{\"request\":\"update-device\",\"device\":\"virtio-rng0\"}\n");
+        if v["ok"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "devices never registered: {v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dev = std::fs::read_to_string(format!("/proc/{}/net/dev", vmm.child.id()))
+        .expect("the VMM's network devices");
+    assert!(
+        dev.contains("thvcapi0:"),
+        "a real TAP in the VMM's namespace: {dev}"
+    );
+    let read = |c: &mut Client| {
+        let v = c.request(b"{\"request\":\"update-device\",\"device\":\"virtio-net0\"}\n");
+        assert_eq!(v["ok"], true, "{v}");
+        v["result"].clone()
+    };
+    let v = read(&mut c);
+    assert_eq!(v["rx"]["bandwidth"], 10 << 20, "{v}");
+    assert_eq!(v["rx"]["ops"], 100, "{v}");
+    assert_eq!(v["tx"]["bandwidth"], 1 << 20, "{v}");
+    assert_eq!(v["tx"]["bandwidth-burst"], 64 << 10, "{v}");
+    assert_eq!(v["tx"]["ops"], serde_json::Value::Null, "{v}");
+    // One direction alone, then both through the shared key.
+    let v = c.request(
+        b"{\"request\":\"update-device\",\"device\":\"virtio-net0\",\"rx_bandwidth\":\"5M\"}\n",
+    );
+    assert_eq!(v["result"]["rx"]["bandwidth"], 5 << 20, "{v}");
+    assert_eq!(v["result"]["tx"]["bandwidth"], 1 << 20, "{v}");
+    let v = c.request(
+        b"{\"request\":\"update-device\",\"device\":\"virtio-net0\",\"ops\":\"2000\",\"tx_ops\":null}\n",
+    );
+    assert_eq!(v["result"]["rx"]["ops"], 2000, "{v}");
+    assert_eq!(v["result"]["tx"]["ops"], serde_json::Value::Null, "{v}");
+    let set = read(&mut c);
+    for (bad, why) in [
+        (
+            &br#"{"request":"update-device","device":"virtio-net0","rx_bandwidth":"1M","tx_bandwidth":"fast"}"#[..],
+            "tx_bandwidth",
+        ),
+        (
+            br#"{"request":"update-device","device":"virtio-net0","rx_bandwidth":"1M","tx_ops-burst":5}"#,
+            "tx: ops-burst needs ops",
+        ),
+        (
+            br#"{"request":"update-device","device":"virtio-net0","rx_ops":"1K"}"#,
+            "rx_ops",
+        ),
+        (
+            br#"{"request":"update-device","device":"virtio-rng0","tx_bandwidth":"1M"}"#,
+            "rx_ and tx_ keys are for a NIC",
+        ),
+        (
+            br#"{"request":"update-device","device":"virtio-net0","rx_speed":"1M"}"#,
+            "unknown field",
+        ),
+        (
+            br#"{"request":"update-device","device":"virtio-net1","rx_bandwidth":"1M"}"#,
+            "unknown device",
+        ),
+    ] {
+        let mut line = bad.to_vec();
+        line.push(b'\n');
+        let v = c.request(&line);
+        assert_eq!(v["ok"], false, "{v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{why}: {v}");
+        assert_eq!(read(&mut c), set, "nothing changed by {v}");
+    }
+    vmm.assert_running();
+}

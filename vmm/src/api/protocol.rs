@@ -3,7 +3,7 @@
 //! Request: `{"request":"ping"|"info"|"pause"|"resume"|"shutdown"|"stop"}\n`, or
 //! `{"request":"update-device","device":"virtio-blk0","bandwidth":"50M","ops":null}\n` (rate
 //! limit keys bandwidth, bandwidth-burst, ops, ops-burst; absent: unchanged; null or "0":
-//! removed). Response:
+//! removed; for a NIC each also with rx_ or tx_ before it, for one direction). Response:
 //! `{"ok":true,"result":...}\n` or `{"ok":false,"error":"..."}\n`. Lines are at most
 //! [`MAX_REQUEST_LEN`] bytes; a trailing `\r` is ignored.
 
@@ -20,7 +20,8 @@ pub enum Request {
     Resume,
     Shutdown,
     Stop,
-    UpdateDevice(DeviceUpdate),
+    /// Boxed: the other requests carry nothing.
+    UpdateDevice(Box<DeviceUpdate>),
 }
 
 /// One rate limit setting of `update-device`.
@@ -33,14 +34,30 @@ pub enum Change {
     Set(String),
 }
 
-/// `update-device`: a device's new rate limit settings.
+/// The four settings of one rate limit.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DeviceUpdate {
-    pub device: String,
+pub struct LimitChanges {
     pub bandwidth: Change,
     pub bandwidth_burst: Change,
     pub ops: Change,
     pub ops_burst: Change,
+}
+
+impl LimitChanges {
+    pub fn is_empty(&self) -> bool {
+        *self == LimitChanges::default()
+    }
+}
+
+/// `update-device`: a device's new rate limit settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceUpdate {
+    pub device: String,
+    /// The plain keys: the device's limit, both directions of a NIC.
+    pub all: LimitChanges,
+    /// A NIC's `rx_*` and `tx_*` keys, which win over the plain ones for their direction.
+    pub rx: LimitChanges,
+    pub tx: LimitChanges,
 }
 
 fn parse_update(mut fields: serde_json::Map<String, Value>) -> Result<DeviceUpdate, ProtocolError> {
@@ -58,17 +75,25 @@ fn parse_update(mut fields: serde_json::Map<String, Value>) -> Result<DeviceUpda
             "\"{key}\" is not a string, number or null"
         ))),
     };
+    let mut limit = |prefix: &str| -> Result<LimitChanges, ProtocolError> {
+        Ok(LimitChanges {
+            bandwidth: change(&format!("{prefix}bandwidth"))?,
+            bandwidth_burst: change(&format!("{prefix}bandwidth-burst"))?,
+            ops: change(&format!("{prefix}ops"))?,
+            ops_burst: change(&format!("{prefix}ops-burst"))?,
+        })
+    };
     let update = DeviceUpdate {
         device,
-        bandwidth: change("bandwidth")?,
-        bandwidth_burst: change("bandwidth-burst")?,
-        ops: change("ops")?,
-        ops_burst: change("ops-burst")?,
+        all: limit("")?,
+        rx: limit("rx_")?,
+        tx: limit("tx_")?,
     };
     if let Some(unknown) = fields.keys().next() {
         let unknown: String = unknown.chars().take(MAX_ECHO).collect();
         return Err(ProtocolError::Json(format!(
-            "unknown field \"{unknown}\" (device, bandwidth, bandwidth-burst, ops, ops-burst)"
+            "unknown field \"{unknown}\" (device, bandwidth, bandwidth-burst, ops, ops-burst, \
+             and for a NIC each of these four with rx_ or tx_ before it)"
         )));
     }
     Ok(update)
@@ -136,7 +161,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
         None => return Err(ProtocolError::Json("missing field \"request\"".into())),
     };
     if name == "update-device" {
-        return parse_update(fields).map(Request::UpdateDevice);
+        return parse_update(fields).map(|u| Request::UpdateDevice(Box::new(u)));
     }
     if let Some(unknown) = fields.keys().next() {
         let unknown: String = unknown.chars().take(MAX_ECHO).collect();
@@ -259,19 +284,47 @@ mod tests {
         );
         assert_eq!(
             r,
-            Ok(Request::UpdateDevice(DeviceUpdate {
+            Ok(Request::UpdateDevice(Box::new(DeviceUpdate {
                 device: "virtio-blk0".into(),
-                bandwidth: Change::Set("50M".into()),
-                bandwidth_burst: Change::Keep,
-                ops: Change::Remove,
-                ops_burst: Change::Set("7".into()),
-            }))
+                all: LimitChanges {
+                    bandwidth: Change::Set("50M".into()),
+                    bandwidth_burst: Change::Keep,
+                    ops: Change::Remove,
+                    ops_burst: Change::Set("7".into()),
+                },
+                ..Default::default()
+            })))
+        );
+        let r = parse_request(
+            br#"{"request":"update-device","device":"virtio-net0","rx_bandwidth":"5M","tx_ops-burst":3,"tx_ops":null,"ops":9}"#,
+        );
+        assert_eq!(
+            r,
+            Ok(Request::UpdateDevice(Box::new(DeviceUpdate {
+                device: "virtio-net0".into(),
+                all: LimitChanges {
+                    ops: Change::Set("9".into()),
+                    ..Default::default()
+                },
+                rx: LimitChanges {
+                    bandwidth: Change::Set("5M".into()),
+                    ..Default::default()
+                },
+                tx: LimitChanges {
+                    ops: Change::Remove,
+                    ops_burst: Change::Set("3".into()),
+                    ..Default::default()
+                },
+            })))
         );
         for bad in [
             &br#"{"request":"update-device"}"#[..],
             br#"{"request":"update-device","device":1}"#,
             br#"{"request":"update-device","device":"d","bandwidth":true}"#,
             br#"{"request":"update-device","device":"d","speed":"1M"}"#,
+            br#"{"request":"update-device","device":"d","rx_speed":"1M"}"#,
+            br#"{"request":"update-device","device":"d","up_bandwidth":"1M"}"#,
+            br#"{"request":"update-device","device":"d","rx_bandwidth":[1]}"#,
         ] {
             assert!(
                 matches!(parse_request(bad), Err(ProtocolError::Json(_))),

@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::protocol::{Change, DeviceUpdate};
+use super::protocol::{Change, DeviceUpdate, LimitChanges};
 use super::{ApiHandler, Request};
 use crate::config::Boot;
 use crate::devices::ged::PowerButton;
 use crate::devices::metrics::DeviceRegistry;
-use crate::devices::virtio::throttle::LimitRegistry;
+use crate::devices::virtio::throttle::{Direction, LimitRegistry, LimitSetting};
 use crate::exit::{ExitReason, VmExitRequest};
 use crate::rate_limiter::{parse_bytes, parse_ops, LimitConfig, RateError};
 use crate::vstate::control::{VcpuControl, VcpuStats};
@@ -89,52 +89,21 @@ impl VmApi {
                 self.limits.names().join(", ")
             )
         })?;
-        let mut config = handle.config();
-        let apply = |slot: &mut Option<u64>,
-                     change: &Change,
-                     key: &str,
-                     parse: fn(&str) -> Result<u64, RateError>|
-         -> Result<(), String> {
-            match change {
-                Change::Keep => {}
-                Change::Remove => *slot = None,
-                Change::Set(text) => {
-                    let n = parse(text).map_err(|e| format!("{key}: {e}"))?;
-                    *slot = (n > 0).then_some(n);
-                }
-            }
-            Ok(())
-        };
-        apply(
-            &mut config.bandwidth,
-            &update.bandwidth,
-            "bandwidth",
-            parse_bytes,
-        )?;
-        apply(
-            &mut config.bandwidth_burst,
-            &update.bandwidth_burst,
-            "bandwidth-burst",
-            parse_bytes,
-        )?;
-        apply(&mut config.ops, &update.ops, "ops", parse_ops)?;
-        apply(
-            &mut config.ops_burst,
-            &update.ops_burst,
-            "ops-burst",
-            parse_ops,
-        )?;
-        // A burst outlives its rate only if explicitly kept: removing the rate removes it.
-        if config.bandwidth.is_none() && update.bandwidth_burst == Change::Keep {
-            config.bandwidth_burst = None;
-        }
-        if config.ops.is_none() && update.ops_burst == Change::Keep {
-            config.ops_burst = None;
-        }
-        config.check()?;
-        handle.update(config);
-        tracing::info!(device = %update.device, ?config, "rate limit changed");
-        Ok(limits_json(&update.device, &config))
+        let all = ParsedChanges::parse(&update.all, "")?;
+        let rx = ParsedChanges::parse(&update.rx, "rx_")?;
+        let tx = ParsedChanges::parse(&update.tx, "tx_")?;
+        let setting = handle.update(|direction, current| match direction {
+            None if !(update.rx.is_empty() && update.tx.is_empty()) => Err(format!(
+                "{} has one rate limit: rx_ and tx_ keys are for a NIC's directions \
+                 (virtio-netN)",
+                update.device
+            )),
+            None => all.apply(current, ""),
+            Some(Direction::Rx) => all.overridden_by(&rx).apply(current, "rx: "),
+            Some(Direction::Tx) => all.overridden_by(&tx).apply(current, "tx: "),
+        })?;
+        tracing::info!(device = %update.device, ?setting, "rate limit changed");
+        Ok(setting_json(&update.device, &setting))
     }
 
     /// The exit counters of vCPU `id`, for its thread to update.
@@ -206,14 +175,105 @@ impl VmApi {
     }
 }
 
-fn limits_json(device: &str, c: &LimitConfig) -> Value {
+/// One setting of `update-device`, its value parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parsed {
+    Keep,
+    Remove,
+    Set(u64),
+}
+
+/// The four settings of one limit as `update-device` changes them.
+#[derive(Debug, Clone, Copy)]
+struct ParsedChanges {
+    bandwidth: Parsed,
+    bandwidth_burst: Parsed,
+    ops: Parsed,
+    ops_burst: Parsed,
+}
+
+impl ParsedChanges {
+    /// Parses every value given; errors name the key as written (`prefix`: `rx_`, `tx_`).
+    fn parse(c: &LimitChanges, prefix: &str) -> Result<Self, String> {
+        let parse =
+            |change: &Change, key: &str, parse: fn(&str) -> Result<u64, RateError>| match change {
+                Change::Keep => Ok(Parsed::Keep),
+                Change::Remove => Ok(Parsed::Remove),
+                Change::Set(text) => parse(text)
+                    .map(|n| {
+                        if n > 0 {
+                            Parsed::Set(n)
+                        } else {
+                            Parsed::Remove
+                        }
+                    })
+                    .map_err(|e| format!("{prefix}{key}: {e}")),
+            };
+        Ok(ParsedChanges {
+            bandwidth: parse(&c.bandwidth, "bandwidth", parse_bytes)?,
+            bandwidth_burst: parse(&c.bandwidth_burst, "bandwidth-burst", parse_bytes)?,
+            ops: parse(&c.ops, "ops", parse_ops)?,
+            ops_burst: parse(&c.ops_burst, "ops-burst", parse_ops)?,
+        })
+    }
+
+    /// These changes with a direction's own (`rx_*`, `tx_*`) winning where given.
+    fn overridden_by(&self, own: &ParsedChanges) -> ParsedChanges {
+        let pick = |own: Parsed, all: Parsed| if own == Parsed::Keep { all } else { own };
+        ParsedChanges {
+            bandwidth: pick(own.bandwidth, self.bandwidth),
+            bandwidth_burst: pick(own.bandwidth_burst, self.bandwidth_burst),
+            ops: pick(own.ops, self.ops),
+            ops_burst: pick(own.ops_burst, self.ops_burst),
+        }
+    }
+
+    /// The setting `current` becomes; `what` prefixes errors (a NIC's direction).
+    fn apply(&self, mut config: LimitConfig, what: &str) -> Result<LimitConfig, String> {
+        let set = |slot: &mut Option<u64>, change: Parsed| match change {
+            Parsed::Keep => {}
+            Parsed::Remove => *slot = None,
+            Parsed::Set(n) => *slot = Some(n),
+        };
+        set(&mut config.bandwidth, self.bandwidth);
+        set(&mut config.bandwidth_burst, self.bandwidth_burst);
+        set(&mut config.ops, self.ops);
+        set(&mut config.ops_burst, self.ops_burst);
+        // A burst outlives its rate only if explicitly kept: removing the rate removes it.
+        if config.bandwidth.is_none() && self.bandwidth_burst == Parsed::Keep {
+            config.bandwidth_burst = None;
+        }
+        if config.ops.is_none() && self.ops_burst == Parsed::Keep {
+            config.ops_burst = None;
+        }
+        config.check().map_err(|e| format!("{what}{e}"))?;
+        Ok(config)
+    }
+}
+
+fn limits_json(c: &LimitConfig) -> Value {
     json!({
-        "device": device,
         "bandwidth": c.bandwidth,
         "bandwidth-burst": c.bandwidth_burst,
         "ops": c.ops,
         "ops-burst": c.ops_burst,
     })
+}
+
+/// `update-device`'s answer: the device's limit, or a NIC's `rx` and `tx` limits.
+fn setting_json(device: &str, setting: &LimitSetting) -> Value {
+    match setting {
+        LimitSetting::One(c) => {
+            let mut v = limits_json(c);
+            v["device"] = json!(device);
+            v
+        }
+        LimitSetting::RxTx { rx, tx } => json!({
+            "device": device,
+            "rx": limits_json(rx),
+            "tx": limits_json(tx),
+        }),
+    }
 }
 
 impl ApiHandler for VmApi {
@@ -322,6 +382,111 @@ mod tests {
         assert_eq!(info["vcpu_exits"][1]["total"], 1);
         assert_eq!(info["devices"], json!([]));
         assert!(info["uptime_ms"].is_u64());
+    }
+
+    #[test]
+    fn a_nics_directions_change_together_or_alone_and_a_bad_request_changes_neither() {
+        use crate::devices::virtio::throttle::{DeviceLimits, LimitHandle, SharedLimit};
+        let registry = LimitRegistry::default();
+        let one = |bandwidth| {
+            SharedLimit::new(LimitConfig {
+                bandwidth,
+                ..Default::default()
+            })
+        };
+        let (rx, tx) = (one(Some(1000)), one(Some(2000)));
+        registry.add(LimitHandle {
+            device: "virtio-net0".into(),
+            limits: DeviceLimits::RxTx {
+                rx: rx.clone(),
+                tx: tx.clone(),
+            },
+            workers: Vec::new(),
+        });
+        let blk = one(None);
+        registry.add(LimitHandle {
+            device: "virtio-blk0".into(),
+            limits: DeviceLimits::One(blk.clone()),
+            workers: Vec::new(),
+        });
+        let (api, _) = api();
+        let api = api.with_limits(registry);
+        let request = |line: &str| match crate::api::protocol::parse_request(line.as_bytes()) {
+            Ok(r) => api.handle(r),
+            Err(e) => Err(e.to_string()),
+        };
+        let v = request(r#"{"request":"update-device","device":"virtio-net0"}"#).expect("read");
+        assert_eq!(v["rx"]["bandwidth"], 1000, "{v}");
+        assert_eq!(v["tx"]["bandwidth"], 2000, "{v}");
+        assert_eq!(
+            v["bandwidth"],
+            Value::Null,
+            "a NIC answers per direction: {v}"
+        );
+        // One direction alone.
+        let v = request(
+            r#"{"request":"update-device","device":"virtio-net0","rx_bandwidth":"5M","rx_ops":10}"#,
+        )
+        .expect("rx");
+        assert_eq!(v["rx"]["bandwidth"], 5 << 20, "{v}");
+        assert_eq!(v["rx"]["ops"], 10, "{v}");
+        assert_eq!(tx.config().bandwidth, Some(2000), "tx untouched");
+        assert_eq!(
+            rx.config().bandwidth,
+            Some(5 << 20),
+            "the shared limit changed"
+        );
+        // A plain key sets both; a direction's key wins for its direction.
+        let v = request(
+            r#"{"request":"update-device","device":"virtio-net0","ops":50,"tx_ops":null,"tx_bandwidth-burst":"1K"}"#,
+        )
+        .expect("both");
+        assert_eq!(v["rx"]["ops"], 50, "{v}");
+        assert_eq!(v["tx"]["ops"], Value::Null, "{v}");
+        assert_eq!(v["tx"]["bandwidth-burst"], 1024, "{v}");
+        assert_eq!(v["rx"]["bandwidth-burst"], Value::Null, "{v}");
+        // Refused, naming the key or direction, and nothing changed in either direction.
+        let before = (rx.config(), tx.config(), blk.config());
+        for (bad, why) in [
+            (
+                r#"{"request":"update-device","device":"virtio-net0","rx_bandwidth":"1M","tx_bandwidth":"fast"}"#,
+                "tx_bandwidth: 'fast'",
+            ),
+            (
+                r#"{"request":"update-device","device":"virtio-net0","rx_bandwidth":"1M","tx_ops-burst":3,"ops":null}"#,
+                "tx: ops-burst needs ops",
+            ),
+            (
+                r#"{"request":"update-device","device":"virtio-net0","bandwidth":"1M","tx_bandwidth":0,"tx_bandwidth-burst":5}"#,
+                "tx: bandwidth-burst needs a bandwidth",
+            ),
+            (
+                r#"{"request":"update-device","device":"virtio-blk0","rx_bandwidth":"1M"}"#,
+                "rx_ and tx_ keys are for a NIC",
+            ),
+            (
+                r#"{"request":"update-device","device":"virtio-net0","rx_speed":"1M"}"#,
+                "unknown field \"rx_speed\"",
+            ),
+        ] {
+            let e = request(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+            assert_eq!((rx.config(), tx.config(), blk.config()), before, "{bad}");
+        }
+        // Removing a rate takes its burst along, per direction.
+        let v =
+            request(r#"{"request":"update-device","device":"virtio-net0","tx_bandwidth":null}"#)
+                .expect("remove");
+        assert_eq!(v["tx"]["bandwidth"], Value::Null, "{v}");
+        assert_eq!(v["tx"]["bandwidth-burst"], Value::Null, "{v}");
+        assert_eq!(v["rx"]["bandwidth"], 5 << 20, "{v}");
+        let v = request(r#"{"request":"update-device","device":"virtio-blk0","bandwidth":"2K"}"#)
+            .expect("blk");
+        assert_eq!(
+            v,
+            json!({"device": "virtio-blk0", "bandwidth": 2048,
+            "bandwidth-burst": null, "ops": null, "ops-burst": null})
+        );
     }
 
     #[test]

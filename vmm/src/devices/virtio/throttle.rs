@@ -149,29 +149,80 @@ impl Throttle {
     }
 }
 
-/// A device's limits as the control API changes them: its shared limits (one, or a NIC's
-/// receive and transmit) and the workers to wake so that waiting requests see the change.
+/// A device's shared limits: one for a disk or the entropy device, one per direction for a
+/// NIC (receiving and transmitting are limited separately, as in Firecracker).
+#[derive(Clone)]
+pub enum DeviceLimits {
+    One(Arc<SharedLimit>),
+    RxTx {
+        rx: Arc<SharedLimit>,
+        tx: Arc<SharedLimit>,
+    },
+}
+
+/// Which of a NIC's limits; None where a device has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Rx,
+    Tx,
+}
+
+/// The settings of a device's limits, shaped as its [`DeviceLimits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitSetting {
+    One(LimitConfig),
+    RxTx { rx: LimitConfig, tx: LimitConfig },
+}
+
+/// A device's limits as the control API changes them: its shared limits and the workers to
+/// wake so that waiting requests see the change.
 #[derive(Clone)]
 pub struct LimitHandle {
     pub device: String,
-    pub limits: Vec<Arc<SharedLimit>>,
+    pub limits: DeviceLimits,
     pub workers: Vec<Arc<super::worker::WorkerControl>>,
 }
 
 impl LimitHandle {
-    /// The current setting (a NIC's directions always have the same one).
-    pub fn config(&self) -> LimitConfig {
-        self.limits.first().map(|l| l.config()).unwrap_or_default()
+    /// The current settings.
+    pub fn setting(&self) -> LimitSetting {
+        match &self.limits {
+            DeviceLimits::One(l) => LimitSetting::One(l.config()),
+            DeviceLimits::RxTx { rx, tx } => LimitSetting::RxTx {
+                rx: rx.config(),
+                tx: tx.config(),
+            },
+        }
     }
 
-    /// Sets every limit of the device to `config` and wakes its workers.
-    pub fn update(&self, config: LimitConfig) {
-        for l in &self.limits {
-            l.update(config);
-        }
+    /// Computes every new setting with `change` (given the direction, None for a device with
+    /// one limit, and the current setting) and, only if all succeed, applies them and wakes
+    /// the workers: a refused change changes nothing.
+    pub fn update<E>(
+        &self,
+        mut change: impl FnMut(Option<Direction>, LimitConfig) -> Result<LimitConfig, E>,
+    ) -> Result<LimitSetting, E> {
+        let setting = match &self.limits {
+            DeviceLimits::One(l) => {
+                let new = change(None, l.config())?;
+                l.update(new);
+                LimitSetting::One(new)
+            }
+            DeviceLimits::RxTx { rx, tx } => {
+                let new_rx = change(Some(Direction::Rx), rx.config())?;
+                let new_tx = change(Some(Direction::Tx), tx.config())?;
+                rx.update(new_rx);
+                tx.update(new_tx);
+                LimitSetting::RxTx {
+                    rx: new_rx,
+                    tx: new_tx,
+                }
+            }
+        };
         for w in &self.workers {
             w.limits_changed();
         }
+        Ok(setting)
     }
 }
 
