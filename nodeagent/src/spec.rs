@@ -164,34 +164,78 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// Checks the values and returns the VMM's `,key=value` suffix.
-    fn vmm_keys(&self, what: &str) -> Result<String, SpecError> {
+    /// Bytes per second, checked as thvc-vmm parses it (digits, an optional K/M/G suffix,
+    /// no overflow); None without a bandwidth.
+    fn bandwidth_rate(&self, what: &str) -> Result<Option<u64>, SpecError> {
+        let Some(b) = &self.bandwidth else {
+            return Ok(None);
+        };
+        let (digits, shift) = match b.strip_suffix(['K', 'M', 'G']) {
+            Some(d) if b.ends_with('K') => (d, 10),
+            Some(d) if b.ends_with('M') => (d, 20),
+            Some(d) => (d, 30),
+            None => (b.as_str(), 0),
+        };
+        let rate = (!digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| digits.parse::<u64>().ok())
+            .flatten()
+            .and_then(|n| n.checked_mul(1 << shift));
+        match rate {
+            Some(rate) => Ok(Some(rate)),
+            None => Err(invalid(format!(
+                "{what}.bandwidth {b:?} must be bytes per second, optionally with K, M or G \
+                 (powers of 1024), e.g. \"10M\", below 16 EiB"
+            ))),
+        }
+    }
+
+    /// Checks the values and returns the VMM's `,key=value` suffix. For one direction of a
+    /// NIC (`prefix` `rx_` or `tx_`), `shared` is the NIC's `limit`, whose keys these replace
+    /// key by key in the VMM: a burst then needs a rate here or there.
+    fn vmm_keys(
+        &self,
+        what: &str,
+        prefix: &str,
+        shared: Option<&RateLimit>,
+    ) -> Result<String, SpecError> {
         let mut out = String::new();
+        let bandwidth = self.bandwidth_rate(what)?;
         if let Some(b) = &self.bandwidth {
-            let digits = b.strip_suffix(['K', 'M', 'G']).unwrap_or(b);
-            if digits.is_empty() || digits.len() > 12 || !digits.bytes().all(|c| c.is_ascii_digit())
-            {
+            out.push_str(&format!(",{prefix}bandwidth={b}"));
+        }
+        let shared_bandwidth = match shared {
+            Some(s) => s.bandwidth_rate(what)?,
+            None => None,
+        };
+        let needs = |rate: Option<u64>, shared_rate: Option<u64>, key: &str| {
+            if rate.or(shared_rate).unwrap_or(0) > 0 {
+                Ok(())
+            } else if shared.is_some() {
+                Err(invalid(format!(
+                    "{what}.{key}_burst needs {key} above 0, here or in the NIC's limit"
+                )))
+            } else {
+                Err(invalid(format!("{what}.{key}_burst needs {key} above 0")))
+            }
+        };
+        if let Some(n) = self.bandwidth_burst {
+            needs(bandwidth, shared_bandwidth, "bandwidth")?;
+            if n == 0 {
                 return Err(invalid(format!(
-                    "{what}.bandwidth {b:?} must be bytes per second, optionally with K, M or G \
-                     (powers of 1024), e.g. \"10M\""
+                    "{what}.bandwidth_burst must be at least 1"
                 )));
             }
-            out.push_str(&format!(",bandwidth={b}"));
-        }
-        if let Some(n) = self.bandwidth_burst {
-            if self.bandwidth.is_none() {
-                return Err(invalid(format!("{what}.bandwidth_burst needs bandwidth")));
-            }
-            out.push_str(&format!(",bandwidth-burst={n}"));
+            out.push_str(&format!(",{prefix}bandwidth-burst={n}"));
         }
         if let Some(n) = self.ops {
-            out.push_str(&format!(",ops={n}"));
+            out.push_str(&format!(",{prefix}ops={n}"));
         }
         if let Some(n) = self.ops_burst {
-            if self.ops.is_none() {
-                return Err(invalid(format!("{what}.ops_burst needs ops")));
+            needs(self.ops, shared.and_then(|s| s.ops), "ops")?;
+            if n == 0 {
+                return Err(invalid(format!("{what}.ops_burst must be at least 1")));
             }
-            out.push_str(&format!(",ops-burst={n}"));
+            out.push_str(&format!(",{prefix}ops-burst={n}"));
         }
         Ok(out)
     }
@@ -209,6 +253,13 @@ pub struct NicSpec {
     /// The NIC's rate limit, for each direction (receive and transmit separately).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<RateLimit>,
+    /// Receiving's own settings: each key given replaces `limit`'s for receiving
+    /// (thvc-vmm's `rx_bandwidth=`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_limit: Option<RateLimit>,
+    /// Transmitting's own settings, the same way (`tx_bandwidth=`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_limit: Option<RateLimit>,
 }
 
 /// The two file stores a spec may reference, canonicalized.
@@ -379,7 +430,7 @@ impl VmSpec {
                 }
             }
             let limit = match &d.limit {
-                Some(l) => l.vmm_keys(&format!("disks[{i}].limit"))?,
+                Some(l) => l.vmm_keys(&format!("disks[{i}].limit"), "", None)?,
                 None => String::new(),
             };
             disks.push(ResolvedDisk {
@@ -414,10 +465,21 @@ impl VmSpec {
                     )))
                 }
             };
-            let limit = match &n.limit {
-                Some(l) => l.vmm_keys(&format!("nics[{i}].limit"))?,
+            let mut limit = match &n.limit {
+                Some(l) => l.vmm_keys(&format!("nics[{i}].limit"), "", None)?,
                 None => String::new(),
             };
+            let shared = n.limit.clone().unwrap_or_default();
+            for (direction, own) in [("rx", &n.rx_limit), ("tx", &n.tx_limit)] {
+                if let Some(own) = own {
+                    let what = format!("nics[{i}].{direction}_limit");
+                    limit.push_str(&own.vmm_keys(
+                        &what,
+                        &format!("{direction}_"),
+                        Some(&shared),
+                    )?);
+                }
+            }
             nics.push(ResolvedNic {
                 bridge: n.bridge.clone(),
                 vlan: n.vlan,
@@ -858,6 +920,12 @@ mod tests {
             (r#"{"bandwidth":""}"#, "bytes per second"),
             (r#"{"ops_burst":5}"#, "needs ops"),
             (r#"{"bandwidth_burst":5}"#, "needs bandwidth"),
+            (
+                r#"{"bandwidth":"0","bandwidth_burst":5}"#,
+                "needs bandwidth",
+            ),
+            (r#"{"bandwidth":"99999999999G"}"#, "below 16 EiB"),
+            (r#"{"ops":10,"ops_burst":0}"#, "at least 1"),
         ] {
             let bad = parsed(&format!(
                 r#"{{"vcpus":1,"memory_mib":128,"kernel":"vmlinuz","disks":[{{"path":"root.img","limit":{limit}}}]}}"#
@@ -877,6 +945,69 @@ mod tests {
         assert!(e.contains("x86-64-v3"), "{e}");
         let back = parse(&serde_json::to_string(&pci).unwrap()).unwrap();
         assert_eq!(back.transport, Some(Transport::Pci), "round trip");
+    }
+
+    #[test]
+    fn a_nics_rx_and_tx_limits_become_the_vmms_direction_keys() {
+        let (_d, s) = stores();
+        let nic = |nic: &str| {
+            let mut spec = parsed(&format!(
+                r#"{{"vcpus":1,"memory_mib":128,"kernel":"vmlinuz","nics":[{nic}]}}"#
+            ));
+            spec.fill_macs("node", "vm");
+            spec.resolve("vm", &s).map(|r| {
+                let args = vmm_args(&r, &params());
+                let at = args.iter().position(|a| a == "--net").expect("--net");
+                args[at + 1].clone()
+            })
+        };
+        let net = nic(r#"{"bridge":"br0","limit":{"bandwidth":"100M"},
+                          "rx_limit":{"bandwidth":"10M","bandwidth_burst":4096},
+                          "tx_limit":{"ops":5000,"ops_burst":100}}"#)
+        .expect("valid");
+        assert!(
+            net.ends_with(
+                ",bandwidth=100M,rx_bandwidth=10M,rx_bandwidth-burst=4096,tx_ops=5000,tx_ops-burst=100"
+            ),
+            "{net}"
+        );
+        // A direction's burst over the NIC's rate, and one direction limited alone.
+        let net = nic(r#"{"bridge":"br0","limit":{"ops":100},"rx_limit":{"ops_burst":3}}"#)
+            .expect("valid");
+        assert!(net.ends_with(",ops=100,rx_ops-burst=3"), "{net}");
+        let net = nic(r#"{"bridge":"br0","tx_limit":{"bandwidth":"1G"}}"#).expect("valid");
+        assert!(net.ends_with(",tx_bandwidth=1G"), "{net}");
+        for (bad, why) in [
+            (
+                r#"{"bridge":"br0","rx_limit":{"bandwidth_burst":5}}"#,
+                "nics[0].rx_limit.bandwidth_burst needs bandwidth",
+            ),
+            (
+                r#"{"bridge":"br0","limit":{"ops":5},"tx_limit":{"ops":0,"ops_burst":2}}"#,
+                "nics[0].tx_limit.ops_burst needs ops",
+            ),
+            (
+                r#"{"bridge":"br0","tx_limit":{"bandwidth":"fast"}}"#,
+                "nics[0].tx_limit.bandwidth",
+            ),
+            (
+                r#"{"bridge":"br0","limit":{"bandwidth":"1X"},"rx_limit":{"ops":1}}"#,
+                "nics[0].limit.bandwidth",
+            ),
+        ] {
+            let e = nic(bad).expect_err(bad).to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert!(parse(
+            r#"{"vcpus":1,"memory_mib":128,"kernel":"k","nics":[{"bridge":"b","rx_limit":{"rate":1}}]}"#
+        )
+        .is_err());
+        let spec = parse(
+            r#"{"vcpus":1,"memory_mib":128,"kernel":"k","nics":[{"bridge":"b","rx_limit":{"ops":1}}]}"#,
+        )
+        .expect("valid");
+        let back = parse(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec, "round trip");
     }
 
     #[test]
