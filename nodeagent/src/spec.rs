@@ -67,6 +67,9 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     #[serde(default)]
     pub nics: Vec<NicSpec>,
+    /// The entropy device (virtio-rng, which every VM has): its rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<RngSpec>,
     /// How the VM's devices attach (thvc-vmm's `--transport`); absent: the VMM's default
     /// (virtio-mmio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,6 +134,16 @@ impl Transport {
 #[serde(rename_all = "lowercase")]
 pub enum Firmware {
     Uefi,
+}
+
+/// The VM's entropy device: getrandom(2) of the host, so its rate is worth limiting on a
+/// shared node (the host's entropy pool and CPU time).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngSpec {
+    /// thvc-vmm's `--rng bandwidth=,ops=` (bytes asked for per second, requests per second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,6 +302,8 @@ pub struct ResolvedSpec {
     pub boot: Boot,
     pub disks: Vec<ResolvedDisk>,
     pub nics: Vec<ResolvedNic>,
+    /// The entropy device's `bandwidth=...` keys for the VMM ("" without a limit).
+    pub rng_limit: String,
     /// Always `Some(Pci)` for firmware boot.
     pub transport: Option<Transport>,
     pub cpu_template: Option<CpuTemplate>,
@@ -487,6 +502,10 @@ impl VmSpec {
                 limit,
             });
         }
+        let rng_limit = match self.rng.as_ref().and_then(|r| r.limit.as_ref()) {
+            Some(l) => l.vmm_keys("rng.limit", "", None)?,
+            None => String::new(),
+        };
         let seed = match &self.metadata {
             Some(md) => {
                 let macs: Vec<String> = nics.iter().map(|n| n.mac.clone()).collect();
@@ -501,6 +520,7 @@ impl VmSpec {
             boot,
             disks,
             nics,
+            rng_limit,
             transport,
             cpu_template: self.cpu_template,
             seed,
@@ -770,6 +790,10 @@ pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
         args.push("--net".to_owned());
         args.push(format!("tap={tap},mac={}{}", nic.mac, nic.limit));
     }
+    if let Some(keys) = spec.rng_limit.strip_prefix(',') {
+        args.push("--rng".to_owned());
+        args.push(keys.to_owned());
+    }
     if let Some(user) = params.switch_to_user {
         args.push("--user".to_owned());
         args.push(user.to_string());
@@ -1006,6 +1030,50 @@ mod tests {
             r#"{"vcpus":1,"memory_mib":128,"kernel":"k","nics":[{"bridge":"b","rx_limit":{"ops":1}}]}"#,
         )
         .expect("valid");
+        let back = parse(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec, "round trip");
+    }
+
+    #[test]
+    fn the_rng_limit_becomes_the_vmms_rng_option() {
+        let (_d, s) = stores();
+        let args = |rng: &str| {
+            let spec = parsed(&format!(
+                r#"{{"vcpus":1,"memory_mib":128,"kernel":"vmlinuz"{rng}}}"#
+            ));
+            spec.resolve("vm", &s).map(|r| vmm_args(&r, &params()))
+        };
+        let limited =
+            args(r#","rng":{"limit":{"bandwidth":"64K","bandwidth_burst":4096,"ops":100}}"#)
+                .expect("valid");
+        let at = limited.iter().position(|a| a == "--rng").expect("--rng");
+        assert_eq!(
+            limited[at + 1],
+            "bandwidth=64K,bandwidth-burst=4096,ops=100"
+        );
+        assert_eq!(limited.iter().filter(|a| *a == "--rng").count(), 1);
+        // No limit: no option, the VMM's unlimited entropy device.
+        for unlimited in ["", r#","rng":{}"#, r#","rng":{"limit":{}}"#] {
+            let a = args(unlimited).expect("valid");
+            assert!(!a.contains(&"--rng".to_owned()), "{unlimited}: {a:?}");
+            assert!(!a.contains(&"--no-rng".to_owned()), "{unlimited}: {a:?}");
+        }
+        for (bad, why) in [
+            (
+                r#","rng":{"limit":{"bandwidth":"1T"}}"#,
+                "rng.limit.bandwidth",
+            ),
+            (
+                r#","rng":{"limit":{"ops_burst":3}}"#,
+                "rng.limit.ops_burst needs ops",
+            ),
+        ] {
+            let e = args(bad).expect_err(bad).to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert!(parse(r#"{"vcpus":1,"memory_mib":128,"kernel":"k","rng":{"off":true}}"#).is_err());
+        let spec = parse(r#"{"vcpus":1,"memory_mib":128,"kernel":"k","rng":{"limit":{"ops":5}}}"#)
+            .expect("valid");
         let back = parse(&serde_json::to_string(&spec).unwrap()).unwrap();
         assert_eq!(back, spec, "round trip");
     }
