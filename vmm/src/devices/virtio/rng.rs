@@ -159,6 +159,68 @@ mod tests {
     }
 
     #[test]
+    fn a_throttled_request_waits_on_the_queue_and_none_is_dropped() {
+        use crate::devices::virtio::throttle::SharedLimit;
+        use crate::rate_limiter::LimitConfig;
+        use std::sync::atomic::Ordering::SeqCst;
+
+        let mem = memory();
+        let mut ring = TestRing::new(&mem, 64);
+        let (_, mut dev) = new();
+        // 64 bytes/s with a 64-byte burst: one 64-byte request at once, then one a second.
+        let (now, clock) = fake_clock();
+        let limit = SharedLimit::with_clock(
+            LimitConfig {
+                bandwidth: Some(64),
+                bandwidth_burst: Some(64),
+                ..Default::default()
+            },
+            clock,
+        );
+        dev.set_throttle(Throttle::new(limit.clone()).expect("timerfd"));
+        let (activation, irq) = ring.activation(vec![ring.queue()], VIRTIO_F_VERSION_1);
+        dev.activate(activation);
+        for i in 0..3u16 {
+            ring.add_chain(i, &[(DATA + u64::from(i) * 64, 64, true)]);
+        }
+        dev.queue_notified(0);
+        assert_eq!(ring.used_idx(), 1, "the burst: one request");
+        assert_eq!(irq.read().expect("irq"), 1);
+        now.store(500, SeqCst);
+        dev.queue_notified(0);
+        assert_eq!(ring.used_idx(), 1, "a kick while throttled changes nothing");
+        dev.timer_fired(Some(0));
+        assert_eq!(
+            ring.used_idx(),
+            1,
+            "half a second: half the bytes, not the request"
+        );
+        now.store(1000, SeqCst);
+        dev.timer_fired(Some(0));
+        assert_eq!(ring.used_idx(), 2);
+        now.store(2000, SeqCst);
+        dev.timer_fired(Some(0));
+        assert_eq!(ring.used_idx(), 3, "all served");
+        for i in 0..3u16 {
+            assert_eq!(ring.used(i), (u32::from(i), 64), "in order, in full");
+            let mut buf = [0u8; 64];
+            mem.read_slice(&mut buf, vm_memory::GuestAddress(DATA + u64::from(i) * 64))
+                .expect("read");
+            assert_ne!(buf, [0u8; 64], "request {i} got random bytes");
+        }
+        let counters = dev.counters();
+        assert_eq!(counters.requests.load(SeqCst), 3);
+        assert_eq!(counters.bytes_read.load(SeqCst), 192);
+        // Limit removed at run time: the next requests go at once.
+        limit.update(LimitConfig::default());
+        for i in 3..8u16 {
+            ring.add_chain(i, &[(DATA + u64::from(i) * 64, 64, true)]);
+        }
+        dev.queue_notified(0);
+        assert_eq!(ring.used_idx(), 8);
+    }
+
+    #[test]
     fn serves_a_ring() {
         let mem = memory();
         let mut ring = TestRing::new(&mem, 64);

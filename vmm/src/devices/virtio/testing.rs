@@ -146,6 +146,19 @@ pub fn desc(addr: u64, len: u32, writable: bool) -> Descriptor {
     Descriptor::new(addr, len, if writable { VRING_DESC_F_WRITE } else { 0 }, 0)
 }
 
+/// A clock for rate limits that moves only when the test says (milliseconds in the atomic).
+pub fn fake_clock() -> (
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    super::throttle::Clock,
+) {
+    let now = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let read = now.clone();
+    let clock: super::throttle::Clock = std::sync::Arc::new(move || {
+        std::time::Duration::from_millis(read.load(std::sync::atomic::Ordering::SeqCst))
+    });
+    (now, clock)
+}
+
 /// A small deterministic PRNG (xorshift64*) for property tests: reproducible without a crate.
 pub struct Rng(pub u64);
 
