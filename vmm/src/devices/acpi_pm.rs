@@ -9,6 +9,7 @@
 
 use std::time::Instant;
 
+use super::log_limit::LogLimit;
 use super::{BusDevice, VmExitRequest};
 use crate::exit::ExitReason;
 
@@ -33,11 +34,16 @@ const SLEEP_ENABLE: u8 = 1 << 5;
 
 pub struct AcpiPm {
     exit: VmExitRequest,
+    /// Writes that end nothing (other sleep states) can come in a loop: rate-limited.
+    log: LogLimit,
 }
 
 impl AcpiPm {
     pub fn new(exit: VmExitRequest) -> Self {
-        AcpiPm { exit }
+        AcpiPm {
+            exit,
+            log: LogLimit::default(),
+        }
     }
 }
 
@@ -49,7 +55,11 @@ impl BusDevice for AcpiPm {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
-        tracing::debug!("ACPI PM register write {value:#x}");
+        crate::guest_log!(
+            tracing::Level::DEBUG,
+            self.log,
+            "ACPI PM register write {value:#x}"
+        );
         if value == RESET_VALUE {
             self.exit.request(ExitReason::GuestReset);
         } else if value & SLEEP_ENABLE != 0 && (value >> 2) & 0x7 == S5_SLEEP_TYPE {
@@ -145,6 +155,25 @@ mod tests {
             pm.write(0, &[value]);
             assert_eq!(exit.reason(), want, "value {value:#x}");
         }
+    }
+
+    #[test]
+    fn a_guest_writing_in_a_loop_gets_a_bounded_number_of_debug_lines() {
+        use crate::devices::log_limit::{logged_lines, DEFAULT_BURST};
+        let exit = VmExitRequest::new().expect("eventfd");
+        let mut pm = AcpiPm::new(exit.clone());
+        let s3 = (3 << 2) | SLEEP_ENABLE;
+        let lines = logged_lines(tracing::Level::DEBUG, || {
+            for _ in 0..1000 {
+                pm.write(0, &[s3]);
+            }
+        });
+        assert_eq!(lines.len(), DEFAULT_BURST as usize, "{lines:?}");
+        assert!(
+            lines[0].contains("ACPI PM register write 0x2c"),
+            "{lines:?}"
+        );
+        assert_eq!(exit.reason(), None, "S3 is ignored");
     }
 
     #[test]

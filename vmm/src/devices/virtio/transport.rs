@@ -98,6 +98,8 @@ pub struct VirtioCommon {
     /// Set when the worker did not let go of the queues on reset; the device is dead then.
     broken: bool,
     warnings_left: u32,
+    /// Debug lines about the driver's register writes, which it can repeat in a loop.
+    log: crate::devices::log_limit::LogLimit,
 }
 
 impl VirtioCommon {
@@ -126,6 +128,7 @@ impl VirtioCommon {
             queue_sel: 0,
             broken: false,
             warnings_left: GUEST_WARNINGS,
+            log: Default::default(),
         }
     }
 
@@ -195,7 +198,12 @@ impl VirtioCommon {
         }
         let newly = status & !self.status;
         if status & self.status != self.status {
-            tracing::debug!("{}: driver cleared status bits; ignored", self.name());
+            crate::guest_log!(
+                tracing::Level::DEBUG,
+                self.log,
+                "{}: driver cleared status bits; ignored",
+                self.name()
+            );
             return StatusChange::Ignored;
         }
         let mut accepted = status;
@@ -298,4 +306,34 @@ pub enum StatusChange {
     Updated,
     /// The write was not allowed (bits cleared, or the device is broken).
     Ignored,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::log_limit::{logged_lines, DEFAULT_BURST};
+    use crate::devices::virtio::testing::{memory, TestRing};
+
+    #[test]
+    fn a_driver_clearing_status_bits_in_a_loop_gets_a_bounded_number_of_debug_lines() {
+        let mem = memory();
+        let (activation, _irq) = TestRing::new(&mem, 64).activation(Vec::new(), 0);
+        let info = DeviceInfo {
+            device_type: TYPE_RNG,
+            queue_max_sizes: vec![64],
+            features: VIRTIO_F_VERSION_1,
+            config_space: Vec::new(),
+        };
+        let mut common = VirtioCommon::new(info, mem, activation.interrupt, Vec::new());
+        assert_eq!(common.write_status(1), StatusChange::Updated, "ACKNOWLEDGE");
+        let lines = logged_lines(tracing::Level::DEBUG, || {
+            for _ in 0..1000 {
+                // DRIVER without ACKNOWLEDGE: clears a bit, which only a reset may.
+                assert_eq!(common.write_status(2), StatusChange::Ignored);
+            }
+        });
+        assert_eq!(lines.len(), DEFAULT_BURST as usize, "{lines:?}");
+        assert!(lines[0].contains("driver cleared status bits"), "{lines:?}");
+        assert_eq!(common.status, 1, "the status stayed");
+    }
 }
