@@ -708,6 +708,8 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     }
 
     let vm = Vm::with_kvm(resources.kvm)?;
+    tracing::info!(pmu = vm.pmu().as_str(), "the guest has no PMU");
+    vm_api.set_pmu(vm.pmu().as_str());
     if usize::from(config.vcpus) > vm.max_vcpus() {
         return Err(VmmError::TooManyVcpus(config.vcpus, vm.max_vcpus()));
     }

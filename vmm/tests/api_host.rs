@@ -635,3 +635,39 @@ fn update_device_changes_a_nics_rx_and_tx_limits_apart_and_refuses_bad_ones() {
     }
     vmm.assert_running();
 }
+
+/// `info` says how the guest came to have no PMU, and it matches this host's KVM: with a PMU
+/// to offer (kvm's enable_pmu Y) the VMM must have disabled it for the VM, without one it
+/// must say so (the VMM refuses to start on a host that has a PMU it cannot disable).
+#[test]
+fn info_reports_how_the_guest_pmu_is_off_as_this_hosts_kvm_has_it() {
+    let dir = temp_dir("pmu");
+    let kernel = StuckKernel::new(&dir);
+    let mut vmm = Vmm::start(&dir, &kernel, |_| {});
+    let mut c = vmm.connect();
+    let deadline = Instant::now() + TIMEOUT;
+    let pmu = loop {
+        let v = c.request(b"{\"request\":\"info\"}\n");
+        assert_eq!(v["ok"], true, "{v}");
+        if let Some(pmu) = v["result"]["pmu"].as_str() {
+            break pmu.to_string();
+        }
+        assert_eq!(v["result"]["pmu"], serde_json::Value::Null, "{v}");
+        assert!(
+            Instant::now() < deadline,
+            "no KVM VM within {TIMEOUT:?}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let enable_pmu = std::fs::read_to_string("/sys/module/kvm/parameters/enable_pmu")
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default();
+    let expected = if enable_pmu == "N" {
+        "none-in-kvm"
+    } else {
+        "disabled-for-vm"
+    };
+    assert_eq!(pmu, expected, "kvm enable_pmu={enable_pmu:?}");
+    eprintln!("this host: kvm enable_pmu={enable_pmu:?}, the VMM reports {pmu}");
+    vmm.assert_running();
+}

@@ -45,6 +45,8 @@ pub struct VmApi {
     limits: LimitRegistry,
     exit: VmExitRequest,
     power_button: OnceLock<PowerButton>,
+    /// How the guest has no PMU (`vstate::vm::PmuOff`), once the KVM VM exists.
+    pmu: OnceLock<&'static str>,
     shutdown_requested: AtomicBool,
     /// Set once the main thread runs its event loop and so acts on exit requests.
     event_loop_running: AtomicBool,
@@ -69,6 +71,7 @@ impl VmApi {
             limits: LimitRegistry::default(),
             exit,
             power_button: OnceLock::new(),
+            pmu: OnceLock::new(),
             shutdown_requested: AtomicBool::new(false),
             event_loop_running: AtomicBool::new(false),
         }
@@ -123,6 +126,11 @@ impl VmApi {
         let _ = self.power_button.set(button);
     }
 
+    /// How the guest came to have no PMU, for `info`.
+    pub fn set_pmu(&self, how: &'static str) {
+        let _ = self.pmu.set(how);
+    }
+
     fn state(&self) -> &'static str {
         if self.vcpus.is_paused() {
             "paused"
@@ -152,6 +160,7 @@ impl VmApi {
             "uptime_ms": u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "uuid": self.summary.uuid,
             "cpu_template": self.summary.cpu_template,
+            "pmu": self.pmu.get(),
             "devices": self.devices.snapshot(),
             "vcpu_exits": exits,
         });
@@ -377,6 +386,12 @@ mod tests {
         assert_eq!(info["uuid"], "0123abcd-0000-4000-8000-00000000beef");
         assert_eq!(info["cpu_template"], "x86-64-v3");
         assert_eq!(info["firmware"], Value::Null);
+        assert_eq!(info["pmu"], Value::Null, "no KVM VM yet");
+        api.set_pmu("none-in-kvm");
+        assert_eq!(
+            api.handle(Request::Info).expect("info")["pmu"],
+            "none-in-kvm"
+        );
         assert_eq!(info["vcpu_exits"][1]["vcpu"], 1);
         assert_eq!(info["vcpu_exits"][1]["mmio"], 1);
         assert_eq!(info["vcpu_exits"][1]["total"], 1);

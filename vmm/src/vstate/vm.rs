@@ -43,11 +43,33 @@ const REQUIRED_CAPS: [Cap; 8] = [
     Cap::IrqRouting,
 ];
 
+/// Why the guest has no PMU: the VMM reports it (`info`'s `pmu`, a log line), so a test
+/// that finds no PMU in a guest can tell which of the two ways got it there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PmuOff {
+    /// KVM offered a virtual PMU and KVM_CAP_PMU_CAPABILITY turned it off for this VM.
+    DisabledForVm,
+    /// KVM offers no PMU to any VM: kvm's enable_pmu is N, set by the administrator or by
+    /// KVM itself on a host without a usable PMU (a nested host under QEMU TCG, for one).
+    NoneInKvm,
+}
+
+impl PmuOff {
+    /// The name `info` reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PmuOff::DisabledForVm => "disabled-for-vm",
+            PmuOff::NoneInKvm => "none-in-kvm",
+        }
+    }
+}
+
 /// Turns KVM's virtual PMU off for this VM (before any vCPU exists, as KVM requires): no
 /// performance counters, whatever the guest's CPUID says (on AMD, Linux uses the legacy
 /// counters without asking CPUID). Where KVM lacks the capability, only a kvm module loaded
-/// with enable_pmu=0 (no PMU for any VM) is accepted.
-fn disable_pmu(fd: &VmFd) -> Result<(), VmError> {
+/// with enable_pmu=0 (no PMU for any VM) is accepted. KVM reports the capability only while
+/// it has a PMU to offer (enable_pmu=Y).
+fn disable_pmu(fd: &VmFd) -> Result<PmuOff, VmError> {
     let supported = fd.check_extension_raw(kvm_bindings::KVM_CAP_PMU_CAPABILITY.into());
     if supported & kvm_bindings::KVM_PMU_CAP_DISABLE as i32 != 0 {
         let mut cap = kvm_bindings::kvm_enable_cap {
@@ -55,13 +77,14 @@ fn disable_pmu(fd: &VmFd) -> Result<(), VmError> {
             ..Default::default()
         };
         cap.args[0] = kvm_bindings::KVM_PMU_CAP_DISABLE.into();
-        return fd.enable_cap(&cap).map_err(|source| VmError::Kvm {
+        fd.enable_cap(&cap).map_err(|source| VmError::Kvm {
             what: "disable the guest PMU",
             source,
-        });
+        })?;
+        return Ok(PmuOff::DisabledForVm);
     }
     match std::fs::read_to_string("/sys/module/kvm/parameters/enable_pmu") {
-        Ok(v) if v.trim() == "N" => Ok(()),
+        Ok(v) if v.trim() == "N" => Ok(PmuOff::NoneInKvm),
         _ => Err(VmError::PmuStaysOn),
     }
 }
@@ -71,6 +94,7 @@ pub struct Vm {
     /// Shared with the devices that change KVM state while the guest runs (MSI routes,
     /// notification addresses of moved BARs).
     fd: Arc<VmFd>,
+    pmu: PmuOff,
 }
 
 impl Vm {
@@ -87,7 +111,7 @@ impl Vm {
         }
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        disable_pmu(&fd)?;
+        let pmu = disable_pmu(&fd)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_err("set the identity map address"))?;
         fd.set_tss_address(KVM_TSS_ADDR as usize)
@@ -102,7 +126,13 @@ impl Vm {
         Ok(Vm {
             kvm,
             fd: Arc::new(fd),
+            pmu,
         })
+    }
+
+    /// How the guest came to have no PMU.
+    pub fn pmu(&self) -> PmuOff {
+        self.pmu
     }
 
     pub fn fd(&self) -> &VmFd {
