@@ -50,8 +50,9 @@ impl JobObject {
     }
 
     /// Cancels a pull-image job (nothing is stored; JobRemoved says `canceled`) or an
-    /// apply-vms job (actions not begun are skipped). VM jobs refuse (InvalidState): a Stop
-    /// ends a Shutdown in progress.
+    /// apply-vms job (actions not begun are skipped). VM, drain, update and reboot jobs
+    /// refuse (InvalidState): a Stop ends a Shutdown in progress. Needs the role that may
+    /// start the job (images for a pull, host for drain, update and reboot, else vm-control).
     async fn cancel(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -60,9 +61,17 @@ impl JobObject {
         let Some(node) = &self.node else {
             return Err(BusError::InvalidState("the node is shutting down".into()));
         };
+        // The role that may start the job: a drain, update or reboot job is the host role's
+        // (it cannot be canceled, which the caller then hears as such, not as AccessDenied).
         let (role, object) = match self.job.operation {
             JobOperation::PullImage => (Role::Images, self.job.image_url.as_str()),
-            _ => (Role::VmControl, self.job.vm.as_str()),
+            JobOperation::Drain | JobOperation::Update | JobOperation::Reboot => {
+                (Role::Host, self.job.image_url.as_str())
+            }
+            JobOperation::Start
+            | JobOperation::Stop
+            | JobOperation::Shutdown
+            | JobOperation::ApplyVms => (Role::VmControl, self.job.vm.as_str()),
         };
         authorize_change(conn, Some(&header), node, role, "CancelJob", object)
             .await?
