@@ -208,29 +208,6 @@ async fn each_role_may_do_its_class_only() {
     }
 }
 
-/// Parses one journald native-protocol datagram (binary-safe fields only, as the agent
-/// writes them) into its fields.
-fn journal_fields(mut d: &[u8]) -> std::collections::HashMap<String, String> {
-    let mut fields = std::collections::HashMap::new();
-    while !d.is_empty() {
-        let nl = d
-            .iter()
-            .position(|&b| b == b'\n')
-            .expect("key ends in a newline");
-        let key = String::from_utf8(d[..nl].to_vec()).unwrap();
-        assert!(
-            !key.contains('='),
-            "the agent writes length-prefixed fields: {key}"
-        );
-        let len = u64::from_le_bytes(d[nl + 1..nl + 9].try_into().unwrap()) as usize;
-        let value = String::from_utf8(d[nl + 9..nl + 9 + len].to_vec()).unwrap();
-        assert_eq!(d[nl + 9 + len], b'\n');
-        d = &d[nl + 10 + len..];
-        fields.insert(key, value);
-    }
-    fields
-}
-
 /// Each state-changing call, allowed, refused or failed, is one journal record with the
 /// caller, the action, the VM and the result; reads are not recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

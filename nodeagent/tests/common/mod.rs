@@ -85,7 +85,21 @@ pub struct TestBus {
 }
 
 impl TestBus {
+    /// A bus that lets everyone own and call everything: the agent checks callers itself.
     pub fn start() -> TestBus {
+        Self::start_with_policy(
+            r#"  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>"#,
+        )
+    }
+
+    /// A bus whose configuration is `policy` (`<policy>` and `<include>` elements) after the
+    /// socket and EXTERNAL authentication.
+    pub fn start_with_policy(policy: &str) -> TestBus {
         let daemon = require_tool("dbus-daemon", "dbus-daemon");
         let dir = tempfile::Builder::new()
             .prefix("thvc-bus-")
@@ -104,24 +118,22 @@ impl TestBus {
 <busconfig>
   <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*"/>
-    <allow receive_sender="*"/>
-  </policy>
+{policy}
 </busconfig>
 "#,
                 socket.display()
             ),
         )
         .expect("write bus config");
+        // Its messages (a policy's "Rejected send message" for every refused call) go to a
+        // log file, shown if it does not start.
+        let log = dir.path().join("dbus-daemon.log");
         let mut child = Command::new(daemon)
             .arg(format!("--config-file={}", config.display()))
             .arg("--nofork")
             .arg("--print-address=1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(&log).expect("create the dbus-daemon log"))
             .spawn()
             .expect("start dbus-daemon");
         let stdout = child.stdout.take().expect("dbus-daemon stdout");
@@ -132,7 +144,8 @@ impl TestBus {
         let address = line.trim().to_owned();
         assert!(
             address.starts_with("unix:"),
-            "dbus-daemon printed no address: {line:?}"
+            "dbus-daemon printed no address: {line:?}; its log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
         TestBus {
             dir,
@@ -526,3 +539,26 @@ pub const IN_NEW_NETNS: &[&str] = &[
     "-c",
     "mount -t sysfs sysfs /sys && exec \"$0\" \"$@\"",
 ];
+
+/// Parses one journald native-protocol datagram (binary-safe fields only, as the agent
+/// writes them) into its fields.
+pub fn journal_fields(mut d: &[u8]) -> std::collections::HashMap<String, String> {
+    let mut fields = std::collections::HashMap::new();
+    while !d.is_empty() {
+        let nl = d
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("key ends in a newline");
+        let key = String::from_utf8(d[..nl].to_vec()).unwrap();
+        assert!(
+            !key.contains('='),
+            "the agent writes length-prefixed fields: {key}"
+        );
+        let len = u64::from_le_bytes(d[nl + 1..nl + 9].try_into().unwrap()) as usize;
+        let value = String::from_utf8(d[nl + 9..nl + 9 + len].to_vec()).unwrap();
+        assert_eq!(d[nl + 9 + len], b'\n');
+        d = &d[nl + 10 + len..];
+        fields.insert(key, value);
+    }
+    fields
+}
