@@ -89,10 +89,19 @@ impl Job {
                 control.cancel();
                 Ok(())
             }
-            None => Err(NodeError::InvalidState(format!(
-                "a {} job cannot be canceled (Stop ends a Shutdown in progress)",
-                self.operation.as_str()
-            ))),
+            None => {
+                let hint = match self.operation {
+                    JobOperation::Shutdown => " (Stop ends a Shutdown in progress)",
+                    JobOperation::Drain | JobOperation::Reboot => {
+                        " (stopping its VMs ends their shutdowns)"
+                    }
+                    _ => "",
+                };
+                Err(NodeError::InvalidState(format!(
+                    "a {} job cannot be canceled{hint}",
+                    self.operation.as_str()
+                )))
+            }
         }
     }
 
