@@ -18,9 +18,14 @@ fn thvcctl_as_nobody(
     args: &[&str],
     stdin: &str,
 ) -> (bool, String, String) {
-    let mut child = Command::new(bin)
-        .arg("--bus")
-        .arg(&bus.address)
+    let mut full = vec!["--bus", &bus.address];
+    full.extend_from_slice(args);
+    run_as_nobody(bin, &full, stdin)
+}
+
+/// Runs `program ARGS` as `nobody` with `stdin`; returns (success, stdout, stderr).
+fn run_as_nobody(program: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(program)
         .args(args)
         .uid(NOBODY)
         .gid(NOBODY)
@@ -28,7 +33,7 @@ fn thvcctl_as_nobody(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run thvcctl as nobody");
+        .expect("run as nobody");
     child
         .stdin
         .take()
@@ -41,6 +46,17 @@ fn thvcctl_as_nobody(
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Whether link `name` exists in the network namespace of process `pid`.
+fn link_in(pid: i32, name: &str) -> bool {
+    Command::new(require_tool("nsenter", "util-linux"))
+        .args(["-t", &pid.to_string(), "-n", "ip", "link", "show", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run nsenter ip")
+        .success()
 }
 
 use std::os::unix::process::CommandExt as _;
@@ -132,38 +148,53 @@ async fn members_of_the_control_group_may_change_state() {
 
 /// One role group at a time is given to `nobody` (through its primary group): each role may
 /// do its own action class and nothing of the others'; Spec and Info stay hidden from everyone
-/// but vm-control.
+/// but vm-control. The agent runs in a network namespace of its own, so the network role's
+/// apply really makes its bridge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_may_do_its_class_only() {
+    require_tool("unshare", "util-linux");
+    let dbus_send = require_tool("dbus-send", "dbus-bin");
     let group = if thvc_nodeagent::auth::group_id("nogroup").unwrap().is_some() {
         "nogroup"
     } else {
         "nobody"
     };
     let zero = "0".repeat(64);
-    // (command, role it needs); image pull of a closed port fails after the check, so the
-    // test tells "denied" from "allowed" by the error name, not by success.
-    let cases: &[(&[&str], &str)] = &[
-        (&["vm", "stop", "mine"], "vm-control"),
-        (&["vm", "pause", "mine"], "vm-control"),
-        (&["vm", "autostart", "mine", "off"], "vm-control"),
+    let bridge = r#"{"links": [{"name": "br0", "kind": "bridge", "mtu": 1500}]}"#;
+    // (command, role it needs, stdin). Some calls fail after the check (image pull of a closed
+    // port; update and reboot on an agent without a host helper), so the test tells "denied"
+    // from "allowed" by the error name, not by success.
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&["vm", "stop", "mine"], "vm-control", ""),
+        (&["vm", "pause", "mine"], "vm-control", ""),
+        (&["vm", "autostart", "mine", "off"], "vm-control", ""),
         // An empty document: refused as invalid once the role allows the call.
-        (&["vm", "apply", "-"], "vm-control"),
-        (&["vm", "apply", "--dry-run", "-"], "vm-control"),
-        (&["vm", "console", "mine"], "console"),
+        (&["vm", "apply", "-"], "vm-control", ""),
+        (&["vm", "apply", "--dry-run", "-"], "vm-control", ""),
+        (&["vm", "console", "mine"], "console", ""),
         (
             &["image", "pull", "http://127.0.0.1:9/x.img", &zero],
             "images",
+            "",
         ),
-        (&["image", "delete", "nonexistent.img"], "images"),
-        (&["disk", "delete", "nonexistent"], "images"),
+        (&["image", "delete", "nonexistent.img"], "images", ""),
+        (&["disk", "delete", "nonexistent"], "images", ""),
+        // A dry run is a read: everyone may plan.
+        (&["net", "plan", "-"], "read", bridge),
+        (&["net", "apply", "-"], "network", bridge),
+        // Last: the drain shuts `mine` down.
+        (&["host", "drain", "--timeout", "5"], "host", ""),
+        (&["host", "undrain"], "host", ""),
+        (&["host", "update", "--check"], "host", ""),
+        (&["host", "update"], "host", ""),
+        (&["host", "reboot", "--timeout", "1"], "host", ""),
     ];
     for role in ["vm-control", "console", "images", "network", "host"] {
         let bus = TestBus::start();
         let dirs = NodeDirs::new();
         let bin = thvcctl_copy(bus.dir.path());
         let setting = format!("{role}={group}");
-        let _agent = Agent::start(
+        let agent = Agent::start_with(
             &bus,
             &dirs,
             &[
@@ -172,6 +203,7 @@ async fn each_role_may_do_its_class_only() {
                 "--role-group",
                 &setting,
             ],
+            IN_NEW_NETNS,
         );
         let conn = connect(&bus).await;
         let m = manager(&conn).await;
@@ -196,15 +228,60 @@ async fn each_role_may_do_its_class_only() {
                 "role {role}: {out}"
             );
         }
-        for (args, needs) in cases {
-            let (_, _, err) = thvcctl_as_nobody(&bin, &bus, args, "");
+        for (args, needs, stdin) in cases {
+            let (ok, out, err) = thvcctl_as_nobody(&bin, &bus, args, stdin);
             let denied = err.contains("AccessDenied");
             assert_eq!(
                 denied,
-                role != *needs,
+                role != *needs && *needs != "read",
                 "role {role}: {args:?} (needs {needs}): {err}"
             );
+            if args[0] == "net" && !denied {
+                assert!(ok, "role {role}: {args:?}: {err}");
+                assert!(out.contains("br0"), "role {role}: {args:?}: {out}");
+            }
         }
+        // Only the network role's apply made the bridge (the plan made nothing).
+        assert_eq!(
+            link_in(agent.pid(), "br0"),
+            role == "network",
+            "role {role}"
+        );
+        assert!(!m.drained().await.unwrap(), "role {role}: undrained again");
+
+        // A drain job cannot be canceled, but only the host role hears so: the others are
+        // refused first. (A VM that ignores the power button keeps the job running.)
+        let stubborn = vm(
+            &conn,
+            m.create_vm("stubborn", &spec_cmdline("fake.ignore_shutdown=1"))
+                .await
+                .unwrap(),
+        )
+        .await;
+        stubborn.start().await.unwrap();
+        let job = m.drain(60).await.unwrap();
+        let (ok, _, err) = run_as_nobody(
+            &dbus_send,
+            &[
+                &format!("--bus={}", bus.address),
+                "--print-reply",
+                "--dest=de.thueringen.thvc.node1",
+                job.as_str(),
+                "de.thueringen.thvc.node1.Job.Cancel",
+            ],
+            "",
+        );
+        assert!(!ok, "role {role}: a drain job was canceled");
+        let want = if role == "host" {
+            "de.thueringen.thvc.node1.Error.InvalidState"
+        } else {
+            "de.thueringen.thvc.node1.Error.AccessDenied"
+        };
+        assert!(
+            err.contains(want),
+            "role {role}: Cancel of a drain job: {err}"
+        );
+        stubborn.stop().await.unwrap();
     }
 }
 
