@@ -9,6 +9,14 @@
 //! or other object acted on; empty for node-wide calls), `THVC_RESULT` (`ok`, `denied` or
 //! `failed`), `THVC_ERROR` (the error message, if any), plus `MESSAGE`, `PRIORITY` and
 //! `SYSLOG_IDENTIFIER=thvc-nodeagent`.
+//!
+//! A call that starts a job says `ok` when the job was created, which is not what happened:
+//! so a job's end is a record too, under the same caller, action and object ([`Origin`]),
+//! with `THVC_JOB` (the job's id, also on the call's record) and `THVC_RESULT` `done`,
+//! `failed` or `canceled` as JobRemoved says, its message in `THVC_ERROR` (failed, canceled)
+//! or `THVC_JOB_MESSAGE` (done). Each action an ApplyVms job carries out (a VM created,
+//! updated, started, shut down, resumed or deleted) is one more record, `THVC_ACTION`
+//! `ApplyVms.<action>` with that VM, as if the caller had made that call.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -16,12 +24,16 @@ use std::path::{Path, PathBuf};
 /// Where journald listens for native-protocol records.
 pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
-/// How a call ended.
+/// How a call (or a job) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
     Denied,
     Failed,
+    /// A job that succeeded.
+    Done,
+    /// A job that was canceled.
+    Canceled,
 }
 
 impl Outcome {
@@ -30,6 +42,8 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Denied => "denied",
             Outcome::Failed => "failed",
+            Outcome::Done => "done",
+            Outcome::Canceled => "canceled",
         }
     }
 }
@@ -41,6 +55,35 @@ pub struct Record<'a> {
     pub object: &'a str,
     pub outcome: Outcome,
     pub error: Option<&'a str>,
+    /// The job the call started, or whose end (or action) this is.
+    pub job: Option<u32>,
+    /// A done job's message (a pulled image's path, an update's version, an apply's report).
+    pub message: Option<&'a str>,
+}
+
+/// Who started a job, with which call, on what: a job's end and its actions are recorded
+/// under these.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub uid: u32,
+    pub action: &'static str,
+    pub object: String,
+}
+
+/// Longest message kept in a job's record (an apply's report lists every action, which
+/// have records of their own): datagrams stay well below the socket's limit.
+pub const MAX_MESSAGE: usize = 4096;
+
+/// `text` cut to at most [`MAX_MESSAGE`] bytes at a character boundary, marked when cut.
+pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_MESSAGE {
+        return text.into();
+    }
+    let mut end = MAX_MESSAGE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len()).into()
 }
 
 /// The journal socket to use: the configured one, else journald's if it exists.
@@ -61,16 +104,17 @@ fn field(buf: &mut Vec<u8>, key: &str, value: &str) {
 
 /// The datagram journald gets for `r`.
 pub fn encode(r: &Record<'_>) -> Vec<u8> {
+    let job = r.job.map(|id| format!(" job {id}")).unwrap_or_default();
     let message = match r.error {
         Some(e) => format!(
-            "{} {} by uid {}: {} ({e})",
+            "{} {} by uid {}:{job} {} ({e})",
             r.action,
             r.object,
             r.uid,
             r.outcome.as_str()
         ),
         None => format!(
-            "{} {} by uid {}: {}",
+            "{} {} by uid {}:{job} {}",
             r.action,
             r.object,
             r.uid,
@@ -78,8 +122,8 @@ pub fn encode(r: &Record<'_>) -> Vec<u8> {
         ),
     };
     let priority = match r.outcome {
-        Outcome::Ok => "6",
-        Outcome::Denied | Outcome::Failed => "5",
+        Outcome::Ok | Outcome::Done => "6",
+        Outcome::Denied | Outcome::Failed | Outcome::Canceled => "5",
     };
     let mut buf = Vec::with_capacity(256);
     field(&mut buf, "MESSAGE", &message);
@@ -91,6 +135,12 @@ pub fn encode(r: &Record<'_>) -> Vec<u8> {
     field(&mut buf, "THVC_RESULT", r.outcome.as_str());
     if let Some(e) = r.error {
         field(&mut buf, "THVC_ERROR", e);
+    }
+    if let Some(id) = r.job {
+        field(&mut buf, "THVC_JOB", &id.to_string());
+    }
+    if let Some(m) = r.message {
+        field(&mut buf, "THVC_JOB_MESSAGE", m);
     }
     buf
 }
@@ -113,6 +163,8 @@ pub fn record(socket: Option<&Path>, r: &Record<'_>) {
         thvc_vm = r.object,
         thvc_result = r.outcome.as_str(),
         thvc_error = r.error.unwrap_or(""),
+        thvc_job = r.job,
+        thvc_job_message = r.message.unwrap_or(""),
         "audit"
     );
 }
@@ -129,10 +181,24 @@ mod tests {
             object: "web1",
             outcome: Outcome::Failed,
             error: Some("two\nlines"),
+            job: Some(12),
+            message: None,
         });
+        let needle = b"THVC_JOB\n\x02\0\0\0\0\0\0\x0012\n";
+        assert!(buf.windows(needle.len()).any(|w| w == needle));
+        assert!(!buf.windows(16).any(|w| w == b"THVC_JOB_MESSAGE"));
         let needle = b"THVC_ERROR\n\x09\0\0\0\0\0\0\0two\nlines\n";
         assert!(buf.windows(needle.len()).any(|w| w == needle));
         let needle = b"THVC_CALLER_UID\n\x04\0\0\0\0\0\0\x001000\n";
         assert!(buf.windows(needle.len()).any(|w| w == needle));
+    }
+
+    #[test]
+    fn long_messages_are_clipped_at_a_character() {
+        assert_eq!(clip("short"), "short");
+        let long = "ä".repeat(MAX_MESSAGE);
+        let clipped = clip(&long);
+        assert!(clipped.len() < MAX_MESSAGE + 32, "{}", clipped.len());
+        assert!(clipped.ends_with(&format!("… ({} bytes)", long.len())));
     }
 }

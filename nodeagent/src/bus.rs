@@ -20,7 +20,7 @@ use crate::auth::Role;
 use crate::host::UpdateAction;
 use crate::hostinfo;
 use crate::names::MANAGER_PATH;
-use crate::node::jobs::JobOperation;
+use crate::node::jobs::{Job, JobOperation};
 use crate::node::{EventStream, Node, NodeError, NodeEvent, Vm, VmProperty};
 
 pub const BUS_NAME: &str = "de.thueringen.thvc.node1";
@@ -141,8 +141,27 @@ struct Audit {
 }
 
 impl Audit {
+    /// The caller, action and object, for a job this call starts: its end is recorded
+    /// under them.
+    fn origin(&self) -> audit::Origin {
+        audit::Origin {
+            uid: self.uid,
+            action: self.action,
+            object: self.object.clone(),
+        }
+    }
+
     /// Records the call's outcome in the audit trail and passes the result on.
     fn done<T, E: Into<BusError>>(self, result: Result<T, E>) -> Result<T, BusError> {
+        self.done_with(result, |_| None)
+    }
+
+    /// [`Audit::done`] for a call that may start a job: `job` tells its id from the result.
+    fn done_with<T, E: Into<BusError>>(
+        self,
+        result: Result<T, E>,
+        job: impl FnOnce(&T) -> Option<u32>,
+    ) -> Result<T, BusError> {
         let result = result.map_err(Into::into);
         let error = result.as_ref().err().map(|e| e.to_string());
         audit::record(
@@ -157,10 +176,17 @@ impl Audit {
                     audit::Outcome::Failed
                 },
                 error: error.as_deref(),
+                job: result.as_ref().ok().and_then(job),
+                message: None,
             },
         );
         result
     }
+}
+
+/// The job id for [`Audit::done_with`].
+fn job_id(job: &Arc<Job>) -> Option<u32> {
+    Some(job.id)
 }
 
 /// [`authorize`] for a state-changing call on `object` (a VM, image, disk; empty for the
@@ -192,6 +218,8 @@ async fn authorize_change(
                         object,
                         outcome: audit::Outcome::Denied,
                         error: Some(m),
+                        job: None,
+                        message: None,
                     },
                 );
             }
@@ -389,7 +417,8 @@ impl Manager {
     ) -> Result<OwnedObjectPath, BusError> {
         let audit =
             authorize_change(conn, Some(&header), &self.node, Role::Host, "Drain", "").await?;
-        let job = audit.done(self.node.drain(timeout_seconds).await)?;
+        let origin = audit.origin();
+        let job = audit.done_with(self.node.drain(timeout_seconds, origin).await, job_id)?;
         owned_path(&job.path)
     }
 
@@ -412,7 +441,11 @@ impl Manager {
         };
         let audit =
             authorize_change(conn, Some(&header), &self.node, Role::Host, what, &url).await?;
-        let job = audit.done(self.node.start_update_job(&url, action).await)?;
+        let origin = audit.origin();
+        let job = audit.done_with(
+            self.node.start_update_job(&url, action, origin).await,
+            job_id,
+        )?;
         owned_path(&job.path)
     }
 
@@ -429,7 +462,11 @@ impl Manager {
     ) -> Result<OwnedObjectPath, BusError> {
         let audit =
             authorize_change(conn, Some(&header), &self.node, Role::Host, "Reboot", "").await?;
-        let job = audit.done(self.node.start_reboot_job(timeout_seconds).await)?;
+        let origin = audit.origin();
+        let job = audit.done_with(
+            self.node.start_reboot_job(timeout_seconds, origin).await,
+            job_id,
+        )?;
         owned_path(&job.path)
     }
 
@@ -540,8 +577,14 @@ impl Manager {
     ) -> Result<(String, OwnedObjectPath), BusError> {
         let plan = if dry_run {
             // The plan names the VMs' spec fields that differ: for the control roles only.
-            authorize(conn, Some(&header), &self.node, Role::VmControl, "ApplyVms").await?;
-            self.node.apply_vms(&document_json, true).await?
+            let uid =
+                authorize(conn, Some(&header), &self.node, Role::VmControl, "ApplyVms").await?;
+            let origin = audit::Origin {
+                uid,
+                action: "ApplyVms",
+                object: String::new(),
+            };
+            self.node.apply_vms(&document_json, true, origin).await?
         } else {
             let audit = authorize_change(
                 conn,
@@ -552,7 +595,11 @@ impl Manager {
                 "",
             )
             .await?;
-            audit.done(self.node.apply_vms(&document_json, false).await)?
+            let origin = audit.origin();
+            audit.done_with(
+                self.node.apply_vms(&document_json, false, origin).await,
+                |plan| plan.job_id,
+            )?
         };
         let job = if plan.job.is_empty() {
             "/"
@@ -610,7 +657,11 @@ impl Manager {
             &url,
         )
         .await?;
-        let job = audit.done(self.node.start_pull_job(&url, &sha256).await)?;
+        let origin = audit.origin();
+        let job = audit.done_with(
+            self.node.start_pull_job(&url, &sha256, origin).await,
+            job_id,
+        )?;
         owned_path(&job.path)
     }
 
@@ -786,7 +837,11 @@ impl VmObject {
             &self.vm.name,
         )
         .await?;
-        let job = audit.done(self.node.start_job(&self.vm.name, operation).await)?;
+        let origin = audit.origin();
+        let job = audit.done_with(
+            self.node.start_job(&self.vm.name, operation, origin).await,
+            job_id,
+        )?;
         owned_path(&job.path)
     }
 }

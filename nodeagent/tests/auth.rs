@@ -286,7 +286,8 @@ async fn each_role_may_do_its_class_only() {
 }
 
 /// Each state-changing call, allowed, refused or failed, is one journal record with the
-/// caller, the action, the VM and the result; reads are not recorded.
+/// caller, the action, the VM and the result; reads are not recorded. A job's end is one
+/// more (done, failed, canceled), and so is each action an ApplyVms job carries out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_changes_are_audited_to_the_journal() {
     let bus = TestBus::start();
@@ -297,6 +298,8 @@ async fn state_changes_are_audited_to_the_journal() {
     journal
         .set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
+    // 512 MiB for VMs: an apply's start of a 1 GiB VM fails.
+    let reserve = (host_memory_mib() - 512).to_string();
     let _agent = Agent::start(
         &bus,
         &dirs,
@@ -305,6 +308,8 @@ async fn state_changes_are_audited_to_the_journal() {
             "thvc-control-test-absent",
             "--journal-socket",
             journal_path.to_str().unwrap(),
+            "--memory-reserve-mib",
+            &reserve,
         ],
     );
     let conn = connect(&bus).await;
@@ -350,4 +355,118 @@ async fn state_changes_are_audited_to_the_journal() {
     assert_eq!(r["THVC_VM"], "nonexistent");
     assert_eq!(r["THVC_RESULT"], "failed");
     assert!(!r["THVC_ERROR"].is_empty());
+    assert!(!r.contains_key("THVC_JOB"), "{r:?}");
+
+    // A job: the call's record names it, and its end is a record of its own under the same
+    // caller, action and VM (the two may arrive in either order).
+    let job = web1.stop_job().await.unwrap();
+    let id = job_id(&job);
+    let rs = [next(), next()];
+    let call = one(&rs, "ok");
+    let end = one(&rs, "done");
+    for r in [call, end] {
+        assert_eq!(r["THVC_ACTION"], "StopJob", "{r:?}");
+        assert_eq!(r["THVC_CALLER_UID"], "0");
+        assert_eq!(r["THVC_VM"], "web1");
+        assert_eq!(r["THVC_JOB"], id, "{r:?}");
+        assert_eq!(r["SYSLOG_IDENTIFIER"], "thvc-nodeagent");
+    }
+    assert_eq!(end["PRIORITY"], "6");
+    assert!(
+        end["MESSAGE"].contains(&format!("job {id} done")),
+        "{end:?}"
+    );
+
+    // A job that fails: its end says so, with JobRemoved's message.
+    let zero = "0".repeat(64);
+    let closed = "http://127.0.0.1:9/x.img";
+    let job = m.pull_image_job(closed, &zero).await.unwrap();
+    let id = job_id(&job);
+    let rs = [next(), next()];
+    assert_eq!(one(&rs, "ok")["THVC_JOB"], id);
+    let end = one(&rs, "failed");
+    assert_eq!(end["THVC_ACTION"], "PullImageJob", "{end:?}");
+    assert_eq!(end["THVC_VM"], closed);
+    assert_eq!(end["THVC_JOB"], id);
+    assert!(end["THVC_ERROR"].contains("127.0.0.1:9"), "{end:?}");
+    assert_eq!(end["PRIORITY"], "5");
+
+    // A canceled job (a server that never answers keeps the pull waiting): the Cancel is
+    // a call of its own, the end says canceled.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/x.img", silent.local_addr().unwrap());
+    let job = m.pull_image_job(&url, &zero).await.unwrap();
+    let id = job_id(&job);
+    let r = next();
+    assert_eq!(
+        (r["THVC_ACTION"].as_str(), r["THVC_RESULT"].as_str()),
+        ("PullImageJob", "ok")
+    );
+    cancel_job(&conn, job.as_str()).await.unwrap();
+    let rs = [next(), next()];
+    let cancel = one(&rs, "ok");
+    assert_eq!(cancel["THVC_ACTION"], "CancelJob", "{cancel:?}");
+    assert_eq!(cancel["THVC_VM"], url);
+    let end = one(&rs, "canceled");
+    assert_eq!(end["THVC_ACTION"], "PullImageJob", "{end:?}");
+    assert_eq!(end["THVC_JOB"], id);
+    assert!(end["THVC_ERROR"].contains("canceled"), "{end:?}");
+
+    // ApplyVms: each action it carries out is a record as the caller's, under the apply's
+    // job; one start fails (beyond capacity), so the job ends failed with the report.
+    let vm_doc = |name: &str, memory_mib: u64| {
+        serde_json::json!({"name": name, "state": "running", "spec":
+            {"vcpus": 1, "memory_mib": memory_mib, "kernel": "vmlinuz"}})
+    };
+    let doc = serde_json::json!({"vms": [vm_doc("doc1", 128), vm_doc("doc2", 1024)]});
+    let (_, job) = m.apply_vms(&doc.to_string(), false).await.unwrap();
+    let id = job_id(&job);
+    let rs: Vec<_> = (0..6).map(|_| next()).collect();
+    for r in &rs {
+        assert_eq!(r["THVC_CALLER_UID"], "0", "{r:?}");
+        assert_eq!(r["THVC_JOB"], id, "{r:?}");
+    }
+    let seen: Vec<(&str, &str, &str)> = rs
+        .iter()
+        .map(|r| {
+            (
+                r["THVC_ACTION"].as_str(),
+                r["THVC_VM"].as_str(),
+                r["THVC_RESULT"].as_str(),
+            )
+        })
+        .collect();
+    let at = |want: (&str, &str, &str)| {
+        seen.iter()
+            .position(|s| *s == want)
+            .unwrap_or_else(|| panic!("no record {want:?} in {seen:?}"))
+    };
+    at(("ApplyVms", "", "ok"));
+    assert!(at(("ApplyVms.create", "doc1", "ok")) < at(("ApplyVms.start", "doc1", "ok")));
+    assert!(at(("ApplyVms.create", "doc2", "ok")) < at(("ApplyVms.start", "doc2", "failed")));
+    let end = &rs[at(("ApplyVms", "", "failed"))];
+    assert!(end["THVC_ERROR"].contains("doc2"), "{end:?}");
+    let failed_start = &rs[at(("ApplyVms.start", "doc2", "failed"))];
+    assert!(
+        failed_start["THVC_ERROR"].contains("needs 1024 MiB of memory"),
+        "{failed_start:?}"
+    );
+}
+
+/// The id of the job at `path` (its last element), as the audit records write it.
+fn job_id(path: &zbus::zvariant::OwnedObjectPath) -> String {
+    path.as_str().rsplit('/').next().unwrap().to_owned()
+}
+
+/// The one record among `records` with THVC_RESULT `result`.
+fn one<'a>(
+    records: &'a [std::collections::HashMap<String, String>],
+    result: &str,
+) -> &'a std::collections::HashMap<String, String> {
+    let found: Vec<_> = records
+        .iter()
+        .filter(|r| r["THVC_RESULT"] == result)
+        .collect();
+    assert_eq!(found.len(), 1, "one {result} record: {records:?}");
+    found[0]
 }

@@ -28,12 +28,15 @@
 //!   matches finds no actions and starts no job. One ApplyVms runs at a time (Busy).
 //!
 //! The plan comes back at once; JobRemoved's message is the same plan with each action's
-//! `result` (`done`, `failed` with `error`, `skipped`, `canceled`).
+//! `result` (`done`, `failed` with `error`, `skipped`, `canceled`). Each action carried out is
+//! an audit record of its own (`ApplyVms.create` of `web1`, ...): the trail says who changed a
+//! VM whether through a call or a document (see [`crate::audit`]).
 
 use std::collections::BTreeSet;
 
 use super::jobs::{Job, JobOperation};
 use super::*;
+use crate::audit::{self, Origin};
 use crate::images::JobControl;
 
 /// More VMs than a node could ever run: a bound on the document, not a policy.
@@ -94,6 +97,20 @@ pub enum ActionKind {
     Create,
     Start,
     Resume,
+}
+
+impl ActionKind {
+    /// As in the plan's JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Shutdown => "shutdown",
+            ActionKind::Delete => "delete",
+            ActionKind::Update => "update",
+            ActionKind::Create => "create",
+            ActionKind::Start => "start",
+            ActionKind::Resume => "resume",
+        }
+    }
 }
 
 /// When an update takes effect.
@@ -160,6 +177,9 @@ pub struct Plan {
     pub left_alone: Vec<String>,
     /// The job carrying the plan out; empty for a dry run or when there is nothing to do.
     pub job: String,
+    /// That job's id.
+    #[serde(skip)]
+    pub job_id: Option<u32>,
 }
 
 impl Plan {
@@ -331,11 +351,13 @@ pub fn plan(
 
 impl Node {
     /// ApplyVms (see the module docs): checks the document, plans, and unless `dry_run`
-    /// starts the job that carries the plan out.
+    /// starts the job that carries the plan out; each action it carries out is audited
+    /// under `origin`.
     pub async fn apply_vms(
         self: &Arc<Self>,
         document: &str,
         dry_run: bool,
+        origin: Origin,
     ) -> Result<Plan, NodeError> {
         let (exclusive, wanted) = parse_document(document, &self.cfg.node_name)?;
         let host_mib = crate::hostinfo::memory_bytes() >> 20;
@@ -389,6 +411,7 @@ impl Node {
             unchanged,
             left_alone,
             job: String::new(),
+            job_id: None,
         };
         let Some(guard) = guard else {
             return Ok(plan);
@@ -411,12 +434,18 @@ impl Node {
         }
         let control = Arc::new(JobControl::default());
         control.set_total(plan.actions.len() as u64);
-        let job = self.new_job(JobOperation::ApplyVms, "", "", Some(control.clone()));
+        let job = self.new_job(
+            JobOperation::ApplyVms,
+            "",
+            "",
+            Some(control.clone()),
+            origin,
+        );
         let actions = plan.actions.clone();
         let job = self
-            .run_job(job, move |node, _job: Arc<Job>| async move {
+            .run_job(job, move |node, job: Arc<Job>| async move {
                 let _one_at_a_time = guard;
-                let done = node.carry_out(actions, &control).await;
+                let done = node.carry_out(actions, &control, &job).await;
                 // Deleted VMs are no longer managed; those that failed to go stay so.
                 let mut still = named;
                 still.extend(
@@ -440,14 +469,18 @@ impl Node {
             })
             .await?;
         plan.job = job.path.clone();
+        plan.job_id = Some(job.id);
         Ok(plan)
     }
 
     /// Runs the actions phase by phase (see the module docs); returns them with results.
+    /// Each action carried out is audited as the apply's caller's `ApplyVms.<action>` of its
+    /// VM (skipped and canceled ones are in the job's report only).
     async fn carry_out(
         self: &Arc<Self>,
         mut actions: Vec<Action>,
         control: &JobControl,
+        job: &Job,
     ) -> Vec<Action> {
         let mut failed: BTreeSet<String> = BTreeSet::new();
         let mut i = 0;
@@ -492,12 +525,33 @@ impl Node {
                             failed.insert(a.vm.clone());
                         }
                     }
+                    self.audit_action(job, a);
                     control.advance();
                 }
             }
             i = end;
         }
         actions
+    }
+
+    fn audit_action(&self, job: &Job, a: &Action) {
+        let action = format!("{}.{}", job.origin.action, a.action.as_str());
+        audit::record(
+            self.cfg.journal_socket.as_deref(),
+            &audit::Record {
+                action: &action,
+                uid: job.origin.uid,
+                object: &a.vm,
+                outcome: if a.result == Some(Outcome::Done) {
+                    audit::Outcome::Ok
+                } else {
+                    audit::Outcome::Failed
+                },
+                error: a.error.as_deref(),
+                job: Some(job.id),
+                message: None,
+            },
+        );
     }
 
     async fn act(&self, a: &Action) -> Result<(), NodeError> {

@@ -59,14 +59,18 @@ impl Node {
     }
 
     /// Marks the node drained and starts the drain job (see the module docs).
-    pub async fn drain(self: &Arc<Self>, timeout_seconds: u64) -> Result<Arc<Job>, NodeError> {
+    pub async fn drain(
+        self: &Arc<Self>,
+        timeout_seconds: u64,
+        origin: crate::audit::Origin,
+    ) -> Result<Arc<Job>, NodeError> {
         if !(1..=86_400).contains(&timeout_seconds) {
             return Err(NodeError::InvalidArgument(format!(
                 "the drain timeout must be 1 to 86400 seconds, not {timeout_seconds}"
             )));
         }
         self.set_drained(true).await?;
-        self.start_drain_job(Duration::from_secs(timeout_seconds))
+        self.start_drain_job(Duration::from_secs(timeout_seconds), origin)
             .await
     }
 
@@ -74,8 +78,12 @@ impl Node {
         self.set_drained(false).await
     }
 
-    async fn start_drain_job(self: &Arc<Self>, timeout: Duration) -> Result<Arc<Job>, NodeError> {
-        let job = self.new_job(JobOperation::Drain, "", "", None);
+    async fn start_drain_job(
+        self: &Arc<Self>,
+        timeout: Duration,
+        origin: crate::audit::Origin,
+    ) -> Result<Arc<Job>, NodeError> {
+        let job = self.new_job(JobOperation::Drain, "", "", None, origin);
         self.run_job(job, move |node, _job| async move {
             node.shut_down_all(timeout, "the node is drained")
                 .await

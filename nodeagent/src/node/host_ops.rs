@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::*;
+use crate::audit::Origin;
 use crate::host::{HostError, UpdateAction};
 use crate::node::jobs::{Job, JobOperation};
 
@@ -53,13 +54,14 @@ impl Node {
         self: &Arc<Self>,
         url: &str,
         action: UpdateAction,
+        origin: Origin,
     ) -> Result<Arc<Job>, NodeError> {
         check_update_url(url)?;
         self.host.available().map_err(host_err)?;
         let guard = self.updating.clone().try_lock_owned().map_err(|_| {
             NodeError::Busy("an update is already in progress on this node".to_owned())
         })?;
-        let job = self.new_job(JobOperation::Update, "", url, None);
+        let job = self.new_job(JobOperation::Update, "", url, None, origin);
         let url = url.to_owned();
         self.run_job(job, move |node, _job| async move {
             let _guard = guard;
@@ -88,6 +90,7 @@ impl Node {
     pub async fn start_reboot_job(
         self: &Arc<Self>,
         timeout_seconds: u64,
+        origin: Origin,
     ) -> Result<Arc<Job>, NodeError> {
         if !(1..=86_400).contains(&timeout_seconds) {
             return Err(NodeError::InvalidArgument(format!(
@@ -98,7 +101,7 @@ impl Node {
         if self.rebooting.swap(true, Ordering::SeqCst) {
             return Err(NodeError::Busy("the node is already rebooting".to_owned()));
         }
-        let job = self.new_job(JobOperation::Reboot, "", "", None);
+        let job = self.new_job(JobOperation::Reboot, "", "", None, origin);
         let result = self
             .run_job(job, move |node, _job| async move {
                 let outcome = async {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use super::{Node, NodeError, NodeEvent};
+use crate::audit::{self, Origin};
 use crate::images::JobControl;
 use crate::names::MANAGER_PATH;
 
@@ -70,6 +71,8 @@ pub struct Job {
     control: Option<Arc<JobControl>>,
     /// `<manager path>/job/<id>`.
     pub path: String,
+    /// Who started it with which call: its end is audited under these.
+    pub origin: Origin,
     running: StdMutex<bool>,
 }
 
@@ -136,10 +139,11 @@ impl Node {
         self: &Arc<Self>,
         name: &str,
         operation: JobOperation,
+        origin: Origin,
     ) -> Result<Arc<Job>, NodeError> {
         // Refuse unknown VMs at once rather than in a failed job.
         self.get(name)?;
-        let job = self.new_job(operation, name, "", None);
+        let job = self.new_job(operation, name, "", None, origin);
         self.run_job(job, move |node, job| async move {
             let name = job.vm.clone();
             match job.operation {
@@ -162,6 +166,7 @@ impl Node {
         self: &Arc<Self>,
         url: &str,
         sha256: &str,
+        origin: Origin,
     ) -> Result<Arc<Job>, NodeError> {
         // Bad arguments are refused at once, not in a failed job.
         let parsed = reqwest::Url::parse(url)
@@ -173,7 +178,7 @@ impl Node {
             )));
         }
         let control = Arc::new(JobControl::default());
-        let job = self.new_job(JobOperation::PullImage, "", url, Some(control));
+        let job = self.new_job(JobOperation::PullImage, "", url, Some(control), origin);
         let sha256 = sha256.to_owned();
         self.run_job(job, move |node, job| async move {
             let Some(control) = job.control.clone() else {
@@ -192,6 +197,7 @@ impl Node {
         vm: &str,
         image_url: &str,
         control: Option<Arc<JobControl>>,
+        origin: Origin,
     ) -> Arc<Job> {
         let id = self.jobs.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         Arc::new(Job {
@@ -201,12 +207,14 @@ impl Node {
             image_url: image_url.to_owned(),
             control,
             path: format!("{MANAGER_PATH}/job/{id}"),
+            origin,
             running: StdMutex::new(false),
         })
     }
 
     /// Lists and announces `job`, then runs `work` on its own task; JobRemoved tells how it
-    /// ended, with `work`'s message when done (a pulled image's path) or the error.
+    /// ended, with `work`'s message when done (a pulled image's path) or the error, and so
+    /// does the audit trail.
     pub(super) async fn run_job<F, Fut>(
         self: &Arc<Self>,
         job: Arc<Job>,
@@ -237,12 +245,39 @@ impl Node {
                 Err(e) if canceled => (JobResult::Canceled, e.to_string()),
                 Err(e) => (JobResult::Failed, e.to_string()),
             };
+            node.audit_end(&task_job, result, &message);
             node.forget_job(&task_job);
             let _ = node
                 .publish(NodeEvent::JobRemoved(task_job, result, message))
                 .await;
         });
         Ok(job)
+    }
+
+    /// The audit record of a job's end (see [`crate::audit`]).
+    fn audit_end(&self, job: &Job, result: JobResult, message: &str) {
+        let message = audit::clip(message);
+        let (outcome, error, message) = match result {
+            JobResult::Done => (
+                audit::Outcome::Done,
+                None,
+                Some(&*message).filter(|m| !m.is_empty()),
+            ),
+            JobResult::Failed => (audit::Outcome::Failed, Some(&*message), None),
+            JobResult::Canceled => (audit::Outcome::Canceled, Some(&*message), None),
+        };
+        audit::record(
+            self.cfg.journal_socket.as_deref(),
+            &audit::Record {
+                action: job.origin.action,
+                uid: job.origin.uid,
+                object: &job.origin.object,
+                outcome,
+                error,
+                job: Some(job.id),
+                message,
+            },
+        );
     }
 
     fn forget_job(&self, job: &Arc<Job>) {
