@@ -1082,9 +1082,13 @@ impl VmObject {
     }
 }
 
+/// A property setter's error: zbus answers a Set with the standard errors only, so the
+/// agent's error name goes into the message (`de.thueringen.thvc.node1.Error.NoCapacity:
+/// ...`) and a refusal for capacity is LimitsExceeded.
 fn to_fdo(e: BusError) -> zbus::fdo::Error {
     match e {
         BusError::AccessDenied(m) => zbus::fdo::Error::AccessDenied(m),
+        e @ BusError::NoCapacity(_) => zbus::fdo::Error::LimitsExceeded(e.to_string()),
         BusError::ZBus(e) => zbus::fdo::Error::Failed(e.to_string()),
         other => zbus::fdo::Error::Failed(other.to_string()),
     }

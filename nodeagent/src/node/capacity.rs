@@ -6,10 +6,24 @@
 //! A start that would exceed either is refused (`NoCapacity`) with the numbers.
 //!
 //! Starts in progress are admitted under one lock (their VMs are counted from then on), so
-//! two concurrent starts cannot both take the last free memory.
+//! two concurrent starts cannot both take the last free memory. Whatever else makes a VM
+//! hold capacity passes the same check: creating a VM with autostart (reserved under that
+//! lock until the VM is in the table, so no start slips in while its files are written),
+//! setting `Autostart` on a VM that is down, an ApplyVms update that takes more.
+
+use std::collections::HashMap;
 
 use super::*;
 use crate::hostinfo;
+
+/// What is being admitted besides the VMs' states, under one lock.
+#[derive(Debug, Default)]
+pub(super) struct Admitted {
+    /// VMs whose start is in progress.
+    starts: HashSet<String>,
+    /// Autostart VMs being created, not yet in the table: (vCPUs, memory MiB).
+    creating: HashMap<String, (u64, u64)>,
+}
 
 /// The node's capacity and what is allocated of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,16 +45,24 @@ impl Node {
         self.capacity_with(&admitted, None)
     }
 
-    fn capacity_with(&self, admitted: &HashSet<String>, except: Option<&str>) -> Capacity {
+    fn capacity_with(&self, admitted: &Admitted, except: Option<&str>) -> Capacity {
         let (mut vcpus, mut memory) = (0u64, 0u64);
-        for vm in self.list() {
+        let vms = self.list();
+        for vm in &vms {
             if Some(vm.name.as_str()) == except {
                 continue;
             }
-            if Self::holds_capacity(&vm) || admitted.contains(&vm.name) {
+            if Self::holds_capacity(vm) || admitted.starts.contains(&vm.name) {
                 let spec = vm.spec();
                 vcpus += u64::from(spec.vcpus);
                 memory += spec.memory_mib;
+            }
+        }
+        // Once in the table, a VM being created counts as itself (autostart).
+        for (name, (v, m)) in &admitted.creating {
+            if Some(name.as_str()) != except && !vms.iter().any(|vm| &vm.name == name) {
+                vcpus += v;
+                memory += m;
             }
         }
         let host_mib = hostinfo::memory_bytes() >> 20;
@@ -72,19 +94,43 @@ impl Node {
         let have = self.capacity_with(&admitted, Some(&vm.name));
         let spec = vm.spec();
         self.fits(&vm.name, &have, (u64::from(spec.vcpus), spec.memory_mib))?;
-        admitted.insert(vm.name.clone());
+        admitted.starts.insert(vm.name.clone());
         Ok(Admission {
             node: self,
             name: vm.name.clone(),
         })
     }
 
-    /// Replaces `vm`'s spec (ApplyVms' update), unless that makes a VM that holds capacity
-    /// (running, or autostart) hold more than the node has: more vCPUs or memory, or
-    /// autostart newly set. An update that takes nothing more always passes.
+    /// Reserves what VM `name`, about to be created with `spec`, holds if it autostarts, or
+    /// refuses it like a start (`NoCapacity`); the guard keeps it counted until the VM is in
+    /// the table (then it counts as itself) or its creation failed. Nothing for a VM without
+    /// autostart: it holds nothing until it starts.
+    pub(super) fn reserve_creation(
+        &self,
+        name: &str,
+        spec: &VmSpec,
+    ) -> Result<Option<Creation<'_>>, NodeError> {
+        if !spec.autostart {
+            return Ok(None);
+        }
+        let mut admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
+        let have = self.capacity_with(&admitted, Some(name));
+        let held = (u64::from(spec.vcpus), spec.memory_mib);
+        self.fits(name, &have, held)?;
+        admitted.creating.insert(name.to_owned(), held);
+        Ok(Some(Creation {
+            node: self,
+            name: name.to_owned(),
+        }))
+    }
+
+    /// Replaces `vm`'s spec (ApplyVms' update, setting Autostart), unless that makes a VM
+    /// that holds capacity (running, or autostart) hold more than the node has: more vCPUs
+    /// or memory, or autostart newly set on a VM that is down. An update that takes nothing
+    /// more always passes.
     pub(super) fn swap_spec_if_fits(&self, vm: &Vm, spec: VmSpec) -> Result<(), NodeError> {
         let admitted = self.admitted.lock().unwrap_or_else(|p| p.into_inner());
-        let up = !vm.state().is_down() || admitted.contains(&vm.name);
+        let up = !vm.state().is_down() || admitted.starts.contains(&vm.name);
         let held = |s: &VmSpec| {
             if up || s.autostart {
                 (u64::from(s.vcpus), s.memory_mib)
@@ -142,6 +188,24 @@ impl Drop for Admission<'_> {
             .admitted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .starts
+            .remove(&self.name);
+    }
+}
+
+/// An autostart VM being created (see [`Node::reserve_creation`]).
+pub(super) struct Creation<'a> {
+    node: &'a Node,
+    name: String,
+}
+
+impl Drop for Creation<'_> {
+    fn drop(&mut self) {
+        self.node
+            .admitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .creating
             .remove(&self.name);
     }
 }

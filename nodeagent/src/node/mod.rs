@@ -374,8 +374,8 @@ pub struct Node {
     events: events::Publisher,
     /// Jobs in progress (see [`jobs`]).
     jobs: jobs::Jobs,
-    /// Starts being admitted (see [`capacity`]).
-    admitted: StdMutex<HashSet<String>>,
+    /// Starts being admitted and autostart VMs being created (see [`capacity`]).
+    admitted: StdMutex<capacity::Admitted>,
     /// Held by the ApplyVms job in progress (one at a time).
     apply: Arc<Mutex<()>>,
     /// No new starts (see [`drain`]); mirrors the state directory's `drained` file.
@@ -514,7 +514,7 @@ impl Node {
             host,
             updating: Arc::new(Mutex::new(())),
             rebooting: std::sync::atomic::AtomicBool::new(false),
-            admitted: StdMutex::new(HashSet::new()),
+            admitted: StdMutex::new(capacity::Admitted::default()),
             apply: Arc::new(Mutex::new(())),
             me: me.clone(),
         }))

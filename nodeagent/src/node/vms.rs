@@ -36,6 +36,8 @@ impl Node {
         if let Some(vm) = existing {
             return existing_if_same(&vm, spec, uuid_given);
         }
+        // An autostart VM holds its vCPUs and memory from now on, as a start would.
+        let _reserved = self.reserve_creation(name, &spec)?;
         // Two VMs writing one disk corrupts it: refuse writable disks already in use.
         let disks = resolved.disks;
         let conflict = self.disk_conflict(name, disks).await?;
@@ -224,17 +226,22 @@ impl Node {
         // Delete holds spec_write while removing the spec file, so this cannot resurrect it.
         let _w = vm.spec_write.lock().await;
         vm.ensure_exists()?;
-        let mut spec = vm.spec();
-        if spec.autostart == autostart {
+        let old = vm.spec();
+        if old.autostart == autostart {
             return Ok(());
         }
+        let mut spec = old.clone();
         spec.autostart = autostart;
+        // A VM that is down holds capacity once it autostarts: checked and set under the
+        // admission lock (NoCapacity as for a start), undone if the file cannot be written.
+        self.swap_spec_if_fits(&vm, spec.clone())?;
         let data = serde_json::to_vec_pretty(&spec).map_err(io)?;
         let file = self.cfg.layout.spec_file(name);
-        blocking(move || fsutil::write_atomic(&file, &data, 0o640))
-            .await?
-            .map_err(io)?;
-        vm.lock().spec = spec;
+        let written = blocking(move || fsutil::write_atomic(&file, &data, 0o640)).await;
+        if let Err(e) = written.and_then(|r| r.map_err(io)) {
+            vm.lock().spec = old;
+            return Err(e);
+        }
         self.emit(&vm, &[VmProperty::Autostart, VmProperty::Spec])
             .await;
         Ok(())
