@@ -401,35 +401,161 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Text a child process writes, read on a thread as it comes.
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn start(mut from: impl std::io::Read + Send + 'static) -> Captured {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = from.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Captured(buf)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until `needle` has been written (fails after TIMEOUT with what was).
+    async fn wait_for(&self, needle: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never appeared in {:?}",
+                self.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// 4 MiB served 1 MiB at a time as the test says: (url, sha256, go).
+fn paced_image() -> (String, String, std::sync::mpsc::Sender<()>) {
+    use sha2::{Digest, Sha256};
+    let content = vec![3u8; 4 << 20];
+    let sha = hex::encode(Sha256::digest(&content));
+    let (url, go) = paced_server(content, 1 << 20);
+    (url, sha, go)
+}
+
+/// Waits for `child` on a blocking thread; returns its status.
+async fn exit_of(mut child: std::process::Child) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap()
+}
+
 /// `thvcctl image pull` runs the pull as a job and prints the image's path when it is done.
+/// Not on a terminal, its progress is a line every 5 s (the first at once): the test holds
+/// the download at a quarter until a line says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thvcctl_pulls_an_image_as_a_job() {
-    use sha2::{Digest, Sha256};
     let bus = TestBus::start();
     let dirs = NodeDirs::new();
     let _agent = Agent::start(&bus, &dirs, &[]);
-    let content = vec![3u8; 2 * 65536];
-    let sha = hex::encode(Sha256::digest(&content));
-    let (url, go) = paced_server(content, 65536);
+    let (url, sha, go) = paced_image();
     go.send(()).unwrap();
-    go.send(()).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(THVCCTL)
-            .arg("--bus")
-            .arg(&bus.address)
-            .args(["image", "pull", &url, &sha])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut child = std::process::Command::new(THVCCTL)
+        .arg("--bus")
+        .arg(&bus.address)
+        .args(["image", "pull", &url, &sha])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = Captured::start(child.stdout.take().unwrap());
+    let stderr = Captured::start(child.stderr.take().unwrap());
+    stderr
+        .wait_for(&format!(
+            "pulling {url}: [#####               ]  25% 1.0/4.0 MiB\n"
+        ))
+        .await;
+    for _ in 0..3 {
+        go.send(()).unwrap();
+    }
+    let status = exit_of(child).await;
+    let progress = stderr.text();
+    assert!(status.success(), "{progress}");
+    let lines: Vec<&str> = progress.lines().collect();
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        lines.len() >= 2,
+        "a line at once, then every 5 s: {progress:?}"
     );
-    let path = std::path::PathBuf::from(stdout.trim());
-    assert!(path.ends_with("paced.img"), "{stdout}");
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * 65536);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.starts_with(&format!("pulling {url}: "))),
+        "{progress:?}"
+    );
+    assert!(
+        !progress.contains('\r'),
+        "no bar off a terminal: {progress:?}"
+    );
+    let out = stdout.text();
+    let path = std::path::PathBuf::from(out.trim());
+    assert!(path.ends_with("paced.img"), "{out}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+}
+
+/// On a terminal (`script` runs thvcctl on a pty) the progress is a bar redrawn in place
+/// every 200 ms: the test lets the download go a quarter at a time and waits for each
+/// quarter's bar; the line ends when the pull does and the image's path follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thvcctl_draws_a_progress_bar_on_a_terminal() {
+    let script = require_tool("script", "bsdutils");
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let _agent = Agent::start(&bus, &dirs, &[]);
+    let (url, sha, go) = paced_image();
+    let command = format!(
+        "'{THVCCTL}' --bus '{}' image pull '{url}' '{sha}'",
+        bus.address
+    );
+    let mut child = std::process::Command::new(script)
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The pty carries stdout and stderr alike.
+    let terminal = Captured::start(child.stdout.take().unwrap());
+    let errors = Captured::start(child.stderr.take().unwrap());
+    // The size is known from Content-Length before any byte arrives.
+    terminal
+        .wait_for("\r[                    ]   0% 0.0/4.0 MiB")
+        .await;
+    for bar in [
+        "\r[#####               ]  25% 1.0/4.0 MiB",
+        "\r[##########          ]  50% 2.0/4.0 MiB",
+        "\r[###############     ]  75% 3.0/4.0 MiB",
+    ] {
+        go.send(()).unwrap();
+        terminal.wait_for(bar).await;
+    }
+    go.send(()).unwrap();
+    let status = exit_of(child).await;
+    let shown = terminal.text();
+    assert!(status.success(), "{shown:?} {}", errors.text());
+    assert!(
+        !shown.contains("pulling "),
+        "no progress lines on a terminal: {shown:?}"
+    );
+    // The bar's line is ended, then the path is printed on a line of its own.
+    let last = shown.trim_end().rsplit("\r\n").next().unwrap_or("");
+    assert!(last.ends_with("paced.img"), "{shown:?}");
+    assert!(
+        shown.contains("MiB\r\n"),
+        "the bar's line is ended: {shown:?}"
+    );
 }
