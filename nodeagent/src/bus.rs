@@ -796,8 +796,10 @@ impl Manager {
             .collect()
     }
 
-    /// A job ended: result `done`, `failed` or `canceled`, with the error message (when done:
-    /// a pull-image job's image path, empty for VM jobs).
+    /// A job ended: result `done`, `failed` or `canceled`, with the error message, or when
+    /// done: a pull-image job's image path, an apply-vms job's plan with each action's
+    /// result, an update job's version found or installed, a reboot job's "every VM is
+    /// down"; empty for VM and drain jobs.
     #[zbus(signal)]
     async fn job_removed(
         emitter: &SignalEmitter<'_>,

@@ -29,7 +29,9 @@ impl JobObject {
         self.job.id
     }
 
-    /// start, stop, shutdown, pull-image, drain, apply-vms, update or reboot.
+    /// What the job does: start, stop or shutdown (a Vm's StartJob, StopJob, ShutdownJob),
+    /// pull-image (PullImageJob), apply-vms (ApplyVms), drain (Drain), update (Update, also
+    /// its dry run) or reboot (Reboot).
     #[zbus(property(emits_changed_signal = "const"))]
     fn operation(&self) -> String {
         self.job.operation.as_str().to_owned()
@@ -42,8 +44,12 @@ impl JobObject {
         self.job.image_url.clone()
     }
 
-    /// Bytes done and expected (0: not known yet) of a pull-image job; (0, 0) for VM jobs.
-    /// Not signalled: read it while the job runs.
+    /// (done, total), total 0 while not known. pull-image: bytes downloaded and the image's
+    /// size (from Content-Length). apply-vms: the plan's actions finished (done, failed,
+    /// skipped or canceled) and all of them. start, stop, shutdown, drain, update and reboot
+    /// report none: (0, 0); a drain or reboot job runs until every VM is down (a reboot's
+    /// then until the host goes down), an update until its download is installed. Not
+    /// signalled: read it while the job runs.
     #[zbus(property(emits_changed_signal = "false"))]
     fn progress(&self) -> (u64, u64) {
         self.job.progress()
@@ -78,11 +84,15 @@ impl JobObject {
             .done(self.job.cancel())
     }
 
-    /// The VM's object path ("/" for image pulls).
+    /// The VM's object path for start, stop and shutdown jobs; "/" for the others (an
+    /// apply's VMs are in its plan, a drain's or reboot's are every VM).
     #[zbus(property(emits_changed_signal = "const"))]
     fn vm(&self) -> OwnedObjectPath {
-        OwnedObjectPath::try_from(vm_object_path(&self.job.vm))
-            .unwrap_or_else(|_| OwnedObjectPath::from(ObjectPath::from_static_str_unchecked("/")))
+        let root = || OwnedObjectPath::from(ObjectPath::from_static_str_unchecked("/"));
+        if self.job.vm.is_empty() {
+            return root();
+        }
+        OwnedObjectPath::try_from(vm_object_path(&self.job.vm)).unwrap_or_else(|_| root())
     }
 
     /// waiting or running (PropertiesChanged when it begins running).
