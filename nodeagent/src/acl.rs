@@ -10,13 +10,23 @@
 //! (`include/uapi/linux/posix_acl_xattr.h`): a version word, then (tag, permissions, id)
 //! entries in the kernel's order. Setting it does what `setfacl -m u:UID:PERM` does: the
 //! mask becomes the union of the group class, so the new entry takes effect.
+//!
+//! A change is a read, an edit and a write of the whole attribute, and VMs share files (every
+//! VM of an image reads the same kernel; ApplyVms starts several at once): two grants at
+//! the same time would each write the list it read, and one VM's entry would be lost (its
+//! VMM then fails with "Permission denied"). So every change in this process holds one lock
+//! from the read to the write; the agent is the only writer of these ACLs.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use thiserror::Error;
+
+/// Held from reading an ACL to writing it back (see the module docs).
+static CHANGING: Mutex<()> = Mutex::new(());
 
 const ACCESS: &str = "system.posix_acl_access";
 const DEFAULT: &str = "system.posix_acl_default";
@@ -199,6 +209,7 @@ fn with_mask(mut entries: Vec<Entry>) -> Vec<Entry> {
 /// Grants user `uid` `perm` (READ | WRITE | EXECUTE) on `path` (replacing what it had).
 /// A default ACL starts from the directory's access ACL's base entries.
 pub fn grant(path: &Path, which: Which, uid: u32, perm: u16) -> Result<(), AclError> {
+    let _one_at_a_time = CHANGING.lock().unwrap_or_else(|p| p.into_inner());
     let mut entries = read(path, which)?;
     if entries.is_empty() {
         entries = read(path, Which::Access)?
@@ -226,6 +237,7 @@ pub fn grant(path: &Path, which: Which, uid: u32, perm: u16) -> Result<(), AclEr
 
 /// Takes back every right user `uid` has on `path` by name; true if it had any.
 pub fn revoke(path: &Path, uid: u32) -> Result<bool, AclError> {
+    let _one_at_a_time = CHANGING.lock().unwrap_or_else(|p| p.into_inner());
     let mut entries = read(path, Which::Access)?;
     let before = entries.len();
     entries.retain(|e| !(e.tag == USER && e.id == uid));
@@ -283,5 +295,41 @@ mod tests {
         assert!(named_users(&g)
             .unwrap()
             .contains(&(500_003, READ | WRITE | EXECUTE)));
+    }
+
+    /// Many VMs' starts grant on one shared file at once (the kernel every VM boots): no
+    /// grant may be lost, and revokes at the same time take back only their own.
+    #[test]
+    fn concurrent_grants_on_one_file_all_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("vmlinuz");
+        std::fs::write(&f, b"k").unwrap();
+        let threads: Vec<_> = (0..8u32)
+            .map(|t| {
+                let f = f.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25u32 {
+                        let uid = 600_000 + t * 100 + i;
+                        grant(&f, Which::Access, uid, READ).unwrap();
+                        // Every other one goes again, as a deleted VM's would.
+                        if i % 2 == 1 {
+                            assert!(revoke(&f, uid).unwrap(), "uid {uid} was granted");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let users = named_users(&f).unwrap();
+        let want: Vec<(u32, u16)> = (0..8u32)
+            .flat_map(|t| {
+                (0..25u32)
+                    .step_by(2)
+                    .map(move |i| (600_000 + t * 100 + i, READ))
+            })
+            .collect();
+        assert_eq!(users, want);
     }
 }
