@@ -1,5 +1,5 @@
 //! Benchmark (not a test): `cargo bench -p thvc-nodeagent --bench apply_fleet [-- --vms N
-//! --rounds R]`.
+//! --rounds R --vmm-uids]`.
 //!
 //! What a control plane sees when it hands a node its whole fleet at once: on a private
 //! dbus-daemon with the real agent and the fake VMM test double, per round (a fresh agent):
@@ -8,6 +8,10 @@
 //! 2. the re-apply of the same document (no changes): its time, and ListVms meanwhile;
 //! 3. ListVms on the quiet agent with the same N VMs running: the baseline, and the ratio
 //!    of the p99 during the apply to it.
+//!
+//! With `--vmm-uids` the agent gives each VM's VMM a uid of its own (as the systemd runner
+//! requires on a node: the ACL grants on each VM's files are part of every create and start);
+//! without, every VMM runs as the agent's user, as before per-VM uids existed. Run as root.
 //!
 //! Prints medians over the rounds; nothing passes or fails.
 
@@ -21,15 +25,26 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::StreamExt;
 
-const USAGE: &str = "usage: apply_fleet [--vms N] [--rounds R]";
+const USAGE: &str = "usage: apply_fleet [--vms N] [--rounds R] [--vmm-uids]";
+
+/// The options: VMs per apply, rounds, per-VM VMM uids.
+struct Options {
+    vms: usize,
+    rounds: usize,
+    vmm_uids: bool,
+}
 const QUIET_SAMPLES: usize = 2000;
 
-fn parse_options() -> Result<(usize, usize), String> {
-    let (mut vms, mut rounds) = (100, 3);
+fn parse_options() -> Result<Options, String> {
+    let (mut vms, mut rounds, mut vmm_uids) = (100, 3, false);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         // cargo bench passes --bench to harness = false targets.
         if arg == "--bench" {
+            continue;
+        }
+        if arg == "--vmm-uids" {
+            vmm_uids = true;
             continue;
         }
         let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
@@ -44,7 +59,11 @@ fn parse_options() -> Result<(usize, usize), String> {
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
-    Ok((vms, rounds))
+    Ok(Options {
+        vms,
+        rounds,
+        vmm_uids,
+    })
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -120,7 +139,11 @@ async fn apply_timed(bus: &TestBus, doc: &str) -> (Duration, Vec<Duration>, usiz
 }
 
 fn main() {
-    let (vms, rounds) = match parse_options() {
+    let Options {
+        vms,
+        rounds,
+        vmm_uids,
+    } = match parse_options() {
         Ok(o) => o,
         Err(e) => {
             eprintln!("{e}\n{USAGE}");
@@ -138,7 +161,12 @@ fn main() {
         let bus = TestBus::start();
         let dirs = NodeDirs::new();
         // Room for N one-vCPU VMs on a small host; memory stays within the host's.
-        let _agent = Agent::start(&bus, &dirs, &["--vcpu-overcommit", "64"]);
+        let uids = format!("600000-{}", 600000 + vms - 1);
+        let mut args = vec!["--vcpu-overcommit", "64"];
+        if vmm_uids {
+            args.extend(["--vmm-uids", uids.as_str()]);
+        }
+        let _agent = Agent::start(&bus, &dirs, &args);
         let row = rt.block_on(async {
             let (apply, during, actions) = apply_timed(&bus, &doc).await;
             assert_eq!(actions, 2 * vms, "create and start per VM");
@@ -181,7 +209,14 @@ fn main() {
         rows.push(row);
     }
     let col = |i: usize| median(rows.iter().map(|r| r[i]).collect());
-    println!("\nApplyVms of {vms} VMs (create + start, fake VMM), medians of {rounds} rounds:");
+    let users = if vmm_uids {
+        "a uid per VMM"
+    } else {
+        "VMMs as the agent's user"
+    };
+    println!(
+        "\nApplyVms of {vms} VMs (create + start, fake VMM, {users}), medians of {rounds} rounds:"
+    );
     println!("  apply until its job ended         {:>9.0} ms", col(0));
     println!(
         "  ListVms during it    p50 / p99    {:>9.2} / {:.2} ms (max {:.2})",
