@@ -146,11 +146,15 @@ pub fn encode(r: &Record<'_>) -> Vec<u8> {
 }
 
 /// Records `r`: to the journal at `socket` if there is one, else (or if that fails) as a
-/// stderr log line. A local datagram send does not block for long (journald's socket has a
-/// large buffer), so this runs on the caller's thread.
+/// stderr log line. This runs on the caller's thread, often one of the runtime's, so the
+/// send never waits: a journald that stopped reading (its queue full) gets the record as a
+/// stderr line instead of stalling every call of the agent.
 pub fn record(socket: Option<&Path>, r: &Record<'_>) {
     if let Some(path) = socket {
-        let sent = UnixDatagram::unbound().and_then(|s| s.send_to(&encode(r), path));
+        let sent = UnixDatagram::unbound().and_then(|s| {
+            s.set_nonblocking(true)?;
+            s.send_to(&encode(r), path)
+        });
         match sent {
             Ok(_) => return,
             Err(e) => tracing::warn!("audit record not sent to {}: {e}", path.display()),
@@ -191,6 +195,39 @@ mod tests {
         assert!(buf.windows(needle.len()).any(|w| w == needle));
         let needle = b"THVC_CALLER_UID\n\x04\0\0\0\0\0\0\x001000\n";
         assert!(buf.windows(needle.len()).any(|w| w == needle));
+    }
+
+    /// A journal that stopped reading: once its socket's queue is full, records go to
+    /// stderr and `record` returns at once instead of waiting for journald.
+    #[test]
+    fn a_journal_that_stops_reading_never_blocks_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let _journal = UnixDatagram::bind(&path).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let socket = path.clone();
+        std::thread::spawn(move || {
+            // More than any queue length (net.unix.max_dgram_qlen is 512 by default).
+            for _ in 0..5000 {
+                record(
+                    Some(&socket),
+                    &Record {
+                        action: "Stop",
+                        uid: 0,
+                        object: "web1",
+                        outcome: Outcome::Ok,
+                        error: None,
+                        job: None,
+                        message: None,
+                    },
+                );
+            }
+            let _ = done.send(());
+        });
+        // A blocking send would wait here for ever: the journal never reads.
+        finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("record() blocked on a journal that does not read");
     }
 
     #[test]
