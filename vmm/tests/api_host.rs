@@ -159,6 +159,18 @@ impl Client {
     }
 }
 
+/// Sends the request line `bad` and asserts it is refused with an error containing `why`;
+/// returns the answer.
+fn refused(c: &mut Client, bad: &[u8], why: &str) -> serde_json::Value {
+    let mut line = bad.to_vec();
+    line.push(b'\n');
+    let v = c.request(&line);
+    assert_eq!(v["ok"], false, "{v}");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains(why), "{why}: {v}");
+    v
+}
+
 #[test]
 fn serves_before_the_kernel_is_loaded_on_a_private_socket() {
     let dir = temp_dir("early");
@@ -509,12 +521,7 @@ fn update_device_changes_rate_limits_and_refuses_bad_requests_without_changing_a
             "unknown field",
         ),
     ] {
-        let mut line = bad.to_vec();
-        line.push(b'\n');
-        let v = c.request(&line);
-        assert_eq!(v["ok"], false, "{v}");
-        let error = v["error"].as_str().unwrap_or_default();
-        assert!(error.contains(why), "{why}: {v}");
+        refused(&mut c, bad, why);
     }
     // Nothing changed; then a valid change, a removal and "0".
     let v = c.request(b"{\"request\":\"update-device\",\"device\":\"virtio-blk0\"}\n");
@@ -625,12 +632,7 @@ fn update_device_changes_a_nics_rx_and_tx_limits_apart_and_refuses_bad_ones() {
             "unknown device",
         ),
     ] {
-        let mut line = bad.to_vec();
-        line.push(b'\n');
-        let v = c.request(&line);
-        assert_eq!(v["ok"], false, "{v}");
-        let error = v["error"].as_str().unwrap_or_default();
-        assert!(error.contains(why), "{why}: {v}");
+        let v = refused(&mut c, bad, why);
         assert_eq!(read(&mut c), set, "nothing changed by {v}");
     }
     vmm.assert_running();
