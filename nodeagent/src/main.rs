@@ -344,7 +344,6 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         vmm_user,
         vmm_switches_user,
         vmm_uids,
-        kvm_gid: thvc_nodeagent::vmm_user::group_gid("kvm"),
         role_groups,
         journal_socket: args
             .journal_socket

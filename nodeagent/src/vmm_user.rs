@@ -140,7 +140,7 @@ impl UidRange {
 }
 
 /// Who a VMM runs as when its launcher switches before exec (per-VM uids): uid, primary gid
-/// and supplementary groups (the kvm group for /dev/kvm).
+/// and supplementary groups (none today: the launcher hands the VMM /dev/kvm).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunAs {
     pub uid: u32,
@@ -198,17 +198,6 @@ impl RunAs {
         }
         Ok(())
     }
-}
-
-/// The gid of group `name`, if it exists.
-pub fn group_gid(name: &str) -> Option<u32> {
-    if name.contains('\0') {
-        return None;
-    }
-    nix::unistd::Group::from_name(name)
-        .ok()
-        .flatten()
-        .map(|g| g.gid.as_raw())
 }
 
 /// uid and primary gid of the user called `name`.

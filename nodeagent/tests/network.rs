@@ -184,81 +184,6 @@ fn agent_net_subcommand_plans_applies_and_shows_locally() {
     );
 }
 
-/// `cat FILE` inside the agent's network and mount namespaces (its own sysfs), with the
-/// agent's root directory (`-r`: setns to a mount namespace resets it, which matters in
-/// the test VM's chroot).
-fn cat_in(pid: i32, file: &str) -> String {
-    let out = Command::new(require_tool("nsenter", "util-linux"))
-        .args(["-t", &pid.to_string(), "-n", "-m", "-r", "cat", file])
-        .output()
-        .expect("run nsenter cat");
-    assert!(
-        out.status.success(),
-        "cat {file}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// Attaches to the TAP `tap` in the network namespace of `ns_pid` as an unprivileged VMM
-/// does: as `uid:gid` with no capabilities (setresuid away from root clears them),
-/// TUNSETIFF with the VMM's flags. The child exits right after, which
-/// detaches again. The error is the one the kernel gave (EPERM: not the TAP's owner).
-fn attach_tap_as(ns_pid: i32, uid: u32, gid: u32, tap: &str) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let netns = std::fs::File::open(format!("/proc/{ns_pid}/ns/net"))?;
-    let netns_fd = netns.as_raw_fd();
-    /// An ifreq moved into the child (it holds a pointer variant, so it is not Send).
-    struct Request(libc::ifreq);
-    // SAFETY: only ever read, by the forked child.
-    unsafe impl Send for Request {}
-    // SAFETY: as above.
-    unsafe impl Sync for Request {}
-    impl Request {
-        fn ptr(&self) -> *const libc::ifreq {
-            &self.0
-        }
-    }
-    // SAFETY: ifreq is plain old data; all-zero is valid.
-    let mut request = Request(unsafe { std::mem::zeroed() });
-    assert!(tap.len() < request.0.ifr_name.len());
-    for (slot, byte) in request.0.ifr_name.iter_mut().zip(tap.as_bytes()) {
-        *slot = *byte as libc::c_char;
-    }
-    request.0.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
-    let tun = c"/dev/net/tun";
-    let mut cmd = Command::new("/bin/true");
-    // SAFETY: only raw syscalls between fork and exec; everything they use was prepared
-    // before the fork and is captured by value.
-    unsafe {
-        cmd.pre_exec(move || {
-            let check = |rc: libc::c_int| {
-                if rc < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(rc)
-                }
-            };
-            check(libc::setns(netns_fd, libc::CLONE_NEWNET))?;
-            // Opened while still root: /dev/net/tun is 0666 where udev runs (the image),
-            // 0600 on hosts without it. Opening it is not the point; attaching is, and
-            // TUNSETIFF checks the caller's credentials when it is called.
-            let fd = check(libc::open(tun.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC))?;
-            check(libc::setgroups(0, std::ptr::null()))?;
-            check(libc::setresgid(gid, gid, gid))?;
-            check(libc::setresuid(uid, uid, uid))?;
-            check(libc::ioctl(fd, libc::TUNSETIFF, request.ptr()))?;
-            Ok(())
-        });
-    }
-    // A failure in pre_exec comes back as the spawn error.
-    let status = cmd.status()?;
-    assert!(status.success(), "/bin/true after attaching: {status}");
-    drop(netns);
-    Ok(())
-}
-
 /// The agent (with `args`) in its own network namespace, with bridge br0 applied.
 async fn agent_with_bridge(
     bus: &TestBus,
@@ -291,18 +216,6 @@ fn user_ids(name: &str) -> (u32, u32) {
             .expect("numeric id")
     };
     (id("-u"), id("-g"))
-}
-
-/// `Uid:` or `Gid:` of /proc/PID/status: real, effective, saved, filesystem.
-fn proc_ids(pid: i32, key: &str) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .expect("id line")
-        .split_whitespace()
-        .map(|v| v.parse().expect("number"))
-        .collect()
 }
 
 /// `--vmm-user`: the direct runner starts the VMM with `--user`, and the VM's TAP belongs to
@@ -349,50 +262,6 @@ async fn vm_taps_belong_to_the_vmm_user() {
     assert!(!ip_in(pid, &["link", "show", &tap]).0, "TAP removed");
 }
 
-/// What a process running as `uid:gid` (no supplementary groups, no capabilities) gets
-/// when it opens `path` (`op`: "read", "rw", "connect" to a unix socket, or "unlink"): Ok,
-/// or the
-/// errno.
-fn try_as(uid: u32, gid: u32, op: &str, path: &Path) -> Result<(), i32> {
-    use std::os::unix::process::CommandExt;
-    // Debian's, by its path: one under root's home (pyenv) is out of the test user's reach.
-    let python = Path::new("/usr/bin/python3");
-    assert!(
-        python.exists(),
-        "/usr/bin/python3 missing: apt-get install python3"
-    );
-    let script = r#"
-import errno, os, socket, sys
-op, path = sys.argv[1], sys.argv[2]
-try:
-    if op == "connect":
-        socket.socket(socket.AF_UNIX).connect(path)
-    elif op == "unlink":
-        os.unlink(path)
-    else:
-        os.close(os.open(path, os.O_RDWR if op == "rw" else os.O_RDONLY))
-except OSError as e:
-    sys.exit(e.errno)
-"#;
-    let who = thvc_nodeagent::vmm_user::RunAs {
-        uid,
-        gid,
-        groups: Vec::new(),
-    };
-    let mut cmd = Command::new(python);
-    cmd.args(["-c", script, op]).arg(path);
-    // SAFETY: RunAs::switch makes only system calls on memory prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || who.switch());
-    }
-    let status = cmd.status().expect("run python3");
-    match status.code() {
-        Some(0) => Ok(()),
-        Some(errno) => Err(errno),
-        None => panic!("python3 {op} {}: {status}", path.display()),
-    }
-}
-
 /// `--vmm-uids`: each VM's VMM runs as a uid of its own, and that user can open its own
 /// disk, TAP, console and API socket and none of another VM's; a deleted VM's uid goes to
 /// the next VM without the old VM's disk.
@@ -420,6 +289,18 @@ async fn each_vmm_runs_as_its_own_user_and_opens_only_its_own_files() {
             .expect("start: the VMM opens its disk as its own user");
         let vmm = dirs.vmm_process(name).expect("VMM recorded").pid;
         assert_eq!(proc_ids(vmm, "Uid:"), vec![uid; 4], "VM {name}");
+        assert_eq!(proc_ids(vmm, "Groups:"), Vec::<u32>::new(), "VM {name}");
+        // Its launcher opened /dev/kvm for it: the VM's uid has no group that could.
+        let (console, _) = v.read_console(0).await.unwrap();
+        let console = String::from_utf8_lossy(&console);
+        assert!(
+            console.contains("KVM from descriptor"),
+            "VM {name}: {console}"
+        );
+        assert_eq!(
+            try_as(uid, uid, "rw", Path::new("/dev/kvm")),
+            Err(libc::EACCES)
+        );
         assert_eq!(
             proc_ids(vmm, "Gid:"),
             vec![uid; 4],

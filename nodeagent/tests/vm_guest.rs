@@ -262,8 +262,9 @@ fn complete_lines(console: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Reads the console through `ReadConsole` until `find` accepts a complete line, for at
-/// most `timeout`; returns what `find` returned. `console` accumulates what was read,
-/// `offset` where to go on.
+/// most `timeout`, or until the VM is `failed` (its VMM exited with an error: nothing more
+/// will come); returns what `find` returned. `console` accumulates what was read, `offset`
+/// where to go on.
 async fn wait_console_line<T>(
     v: &thvc_nodeagent::client::VmProxy<'_>,
     console: &mut String,
@@ -278,6 +279,10 @@ async fn wait_console_line<T>(
         }
         if Instant::now() >= deadline {
             return None;
+        }
+        if v.state().await.is_ok_and(|s| s == "failed") {
+            read_console_to_end(v, console, offset).await;
+            return complete_lines(console).find_map(&mut find);
         }
         if !read_console_step(v, console, offset).await {
             // The guest prints a line every second at best under nested KVM; poll gently
@@ -371,18 +376,6 @@ async fn wait_state(v: &thvc_nodeagent::client::VmProxy<'_>, want: &str) -> Stri
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// `Uid:` or `Gid:` of /proc/PID/status (real, effective, saved, filesystem).
-fn proc_ids(pid: i32, key: &str) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("proc status")
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .expect("id line")
-        .split_whitespace()
-        .map(|v| v.parse().expect("number"))
-        .collect()
 }
 
 fn guest_spec() -> String {
@@ -604,6 +597,100 @@ async fn unprivileged_guest_is_readopted_after_an_agent_sigkill() {
         !node.in_netns(&["ip", "link", "show", &tap]).0,
         "TAP removed by the new agent"
     );
+    eprintln!("whole test {:?}", started.elapsed());
+}
+
+/// `--vmm-uids` with the real VMM: two guests at once, each VMM as a uid of its own with no
+/// supplementary group (its launcher opened /dev/kvm for it, which that uid cannot open
+/// itself), each booted from its own root disk. Each VM's user opens its own disk, console
+/// and API socket and nothing of the other VM's, and cannot attach to the other's TAP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+async fn two_guests_run_as_their_own_users_and_reach_nothing_of_each_other() {
+    let started = Instant::now();
+    let node = GuestNode::start(&["--vmm-uids", "500000-500099"], &guest_init(IDLE)).await;
+    let disks = node.dirs.state().join("disks");
+    std::fs::copy(disks.join("root.img"), disks.join("root-b.img")).expect("copy the root disk");
+    let conn = node.connect().await;
+    let m = manager(&conn).await;
+    let specs = [
+        ("a", 500000u32, guest_spec()),
+        ("b", 500001, guest_spec().replace("root.img", "root-b.img")),
+    ];
+    let mut vms = Vec::new();
+    for (name, _, spec) in &specs {
+        let v = vm(&conn, m.create_vm(name, spec).await.unwrap()).await;
+        let started = v.start().await;
+        check(
+            &node,
+            name,
+            started.is_ok(),
+            &format!("Start {name}: {started:?}"),
+        );
+        vms.push(v);
+    }
+    for ((name, uid, _), v) in specs.iter().zip(&vms) {
+        let (mut console, mut offset) = (String::new(), 0);
+        let up = wait_console(v, &mut console, &mut offset, "THVC-NET-UP=").await;
+        check(
+            &node,
+            name,
+            up.is_some(),
+            &format!("guest {name} never reported its network"),
+        );
+        let vmm = node.dirs.vmm_process(name).expect("VMM recorded").pid;
+        assert_eq!(proc_ids(vmm, "Uid:"), vec![*uid; 4], "VM {name}'s VMM");
+        assert_eq!(
+            proc_ids(vmm, "Gid:"),
+            vec![*uid; 4],
+            "VM {name}: its private group"
+        );
+        assert_eq!(
+            proc_ids(vmm, "Groups:"),
+            Vec::<u32>::new(),
+            "VM {name}: no other group"
+        );
+        assert_eq!(
+            try_as(*uid, *uid, "rw", Path::new("/dev/kvm")),
+            Err(libc::EACCES),
+            "VM {name}'s user cannot open KVM itself: its VMM got it from the launcher"
+        );
+    }
+    eprintln!("both guests up after {:?}", started.elapsed());
+
+    let (a, b) = (specs[0].1, specs[1].1);
+    let file = |vm: &str, f: &str| match f {
+        "disk" if vm == "a" => disks.join("root.img"),
+        "disk" => disks.join("root-b.img"),
+        "console" => node.dirs.log().join(vm).join("console.log"),
+        _ => node.dirs.run().join("vms").join(vm).join("api.sock"),
+    };
+    for (me, my, other) in [("a", a, "b"), ("b", b, "a")] {
+        for (what, op) in [("disk", "rw"), ("console", "rw"), ("api", "connect")] {
+            assert_eq!(
+                try_as(my, my, op, &file(me, what)),
+                Ok(()),
+                "{me}: its own {what}"
+            );
+            assert_eq!(
+                try_as(
+                    my,
+                    my,
+                    if op == "rw" { "read" } else { op },
+                    &file(other, what)
+                ),
+                Err(libc::EACCES),
+                "{me}: {other}'s {what}"
+            );
+        }
+        let tap = thvc_nodeagent::names::tap_name(other, 0);
+        let e = attach_tap_as(node.netns_pid(), my, my, &tap).expect_err("not the other's TAP");
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{me} on {tap}: {e}");
+    }
+
+    for ((name, _, _), v) in specs.iter().zip(&vms) {
+        call_then_wait_state(&node, v, &format!("Stop {name}"), v.stop(), "stopped").await;
+    }
     eprintln!("whole test {:?}", started.elapsed());
 }
 

@@ -1,7 +1,7 @@
 //! Per-VM VMM users (`--vmm-uids FIRST-LAST`): every VM gets a uid of its own for its whole
 //! life (persisted as `<state>/vms/<name>.uid`), and its VMM runs as that uid with a private
-//! group of the same number and the kvm group: its launcher switches before it execs the
-//! VMM, so the VMM opens everything as its VM's user. What that user may open, the agent
+//! group of the same number and no other group: its launcher opens /dev/kvm for it, then
+//! switches before it execs the VMM, so the VMM opens everything else as its VM's user. What that user may open, the agent
 //! grants before every start with POSIX ACL entries on files the agent owns
 //! ([`crate::acl`]), and nothing else:
 //!
@@ -79,7 +79,8 @@ impl Node {
                 Some(RunAs {
                     uid,
                     gid: uid,
-                    groups: self.cfg.kvm_gid.into_iter().collect(),
+                    // No kvm group: the launcher hands the VMM /dev/kvm (runner/supervise.rs).
+                    groups: Vec::new(),
                 }),
             ),
             None => (self.cfg.vmm_user, None),

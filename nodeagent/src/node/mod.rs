@@ -175,8 +175,6 @@ pub struct NodeConfig {
     pub vmm_switches_user: bool,
     /// Per-VM uids (`--vmm-uids`): each VM's VMM runs as its own uid (see [`access`]).
     pub vmm_uids: Option<crate::vmm_user::UidRange>,
-    /// The kvm group, a supplementary group of per-VM VMM users (/dev/kvm is root:kvm 0660).
-    pub kvm_gid: Option<u32>,
     pub control_group: String,
     /// Which groups grant which roles (the control group grants all).
     pub role_groups: crate::auth::RoleGroups,

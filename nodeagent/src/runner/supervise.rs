@@ -2,10 +2,18 @@
 //! role conmon plays for containers). It is deliberately tiny and synchronous: record own
 //! identity, start the VMM, record its identity, wait, record the exit status, exit.
 //!
+//! Per-VM uids get KVM from their launcher (this one, or `exec-vm` under systemd), not from
+//! a group: it opens /dev/kvm while it is still root and hands the VMM that descriptor
+//! (`--kvm-fd`, the way Firecracker's jailer prepares a VMM's devices), so the VM's uid
+//! holds no supplementary group and cannot open /dev/kvm, or anything else of group kvm, on
+//! its own.
+//!
 //! SIGTERM to the supervisor is forwarded to the VMM (so stopping either stops the VM);
 //! SIGHUP and SIGINT are ignored so a closing terminal or Ctrl-C at the agent does not reach
 //! VMs.
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -32,10 +40,37 @@ pub enum SuperviseError {
         #[source]
         source: std::io::Error,
     },
+    #[error("opening {KVM_DEVICE} for the VMM: {0}")]
+    Kvm(std::io::Error),
     #[error("waiting for the VMM: {0}")]
     Wait(std::io::Error),
     #[error("encoding a record: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+/// The device a launcher opens for a VMM that runs as a per-VM uid.
+const KVM_DEVICE: &str = "/dev/kvm";
+
+/// Opens /dev/kvm for a VMM about to run as a per-VM uid (close-on-exec until
+/// [`keep_across_exec`]).
+fn open_kvm() -> Result<OwnedFd, SuperviseError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(KVM_DEVICE)
+        .map_err(SuperviseError::Kvm)?;
+    Ok(file.into())
+}
+
+/// Clears close-on-exec on `fd`, so the VMM exec'd next inherits it. Only fcntl(2): safe
+/// between fork and exec.
+fn keep_across_exec(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor this process owns; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 static VMM_PID: AtomicI32 = AtomicI32::new(0);
@@ -75,14 +110,23 @@ pub fn run(
     )?;
     let mut cmd = Command::new(vmm);
     cmd.args(args);
+    // Held open here until the VMM has its copy (dropped when this function returns).
+    let kvm = run_as.map(|_| open_kvm()).transpose()?;
+    let kvm_fd = kvm.as_ref().map(AsRawFd::as_raw_fd);
+    if let Some(fd) = kvm_fd {
+        cmd.arg("--kvm-fd").arg(fd.to_string());
+    }
     let run_as = run_as.cloned();
-    // SAFETY: only async-signal-safe calls between fork and exec (signal, and the system
-    // calls of RunAs::switch on memory allocated before the fork).
+    // SAFETY: only async-signal-safe calls between fork and exec (signal, fcntl, and the
+    // system calls of RunAs::switch on memory allocated before the fork).
     unsafe {
         cmd.pre_exec(move || {
             // Ignored dispositions survive exec; the VMM gets the defaults back.
             libc::signal(libc::SIGHUP, libc::SIG_DFL);
             libc::signal(libc::SIGINT, libc::SIG_DFL);
+            if let Some(fd) = kvm_fd {
+                keep_across_exec(fd)?;
+            }
             if let Some(who) = &run_as {
                 who.switch()?;
             }
@@ -144,15 +188,24 @@ pub fn exec_vm(run_dir: &Path) -> Result<std::convert::Infallible, SuperviseErro
             ),
         });
     }
+    let mut cmd = Command::new(&argv.vmm);
+    cmd.args(&argv.args);
+    // Open until exec; the VMM owns it from then on.
+    let mut _kvm = None;
     if let Some(who) = &argv.run_as {
-        // The unit runs this as root (with CAP_SETUID and CAP_SETGID only): become the
-        // VM's own user, which drops both, before the VMM runs.
+        // The unit runs this as root (with CAP_SETUID and CAP_SETGID only; /dev/kvm is
+        // root's, mode 0660): open KVM for the VMM, then become the VM's own user, which
+        // drops both capabilities, before the VMM runs.
+        let kvm = open_kvm()?;
+        keep_across_exec(kvm.as_raw_fd()).map_err(SuperviseError::Kvm)?;
+        cmd.arg("--kvm-fd").arg(kvm.as_raw_fd().to_string());
+        _kvm = Some(kvm);
         who.switch().map_err(|source| SuperviseError::Spawn {
             vmm: format!("{} (switching to {})", argv.vmm, who.to_arg()),
             source,
         })?;
     }
-    let err = Command::new(&argv.vmm).args(&argv.args).exec();
+    let err = cmd.exec();
     Err(SuperviseError::Spawn {
         vmm: argv.vmm,
         source: err,

@@ -15,6 +15,10 @@ use thvc_nodeagent::client::{self, BusTarget, ManagerProxy, VmProxy};
 use thvc_nodeagent::procinfo::ProcessId;
 use zbus::zvariant::OwnedObjectPath;
 
+mod access;
+#[allow(unused_imports)]
+pub use access::*;
+
 pub const AGENT: &str = env!("CARGO_BIN_EXE_thvc-nodeagent");
 pub const THVCCTL: &str = env!("CARGO_BIN_EXE_thvcctl");
 pub const FAKE_VMM: &str = env!("CARGO_BIN_EXE_thvc-fake-vmm");

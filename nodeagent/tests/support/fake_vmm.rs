@@ -68,6 +68,7 @@ fn main() {
             "--api-socket",
             "--config",
             "--user",
+            "--kvm-fd",
         ];
         if !takes_value.contains(&a.as_str()) {
             usage(&format!("unknown argument {a}"));
@@ -242,6 +243,16 @@ fn main() {
                 std::process::exit(1);
             })
         });
+    if let Some(fd) = opts.get("--kvm-fd") {
+        // As thvc-vmm: an inherited descriptor of /dev/kvm (the real one asks it for KVM's
+        // API version; the fake reads what it names).
+        let named = std::fs::read_link(format!("/proc/self/fd/{fd}"));
+        if !matches!(&named, Ok(p) if p == std::path::Path::new("/dev/kvm")) {
+            eprintln!("thvc-fake-vmm: --kvm-fd {fd}: not /dev/kvm ({named:?})");
+            std::process::exit(1);
+        }
+        say(&format!("fake-vmm: KVM from descriptor {fd}\n"));
+    }
     if let Some(user) = opts.get("--user") {
         switch_user(user);
         say(&format!("fake-vmm: running as user {user}\n"));
