@@ -103,9 +103,8 @@ impl Vcpu {
         self.id
     }
 
-    /// CPUID, MSRs, LAPIC, and for the boot processor the registers of the boot protocol;
-    /// application processors wait for the guest's start-up IPI
-    /// ([`regs::setup_application_processor`]).
+    /// CPUID, MSRs, registers and LAPIC for the 64-bit boot protocol. Application processors
+    /// get the same state; KVM keeps them waiting for the guest's INIT/SIPI.
     pub fn configure(
         &self,
         supported_cpuid: &CpuId,
@@ -117,12 +116,7 @@ impl Vcpu {
         self.fd
             .set_cpuid2(&cpuid::vcpu_cpuid(supported_cpuid, id, vcpu_count))
             .map_err(kvm("set CPUID"))?;
-        if id == 0 {
-            regs::setup_vcpu_regs(&self.fd, entry)
-        } else {
-            regs::setup_application_processor(&self.fd)
-        }
-        .map_err(|source| VcpuError::Regs { id, source })?;
+        regs::setup_vcpu_regs(&self.fd, entry).map_err(|source| VcpuError::Regs { id, source })?;
         let mut lapic = self.fd.get_lapic().map_err(kvm("read the LAPIC"))?;
         interrupts::set_lint(&mut lapic);
         self.fd.set_lapic(&lapic).map_err(kvm("set the LAPIC"))?;

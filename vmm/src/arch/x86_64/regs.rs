@@ -3,10 +3,7 @@
 //! through PVH 32-bit protected mode without paging, flat segments, EBX pointing at the
 //! start info.
 
-use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
-    KVM_MP_STATE_INIT_RECEIVED,
-};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -215,7 +212,18 @@ pub fn setup_boot_memory(mem: &GuestMemoryMmap, entry: &BootEntry) -> Result<(),
 /// Puts a vCPU into the state its boot protocol requires.
 pub fn setup_vcpu_regs(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), RegsError> {
     let kvm = |what| move |source| RegsError::Kvm { what, source };
-    set_boot_msrs(vcpu)?;
+    let entries = boot_msrs();
+    let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::Msrs {
+        set: 0,
+        wanted: entries.len(),
+    })?;
+    let set = vcpu.set_msrs(&msrs).map_err(kvm("MSRs"))?;
+    if set != entries.len() {
+        return Err(RegsError::Msrs {
+            set,
+            wanted: entries.len(),
+        });
+    }
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
@@ -247,44 +255,6 @@ pub fn setup_vcpu_regs(vcpu: &VcpuFd, entry: BootEntry) -> Result<(), RegsError>
     };
     vcpu.set_sregs(&sregs).map_err(kvm("special registers"))?;
     vcpu.set_regs(&regs).map_err(kvm("general registers"))?;
-    Ok(())
-}
-
-/// An application processor's start: the boot MSRs, and otherwise the state the processors
-/// of a real machine are in once the platform's reset has sent them INIT: reset registers,
-/// waiting for a start-up IPI (KVM's INIT_RECEIVED). KVM creates them "uninitialized"
-/// instead, where it drops a start-up IPI that is not preceded by an INIT. Linux sends
-/// INIT-SIPI-SIPI and starts either way; edk2 wakes its APs the first time with a SIPI
-/// alone (`PcdFirstTimeWakeUpAPsBySipi`, TRUE by default and in the CloudHv platform; OVMF
-/// sets it FALSE because QEMU lacks this INIT), so without it the firmware never saw a
-/// second vCPU start.
-pub fn setup_application_processor(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    set_boot_msrs(vcpu)?;
-    vcpu.set_mp_state(kvm_mp_state {
-        mp_state: KVM_MP_STATE_INIT_RECEIVED,
-    })
-    .map_err(|source| RegsError::Kvm {
-        what: "MP state",
-        source,
-    })
-}
-
-fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let entries = boot_msrs();
-    let msrs = Msrs::from_entries(&entries).map_err(|_| RegsError::Msrs {
-        set: 0,
-        wanted: entries.len(),
-    })?;
-    let set = vcpu.set_msrs(&msrs).map_err(|source| RegsError::Kvm {
-        what: "MSRs",
-        source,
-    })?;
-    if set != entries.len() {
-        return Err(RegsError::Msrs {
-            set,
-            wanted: entries.len(),
-        });
-    }
     Ok(())
 }
 
