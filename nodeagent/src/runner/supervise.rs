@@ -110,7 +110,7 @@ pub fn run(
     )?;
     let mut cmd = Command::new(vmm);
     cmd.args(args);
-    // Held open here until the VMM has its copy (dropped when this function returns).
+    // Held open here until the VMM has its copy (spawn returns after its exec).
     let kvm = run_as.map(|_| open_kvm()).transpose()?;
     let kvm_fd = kvm.as_ref().map(AsRawFd::as_raw_fd);
     if let Some(fd) = kvm_fd {
@@ -137,6 +137,7 @@ pub fn run(
         vmm: vmm.display().to_string(),
         source,
     })?;
+    drop(kvm);
     let pid = child.id() as i32;
     VMM_PID.store(pid, Ordering::SeqCst);
     if TERM_PENDING.load(Ordering::SeqCst) {
