@@ -248,8 +248,9 @@ fn a_cloud_image_boots_through_uefi_and_cloud_init_configures_it() {
 }
 
 /// Firmware -> systemd-boot on the disk's EFI system partition -> the test kernel, in one
-/// boot (each firmware boot risks the emulator abort described above): the guest sees the
-/// SMBIOS identity, `info` reports the firmware and the UUID, the firmware read the disk
+/// boot (each firmware boot risks the emulator abort described above), with two vCPUs (so
+/// two disk queues, of which the firmware's driver sets up only the first): the guest runs
+/// both vCPUs, sees the SMBIOS identity, `info` reports the firmware and the UUID, the firmware read the disk
 /// through virtio-pci, and the API's `shutdown` presses the power button: the guest powers
 /// off and the VMM exits 0. (A guest's own `poweroff` is the cloud image test's ending.)
 #[test]
@@ -270,6 +271,8 @@ fn the_firmware_boots_the_disks_boot_loader_and_shutdown_powers_the_guest_off() 
         &format!("uuid={UUID},serial={SERIAL}"),
         "--memory",
         "512",
+        "--cpus",
+        "2",
         "--api-socket",
         socket.to_str().expect("utf-8"),
     ]);
@@ -277,6 +280,7 @@ fn the_firmware_boots_the_disks_boot_loader_and_shutdown_powers_the_guest_off() 
     println!("firmware to init: {:?}", started.elapsed());
     let dmi = guest.wait_for("THVC-DMI ");
     assert_eq!(dmi, format!("uuid={UUID} serial={SERIAL} product=thvc-vmm"));
+    assert_eq!(guest.wait_for("THVC-CPUS="), "2", "both vCPUs online");
     guest.wait_for("THVC-ACPID=started");
     guest.wait_for("THVC-TICK=");
     let info = &api_call(&socket, "info");

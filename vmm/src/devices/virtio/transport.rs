@@ -248,23 +248,34 @@ impl VirtioCommon {
         self.driver_features & VIRTIO_F_VERSION_1 != 0
     }
 
+    /// Starts the workers of the queue groups the driver set up. A driver need not use every
+    /// queue: one that does not know multiqueue (edk2's virtio-blk and virtio-net drivers,
+    /// other systems' drivers) sets up only the first; a worker whose queues are all unready
+    /// stays idle. Its queues all ready or none, and the first group ready: anything else
+    /// is a setup the device cannot use.
     fn activate(&mut self) -> Result<(), String> {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let queues = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| {
-                q.build(&self.mem, event_idx)
-                    .map_err(|e| format!("queue {i}: {e}"))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        let mut queues = queues.into_iter();
-        for group in &self.workers {
-            let mine: Vec<Queue> = queues.by_ref().take(group.queues.len()).collect();
+        let mut activations = Vec::new();
+        for (g, group) in self.workers.iter().enumerate() {
+            let configs = &self.queues[group.queues.clone()];
+            if g > 0 && configs.iter().all(|q| !q.ready) {
+                continue;
+            }
+            let queues = configs
+                .iter()
+                .zip(group.queues.clone())
+                .map(|(q, i)| {
+                    q.build(&self.mem, event_idx)
+                        .map_err(|e| format!("queue {i}: {e}"))
+                })
+                .collect::<Result<Vec<Queue>, String>>()?;
+            activations.push((g, queues));
+        }
+        for (g, queues) in activations {
+            let group = &self.workers[g];
             group.control.activate(Activation {
                 mem: self.mem.clone(),
-                queues: mine,
+                queues,
                 first_queue: group.queues.start,
                 acked_features: self.driver_features,
                 interrupt: self.interrupt.for_worker(),
@@ -335,5 +346,70 @@ mod tests {
         assert_eq!(lines.len(), DEFAULT_BURST as usize, "{lines:?}");
         assert!(lines[0].contains("driver cleared status bits"), "{lines:?}");
         assert_eq!(common.status, 1, "the status stayed");
+    }
+
+    /// A block device with two queues, one worker each, as with two vCPUs.
+    fn two_queue_device() -> (VirtioCommon, Vec<Arc<WorkerControl>>) {
+        let mem = memory();
+        let (activation, _irq) = TestRing::new(&mem, 64).activation(Vec::new(), 0);
+        let info = DeviceInfo {
+            device_type: TYPE_BLOCK,
+            queue_max_sizes: vec![64, 64],
+            features: VIRTIO_F_VERSION_1,
+            config_space: Vec::new(),
+        };
+        let controls: Vec<_> = (0..2).map(|_| WorkerControl::new().unwrap()).collect();
+        let workers = controls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| WorkerGroup {
+                control: c.clone(),
+                queues: i..i + 1,
+            })
+            .collect();
+        let mut common = VirtioCommon::new(info, mem, activation.interrupt, workers);
+        common.driver_features = VIRTIO_F_VERSION_1;
+        (common, controls)
+    }
+
+    fn set_up(q: &mut QueueConfig, base: u64) {
+        q.desc_table = base;
+        q.avail_ring = base + 0x1000;
+        q.used_ring = base + 0x2000;
+        q.ready = true;
+    }
+
+    const UP_TO_FEATURES_OK: u8 = 1 | 2 | 8;
+    const DRIVER_OK: u8 = UP_TO_FEATURES_OK | 4;
+
+    #[test]
+    fn a_driver_that_sets_up_only_the_first_queue_gets_a_working_device() {
+        // edk2's virtio-blk driver knows one queue: it readies queue 0 and sets DRIVER_OK.
+        let (mut common, controls) = two_queue_device();
+        set_up(&mut common.queues[0], 0x10000);
+        common.write_status(UP_TO_FEATURES_OK);
+        assert_eq!(common.write_status(DRIVER_OK), StatusChange::Updated);
+        assert_eq!(common.status, DRIVER_OK, "the device runs");
+        assert_eq!(controls[0].pending_activations(), 1, "queue 0's worker");
+        assert_eq!(controls[1].pending_activations(), 0, "queue 1's stays idle");
+    }
+
+    #[test]
+    fn every_ready_queue_gets_its_worker_and_the_first_queue_is_required() {
+        let (mut common, controls) = two_queue_device();
+        set_up(&mut common.queues[0], 0x10000);
+        set_up(&mut common.queues[1], 0x20000);
+        common.write_status(UP_TO_FEATURES_OK);
+        common.write_status(DRIVER_OK);
+        assert_eq!(common.status, DRIVER_OK);
+        assert!(controls.iter().all(|c| c.pending_activations() == 1));
+
+        // Only queue 1: nothing the device can start with (queue 0 carries its requests).
+        let (mut common, controls) = two_queue_device();
+        set_up(&mut common.queues[1], 0x20000);
+        common.write_status(UP_TO_FEATURES_OK);
+        common.write_status(DRIVER_OK);
+        assert_eq!(common.status, UP_TO_FEATURES_OK, "DRIVER_OK refused");
+        assert!(controls.iter().all(|c| c.pending_activations() == 0));
     }
 }

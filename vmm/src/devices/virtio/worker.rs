@@ -46,6 +46,17 @@ impl WorkerControl {
         }))
     }
 
+    /// How many activations wait for the worker (tests of the transport, without a thread).
+    #[cfg(test)]
+    pub fn pending_activations(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|c| matches!(c, Command::Activate(_)))
+            .count()
+    }
+
     fn push(&self, cmd: Command) {
         self.pending
             .lock()
