@@ -1,8 +1,15 @@
 # Shared by integration/image/{boot-test,tamper-test,e2e}: host tools, and one
 # QEMU node (TCG, -cpu max, q35, OVMF, two virtio NICs) booted with SMBIOS
 # type 11 credentials. Source it; it expects `work` (a scratch directory) set.
+#
+# The node's firmware is OVMF's Secure Boot build (SMM, its variables in a secure
+# flash) with an empty variable store: a server in setup mode, like one fresh from its
+# vendor with the keys cleared. node_enroll boots it once, and systemd-boot enrolls the
+# image's keys from the ESP; every boot after that verifies systemd-boot, the UKI and
+# its add-ons. Without node_enroll Secure Boot stays off only if the ESP offers no keys
+# (the tamper test's verity boot removes them: it needs SMBIOS's extra command line).
 
-OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.fd
+OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd
 OVMF_VARS=/usr/share/OVMF/OVMF_VARS_4M.fd
 # Fixed MACs: the network document finds the NICs by them (names are the kernel's).
 MGMT_MAC=52:54:00:7e:00:01
@@ -13,6 +20,8 @@ image_install_host_tools() {
     local need=() p
     command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
     [ -e "$OVMF_CODE" ] || need+=(ovmf)
+    # sbsign: the tamper test signs a UKI with a key the node does not know.
+    command -v sbsign >/dev/null || need+=(sbsigntool)
     command -v ssh >/dev/null || need+=(openssh-client)
     for p in python3 zstd curl openssl socat; do command -v "$p" >/dev/null || need+=("$p"); done
     # The boot test's log collector (systemd-journal-remote: its package enables nothing;
@@ -160,7 +169,10 @@ node_start() {
     # time right at a nested VM's start or reset, where KVM flips static keys and the kernel
     # patches its own code while the other vCPU runs it (multi-threaded TCG); with one, 5
     # of 5 passed, about 100 s slower each.
-    qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 3072 -machine q35 \
+    # SMM and a secure flash: the Secure Boot build keeps its variables where the OS cannot
+    # write them.
+    qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 3072 -machine q35,smm=on \
+        -global driver=cfi.pflash01,property=secure,value=on \
         -drive if=pflash,format=raw,readonly=on,file="$OVMF_CODE" \
         -drive if=pflash,format=raw,file="$work/vars.fd" \
         -drive if=virtio,format=raw,file="$work/disk.raw" \
@@ -171,6 +183,32 @@ node_start() {
         "${creds[@]}" "${qemu_extra[@]}" \
         -display none "${serial[@]}" -monitor none &
     qemu_pid=$!
+}
+
+# node_enroll: the first power-on of a server in setup mode (a new node_disk): systemd-boot
+# finds the image's keys in /loader/keys/auto, enrolls db, KEK and PK (in a VM without
+# asking; on a server it asks, or the BMC enrolls them: image/README.md) and resets, which
+# -no-reboot turns into QEMU's exit. Secure Boot is on from the next power-on.
+node_enroll() {
+    local saved=("${qemu_extra[@]}") rc=0
+    qemu_extra=(-no-reboot)
+    node_start
+    qemu_extra=("${saved[@]}")
+    wait_console 'Custom Secure Boot keys successfully enrolled' 300 || rc=$?
+    if [ "$rc" = 0 ]; then
+        local deadline=$(( $(date +%s) + 60 ))
+        while kill -0 "$qemu_pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 1; done
+        kill -0 "$qemu_pid" 2>/dev/null && rc=3
+    fi
+    node_stop
+    cp "$work/console.log" "$work/console-enroll.log"
+    case $rc in
+        0) return 0 ;;
+        3) echo "node_enroll: the firmware did not reset within 60 s of the enrolment" >&2 ;;
+        *) echo "node_enroll: systemd-boot did not enroll the Secure Boot keys (wait status $rc); console:" >&2
+           tail -n 20 "$work/console.log" >&2 ;;
+    esac
+    return 1
 }
 
 node_stop() {
