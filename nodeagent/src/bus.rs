@@ -355,6 +355,20 @@ impl Manager {
             .unwrap_or_default()
     }
 
+    /// The firmware's Secure Boot state: "enabled (user)", "disabled (setup)", ...,
+    /// "unsupported" (bootctl's words; image/README.md, "Secure Boot").
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn secure_boot(&self) -> String {
+        hostinfo::secure_boot(&self.node.config().efivars)
+    }
+
+    /// The public half of the node's TPM2 storage root key (PEM), to seal this node's
+    /// credentials to (image/node-credentials --tpm2-device-key); empty without a TPM2.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn tpm_srk_public_key(&self) -> String {
+        hostinfo::tpm2_srk_public_key(&self.node.config().tpm2_srk)
+    }
+
     #[zbus(property)]
     fn network_state(&self) -> String {
         self.node.network_state()

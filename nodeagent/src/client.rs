@@ -47,6 +47,12 @@ pub trait Manager {
     /// The kernel clock is synchronised (absent from agents before it: UnknownProperty).
     #[zbus(property)]
     fn time_synchronized(&self) -> zbus::Result<bool>;
+    /// bootctl's words ("enabled (user)", ...; absent from older agents: UnknownProperty).
+    #[zbus(property)]
+    fn secure_boot(&self) -> zbus::Result<String>;
+    /// PEM; empty without a TPM2 (absent from older agents: UnknownProperty).
+    #[zbus(property)]
+    fn tpm_srk_public_key(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn network_state(&self) -> zbus::Result<String>;
 

@@ -74,6 +74,67 @@ fn is_char_device(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device())
 }
 
+/// The EFI global variables' vendor GUID (UEFI spec), the suffix of their names in efivarfs.
+const EFI_GLOBAL: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
+
+/// A one-byte boolean EFI variable from efivarfs (4 bytes of attributes, then the value);
+/// None when absent or not one byte.
+fn efi_bool(efivars: &Path, name: &str) -> Option<bool> {
+    let data = std::fs::read(efivars.join(format!("{name}-{EFI_GLOBAL}"))).ok()?;
+    match data.as_slice() {
+        [_, _, _, _, v] => Some(*v != 0),
+        _ => None,
+    }
+}
+
+/// The firmware's Secure Boot state in bootctl's words: "enabled (user)", "enabled
+/// (deployed)", "disabled (setup)", "disabled (audit)", "disabled", or "unsupported" (no
+/// SecureBoot variable: not booted through UEFI, or a firmware without Secure Boot). From
+/// the variables under `efivars` (/sys/firmware/efi/efivars) as systemd decodes them.
+pub fn secure_boot(efivars: &Path) -> String {
+    let Some(secure) = efi_bool(efivars, "SecureBoot") else {
+        return "unsupported".to_owned();
+    };
+    let flag = |name| efi_bool(efivars, name).unwrap_or(false);
+    let (setup, audit, deployed) = (flag("SetupMode"), flag("AuditMode"), flag("DeployedMode"));
+    let mode = match (secure, setup, audit, deployed) {
+        (true, _, _, true) => "enabled (deployed)",
+        (true, false, false, false) => "enabled (user)",
+        (true, _, _, _) => "enabled",
+        (false, true, true, _) => "disabled (audit)",
+        (false, true, false, false) => "disabled (setup)",
+        (false, _, _, _) => "disabled",
+    };
+    mode.to_owned()
+}
+
+/// The public half of the node's TPM2 storage root key (PEM) as systemd-tpm2-setup left it
+/// in `path` (/run/systemd/tpm2-srk-public-key.pem): what image/node-credentials
+/// `--tpm2-device-key` seals a node's credentials to. Empty without a TPM2 (or before
+/// systemd set it up), and when the file is not one PEM public key of a sane size.
+pub fn tpm2_srk_public_key(path: &Path) -> String {
+    const MAX: u64 = 16 * 1024;
+    let Ok(f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let mut text = String::new();
+    if std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX + 1), &mut text).is_err()
+        || text.len() as u64 > MAX
+    {
+        tracing::warn!("{}: not a PEM file of at most {MAX} bytes", path.display());
+        return String::new();
+    }
+    let body = text.trim();
+    if !(body.starts_with("-----BEGIN PUBLIC KEY-----")
+        && body.ends_with("-----END PUBLIC KEY-----")
+        && body.matches("-----BEGIN").count() == 1)
+    {
+        tracing::warn!("{}: not one PEM public key", path.display());
+        return String::new();
+    }
+    format!("{body}\n")
+}
+
 /// A field of an os-release file (empty if absent), unquoted as os-release(5) says.
 fn os_release_field(os_release: &Path, key: &str) -> String {
     let Ok(text) = std::fs::read_to_string(os_release) else {
@@ -495,6 +556,51 @@ mod tests {
         assert_eq!(image_version(&f), "");
         assert!(memory_bytes() > 0);
         assert!(memory_available_bytes() <= memory_bytes());
+    }
+
+    #[test]
+    fn secure_boot_state_from_efi_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = dir.path();
+        assert_eq!(secure_boot(vars), "unsupported");
+        let set = |name: &str, v: u8| {
+            std::fs::write(vars.join(format!("{name}-{EFI_GLOBAL}")), [6, 0, 0, 0, v]).unwrap()
+        };
+        set("SecureBoot", 0);
+        set("SetupMode", 1);
+        assert_eq!(secure_boot(vars), "disabled (setup)");
+        set("SecureBoot", 1);
+        set("SetupMode", 0);
+        assert_eq!(secure_boot(vars), "enabled (user)");
+        set("DeployedMode", 1);
+        assert_eq!(secure_boot(vars), "enabled (deployed)");
+        // A variable of the wrong size is no answer.
+        std::fs::write(
+            vars.join(format!("SecureBoot-{EFI_GLOBAL}")),
+            [6, 0, 0, 0, 1, 1],
+        )
+        .unwrap();
+        assert_eq!(secure_boot(vars), "unsupported");
+    }
+
+    #[test]
+    fn tpm2_srk_public_key_only_when_one_pem_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("srk.pem");
+        assert_eq!(tpm2_srk_public_key(&f), "", "no TPM2: empty");
+        let pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n";
+        std::fs::write(&f, pem).unwrap();
+        assert_eq!(tpm2_srk_public_key(&f), pem);
+        std::fs::write(&f, format!("{pem}{pem}")).unwrap();
+        assert_eq!(tpm2_srk_public_key(&f), "", "two keys");
+        std::fs::write(
+            &f,
+            "-----BEGIN PRIVATE KEY-----\nAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        assert_eq!(tpm2_srk_public_key(&f), "", "not a public key");
+        std::fs::write(&f, "x".repeat(20_000)).unwrap();
+        assert_eq!(tpm2_srk_public_key(&f), "", "too large");
     }
 
     #[test]

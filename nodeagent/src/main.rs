@@ -108,6 +108,13 @@ struct DaemonArgs {
     /// (the versions systemd-boot rolled back from).
     #[arg(long, default_value = "/boot")]
     esp: PathBuf,
+    /// efivarfs, for SecureBoot (the firmware's Secure Boot state).
+    #[arg(long, default_value = "/sys/firmware/efi/efivars")]
+    efivars: PathBuf,
+    /// The TPM2 storage root key's public half as systemd-tpm2-setup writes it, for
+    /// TpmSrkPublicKey (what node credentials are sealed to).
+    #[arg(long, default_value = "/run/systemd/tpm2-srk-public-key.pem")]
+    tpm2_srk: PathBuf,
     /// Program for host updates and reboots (Manager.Update, Manager.Reboot):
     /// `PATH check|install [URL]` prints the version found or installed (nothing: none
     /// newer), `PATH reboot` starts the reboot. Without it both are refused. The image
@@ -353,6 +360,8 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         os_release: args.os_release,
         sys_block: args.sys_block,
         esp: args.esp,
+        efivars: args.efivars,
+        tpm2_srk: args.tpm2_srk,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         start_timeout: Duration::from_secs(args.start_timeout),
         stop_timeout: Duration::from_secs(args.stop_timeout),

@@ -515,6 +515,19 @@ async fn manager_reports_image_version_from_os_release() {
         )
         .unwrap();
     }
+    // The firmware's variables of a node with Secure Boot in user mode, and its TPM2's SRK.
+    let efivars = dirs.root.path().join("efivars");
+    std::fs::create_dir_all(&efivars).unwrap();
+    for (name, value) in [("SecureBoot", 1u8), ("SetupMode", 0), ("AuditMode", 0)] {
+        std::fs::write(
+            efivars.join(format!("{name}-8be4df61-93ca-11d2-aa0d-00e098032b8c")),
+            [6, 0, 0, 0, value],
+        )
+        .unwrap();
+    }
+    let srk = dirs.root.path().join("tpm2-srk-public-key.pem");
+    let srk_pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n";
+    std::fs::write(&srk, srk_pem).unwrap();
     let _agent = Agent::start(
         &bus,
         &dirs,
@@ -523,6 +536,10 @@ async fn manager_reports_image_version_from_os_release() {
             os_release.to_str().unwrap(),
             "--sys-block",
             sys_block.to_str().unwrap(),
+            "--efivars",
+            efivars.to_str().unwrap(),
+            "--tpm2-srk",
+            srk.to_str().unwrap(),
         ],
     );
     let conn = connect(&bus).await;
@@ -535,6 +552,21 @@ async fn manager_reports_image_version_from_os_release() {
     );
     // TimeSynchronized is systemd-timedated's NTPSynchronized: none on this bus, so false;
     // then a timedated stand-in on the test's bus says true, and the agent follows it.
+    assert_eq!(m.secure_boot().await.unwrap(), "enabled (user)");
+    assert_eq!(m.tpm_srk_public_key().await.unwrap(), srk_pem);
+    // thvcctl host tpm-srk prints it as the operator seals credentials with it.
+    let out = std::process::Command::new(THVCCTL)
+        .args(["--bus", bus.address.as_str(), "host", "tpm-srk"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), srk_pem);
+    std::fs::remove_file(&srk).unwrap();
+    assert_eq!(m.tpm_srk_public_key().await.unwrap(), "", "no TPM2: empty");
     assert!(!m.time_synchronized().await.unwrap());
     let _timedated = fake_timedated(&bus, true).await;
     assert!(m.time_synchronized().await.unwrap());
@@ -562,6 +594,8 @@ async fn manager_reports_image_version_from_os_release() {
         "InstalledVersions",
         "FailedVersions",
         "TimeSynchronized",
+        "SecureBoot",
+        "TpmSrkPublicKey",
         "NetworkState",
     ] {
         assert!(all.contains_key(p), "{p} missing from GetAll");

@@ -87,6 +87,9 @@ enum HostAction {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Print the public half of the node's TPM2 storage root key (PEM): what
+    /// image/node-credentials --tpm2-device-key seals this node's credentials to.
+    TpmSrk,
     /// Shut every VM down gracefully (stopped after the timeout), then reboot the host.
     /// Autostart VMs start again when it is back.
     Reboot {
@@ -366,6 +369,16 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 Ok(())
             }
+            HostAction::TpmSrk => {
+                let pem = manager.tpm_srk_public_key().await?;
+                if pem.is_empty() {
+                    anyhow::bail!(
+                        "the node has no TPM2 storage root key (no TPM2, or systemd has not set it up)"
+                    );
+                }
+                print!("{pem}");
+                Ok(())
+            }
             HostAction::Reboot { timeout, no_wait } => {
                 let mut removed = manager.receive_job_removed().await?;
                 let job = manager.reboot(timeout).await?;
@@ -482,14 +495,30 @@ async fn disk(manager: &ManagerProxy<'_>, action: DiskAction, json_out: bool) ->
     Ok(())
 }
 
+/// A property agents older than this thvcctl may lack: None when the agent says
+/// UnknownProperty, the value otherwise.
+fn newer_property<T>(r: zbus::Result<T>) -> zbus::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e)
+            if client::method_error(&e)
+                .is_some_and(|(name, _)| name == "org.freedesktop.DBus.Error.UnknownProperty") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
     let vms = manager.list_vms().await?;
     let running = vms.iter().filter(|v| v.1 == "running").count();
     let failed = vms.iter().filter(|v| v.1 == "failed").count();
-    // An agent older than this thvcctl has no FailedVersions: unknown (null), not an error
-    // (a fleet runs mixed versions while an update rolls out).
-    let failed_versions: Option<Vec<serde_json::Value>> = match manager.failed_versions().await {
-        Ok(list) => Some(
+    // An agent older than this thvcctl lacks the newer properties (FailedVersions,
+    // TimeSynchronized, SecureBoot, TpmSrkPublicKey): unknown (null), not an error (a fleet
+    // runs mixed versions while an update rolls out).
+    let failed_versions: Option<Vec<serde_json::Value>> =
+        newer_property(manager.failed_versions().await)?.map(|list| {
             list.into_iter()
                 .map(|(version, tries, since)| {
                     json!({
@@ -499,27 +528,11 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
                         "since_usec": since,
                     })
                 })
-                .collect(),
-        ),
-        Err(e)
-            if client::method_error(&e)
-                .is_some_and(|(name, _)| name == "org.freedesktop.DBus.Error.UnknownProperty") =>
-        {
-            None
-        }
-        Err(e) => return Err(e.into()),
-    };
-    // Likewise TimeSynchronized (null: the agent does not say).
-    let time_synchronized: Option<bool> = match manager.time_synchronized().await {
-        Ok(synced) => Some(synced),
-        Err(e)
-            if client::method_error(&e)
-                .is_some_and(|(name, _)| name == "org.freedesktop.DBus.Error.UnknownProperty") =>
-        {
-            None
-        }
-        Err(e) => return Err(e.into()),
-    };
+                .collect()
+        });
+    let time_synchronized = newer_property(manager.time_synchronized().await)?;
+    let secure_boot = newer_property(manager.secure_boot().await)?;
+    let tpm2 = newer_property(manager.tpm_srk_public_key().await)?.map(|pem| !pem.is_empty());
     let v = json!({
         "hostname": manager.hostname().await?,
         "version": manager.version().await?,
@@ -532,6 +545,8 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
         "memory_available_bytes": manager.memory_available_bytes().await?,
         "network_state": manager.network_state().await?,
         "time_synchronized": time_synchronized,
+        "secure_boot": secure_boot,
+        "tpm2": tpm2,
         "drained": manager.drained().await?,
         "vcpus_allocated": manager.allocated_vcpus().await?,
         "vcpus_capacity": manager.vcpu_capacity().await?,
@@ -591,6 +606,15 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
             Some(false) => println!("Time:      not synchronised"),
             None => println!("Time:      unknown (the agent does not report it)"),
         }
+        println!(
+            "Boot:      Secure Boot {}, {}",
+            v["secure_boot"].as_str().unwrap_or("unknown"),
+            match v["tpm2"].as_bool() {
+                Some(true) => "TPM2 (thvcctl host tpm-srk)",
+                Some(false) => "no TPM2",
+                None => "TPM2 unknown",
+            }
+        );
         println!(
             "Allocated: {} of {} vCPUs, {} of {} MiB (running and autostart VMs)",
             v["vcpus_allocated"],

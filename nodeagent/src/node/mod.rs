@@ -186,6 +186,10 @@ pub struct NodeConfig {
     pub sys_block: PathBuf,
     /// The ESP's mount point: boot-counted UKIs for the failed image versions.
     pub esp: PathBuf,
+    /// efivarfs: the firmware's Secure Boot state.
+    pub efivars: PathBuf,
+    /// The TPM2 storage root key's public half (PEM) systemd-tpm2-setup writes.
+    pub tpm2_srk: PathBuf,
     pub shutdown_timeout: Duration,
     pub start_timeout: Duration,
     /// vCPUs per host CPU, in tenths (`--vcpu-overcommit 4` = 40).
