@@ -22,6 +22,8 @@ image_install_host_tools() {
     [ -e "$OVMF_CODE" ] || need+=(ovmf)
     # sbsign: the tamper test signs a UKI with a key the node does not know.
     command -v sbsign >/dev/null || need+=(sbsigntool)
+    # The node's TPM2 (swtpm, a software TPM 2.0 QEMU talks to over a socket).
+    command -v swtpm >/dev/null || need+=(swtpm)
     command -v ssh >/dev/null || need+=(openssh-client)
     for p in python3 zstd curl openssl socat; do command -v "$p" >/dev/null || need+=("$p"); done
     # The boot test's log collector (systemd-journal-remote: its package enables nothing;
@@ -136,11 +138,31 @@ for i in range(nsect):
 PY
 }
 
-# node_disk IMAGE: a sparse copy of IMAGE with 4 GiB more for /var.
+# node_disk IMAGE: a new server: a sparse copy of IMAGE with 4 GiB more for /var, firmware
+# variables in setup mode, a TPM2 that never saw a boot.
 node_disk() {
     cp --sparse=always "$(readlink -f "$1")" "$work/disk.raw"
     truncate -s +4G "$work/disk.raw"
     cp "$OVMF_VARS" "$work/vars.fd"
+    rm -rf "$work/tpm" && mkdir -p "$work/tpm"
+}
+
+# node_tpm_start: the node's TPM2 (swtpm, state in $work/tpm: it keeps its keys and
+# counters across power cycles, like the chip); sets tpm_pid and the QEMU arguments tpm_qemu.
+node_tpm_start() {
+    # The previous power-on's swtpm, if QEMU's exit did not end it.
+    if [ -n "${tpm_pid:-}" ] && kill -0 "$tpm_pid" 2>/dev/null; then
+        kill "$tpm_pid"; wait "$tpm_pid" 2>/dev/null || true
+    fi
+    rm -f "$work/tpm.sock"
+    swtpm socket --tpm2 --tpmstate dir="$work/tpm" --ctrl type=unixio,path="$work/tpm.sock" \
+        --log file="$work/swtpm.log" &
+    tpm_pid=$!
+    local _
+    for _ in $(seq 50); do [ -S "$work/tpm.sock" ] && break; sleep 0.1; done
+    [ -S "$work/tpm.sock" ] || { echo "lib.sh: swtpm did not start (log: $work/swtpm.log)" >&2; return 1; }
+    tpm_qemu=(-chardev socket,id=chrtpm,path="$work/tpm.sock" -tpmdev emulator,id=tpm0,chardev=chrtpm
+              -device tpm-crb,tpmdev=tpm0)
 }
 
 # node_start [NAME=VALUE | NAME=@FILE]...: boots $work/disk.raw with those
@@ -169,6 +191,7 @@ node_start() {
     # time right at a nested VM's start or reset, where KVM flips static keys and the kernel
     # patches its own code while the other vCPU runs it (multi-threaded TCG); with one, 5
     # of 5 passed, about 100 s slower each.
+    node_tpm_start || return 1
     # SMM and a secure flash: the Secure Boot build keeps its variables where the OS cannot
     # write them.
     qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 3072 -machine q35,smm=on \
@@ -180,7 +203,7 @@ node_start() {
         -device virtio-net-pci,netdev=mgmt,mac=$MGMT_MAC \
         -netdev user,id=lan,restrict=on,net=10.77.0.0/24 \
         -device virtio-net-pci,netdev=lan,mac=$LAN_MAC \
-        "${creds[@]}" "${qemu_extra[@]}" \
+        "${tpm_qemu[@]}" "${creds[@]}" "${qemu_extra[@]}" \
         -display none "${serial[@]}" -monitor none &
     qemu_pid=$!
 }
@@ -192,7 +215,7 @@ node_start() {
 node_enroll() {
     local saved=("${qemu_extra[@]}") rc=0
     qemu_extra=(-no-reboot)
-    node_start
+    node_start || { qemu_extra=("${saved[@]}"); return 1; }
     qemu_extra=("${saved[@]}")
     wait_console 'Custom Secure Boot keys successfully enrolled' 300 || rc=$?
     if [ "$rc" = 0 ]; then
@@ -216,6 +239,10 @@ node_stop() {
         kill "$qemu_pid"; wait "$qemu_pid" 2>/dev/null || true
     fi
     qemu_pid=
+    if [ -n "${tpm_pid:-}" ] && kill -0 "$tpm_pid" 2>/dev/null; then
+        kill "$tpm_pid"; wait "$tpm_pid" 2>/dev/null || true
+    fi
+    tpm_pid=
 }
 
 # node_alive: QEMU still runs and the node's kernel has not panicked (the console says so;
