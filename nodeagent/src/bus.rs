@@ -362,8 +362,9 @@ impl Manager {
         hostinfo::secure_boot(&self.node.config().efivars)
     }
 
-    /// The public half of the node's TPM2 storage root key (PEM), to seal this node's
-    /// credentials to (image/node-credentials --tpm2-device-key); empty without a TPM2.
+    /// The public half of the node's TPM2 storage root key (PEM): the TPM2's identity for
+    /// the fleet's records, and what `systemd-cryptenroll --tpm2-device-key` enrolls a
+    /// volume to without the node; empty without a TPM2.
     #[zbus(property(emits_changed_signal = "false"))]
     fn tpm_srk_public_key(&self) -> String {
         hostinfo::tpm2_srk_public_key(&self.node.config().tpm2_srk)

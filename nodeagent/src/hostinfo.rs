@@ -109,9 +109,10 @@ pub fn secure_boot(efivars: &Path) -> String {
 }
 
 /// The public half of the node's TPM2 storage root key (PEM) as systemd-tpm2-setup left it
-/// in `path` (/run/systemd/tpm2-srk-public-key.pem): what image/node-credentials
-/// `--tpm2-device-key` seals a node's credentials to. Empty without a TPM2 (or before
-/// systemd set it up), and when the file is not one PEM public key of a sane size.
+/// in `path` (/run/systemd/tpm2-srk-public-key.pem): the TPM2's identity. (Sealing a node's
+/// credentials offline to it is what systemd-creds 257 cannot do: image/README.md.) Empty
+/// without a TPM2 (or before systemd set it up), and when the file is not one PEM public
+/// key of a sane size.
 pub fn tpm2_srk_public_key(path: &Path) -> String {
     const MAX: u64 = 16 * 1024;
     let Ok(f) = std::fs::File::open(path) else {

@@ -112,7 +112,7 @@ struct DaemonArgs {
     #[arg(long, default_value = "/sys/firmware/efi/efivars")]
     efivars: PathBuf,
     /// The TPM2 storage root key's public half as systemd-tpm2-setup writes it, for
-    /// TpmSrkPublicKey (what node credentials are sealed to).
+    /// TpmSrkPublicKey (the TPM2's identity).
     #[arg(long, default_value = "/run/systemd/tpm2-srk-public-key.pem")]
     tpm2_srk: PathBuf,
     /// Program for host updates and reboots (Manager.Update, Manager.Reboot):

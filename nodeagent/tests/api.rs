@@ -554,17 +554,14 @@ async fn manager_reports_image_version_from_os_release() {
     // then a timedated stand-in on the test's bus says true, and the agent follows it.
     assert_eq!(m.secure_boot().await.unwrap(), "enabled (user)");
     assert_eq!(m.tpm_srk_public_key().await.unwrap(), srk_pem);
-    // thvcctl host tpm-srk prints it as the operator seals credentials with it.
-    let out = std::process::Command::new(THVCCTL)
-        .args(["--bus", bus.address.as_str(), "host", "tpm-srk"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), srk_pem);
+    // thvcctl host tpm-srk prints it: the node's TPM2 identity.
+    let out = stdout_of(std::process::Command::new(THVCCTL).args([
+        "--bus",
+        bus.address.as_str(),
+        "host",
+        "tpm-srk",
+    ]));
+    assert_eq!(out, srk_pem);
     std::fs::remove_file(&srk).unwrap();
     assert_eq!(m.tpm_srk_public_key().await.unwrap(), "", "no TPM2: empty");
     assert!(!m.time_synchronized().await.unwrap());

@@ -226,17 +226,14 @@ async fn remote_host_option_uses_stdio_bridge_over_the_ssh_transport() {
     )
     .unwrap();
     std::fs::set_permissions(&fake_ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new(THVCCTL)
-        .env("THVCCTL_SSH", &fake_ssh)
-        .args(["-H", "admin@node7.example", "--json", "vm", "list"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    let out = stdout_of(Command::new(THVCCTL).env("THVCCTL_SSH", &fake_ssh).args([
+        "-H",
+        "admin@node7.example",
+        "--json",
+        "vm",
+        "list",
+    ]));
+    assert_eq!(out.trim(), "[]");
     assert_eq!(
         std::fs::read_to_string(&log).unwrap().trim(),
         "-xT -- admin@node7.example systemd-stdio-bridge"

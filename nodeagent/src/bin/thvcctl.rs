@@ -87,8 +87,8 @@ enum HostAction {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Print the public half of the node's TPM2 storage root key (PEM): what
-    /// image/node-credentials --tpm2-device-key seals this node's credentials to.
+    /// Print the public half of the node's TPM2 storage root key (PEM): the TPM2's identity
+    /// (what `systemd-cryptenroll --tpm2-device-key` enrolls a volume to offline).
     TpmSrk,
     /// Shut every VM down gracefully (stopped after the timeout), then reboot the host.
     /// Autostart VMs start again when it is back.

@@ -424,6 +424,18 @@ pub async fn vm(conn: &zbus::Connection, path: OwnedObjectPath) -> VmProxy<'stat
 }
 
 /// A minimal valid spec; `extra` is appended inside the object (start it with a comma).
+/// Runs the command, asserts it succeeded (its stderr otherwise) and returns its stdout.
+#[allow(dead_code)]
+pub fn stdout_of(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("run the command");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn spec(extra: &str) -> String {
     format!(r#"{{"vcpus":1,"memory_mib":128,"kernel":"vmlinuz"{extra}}}"#)
 }
