@@ -147,6 +147,22 @@ node_disk() {
     rm -rf "$work/tpm" && mkdir -p "$work/tpm"
 }
 
+# node_esp: the ESP of $work/disk.raw as mtools names it (DISK@@OFFSET).
+node_esp() {
+    local off
+    read -r off _ < <(image_partition "$work/disk.raw" '*' c12a7328-f81f-11d2-ba4b-00a0c93ec93b) || return 1
+    echo "$work/disk.raw@@$off"
+}
+
+# node_secure_boot_off: the firmware back in setup mode and no keys on the ESP for
+# systemd-boot to enroll: the next power-on runs with Secure Boot off.
+node_secure_boot_off() {
+    local esp
+    esp=$(node_esp) || return 1
+    cp "$OVMF_VARS" "$work/vars.fd"
+    MTOOLS_SKIP_CHECK=1 mdeltree -i "$esp" ::/loader/keys
+}
+
 # node_tpm_start: the node's TPM2 (swtpm, state in $work/tpm: it keeps its keys and
 # counters across power cycles, like the chip); sets tpm_pid and the QEMU arguments tpm_qemu.
 node_tpm_start() {
