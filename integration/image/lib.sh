@@ -18,7 +18,7 @@ LAN_MAC=52:54:00:7e:00:02
 
 image_install_host_tools() {
     local need=() p
-    command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+    "$(dirname "${BASH_SOURCE[0]}")/../lib/install-qemu" || return 1
     [ -e "$OVMF_CODE" ] || need+=(ovmf)
     # sbsign: the tamper test signs a UKI with a key the node does not know.
     command -v sbsign >/dev/null || need+=(sbsigntool)
