@@ -25,6 +25,8 @@ image_install_host_tools() {
     # The node's TPM2 (swtpm, a software TPM 2.0 QEMU talks to over a socket).
     command -v swtpm >/dev/null || need+=(swtpm)
     command -v ssh >/dev/null || need+=(openssh-client)
+    # The boot test tries /var's escrowed recovery key on its LUKS2 header.
+    command -v cryptsetup >/dev/null || need+=(cryptsetup-bin)
     for p in python3 zstd curl openssl socat; do command -v "$p" >/dev/null || need+=("$p"); done
     # The boot test's log collector (systemd-journal-remote: its package enables nothing;
     # socat its TLS).

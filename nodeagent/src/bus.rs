@@ -370,6 +370,13 @@ impl Manager {
         hostinfo::tpm2_srk_public_key(&self.node.config().tpm2_srk)
     }
 
+    /// /var's recovery key in a CMS envelope (PEM) for the operator's escrow certificate,
+    /// for the control plane's escrow; empty when the node has none.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn var_recovery_key(&self) -> String {
+        hostinfo::var_recovery_key(&self.node.config().var_recovery_key)
+    }
+
     #[zbus(property)]
     fn network_state(&self) -> String {
         self.node.network_state()

@@ -53,6 +53,9 @@ pub trait Manager {
     /// PEM; empty without a TPM2 (absent from older agents: UnknownProperty).
     #[zbus(property)]
     fn tpm_srk_public_key(&self) -> zbus::Result<String>;
+    /// PEM CMS envelope; empty when none (absent from older agents: UnknownProperty).
+    #[zbus(property)]
+    fn var_recovery_key(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn network_state(&self) -> zbus::Result<String>;
 

@@ -114,6 +114,20 @@ pub fn secure_boot(efivars: &Path) -> String {
 /// without a TPM2 (or before systemd set it up), and when the file is not one PEM public
 /// key of a sane size.
 pub fn tpm2_srk_public_key(path: &Path) -> String {
+    one_pem(path, "PUBLIC KEY")
+}
+
+/// /var's recovery key as the node keeps it: a CMS envelope (PEM) only the operator's
+/// escrow certificate opens, written once per /var by /usr/lib/thvc/var-recovery-key to
+/// `path` (/var/lib/thvc/var-recovery-key.p7m). Empty when there is none (no escrow
+/// certificate given) and when the file is not one PEM CMS message of a sane size.
+pub fn var_recovery_key(path: &Path) -> String {
+    one_pem(path, "CMS")
+}
+
+/// The text of `path` when it is exactly one PEM block of type `label` (at most 16 KiB);
+/// otherwise empty (a missing file silently, anything else with a warning).
+fn one_pem(path: &Path, label: &str) -> String {
     const MAX: u64 = 16 * 1024;
     let Ok(f) = std::fs::File::open(path) else {
         return String::new();
@@ -126,11 +140,11 @@ pub fn tpm2_srk_public_key(path: &Path) -> String {
         return String::new();
     }
     let body = text.trim();
-    if !(body.starts_with("-----BEGIN PUBLIC KEY-----")
-        && body.ends_with("-----END PUBLIC KEY-----")
+    if !(body.starts_with(&format!("-----BEGIN {label}-----"))
+        && body.ends_with(&format!("-----END {label}-----"))
         && body.matches("-----BEGIN").count() == 1)
     {
-        tracing::warn!("{}: not one PEM public key", path.display());
+        tracing::warn!("{}: not one PEM {label}", path.display());
         return String::new();
     }
     format!("{body}\n")
@@ -602,6 +616,21 @@ mod tests {
         assert_eq!(tpm2_srk_public_key(&f), "", "not a public key");
         std::fs::write(&f, "x".repeat(20_000)).unwrap();
         assert_eq!(tpm2_srk_public_key(&f), "", "too large");
+    }
+
+    #[test]
+    fn var_recovery_key_only_when_one_cms_envelope() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("var-recovery-key.p7m");
+        assert_eq!(var_recovery_key(&f), "", "none made: empty");
+        let pem =
+            "-----BEGIN CMS-----\nMIIBxgYJKoZIhvcNAQcDoIIBtzCCAbMCAQAxggFu\n-----END CMS-----\n";
+        std::fs::write(&f, pem).unwrap();
+        assert_eq!(var_recovery_key(&f), pem);
+        std::fs::write(&f, pem.replace("CMS", "PKCS7")).unwrap();
+        assert_eq!(var_recovery_key(&f), "", "another PEM type");
+        std::fs::write(&f, "kbdcgvbh-ddhjfcue-unrhulle-hbfnitcn\n").unwrap();
+        assert_eq!(var_recovery_key(&f), "", "a key in clear is never served");
     }
 
     #[test]

@@ -115,6 +115,10 @@ struct DaemonArgs {
     /// TpmSrkPublicKey (the TPM2's identity).
     #[arg(long, default_value = "/run/systemd/tpm2-srk-public-key.pem")]
     tpm2_srk: PathBuf,
+    /// /var's recovery key in its envelope for the operator's escrow certificate, as
+    /// /usr/lib/thvc/var-recovery-key writes it, for VarRecoveryKey.
+    #[arg(long, default_value = "/var/lib/thvc/var-recovery-key.p7m")]
+    var_recovery_key: PathBuf,
     /// Program for host updates and reboots (Manager.Update, Manager.Reboot):
     /// `PATH check|install [URL]` prints the version found or installed (nothing: none
     /// newer), `PATH reboot` starts the reboot. Without it both are refused. The image
@@ -362,6 +366,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         esp: args.esp,
         efivars: args.efivars,
         tpm2_srk: args.tpm2_srk,
+        var_recovery_key: args.var_recovery_key,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         start_timeout: Duration::from_secs(args.start_timeout),
         stop_timeout: Duration::from_secs(args.stop_timeout),

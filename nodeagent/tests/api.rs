@@ -528,6 +528,7 @@ async fn manager_reports_image_version_from_os_release() {
     let srk = dirs.root.path().join("tpm2-srk-public-key.pem");
     let srk_pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n";
     std::fs::write(&srk, srk_pem).unwrap();
+    let recovery = dirs.root.path().join("var-recovery-key.p7m");
     let _agent = Agent::start(
         &bus,
         &dirs,
@@ -540,6 +541,8 @@ async fn manager_reports_image_version_from_os_release() {
             efivars.to_str().unwrap(),
             "--tpm2-srk",
             srk.to_str().unwrap(),
+            "--var-recovery-key",
+            recovery.to_str().unwrap(),
         ],
     );
     let conn = connect(&bus).await;
@@ -564,6 +567,22 @@ async fn manager_reports_image_version_from_os_release() {
     assert_eq!(out, srk_pem);
     std::fs::remove_file(&srk).unwrap();
     assert_eq!(m.tpm_srk_public_key().await.unwrap(), "", "no TPM2: empty");
+    // /var's recovery key: none until the node made one; then its envelope, which thvcctl
+    // host recovery-key prints for the control plane's escrow.
+    assert_eq!(m.var_recovery_key().await.unwrap(), "");
+    let recovery_args = ["--bus", bus.address.as_str(), "host", "recovery-key"];
+    let none = std::process::Command::new(THVCCTL)
+        .args(recovery_args)
+        .output()
+        .unwrap();
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("thvc.recovery-escrow"));
+    let envelope =
+        "-----BEGIN CMS-----\nMIIBxgYJKoZIhvcNAQcDoIIBtzCCAbMCAQAxggFu\n-----END CMS-----\n";
+    std::fs::write(&recovery, envelope).unwrap();
+    assert_eq!(m.var_recovery_key().await.unwrap(), envelope);
+    let out = stdout_of(std::process::Command::new(THVCCTL).args(recovery_args));
+    assert_eq!(out, envelope);
     assert!(!m.time_synchronized().await.unwrap());
     let _timedated = fake_timedated(&bus, true).await;
     assert!(m.time_synchronized().await.unwrap());
@@ -593,6 +612,7 @@ async fn manager_reports_image_version_from_os_release() {
         "TimeSynchronized",
         "SecureBoot",
         "TpmSrkPublicKey",
+        "VarRecoveryKey",
         "NetworkState",
     ] {
         assert!(all.contains_key(p), "{p} missing from GetAll");

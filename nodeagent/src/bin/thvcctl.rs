@@ -90,6 +90,9 @@ enum HostAction {
     /// Print the public half of the node's TPM2 storage root key (PEM): the TPM2's identity
     /// (what `systemd-cryptenroll --tpm2-device-key` enrolls a volume to offline).
     TpmSrk,
+    /// Print /var's recovery key as the node keeps it: a CMS envelope (PEM) that only the
+    /// operator's escrow certificate opens (`openssl cms -decrypt -inkey ESCROW.key`).
+    RecoveryKey,
     /// Shut every VM down gracefully (stopped after the timeout), then reboot the host.
     /// Autostart VMs start again when it is back.
     Reboot {
@@ -367,6 +370,16 @@ async fn run(cli: Cli) -> Result<()> {
                 } else {
                     println!("{message}");
                 }
+                Ok(())
+            }
+            HostAction::RecoveryKey => {
+                let pem = manager.var_recovery_key().await?;
+                if pem.is_empty() {
+                    anyhow::bail!(
+                        "the node has no /var recovery key (it makes one when given the operator's escrow certificate: credential thvc.recovery-escrow)"
+                    );
+                }
+                print!("{pem}");
                 Ok(())
             }
             HostAction::TpmSrk => {

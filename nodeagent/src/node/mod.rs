@@ -190,6 +190,8 @@ pub struct NodeConfig {
     pub efivars: PathBuf,
     /// The TPM2 storage root key's public half (PEM) systemd-tpm2-setup writes.
     pub tpm2_srk: PathBuf,
+    /// /var's recovery key, enveloped for the operator's escrow certificate (PEM CMS).
+    pub var_recovery_key: PathBuf,
     pub shutdown_timeout: Duration,
     pub start_timeout: Duration,
     /// vCPUs per host CPU, in tenths (`--vcpu-overcommit 4` = 40).
