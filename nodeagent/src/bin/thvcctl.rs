@@ -372,26 +372,14 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 Ok(())
             }
-            HostAction::RecoveryKey => {
-                let pem = manager.var_recovery_key().await?;
-                if pem.is_empty() {
-                    anyhow::bail!(
-                        "the node has no /var recovery key (it makes one when given the operator's escrow certificate: credential thvc.recovery-escrow)"
-                    );
-                }
-                print!("{pem}");
-                Ok(())
-            }
-            HostAction::TpmSrk => {
-                let pem = manager.tpm_srk_public_key().await?;
-                if pem.is_empty() {
-                    anyhow::bail!(
-                        "the node has no TPM2 storage root key (no TPM2, or systemd has not set it up)"
-                    );
-                }
-                print!("{pem}");
-                Ok(())
-            }
+            HostAction::RecoveryKey => print_pem(
+                manager.var_recovery_key().await?,
+                "the node has no /var recovery key (it makes one when given the operator's escrow certificate: credential thvc.recovery-escrow)",
+            ),
+            HostAction::TpmSrk => print_pem(
+                manager.tpm_srk_public_key().await?,
+                "the node has no TPM2 storage root key (no TPM2, or systemd has not set it up)",
+            ),
             HostAction::Reboot { timeout, no_wait } => {
                 let mut removed = manager.receive_job_removed().await?;
                 let job = manager.reboot(timeout).await?;
@@ -505,6 +493,15 @@ async fn disk(manager: &ManagerProxy<'_>, action: DiskAction, json_out: bool) ->
             }
         }
     }
+    Ok(())
+}
+
+/// Prints a PEM property the agent keeps empty when there is none; none is an error.
+fn print_pem(pem: String, none: &str) -> anyhow::Result<()> {
+    if pem.is_empty() {
+        anyhow::bail!("{none}");
+    }
+    print!("{pem}");
     Ok(())
 }
 
