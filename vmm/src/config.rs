@@ -39,8 +39,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("nothing to boot: use --kernel PATH or --firmware PATH (or \"kernel\"/\"firmware\" in the config file)")]
+    #[error("nothing to boot: use --kernel PATH or --firmware PATH (or \"kernel\"/\"firmware\" in the config file), or --restore DIR")]
     MissingKernel,
+    #[error("--restore continues a snapshot's guest, whose kernel is in its memory: no --{0}")]
+    RestoreWith(&'static str),
     #[error(
         "--kernel and --firmware exclude each other: the firmware loads the kernel from a disk"
     )]
@@ -779,6 +781,11 @@ pub struct Cli {
     /// Switch to UID:GID (numeric) after opening all resources; needs root.
     #[arg(long, value_name = "UID:GID")]
     pub user: Option<String>,
+    /// Continue the guest of a snapshot directory (the API's `snapshot`) instead of booting:
+    /// give the VM's --cpus, --memory, --transport, --cpu-template and devices as it had them
+    /// (disks with their content; TAPs may be others).
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
     /// JSON file with any of the settings above; command-line flags take precedence.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -807,6 +814,7 @@ pub struct FileConfig {
     pub seccomp: Option<String>,
     pub kvm_fd: Option<i64>,
     pub user: Option<String>,
+    pub restore: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -847,6 +855,8 @@ pub enum Boot {
     /// UEFI firmware entered through PVH: it finds the boot loader on the disks, as on a
     /// physical server, so tenants can bring their own images.
     Firmware(PathBuf),
+    /// No boot: the guest of a snapshot directory continues (see `persist`).
+    Restore(PathBuf),
 }
 
 /// The identity the guest reads from the SMBIOS tables (`/sys/class/dmi/id/`): what
@@ -978,7 +988,20 @@ impl VmConfig {
         let firmware = cli.firmware.or(file.firmware);
         let initrd = cli.initrd.or(file.initrd);
         let cmdline = cli.cmdline.or(file.cmdline);
+        let restore = cli.restore.or(file.restore);
+        let given = [
+            ("kernel", kernel.is_some()),
+            ("firmware", firmware.is_some()),
+            ("initrd", initrd.is_some()),
+            ("cmdline", cmdline.is_some()),
+        ];
         let boot = match (kernel, firmware) {
+            _ if restore.is_some() => {
+                if let Some((name, _)) = given.iter().find(|(_, set)| *set) {
+                    return Err(ConfigError::RestoreWith(name));
+                }
+                Boot::Restore(restore.unwrap_or_default())
+            }
             (Some(_), Some(_)) => return Err(ConfigError::KernelAndFirmware),
             (None, None) => return Err(ConfigError::MissingKernel),
             (None, Some(firmware)) => {
@@ -1108,7 +1131,7 @@ impl VmConfig {
         let transport = match (cli.transport.or(file.transport), &boot) {
             (Some(t), _) => t.parse()?,
             (None, Boot::Firmware(_)) => Transport::Pci,
-            (None, Boot::Kernel { .. }) => Transport::default(),
+            (None, Boot::Kernel { .. } | Boot::Restore(_)) => Transport::default(),
         };
         if let Boot::Firmware(_) = boot {
             if transport != Transport::Pci {

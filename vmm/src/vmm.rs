@@ -56,6 +56,10 @@ use crate::devices::virtio::{
 };
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
+use crate::persist::memory::MemoryFileError;
+use crate::persist::{
+    DeviceDescription, MachineShape, Persist, PersistDevice, Snapshot, SnapshotError,
+};
 use crate::sandbox::{
     self, check_tap_owner, Filters, KvmFdError, PrivilegeError, SeccompError, ThreadKind,
 };
@@ -120,6 +124,12 @@ pub enum VmmError {
     Pci(#[from] PciError),
     #[error("cannot set up a virtio-pci device: {0}")]
     VirtioPci(#[from] VirtioPciError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot restore the snapshot's memory: {0}")]
+    SnapshotMemory(#[from] MemoryFileError),
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
 }
 
 /// First interrupt line for virtio devices (4 is COM1).
@@ -277,9 +287,11 @@ fn virtio_mmio_devices(
     worker_filter: Option<&BpfProgram>,
     registry: &DeviceRegistry,
     limits: &LimitRegistry,
-) -> Result<Vec<MmioDeviceInfo>, VmmError> {
+) -> Result<(Vec<MmioDeviceInfo>, Vec<PersistDevice>), VmmError> {
     let mut announced = Vec::new();
+    let mut persisted = Vec::new();
     for (i, (name, info, groups, counters, shared)) in devices.into_iter().enumerate() {
+        let description = DeviceDescription::new(&name, &info);
         let setup = |source: io::Error| VmmError::DeviceSetup {
             device: name.clone(),
             source,
@@ -329,19 +341,25 @@ fn virtio_mmio_devices(
             )
             .map_err(kvm)?;
         let interrupt = MmioInterrupt::new(registers, irqfd);
-        let transport = MmioTransport::new(info, mem.clone(), interrupt, workers, Some(ack_sink));
-        mmio_bus.insert(
-            base,
-            layout::VIRTIO_MMIO_SIZE,
-            Arc::new(Mutex::new(transport)),
-        )?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            info,
+            mem.clone(),
+            interrupt,
+            workers,
+            Some(ack_sink),
+        )));
+        mmio_bus.insert(base, layout::VIRTIO_MMIO_SIZE, transport.clone())?;
         announced.push(MmioDeviceInfo {
             base,
             size: layout::VIRTIO_MMIO_SIZE,
             gsi,
         });
+        persisted.push(PersistDevice {
+            description,
+            transport,
+        });
     }
-    Ok(announced)
+    Ok((announced, persisted))
 }
 
 /// Wires the opened virtio devices as virtio-pci functions on `root`: starts their workers,
@@ -415,6 +433,8 @@ enum BootFiles {
         cmdline: String,
     },
     Firmware(File, PathBuf),
+    /// A snapshot to continue, and its open memory file.
+    Restore(Box<Snapshot>, File),
 }
 
 impl BootFiles {
@@ -433,6 +453,10 @@ impl BootFiles {
                 cmdline: cmdline.clone(),
             },
             Boot::Firmware(path) => BootFiles::Firmware(pvh::open_firmware(path)?, path.clone()),
+            Boot::Restore(dir) => {
+                let (snapshot, memory) = Snapshot::open(dir)?;
+                BootFiles::Restore(Box::new(snapshot), memory)
+            }
         })
     }
 }
@@ -504,6 +528,11 @@ fn load_guest(
             entry: pvh::load_firmware(mem, file, path)?,
             start_info: pvh::write_start_info(mem, mem_size, rsdp, &reserved)?,
         },
+        BootFiles::Restore(..) => {
+            return Err(VmmError::Restore(
+                "a restored guest is not booted (internal error)".into(),
+            ))
+        }
     };
     boot::write_reset_vector(mem)?;
     regs::setup_boot_memory(mem, &entry)?;
@@ -674,6 +703,48 @@ fn power_button(
     Ok(PowerButton::new(ged))
 }
 
+/// Continues a snapshot's guest in the VM just built (devices wired, vCPUs created, nothing
+/// run yet): checks that this VM is the snapshot's, then memory, interrupt controllers and
+/// clocks, vCPUs, the serial port and the virtio devices (which start where their rings are).
+fn restore(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    vcpus: &[Vcpu],
+    serial: &Mutex<SerialDevice>,
+    devices: &[PersistDevice],
+    (snapshot, memory): (&Snapshot, &File),
+    here: crate::persist::Machine,
+) -> Result<(), VmmError> {
+    snapshot.check(&here)?;
+    crate::persist::memory::load(mem, memory, &snapshot.memory)?;
+    crate::vstate::state::restore_vm(vm.fd(), &snapshot.vm)
+        .map_err(|e| VmmError::Restore(e.to_string()))?;
+    for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
+        vcpu.restore(state)?;
+    }
+    serial
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .restore(&snapshot.serial)
+        .map_err(VmmError::Restore)?;
+    for (device, state) in devices.iter().zip(&snapshot.devices) {
+        let name = &device.description.name;
+        if *name != state.name {
+            return Err(VmmError::Restore(format!(
+                "device state of {} where {name} is",
+                state.name
+            )));
+        }
+        device
+            .transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&state.mmio)
+            .map_err(|e| VmmError::Restore(format!("{name}: {e}")))?;
+    }
+    Ok(())
+}
+
 /// Builds the VM and runs it until the guest powers off or resets, a signal or the API stops
 /// it, or a vCPU fails.
 pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
@@ -732,9 +803,13 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
         .chain(bridge.mmio64)
         .collect();
     let mut pci_root = PciRoot::new(windows);
-    let (virtio_mmio, pci) = match config.transport {
+    let descriptions: Vec<DeviceDescription> = virtio
+        .iter()
+        .map(|(name, info, ..)| DeviceDescription::new(name, info))
+        .collect();
+    let (virtio_mmio, pci, persist_devices) = match config.transport {
         Transport::Mmio => {
-            let announced = virtio_mmio_devices(
+            let (announced, persisted) = virtio_mmio_devices(
                 &vm,
                 &mem,
                 virtio,
@@ -743,7 +818,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
                 &registry,
                 &limits,
             )?;
-            (announced, None)
+            (announced, None, persisted)
         }
         Transport::Pci => {
             let routing = Arc::new(GsiRouting::new(vm.shared_fd()));
@@ -756,7 +831,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
                 worker_filter,
                 (&registry, &limits),
             )?;
-            (Vec::new(), Some(bridge))
+            (Vec::new(), Some(bridge), Vec::new())
         }
     };
     let pci_root = Arc::new(pci_root);
@@ -770,13 +845,53 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
         virtio_mmio,
         pci,
     };
-    let entry = load_guest(&mem, &config, &platform, &mut resources.boot)?;
+    let shape = MachineShape {
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        transport: config.transport,
+        cpu_template: config.cpu_template.to_string(),
+        // As the first vCPU gets it: KVM's supported CPUID carries the APIC ID of whichever
+        // host CPU the VMM ran on, which the per-vCPU CPUID replaces.
+        cpuid: cpuid::vcpu_cpuid(&cpuid, 0, config.vcpus),
+    };
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
-        let vcpu = Vcpu::new(&vm, id, bus.clone(), mmio_bus.clone(), exit.clone())?;
-        vcpu.configure(&cpuid, config.vcpus, entry)?;
-        vcpus.push(vcpu);
+        vcpus.push(Vcpu::new(
+            &vm,
+            id,
+            bus.clone(),
+            mmio_bus.clone(),
+            exit.clone(),
+        )?);
     }
+    match &mut resources.boot {
+        BootFiles::Restore(snapshot, memory) => {
+            restore(
+                &vm,
+                &mem,
+                &vcpus,
+                &serial,
+                &persist_devices,
+                (snapshot, memory),
+                shape.describe(descriptions),
+            )?;
+            tracing::info!("guest memory and state restored from the snapshot");
+        }
+        files => {
+            let entry = load_guest(&mem, &config, &platform, files)?;
+            for vcpu in &vcpus {
+                vcpu.configure(&cpuid, config.vcpus, entry)?;
+            }
+        }
+    }
+    vm_api.set_persist(Persist {
+        machine: shape,
+        vm: vm.shared_fd(),
+        mem: mem.clone(),
+        serial: serial.clone(),
+        devices: persist_devices,
+        workers: limits.workers(),
+    });
     // The PCI address port's writes do not exit (see vstate::coalesced): half the exits of
     // every configuration access through 0xCF8/0xCFC.
     if let Some(first) = vcpus.first() {

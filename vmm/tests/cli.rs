@@ -164,3 +164,47 @@ fn firmware_usage_errors_and_missing_file() {
     ]);
     assert_one_line_error(&out, 1, "cannot open firmware /nonexistent/CLOUDHV.fd");
 }
+
+/// `--restore` replaces the boot source; a snapshot that is missing, not one, or of another
+/// format version is one clear line, before any guest runs.
+#[test]
+fn restore_usage_errors_and_bad_snapshots() {
+    assert_one_line_error(
+        &run(&["--restore", "/snap", "--kernel", "/k"]),
+        2,
+        "no --kernel",
+    );
+    assert_one_line_error(
+        &run(&["--restore", "/snap", "--cmdline", "quiet"]),
+        2,
+        "no --cmdline",
+    );
+    let out = run(&["--restore", "/nonexistent/snap", "--seccomp", "off"]);
+    assert_one_line_error(
+        &out,
+        1,
+        "snapshot /nonexistent/snap: cannot open state.json",
+    );
+    let dir = std::env::temp_dir().join(format!("thvc-cli-restore-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("memory"), b"").expect("memory");
+    let snap = dir.to_str().expect("utf-8");
+    for (state, needle) in [
+        (
+            &b"\x7fELF garbage"[..],
+            "state.json is not a thvc-vmm snapshot",
+        ),
+        (
+            &b"{\"format\":\"thvc-vmm-snapshot\",\"version\":7}"[..],
+            "format version 7; this thvc-vmm restores version 1",
+        ),
+        (
+            &b"{\"format\":\"thvc-vmm-snapshot\",\"version\":1}"[..],
+            "missing field",
+        ),
+    ] {
+        std::fs::write(dir.join("state.json"), state).expect("state");
+        assert_one_line_error(&run(&["--restore", snap, "--seccomp", "off"]), 1, needle);
+    }
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

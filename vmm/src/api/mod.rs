@@ -6,5 +6,5 @@ pub mod server;
 pub mod vm;
 
 pub use protocol::Request;
-pub use server::{bind, spawn, ApiError, ApiHandler, ApiListener};
+pub use server::{bind, send_with_files, spawn, ApiError, ApiHandler, ApiListener};
 pub use vm::{VmApi, VmSummary};

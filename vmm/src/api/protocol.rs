@@ -1,6 +1,7 @@
 //! The wire format of the control API: line-delimited JSON.
 //!
-//! Request: `{"request":"ping"|"info"|"pause"|"resume"|"shutdown"|"stop"}\n`, or
+//! Request: `{"request":"ping"|"info"|"pause"|"resume"|"shutdown"|"stop"|"snapshot"}\n`
+//! (`snapshot` carries two open files in the same message, SCM_RIGHTS: see `api::vm`), or
 //! `{"request":"update-device","device":"virtio-blk0","bandwidth":"50M","ops":null}\n` (rate
 //! limit keys bandwidth, bandwidth-burst, ops, ops-burst; absent: unchanged; null or "0":
 //! removed; for a NIC each also with rx_ or tx_ before it, for one direction). Response:
@@ -20,6 +21,8 @@ pub enum Request {
     Resume,
     Shutdown,
     Stop,
+    /// Write the paused VM into the two files sent with the request.
+    Snapshot,
     /// Boxed: the other requests carry nothing.
     UpdateDevice(Box<DeviceUpdate>),
 }
@@ -101,13 +104,14 @@ fn parse_update(mut fields: serde_json::Map<String, Value>) -> Result<DeviceUpda
 
 impl Request {
     /// The requests without arguments.
-    pub const ALL: [Request; 6] = [
+    pub const ALL: [Request; 7] = [
         Request::Ping,
         Request::Info,
         Request::Pause,
         Request::Resume,
         Request::Shutdown,
         Request::Stop,
+        Request::Snapshot,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -118,6 +122,7 @@ impl Request {
             Request::Resume => "resume",
             Request::Shutdown => "shutdown",
             Request::Stop => "stop",
+            Request::Snapshot => "snapshot",
             Request::UpdateDevice(_) => "update-device",
         }
     }
@@ -131,7 +136,7 @@ pub enum ProtocolError {
     NotUtf8,
     #[error("invalid request: {0}; expected {{\"request\":\"<name>\"}}")]
     Json(String),
-    #[error("unknown request \"{0}\"; expected one of ping, info, pause, resume, shutdown, stop, update-device")]
+    #[error("unknown request \"{0}\"; expected one of ping, info, pause, resume, shutdown, stop, snapshot, update-device")]
     Unknown(String),
     #[error("request longer than {MAX_REQUEST_LEN} bytes")]
     TooLong,

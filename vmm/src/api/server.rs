@@ -13,7 +13,8 @@
 //! descriptors it needs), idle ones are evicted for new ones, the rest are told so and closed.
 //! Running out of descriptors (RLIMIT_NOFILE) pauses accepting briefly instead of spinning.
 
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -34,6 +35,20 @@ use crate::sandbox::{self, ThreadKind};
 pub trait ApiHandler: Send + Sync {
     /// Carries out a request; `Err` is the message of an error response.
     fn handle(&self, request: Request) -> Result<serde_json::Value, String>;
+
+    /// Carries out a request that came with open files (SCM_RIGHTS in the same message as
+    /// its first bytes). Only requests that take files accept any.
+    fn handle_with_files(
+        &self,
+        request: Request,
+        files: Vec<File>,
+    ) -> Result<serde_json::Value, String> {
+        if files.is_empty() {
+            self.handle(request)
+        } else {
+            Err(format!("{} takes no files", request.as_str()))
+        }
+    }
 
     /// Runs after the response to a successful `request` was written to the socket (for
     /// `stop`, which must answer before the process ends).
@@ -69,6 +84,9 @@ const OUTPUT_HIGH_WATER: usize = 256 * 1024;
 /// How long to stop accepting when out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const READ_CHUNK: usize = 16 * 1024;
+/// The most files one message may carry; more are closed by the kernel (MSG_CTRUNC) and the
+/// request that came with them is refused.
+const MAX_FILES_PER_MESSAGE: usize = 4;
 
 /// A bound API socket, not yet served.
 pub struct ApiListener {
@@ -180,6 +198,10 @@ struct Connection {
     last_activity: Instant,
     /// The events currently registered in epoll.
     registered: EventSet,
+    /// Files received with the request line being read; the line takes them.
+    files: Vec<File>,
+    /// A message came with more files than allowed: its request is refused.
+    files_truncated: bool,
 }
 
 const LISTENER_TOKEN: u64 = u64::MAX;
@@ -347,6 +369,8 @@ impl Server {
             input_done: false,
             last_activity: Instant::now(),
             registered,
+            files: Vec::new(),
+            files_truncated: false,
         });
     }
 
@@ -415,16 +439,26 @@ impl Connection {
                 None => return,
             };
             match frame {
-                Frame::Line(line) => match parse_request(&line) {
-                    Ok(request) => match handler.handle(request.clone()) {
-                        Ok(result) => {
-                            self.output.extend_from_slice(&ok_line(result));
-                            self.after.push(request);
+                Frame::Line(line) => {
+                    // The files that came with this line go with it, whatever it is.
+                    let files = std::mem::take(&mut self.files);
+                    let truncated = std::mem::take(&mut self.files_truncated);
+                    match parse_request(&line) {
+                        Ok(_) if truncated => {
+                            self.output.extend_from_slice(&error_line(&format!(
+                                "more than {MAX_FILES_PER_MESSAGE} files sent with a request"
+                            )));
                         }
-                        Err(message) => self.output.extend_from_slice(&error_line(&message)),
-                    },
-                    Err(e) => self.output.extend_from_slice(&error_line(&e.to_string())),
-                },
+                        Ok(request) => match handler.handle_with_files(request.clone(), files) {
+                            Ok(result) => {
+                                self.output.extend_from_slice(&ok_line(result));
+                                self.after.push(request);
+                            }
+                            Err(message) => self.output.extend_from_slice(&error_line(&message)),
+                        },
+                        Err(e) => self.output.extend_from_slice(&error_line(&e.to_string())),
+                    }
+                }
                 Frame::TooLong => {
                     self.output
                         .extend_from_slice(&error_line(&ProtocolError::TooLong.to_string()));
@@ -454,13 +488,19 @@ impl Connection {
         true
     }
 
-    /// One read; false when the connection failed.
+    /// One read, keeping the files that came with the data; false when the connection failed.
     fn read_some(&mut self) -> ReadOutcome {
         let mut chunk = [0u8; READ_CHUNK];
         loop {
-            return match self.stream.read(&mut chunk) {
-                Ok(0) => ReadOutcome::Eof,
-                Ok(n) => {
+            return match recv_with_files(&self.stream, &mut chunk) {
+                Ok((0, _, _)) => ReadOutcome::Eof,
+                Ok((n, files, truncated)) => {
+                    if !files.is_empty() || truncated {
+                        // Files belong to the line these bytes start; a line that already
+                        // had some would get a second set: refuse rather than guess.
+                        self.files_truncated |= truncated || !self.files.is_empty();
+                        self.files = files;
+                    }
                     self.framer.push(&chunk[..n]);
                     self.last_activity = Instant::now();
                     ReadOutcome::Data
@@ -471,6 +511,94 @@ impl Connection {
             };
         }
     }
+}
+
+/// The client's side of a request with files: sends `bytes` (the request line) and `files` in
+/// one message (SCM_RIGHTS), as `snapshot` wants them.
+pub fn send_with_files(
+    stream: &UnixStream,
+    bytes: &[u8],
+    files: &[&dyn AsRawFd],
+) -> io::Result<usize> {
+    let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let payload = std::mem::size_of_val(fds.as_slice());
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; the pointers set below stay valid for the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer has room for one header and `payload` bytes of data.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                payload,
+            );
+        }
+    }
+    // SAFETY: sendmsg reads the buffers described above.
+    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// recvmsg(2) into `buf`: the bytes, the files that came with them (close-on-exec), and
+/// whether the kernel dropped files that did not fit.
+fn recv_with_files(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<File>, bool)> {
+    // Room for the control message of MAX_FILES_PER_MESSAGE descriptors, u64-aligned.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; the pointers set below stay valid for the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space =
+        unsafe { libc::CMSG_SPACE((MAX_FILES_PER_MESSAGE * std::mem::size_of::<RawFd>()) as u32) }
+            as usize;
+    msg.msg_controllen = space.min(std::mem::size_of_val(&control));
+    // SAFETY: recvmsg writes at most iov_len bytes into buf and msg_controllen into control.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut files = Vec::new();
+    // SAFETY: the CMSG macros walk the control buffer the kernel filled in, within
+    // msg_controllen; each SCM_RIGHTS payload is an array of descriptors now ours.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    files.push(File::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    Ok((n as usize, files, truncated))
 }
 
 enum ReadOutcome {
@@ -518,6 +646,7 @@ fn pump(conn: &mut Connection, handler: &dyn ApiHandler) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use std::io::{BufRead, BufReader};
     use std::net::Shutdown;
     use std::os::unix::fs::PermissionsExt;
@@ -681,6 +810,23 @@ mod tests {
         assert!(c.error().contains("unknown field \"extra\""));
         c.send(b"[1,2,3]\n");
         assert!(c.error().contains("not a JSON object"));
+        c.send(b"{\"request\":\"ping\"}\n");
+        assert_eq!(c.response()["result"], "pong");
+    }
+
+    #[test]
+    fn files_go_with_their_own_request_only_and_too_many_are_refused() {
+        let (path, _) = serve("files");
+        let mut c = Client::connect(&path);
+        let file = File::open("/dev/null").expect("a file");
+        send_with_files(&c.stream, b"{\"request\":\"ping\"}\n", &[&file, &file]).expect("send");
+        assert_eq!(c.error(), "ping takes no files");
+        // The files were the first request's: the next one comes without any.
+        c.send(b"{\"request\":\"ping\"}\n");
+        assert_eq!(c.response()["result"], "pong");
+        let many: Vec<&dyn AsRawFd> = (0..6).map(|_| &file as &dyn AsRawFd).collect();
+        send_with_files(&c.stream, b"{\"request\":\"ping\"}\n", &many).expect("send");
+        assert_eq!(c.error(), "more than 4 files sent with a request");
         c.send(b"{\"request\":\"ping\"}\n");
         assert_eq!(c.response()["result"], "pong");
     }

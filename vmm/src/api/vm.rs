@@ -1,5 +1,6 @@
 //! What each API request does to the VM.
 
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use crate::devices::ged::PowerButton;
 use crate::devices::metrics::DeviceRegistry;
 use crate::devices::virtio::throttle::{Direction, LimitRegistry, LimitSetting};
 use crate::exit::{ExitReason, VmExitRequest};
+use crate::persist::Persist;
 use crate::rate_limiter::{parse_bytes, parse_ops, LimitConfig, RateError};
 use crate::vstate::control::{VcpuControl, VcpuStats};
 
@@ -45,6 +47,8 @@ pub struct VmApi {
     limits: LimitRegistry,
     exit: VmExitRequest,
     power_button: OnceLock<PowerButton>,
+    /// The devices to pause and the state to snapshot, once the VM is built.
+    persist: OnceLock<Persist>,
     /// How the guest has no PMU (`vstate::vm::PmuOff`), once the KVM VM exists.
     pmu: OnceLock<&'static str>,
     shutdown_requested: AtomicBool,
@@ -71,6 +75,7 @@ impl VmApi {
             limits: LimitRegistry::default(),
             exit,
             power_button: OnceLock::new(),
+            persist: OnceLock::new(),
             pmu: OnceLock::new(),
             shutdown_requested: AtomicBool::new(false),
             event_loop_running: AtomicBool::new(false),
@@ -126,6 +131,11 @@ impl VmApi {
         let _ = self.power_button.set(button);
     }
 
+    /// What pause, resume and snapshot act on besides the vCPUs.
+    pub fn set_persist(&self, persist: Persist) {
+        let _ = self.persist.set(persist);
+    }
+
     /// How the guest came to have no PMU, for `info`.
     pub fn set_pmu(&self, how: &'static str) {
         let _ = self.pmu.set(how);
@@ -175,6 +185,7 @@ impl VmApi {
                 info["cmdline"] = json!(cmdline);
             }
             Boot::Firmware(firmware) => info["firmware"] = json!(firmware.to_string_lossy()),
+            Boot::Restore(dir) => info["restored_from"] = json!(dir.to_string_lossy()),
         }
         info
     }
@@ -292,14 +303,26 @@ impl ApiHandler for VmApi {
             Request::Info => Ok(self.info()),
             Request::Pause => {
                 self.vcpus.pause(PAUSE_TIMEOUT).map_err(|e| e.to_string())?;
+                // Then the devices: no new request comes from a paused guest, and no input
+                // (a NIC's) reaches its memory until resume.
+                if let Some(persist) = self.persist.get() {
+                    if let Err(e) = persist.pause_devices() {
+                        self.vcpus.resume();
+                        return Err(e);
+                    }
+                }
                 tracing::info!("VM paused");
                 Ok(self.state_result())
             }
             Request::Resume => {
+                if let Some(persist) = self.persist.get() {
+                    persist.resume_devices();
+                }
                 self.vcpus.resume();
                 tracing::info!("VM resumed");
                 Ok(self.state_result())
             }
+            Request::Snapshot => self.handle_with_files(Request::Snapshot, Vec::new()),
             Request::Shutdown => {
                 if self.vcpus.is_paused() {
                     return Err("the VM is paused and cannot react to the power button; \
@@ -319,6 +342,18 @@ impl ApiHandler for VmApi {
             }
             Request::Stop => Ok(json!({ "state": "stopping" })),
             Request::UpdateDevice(update) => self.update_device(&update),
+        }
+    }
+
+    fn handle_with_files(&self, request: Request, files: Vec<File>) -> Result<Value, String> {
+        match request {
+            Request::Snapshot => self
+                .persist
+                .get()
+                .ok_or("the VM is still starting; try again")?
+                .snapshot(&self.vcpus, files),
+            other if files.is_empty() => self.handle(other),
+            other => Err(format!("{} takes no files", other.as_str())),
         }
     }
 

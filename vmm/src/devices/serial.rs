@@ -108,6 +108,68 @@ impl SerialDevice {
     }
 }
 
+/// What a snapshot keeps of the UART: its registers and the input the guest has not read.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl SerialDevice {
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Takes a snapshot's UART state, keeping this device's interrupt and output.
+    pub fn restore(&mut self, snapshot: &SerialSnapshot) -> Result<(), String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: snapshot.baud_divisor_low,
+            baud_divisor_high: snapshot.baud_divisor_high,
+            interrupt_enable: snapshot.interrupt_enable,
+            interrupt_identification: snapshot.interrupt_identification,
+            line_control: snapshot.line_control,
+            line_status: snapshot.line_status,
+            modem_control: snapshot.modem_control,
+            modem_status: snapshot.modem_status,
+            scratch: snapshot.scratch,
+            in_buffer: snapshot.in_buffer.clone(),
+        };
+        let irq = IrqTrigger(self.uart.interrupt_evt().0.clone());
+        let old = std::mem::replace(
+            &mut self.uart,
+            Serial::new(IrqTrigger(irq.0.clone()), SerialSink::Discard),
+        );
+        let sink = old.into_writer();
+        match Serial::from_state(&state, irq, NoEvents, sink) {
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            Err(e) => Err(format!("serial port state refused: {e:?}")),
+        }
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let (Ok(offset), Some(first)) = (u8::try_from(offset), data.first_mut()) {
@@ -164,6 +226,30 @@ mod tests {
         let mut rbr = [0u8];
         dev.read(0, &mut rbr);
         assert_eq!(rbr, *b"a");
+    }
+
+    #[test]
+    fn a_restored_port_keeps_its_registers_and_unread_input() {
+        let irq = Arc::new(EventFd::new(0).expect("eventfd"));
+        let mut dev = SerialDevice::new(irq.clone(), SerialSink::Discard);
+        dev.write(3, &[0x03]); // LCR: 8 bits
+        dev.write(7, &[0x5a]); // scratch
+        dev.enqueue_input(b"xy");
+        let saved: SerialSnapshot =
+            serde_json::from_value(serde_json::to_value(dev.state()).expect("json")).expect("back");
+        let mut restored = SerialDevice::new(irq, SerialSink::Discard);
+        restored.restore(&saved).expect("restore");
+        let mut b = [0u8];
+        restored.read(7, &mut b);
+        assert_eq!(b, [0x5a]);
+        restored.read(3, &mut b);
+        assert_eq!(b, [0x03]);
+        restored.read(0, &mut b);
+        assert_eq!(b, *b"x", "unread input survives");
+
+        let mut too_much = saved.clone();
+        too_much.in_buffer = vec![0; 4096];
+        assert!(restored.restore(&too_much).is_err(), "a FIFO over its size");
     }
 
     #[test]

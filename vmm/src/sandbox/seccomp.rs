@@ -79,6 +79,58 @@ pub const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
 /// `_IOW(KVMIO, 0x79, struct kvm_ioeventfd)`: queue notifications following a moved BAR.
 pub const KVM_IOEVENTFD: u64 = 0x4040_ae79;
 
+/// The ioctls that read a vCPU's and the VM's state for a snapshot (`vstate::state`): the
+/// numbers kvm-ioctls uses, made with the same vmm-sys-util macros.
+mod snapshot_ioctls {
+    #![allow(non_snake_case)]
+    use kvm_bindings::{
+        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+        kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+    };
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+
+    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+
+    /// What a vCPU thread reads of its own vCPU.
+    pub fn vcpu() -> Vec<u64> {
+        [
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_MSRS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_CPUID2(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_TSC_KHZ(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+        ]
+        .map(u64::from)
+        .to_vec()
+    }
+
+    /// What the API thread reads of the VM.
+    pub fn vm() -> Vec<u64> {
+        [KVM_GET_IRQCHIP(), KVM_GET_CLOCK(), KVM_GET_PIT2()]
+            .map(u64::from)
+            .to_vec()
+    }
+}
+
 /// A syscall and the argument conditions under which it is allowed (any of the rules; an
 /// empty list: always). Every argument compared is a C `int` (or `unsigned int` for the ioctl
 /// request), so only its low 32 bits count.
@@ -190,6 +242,13 @@ fn api_syscalls() -> Vec<Allowed> {
         always(libc::SYS_shutdown),
         // Kicking vCPU threads out of KVM_RUN to pause them (pthread_kill).
         tgkill_own_threads(&[kick]),
+        // Snapshots: the two files come with the request (SCM_RIGHTS), already open; the
+        // interrupt controllers and clocks are read from the VM.
+        always(libc::SYS_recvmsg),
+        always(libc::SYS_pwrite64),
+        always(libc::SYS_ftruncate),
+        always(libc::SYS_fsync),
+        when_arg_is(libc::SYS_ioctl, 1, &snapshot_ioctls::vm()),
     ]
 }
 
@@ -203,8 +262,14 @@ fn vcpu_syscalls(transport: Transport) -> Vec<Allowed> {
         // served on the vCPU thread that made the write, as in Cloud Hypervisor.
         Transport::Pci => &[KVM_RUN, KVM_SET_GSI_ROUTING, KVM_IOEVENTFD],
     };
+    // A snapshot: each vCPU thread reads its own state (KVM_RUN with immediate_exit first).
+    let ioctls: Vec<u64> = ioctls
+        .iter()
+        .copied()
+        .chain(snapshot_ioctls::vcpu())
+        .collect();
     vec![
-        when_arg_is(libc::SYS_ioctl, 1, ioctls),
+        when_arg_is(libc::SYS_ioctl, 1, &ioctls),
         // Device emulation: eventfds (irqfd, queue notifications) and the console.
         always(libc::SYS_read),
         always(libc::SYS_writev),
@@ -370,15 +435,23 @@ mod tests {
                 .get(&libc::SYS_ioctl)
                 .map(Vec::len)
         };
-        assert_eq!(ioctl_rules(ThreadKind::Vcpu), Some(1), "KVM_RUN only");
+        assert_eq!(
+            ioctl_rules(ThreadKind::Vcpu),
+            Some(12),
+            "KVM_RUN and the 11 reads of a snapshot"
+        );
         let pci = allowed_syscalls(ThreadKind::Vcpu, Transport::Pci);
         assert_eq!(
             pci.get(&libc::SYS_ioctl).map(Vec::len),
-            Some(3),
-            "KVM_RUN, and MSI routes and notification addresses on PCI"
+            Some(14),
+            "and MSI routes and notification addresses on PCI"
         );
         assert_eq!(ioctl_rules(ThreadKind::Main), Some(2), "TCGETS, TCSETS");
-        assert_eq!(ioctl_rules(ThreadKind::Api), None);
+        assert_eq!(
+            ioctl_rules(ThreadKind::Api),
+            Some(3),
+            "the VM's interrupt controllers, kvmclock and PIT, for snapshots"
+        );
         assert_eq!(
             ioctl_rules(ThreadKind::DeviceWorker),
             Some(1),
@@ -416,6 +489,19 @@ mod tests {
         assert_eq!(
             KVM_IOEVENTFD,
             iow(0x79, std::mem::size_of::<kvm_bindings::kvm_ioeventfd>())
+        );
+        // _IOR(type, nr, size) = 2 << 30 | ...
+        let ior = |nr: u64, size: usize| 2 << 30 | (size as u64) << 16 | 0xae << 8 | nr;
+        assert_eq!(
+            snapshot_ioctls::vcpu()[0],
+            ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()),
+            "KVM_GET_REGS"
+        );
+        assert_eq!(snapshot_ioctls::vcpu()[8], 0xaea3, "KVM_GET_TSC_KHZ");
+        assert_eq!(
+            snapshot_ioctls::vm()[1],
+            ior(0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>()),
+            "KVM_GET_CLOCK"
         );
     }
 

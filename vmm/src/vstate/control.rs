@@ -18,10 +18,20 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_run;
 use serde::Serialize;
 
+use super::state::VcpuState;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(io::Error),
+    #[error("the VM must be paused first")]
+    NotPaused,
+    #[error("{missing} of {total} vCPUs did not save their state within {timeout:?}")]
+    SaveTimeout {
+        missing: usize,
+        total: usize,
+        timeout: Duration,
+    },
     #[error("{stuck} of {total} vCPUs did not stop within {timeout:?}")]
     PauseTimeout {
         stuck: usize,
@@ -132,12 +142,23 @@ struct Gate {
     alive: usize,
     /// vCPU threads waiting at the gate.
     parked: usize,
+    /// Raised for each snapshot: every parked vCPU thread saves its state once per value.
+    save_round: u64,
+    /// What the vCPU threads saved in the current round.
+    saved: Vec<Result<VcpuState, String>>,
 }
 
 impl Gate {
     fn open(&self) -> bool {
         self.released && !self.paused
     }
+}
+
+/// What a vCPU thread does when it leaves the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    Run,
+    SaveState,
 }
 
 /// The gate all vCPU threads pass before each KVM_RUN, and their thread handles for kicks.
@@ -183,22 +204,70 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread before KVM_RUN: returns at once when the gate is open, else
-    /// parks until it opens again.
-    pub fn wait_until_runnable(&self) {
+    /// Called by a vCPU thread before KVM_RUN: returns [`Wake::Run`] at once when the gate
+    /// is open, else parks until it opens again, or until a snapshot asks for the vCPU's
+    /// state ([`Wake::SaveState`]: the thread saves it, hands it to [`Self::deliver_state`]
+    /// and comes back here). `round` is the thread's own record of the last save it served.
+    pub fn wait_until_runnable(&self, round: &mut u64) -> Wake {
         if !self.closed.load(Ordering::Acquire) {
-            return;
+            return Wake::Run;
         }
         let mut gate = self.gate();
         if gate.open() {
-            return;
+            return Wake::Run;
         }
         gate.parked += 1;
         self.changed.notify_all();
         while !gate.open() {
+            if gate.save_round != *round {
+                *round = gate.save_round;
+                gate.parked -= 1;
+                return Wake::SaveState;
+            }
             gate = self.changed.wait(gate).unwrap_or_else(|e| e.into_inner());
         }
         gate.parked -= 1;
+        Wake::Run
+    }
+
+    /// A vCPU thread's answer to [`Wake::SaveState`].
+    pub fn deliver_state(&self, state: Result<VcpuState, String>) {
+        self.gate().saved.push(state);
+        self.changed.notify_all();
+    }
+
+    /// The state of every vCPU of a paused VM, in vCPU order; each thread reads its own
+    /// (KVM wants a vCPU's ioctls from the thread that runs it).
+    pub fn save_vcpus(&self, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let mut gate = self.gate();
+        if !gate.paused || gate.parked < gate.alive {
+            return Err(ControlError::NotPaused.to_string());
+        }
+        gate.save_round += 1;
+        gate.saved.clear();
+        self.changed.notify_all();
+        let deadline = Instant::now() + timeout;
+        while gate.saved.len() < gate.alive {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ControlError::SaveTimeout {
+                    missing: gate.alive - gate.saved.len(),
+                    total: gate.alive,
+                    timeout,
+                }
+                .to_string());
+            }
+            gate = self
+                .changed
+                .wait_timeout(gate, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let mut states = std::mem::take(&mut gate.saved)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        states.sort_by_key(|s| s.id);
+        Ok(states)
     }
 
     /// Lets the vCPUs run for the first time (unless paused meanwhile).
@@ -284,8 +353,12 @@ mod tests {
         control.thread_starting();
         let (c, p, stop) = (control.clone(), progress.clone(), stop.clone());
         let handle = std::thread::spawn(move || {
+            let mut round = 0;
             while !stop.load(Ordering::SeqCst) {
-                c.wait_until_runnable();
+                if c.wait_until_runnable(&mut round) == Wake::SaveState {
+                    c.deliver_state(Err("a fake vCPU has no state".into()));
+                    continue;
+                }
                 p.fetch_add(1, Ordering::SeqCst);
                 std::thread::yield_now();
             }

@@ -4,5 +4,6 @@ pub mod coalesced;
 pub mod control;
 pub mod memory;
 pub mod msi;
+pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -12,7 +12,8 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, VmExitRequest};
 use crate::sandbox::{self, ThreadKind};
 use crate::vstate::coalesced::CoalescedRing;
-use crate::vstate::control::{set_current_kvm_run, VcpuControl, VcpuStats};
+use crate::vstate::control::{set_current_kvm_run, VcpuControl, VcpuStats, Wake};
+use crate::vstate::state::{self, StateError, VcpuState};
 use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum VcpuError {
     },
     #[error("vCPU {id}: {source}")]
     Regs { id: u8, source: regs::RegsError },
+    #[error("vCPU {id}: {source}")]
+    State { id: u8, source: StateError },
     #[error("cannot start the thread of vCPU {id}: {source}")]
     Spawn { id: u8, source: std::io::Error },
 }
@@ -61,6 +64,8 @@ pub struct Vcpu {
     exit: VmExitRequest,
     /// The VM's coalesced port writes, replayed before each port exit is handled.
     coalesced: Option<Arc<CoalescedRing>>,
+    /// The MSRs a snapshot saves (KVM's list, read once per VM).
+    msrs_to_save: Arc<[u32]>,
 }
 
 impl Vcpu {
@@ -86,6 +91,7 @@ impl Vcpu {
             mmio,
             exit,
             coalesced: None,
+            msrs_to_save: vm.msrs_to_save(),
         })
     }
 
@@ -123,6 +129,21 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Puts a snapshot's state into this new vCPU instead of [`Self::configure`]'s boot state.
+    pub fn restore(&self, saved: &VcpuState) -> Result<(), VcpuError> {
+        state::restore_vcpu(&self.fd, saved).map_err(|source| VcpuError::State {
+            id: self.id,
+            source,
+        })
+    }
+
+    /// This vCPU's state, read on its own thread while the VM is paused.
+    fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
+        let id = self.id;
+        state::save_vcpu(&mut self.fd, id, &self.msrs_to_save)
+            .map_err(|source| VcpuError::State { id, source })
+    }
+
     /// Starts the vCPU's thread. It installs `runtime.filter`, then waits at the gate of
     /// `runtime.control` until the VMM releases the vCPUs.
     pub fn spawn(self, runtime: VcpuRuntime) -> Result<(), VcpuError> {
@@ -154,8 +175,13 @@ impl Vcpu {
             }
             Ok(()) => {
                 sandbox::test_forbidden_syscall(ThreadKind::Vcpu);
+                let mut save_round = 0;
                 loop {
-                    runtime.control.wait_until_runnable();
+                    if runtime.control.wait_until_runnable(&mut save_round) == Wake::SaveState {
+                        let saved = self.save_state().map_err(|e| e.to_string());
+                        runtime.control.deliver_state(saved);
+                        continue;
+                    }
                     if self.exit.reason().is_some() {
                         break;
                     }

@@ -91,6 +91,8 @@ fn disable_pmu(fd: &VmFd) -> Result<PmuOff, VmError> {
 
 pub struct Vm {
     kvm: Kvm,
+    /// The MSRs KVM can save and restore, read once (see `state`).
+    msrs_to_save: Arc<[u32]>,
     /// Shared with the devices that change KVM state while the guest runs (MSI routes,
     /// notification addresses of moved BARs).
     fd: Arc<VmFd>,
@@ -123,8 +125,14 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+        let msrs_to_save = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("list the MSRs it saves"))?
+            .as_slice()
+            .into();
         Ok(Vm {
             kvm,
+            msrs_to_save,
             fd: Arc::new(fd),
             pmu,
         })
@@ -133,6 +141,11 @@ impl Vm {
     /// How the guest came to have no PMU.
     pub fn pmu(&self) -> PmuOff {
         self.pmu
+    }
+
+    /// The MSRs a snapshot of a vCPU reads.
+    pub fn msrs_to_save(&self) -> Arc<[u32]> {
+        self.msrs_to_save.clone()
     }
 
     pub fn fd(&self) -> &VmFd {

@@ -11,7 +11,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::registers::RegisterPage;
-use super::transport::{set_high, set_low, StatusChange, VirtioCommon, WorkerGroup};
+use super::transport::{set_high, set_low, CommonState, StatusChange, VirtioCommon, WorkerGroup};
 use super::*;
 use crate::devices::BusDevice;
 
@@ -109,6 +109,15 @@ impl InterruptTarget for MmioInterrupt {
     }
 }
 
+/// What a snapshot keeps of a virtio-mmio device.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MmioState {
+    pub common: CommonState,
+    /// InterruptStatus and Status as the driver reads them (DEVICE_NEEDS_RESET included).
+    pub interrupt_status: u32,
+    pub status_register: u32,
+}
+
 pub struct MmioTransport {
     common: VirtioCommon,
     interrupt: Arc<MmioInterrupt>,
@@ -167,6 +176,24 @@ impl MmioTransport {
             u32::from(c.status),
         );
         r.store(REG_CONFIG_GENERATION, 0);
+    }
+
+    pub fn state(&self) -> MmioState {
+        MmioState {
+            common: self.common.state(),
+            interrupt_status: self.registers.load(REG_INTERRUPT_STATUS),
+            status_register: self.registers.load(REG_STATUS),
+        }
+    }
+
+    /// Takes a snapshot's state into this new device (see `VirtioCommon::restore`).
+    pub fn restore(&mut self, state: &MmioState) -> Result<(), String> {
+        self.common.restore(&state.common)?;
+        self.publish();
+        self.registers.store(REG_STATUS, state.status_register);
+        self.registers
+            .store(REG_INTERRUPT_STATUS, state.interrupt_status);
+        Ok(())
     }
 
     fn write_reg(&mut self, offset: u64, value: u32) {

@@ -231,6 +231,16 @@ impl LimitHandle {
 pub struct LimitRegistry(Arc<Mutex<Vec<LimitHandle>>>);
 
 impl LimitRegistry {
+    /// The worker threads of every device (each registers its limits when it starts).
+    pub fn workers(&self) -> Vec<Arc<super::worker::WorkerControl>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flat_map(|h| h.workers.iter().cloned())
+            .collect()
+    }
+
     pub fn add(&self, handle: LimitHandle) {
         self.0
             .lock()

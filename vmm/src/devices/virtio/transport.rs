@@ -6,8 +6,10 @@
 //! by leaving a status bit unset (FEATURES_OK, DRIVER_OK), or ignored; nothing panics, and a
 //! setup the device cannot use makes it need a reset instead of starting it.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -16,7 +18,7 @@ use super::*;
 
 /// A queue as the driver programmed it. Kept as plain register values and only turned into a
 /// `Queue` (with every check) when the driver sets DRIVER_OK.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueConfig {
     pub max_size: u16,
     pub size: u16,
@@ -46,7 +48,12 @@ impl QueueConfig {
     }
 
     /// A ready-to-use queue, or why the driver's setup is unusable.
-    pub fn build(&self, mem: &GuestMemoryMmap, event_idx: bool) -> Result<Queue, String> {
+    pub fn build(
+        &self,
+        mem: &GuestMemoryMmap,
+        event_idx: bool,
+        start: QueueStart,
+    ) -> Result<Queue, String> {
         if !self.ready {
             return Err("not ready".into());
         }
@@ -68,8 +75,39 @@ impl QueueConfig {
         if !q.is_valid(mem) {
             return Err("rings lie outside guest memory".into());
         }
+        if let QueueStart::AtUsedIndex = start {
+            let used = q
+                .used_idx(mem, Ordering::Acquire)
+                .map_err(|e| format!("used ring unreadable: {e}"))?;
+            q.set_next_avail(used.0);
+            q.set_next_used(used.0);
+        }
         Ok(q)
     }
+}
+
+/// Where a queue's device side starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueStart {
+    /// At the beginning: the driver just set it up.
+    Fresh,
+    /// Where the used ring in guest memory says: a restored device. Every device here
+    /// completes each chain it takes before its worker waits again (a rate-limited one is put
+    /// back), so when the worker was paused every chain taken had been used: the next one to
+    /// take is the used index.
+    AtUsedIndex,
+}
+
+/// What a snapshot keeps of a device's transport-independent state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommonState {
+    pub status: u8,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueConfig>,
+    pub broken: bool,
 }
 
 /// A worker thread of a device and the device queues it serves.
@@ -214,7 +252,7 @@ impl VirtioCommon {
         if newly & DEVICE_STATUS_DRIVER_OK != 0 {
             if accepted & DEVICE_STATUS_FEATURES_OK == 0 {
                 accepted &= !DEVICE_STATUS_DRIVER_OK;
-            } else if let Err(why) = self.activate() {
+            } else if let Err(why) = self.activate(QueueStart::Fresh) {
                 self.guest_warning(&format!("cannot activate: {why}"));
                 self.interrupt.signal_needs_reset();
                 accepted &= !DEVICE_STATUS_DRIVER_OK;
@@ -253,7 +291,7 @@ impl VirtioCommon {
     /// other systems' drivers) sets up only the first; a worker whose queues are all unready
     /// stays idle. Its queues all ready or none, and the first group ready: anything else
     /// is a setup the device cannot use.
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self, start: QueueStart) -> Result<(), String> {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut activations = Vec::new();
         for (g, group) in self.workers.iter().enumerate() {
@@ -265,7 +303,7 @@ impl VirtioCommon {
                 .iter()
                 .zip(group.queues.clone())
                 .map(|(q, i)| {
-                    q.build(&self.mem, event_idx)
+                    q.build(&self.mem, event_idx, start)
                         .map_err(|e| format!("queue {i}: {e}"))
                 })
                 .collect::<Result<Vec<Queue>, String>>()?;
@@ -280,6 +318,48 @@ impl VirtioCommon {
                 acked_features: self.driver_features,
                 interrupt: self.interrupt.for_worker(),
             });
+        }
+        Ok(())
+    }
+
+    /// What a snapshot keeps; the device's workers must be paused.
+    pub fn state(&self) -> CommonState {
+        CommonState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+            broken: self.broken,
+        }
+    }
+
+    /// Takes a snapshot's state into this new device (guest memory already restored): a
+    /// device the driver had started is started again where its used rings stand.
+    pub fn restore(&mut self, state: &CommonState) -> Result<(), String> {
+        let sizes: Vec<u16> = state.queues.iter().map(|q| q.max_size).collect();
+        if sizes != self.info.queue_max_sizes {
+            return Err(format!(
+                "queue sizes {sizes:?} in the snapshot, {:?} here",
+                self.info.queue_max_sizes
+            ));
+        }
+        if state.driver_features & !self.info.features != 0 {
+            return Err(format!(
+                "the driver had features {:#x} this device does not offer",
+                state.driver_features & !self.info.features
+            ));
+        }
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.queues = state.queues.clone();
+        self.broken = state.broken;
+        if self.status & DEVICE_STATUS_DRIVER_OK != 0 && !self.broken {
+            self.activate(QueueStart::AtUsedIndex)?;
         }
         Ok(())
     }

@@ -19,18 +19,23 @@ pub enum Command {
     Reset,
     /// The device's rate limits changed: whatever waits for a timer tries again now.
     LimitsChanged,
+    /// Stop touching guest memory and the backend until `Resume` (the VM is paused: a
+    /// snapshot must see memory and queues standing still).
+    Pause,
+    Resume,
     /// End the worker thread (the VM is going away).
     Shutdown,
 }
 
 /// The transport's line to the worker. Activation is asynchronous (kicks that arrive before the
 /// worker picks it up wait in the ioeventfds); reset waits for the worker to let go of the
-/// queues, so the driver can reuse their memory.
+/// queues, so the driver can reuse their memory, and pause waits until it stands still.
 pub struct WorkerControl {
     event: EventFd,
     pending: Mutex<Vec<Command>>,
-    resets_done: Mutex<u64>,
-    reset_cond: Condvar,
+    /// Resets and pauses the worker has carried out.
+    acks: Mutex<u64>,
+    ack_cond: Condvar,
 }
 
 /// How long a reset waits for a worker busy with I/O before giving up on it.
@@ -41,8 +46,8 @@ impl WorkerControl {
         Ok(Arc::new(WorkerControl {
             event: EventFd::new(EFD_NONBLOCK)?,
             pending: Mutex::new(Vec::new()),
-            resets_done: Mutex::new(0),
-            reset_cond: Condvar::new(),
+            acks: Mutex::new(0),
+            ack_cond: Condvar::new(),
         }))
     }
 
@@ -74,11 +79,25 @@ impl WorkerControl {
     /// Resets the device and waits until its worker no longer touches the queues. Returns
     /// false if the worker did not answer in time.
     pub fn reset(&self) -> bool {
-        let target = *self.resets_done.lock().unwrap_or_else(|e| e.into_inner()) + 1;
-        self.push(Command::Reset);
-        let done = self.resets_done.lock().unwrap_or_else(|e| e.into_inner());
+        self.push_and_wait(Command::Reset)
+    }
+
+    /// Stops the worker between two requests and waits until it has; false if it did not
+    /// answer in time. Kicks, input and timers that come meanwhile are served on `resume`.
+    pub fn pause(&self) -> bool {
+        self.push_and_wait(Command::Pause)
+    }
+
+    pub fn resume(&self) {
+        self.push(Command::Resume);
+    }
+
+    fn push_and_wait(&self, cmd: Command) -> bool {
+        let target = *self.acks.lock().unwrap_or_else(|e| e.into_inner()) + 1;
+        self.push(cmd);
+        let done = self.acks.lock().unwrap_or_else(|e| e.into_inner());
         let (done, _) = self
-            .reset_cond
+            .ack_cond
             .wait_timeout_while(done, RESET_TIMEOUT, |n| *n < target)
             .unwrap_or_else(|e| e.into_inner());
         *done >= target
@@ -98,9 +117,9 @@ impl WorkerControl {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn reset_done(&self) {
-        *self.resets_done.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        self.reset_cond.notify_all();
+    fn ack(&self) {
+        *self.acks.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.ack_cond.notify_all();
     }
 }
 
@@ -124,7 +143,7 @@ enum Flow {
 /// filter, None with `--seccomp off`) before anything else.
 pub fn spawn(
     name: String,
-    mut handler: Box<dyn QueueHandler>,
+    handler: Box<dyn QueueHandler>,
     queue_events: Vec<EventFd>,
     control: Arc<WorkerControl>,
     filter: Option<BpfProgram>,
@@ -143,13 +162,13 @@ pub fn spawn(
         // in does not spin this thread.
         add(fd, TOKEN_BACKEND, EventSet::IN | EventSet::EDGE_TRIGGERED)?;
     }
-    for (i, fd) in handler
+    let timers: Vec<RawFd> = handler
         .timer_fds()
         .into_iter()
         .take(super::MAX_TIMERS)
-        .enumerate()
-    {
-        add(fd, TOKEN_TIMER - i as u64, EventSet::IN)?;
+        .collect();
+    for (i, fd) in timers.iter().enumerate() {
+        add(*fd, TOKEN_TIMER - i as u64, EventSet::IN)?;
     }
     let builder = std::thread::Builder::new()
         .name(name)
@@ -161,12 +180,19 @@ pub fn spawn(
         }
         sandbox::test_forbidden_syscall(ThreadKind::DeviceWorker);
         let mut events = vec![EpollEvent::default(); queue_events.len() + 2 + super::MAX_TIMERS];
-        // The active device's interrupt, for coalescing; None while the device is reset.
-        let mut interrupt: Option<Interrupt> = None;
+        let mut worker = Worker {
+            handler,
+            queue_events,
+            control,
+            interrupt: None,
+            paused: false,
+            epoll,
+            timers,
+        };
         loop {
             let mut timeout = -1;
             for _ in 0..MAX_ROUNDS_PER_WAKEUP {
-                let n = match epoll.wait(timeout, &mut events) {
+                let n = match worker.epoll.wait(timeout, &mut events) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -177,96 +203,216 @@ pub fn spawn(
                 if n == 0 {
                     break;
                 }
-                if let Some(i) = &interrupt {
+                if let Some(i) = &worker.interrupt {
                     i.begin_batch();
                 }
-                let flow = handle_events(
-                    &events[..n],
-                    handler.as_mut(),
-                    &queue_events,
-                    &control,
-                    &mut interrupt,
-                );
-                if let Flow::Shutdown = flow {
+                if let Flow::Shutdown = worker.handle_events(&events[..n]) {
                     return;
                 }
                 // Anything that became ready meanwhile joins this wakeup's interrupt.
                 timeout = 0;
             }
-            if let Some(i) = &interrupt {
+            if let Some(i) = &worker.interrupt {
                 i.end_batch();
             }
         }
     })
 }
 
-/// Runs the handler for each ready event. Activation starts coalescing on the device's
-/// interrupt (from the next wakeup on); reset ends it.
-fn handle_events(
-    events: &[EpollEvent],
-    handler: &mut dyn QueueHandler,
-    queue_events: &[EventFd],
-    control: &WorkerControl,
-    interrupt: &mut Option<Interrupt>,
-) -> Flow {
-    for event in events {
-        match event.data() {
-            TOKEN_CONTROL => {
-                let _ = control.event.read();
-                for cmd in control.take() {
-                    match cmd {
-                        Command::Activate(activation) => {
-                            let device_interrupt = activation.interrupt.clone();
-                            handler.activate(activation);
-                            // Kicks and input that came before activation were dropped
-                            // while inactive: look at everything once now.
-                            for index in 0..queue_events.len() {
-                                handler.queue_notified(index);
-                            }
-                            handler.backend_ready();
-                            *interrupt = Some(device_interrupt);
-                        }
-                        Command::Reset => {
-                            if let Some(i) = interrupt.take() {
-                                i.end_batch();
-                            }
-                            handler.reset();
-                            control.reset_done();
-                        }
-                        Command::LimitsChanged => {
-                            if interrupt.is_some() {
-                                handler.timer_fired(None);
-                            }
-                        }
-                        Command::Shutdown => {
-                            if let Some(i) = interrupt.take() {
-                                i.end_batch();
-                            }
-                            handler.reset();
-                            control.reset_done();
+enum Watch {
+    On,
+    Off,
+}
+
+/// A worker thread's own state.
+struct Worker {
+    handler: Box<dyn QueueHandler>,
+    queue_events: Vec<EventFd>,
+    control: Arc<WorkerControl>,
+    /// The active device's interrupt, for coalescing; None while the device is reset.
+    interrupt: Option<Interrupt>,
+    /// Paused (the VM is): commands only; kicks are read and served on resume.
+    paused: bool,
+    epoll: Epoll,
+    /// The handler's rate limit timers: level-triggered, so out of the epoll set while paused.
+    timers: Vec<RawFd>,
+}
+
+impl Worker {
+    /// Looks at every queue, the backend and the timers once: after activation (kicks and
+    /// input that came before were dropped while inactive) and after a pause.
+    fn serve_everything(&mut self) {
+        for index in 0..self.queue_events.len() {
+            self.handler.queue_notified(index);
+        }
+        self.handler.backend_ready();
+        self.handler.timer_fired(None);
+    }
+
+    fn watch_timers(&self, watch: Watch) {
+        for (i, fd) in self.timers.iter().enumerate() {
+            let event = EpollEvent::new(EventSet::IN, TOKEN_TIMER - i as u64);
+            let op = match watch {
+                Watch::On => ControlOperation::Add,
+                Watch::Off => ControlOperation::Delete,
+            };
+            if let Err(e) = self.epoll.ctl(op, *fd, event) {
+                tracing::error!("virtio worker cannot change its timer watch: {e}");
+            }
+        }
+    }
+
+    /// Runs the handler for each ready event. Activation starts coalescing on the device's
+    /// interrupt (from the next wakeup on); reset ends it.
+    fn handle_events(&mut self, events: &[EpollEvent]) -> Flow {
+        for event in events {
+            match event.data() {
+                TOKEN_CONTROL => {
+                    let _ = self.control.event.read();
+                    for cmd in self.control.take() {
+                        if let Flow::Shutdown = self.command(cmd) {
                             return Flow::Shutdown;
                         }
                     }
                 }
-            }
-            TOKEN_BACKEND => {
-                if interrupt.is_some() {
-                    handler.backend_ready();
+                _ if self.paused => {
+                    // Only queue kicks can be ready here (timers are unwatched, the backend
+                    // is edge-triggered): read, and served on resume.
+                    if let Some(evt) = self.queue_events.get(event.data() as usize) {
+                        let _ = evt.read();
+                    }
                 }
-            }
-            token if token <= TOKEN_TIMER && token > TOKEN_TIMER - super::MAX_TIMERS as u64 => {
-                // Also read while inactive: the timer is level-triggered.
-                handler.timer_fired(Some((TOKEN_TIMER - token) as usize));
-            }
-            index => {
-                if let Some(evt) = queue_events.get(index as usize) {
-                    let _ = evt.read();
-                    if interrupt.is_some() {
-                        handler.queue_notified(index as usize);
+                TOKEN_BACKEND => {
+                    if self.interrupt.is_some() {
+                        self.handler.backend_ready();
+                    }
+                }
+                token if token <= TOKEN_TIMER && token > TOKEN_TIMER - super::MAX_TIMERS as u64 => {
+                    // Also read while inactive: the timer is level-triggered.
+                    self.handler
+                        .timer_fired(Some((TOKEN_TIMER - token) as usize));
+                }
+                index => {
+                    if let Some(evt) = self.queue_events.get(index as usize) {
+                        let _ = evt.read();
+                        if self.interrupt.is_some() {
+                            self.handler.queue_notified(index as usize);
+                        }
                     }
                 }
             }
         }
+        Flow::Continue
     }
-    Flow::Continue
+
+    fn command(&mut self, cmd: Command) -> Flow {
+        match cmd {
+            Command::Activate(activation) => {
+                let device_interrupt = activation.interrupt.clone();
+                self.handler.activate(activation);
+                self.interrupt = Some(device_interrupt);
+                if !self.paused {
+                    self.serve_everything();
+                }
+            }
+            Command::Reset => {
+                if let Some(i) = self.interrupt.take() {
+                    i.end_batch();
+                }
+                self.handler.reset();
+                self.control.ack();
+            }
+            Command::LimitsChanged => {
+                if self.interrupt.is_some() && !self.paused {
+                    self.handler.timer_fired(None);
+                }
+            }
+            Command::Pause => {
+                if !self.paused {
+                    self.paused = true;
+                    self.watch_timers(Watch::Off);
+                }
+                self.control.ack();
+            }
+            Command::Resume => {
+                if self.paused {
+                    self.paused = false;
+                    self.watch_timers(Watch::On);
+                    if self.interrupt.is_some() {
+                        self.serve_everything();
+                    }
+                }
+            }
+            Command::Shutdown => {
+                if let Some(i) = self.interrupt.take() {
+                    i.end_batch();
+                }
+                self.handler.reset();
+                self.control.ack();
+                return Flow::Shutdown;
+            }
+        }
+        Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::devices::virtio::testing::{memory, TestRing};
+
+    /// Reports what the worker asked of the device.
+    struct Recorder(mpsc::Sender<String>);
+
+    impl QueueHandler for Recorder {
+        fn activate(&mut self, _: Activation) {
+            let _ = self.0.send("activate".into());
+        }
+        fn reset(&mut self) {}
+        fn queue_notified(&mut self, index: usize) {
+            let _ = self.0.send(format!("notify {index}"));
+        }
+    }
+
+    #[test]
+    fn a_paused_worker_serves_nothing_until_resumed_then_everything() {
+        let (tx, rx) = mpsc::channel();
+        let control = WorkerControl::new().expect("control");
+        let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let kicker = kick.try_clone().expect("clone");
+        spawn(
+            "test".into(),
+            Box::new(Recorder(tx)),
+            vec![kick],
+            control.clone(),
+            None,
+        )
+        .expect("worker");
+        let mem = memory();
+        let (activation, _irq) = TestRing::new(&mem, 16).activation(Vec::new(), 0);
+        control.activate(activation);
+        let wait = |what: &str| {
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(10)).expect(what),
+                what,
+                "in order"
+            );
+        };
+        wait("activate");
+        wait("notify 0");
+
+        assert!(control.pause(), "paused");
+        kicker.write(1).expect("kick");
+        // A second pause is a round trip through the worker after the kick: it has seen the
+        // kick by the time this returns, and must not have served it.
+        assert!(control.pause(), "still paused");
+        assert!(rx.try_recv().is_err(), "nothing served while paused");
+        control.resume();
+        wait("notify 0");
+        kicker.write(1).expect("kick");
+        wait("notify 0");
+        control.shutdown();
+    }
 }
