@@ -41,8 +41,12 @@ pub enum ConfigError {
     },
     #[error("nothing to boot: use --kernel PATH or --firmware PATH (or \"kernel\"/\"firmware\" in the config file), or --restore DIR")]
     MissingKernel,
-    #[error("--restore continues a snapshot's guest, whose kernel is in its memory: no --{0}")]
+    #[error("--restore and --incoming continue a guest whose kernel is in its memory: no --{0}")]
     RestoreWith(&'static str),
+    #[error("--restore and --incoming exclude each other")]
+    RestoreAndIncoming,
+    #[error("invalid --incoming '{0}': expected unix:PATH or tcp:HOST:PORT")]
+    Incoming(String),
     #[error(
         "--kernel and --firmware exclude each other: the firmware loads the kernel from a disk"
     )]
@@ -786,6 +790,10 @@ pub struct Cli {
     /// (disks with their content; TAPs may be others).
     #[arg(long, value_name = "DIR")]
     pub restore: Option<PathBuf>,
+    /// Wait for a live migration from another VMM on unix:PATH or tcp:HOST:PORT and continue
+    /// its guest: the VM's shape and devices as for --restore.
+    #[arg(long, value_name = "ADDR")]
+    pub incoming: Option<String>,
     /// JSON file with any of the settings above; command-line flags take precedence.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -815,6 +823,7 @@ pub struct FileConfig {
     pub kvm_fd: Option<i64>,
     pub user: Option<String>,
     pub restore: Option<PathBuf>,
+    pub incoming: Option<String>,
 }
 
 impl FileConfig {
@@ -857,6 +866,43 @@ pub enum Boot {
     Firmware(PathBuf),
     /// No boot: the guest of a snapshot directory continues (see `persist`).
     Restore(PathBuf),
+    /// No boot: a guest migrated from another VMM continues (see `persist::migration`).
+    Incoming(MigrationAddr),
+}
+
+/// Where a migration target listens for its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationAddr {
+    Unix(PathBuf),
+    /// HOST:PORT, resolved when the VMM starts.
+    Tcp(String),
+}
+
+impl FromStr for MigrationAddr {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::Incoming(s.chars().take(200).collect());
+        match s.split_once(':') {
+            Some(("unix", path)) if !path.is_empty() => Ok(MigrationAddr::Unix(path.into())),
+            Some(("tcp", addr)) => match addr.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    Ok(MigrationAddr::Tcp(addr.to_string()))
+                }
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MigrationAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            MigrationAddr::Tcp(addr) => write!(f, "tcp:{addr}"),
+        }
+    }
 }
 
 /// The identity the guest reads from the SMBIOS tables (`/sys/class/dmi/id/`): what
@@ -989,6 +1035,7 @@ impl VmConfig {
         let initrd = cli.initrd.or(file.initrd);
         let cmdline = cli.cmdline.or(file.cmdline);
         let restore = cli.restore.or(file.restore);
+        let incoming = cli.incoming.or(file.incoming);
         let given = [
             ("kernel", kernel.is_some()),
             ("firmware", firmware.is_some()),
@@ -996,11 +1043,16 @@ impl VmConfig {
             ("cmdline", cmdline.is_some()),
         ];
         let boot = match (kernel, firmware) {
-            _ if restore.is_some() => {
+            _ if restore.is_some() || incoming.is_some() => {
                 if let Some((name, _)) = given.iter().find(|(_, set)| *set) {
                     return Err(ConfigError::RestoreWith(name));
                 }
-                Boot::Restore(restore.unwrap_or_default())
+                match (restore, incoming) {
+                    (Some(_), Some(_)) => return Err(ConfigError::RestoreAndIncoming),
+                    (Some(dir), None) => Boot::Restore(dir),
+                    (None, Some(addr)) => Boot::Incoming(addr.parse()?),
+                    (None, None) => return Err(ConfigError::MissingKernel),
+                }
             }
             (Some(_), Some(_)) => return Err(ConfigError::KernelAndFirmware),
             (None, None) => return Err(ConfigError::MissingKernel),
@@ -1131,7 +1183,9 @@ impl VmConfig {
         let transport = match (cli.transport.or(file.transport), &boot) {
             (Some(t), _) => t.parse()?,
             (None, Boot::Firmware(_)) => Transport::Pci,
-            (None, Boot::Kernel { .. } | Boot::Restore(_)) => Transport::default(),
+            (None, Boot::Kernel { .. } | Boot::Restore(_) | Boot::Incoming(_)) => {
+                Transport::default()
+            }
         };
         if let Boot::Firmware(_) = boot {
             if transport != Transport::Pci {

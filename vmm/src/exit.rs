@@ -37,12 +37,14 @@ pub enum ExitReason {
     /// The guest made its vCPU fail (emulation failure, undeliverable exception, unknown
     /// exit).
     GuestFault,
+    /// The guest was migrated and runs in another VMM now.
+    Migrated,
 }
 
 impl ExitReason {
     pub fn status(self) -> i32 {
         match self {
-            ExitReason::GuestPowerOff | ExitReason::Stopped => EXIT_OK,
+            ExitReason::GuestPowerOff | ExitReason::Stopped | ExitReason::Migrated => EXIT_OK,
             ExitReason::GuestReset => EXIT_GUEST_RESET,
             ExitReason::VcpuError => EXIT_ERROR,
             ExitReason::GuestFault => EXIT_GUEST_FAULT,

@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
@@ -27,7 +27,7 @@ use crate::api::{self, ApiError, VmApi, VmSummary};
 use crate::arch::x86_64::acpi::{self, AcpiPlatform, MmioDeviceInfo, PciHostBridge};
 use crate::arch::x86_64::regs::BootEntry;
 use crate::arch::x86_64::{boot, cpu_template, cpuid, layout, pvh, regs, smbios};
-use crate::config::{Boot, Transport, VmConfig};
+use crate::config::{Boot, MigrationAddr, Transport, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, PmTimer, ACPI_PM_PORT, PM_TIMER_LEN, PM_TIMER_PORT};
 use crate::devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_COUNT};
 use crate::devices::ged::{Ged, PowerButton, GED_MMIO_SIZE};
@@ -57,6 +57,7 @@ use crate::devices::virtio::{
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
 use crate::persist::memory::MemoryFileError;
+use crate::persist::migration::{self, MigrationError};
 use crate::persist::{
     DeviceDescription, MachineShape, Persist, PersistDevice, Snapshot, SnapshotError,
 };
@@ -130,6 +131,14 @@ pub enum VmmError {
     SnapshotMemory(#[from] MemoryFileError),
     #[error("cannot restore the snapshot: {0}")]
     Restore(String),
+    #[error("--incoming {addr}: cannot {what}: {source}")]
+    Incoming {
+        addr: String,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("incoming migration failed: {0}")]
+    Migration(#[from] MigrationError),
 }
 
 /// First interrupt line for virtio devices (4 is COM1).
@@ -435,6 +444,96 @@ enum BootFiles {
     Firmware(File, PathBuf),
     /// A snapshot to continue, and its open memory file.
     Restore(Box<Snapshot>, File),
+    /// Where a migration's source will connect.
+    Incoming(IncomingListener),
+}
+
+/// The listening socket of `--incoming`, bound while the VMM starts.
+enum IncomingListener {
+    Unix(std::os::unix::net::UnixListener, String),
+    Tcp(std::net::TcpListener, String),
+}
+
+impl IncomingListener {
+    fn bind(addr: &MigrationAddr) -> Result<Self, VmmError> {
+        let error = |what| {
+            let addr = addr.to_string();
+            move |source| VmmError::Incoming { addr, what, source }
+        };
+        Ok(match addr {
+            MigrationAddr::Unix(path) => IncomingListener::Unix(
+                std::os::unix::net::UnixListener::bind(path).map_err(error("listen"))?,
+                addr.to_string(),
+            ),
+            MigrationAddr::Tcp(host_port) => IncomingListener::Tcp(
+                std::net::TcpListener::bind(host_port.as_str()).map_err(error("listen"))?,
+                addr.to_string(),
+            ),
+        })
+    }
+
+    /// Waits for the source to connect; None when a stop signal came first.
+    fn accept(&self, signals: &OwnedFd) -> Result<Option<File>, VmmError> {
+        let (fd, addr) = match self {
+            IncomingListener::Unix(l, a) => (l.as_raw_fd(), a),
+            IncomingListener::Tcp(l, a) => (l.as_raw_fd(), a),
+        };
+        let error = |what| {
+            let addr = addr.clone();
+            move |source| VmmError::Incoming { addr, what, source }
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: two valid pollfds for descriptors we own.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error("wait for the source")(e));
+            }
+            if fds[1].revents != 0 {
+                return Ok(None);
+            }
+            if fds[0].revents != 0 {
+                break;
+            }
+        }
+        let timeouts = Some(migration::PEER_TIMEOUT);
+        let stream: OwnedFd = match self {
+            IncomingListener::Unix(l, _) => {
+                let (s, _) = l.accept().map_err(error("accept the source"))?;
+                s.set_read_timeout(timeouts)
+                    .map_err(error("set a timeout"))?;
+                s.set_write_timeout(timeouts)
+                    .map_err(error("set a timeout"))?;
+                s.into()
+            }
+            IncomingListener::Tcp(l, _) => {
+                let (s, peer) = l.accept().map_err(error("accept the source"))?;
+                tracing::info!(%peer, "migration source connected");
+                s.set_read_timeout(timeouts)
+                    .map_err(error("set a timeout"))?;
+                s.set_write_timeout(timeouts)
+                    .map_err(error("set a timeout"))?;
+                s.set_nodelay(true).map_err(error("set TCP_NODELAY"))?;
+                s.into()
+            }
+        };
+        Ok(Some(File::from(stream)))
+    }
 }
 
 impl BootFiles {
@@ -457,6 +556,7 @@ impl BootFiles {
                 let (snapshot, memory) = Snapshot::open(dir)?;
                 BootFiles::Restore(Box::new(snapshot), memory)
             }
+            Boot::Incoming(addr) => BootFiles::Incoming(IncomingListener::bind(addr)?),
         })
     }
 }
@@ -528,7 +628,7 @@ fn load_guest(
             entry: pvh::load_firmware(mem, file, path)?,
             start_info: pvh::write_start_info(mem, mem_size, rsdp, &reserved)?,
         },
-        BootFiles::Restore(..) => {
+        BootFiles::Restore(..) | BootFiles::Incoming(_) => {
             return Err(VmmError::Restore(
                 "a restored guest is not booted (internal error)".into(),
             ))
@@ -717,6 +817,40 @@ fn restore(
 ) -> Result<(), VmmError> {
     snapshot.check(&here)?;
     crate::persist::memory::load(mem, memory, &snapshot.memory)?;
+    restore_state(vm, vcpus, serial, devices, snapshot)
+}
+
+/// The target's side of a live migration up to the device state: checks the source's
+/// machine against this VM (and answers), then takes guest memory until the state comes.
+fn receive_migration(
+    stream: &mut File,
+    mem: &GuestMemoryMmap,
+    here: &crate::persist::Machine,
+) -> Result<Snapshot, VmmError> {
+    let hello = migration::expect(stream, migration::HELLO)?;
+    let checked = serde_json::from_slice::<crate::persist::Machine>(&hello)
+        .map_err(|e| format!("the source's machine description is not valid: {e}"))
+        .and_then(|saved| saved.check(here).map_err(|e| e.to_string()));
+    migration::write_message(
+        stream,
+        migration::READY,
+        &[&migration::answer_json(&checked)],
+    )
+    .map_err(MigrationError::from)?;
+    checked.map_err(VmmError::Restore)?;
+    let snapshot = migration::receive_memory(stream, mem)?;
+    snapshot.check(here)?;
+    Ok(snapshot)
+}
+
+/// The state of a snapshot (whose memory is in place) into the VM just built.
+fn restore_state(
+    vm: &Vm,
+    vcpus: &[Vcpu],
+    serial: &Mutex<SerialDevice>,
+    devices: &[PersistDevice],
+    snapshot: &Snapshot,
+) -> Result<(), VmmError> {
     crate::vstate::state::restore_vm(vm.fd(), &snapshot.vm)
         .map_err(|e| VmmError::Restore(e.to_string()))?;
     for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
@@ -864,7 +998,25 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
             exit.clone(),
         )?);
     }
+    // An incoming migration's stream, kept to tell the source once the guest runs here.
+    let mut incoming: Option<File> = None;
     match &mut resources.boot {
+        BootFiles::Incoming(listener) => {
+            let Some(mut stream) = listener.accept(&signals)? else {
+                tracing::info!("stop signal received while waiting for the migration source");
+                return Ok(ExitReason::Stopped);
+            };
+            let here = shape.describe(descriptions);
+            let snapshot = receive_migration(&mut stream, &mem, &here)?;
+            let restored = restore_state(&vm, &vcpus, &serial, &persist_devices, &snapshot);
+            if let Err(e) = &restored {
+                let answer = migration::answer_json(&Err(e.to_string()));
+                let _ = migration::write_message(&mut stream, migration::RESUMED, &[&answer]);
+            }
+            restored?;
+            tracing::info!("guest state received; resuming the migrated guest");
+            incoming = Some(stream);
+        }
         BootFiles::Restore(snapshot, memory) => {
             restore(
                 &vm,
@@ -928,6 +1080,13 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     sandbox::seccomp::apply(ThreadKind::Main, filters.main.as_ref())?;
     sandbox::test_forbidden_syscall(ThreadKind::Main);
     vcpu_control.release();
+    if let Some(mut stream) = incoming.take() {
+        // The source stops once it reads this; if it never does, it stays paused.
+        let answer = migration::answer_json(&Ok(()));
+        if let Err(e) = migration::write_message(&mut stream, migration::RESUMED, &[&answer]) {
+            tracing::warn!("cannot tell the migration source that the guest runs here: {e}");
+        }
+    }
     tracing::info!(
         vcpus = config.vcpus,
         memory_mib = config.memory_mib,

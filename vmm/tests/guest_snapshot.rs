@@ -37,11 +37,15 @@ fn wait_count_above(guest: &mut Guest, n: u64) -> (u64, f64) {
 
 /// One request with `files` sent along; the whole answer.
 fn request_with_files(socket: &Path, request: &str, files: &[&dyn AsRawFd]) -> Value {
+    request_with_files_line(socket, &format!("{{\"request\":\"{request}\"}}"), files)
+}
+
+fn request_with_files_line(socket: &Path, request: &str, files: &[&dyn AsRawFd]) -> Value {
     let stream = UnixStream::connect(socket).expect("API socket");
     stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
+        .set_read_timeout(Some(Duration::from_secs(300)))
         .expect("timeout");
-    let line = format!("{{\"request\":\"{request}\"}}\n");
+    let line = format!("{request}\n");
     let sent = send_with_files(&stream, line.as_bytes(), files).expect("send");
     assert_eq!(sent, line.len());
     let mut answer = String::new();
@@ -210,6 +214,233 @@ fn a_snapshot_restored_in_a_new_vmm_continues_the_guest() {
     );
     common::api_call(&socket2, "stop");
     let (status, _, stderr) = restored.finish();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// Waits until `path` exists (a VMM that just started binds it).
+fn wait_for_socket(path: &Path, vmm: &mut Guest) {
+    let deadline = std::time::Instant::now() + common::BOOT_TIMEOUT;
+    while !path.exists() {
+        assert!(
+            vmm.child.try_wait().expect("wait").is_none(),
+            "the target VMM ended before it listened"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A target that takes the first part of a migration and then dies: reads HELLO, answers
+/// READY, reads a few memory messages, hangs up.
+fn dying_target(listener: std::os::unix::net::UnixListener) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        use thvc_vmm::persist::migration::{expect, read_header, write_message, HELLO, READY};
+        let (mut stream, _) = listener.accept().expect("source connects");
+        expect(&mut stream, HELLO).expect("hello");
+        write_message(&mut stream, READY, &[b"{\"ok\":true}"]).expect("ready");
+        let mut messages = 0;
+        for _ in 0..3 {
+            let (_, len) = read_header(&mut stream).expect("a memory message");
+            std::io::copy(&mut (&mut stream).take(len), &mut std::io::sink()).expect("payload");
+            messages += 1;
+        }
+        messages
+    })
+}
+
+fn migrate(socket: &Path, target: &Path) -> Value {
+    let stream = UnixStream::connect(target).expect("connect to the target");
+    request_with_files(socket, "migrate", &[&stream])
+}
+
+#[test]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+fn live_migration_moves_a_running_guest_to_another_vmm() {
+    let dir = tempdir("migration");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
+    let disk_arg = format!("path={}", disk.display());
+    let source_api = dir.join("source.sock");
+    let shape = [
+        "--cpus",
+        "2",
+        "--memory",
+        "256",
+        "--disk",
+        disk_arg.as_str(),
+    ];
+    let mut args = vec!["--api-socket", source_api.to_str().expect("utf-8")];
+    args.extend_from_slice(&shape);
+    // The guest also rewrites 32 MiB of its memory in a loop, all the time.
+    let cmdline = format!(
+        "{} thvc.action=counter thvc.dirty_mib=32",
+        common::BASE_CMDLINE
+    );
+    let kernel = common::kernel();
+    let initrd = common::initramfs();
+    let mut boot = vec![
+        "--kernel",
+        kernel.to_str().expect("utf-8"),
+        "--initrd",
+        initrd.to_str().expect("utf-8"),
+        "--cmdline",
+        &cmdline,
+    ];
+    boot.extend_from_slice(&args);
+    let mut source = Guest::start_with(&boot, |cmd| {
+        cmd.env("RUST_LOG", "info");
+    });
+    let (first, _) = wait_count_above(&mut source, 5);
+
+    // A guest that writes faster than the link carries within a 10 ms pause, in one round:
+    // the migration gives up, the guest runs on here.
+    let target = dir.join("never.sock");
+    let never = std::os::unix::net::UnixListener::bind(&target).expect("bind");
+    let sink = std::thread::spawn(move || {
+        use thvc_vmm::persist::migration::{expect, read_header, write_message, HELLO, READY};
+        let (mut stream, _) = never.accept().expect("source connects");
+        expect(&mut stream, HELLO).expect("hello");
+        write_message(&mut stream, READY, &[b"{\"ok\":true}"]).expect("ready");
+        // Take memory until the source hangs up.
+        while let Ok((_, len)) = read_header(&mut stream) {
+            if std::io::copy(&mut (&mut stream).take(len), &mut std::io::sink()).is_err() {
+                break;
+            }
+        }
+    });
+    let stream = UnixStream::connect(&target).expect("connect");
+    let stuck = request_with_files_line(
+        &source_api,
+        "{\"request\":\"migrate\",\"downtime_ms\":10,\"max_rounds\":1}",
+        &[&stream],
+    );
+    drop(stream);
+    sink.join().expect("sink");
+    assert!(
+        stuck["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("faster than the link carries it"),
+        "{stuck}"
+    );
+    assert_eq!(common::api_call(&source_api, "info")["state"], "running");
+    let (first, _) = wait_count_above(&mut source, first + 3);
+
+    // A target that dies halfway: the source keeps running as if nothing happened.
+    let dying = dir.join("dying.sock");
+    let dead = dying_target(std::os::unix::net::UnixListener::bind(&dying).expect("bind"));
+    let failed = migrate(&source_api, &dying);
+    assert_eq!(failed["ok"], false, "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the VM runs on here"),
+        "{failed}"
+    );
+    assert_eq!(dead.join().expect("fake target"), 3);
+    assert_eq!(common::api_call(&source_api, "info")["state"], "running");
+    let (after_failure, _) = wait_count_above(&mut source, first + 5);
+
+    // A target of another shape refuses before any memory is sent.
+    let wrong = dir.join("wrong.sock");
+    let mut refusing = Guest::start(&[
+        "--incoming",
+        &format!("unix:{}", wrong.display()),
+        "--cpus",
+        "2",
+        "--memory",
+        "512",
+        "--disk",
+        &disk_arg,
+    ]);
+    wait_for_socket(&wrong, &mut refusing);
+    let refused = migrate(&source_api, &wrong);
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("512 MiB here"),
+        "{refused}"
+    );
+    let (status, _, stderr) = refusing.finish();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    wait_count_above(&mut source, after_failure + 5);
+
+    // The real move.
+    let incoming = dir.join("incoming.sock");
+    let target_api = dir.join("target.sock");
+    let incoming_arg = format!("unix:{}", incoming.display());
+    let mut target_args = vec![
+        "--incoming",
+        incoming_arg.as_str(),
+        "--api-socket",
+        target_api.to_str().expect("utf-8"),
+    ];
+    target_args.extend_from_slice(&shape);
+    let mut target = Guest::start_with(&target_args, |cmd| {
+        cmd.env("RUST_LOG", "info");
+    });
+    wait_for_socket(&incoming, &mut target);
+    // With a pause long enough for whatever the guest dirties meanwhile.
+    let stream = UnixStream::connect(&incoming).expect("connect to the target");
+    let moved = request_with_files_line(
+        &source_api,
+        "{\"request\":\"migrate\",\"downtime_ms\":60000}",
+        &[&stream],
+    );
+    assert_eq!(moved["ok"], true, "{moved}");
+    let result = &moved["result"];
+    assert!(result["bytes"].as_u64() > Some(1 << 20), "{moved}");
+    let (status, console, stderr) = source.finish();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the source ends once the target runs: {stderr}"
+    );
+    let (last, up_last) = console
+        .lines()
+        .rev()
+        .find_map(count)
+        .expect("counts on the source");
+    let (next, up_next) = wait_count_above(&mut target, 0);
+    eprintln!(
+        "migrated: {moved}; source's last count {last} (up {up_last} s), target's first \
+         {next} (up {up_next} s)"
+    );
+    assert!(
+        next == last + 1 || next == last + 2,
+        "the count goes on from {last}: {next}"
+    );
+    assert!(
+        up_next >= up_last && up_next < up_last + 5.0,
+        "uptime {up_last} s on the source, {up_next} s on the target"
+    );
+    wait_count_above(&mut target, next + 10);
+    let info = common::api_call(&target_api, "info");
+    assert_eq!(info["migrated_in_on"], incoming_arg.as_str(), "{info}");
+    assert_eq!(common::api_call(&target_api, "pause")["state"], "paused");
+    assert!(
+        disk_count(&disk) > next,
+        "the migrated guest writes the shared disk"
+    );
+    target.collect();
+    assert!(
+        !target.seen().iter().any(|l| l.contains("THVC-GUEST-READY")),
+        "the guest did not boot again"
+    );
+    let numbers: Vec<u64> = counts(&target).iter().map(|c| c.0).collect();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "one count after the other: {numbers:?}"
+    );
+    common::api_call(&target_api, "stop");
+    let (status, _, stderr) = target.finish();
     assert_eq!(status.code(), Some(0), "{stderr}");
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }

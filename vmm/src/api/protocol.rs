@@ -1,7 +1,9 @@
 //! The wire format of the control API: line-delimited JSON.
 //!
 //! Request: `{"request":"ping"|"info"|"pause"|"resume"|"shutdown"|"stop"|"snapshot"}\n`
-//! (`snapshot` carries two open files in the same message, SCM_RIGHTS: see `api::vm`), or
+//! (`snapshot` carries two open files in the same message, SCM_RIGHTS: see `api::vm`),
+//! `{"request":"migrate","downtime_ms":300,"max_rounds":30}` (both optional; with the
+//! connected stream to the target, SCM_RIGHTS), or
 //! `{"request":"update-device","device":"virtio-blk0","bandwidth":"50M","ops":null}\n` (rate
 //! limit keys bandwidth, bandwidth-burst, ops, ops-burst; absent: unchanged; null or "0":
 //! removed; for a NIC each also with rx_ or tx_ before it, for one direction). Response:
@@ -9,6 +11,8 @@
 //! [`MAX_REQUEST_LEN`] bytes; a trailing `\r` is ignored.
 
 use serde_json::{json, Value};
+
+use crate::persist::migration::MigrateOptions;
 
 /// The longest request line accepted, without its newline.
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
@@ -23,6 +27,8 @@ pub enum Request {
     Stop,
     /// Write the paused VM into the two files sent with the request.
     Snapshot,
+    /// Move the VM to the target at the other end of the stream sent with the request.
+    Migrate(MigrateOptions),
     /// Boxed: the other requests carry nothing.
     UpdateDevice(Box<DeviceUpdate>),
 }
@@ -102,6 +108,35 @@ fn parse_update(mut fields: serde_json::Map<String, Value>) -> Result<DeviceUpda
     Ok(update)
 }
 
+/// `migrate`'s optional settings: `downtime_ms` (10-60000), `max_rounds` (1-1000).
+fn parse_migrate(
+    mut fields: serde_json::Map<String, Value>,
+) -> Result<MigrateOptions, ProtocolError> {
+    let mut options = MigrateOptions::default();
+    let mut number = |key: &str, range: std::ops::RangeInclusive<u64>| match fields.remove(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|v| range.contains(&v)) => Ok(n.as_u64()),
+        Some(_) => Err(ProtocolError::Json(format!(
+            "\"{key}\" must be a number from {} to {}",
+            range.start(),
+            range.end()
+        ))),
+    };
+    if let Some(ms) = number("downtime_ms", 10..=60_000)? {
+        options.downtime = std::time::Duration::from_millis(ms);
+    }
+    if let Some(rounds) = number("max_rounds", 1..=1000)? {
+        options.max_rounds = rounds as u32;
+    }
+    if let Some(unknown) = fields.keys().next() {
+        let unknown: String = unknown.chars().take(MAX_ECHO).collect();
+        return Err(ProtocolError::Json(format!(
+            "unknown field \"{unknown}\" (downtime_ms, max_rounds)"
+        )));
+    }
+    Ok(options)
+}
+
 impl Request {
     /// The requests without arguments.
     pub const ALL: [Request; 7] = [
@@ -123,6 +158,7 @@ impl Request {
             Request::Shutdown => "shutdown",
             Request::Stop => "stop",
             Request::Snapshot => "snapshot",
+            Request::Migrate(_) => "migrate",
             Request::UpdateDevice(_) => "update-device",
         }
     }
@@ -136,7 +172,7 @@ pub enum ProtocolError {
     NotUtf8,
     #[error("invalid request: {0}; expected {{\"request\":\"<name>\"}}")]
     Json(String),
-    #[error("unknown request \"{0}\"; expected one of ping, info, pause, resume, shutdown, stop, snapshot, update-device")]
+    #[error("unknown request \"{0}\"; expected one of ping, info, pause, resume, shutdown, stop, snapshot, migrate, update-device")]
     Unknown(String),
     #[error("request longer than {MAX_REQUEST_LEN} bytes")]
     TooLong,
@@ -167,6 +203,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
     };
     if name == "update-device" {
         return parse_update(fields).map(|u| Request::UpdateDevice(Box::new(u)));
+    }
+    if name == "migrate" {
+        return parse_migrate(fields).map(Request::Migrate);
     }
     if let Some(unknown) = fields.keys().next() {
         let unknown: String = unknown.chars().take(MAX_ECHO).collect();

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 
@@ -18,8 +18,7 @@ use crate::persist::Persist;
 use crate::rate_limiter::{parse_bytes, parse_ops, LimitConfig, RateError};
 use crate::vstate::control::{VcpuControl, VcpuStats};
 
-/// How long `pause` waits for every vCPU to stop; under the node agent's 5 s request timeout.
-pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub use crate::vstate::control::PAUSE_TIMEOUT;
 /// Clients served at once while the VMM is still setting up: the rest of the descriptor
 /// budget (RLIMIT_NOFILE) is left for the VM's own eventfds, devices and vCPUs.
 pub const CONNECTIONS_DURING_START: usize = 4;
@@ -186,6 +185,7 @@ impl VmApi {
             }
             Boot::Firmware(firmware) => info["firmware"] = json!(firmware.to_string_lossy()),
             Boot::Restore(dir) => info["restored_from"] = json!(dir.to_string_lossy()),
+            Boot::Incoming(addr) => info["migrated_in_on"] = json!(addr.to_string()),
         }
         info
     }
@@ -323,6 +323,7 @@ impl ApiHandler for VmApi {
                 Ok(self.state_result())
             }
             Request::Snapshot => self.handle_with_files(Request::Snapshot, Vec::new()),
+            Request::Migrate(_) => self.handle_with_files(request, Vec::new()),
             Request::Shutdown => {
                 if self.vcpus.is_paused() {
                     return Err("the VM is paused and cannot react to the power button; \
@@ -352,6 +353,27 @@ impl ApiHandler for VmApi {
                 .get()
                 .ok_or("the VM is still starting; try again")?
                 .snapshot(&self.vcpus, files),
+            Request::Migrate(options) => {
+                let persist = self
+                    .persist
+                    .get()
+                    .ok_or("the VM is still starting; try again")?;
+                let [stream]: [File; 1] = files.try_into().map_err(|f: Vec<File>| {
+                    format!(
+                        "migrate takes one file, the stream to the target (a connected \
+                         socket), sent with the request (SCM_RIGHTS); got {}",
+                        f.len()
+                    )
+                })?;
+                let report = persist.migrate(&self.vcpus, stream, options)?;
+                tracing::info!(?report, "migrated; the guest runs on the target");
+                Ok(json!({
+                    "rounds": report.rounds,
+                    "bytes": report.bytes,
+                    "downtime_ms": report.downtime.as_millis() as u64,
+                    "total_ms": report.total.as_millis() as u64,
+                }))
+            }
             other if files.is_empty() => self.handle(other),
             other => Err(format!("{} takes no files", other.as_str())),
         }
@@ -366,6 +388,10 @@ impl ApiHandler for VmApi {
     }
 
     fn after_response(&self, request: Request) {
+        if let Request::Migrate(_) = request {
+            // The guest runs on the target now; this VMM ends once the answer is out.
+            self.exit.request(ExitReason::Migrated);
+        }
         if request == Request::Stop {
             tracing::info!("stop requested through the API");
             self.exit.request(ExitReason::Stopped);

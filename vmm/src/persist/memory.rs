@@ -8,8 +8,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryFileError {
@@ -40,7 +41,8 @@ const PAGE: usize = 4096;
 /// Guest memory is copied out through a buffer of this size.
 const CHUNK: usize = 1 << 20;
 
-fn ranges_of(mem: &GuestMemoryMmap) -> Vec<Range> {
+/// The RAM regions of `mem`, each at the offset it has in a memory file.
+pub fn ranges_of(mem: &GuestMemoryMmap) -> Vec<Range> {
     let mut offset = 0;
     mem.iter()
         .map(|region| {

@@ -19,6 +19,7 @@
 //! guest memory stands.
 
 pub mod memory;
+pub mod migration;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -26,11 +27,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use vm_memory::GuestMemoryMmap;
 
 use crate::config::Transport;
 use crate::devices::serial::{SerialDevice, SerialSnapshot};
@@ -244,7 +245,18 @@ impl Snapshot {
 
     /// Refuses a VM this snapshot cannot continue in: another shape, devices or CPU model.
     pub fn check(&self, here: &Machine) -> Result<(), SnapshotError> {
-        let saved = &self.machine;
+        self.machine.check(here)
+    }
+
+    pub(crate) fn parse_state(text: &[u8], origin: &str) -> Result<Snapshot, SnapshotError> {
+        Self::parse(text, origin)
+    }
+}
+
+impl Machine {
+    /// Refuses a VM that cannot continue this machine's guest.
+    pub fn check(&self, here: &Machine) -> Result<(), SnapshotError> {
+        let saved = self;
         let mut problems = Vec::new();
         if saved.vcpus != here.vcpus {
             problems.push(format!("{} vCPUs, {} here", saved.vcpus, here.vcpus));
@@ -368,15 +380,57 @@ impl Persist {
         }
     }
 
-    /// Writes the paused VM into `files` (state, memory: opened by the caller, writable; both
-    /// are truncated). The VM stays paused; the caller resumes or stops it.
-    pub fn snapshot(&self, vcpus: &VcpuControl, files: Vec<File>) -> Result<Value, String> {
-        let started = Instant::now();
+    /// The vCPUs' state, read first: completing a vCPU's last exit (see `state::save_vcpu`)
+    /// may still write guest memory (a string `in`).
+    pub(crate) fn save_vcpus(&self, vcpus: &VcpuControl) -> Result<Vec<VcpuState>, String> {
         if self.machine.transport == Transport::Pci {
             return Err(
                 "snapshots of virtio-pci VMs are not supported yet (virtio-mmio only)".into(),
             );
         }
+        vcpus.save_vcpus(SAVE_TIMEOUT)
+    }
+
+    /// Everything but RAM, of a paused VM whose memory is where `ranges` say.
+    fn snapshot_state(
+        &self,
+        vcpu_states: Vec<VcpuState>,
+        ranges: Vec<memory::Range>,
+    ) -> Result<Snapshot, String> {
+        let vm = state::save_vm(&self.vm).map_err(|e| e.to_string())?;
+        let devices = self
+            .devices
+            .iter()
+            .map(|d| DeviceState {
+                name: d.description.name.clone(),
+                mmio: lock(&d.transport).state(),
+            })
+            .collect();
+        let serial = lock(&self.serial).state();
+        Ok(Snapshot {
+            format: FORMAT.to_string(),
+            version: VERSION,
+            machine: self
+                .machine
+                .describe(self.devices.iter().map(|d| d.description.clone()).collect()),
+            memory: ranges,
+            vm,
+            vcpus: vcpu_states,
+            serial,
+            devices,
+        })
+    }
+
+    /// The state of a paused VM for a migration's target (its RAM goes separately).
+    pub(crate) fn state(&self, vcpu_states: Vec<VcpuState>) -> Result<Vec<u8>, String> {
+        let snapshot = self.snapshot_state(vcpu_states, memory::ranges_of(&self.mem))?;
+        serde_json::to_vec(&snapshot).map_err(|e| e.to_string())
+    }
+
+    /// Writes the paused VM into `files` (state, memory: opened by the caller, writable; both
+    /// are truncated). The VM stays paused; the caller resumes or stops it.
+    pub fn snapshot(&self, vcpus: &VcpuControl, files: Vec<File>) -> Result<Value, String> {
+        let started = Instant::now();
         let [mut state_file, memory_file]: [File; 2] =
             files.try_into().map_err(|f: Vec<File>| {
                 format!(
@@ -388,31 +442,10 @@ impl Persist {
         if !vcpus.is_paused() {
             return Err("pause the VM before taking a snapshot".into());
         }
-        let vcpu_states = vcpus.save_vcpus(SAVE_TIMEOUT)?;
-        let vm = state::save_vm(&self.vm).map_err(|e| e.to_string())?;
-        let devices = self
-            .devices
-            .iter()
-            .map(|d| DeviceState {
-                name: d.description.name.clone(),
-                mmio: lock(&d.transport).state(),
-            })
-            .collect();
-        let serial = lock(&self.serial).state();
+        let vcpu_states = self.save_vcpus(vcpus)?;
         let (ranges, memory_bytes) =
             memory::save(&self.mem, &memory_file).map_err(|e| e.to_string())?;
-        let snapshot = Snapshot {
-            format: FORMAT.to_string(),
-            version: VERSION,
-            machine: self
-                .machine
-                .describe(self.devices.iter().map(|d| d.description.clone()).collect()),
-            memory: ranges,
-            vm,
-            vcpus: vcpu_states,
-            serial,
-            devices,
-        };
+        let snapshot = self.snapshot_state(vcpu_states, ranges)?;
         let text = serde_json::to_vec_pretty(&snapshot).map_err(|e| e.to_string())?;
         let write = |e: std::io::Error| format!("cannot write the state file: {e}");
         state_file.set_len(0).map_err(write)?;

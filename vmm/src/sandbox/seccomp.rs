@@ -87,7 +87,8 @@ mod snapshot_ioctls {
         kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
         kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
     };
-    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+    use kvm_bindings::{kvm_dirty_log, kvm_userspace_memory_region};
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
@@ -103,6 +104,13 @@ mod snapshot_ioctls {
     ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
     ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
     ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+    ioctl_iow_nr!(
+        KVM_SET_USER_MEMORY_REGION,
+        KVMIO,
+        0x46,
+        kvm_userspace_memory_region
+    );
+    ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 
     /// What a vCPU thread reads of its own vCPU.
     pub fn vcpu() -> Vec<u64> {
@@ -123,11 +131,18 @@ mod snapshot_ioctls {
         .to_vec()
     }
 
-    /// What the API thread reads of the VM.
+    /// What the API thread reads of the VM; for a live migration also the dirty log, and the
+    /// memory slots' logging flag (the slots themselves stay as they are).
     pub fn vm() -> Vec<u64> {
-        [KVM_GET_IRQCHIP(), KVM_GET_CLOCK(), KVM_GET_PIT2()]
-            .map(u64::from)
-            .to_vec()
+        [
+            KVM_GET_IRQCHIP(),
+            KVM_GET_CLOCK(),
+            KVM_GET_PIT2(),
+            KVM_SET_USER_MEMORY_REGION(),
+            KVM_GET_DIRTY_LOG(),
+        ]
+        .map(u64::from)
+        .to_vec()
     }
 }
 
@@ -249,7 +264,31 @@ fn api_syscalls() -> Vec<Allowed> {
         always(libc::SYS_ftruncate),
         always(libc::SYS_fsync),
         when_arg_is(libc::SYS_ioctl, 1, &snapshot_ioctls::vm()),
+        // Migration: timeouts on the stream to the target it was sent.
+        socket_timeouts(),
     ]
+}
+
+/// setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO or SO_SNDTIMEO, ...) only.
+fn socket_timeouts() -> Allowed {
+    let rules = [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO]
+        .iter()
+        .filter_map(|opt| {
+            let level = SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::SOL_SOCKET as u64,
+            );
+            let name =
+                SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *opt as u64);
+            level
+                .and_then(|l| name.map(|n| vec![l, n]))
+                .and_then(SeccompRule::new)
+                .ok()
+        })
+        .collect();
+    (libc::SYS_setsockopt, rules)
 }
 
 fn vcpu_syscalls(transport: Transport) -> Vec<Allowed> {
@@ -449,8 +488,9 @@ mod tests {
         assert_eq!(ioctl_rules(ThreadKind::Main), Some(2), "TCGETS, TCSETS");
         assert_eq!(
             ioctl_rules(ThreadKind::Api),
-            Some(3),
-            "the VM's interrupt controllers, kvmclock and PIT, for snapshots"
+            Some(5),
+            "the VM's interrupt controllers, kvmclock and PIT, for snapshots; the dirty log \
+             and its flag for migrations"
         );
         assert_eq!(
             ioctl_rules(ThreadKind::DeviceWorker),

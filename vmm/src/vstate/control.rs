@@ -40,6 +40,9 @@ pub enum ControlError {
     },
 }
 
+/// How long `pause` waits for every vCPU to stop; under the node agent's 5 s request timeout.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The real-time signal that kicks a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()

@@ -10,7 +10,15 @@
 
 use std::io;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::GuestAddress;
+
+/// Guest RAM as the whole VMM uses it: every write the VMM makes through it (used rings,
+/// device data, see also `mark_written`) is recorded in a dirty bitmap, 1 bit per 4 KiB page,
+/// which live migration reads besides KVM's dirty log of the guest's own writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+type MmapRegion = vm_memory::MmapRegion<AtomicBitmap>;
 
 const HUGE_PAGE: usize = 2 << 20;
 
@@ -53,6 +61,16 @@ pub fn create(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, Memor
         size: ranges.iter().map(|r| r.1).sum(),
         reason: e.to_string(),
     })
+}
+
+/// Records that the VMM wrote `len` bytes at `addr` behind vm-memory's back (a readv or
+/// preadv into iovecs taken from guest memory), so that live migration sends them again.
+pub fn mark_written(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::GuestMemoryBackend;
+    if let Ok(slice) = mem.get_slice(addr, len) {
+        slice.bitmap().mark_dirty(0, len);
+    }
 }
 
 const PROT: i32 = libc::PROT_READ | libc::PROT_WRITE;

@@ -7,8 +7,9 @@ use kvm_bindings::{
 };
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 

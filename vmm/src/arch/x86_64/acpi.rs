@@ -13,6 +13,7 @@
 //! A `PNP0C02` motherboard-resources device also claims the ECAM range, which Linux checks when
 //! E820 does not reserve it, and which keeps anything else from being placed there.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -23,7 +24,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{ACPI_START, GED_GSI, GED_MMIO_BASE, IOAPIC_ADDR, LAPIC_ADDR, SMBIOS_START};
 use crate::devices::acpi_pm::{ACPI_PM_PORT, RESET_VALUE, S5_SLEEP_TYPE};

@@ -10,7 +10,8 @@
 //! Three structures: BIOS information (type 0, saying this is a virtual machine), system
 //! information (type 1) and the end-of-table marker (type 127).
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{RESET_VECTOR, SMBIOS_START};
 use crate::config::{parse_uuid, PlatformConfig};

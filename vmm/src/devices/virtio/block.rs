@@ -11,8 +11,9 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::throttle::{Admit, Throttle};
 use super::{
@@ -510,6 +511,12 @@ impl BlockDevice {
                     }
                 };
                 let r = transfer_all(&self.file, iovs, offset, write);
+                if !write {
+                    // Written behind vm-memory's back: for live migration's dirty set.
+                    for (addr, len) in &req.data {
+                        crate::vstate::memory::mark_written(mem, *addr, *len as usize);
+                    }
+                }
                 if let Ok(n) = r {
                     DeviceCounters::add(
                         if write {

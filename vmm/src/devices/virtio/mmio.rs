@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::registers::RegisterPage;

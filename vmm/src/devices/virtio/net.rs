@@ -5,9 +5,10 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::tap::{
     Tap, TapError, TapQueues, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN,
@@ -409,6 +410,14 @@ impl NetDevice {
             let unusable = match chain_iovecs(&mem, &descriptors, true, u64::MAX) {
                 Some(iovs) if iovs.len() <= MAX_IOVECS => match self.tap.readv(&iovs) {
                     Ok(n) => {
+                        // Written behind vm-memory's back: for live migration's dirty set.
+                        for d in &descriptors {
+                            crate::vstate::memory::mark_written(
+                                &mem,
+                                GuestAddress(d.addr().0),
+                                d.len() as usize,
+                            );
+                        }
                         if let Some(t) = &mut self.rx_throttle {
                             t.charge(n as u64);
                         }

@@ -1,11 +1,12 @@
 //! Test helpers: a split virtqueue laid out in guest memory by hand, the way a (possibly
 //! hostile) driver would, so device code can be driven without a guest.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use std::os::fd::AsRawFd;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::MmioInterrupt;

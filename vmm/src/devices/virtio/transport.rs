@@ -9,9 +9,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::worker::WorkerControl;
 use super::*;

@@ -1,0 +1,591 @@
+//! Live migration: the guest's memory sent while it runs, then a short pause for the last
+//! pages and the device state, and the guest continues in the target VMM.
+//!
+//! Pre-copy, as QEMU and Cloud Hypervisor do it: the first round sends all memory that is not
+//! zero; each further round sends what was written meanwhile, by the guest (KVM's dirty log)
+//! and by the VMM's devices (vm-memory's dirty bitmap, see `vstate::memory`); once a round's
+//! pages would go over the link within the downtime target, the source pauses the guest and
+//! its devices, sends the rest and the state of a snapshot (`persist`), and the target restores
+//! and resumes it. A guest that writes faster than the link carries never converges: after
+//! `max_rounds` the migration ends with an error and the guest keeps running where it was.
+//!
+//! The stream, both ways (all integers little-endian):
+//!
+//! ```text
+//! message = kind: u32, length: u64, payload[length]
+//! source -> target  HELLO   the machine description (JSON, `persist::Machine`)
+//! target -> source  READY   {"ok":true} or {"ok":false,"error":"..."}: the target can take it
+//! source -> target  MEMORY  guest address: u64, then the bytes from there (whole pages)
+//!                   ...     (as many as the rounds need)
+//! source -> target  STATE   the state of a snapshot (JSON, `persist::Snapshot`)
+//! target -> source  RESUMED {"ok":true} once the guest runs there, or an error
+//! ```
+//!
+//! The source stops only on the target's RESUMED. Before STATE has gone out, any failure
+//! (the target refusing, dying, the link breaking, no convergence) leaves the source running
+//! as if nothing had happened. After it, without RESUMED the source cannot know whether the
+//! target runs the guest, and two copies of a guest on one disk would corrupt it: the source
+//! stays paused and says so, and the caller decides (QEMU's "postmigrate" state).
+//!
+//! The VMM opens no connection once it runs (seccomp): the source gets its stream, already
+//! connected, with the `migrate` request (SCM_RIGHTS); the target (`--incoming`) listens and
+//! accepts before its sandbox is on.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use serde_json::{json, Value};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::{Machine, Persist, Snapshot, SnapshotError};
+use crate::vstate::control::VcpuControl;
+use crate::vstate::memory::GuestMemoryMmap;
+
+pub const HELLO: u32 = 1;
+pub const READY: u32 = 2;
+pub const MEMORY: u32 = 3;
+pub const STATE: u32 = 4;
+pub const RESUMED: u32 = 5;
+
+const PAGE: u64 = 4096;
+/// The largest message: a state file, or a run of pages.
+const MAX_MESSAGE: u64 = 64 << 20;
+/// Pages sent in one MEMORY message at most.
+const MAX_RUN: u64 = 1 << 20;
+/// How long either side waits for the other's next message.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `migrate` request's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrateOptions {
+    /// The pause the guest may see: the last round starts when its pages would take no
+    /// longer to send at the speed measured so far.
+    pub downtime: Duration,
+    /// Rounds after the first before giving up on a guest that writes faster than the link.
+    pub max_rounds: u32,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            downtime: Duration::from_millis(300),
+            max_rounds: 30,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("migration stream: {0}")]
+    Io(#[from] io::Error),
+    #[error("the peer sent message {found} where {expected} belongs")]
+    Unexpected { expected: u32, found: u32 },
+    #[error("the peer sent a message of {0} bytes")]
+    TooLarge(u64),
+    #[error("the peer: {0}")]
+    Peer(String),
+    #[error("the peer's answer is not JSON: {0}")]
+    Answer(String),
+    #[error("memory at {addr:#x} (+{len}) is not guest RAM")]
+    Range { addr: u64, len: u64 },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("KVM cannot {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(
+        "the guest writes its memory faster than the link carries it: {dirty} bytes still \
+         to send after {rounds} rounds ({rate} bytes/s); migration abandoned, the guest runs \
+         on here"
+    )]
+    NoConvergence { rounds: u32, dirty: u64, rate: u64 },
+    #[error("{0}")]
+    Vm(String),
+}
+
+pub fn write_message(stream: &mut impl Write, kind: u32, payload: &[&[u8]]) -> io::Result<()> {
+    let len: usize = payload.iter().map(|p| p.len()).sum();
+    let mut header = [0u8; 12];
+    header[..4].copy_from_slice(&kind.to_le_bytes());
+    header[4..].copy_from_slice(&(len as u64).to_le_bytes());
+    stream.write_all(&header)?;
+    for part in payload {
+        stream.write_all(part)?;
+    }
+    Ok(())
+}
+
+/// The next message's kind and length; the caller reads the payload.
+pub fn read_header(stream: &mut impl Read) -> Result<(u32, u64), MigrationError> {
+    let mut header = [0u8; 12];
+    stream.read_exact(&mut header)?;
+    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&header[4..]);
+    let len = u64::from_le_bytes(len);
+    if len > MAX_MESSAGE {
+        return Err(MigrationError::TooLarge(len));
+    }
+    Ok((kind, len))
+}
+
+fn read_payload(stream: &mut impl Read, len: u64) -> Result<Vec<u8>, MigrationError> {
+    let mut payload = vec![0u8; len as usize];
+    stream.read_exact(&mut payload)?;
+    Ok(payload)
+}
+
+/// Reads a message that must be of `kind`.
+pub fn expect(stream: &mut impl Read, kind: u32) -> Result<Vec<u8>, MigrationError> {
+    let (found, len) = read_header(stream)?;
+    if found != kind {
+        return Err(MigrationError::Unexpected {
+            expected: kind,
+            found,
+        });
+    }
+    read_payload(stream, len)
+}
+
+/// A READY or RESUMED answer: Ok, or the peer's error.
+fn answer(payload: &[u8]) -> Result<(), MigrationError> {
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| MigrationError::Answer(e.to_string()))?;
+    if v["ok"] == true {
+        Ok(())
+    } else {
+        Err(MigrationError::Peer(
+            v["error"].as_str().unwrap_or("no reason given").to_string(),
+        ))
+    }
+}
+
+/// The answer to send: `{"ok":true}` or the error.
+pub fn answer_json(result: &Result<(), String>) -> Vec<u8> {
+    let v = match result {
+        Ok(()) => json!({"ok": true}),
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    v.to_string().into_bytes()
+}
+
+/// Bounds every read and write on the stream to the target: a target that stops answering
+/// ends the migration instead of holding the API thread.
+fn set_timeouts(stream: &File, timeout: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: setsockopt reads a timeval of the given size from a local.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Turns KVM's dirty page logging on or off for every RAM slot (the slots are the regions'
+/// indices, as `Vm::register_memory` numbers them).
+pub fn set_dirty_logging(fd: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<(), MigrationError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host =
+            mem.get_host_address(region.start_addr())
+                .map_err(|_| MigrationError::Range {
+                    addr: region.start_addr().0,
+                    len: region.len(),
+                })?;
+        let flags = if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags,
+        };
+        // SAFETY: the same live mapping that is already registered in this slot, with only
+        // the logging flag changed.
+        unsafe { fd.set_user_memory_region(region) }.map_err(|source| MigrationError::Kvm {
+            what: "change dirty page logging",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The pages written since the last call, per region, by the guest (KVM) or the VMM
+/// (bitmap): one bit per page.
+fn take_dirty(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, MigrationError> {
+    let mut all = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let mut bits = fd
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(|source| MigrationError::Kvm {
+                what: "read the dirty log",
+                source,
+            })?;
+        let ours: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+        for (word, mine) in bits.iter_mut().zip(ours.get_and_reset()) {
+            *word |= mine;
+        }
+        all.push(bits);
+    }
+    Ok(all)
+}
+
+/// Sends the pages whose bits are set (all pages that are not zero for `None`: the target's
+/// memory starts zeroed), in runs of whole pages; returns the bytes sent.
+fn send_pages(
+    stream: &mut impl Write,
+    mem: &GuestMemoryMmap,
+    dirty: Option<&[Vec<u64>]>,
+) -> Result<u64, MigrationError> {
+    let mut sent = 0;
+    let mut chunk = vec![0u8; MAX_RUN as usize];
+    for (r, region) in mem.iter().enumerate() {
+        let base = region.start_addr().0;
+        let is_dirty = |page: u64| match dirty {
+            Some(d) => d
+                .get(r)
+                .and_then(|bits| bits.get((page / 64) as usize))
+                .is_some_and(|w| w & (1 << (page % 64)) != 0),
+            None => true,
+        };
+        let mut offset = 0;
+        while offset < region.len() {
+            let len = (region.len() - offset).min(MAX_RUN);
+            let first = offset / PAGE;
+            let pages = len / PAGE;
+            offset += len;
+            if !(first..first + pages).any(is_dirty) {
+                continue;
+            }
+            let addr = base + first * PAGE;
+            let chunk = &mut chunk[..len as usize];
+            mem.read_slice(chunk, GuestAddress(addr))
+                .map_err(|_| MigrationError::Range { addr, len })?;
+            let wanted = |p: u64| {
+                let bytes = &chunk[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
+                match dirty {
+                    Some(_) => is_dirty(first + p),
+                    None => bytes.iter().any(|b| *b != 0),
+                }
+            };
+            let mut p = 0;
+            while p < pages {
+                if !wanted(p) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < pages && wanted(p) {
+                    p += 1;
+                }
+                let run = &chunk[(start * PAGE) as usize..(p * PAGE) as usize];
+                let at = addr + start * PAGE;
+                write_message(stream, MEMORY, &[&at.to_le_bytes(), run])?;
+                sent += run.len() as u64;
+            }
+        }
+    }
+    Ok(sent)
+}
+
+fn dirty_bytes(dirty: &[Vec<u64>]) -> u64 {
+    dirty
+        .iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum::<u64>()
+        * PAGE
+}
+
+/// What a migration did, for the caller.
+#[derive(Debug, Default)]
+pub struct MigrationReport {
+    pub rounds: u32,
+    pub bytes: u64,
+    pub downtime: Duration,
+    pub total: Duration,
+}
+
+impl Persist {
+    /// Migrates the running (or paused) VM over `stream`; on success the target runs it and
+    /// this VMM must end. See the module documentation for what a failure leaves.
+    pub fn migrate(
+        &self,
+        vcpus: &VcpuControl,
+        mut stream: File,
+        options: MigrateOptions,
+    ) -> Result<MigrationReport, String> {
+        let started = Instant::now();
+        if self.machine.transport == crate::config::Transport::Pci {
+            return Err(
+                "migration of virtio-pci VMs is not supported yet (virtio-mmio only)".into(),
+            );
+        }
+        let machine: Machine = self
+            .machine
+            .describe(self.devices.iter().map(|d| d.description.clone()).collect());
+        let hello = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
+        let was_paused = vcpus.is_paused();
+        let fail = |e: MigrationError| format!("migration failed, the VM runs on here: {e}");
+        set_timeouts(&stream, PEER_TIMEOUT).map_err(|e| {
+            format!("the file sent with migrate must be a connected stream socket: {e}")
+        })?;
+        write_message(&mut stream, HELLO, &[&hello]).map_err(|e| fail(e.into()))?;
+        expect(&mut stream, READY)
+            .and_then(|p| answer(&p))
+            .map_err(fail)?;
+        set_dirty_logging(&self.vm, &self.mem, true).map_err(fail)?;
+        let precopy = self.precopy(&mut stream, options);
+        let mut report = match precopy {
+            Ok(report) => report,
+            Err(e) => {
+                let _ = set_dirty_logging(&self.vm, &self.mem, false);
+                return Err(fail(e));
+            }
+        };
+        // Stop and copy.
+        let paused_at = Instant::now();
+        let pause = || -> Result<(), String> {
+            if !was_paused {
+                vcpus
+                    .pause(crate::vstate::control::PAUSE_TIMEOUT)
+                    .map_err(|e| e.to_string())?;
+                if let Err(e) = self.pause_devices() {
+                    vcpus.resume();
+                    return Err(e);
+                }
+            }
+            Ok(())
+        };
+        let resume = || {
+            if !was_paused {
+                self.resume_devices();
+                vcpus.resume();
+            }
+        };
+        if let Err(e) = pause() {
+            let _ = set_dirty_logging(&self.vm, &self.mem, false);
+            return Err(fail(MigrationError::Vm(e)));
+        }
+        let state = self.save_vcpus(vcpus).and_then(|vcpu_states| {
+            let sent = take_dirty(&self.vm, &self.mem)
+                .and_then(|dirty| send_pages(&mut stream, &self.mem, Some(&dirty)))
+                .map_err(|e| e.to_string())?;
+            report.bytes += sent;
+            self.state(vcpu_states)
+        });
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => {
+                let _ = set_dirty_logging(&self.vm, &self.mem, false);
+                resume();
+                return Err(format!("migration failed, the VM runs on here: {e}"));
+            }
+        };
+        if let Err(e) = write_message(&mut stream, STATE, &[&state]) {
+            // Whether the target got all of it is unknown: see the module documentation.
+            return Err(format!(
+                "migration stream broke while sending the device state ({e}); the VM stays \
+                 paused here: the target may run it. Check the target, then stop or resume \
+                 this VM"
+            ));
+        }
+        match expect(&mut stream, RESUMED).and_then(|p| answer(&p)) {
+            Ok(()) => {
+                report.downtime = paused_at.elapsed();
+                report.total = started.elapsed();
+                Ok(report)
+            }
+            Err(MigrationError::Peer(e)) => {
+                // The target said it could not resume: it does not run the guest.
+                let _ = set_dirty_logging(&self.vm, &self.mem, false);
+                resume();
+                Err(format!(
+                    "migration failed, the VM runs on here: the target could not resume it: {e}"
+                ))
+            }
+            Err(e) => Err(format!(
+                "no answer from the target after the device state ({e}); the VM stays paused \
+                 here: the target may run it. Check the target, then stop or resume this VM"
+            )),
+        }
+    }
+
+    /// The rounds while the guest runs: everything once, then what changed, until what is
+    /// left fits the downtime.
+    fn precopy(
+        &self,
+        stream: &mut File,
+        options: MigrateOptions,
+    ) -> Result<MigrationReport, MigrationError> {
+        let mut report = MigrationReport::default();
+        // What was written before logging began is in the first round anyway.
+        take_dirty(&self.vm, &self.mem)?;
+        let t = Instant::now();
+        report.bytes += send_pages(stream, &self.mem, None)?;
+        let mut elapsed = t.elapsed();
+        let mut sent = report.bytes;
+        loop {
+            // Bytes per second the link took so far (at least one page per second).
+            let rate = (sent as f64 / elapsed.as_secs_f64().max(1e-3)).max(PAGE as f64);
+            let dirty = take_dirty(&self.vm, &self.mem)?;
+            let left = dirty_bytes(&dirty);
+            if left as f64 / rate <= options.downtime.as_secs_f64() {
+                // Small enough: these go in the stop-and-copy round, with what comes meanwhile.
+                for (region, bits) in self.mem.iter().zip(&dirty) {
+                    // Put them back: the last round reads the bitmaps again.
+                    let ours: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+                    for (w, word) in bits.iter().enumerate() {
+                        for b in 0..64 {
+                            if word & (1 << b) != 0 {
+                                ours.set_bit(w * 64 + b);
+                            }
+                        }
+                    }
+                }
+                return Ok(report);
+            }
+            if report.rounds >= options.max_rounds {
+                return Err(MigrationError::NoConvergence {
+                    rounds: report.rounds,
+                    dirty: left,
+                    rate: rate as u64,
+                });
+            }
+            report.rounds += 1;
+            let t = Instant::now();
+            let n = send_pages(stream, &self.mem, Some(&dirty))?;
+            elapsed += t.elapsed();
+            sent += n;
+            report.bytes += n;
+        }
+    }
+}
+
+/// The target's side, after HELLO's check: reads MEMORY into `mem` until STATE, and returns
+/// the snapshot state that came last.
+pub fn receive_memory(
+    stream: &mut impl Read,
+    mem: &GuestMemoryMmap,
+) -> Result<Snapshot, MigrationError> {
+    let mut received = 0u64;
+    loop {
+        let (kind, len) = read_header(stream)?;
+        match kind {
+            MEMORY => {
+                if len < 8 {
+                    return Err(MigrationError::Range { addr: 0, len });
+                }
+                let mut addr = [0u8; 8];
+                stream.read_exact(&mut addr)?;
+                let addr = u64::from_le_bytes(addr);
+                let payload = read_payload(stream, len - 8)?;
+                mem.write_slice(&payload, GuestAddress(addr))
+                    .map_err(|_| MigrationError::Range { addr, len: len - 8 })?;
+                received += len - 8;
+            }
+            STATE => {
+                let payload = read_payload(stream, len)?;
+                tracing::info!(received, "guest memory received");
+                return Ok(Snapshot::parse_state(&payload, "(migration stream)")?);
+            }
+            other => {
+                return Err(MigrationError::Unexpected {
+                    expected: STATE,
+                    found: other,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_oversized_or_unexpected_ones_are_refused() {
+        let mut wire = Vec::new();
+        write_message(&mut wire, HELLO, &[b"{\"a\":", b"1}"]).expect("write");
+        let payload = expect(&mut wire.as_slice(), HELLO).expect("read");
+        assert_eq!(payload, b"{\"a\":1}");
+        let e = expect(&mut wire.as_slice(), READY).expect_err("kind");
+        assert!(matches!(e, MigrationError::Unexpected { .. }), "{e}");
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&MEMORY.to_le_bytes());
+        huge.extend_from_slice(&(MAX_MESSAGE + 1).to_le_bytes());
+        let e = read_header(&mut huge.as_slice()).expect_err("too large");
+        assert!(matches!(e, MigrationError::TooLarge(_)), "{e}");
+        let e = expect(&mut &wire[..5], HELLO).expect_err("cut");
+        assert!(matches!(e, MigrationError::Io(_)), "{e}");
+    }
+
+    #[test]
+    fn memory_outside_ram_is_refused_and_pages_land_where_sent() {
+        let mem = crate::vstate::memory::create(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let mut wire = Vec::new();
+        write_message(&mut wire, MEMORY, &[&0x2000u64.to_le_bytes(), &[7u8; 4096]]).expect("w");
+        write_message(
+            &mut wire,
+            MEMORY,
+            &[&(1u64 << 20).to_le_bytes(), &[1u8; 4096]],
+        )
+        .expect("w");
+        let e = receive_memory(&mut wire.as_slice(), &mem).expect_err("outside RAM");
+        assert!(
+            matches!(e, MigrationError::Range { addr, .. } if addr == 1 << 20),
+            "{e}"
+        );
+        let mut page = [0u8; 4096];
+        mem.read_slice(&mut page, GuestAddress(0x2000)).expect("r");
+        assert_eq!(page, [7u8; 4096]);
+    }
+
+    #[test]
+    fn the_first_round_skips_zero_pages_and_later_rounds_send_dirty_ones() {
+        let mem = crate::vstate::memory::create(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        mem.write_slice(&[9u8; 10], GuestAddress(0x5000))
+            .expect("w");
+        let mut wire = Vec::new();
+        assert_eq!(send_pages(&mut wire, &mem, None).expect("send"), 4096);
+        let mut dirty = vec![vec![0u64; 4]];
+        dirty[0][0] = 0b110; // pages 1 and 2: zeros, but dirty, so sent
+        let mut later = Vec::new();
+        assert_eq!(
+            send_pages(&mut later, &mem, Some(&dirty)).expect("send"),
+            8192
+        );
+        let target = crate::vstate::memory::create(&[(GuestAddress(0), 1 << 20)]).expect("t");
+        wire.extend_from_slice(&later);
+        write_message(&mut wire, STATE, &[b"{}"]).expect("w");
+        let e = receive_memory(&mut wire.as_slice(), &target).expect_err("not a state");
+        assert!(e.to_string().contains("not a thvc-vmm snapshot"), "{e}");
+        let mut got = [0u8; 10];
+        target
+            .read_slice(&mut got, GuestAddress(0x5000))
+            .expect("r");
+        assert_eq!(got, [9u8; 10]);
+    }
+}
