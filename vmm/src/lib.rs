@@ -5,7 +5,7 @@
 //! * [`vstate`]: KVM VM and vCPUs (one thread per vCPU), their start/pause gate.
 //! * [`devices`]: serial console, reset and power devices, the ACPI power button, virtio.
 //! * [`api`]: the control socket (ping, info, pause, resume, shutdown, stop) on its own thread.
-//! * [`persist`]: snapshots of a paused VM, and restoring them.
+//! * [`persist`]: snapshots of a paused VM, restoring them, and live migration.
 //! * [`rate_limiter`]: token buckets for the virtio devices' rate limits.
 //! * [`sandbox`]: per-thread seccomp filters, privilege drop, inherited descriptors.
 //! * [`vmm`]: builds the VM and runs its event loop; [`exit`]: how it ends.
