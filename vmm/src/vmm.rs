@@ -59,7 +59,8 @@ use crate::exit::{ExitReason, VmExitRequest};
 use crate::persist::memory::MemoryFileError;
 use crate::persist::migration::{self, MigrationError};
 use crate::persist::{
-    DeviceDescription, MachineShape, Persist, PersistDevice, Snapshot, SnapshotError,
+    DeviceDescription, DeviceTransport, MachineShape, PciPersist, Persist, PersistDevice, Snapshot,
+    SnapshotError,
 };
 use crate::sandbox::{
     self, check_tap_owner, Filters, KvmFdError, PrivilegeError, SeccompError, ThreadKind,
@@ -365,7 +366,7 @@ fn virtio_mmio_devices(
         });
         persisted.push(PersistDevice {
             description,
-            transport,
+            transport: DeviceTransport::Mmio(transport),
         });
     }
     Ok((announced, persisted))
@@ -382,10 +383,12 @@ fn virtio_pci_devices(
     routing: &Arc<GsiRouting>,
     worker_filter: Option<&BpfProgram>,
     (registry, limits): (&DeviceRegistry, &LimitRegistry),
-) -> Result<(), VmmError> {
+) -> Result<Vec<PersistDevice>, VmmError> {
     let vm_fd = vm.shared_fd();
     let windows = root.windows().to_vec();
+    let mut persisted = Vec::new();
     for (name, info, groups, counters, shared) in devices {
+        let description = DeviceDescription::new(&name, &info);
         let setup = |source: io::Error| VmmError::DeviceSetup {
             device: name.clone(),
             source,
@@ -418,7 +421,12 @@ fn virtio_pci_devices(
             bar,
         )?;
         let summary = device.summary();
-        let slot = root.add(Arc::new(Mutex::new(device)))?;
+        let device = Arc::new(Mutex::new(device));
+        let slot = root.add(device.clone())?;
+        persisted.push(PersistDevice {
+            description,
+            transport: DeviceTransport::Pci(device),
+        });
         tracing::debug!("{name}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}");
         registry.set_pci_location(
             &name,
@@ -430,7 +438,7 @@ fn virtio_pci_devices(
             },
         );
     }
-    Ok(())
+    Ok(persisted)
 }
 
 /// The files the guest boots from, opened before privileges are dropped, with their paths
@@ -648,7 +656,16 @@ fn irqfd(vm: &Vm, gsi: u32) -> Result<Arc<EventFd>, VmmError> {
     Ok(irq)
 }
 
-/// The legacy devices on the port-I/O bus; returns the bus and the serial port for input.
+/// The port-I/O bus and the devices on it the VMM talks to later.
+struct LegacyDevices {
+    bus: Bus,
+    /// For terminal input, and snapshots.
+    serial: Arc<Mutex<SerialDevice>>,
+    /// For snapshots (the PCI configuration address register).
+    config_io: Arc<Mutex<PciConfigIo>>,
+}
+
+/// The legacy devices on the port-I/O bus.
 fn legacy_devices(
     vm: &Vm,
     sink: SerialSink,
@@ -656,7 +673,7 @@ fn legacy_devices(
     registry: &DeviceRegistry,
     pci_root: Arc<PciRoot>,
     mem_size: u64,
-) -> Result<(Bus, Arc<Mutex<SerialDevice>>), VmmError> {
+) -> Result<LegacyDevices, VmmError> {
     let irq = irqfd(vm, COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(
         SerialDevice::new(irq, sink).with_metrics(&registry.register("serial0", "serial")),
@@ -687,12 +704,17 @@ fn legacy_devices(
         ))),
     )?;
 
+    let config_io = Arc::new(Mutex::new(PciConfigIo::new(pci_root, exit.clone())));
     bus.insert(
         PCI_CONFIG_PORT.into(),
         PCI_CONFIG_PORT_COUNT.into(),
-        Arc::new(Mutex::new(PciConfigIo::new(pci_root, exit.clone()))),
+        config_io.clone(),
     )?;
-    Ok((bus, serial))
+    Ok(LegacyDevices {
+        bus,
+        serial,
+        config_io,
+    })
 }
 
 /// The PCI host bridge of a guest with `mem_size` bytes of RAM and CPUs of `phys_bits`
@@ -811,7 +833,7 @@ fn restore(
     mem: &GuestMemoryMmap,
     vcpus: &[Vcpu],
     serial: &Mutex<SerialDevice>,
-    devices: &[PersistDevice],
+    devices: (&[PersistDevice], Option<&PciPersist>),
     (snapshot, memory): (&Snapshot, &File),
     here: crate::persist::Machine,
 ) -> Result<(), VmmError> {
@@ -848,7 +870,7 @@ fn restore_state(
     vm: &Vm,
     vcpus: &[Vcpu],
     serial: &Mutex<SerialDevice>,
-    devices: &[PersistDevice],
+    (devices, pci): (&[PersistDevice], Option<&PciPersist>),
     snapshot: &Snapshot,
 ) -> Result<(), VmmError> {
     crate::vstate::state::restore_vm(vm.fd(), &snapshot.vm)
@@ -862,19 +884,11 @@ fn restore_state(
         .restore(&snapshot.serial)
         .map_err(VmmError::Restore)?;
     for (device, state) in devices.iter().zip(&snapshot.devices) {
-        let name = &device.description.name;
-        if *name != state.name {
-            return Err(VmmError::Restore(format!(
-                "device state of {} where {name} is",
-                state.name
-            )));
-        }
-        device
-            .transport
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&state.mmio)
-            .map_err(|e| VmmError::Restore(format!("{name}: {e}")))?;
+        device.restore(state).map_err(VmmError::Restore)?;
+    }
+    if let Some(pci) = pci {
+        pci.restore(snapshot.pci.as_ref())
+            .map_err(VmmError::Restore)?;
     }
     Ok(())
 }
@@ -956,7 +970,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
         }
         Transport::Pci => {
             let routing = Arc::new(GsiRouting::new(vm.shared_fd()));
-            virtio_pci_devices(
+            let persisted = virtio_pci_devices(
                 &vm,
                 &mem,
                 virtio,
@@ -965,15 +979,29 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
                 worker_filter,
                 (&registry, &limits),
             )?;
-            (Vec::new(), Some(bridge), Vec::new())
+            (Vec::new(), Some(bridge), persisted)
         }
     };
     let pci_root = Arc::new(pci_root);
     if let Some(bridge) = &pci {
         pci_buses(&mut mmio_bus, &pci_root, bridge)?;
     }
-    let (bus, serial) =
-        legacy_devices(&vm, resources.serial, &exit, &registry, pci_root, mem_size)?;
+    let LegacyDevices {
+        bus,
+        serial,
+        config_io,
+    } = legacy_devices(
+        &vm,
+        resources.serial,
+        &exit,
+        &registry,
+        pci_root.clone(),
+        mem_size,
+    )?;
+    let pci_persist = pci.is_some().then(|| PciPersist {
+        root: pci_root.clone(),
+        config_io,
+    });
     let platform = AcpiPlatform {
         vcpus: config.vcpus,
         virtio_mmio,
@@ -1000,6 +1028,10 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     }
     // An incoming migration's stream, kept to tell the source once the guest runs here.
     let mut incoming: Option<File> = None;
+    let restored = matches!(
+        resources.boot,
+        BootFiles::Restore(..) | BootFiles::Incoming(_)
+    );
     match &mut resources.boot {
         BootFiles::Incoming(listener) => {
             let Some(mut stream) = listener.accept(&signals)? else {
@@ -1008,7 +1040,13 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
             };
             let here = shape.describe(descriptions);
             let snapshot = receive_migration(&mut stream, &mem, &here)?;
-            let restored = restore_state(&vm, &vcpus, &serial, &persist_devices, &snapshot);
+            let restored = restore_state(
+                &vm,
+                &vcpus,
+                &serial,
+                (&persist_devices, pci_persist.as_ref()),
+                &snapshot,
+            );
             if let Err(e) = &restored {
                 let answer = migration::answer_json(&Err(e.to_string()));
                 let _ = migration::write_message(&mut stream, migration::RESUMED, &[&answer]);
@@ -1023,7 +1061,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
                 &mem,
                 &vcpus,
                 &serial,
-                &persist_devices,
+                (&persist_devices, pci_persist.as_ref()),
                 (snapshot, memory),
                 shape.describe(descriptions),
             )?;
@@ -1042,6 +1080,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
         mem: mem.clone(),
         serial: serial.clone(),
         devices: persist_devices,
+        pci: pci_persist,
         workers: limits.workers(),
     });
     // The PCI address port's writes do not exit (see vstate::coalesced): half the exits of
@@ -1080,6 +1119,12 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     sandbox::seccomp::apply(ThreadKind::Main, filters.main.as_ref())?;
     sandbox::test_forbidden_syscall(ThreadKind::Main);
     vcpu_control.release();
+    if restored {
+        // The guest may be on another port of the network now (another TAP, another host).
+        for worker in limits.workers() {
+            worker.announce();
+        }
+    }
     if let Some(mut stream) = incoming.take() {
         // The source stops once it reads this; if it never does, it stays paused.
         let answer = migration::answer_json(&Ok(()));

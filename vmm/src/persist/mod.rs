@@ -34,8 +34,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::Transport;
+use crate::devices::pci::{PciConfigIo, PciRoot};
 use crate::devices::serial::{SerialDevice, SerialSnapshot};
 use crate::devices::virtio::mmio::{MmioState, MmioTransport};
+use crate::devices::virtio::pci::{VirtioPciDevice, VirtioPciState};
 use crate::devices::virtio::worker::WorkerControl;
 use crate::devices::virtio::{type_name, DeviceInfo};
 use crate::vstate::control::VcpuControl;
@@ -133,11 +135,26 @@ impl DeviceDescription {
     }
 }
 
-/// One device's transport state.
+/// One device's state, on its transport.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeviceState {
     pub name: String,
-    pub mmio: MmioState,
+    pub transport: TransportState,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportState {
+    Mmio(MmioState),
+    Pci(Box<VirtioPciState>),
+}
+
+/// The PCI platform besides its devices: the host bridge's registers and the configuration
+/// address register (0xCF8).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PciPlatformState {
+    pub bridge: Vec<u32>,
+    pub config_address: u32,
 }
 
 /// Everything in `state.json`.
@@ -151,6 +168,8 @@ pub struct Snapshot {
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialSnapshot,
     pub devices: Vec<DeviceState>,
+    /// On the PCI transport.
+    pub pci: Option<PciPlatformState>,
 }
 
 fn cpuid_entries(cpuid: &CpuId) -> Vec<Raw<kvm_cpuid_entry2>> {
@@ -314,7 +333,62 @@ impl Machine {
 /// A device a snapshot saves and restores.
 pub struct PersistDevice {
     pub description: DeviceDescription,
-    pub transport: Arc<Mutex<MmioTransport>>,
+    pub transport: DeviceTransport,
+}
+
+pub enum DeviceTransport {
+    Mmio(Arc<Mutex<MmioTransport>>),
+    Pci(Arc<Mutex<VirtioPciDevice>>),
+}
+
+impl PersistDevice {
+    fn state(&self) -> DeviceState {
+        DeviceState {
+            name: self.description.name.clone(),
+            transport: match &self.transport {
+                DeviceTransport::Mmio(t) => TransportState::Mmio(lock(t).state()),
+                DeviceTransport::Pci(d) => TransportState::Pci(Box::new(lock(d).state())),
+            },
+        }
+    }
+
+    /// Takes `state` (of this device, on this transport) into the new device.
+    pub fn restore(&self, state: &DeviceState) -> Result<(), String> {
+        let name = &self.description.name;
+        if *name != state.name {
+            return Err(format!("device state of {} where {name} is", state.name));
+        }
+        match (&self.transport, &state.transport) {
+            (DeviceTransport::Mmio(t), TransportState::Mmio(s)) => lock(t).restore(s),
+            (DeviceTransport::Pci(d), TransportState::Pci(s)) => lock(d).restore(s),
+            _ => Err("the snapshot's device is on another transport".into()),
+        }
+        .map_err(|e| format!("{name}: {e}"))
+    }
+}
+
+/// The PCI platform's parts a snapshot keeps besides the devices.
+pub struct PciPersist {
+    pub root: Arc<PciRoot>,
+    pub config_io: Arc<Mutex<PciConfigIo>>,
+}
+
+impl PciPersist {
+    fn state(&self) -> PciPlatformState {
+        PciPlatformState {
+            bridge: self.root.bridge_registers(),
+            config_address: lock(&self.config_io).address(),
+        }
+    }
+
+    /// Takes the platform's state, after the devices' (the BAR map follows them all).
+    pub fn restore(&self, state: Option<&PciPlatformState>) -> Result<(), String> {
+        let state = state.ok_or("the snapshot has no PCI platform state")?;
+        self.root.restore_bridge(&state.bridge)?;
+        lock(&self.config_io).set_address(state.config_address);
+        self.root.refresh_all();
+        Ok(())
+    }
 }
 
 /// What the VMM hands the control API so that it can pause the devices and write snapshots.
@@ -323,8 +397,9 @@ pub struct Persist {
     pub vm: Arc<VmFd>,
     pub mem: GuestMemoryMmap,
     pub serial: Arc<Mutex<SerialDevice>>,
-    /// virtio-mmio devices; empty on PCI.
     pub devices: Vec<PersistDevice>,
+    /// On the PCI transport.
+    pub pci: Option<PciPersist>,
     /// Every virtio worker, to pause with the vCPUs.
     pub workers: Vec<Arc<WorkerControl>>,
 }
@@ -383,11 +458,6 @@ impl Persist {
     /// The vCPUs' state, read first: completing a vCPU's last exit (see `state::save_vcpu`)
     /// may still write guest memory (a string `in`).
     pub(crate) fn save_vcpus(&self, vcpus: &VcpuControl) -> Result<Vec<VcpuState>, String> {
-        if self.machine.transport == Transport::Pci {
-            return Err(
-                "snapshots of virtio-pci VMs are not supported yet (virtio-mmio only)".into(),
-            );
-        }
         vcpus.save_vcpus(SAVE_TIMEOUT)
     }
 
@@ -398,14 +468,8 @@ impl Persist {
         ranges: Vec<memory::Range>,
     ) -> Result<Snapshot, String> {
         let vm = state::save_vm(&self.vm).map_err(|e| e.to_string())?;
-        let devices = self
-            .devices
-            .iter()
-            .map(|d| DeviceState {
-                name: d.description.name.clone(),
-                mmio: lock(&d.transport).state(),
-            })
-            .collect();
+        let devices = self.devices.iter().map(PersistDevice::state).collect();
+        let pci = self.pci.as_ref().map(PciPersist::state);
         let serial = lock(&self.serial).state();
         Ok(Snapshot {
             format: FORMAT.to_string(),
@@ -418,6 +482,7 @@ impl Persist {
             vcpus: vcpu_states,
             serial,
             devices,
+            pci,
         })
     }
 
@@ -531,6 +596,7 @@ mod tests {
                 in_buffer: Vec::new(),
             },
             devices: Vec::new(),
+            pci: None,
         }
     }
 

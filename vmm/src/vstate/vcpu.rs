@@ -140,6 +140,10 @@ impl Vcpu {
     /// This vCPU's state, read on its own thread while the VM is paused.
     fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
         let id = self.id;
+        // Port writes KVM buffered (the PCI address register) belong to the devices' state.
+        if let Some(ring) = &self.coalesced {
+            ring.drain(&self.pio);
+        }
         state::save_vcpu(&mut self.fd, id, &self.msrs_to_save)
             .map_err(|source| VcpuError::State { id, source })
     }

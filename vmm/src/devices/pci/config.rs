@@ -182,6 +182,27 @@ impl ConfigSpace {
         *reg = (*reg & !(0xff << shift)) | (u32::from(value) << shift);
     }
 
+    /// The registers, for a snapshot.
+    pub fn registers(&self) -> Vec<u32> {
+        self.registers.to_vec()
+    }
+
+    /// Takes a snapshot's registers: only the bits the guest may write change (the rest is
+    /// the device's identity, which the restoring VM already has).
+    pub fn restore_registers(&mut self, saved: &[u32]) -> Result<(), String> {
+        if saved.len() != self.registers.len() {
+            return Err(format!(
+                "{} configuration registers in the snapshot, {} here",
+                saved.len(),
+                self.registers.len()
+            ));
+        }
+        for ((reg, mask), value) in self.registers.iter_mut().zip(self.writable).zip(saved) {
+            *reg = (*reg & !mask) | (value & mask);
+        }
+        Ok(())
+    }
+
     /// The 32-bit register holding byte `offset` (device code reading its own capabilities).
     pub fn register(&self, offset: usize) -> u32 {
         self.registers.get(offset / 4).copied().unwrap_or(0)
@@ -236,6 +257,27 @@ mod tests {
 
     fn write32(c: &mut ConfigSpace, offset: usize, v: u32) {
         c.write(offset, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn restored_registers_change_only_writable_bits() {
+        let mut c = ConfigSpace::new(0x1af4, 0x1041, 0x0200_0001);
+        let bar = Bar {
+            size: 0x8000,
+            kind: BarKind::Memory64 {
+                prefetchable: false,
+            },
+        };
+        c.add_bar(0, bar, 0xc000_0000).expect("free");
+        write32(&mut c, BAR0, 0xd000_0000);
+        let mut saved = c.registers();
+        saved[0] = 0xdead_beef; // the identity is not the snapshot's to change
+        let mut fresh = ConfigSpace::new(0x1af4, 0x1041, 0x0200_0001);
+        fresh.add_bar(0, bar, 0xc000_0000).expect("free");
+        fresh.restore_registers(&saved).expect("restore");
+        assert_eq!(read32(&fresh, 0), 0x1041_1af4);
+        assert_eq!(fresh.bar(0).map(|b| b.1), Some(0xd000_0000), "moved BAR");
+        assert!(fresh.restore_registers(&saved[..3]).is_err());
     }
 
     #[test]

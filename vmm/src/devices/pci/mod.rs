@@ -70,6 +70,11 @@ pub trait PciDevice: Send {
         self.config().read(offset, data);
     }
     fn config_write(&mut self, offset: usize, data: &[u8]);
+    /// Takes a snapshot's configuration registers (writable bits only). Devices with more
+    /// state than that restore it themselves, with their other state.
+    fn restore_config(&mut self, _saved: &[u32]) -> Result<(), String> {
+        Ok(())
+    }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
 }
@@ -83,6 +88,9 @@ impl PciDevice for HostBridge {
     }
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.0.write(offset, data);
+    }
+    fn restore_config(&mut self, saved: &[u32]) -> Result<(), String> {
+        self.0.restore_registers(saved)
     }
     fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
@@ -186,6 +194,29 @@ impl PciRoot {
         }
     }
 
+    /// The host bridge's configuration registers, for a snapshot.
+    pub fn bridge_registers(&self) -> Vec<u32> {
+        self.slots
+            .first()
+            .map(|b| lock(b).config().registers())
+            .unwrap_or_default()
+    }
+
+    /// Takes a snapshot's host bridge registers.
+    pub fn restore_bridge(&self, saved: &[u32]) -> Result<(), String> {
+        match self.slots.first() {
+            Some(bridge) => lock(bridge).restore_config(saved),
+            None => Ok(()),
+        }
+    }
+
+    /// Rebuilds the decoded-BAR map of every device (after a restore moved BARs).
+    pub fn refresh_all(&self) {
+        for slot in 0..self.slots.len() {
+            self.refresh(slot);
+        }
+    }
+
     /// Rebuilds the decoded-BAR map for one device.
     fn refresh(&self, slot: usize) {
         let Some(dev) = self.slots.get(slot) else {
@@ -238,6 +269,16 @@ pub struct PciConfigIo {
 }
 
 impl PciConfigIo {
+    /// The address register (0xCF8), which a guest sets before its data access: a snapshot
+    /// taken between the two keeps it.
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address;
+    }
+
     pub fn new(root: Arc<PciRoot>, exit: VmExitRequest) -> Self {
         PciConfigIo {
             address: 0,

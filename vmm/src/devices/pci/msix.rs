@@ -111,7 +111,14 @@ impl MsixVectors {
         }
     }
 
-    fn pending(&self, vector: usize) -> bool {
+    /// Marks `vector` pending (a snapshot's PBA); it fires when unmasked.
+    pub fn set_pending(&self, vector: usize) {
+        if let Some(v) = self.vectors.get(vector) {
+            v.pending.store(true, Ordering::SeqCst);
+        }
+    }
+
+    pub fn pending(&self, vector: usize) -> bool {
         self.vectors
             .get(vector)
             .is_some_and(|v| v.pending.load(Ordering::SeqCst))
@@ -181,6 +188,56 @@ impl MsixTable {
             ((CONTROL_ENABLE | CONTROL_FUNCTION_MASK) >> 8) as u8,
         ];
         (body, writable)
+    }
+
+    /// The table's entries as the guest wrote them (address low, high, data, control), and
+    /// the pending bits, for a snapshot.
+    pub fn state(&self) -> (Vec<[u32; 4]>, Vec<bool>) {
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| {
+                [
+                    e.message.address as u32,
+                    (e.message.address >> 32) as u32,
+                    e.message.data,
+                    e.control,
+                ]
+            })
+            .collect();
+        let pending = (0..self.entries.len())
+            .map(|i| self.vectors.pending(i))
+            .collect();
+        (entries, pending)
+    }
+
+    /// Takes a snapshot's table by writing it as the guest did (routes follow), the pending
+    /// bits, then the capability's `control` word (a pending vector it unmasks fires).
+    pub fn restore(
+        &mut self,
+        entries: &[[u32; 4]],
+        pending: &[bool],
+        control: u16,
+    ) -> Result<(), String> {
+        if entries.len() != self.entries.len() || pending.len() != self.entries.len() {
+            return Err(format!(
+                "{} MSI-X entries in the snapshot, {} here",
+                entries.len(),
+                self.entries.len()
+            ));
+        }
+        for (i, words) in entries.iter().enumerate() {
+            for (w, value) in words.iter().enumerate() {
+                self.write_table(i as u64 * ENTRY_SIZE + w as u64 * 4, &value.to_le_bytes());
+            }
+        }
+        for (i, p) in pending.iter().enumerate() {
+            if *p {
+                self.vectors.set_pending(i);
+            }
+        }
+        self.write_control(control);
+        Ok(())
     }
 
     /// The guest wrote the capability's message control word (already masked to its

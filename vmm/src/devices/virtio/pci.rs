@@ -32,7 +32,7 @@ use crate::vstate::memory::GuestMemoryMmap;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::{set_high, set_low, StatusChange, VirtioCommon, WorkerGroup};
+use super::transport::{set_high, set_low, CommonState, StatusChange, VirtioCommon, WorkerGroup};
 use super::*;
 use crate::devices::pci::config::{Bar, BarKind, ConfigSpace, COMMAND, COMMAND_MEMORY_SPACE};
 use crate::devices::pci::msix::{self, MsixTable, MsixVectors};
@@ -204,6 +204,20 @@ fn notify_address(bar: u64, queue: usize) -> u64 {
     bar.wrapping_add(NOTIFY + queue as u64 * NOTIFY_MULTIPLIER)
 }
 
+/// What a snapshot keeps of a virtio-pci device: what the guest programmed in its
+/// configuration space, MSI-X table and common configuration.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VirtioPciState {
+    pub common: CommonState,
+    pub config: Vec<u32>,
+    pub msix_entries: Vec<[u32; 4]>,
+    pub msix_pending: Vec<bool>,
+    pub config_vector: u16,
+    pub queue_vectors: Vec<u16>,
+    pub isr: u8,
+    pub needs_reset: bool,
+}
+
 /// What the device is, for `info` in the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PciDeviceSummary {
@@ -332,6 +346,55 @@ impl VirtioPciDevice {
             device: (id >> 16) as u16,
             vectors: self.msix.vectors().len(),
         }
+    }
+
+    /// What a snapshot keeps; the device's workers must be paused.
+    pub fn state(&self) -> VirtioPciState {
+        let (msix_entries, msix_pending) = self.msix.state();
+        let i = &self.interrupt;
+        VirtioPciState {
+            common: self.common.state(),
+            config: self.config.registers(),
+            msix_entries,
+            msix_pending,
+            config_vector: i.config_vector.load(Ordering::SeqCst),
+            queue_vectors: i
+                .queue_vectors
+                .iter()
+                .map(|v| v.load(Ordering::SeqCst))
+                .collect(),
+            isr: i.isr.load(Ordering::SeqCst),
+            needs_reset: i.needs_reset.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Takes a snapshot's state into this new device (guest memory already restored): the
+    /// configuration space's writable bits (a moved BAR), the MSI-X table (routes follow),
+    /// the vectors the driver chose, then the device itself, which starts where its used
+    /// rings stand; notifications follow BAR 0.
+    pub fn restore(&mut self, state: &VirtioPciState) -> Result<(), String> {
+        if state.queue_vectors.len() != self.interrupt.queue_vectors.len() {
+            return Err(format!(
+                "{} queue vectors in the snapshot, {} here",
+                state.queue_vectors.len(),
+                self.interrupt.queue_vectors.len()
+            ));
+        }
+        self.config.restore_registers(&state.config)?;
+        let control = (self.config.register(self.msix_cap) >> 16) as u16;
+        self.msix
+            .restore(&state.msix_entries, &state.msix_pending, control)?;
+        let i = &self.interrupt;
+        for (slot, vector) in i.queue_vectors.iter().zip(&state.queue_vectors) {
+            slot.store(i.checked(*vector), Ordering::SeqCst);
+        }
+        i.config_vector
+            .store(i.checked(state.config_vector), Ordering::SeqCst);
+        i.isr.store(state.isr, Ordering::SeqCst);
+        i.needs_reset.store(state.needs_reset, Ordering::SeqCst);
+        self.common.restore(&state.common)?;
+        self.follow_bar();
+        Ok(())
     }
 
     /// Keeps the queue notifications where BAR 0 is decoded now (inside a window).
@@ -680,5 +743,49 @@ mod tests {
             d.config_write(cap + PCI_CFG_DATA, &0u32.to_le_bytes());
             assert_eq!(bar_read16(&mut d, 0x16), 1, "queue_select unchanged");
         }
+    }
+
+    fn msix_cap(d: &VirtioPciDevice) -> usize {
+        d.msix_cap
+    }
+
+    #[test]
+    fn a_restored_device_has_the_guests_bar_msix_table_and_vectors() {
+        let mut d = device();
+        // The guest moves BAR 0, enables MSI-X, programs and unmasks entry 1, picks vectors.
+        let moved = WINDOW.0 + 0x10_0000;
+        d.config_write(0x10, &(moved as u32).to_le_bytes());
+        d.config_write(0x14, &((moved >> 32) as u32).to_le_bytes());
+        let control = msix_cap(&d) + msix::CONTROL_OFFSET;
+        d.config_write(control, &(1u16 << 15).to_le_bytes());
+        let entry = MSIX_TABLE + msix::ENTRY_SIZE;
+        d.bar_write(0, entry, &0xfee0_0000u32.to_le_bytes());
+        d.bar_write(0, entry + 8, &0x4041u32.to_le_bytes());
+        d.bar_write(0, entry + 12, &0u32.to_le_bytes());
+        d.bar_write(0, 0x10, &0u16.to_le_bytes()); // config vector 0
+        d.bar_write(0, 0x16, &0u16.to_le_bytes()); // queue 0 ...
+        d.bar_write(0, 0x1a, &1u16.to_le_bytes()); // ... uses vector 1
+        d.bar_write(0, 0x16, &1u16.to_le_bytes()); // queue 1 selected at the snapshot
+        let saved: VirtioPciState =
+            serde_json::from_value(serde_json::to_value(d.state()).expect("json")).expect("back");
+
+        let mut r = device();
+        r.restore(&saved).expect("restore");
+        assert_eq!(r.config.bar(0).map(|b| b.1), Some(moved), "moved BAR");
+        assert_eq!(r.notifier.at, Some(moved), "notifications follow it");
+        let mut word = [0u8; 4];
+        r.bar_read(0, entry + 8, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 0x4041, "MSI-X entry data");
+        r.bar_read(0, entry + 12, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 0, "unmasked");
+        assert!(r.msix.enabled());
+        assert_eq!(bar_read16(&mut r, 0x16), 1, "queue_select");
+        assert_eq!(bar_read16(&mut r, 0x10), 0, "config vector");
+        r.bar_write(0, 0x16, &0u16.to_le_bytes());
+        assert_eq!(bar_read16(&mut r, 0x1a), 1, "queue 0's vector");
+
+        let mut short = saved.clone();
+        short.queue_vectors.pop();
+        assert!(device().restore(&short).is_err(), "another device's state");
     }
 }
