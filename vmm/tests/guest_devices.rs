@@ -311,53 +311,6 @@ fn a_pci_configuration_read_costs_one_exit_on_pci() {
     assert_eq!(status.code(), Some(0), "console:\n{console}");
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Bridge and TAPs in the test VM's network stack, removed when dropped.
-struct Lan;
-
-impl Lan {
-    fn new() -> Lan {
-        Lan::with_taps(&["vnet_hdr"])
-    }
-
-    /// TAPs that a multiqueue NIC can attach several queues to.
-    fn multi_queue() -> Lan {
-        Lan::with_taps(&["vnet_hdr", "multi_queue"])
-    }
-
-    fn with_taps(flags: &[&str]) -> Lan {
-        let _ = Command::new("ip").args(["link", "del", "thvcbr0"]).output();
-        ip(&["link", "add", "thvcbr0", "type", "bridge"]);
-        ip(&["addr", "add", "10.77.0.1/24", "dev", "thvcbr0"]);
-        ip(&["link", "set", "thvcbr0", "up"]);
-        for tap in ["thvctap-a", "thvctap-b"] {
-            let _ = Command::new("ip").args(["link", "del", tap]).output();
-            let mut add = vec!["tuntap", "add", "dev", tap, "mode", "tap"];
-            add.extend_from_slice(flags);
-            ip(&add);
-            ip(&["link", "set", tap, "master", "thvcbr0"]);
-            ip(&["link", "set", tap, "up"]);
-        }
-        Lan
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for link in ["thvctap-a", "thvctap-b", "thvcbr0"] {
-            let _ = Command::new("ip").args(["link", "del", link]).output();
-        }
-    }
-}
-
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn two_guests_on_a_bridge_ping_and_move_16_mib() {

@@ -401,6 +401,44 @@ impl Drop for HostTap {
     }
 }
 
+/// Bridge and TAPs in the test VM's network stack, removed when dropped.
+pub struct Lan;
+
+impl Lan {
+    pub fn new() -> Lan {
+        Lan::with_taps(&["vnet_hdr"])
+    }
+
+    /// TAPs that a multiqueue NIC can attach several queues to.
+    pub fn multi_queue() -> Lan {
+        Lan::with_taps(&["vnet_hdr", "multi_queue"])
+    }
+
+    pub fn with_taps(flags: &[&str]) -> Lan {
+        let _ = Command::new("ip").args(["link", "del", "thvcbr0"]).output();
+        ip(&["link", "add", "thvcbr0", "type", "bridge"]);
+        ip(&["addr", "add", "10.77.0.1/24", "dev", "thvcbr0"]);
+        ip(&["link", "set", "thvcbr0", "up"]);
+        for tap in ["thvctap-a", "thvctap-b"] {
+            let _ = Command::new("ip").args(["link", "del", tap]).output();
+            let mut add = vec!["tuntap", "add", "dev", tap, "mode", "tap"];
+            add.extend_from_slice(flags);
+            ip(&add);
+            ip(&["link", "set", tap, "master", "thvcbr0"]);
+            ip(&["link", "set", tap, "up"]);
+        }
+        Lan
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for link in ["thvctap-a", "thvctap-b", "thvcbr0"] {
+            let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
+    }
+}
+
 /// One request on the VMM's API socket; the result of a successful answer.
 pub fn api_call(socket: &std::path::Path, request: &str) -> serde_json::Value {
     use std::io::{BufRead, BufReader, Write};

@@ -304,6 +304,9 @@ pub trait QueueHandler: Send {
     }
     /// Rate limit timer `index` fired, or (index None) the limits changed: retry what waits.
     fn timer_fired(&mut self, _index: Option<usize>) {}
+    /// The guest continues on this host after a restore or migration: tell the network
+    /// (a NIC announces its MAC address; other devices have nothing to say).
+    fn announce(&mut self) {}
 }
 
 /// The most rate limit timers one handler has (a NIC: receive and transmit).

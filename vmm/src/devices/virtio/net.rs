@@ -118,6 +118,23 @@ pub struct NetDevice {
     /// Rate limits of receiving and transmitting (see `throttle`), shared by the pairs.
     rx_throttle: Option<Throttle>,
     tx_throttle: Option<Throttle>,
+    /// The NIC's MAC address, on the queue pair that announces it after a restore.
+    announces: Option<MacAddr>,
+}
+
+/// The frame that tells the network where a moved guest is now, as QEMU's self-announce
+/// sends it: a broadcast RARP request from the guest's MAC address (switches and bridges
+/// learn the new port from its source address; nobody answers it).
+pub fn announcement(mac: MacAddr) -> [u8; 60] {
+    let mut frame = [0u8; 60];
+    frame[..6].fill(0xff);
+    frame[6..12].copy_from_slice(&mac);
+    frame[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    let arp = [0, 1, 8, 0, 6, 4, 0, 3]; // Ethernet, IPv4, lengths 6 and 4, reverse request
+    frame[14..22].copy_from_slice(&arp);
+    frame[22..28].copy_from_slice(&mac); // sender hardware address
+    frame[32..38].copy_from_slice(&mac); // target hardware address
+    frame
 }
 
 /// A NIC as the transport needs it: its description, the handlers of its queue groups (one
@@ -207,6 +224,9 @@ fn new(taps: Vec<Tap>, mac: MacAddr, limits: Option<&NetLimits>) -> Result<Nic, 
     let mut groups = Vec::with_capacity(pairs + 1);
     for (k, tap) in taps.into_iter().enumerate() {
         let mut dev = NetDevice::with_backend(Box::new(tap), counters.clone());
+        if k == 0 {
+            dev.announces = Some(mac);
+        }
         if let Some(l) = limits {
             dev.set_throttles(
                 Throttle::new(l.rx.clone()).map_err(TapError::Timer)?,
@@ -366,6 +386,7 @@ impl NetDevice {
             active: None,
             rx_throttle: None,
             tx_throttle: None,
+            announces: None,
         }
     }
 
@@ -538,6 +559,25 @@ impl NetDevice {
 }
 
 impl QueueHandler for NetDevice {
+    fn announce(&mut self) {
+        let Some(mac) = self.announces else {
+            return;
+        };
+        // The vnet header (no offloads), then the frame.
+        let mut bytes = vec![0u8; VNET_HDR_LEN];
+        bytes.extend_from_slice(&announcement(mac));
+        let iov = [libc::iovec {
+            iov_base: bytes.as_mut_ptr().cast(),
+            iov_len: bytes.len(),
+        }];
+        if let Err(e) = self.tap.writev(&iov) {
+            tracing::warn!(
+                "{}: cannot announce the guest's MAC address: {e}",
+                self.tap.name()
+            );
+        }
+    }
+
     fn activate(&mut self, activation: Activation) {
         if activation.queues.len() != 2 {
             activation.interrupt.signal_needs_reset();
@@ -712,6 +752,29 @@ mod ring_tests {
         tx: TestRing,
         host: std::os::unix::net::UnixDatagram,
         counters: Arc<DeviceCounters>,
+    }
+
+    #[test]
+    fn a_restored_nic_announces_its_mac_once_from_its_first_pair() {
+        let mut n = nic();
+        n.dev.announce();
+        n.host.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 128];
+        assert!(
+            n.host.recv(&mut buf).is_err(),
+            "no MAC to announce: nothing sent"
+        );
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        n.dev.announces = Some(mac);
+        n.dev.announce();
+        let len = n.host.recv(&mut buf).expect("the announcement");
+        assert_eq!(len, VNET_HDR_LEN + 60);
+        let frame = &buf[VNET_HDR_LEN..len];
+        assert_eq!(frame[..6], [0xff; 6], "broadcast");
+        assert_eq!(frame[6..12], mac, "from the guest's MAC");
+        assert_eq!(frame[12..14], [0x80, 0x35], "RARP");
+        assert_eq!(frame[20..22], [0, 3], "reverse request");
+        assert_eq!(frame[22..28], mac);
     }
 
     fn nic() -> Nic {

@@ -23,6 +23,8 @@ pub enum Command {
     /// snapshot must see memory and queues standing still).
     Pause,
     Resume,
+    /// The guest continues here after a restore or migration (see `QueueHandler::announce`).
+    Announce,
     /// End the worker thread (the VM is going away).
     Shutdown,
 }
@@ -90,6 +92,10 @@ impl WorkerControl {
 
     pub fn resume(&self) {
         self.push(Command::Resume);
+    }
+
+    pub fn announce(&self) {
+        self.push(Command::Announce);
     }
 
     fn push_and_wait(&self, cmd: Command) -> bool {
@@ -343,6 +349,7 @@ impl Worker {
                     }
                 }
             }
+            Command::Announce => self.handler.announce(),
             Command::Shutdown => {
                 if let Some(i) = self.interrupt.take() {
                     i.end_batch();
