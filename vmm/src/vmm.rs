@@ -27,7 +27,7 @@ use crate::api::{self, ApiError, VmApi, VmSummary};
 use crate::arch::x86_64::acpi::{self, AcpiPlatform, MmioDeviceInfo, PciHostBridge};
 use crate::arch::x86_64::regs::BootEntry;
 use crate::arch::x86_64::{boot, cpu_template, cpuid, layout, pvh, regs, smbios};
-use crate::config::{Boot, MigrationAddr, Transport, VmConfig};
+use crate::config::{Boot, Transport, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, PmTimer, ACPI_PM_PORT, PM_TIMER_LEN, PM_TIMER_PORT};
 use crate::devices::cmos::{Cmos, CMOS_PORT, CMOS_PORT_COUNT};
 use crate::devices::ged::{Ged, PowerButton, GED_MMIO_SIZE};
@@ -56,11 +56,10 @@ use crate::devices::virtio::{
 };
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
-use crate::persist::memory::MemoryFileError;
-use crate::persist::migration::{self, MigrationError};
+use crate::persist::migration;
+use crate::persist::restore::{self, RestoreError};
 use crate::persist::{
     DeviceDescription, DeviceTransport, MachineShape, PciPersist, Persist, PersistDevice, Snapshot,
-    SnapshotError,
 };
 use crate::sandbox::{
     self, check_tap_owner, Filters, KvmFdError, PrivilegeError, SeccompError, ThreadKind,
@@ -127,19 +126,7 @@ pub enum VmmError {
     #[error("cannot set up a virtio-pci device: {0}")]
     VirtioPci(#[from] VirtioPciError),
     #[error(transparent)]
-    Snapshot(#[from] SnapshotError),
-    #[error("cannot restore the snapshot's memory: {0}")]
-    SnapshotMemory(#[from] MemoryFileError),
-    #[error("cannot restore the snapshot: {0}")]
-    Restore(String),
-    #[error("--incoming {addr}: cannot {what}: {source}")]
-    Incoming {
-        addr: String,
-        what: &'static str,
-        source: io::Error,
-    },
-    #[error("incoming migration failed: {0}")]
-    Migration(#[from] MigrationError),
+    Restore(#[from] RestoreError),
 }
 
 /// First interrupt line for virtio devices (4 is COM1).
@@ -453,95 +440,7 @@ enum BootFiles {
     /// A snapshot to continue, and its open memory file.
     Restore(Box<Snapshot>, File),
     /// Where a migration's source will connect.
-    Incoming(IncomingListener),
-}
-
-/// The listening socket of `--incoming`, bound while the VMM starts.
-enum IncomingListener {
-    Unix(std::os::unix::net::UnixListener, String),
-    Tcp(std::net::TcpListener, String),
-}
-
-impl IncomingListener {
-    fn bind(addr: &MigrationAddr) -> Result<Self, VmmError> {
-        let error = |what| {
-            let addr = addr.to_string();
-            move |source| VmmError::Incoming { addr, what, source }
-        };
-        Ok(match addr {
-            MigrationAddr::Unix(path) => IncomingListener::Unix(
-                std::os::unix::net::UnixListener::bind(path).map_err(error("listen"))?,
-                addr.to_string(),
-            ),
-            MigrationAddr::Tcp(host_port) => IncomingListener::Tcp(
-                std::net::TcpListener::bind(host_port.as_str()).map_err(error("listen"))?,
-                addr.to_string(),
-            ),
-        })
-    }
-
-    /// Waits for the source to connect; None when a stop signal came first.
-    fn accept(&self, signals: &OwnedFd) -> Result<Option<File>, VmmError> {
-        let (fd, addr) = match self {
-            IncomingListener::Unix(l, a) => (l.as_raw_fd(), a),
-            IncomingListener::Tcp(l, a) => (l.as_raw_fd(), a),
-        };
-        let error = |what| {
-            let addr = addr.clone();
-            move |source| VmmError::Incoming { addr, what, source }
-        };
-        let mut fds = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: signals.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        loop {
-            // SAFETY: two valid pollfds for descriptors we own.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(error("wait for the source")(e));
-            }
-            if fds[1].revents != 0 {
-                return Ok(None);
-            }
-            if fds[0].revents != 0 {
-                break;
-            }
-        }
-        let timeouts = Some(migration::PEER_TIMEOUT);
-        let stream: OwnedFd = match self {
-            IncomingListener::Unix(l, _) => {
-                let (s, _) = l.accept().map_err(error("accept the source"))?;
-                s.set_read_timeout(timeouts)
-                    .map_err(error("set a timeout"))?;
-                s.set_write_timeout(timeouts)
-                    .map_err(error("set a timeout"))?;
-                s.into()
-            }
-            IncomingListener::Tcp(l, _) => {
-                let (s, peer) = l.accept().map_err(error("accept the source"))?;
-                tracing::info!(%peer, "migration source connected");
-                s.set_read_timeout(timeouts)
-                    .map_err(error("set a timeout"))?;
-                s.set_write_timeout(timeouts)
-                    .map_err(error("set a timeout"))?;
-                s.set_nodelay(true).map_err(error("set TCP_NODELAY"))?;
-                s.into()
-            }
-        };
-        Ok(Some(File::from(stream)))
-    }
+    Incoming(restore::IncomingListener),
 }
 
 impl BootFiles {
@@ -561,10 +460,10 @@ impl BootFiles {
             },
             Boot::Firmware(path) => BootFiles::Firmware(pvh::open_firmware(path)?, path.clone()),
             Boot::Restore(dir) => {
-                let (snapshot, memory) = Snapshot::open(dir)?;
+                let (snapshot, memory) = Snapshot::open(dir).map_err(RestoreError::from)?;
                 BootFiles::Restore(Box::new(snapshot), memory)
             }
-            Boot::Incoming(addr) => BootFiles::Incoming(IncomingListener::bind(addr)?),
+            Boot::Incoming(addr) => BootFiles::Incoming(restore::IncomingListener::bind(addr)?),
         })
     }
 }
@@ -637,9 +536,10 @@ fn load_guest(
             start_info: pvh::write_start_info(mem, mem_size, rsdp, &reserved)?,
         },
         BootFiles::Restore(..) | BootFiles::Incoming(_) => {
-            return Err(VmmError::Restore(
+            return Err(RestoreError::Invalid(
                 "a restored guest is not booted (internal error)".into(),
-            ))
+            )
+            .into())
         }
     };
     boot::write_reset_vector(mem)?;
@@ -825,74 +725,6 @@ fn power_button(
     Ok(PowerButton::new(ged))
 }
 
-/// Continues a snapshot's guest in the VM just built (devices wired, vCPUs created, nothing
-/// run yet): checks that this VM is the snapshot's, then memory, interrupt controllers and
-/// clocks, vCPUs, the serial port and the virtio devices (which start where their rings are).
-fn restore(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    vcpus: &[Vcpu],
-    serial: &Mutex<SerialDevice>,
-    devices: (&[PersistDevice], Option<&PciPersist>),
-    (snapshot, memory): (&Snapshot, &File),
-    here: crate::persist::Machine,
-) -> Result<(), VmmError> {
-    snapshot.check(&here)?;
-    crate::persist::memory::load(mem, memory, &snapshot.memory)?;
-    restore_state(vm, vcpus, serial, devices, snapshot)
-}
-
-/// The target's side of a live migration up to the device state: checks the source's
-/// machine against this VM (and answers), then takes guest memory until the state comes.
-fn receive_migration(
-    stream: &mut File,
-    mem: &GuestMemoryMmap,
-    here: &crate::persist::Machine,
-) -> Result<Snapshot, VmmError> {
-    let hello = migration::expect(stream, migration::HELLO)?;
-    let checked = serde_json::from_slice::<crate::persist::Machine>(&hello)
-        .map_err(|e| format!("the source's machine description is not valid: {e}"))
-        .and_then(|saved| saved.check(here).map_err(|e| e.to_string()));
-    migration::write_message(
-        stream,
-        migration::READY,
-        &[&migration::answer_json(&checked)],
-    )
-    .map_err(MigrationError::from)?;
-    checked.map_err(VmmError::Restore)?;
-    let snapshot = migration::receive_memory(stream, mem)?;
-    snapshot.check(here)?;
-    Ok(snapshot)
-}
-
-/// The state of a snapshot (whose memory is in place) into the VM just built.
-fn restore_state(
-    vm: &Vm,
-    vcpus: &[Vcpu],
-    serial: &Mutex<SerialDevice>,
-    (devices, pci): (&[PersistDevice], Option<&PciPersist>),
-    snapshot: &Snapshot,
-) -> Result<(), VmmError> {
-    crate::vstate::state::restore_vm(vm.fd(), &snapshot.vm)
-        .map_err(|e| VmmError::Restore(e.to_string()))?;
-    for (vcpu, state) in vcpus.iter().zip(&snapshot.vcpus) {
-        vcpu.restore(state)?;
-    }
-    serial
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .restore(&snapshot.serial)
-        .map_err(VmmError::Restore)?;
-    for (device, state) in devices.iter().zip(&snapshot.devices) {
-        device.restore(state).map_err(VmmError::Restore)?;
-    }
-    if let Some(pci) = pci {
-        pci.restore(snapshot.pci.as_ref())
-            .map_err(VmmError::Restore)?;
-    }
-    Ok(())
-}
-
 /// Builds the VM and runs it until the guest powers off or resets, a signal or the API stops
 /// it, or a vCPU fails.
 pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
@@ -1039,8 +871,8 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
                 return Ok(ExitReason::Stopped);
             };
             let here = shape.describe(descriptions);
-            let snapshot = receive_migration(&mut stream, &mem, &here)?;
-            let restored = restore_state(
+            let snapshot = restore::receive_migration(&mut stream, &mem, &here)?;
+            let restored = restore::restore_state(
                 &vm,
                 &vcpus,
                 &serial,
@@ -1056,7 +888,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
             incoming = Some(stream);
         }
         BootFiles::Restore(snapshot, memory) => {
-            restore(
+            restore::restore(
                 &vm,
                 &mem,
                 &vcpus,

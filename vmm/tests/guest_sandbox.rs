@@ -84,9 +84,7 @@ fn open_files(pid: u32) -> Vec<(PathBuf, bool)> {
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn every_thread_of_a_running_vm_is_filtered() {
     let dir = tempdir("sandbox-threads");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
-    let disk_arg = format!("path={}", disk.display());
+    let (_, disk_arg) = common::blank_disk(&dir);
     let mut guest = Guest::boot("tick", &["--cpus", "2", "--disk", &disk_arg]);
     guest.wait_for("THVC-TICK=3");
     let names = assert_sandboxed(guest.child.id());

@@ -94,9 +94,7 @@ fn a_snapshot_of_a_virtio_pci_guest_continues_too() {
 
 fn snapshot_and_restore(transport: Transport) {
     let dir = tempdir(&format!("snapshot-{transport:?}"));
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
-    let disk_arg = format!("path={}", disk.display());
+    let (disk, disk_arg) = common::blank_disk(&dir);
     let socket = dir.join("vm.sock");
     let snapshot = dir.join("snap");
     std::fs::create_dir_all(&snapshot).expect("snapshot dir");
@@ -280,9 +278,7 @@ fn migrate(socket: &Path, target: &Path) -> Value {
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn live_migration_moves_a_running_guest_to_another_vmm() {
     let dir = tempdir("migration");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
-    let disk_arg = format!("path={}", disk.display());
+    let (disk, disk_arg) = common::blank_disk(&dir);
     let source_api = dir.join("source.sock");
     let shape = [
         "--cpus",

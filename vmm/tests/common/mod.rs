@@ -364,6 +364,14 @@ pub fn number_after(guest: &mut Guest, prefix: &str) -> u64 {
         .unwrap_or_else(|_| panic!("{prefix}{value} is not a number"))
 }
 
+/// A 1 MiB disk image of zeros in `dir`, and the `--disk` argument for it.
+pub fn blank_disk(dir: &std::path::Path) -> (PathBuf, String) {
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
+    let arg = format!("path={}", disk.display());
+    (disk, arg)
+}
+
 pub fn tempdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("thvc-vmm-test-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create temp dir");

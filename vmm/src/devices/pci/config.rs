@@ -259,21 +259,27 @@ mod tests {
         c.write(offset, &v.to_le_bytes());
     }
 
+    const BAR: Bar = Bar {
+        size: 0x8000,
+        kind: BarKind::Memory64 {
+            prefetchable: false,
+        },
+    };
+
+    /// A virtio-net-like function with a 32 KiB 64-bit BAR 0 at 0xc000_0000.
+    fn with_bar0() -> ConfigSpace {
+        let mut c = ConfigSpace::new(0x1af4, 0x1041, 0x0200_0001);
+        c.add_bar(0, BAR, 0xc000_0000).expect("free");
+        c
+    }
+
     #[test]
     fn restored_registers_change_only_writable_bits() {
-        let mut c = ConfigSpace::new(0x1af4, 0x1041, 0x0200_0001);
-        let bar = Bar {
-            size: 0x8000,
-            kind: BarKind::Memory64 {
-                prefetchable: false,
-            },
-        };
-        c.add_bar(0, bar, 0xc000_0000).expect("free");
+        let mut c = with_bar0();
         write32(&mut c, BAR0, 0xd000_0000);
         let mut saved = c.registers();
         saved[0] = 0xdead_beef; // the identity is not the snapshot's to change
-        let mut fresh = ConfigSpace::new(0x1af4, 0x1041, 0x0200_0001);
-        fresh.add_bar(0, bar, 0xc000_0000).expect("free");
+        let mut fresh = with_bar0();
         fresh.restore_registers(&saved).expect("restore");
         assert_eq!(read32(&fresh, 0), 0x1041_1af4);
         assert_eq!(fresh.bar(0).map(|b| b.1), Some(0xd000_0000), "moved BAR");
@@ -282,14 +288,7 @@ mod tests {
 
     #[test]
     fn a_64_bit_bar_sizes_and_moves() {
-        let mut c = ConfigSpace::new(0x1af4, 0x1041, 0x0200_0001);
-        let bar = Bar {
-            size: 0x8000,
-            kind: BarKind::Memory64 {
-                prefetchable: false,
-            },
-        };
-        c.add_bar(0, bar, 0xc000_0000).expect("free");
+        let mut c = with_bar0();
         assert_eq!(read32(&c, BAR0), 0xc000_0004, "address and 64-bit type");
         // Sizing, as Linux does it: all ones, read back, restore.
         write32(&mut c, BAR0, 0xffff_ffff);
@@ -303,8 +302,8 @@ mod tests {
         assert!(c.decoded_bars().is_empty(), "memory space is off");
         c.write(COMMAND, &[COMMAND_MEMORY_SPACE as u8]);
         assert_eq!(c.decoded_bars(), vec![(0, 0x10_1234_0000, 0x8000)]);
-        assert!(c.add_bar(1, bar, 0).is_err(), "BAR 1 is BAR 0's upper half");
-        assert!(c.add_bar(5, bar, 0).is_err(), "no BAR 6 for the upper half");
+        assert!(c.add_bar(1, BAR, 0).is_err(), "BAR 1 is BAR 0's upper half");
+        assert!(c.add_bar(5, BAR, 0).is_err(), "no BAR 6 for the upper half");
     }
 
     #[test]
