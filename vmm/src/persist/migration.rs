@@ -16,6 +16,7 @@
 //! source -> target  HELLO   the machine description (JSON, `persist::Machine`)
 //! target -> source  READY   {"ok":true} or {"ok":false,"error":"..."}: the target can take it
 //! source -> target  MEMORY  guest address: u64, then the bytes from there (whole pages)
+//! source -> target  ZERO    guest address: u64, length: u64 (whole pages that are now zero)
 //!                   ...     (as many as the rounds need)
 //! source -> target  STATE   the state of a snapshot (JSON, `persist::Snapshot`)
 //! target -> source  RESUMED {"ok":true} once the guest runs there, or an error
@@ -49,6 +50,7 @@ pub const READY: u32 = 2;
 pub const MEMORY: u32 = 3;
 pub const STATE: u32 = 4;
 pub const RESUMED: u32 = 5;
+pub const ZERO: u32 = 6;
 
 const PAGE: u64 = 4096;
 /// The largest message: a state file, or a run of pages.
@@ -252,6 +254,13 @@ fn take_dirty(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, Migrati
     Ok(all)
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Page {
+    Skip,
+    Zero,
+    Data,
+}
+
 /// Sends the pages whose bits are set (all pages that are not zero for `None`: the target's
 /// memory starts zeroed), in runs of whole pages; returns the bytes sent.
 fn send_pages(
@@ -283,27 +292,43 @@ fn send_pages(
             let chunk = &mut chunk[..len as usize];
             mem.read_slice(chunk, GuestAddress(addr))
                 .map_err(|_| MigrationError::Range { addr, len })?;
-            let wanted = |p: u64| {
-                let bytes = &chunk[(p * PAGE) as usize..((p + 1) * PAGE) as usize];
-                match dirty {
-                    Some(_) => is_dirty(first + p),
-                    None => bytes.iter().any(|b| *b != 0),
-                }
+            let zero = |p: u64| {
+                chunk[(p * PAGE) as usize..((p + 1) * PAGE) as usize]
+                    .iter()
+                    .all(|b| *b == 0)
+            };
+            // Runs of pages of one kind: data to send, or (in later rounds) pages that became
+            // zero, sent as their range only; the first round skips zeros altogether (the
+            // target's memory starts zeroed).
+            let kind = |p: u64| match (dirty.is_some() && !is_dirty(first + p), zero(p)) {
+                (true, _) => Page::Skip,
+                (false, true) if dirty.is_none() => Page::Skip,
+                (false, true) => Page::Zero,
+                (false, false) => Page::Data,
             };
             let mut p = 0;
             while p < pages {
-                if !wanted(p) {
-                    p += 1;
-                    continue;
-                }
+                let this = kind(p);
                 let start = p;
-                while p < pages && wanted(p) {
+                while p < pages && kind(p) == this {
                     p += 1;
                 }
-                let run = &chunk[(start * PAGE) as usize..(p * PAGE) as usize];
                 let at = addr + start * PAGE;
-                write_message(stream, MEMORY, &[&at.to_le_bytes(), run])?;
-                sent += run.len() as u64;
+                let run = &chunk[(start * PAGE) as usize..(p * PAGE) as usize];
+                match this {
+                    Page::Skip => {}
+                    Page::Zero => {
+                        write_message(
+                            stream,
+                            ZERO,
+                            &[&at.to_le_bytes(), &(run.len() as u64).to_le_bytes()],
+                        )?;
+                    }
+                    Page::Data => {
+                        write_message(stream, MEMORY, &[&at.to_le_bytes(), run])?;
+                        sent += run.len() as u64;
+                    }
+                }
             }
         }
     }
@@ -506,6 +531,29 @@ pub fn receive_memory(
                     .map_err(|_| MigrationError::Range { addr, len: len - 8 })?;
                 received += len - 8;
             }
+            ZERO => {
+                let payload = read_payload(stream, len)?;
+                let field = |i: usize| {
+                    payload
+                        .get(i * 8..i * 8 + 8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_le_bytes)
+                };
+                let (Some(addr), Some(zeros), 16) = (field(0), field(1), len) else {
+                    return Err(MigrationError::Range { addr: 0, len });
+                };
+                let blank = [0u8; PAGE as usize];
+                let mut done = 0;
+                while done < zeros {
+                    let n = (zeros - done).min(PAGE);
+                    let at = addr
+                        .checked_add(done)
+                        .ok_or(MigrationError::Range { addr, len: zeros })?;
+                    mem.write_slice(&blank[..n as usize], GuestAddress(at))
+                        .map_err(|_| MigrationError::Range { addr, len: zeros })?;
+                    done += n;
+                }
+            }
             STATE => {
                 let payload = read_payload(stream, len)?;
                 tracing::info!(received, "guest memory received");
@@ -570,14 +618,19 @@ mod tests {
             .expect("w");
         let mut wire = Vec::new();
         assert_eq!(send_pages(&mut wire, &mem, None).expect("send"), 4096);
+        // Later: page 5 (data) and pages 1-2, which became zero: their range only.
         let mut dirty = vec![vec![0u64; 4]];
-        dirty[0][0] = 0b110; // pages 1 and 2: zeros, but dirty, so sent
+        dirty[0][0] = 0b10_0110;
         let mut later = Vec::new();
         assert_eq!(
             send_pages(&mut later, &mem, Some(&dirty)).expect("send"),
-            8192
+            4096,
+            "the zero pages go as a range"
         );
         let target = crate::vstate::memory::create(&[(GuestAddress(0), 1 << 20)]).expect("t");
+        target
+            .write_slice(&[5u8; 8192], GuestAddress(0x1000))
+            .expect("stale data on the target");
         wire.extend_from_slice(&later);
         write_message(&mut wire, STATE, &[b"{}"]).expect("w");
         let e = receive_memory(&mut wire.as_slice(), &target).expect_err("not a state");
