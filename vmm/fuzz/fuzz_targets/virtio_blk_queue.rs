@@ -9,8 +9,9 @@ use libfuzzer_sys::fuzz_target;
 use thvc_vmm::devices::virtio::mmio::MmioInterrupt;
 use thvc_vmm::devices::virtio::registers::RegisterPage;
 use thvc_vmm::devices::virtio::{block, Activation, Interrupt, QueueHandler};
+use thvc_vmm::vstate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 1 << 20;

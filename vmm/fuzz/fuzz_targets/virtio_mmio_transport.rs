@@ -12,7 +12,8 @@ use thvc_vmm::devices::virtio::transport::WorkerGroup;
 use thvc_vmm::devices::virtio::worker::{self, WorkerControl};
 use thvc_vmm::devices::virtio::{Activation, DeviceInfo, QueueHandler};
 use thvc_vmm::devices::BusDevice;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use thvc_vmm::vstate::memory::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 struct Sink;

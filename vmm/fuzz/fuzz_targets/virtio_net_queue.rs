@@ -15,8 +15,9 @@ use thvc_vmm::devices::virtio::net::{self, NetBackend, NetDevice, MAX_TX_FRAME};
 use thvc_vmm::devices::virtio::registers::RegisterPage;
 use thvc_vmm::devices::virtio::tap::TapError;
 use thvc_vmm::devices::virtio::{Activation, Interrupt, QueueHandler};
+use thvc_vmm::vstate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 1 << 20;

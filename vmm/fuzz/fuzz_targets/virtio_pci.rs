@@ -29,8 +29,9 @@ use thvc_vmm::devices::virtio::rng;
 use thvc_vmm::devices::virtio::transport::WorkerGroup;
 use thvc_vmm::devices::virtio::worker::{self, WorkerControl};
 use thvc_vmm::devices::{BusDevice, VmExitRequest};
+use thvc_vmm::vstate::memory::GuestMemoryMmap;
 use thvc_vmm::vstate::msi::GsiRouting;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// The host bridge's 32-bit window (start, size), as the VMM lays it out.
