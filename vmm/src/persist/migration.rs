@@ -363,11 +363,6 @@ impl Persist {
         options: MigrateOptions,
     ) -> Result<MigrationReport, String> {
         let started = Instant::now();
-        if self.machine.transport == crate::config::Transport::Pci {
-            return Err(
-                "migration of virtio-pci VMs is not supported yet (virtio-mmio only)".into(),
-            );
-        }
         let machine: Machine = self
             .machine
             .describe(self.devices.iter().map(|d| d.description.clone()).collect());
