@@ -28,6 +28,20 @@ fn counts(guest: &Guest) -> Vec<(u64, f64)> {
     guest.seen().iter().filter_map(|l| count(l)).collect()
 }
 
+/// The guest went on where it was: no second boot, one count after the other.
+fn assert_continued(guest: &mut Guest) {
+    guest.collect();
+    assert!(
+        !guest.seen().iter().any(|l| l.contains("THVC-GUEST-READY")),
+        "the guest did not boot again"
+    );
+    let numbers: Vec<u64> = counts(guest).iter().map(|c| c.0).collect();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "one count after the other: {numbers:?}"
+    );
+}
+
 fn wait_count_above(guest: &mut Guest, n: u64) -> (u64, f64) {
     let line = guest.wait_until(&format!("THVC-COUNT above {n}"), |l| {
         count(l).is_some_and(|(c, _)| c > n)
@@ -215,19 +229,7 @@ fn snapshot_and_restore(transport: Transport) {
         disk_after > disk_before,
         "the restored guest writes its disk: {disk_before} -> {disk_after}"
     );
-    restored.collect();
-    assert!(
-        !restored
-            .seen()
-            .iter()
-            .any(|l| l.contains("THVC-GUEST-READY")),
-        "the guest did not boot again"
-    );
-    let numbers: Vec<u64> = counts(&restored).iter().map(|c| c.0).collect();
-    assert!(
-        numbers.windows(2).all(|w| w[1] == w[0] + 1),
-        "one count after the other: {numbers:?}"
-    );
+    assert_continued(&mut restored);
     common::api_call(&socket2, "stop");
     let (status, _, stderr) = restored.finish();
     assert_eq!(status.code(), Some(0), "{stderr}");
@@ -443,16 +445,7 @@ fn live_migration_moves_a_running_guest_to_another_vmm() {
         disk_count(&disk) > next,
         "the migrated guest writes the shared disk"
     );
-    target.collect();
-    assert!(
-        !target.seen().iter().any(|l| l.contains("THVC-GUEST-READY")),
-        "the guest did not boot again"
-    );
-    let numbers: Vec<u64> = counts(&target).iter().map(|c| c.0).collect();
-    assert!(
-        numbers.windows(2).all(|w| w[1] == w[0] + 1),
-        "one count after the other: {numbers:?}"
-    );
+    assert_continued(&mut target);
     common::api_call(&target_api, "stop");
     let (status, _, stderr) = target.finish();
     assert_eq!(status.code(), Some(0), "{stderr}");
