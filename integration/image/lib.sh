@@ -216,7 +216,7 @@ node_start() {
         -global driver=cfi.pflash01,property=secure,value=on \
         -drive if=pflash,format=raw,readonly=on,file="$OVMF_CODE" \
         -drive if=pflash,format=raw,file="$work/vars.fd" \
-        -drive if=virtio,format=raw,file="$work/disk.raw" \
+        -drive if=virtio,format=raw,file="$work/disk.raw",werror=report,rerror=report \
         -netdev user,id=mgmt,hostfwd=tcp:127.0.0.1:$ssh_port-:22,hostfwd=tcp:127.0.0.1:$metrics_port-:9100 \
         -device virtio-net-pci,netdev=mgmt,mac=$MGMT_MAC \
         -netdev user,id=lan,restrict=on,net=10.77.0.0/24 \
