@@ -57,6 +57,7 @@ use crate::devices::virtio::{
 use crate::devices::{Bus, BusError};
 use crate::exit::{ExitReason, VmExitRequest};
 use crate::persist::migration;
+use crate::persist::outgoing::Outgoing;
 use crate::persist::restore::{self, RestoreError};
 use crate::persist::{
     DeviceDescription, DeviceTransport, MachineShape, PciPersist, Persist, PersistDevice, Snapshot,
@@ -105,6 +106,10 @@ pub enum VmmError {
     Irq { gsi: u32, source: kvm_ioctls::Error },
     #[error("event loop: {0}")]
     EventLoop(io::Error),
+    #[error("cannot install the SIGSYS handler that reports forbidden syscalls: {0}")]
+    SigsysReporter(io::Error),
+    #[error("cannot start the migration thread: {0}")]
+    MigrationThread(io::Error),
     #[error(transparent)]
     Block(#[from] block::BlockError),
     #[error(transparent)]
@@ -733,6 +738,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     let mut resources = Resources::acquire(&config)?;
     sandbox::drop_privileges(config.sandbox.user)?;
     install_kick_handler()?;
+    sandbox::install_sigsys_reporter().map_err(VmmError::SigsysReporter)?;
 
     let exit = VmExitRequest::new().map_err(VmmError::EventLoop)?;
     let vcpu_control = Arc::new(VcpuControl::new());
@@ -906,7 +912,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
             }
         }
     }
-    vm_api.set_persist(Persist {
+    let persist = Arc::new(Persist {
         machine: shape,
         vm: vm.shared_fd(),
         mem: mem.clone(),
@@ -915,6 +921,10 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
         pci: pci_persist,
         workers: limits.workers(),
     });
+    vm_api.set_persist(persist.clone());
+    let outgoing = Outgoing::spawn(persist, vcpu_control.clone(), filters.migration.clone())
+        .map_err(VmmError::MigrationThread)?;
+    vm_api.set_outgoing(outgoing);
     // The PCI address port's writes do not exit (see vstate::coalesced): half the exits of
     // every configuration access through 0xCF8/0xCFC.
     if let Some(first) = vcpus.first() {

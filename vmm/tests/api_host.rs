@@ -364,11 +364,12 @@ fn a_forbidden_syscall_in_the_api_thread_kills_the_process() {
         cmd.env("THVC_TEST_FORBIDDEN_SYSCALL", "api");
     });
     let status = vmm.wait();
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGSYS),
-        "{status}: {}",
-        vmm.stderr()
+    let stderr = vmm.stderr();
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status}: {stderr}");
+    // The log says which syscall (openat: 257) ended it, and in which thread.
+    assert!(
+        stderr.contains("made the forbidden syscall 257"),
+        "{stderr}"
     );
     // And with --seccomp off the same hook is harmless.
     let mut unfiltered = Vmm::start(&temp_dir("sigsys-off"), &kernel, |cmd| {

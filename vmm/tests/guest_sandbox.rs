@@ -105,7 +105,7 @@ fn every_thread_of_a_running_vm_is_filtered() {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn a_forbidden_syscall_in_any_thread_kills_the_vmm() {
-    for kind in ["main", "vcpu", "device-worker"] {
+    for kind in ["main", "vcpu", "device-worker", "migration"] {
         let guest = Guest::boot_with("poweroff", &[], |cmd| {
             cmd.env("THVC_TEST_FORBIDDEN_SYSCALL", kind);
         });
@@ -116,6 +116,10 @@ fn a_forbidden_syscall_in_any_thread_kills_the_vmm() {
             "{kind}: {status}\nstderr:\n{stderr}\nconsole:\n{console}"
         );
         assert!(stderr.contains("test hook"), "{kind}: {stderr}");
+        assert!(
+            stderr.contains("made the forbidden syscall"),
+            "{kind}: {stderr}"
+        );
         assert!(!stderr.contains("was allowed"), "{kind}: {stderr}");
     }
 }

@@ -66,6 +66,10 @@ fn request_with_files_line(socket: &Path, request: &str, files: &[&dyn AsRawFd])
     BufReader::new(stream)
         .read_line(&mut answer)
         .expect("answer");
+    if answer.is_empty() {
+        // The VMM ended: the caller's assertion shows its stderr.
+        return serde_json::json!({"ok": false, "error": "no answer: the VMM closed the connection"});
+    }
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("answer {answer:?}: {e}"))
 }
 
@@ -337,14 +341,71 @@ fn live_migration_moves_a_running_guest_to_another_vmm() {
     );
     drop(stream);
     sink.join().expect("sink");
+    if !stuck["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("faster than the link carries it")
+    {
+        let (status, _, stderr) = source.finish();
+        panic!("{stuck}; the source VMM: {status}, stderr:\n{stderr}");
+    }
+    assert_eq!(common::api_call(&source_api, "info")["state"], "running");
+    let (first, _) = wait_count_above(&mut source, first + 3);
+
+    // A migration under way leaves the API to others: its progress shows in info, a pause is
+    // refused meanwhile, and migrate-cancel ends it even while the source is blocked writing
+    // to a target that stopped reading. The guest runs on here.
+    let stalled = dir.join("stalled.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&stalled).expect("bind");
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let stalling = std::thread::spawn(move || {
+        use thvc_vmm::persist::migration::{expect, write_message, HELLO, READY};
+        let (mut stream, _) = listener.accept().expect("source connects");
+        expect(&mut stream, HELLO).expect("hello");
+        write_message(&mut stream, READY, &[b"{\"ok\":true}"]).expect("ready");
+        // Reads no memory, and keeps the connection until the test is done.
+        let _ = held.recv();
+    });
+    let stream = UnixStream::connect(&stalled).expect("connect");
+    let api = source_api.clone();
+    let pending = std::thread::spawn(move || request_with_files(&api, "migrate", &[&stream]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let progress = loop {
+        let info = common::api_call(&source_api, "info");
+        let migration = &info["migration"];
+        if migration["state"] == "precopy" && migration["bytes"].as_u64() > Some(0) {
+            break migration.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress of the migration in info: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("a stalled migration's progress: {progress}");
+    let refused = request_with_files_line(&source_api, "{\"request\":\"pause\"}", &[]);
     assert!(
-        stuck["error"]
+        refused["error"]
             .as_str()
             .unwrap_or("")
-            .contains("faster than the link carries it"),
-        "{stuck}"
+            .contains("a migration is running"),
+        "{refused}"
     );
-    assert_eq!(common::api_call(&source_api, "info")["state"], "running");
+    let canceling = common::api_call(&source_api, "migrate-cancel");
+    assert_eq!(canceling["migration"], "canceling", "{canceling}");
+    let canceled = pending.join().expect("the migrate request");
+    assert!(
+        canceled["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("migration canceled (migrate-cancel); the VM runs on here"),
+        "{canceled}"
+    );
+    release.send(()).expect("release the stalled target");
+    stalling.join().expect("stalled target");
+    let info = common::api_call(&source_api, "info");
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["migration"]["state"], "canceled", "{info}");
     let (first, _) = wait_count_above(&mut source, first + 3);
 
     // A target that dies halfway: the source keeps running as if nothing happened.
@@ -470,11 +531,12 @@ fn ping_summary(output: &str) -> (u64, u64) {
 
 /// A guest on a bridge moves from one TAP to another: a ping from the host keeps going
 /// through the migration (the target announces the guest's MAC address, so the bridge
-/// forwards to the new port at once instead of after its 5-minute ageing). On virtio-pci,
-/// where the other migration test runs on virtio-mmio: the NIC's MSI-X vectors and BAR move.
+/// forwards to the new port at once instead of after its 5-minute ageing), and a TCP
+/// connection to the guest carries on. On virtio-pci, where the other migration test runs on
+/// virtio-mmio: the NIC's MSI-X vectors and BAR move.
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
-fn a_migrated_guest_answers_pings_through_its_new_tap() {
+fn a_migrated_guest_answers_pings_and_keeps_its_tcp_connection() {
     let _lan = common::Lan::new();
     let dir = tempdir("migration-net");
     let source_api = dir.join("source.sock");
@@ -483,7 +545,7 @@ fn a_migrated_guest_answers_pings_through_its_new_tap() {
     let (net_a, net_b) = (net("thvctap-a"), net("thvctap-b"));
     let mut source = Guest::boot_on(
         Transport::Pci,
-        "thvc.action=net thvc.ip=10.77.0.2/24",
+        "thvc.action=net thvc.ip=10.77.0.2/24 thvc.echo=7",
         &[
             "--api-socket",
             source_api.to_str().expect("utf-8"),
@@ -492,6 +554,7 @@ fn a_migrated_guest_answers_pings_through_its_new_tap() {
         ],
     );
     source.wait_for("THVC-NET-UP=");
+    source.wait_for("THVC-ECHO=7");
     let ping = |args: &[&str]| {
         std::process::Command::new("ping")
             .args(args)
@@ -517,11 +580,47 @@ fn a_migrated_guest_answers_pings_through_its_new_tap() {
         &net_b,
     ]);
     wait_for_socket(&incoming, &mut target);
-    // Five pings a second through the migration and 3 s after it.
+    // Five pings a second through the migration and 3 s after it; and a TCP conversation
+    // with the guest's echo server on one connection, a numbered line every 50 ms, each
+    // answer checked: the connection lives on through the move.
     let during = ping(&["-i", "0.2", "-W", "1"]);
+    let echoed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let conversation = {
+        let (echoed, stop) = (echoed.clone(), stop.clone());
+        let addr = std::net::SocketAddr::from(([10, 77, 0, 2], 7));
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .expect("connect to the guest's echo server");
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+        std::thread::spawn(move || {
+            use std::io::Write;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let n = echoed.load(std::sync::atomic::Ordering::SeqCst);
+                conn.write_all(format!("{n}\n").as_bytes())
+                    .map_err(|e| format!("line {n}: {e}"))?;
+                let mut line = String::new();
+                reader
+                    .read_line(&mut line)
+                    .map_err(|e| format!("echo of line {n}: {e}"))?;
+                if line.trim_end() != n.to_string() {
+                    return Err(format!("line {n} came back as {line:?}"));
+                }
+                echoed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok::<u64, String>(echoed.load(std::sync::atomic::Ordering::SeqCst))
+        })
+    };
     std::thread::sleep(Duration::from_secs(1));
     let moved = migrate(&source_api, &incoming);
     assert_eq!(moved["ok"], true, "{moved}");
+    let echoed_at_move = echoed.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        echoed_at_move > 0,
+        "the echo server answered before the move"
+    );
     let downtime_ms = moved["result"]["downtime_ms"].as_u64().expect("downtime");
     let (status, _, stderr) = source.finish();
     assert_eq!(status.code(), Some(0), "{stderr}");
@@ -531,7 +630,19 @@ fn a_migrated_guest_answers_pings_through_its_new_tap() {
     let out = during.wait_with_output().expect("ping ends");
     let (sent, received) = ping_summary(&String::from_utf8_lossy(&out.stdout));
     let lost = sent - received;
-    eprintln!("migrated: {moved}; ping: {sent} sent, {received} answered");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lines = conversation
+        .join()
+        .expect("the conversation thread")
+        .unwrap_or_else(|e| panic!("the TCP connection did not survive the move: {e}"));
+    eprintln!(
+        "migrated: {moved}; ping: {sent} sent, {received} answered; TCP: {lines} lines \
+         echoed on one connection, {echoed_at_move} before the move"
+    );
+    assert!(
+        lines >= echoed_at_move + 10,
+        "the conversation went on after the move: {lines} lines, {echoed_at_move} before"
+    );
     // What the pause itself costs at five a second, and a few for a slow nested test VM.
     assert!(
         lost <= downtime_ms / 200 + 5,

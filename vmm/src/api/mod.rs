@@ -6,5 +6,7 @@ pub mod server;
 pub mod vm;
 
 pub use protocol::Request;
-pub use server::{bind, send_with_files, spawn, ApiError, ApiHandler, ApiListener};
+pub use server::{
+    bind, deferred, send_with_files, spawn, Answerer, ApiError, ApiHandler, ApiListener, Reply,
+};
 pub use vm::{VmApi, VmSummary};

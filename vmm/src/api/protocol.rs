@@ -3,7 +3,8 @@
 //! Request: `{"request":"ping"|"info"|"pause"|"resume"|"shutdown"|"stop"|"snapshot"}\n`
 //! (`snapshot` carries two open files in the same message, SCM_RIGHTS: see `api::vm`),
 //! `{"request":"migrate","downtime_ms":300,"max_rounds":30}` (both optional; with the
-//! connected stream to the target, SCM_RIGHTS), or
+//! connected stream to the target, SCM_RIGHTS; answered when the migration ended, its
+//! progress in other connections' `info`), `{"request":"migrate-cancel"}`, or
 //! `{"request":"update-device","device":"virtio-blk0","bandwidth":"50M","ops":null}\n` (rate
 //! limit keys bandwidth, bandwidth-burst, ops, ops-burst; absent: unchanged; null or "0":
 //! removed; for a NIC each also with rx_ or tx_ before it, for one direction). Response:
@@ -29,6 +30,8 @@ pub enum Request {
     Snapshot,
     /// Move the VM to the target at the other end of the stream sent with the request.
     Migrate(MigrateOptions),
+    /// Stop a running migration before the switch; the VM runs on here.
+    MigrateCancel,
     /// Boxed: the other requests carry nothing.
     UpdateDevice(Box<DeviceUpdate>),
 }
@@ -139,7 +142,7 @@ fn parse_migrate(
 
 impl Request {
     /// The requests without arguments.
-    pub const ALL: [Request; 7] = [
+    pub const ALL: [Request; 8] = [
         Request::Ping,
         Request::Info,
         Request::Pause,
@@ -147,6 +150,7 @@ impl Request {
         Request::Shutdown,
         Request::Stop,
         Request::Snapshot,
+        Request::MigrateCancel,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -159,6 +163,7 @@ impl Request {
             Request::Stop => "stop",
             Request::Snapshot => "snapshot",
             Request::Migrate(_) => "migrate",
+            Request::MigrateCancel => "migrate-cancel",
             Request::UpdateDevice(_) => "update-device",
         }
     }
@@ -172,7 +177,7 @@ pub enum ProtocolError {
     NotUtf8,
     #[error("invalid request: {0}; expected {{\"request\":\"<name>\"}}")]
     Json(String),
-    #[error("unknown request \"{0}\"; expected one of ping, info, pause, resume, shutdown, stop, snapshot, migrate, update-device")]
+    #[error("unknown request \"{0}\"; expected one of ping, info, pause, resume, shutdown, stop, snapshot, migrate, migrate-cancel, update-device")]
     Unknown(String),
     #[error("request longer than {MAX_REQUEST_LEN} bytes")]
     TooLong,

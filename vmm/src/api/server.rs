@@ -12,6 +12,11 @@
 //! served (fewer while the VMM is still starting, so that clients cannot use up the file
 //! descriptors it needs), idle ones are evicted for new ones, the rest are told so and closed.
 //! Running out of descriptors (RLIMIT_NOFILE) pauses accepting briefly instead of spinning.
+//!
+//! A request that takes long (`migrate`) is carried out on another thread and answered later
+//! ([`Reply::Later`]): its connection waits for that answer (its next requests stay unread),
+//! the others are served meanwhile, so `info` shows the migration's progress and
+//! `migrate-cancel` reaches it.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -19,12 +24,13 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use seccompiler::BpfProgram;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::protocol::{
     error_line, ok_line, parse_request, Frame, LineFramer, ProtocolError, Request,
@@ -37,17 +43,14 @@ pub trait ApiHandler: Send + Sync {
     fn handle(&self, request: Request) -> Result<serde_json::Value, String>;
 
     /// Carries out a request that came with open files (SCM_RIGHTS in the same message as
-    /// its first bytes). Only requests that take files accept any.
-    fn handle_with_files(
-        &self,
-        request: Request,
-        files: Vec<File>,
-    ) -> Result<serde_json::Value, String> {
-        if files.is_empty() {
+    /// its first bytes). Only requests that take files accept any. A request that takes long
+    /// answers [`Reply::Later`].
+    fn handle_with_files(&self, request: Request, files: Vec<File>) -> Reply {
+        Reply::Now(if files.is_empty() {
             self.handle(request)
         } else {
             Err(format!("{} takes no files", request.as_str()))
-        }
+        })
     }
 
     /// Runs after the response to a successful `request` was written to the socket (for
@@ -74,6 +77,119 @@ pub enum ApiError {
     },
     #[error("cannot start the API thread: {0}")]
     Spawn(io::Error),
+}
+
+/// What a request gets: its answer, or the promise of one from the thread doing the work.
+pub enum Reply {
+    Now(Result<serde_json::Value, String>),
+    Later(Deferred),
+}
+
+impl From<Result<serde_json::Value, String>> for Reply {
+    fn from(result: Result<serde_json::Value, String>) -> Self {
+        Reply::Now(result)
+    }
+}
+
+#[derive(Default)]
+struct DeferredSlot {
+    result: Option<Result<serde_json::Value, String>>,
+    /// The connection that waits for it closed: nobody writes the answer.
+    abandoned: bool,
+    /// The server's wake-up, once it holds the request (the API thread's filter allows no
+    /// new eventfd, so the server's one is shared).
+    waker: Option<Arc<EventFd>>,
+}
+
+/// The server's end of an answer that comes later: the server is woken once the
+/// [`Answerer`] has put the result in.
+pub struct Deferred {
+    slot: Arc<Mutex<DeferredSlot>>,
+}
+
+/// The worker's end: [`Answerer::answer`] exactly once (dropping it unanswered answers with
+/// an error, so no connection waits forever).
+pub struct Answerer {
+    slot: Arc<Mutex<DeferredSlot>>,
+    answered: bool,
+}
+
+/// A pair for one request answered later (no syscall: made on the API thread).
+pub fn deferred() -> (Deferred, Answerer) {
+    let slot = Arc::new(Mutex::new(DeferredSlot::default()));
+    let answerer = Answerer {
+        slot: slot.clone(),
+        answered: false,
+    };
+    (Deferred { slot }, answerer)
+}
+
+fn lock_slot(slot: &Mutex<DeferredSlot>) -> std::sync::MutexGuard<'_, DeferredSlot> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Puts `result` in unless the connection is gone; false if it is.
+fn fill_slot(slot: &Mutex<DeferredSlot>, result: Result<serde_json::Value, String>) -> bool {
+    let mut slot = lock_slot(slot);
+    if slot.abandoned {
+        return false;
+    }
+    slot.result = Some(result);
+    if let Some(waker) = &slot.waker {
+        let _ = waker.write(1);
+    }
+    true
+}
+
+impl Answerer {
+    /// Hands the result to the server; false when the client is gone (nobody will write it,
+    /// and so no after_response hook runs for it).
+    pub fn answer(mut self, result: Result<serde_json::Value, String>) -> bool {
+        self.answered = true;
+        fill_slot(&self.slot, result)
+    }
+}
+
+impl Drop for Answerer {
+    fn drop(&mut self) {
+        if !self.answered {
+            fill_slot(
+                &self.slot,
+                Err("the request ended without an answer".into()),
+            );
+        }
+    }
+}
+
+impl Deferred {
+    /// From now on the answer wakes `waker` (and does at once if it is already there).
+    fn attach(&self, waker: &Arc<EventFd>) {
+        let mut slot = lock_slot(&self.slot);
+        if slot.result.is_some() {
+            let _ = waker.write(1);
+        }
+        slot.waker = Some(waker.clone());
+    }
+
+    /// Whether the answer is there.
+    fn is_ready(&self) -> bool {
+        lock_slot(&self.slot).result.is_some()
+    }
+
+    /// The result once it is there.
+    fn take(&self) -> Option<Result<serde_json::Value, String>> {
+        lock_slot(&self.slot).result.take()
+    }
+
+    /// The connection closes: from now on the answer has nowhere to go. Returns it if it
+    /// came meanwhile.
+    fn abandon(&self) -> Option<Result<serde_json::Value, String>> {
+        let mut slot = lock_slot(&self.slot);
+        slot.abandoned = true;
+        slot.waker = None;
+        slot.result.take()
+    }
 }
 
 pub const MAX_CONNECTIONS: usize = 32;
@@ -169,6 +285,7 @@ pub fn spawn(
     filter: Option<BpfProgram>,
 ) -> Result<JoinHandle<()>, ApiError> {
     let epoll = Epoll::new().map_err(ApiError::Spawn)?;
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(ApiError::Spawn)?;
     std::thread::Builder::new()
         .name("api".into())
         .stack_size(crate::THREAD_STACK_SIZE)
@@ -179,7 +296,7 @@ pub fn spawn(
                 return;
             }
             sandbox::test_forbidden_syscall(ThreadKind::Api);
-            let mut server = Server::new(listener, handler, epoll);
+            let mut server = Server::new(listener, handler, epoll, wake);
             if let Err(e) = server.run() {
                 tracing::error!("control API stopped: {e}");
             }
@@ -202,9 +319,13 @@ struct Connection {
     files: Vec<File>,
     /// A message came with more files than allowed: its request is refused.
     files_truncated: bool,
+    /// The request whose answer comes later, and whether the server's wake-up is attached.
+    pending: Option<(Request, Deferred, bool)>,
 }
 
 const LISTENER_TOKEN: u64 = u64::MAX;
+/// The wake-up of deferred answers.
+const WAKE_TOKEN: u64 = u64::MAX - 1;
 
 pub struct Server {
     listener: ApiListener,
@@ -213,16 +334,24 @@ pub struct Server {
     connections: Vec<Option<Connection>>,
     /// Set while accepting is paused after EMFILE/ENFILE.
     accept_paused_until: Option<Instant>,
+    /// Written when a deferred answer is ready (made before the thread's filter goes on).
+    wake: Arc<EventFd>,
 }
 
 impl Server {
-    pub fn new(listener: ApiListener, handler: Arc<dyn ApiHandler>, epoll: Epoll) -> Self {
+    pub fn new(
+        listener: ApiListener,
+        handler: Arc<dyn ApiHandler>,
+        epoll: Epoll,
+        wake: EventFd,
+    ) -> Self {
         Server {
             listener,
             handler,
             epoll,
             connections: (0..MAX_CONNECTIONS).map(|_| None).collect(),
             accept_paused_until: None,
+            wake: Arc::new(wake),
         }
     }
 
@@ -236,7 +365,12 @@ impl Server {
             self.listener_fd(),
             EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
         )?;
-        let mut events = vec![EpollEvent::default(); MAX_CONNECTIONS + 1];
+        self.epoll.ctl(
+            ControlOperation::Add,
+            self.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+        )?;
+        let mut events = vec![EpollEvent::default(); MAX_CONNECTIONS + 2];
         loop {
             let timeout = match self.accept_paused_until {
                 Some(until) => {
@@ -263,9 +397,30 @@ impl Server {
             for event in &events[..n] {
                 match event.data() {
                     LISTENER_TOKEN => self.accept_all()?,
+                    WAKE_TOKEN => {
+                        let _ = self.wake.read();
+                        for slot in 0..self.connections.len() {
+                            self.complete(slot);
+                        }
+                    }
                     token => {
                         let slot = token as usize;
-                        self.service(slot);
+                        // A connection waiting for a later answer reads nothing (its next
+                        // requests wait), so only a hang-up tells that its client is gone;
+                        // a client that only closed its sending side still gets the answer.
+                        let gone = event
+                            .event_set()
+                            .intersects(EventSet::HANG_UP | EventSet::ERROR);
+                        let waiting = self
+                            .connections
+                            .get(slot)
+                            .and_then(Option::as_ref)
+                            .is_some_and(|c| c.pending.is_some());
+                        if gone && waiting {
+                            self.close(slot);
+                        } else {
+                            self.service(slot);
+                        }
                     }
                 }
             }
@@ -371,6 +526,7 @@ impl Server {
             registered,
             files: Vec::new(),
             files_truncated: false,
+            pending: None,
         });
     }
 
@@ -381,7 +537,31 @@ impl Server {
                 conn.stream.as_raw_fd(),
                 EpollEvent::default(),
             );
+            if let Some((request, deferred, _)) = conn.pending {
+                // The client left before its answer: what follows a successful request
+                // (a migrated VMM's end) must not depend on it being there.
+                if let Some(Ok(_)) = deferred.abandon() {
+                    self.handler.after_response(request);
+                }
+            }
         }
+    }
+
+    /// If connection `slot` waits for a deferred answer that is there: it goes out, and the
+    /// connection's next requests are read again.
+    fn complete(&mut self, slot: usize) {
+        let Some(conn) = self.connections.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if !conn.pending.as_ref().is_some_and(|(_, d, _)| d.is_ready()) {
+            return;
+        }
+        if let Some((request, deferred, _)) = conn.pending.take() {
+            if let Some(result) = deferred.take() {
+                conn.push_answer(request, result);
+            }
+        }
+        self.service(slot);
     }
 
     /// Reads, answers and writes as far as possible without blocking, then re-arms epoll or
@@ -395,6 +575,10 @@ impl Server {
         if !keep {
             self.close(slot);
             return;
+        }
+        if let Some((_, deferred, attached @ false)) = conn.pending.as_mut() {
+            *attached = true;
+            deferred.attach(&self.wake);
         }
         let wanted = conn.wanted_events();
         if wanted != conn.registered {
@@ -418,7 +602,7 @@ impl Server {
 impl Connection {
     fn wanted_events(&self) -> EventSet {
         let mut events = EventSet::empty();
-        if !self.input_done && self.output.len() < OUTPUT_HIGH_WATER {
+        if !self.input_done && self.pending.is_none() && self.output.len() < OUTPUT_HIGH_WATER {
             events |= EventSet::IN;
         }
         if !self.output.is_empty() {
@@ -429,7 +613,7 @@ impl Connection {
 
     /// Answers complete request lines while the output buffer has room.
     fn answer(&mut self, handler: &dyn ApiHandler) {
-        while self.output.len() < OUTPUT_HIGH_WATER {
+        while self.pending.is_none() && self.output.len() < OUTPUT_HIGH_WATER {
             let frame = match self.framer.next_frame() {
                 Some(frame) => frame,
                 None if self.input_done => match self.framer.finish() {
@@ -450,11 +634,10 @@ impl Connection {
                             )));
                         }
                         Ok(request) => match handler.handle_with_files(request.clone(), files) {
-                            Ok(result) => {
-                                self.output.extend_from_slice(&ok_line(result));
-                                self.after.push(request);
+                            Reply::Now(result) => self.push_answer(request, result),
+                            Reply::Later(deferred) => {
+                                self.pending = Some((request, deferred, false));
                             }
-                            Err(message) => self.output.extend_from_slice(&error_line(&message)),
                         },
                         Err(e) => self.output.extend_from_slice(&error_line(&e.to_string())),
                     }
@@ -468,6 +651,16 @@ impl Connection {
                     return;
                 }
             }
+        }
+    }
+
+    fn push_answer(&mut self, request: Request, result: Result<serde_json::Value, String>) {
+        match result {
+            Ok(result) => {
+                self.output.extend_from_slice(&ok_line(result));
+                self.after.push(request);
+            }
+            Err(message) => self.output.extend_from_slice(&error_line(&message)),
         }
     }
 
@@ -616,7 +809,7 @@ fn pump(conn: &mut Connection, handler: &dyn ApiHandler) -> bool {
         // (possibly too long) line.
         loop {
             conn.answer(handler);
-            if conn.input_done || conn.output.len() >= OUTPUT_HIGH_WATER {
+            if conn.input_done || conn.pending.is_some() || conn.output.len() >= OUTPUT_HIGH_WATER {
                 break;
             }
             match conn.read_some() {
@@ -640,7 +833,10 @@ fn pump(conn: &mut Connection, handler: &dyn ApiHandler) -> bool {
             break;
         }
     }
-    !(conn.input_done && conn.output.is_empty() && conn.framer.pending() == 0)
+    !(conn.input_done
+        && conn.pending.is_none()
+        && conn.output.is_empty()
+        && conn.framer.pending() == 0)
 }
 
 #[cfg(test)]
@@ -654,10 +850,12 @@ mod tests {
 
     use crate::api::protocol::MAX_REQUEST_LEN;
 
-    /// Answers ping and info, refuses the rest; records after_response calls.
+    /// Answers ping and info, refuses the rest; answers migrate later (its answerer kept for
+    /// the test); records after_response calls.
     #[derive(Default)]
     struct Mock {
         after: Mutex<Vec<Request>>,
+        later: Mutex<Vec<Answerer>>,
     }
 
     impl ApiHandler for Mock {
@@ -670,8 +868,50 @@ mod tests {
             }
         }
 
+        fn handle_with_files(&self, request: Request, files: Vec<File>) -> Reply {
+            match request {
+                Request::Migrate(_) => {
+                    let (deferred, answerer) = deferred();
+                    self.later.lock().expect("lock").push(answerer);
+                    Reply::Later(deferred)
+                }
+                other if files.is_empty() => Reply::Now(self.handle(other)),
+                other => Reply::Now(Err(format!("{} takes no files", other.as_str()))),
+            }
+        }
+
         fn after_response(&self, request: Request) {
             self.after.lock().expect("lock").push(request);
+        }
+    }
+
+    impl Mock {
+        /// The answerer of the request answered later, once the server has it.
+        fn take_answerer(&self) -> Answerer {
+            for _ in 0..500 {
+                if let Some(a) = self.later.lock().expect("lock").pop() {
+                    return a;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            panic!("the server did not pass the request on within 5 s");
+        }
+
+        fn after(&self) -> Vec<Request> {
+            self.after.lock().expect("lock").clone()
+        }
+
+        /// The after hooks once `n` ran (they run after the answer is written, so a client
+        /// may read it first).
+        fn after_n(&self, n: usize) -> Vec<Request> {
+            for _ in 0..500 {
+                let after = self.after();
+                if after.len() >= n {
+                    return after;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.after()
         }
     }
 
@@ -689,7 +929,8 @@ mod tests {
         let mock = Arc::new(Mock::default());
         let handler: Arc<dyn ApiHandler> = mock.clone();
         let epoll = Epoll::new().expect("epoll");
-        std::thread::spawn(move || Server::new(listener, handler, epoll).run());
+        let wake = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        std::thread::spawn(move || Server::new(listener, handler, epoll, wake).run());
         (path, mock)
     }
 
@@ -733,6 +974,74 @@ mod tests {
                 Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
             }
         }
+    }
+
+    #[test]
+    fn a_later_answer_holds_its_connection_only() {
+        let (path, mock) = serve("later");
+        let mut waiting = Client::connect(&path);
+        // The ping after migrate is read only once migrate has its answer.
+        waiting.send(b"{\"request\":\"migrate\"}\n{\"request\":\"ping\"}\n");
+        let answerer = mock.take_answerer();
+        let mut other = Client::connect(&path);
+        other.send(b"{\"request\":\"info\"}\n");
+        assert_eq!(other.response()["result"]["state"], "running");
+        assert_eq!(
+            mock.after_n(1),
+            [Request::Info],
+            "nothing on the waiting one"
+        );
+        assert!(answerer.answer(Ok(serde_json::json!({"downtime_ms": 5}))));
+        let v = waiting.response();
+        assert_eq!(v["result"]["downtime_ms"], 5, "{v}");
+        assert_eq!(
+            waiting.response()["result"],
+            "pong",
+            "then the next request"
+        );
+        let migrate = Request::Migrate(Default::default());
+        assert_eq!(mock.after_n(3), [Request::Info, migrate, Request::Ping]);
+
+        // A client that half-closes keeps its answer coming; an error has no after hook.
+        let mut closing = Client::connect(&path);
+        closing.send(b"{\"request\":\"migrate\"}\n");
+        closing
+            .stream
+            .shutdown(Shutdown::Write)
+            .expect("half close");
+        let answerer = mock.take_answerer();
+        drop(answerer);
+        assert!(closing.error().contains("without an answer"));
+        closing.assert_closed();
+        assert_eq!(
+            mock.after().len(),
+            3,
+            "no hook for an error: {:?}",
+            mock.after()
+        );
+
+        // A client gone before the answer: the worker learns nobody will write it.
+        let mut gone = Client::connect(&path);
+        gone.send(b"{\"request\":\"migrate\"}\n");
+        let answerer = mock.take_answerer();
+        drop(gone);
+        let mut probe = Client::connect(&path);
+        // Once the server saw the hang-up (it serves connections in order of events), the
+        // answer has nowhere to go.
+        let mut abandoned = false;
+        let mut answerer = Some(answerer);
+        for _ in 0..500 {
+            probe.send(b"{\"request\":\"ping\"}\n");
+            assert_eq!(probe.response()["result"], "pong");
+            let a = answerer.take().expect("answerer");
+            if lock_slot(&a.slot).abandoned {
+                abandoned = !a.answer(Ok(serde_json::json!({})));
+                break;
+            }
+            answerer = Some(a);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(abandoned, "the answer to a closed connection is refused");
     }
 
     #[test]

@@ -8,12 +8,13 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::protocol::{Change, DeviceUpdate, LimitChanges};
-use super::{ApiHandler, Request};
+use super::{ApiHandler, Reply, Request};
 use crate::config::Boot;
 use crate::devices::ged::PowerButton;
 use crate::devices::metrics::DeviceRegistry;
 use crate::devices::virtio::throttle::{Direction, LimitRegistry, LimitSetting};
 use crate::exit::{ExitReason, VmExitRequest};
+use crate::persist::outgoing::Outgoing;
 use crate::persist::Persist;
 use crate::rate_limiter::{parse_bytes, parse_ops, LimitConfig, RateError};
 use crate::vstate::control::{VcpuControl, VcpuStats};
@@ -47,7 +48,9 @@ pub struct VmApi {
     exit: VmExitRequest,
     power_button: OnceLock<PowerButton>,
     /// The devices to pause and the state to snapshot, once the VM is built.
-    persist: OnceLock<Persist>,
+    persist: OnceLock<Arc<Persist>>,
+    /// The migration thread, once the VM is built.
+    outgoing: OnceLock<Outgoing>,
     /// How the guest has no PMU (`vstate::vm::PmuOff`), once the KVM VM exists.
     pmu: OnceLock<&'static str>,
     shutdown_requested: AtomicBool,
@@ -75,6 +78,7 @@ impl VmApi {
             exit,
             power_button: OnceLock::new(),
             persist: OnceLock::new(),
+            outgoing: OnceLock::new(),
             pmu: OnceLock::new(),
             shutdown_requested: AtomicBool::new(false),
             event_loop_running: AtomicBool::new(false),
@@ -131,8 +135,69 @@ impl VmApi {
     }
 
     /// What pause, resume and snapshot act on besides the vCPUs.
-    pub fn set_persist(&self, persist: Persist) {
+    pub fn set_persist(&self, persist: Arc<Persist>) {
         let _ = self.persist.set(persist);
+    }
+
+    /// Where `migrate` sends its work.
+    pub fn set_outgoing(&self, outgoing: Outgoing) {
+        let _ = self.outgoing.set(outgoing);
+    }
+
+    /// Refuses what would change the guest under a running migration: it pauses and resumes
+    /// the guest itself, and a guest powered off or snapshotted meanwhile would arrive on the
+    /// target as something else than what the request asked for.
+    fn refuse_while_migrating(&self, request: &Request) -> Result<(), String> {
+        match self.outgoing.get() {
+            Some(outgoing) if outgoing.control().is_running() => Err(format!(
+                "a migration is running: {} waits until it ended (or migrate-cancel)",
+                request.as_str()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `migrate`: hands the stream to the migration thread; answered when it ended.
+    fn start_migration(
+        &self,
+        files: Vec<File>,
+        options: crate::persist::migration::MigrateOptions,
+    ) -> Result<super::server::Deferred, String> {
+        let outgoing = self
+            .outgoing
+            .get()
+            .ok_or("the VM is still starting; try again")?;
+        let [stream]: [File; 1] = files.try_into().map_err(|f: Vec<File>| {
+            format!(
+                "migrate takes one file, the stream to the target (a connected socket), sent \
+                 with the request (SCM_RIGHTS); got {}",
+                f.len()
+            )
+        })?;
+        let (deferred, answerer) = super::deferred();
+        let exit = self.exit.clone();
+        outgoing.start(
+            stream,
+            options,
+            Box::new(move |result| {
+                let migrated = result.is_ok();
+                let answer = result.map(|report| {
+                    tracing::info!(?report, "migrated; the guest runs on the target");
+                    json!({
+                        "rounds": report.rounds,
+                        "bytes": report.bytes,
+                        "downtime_ms": report.downtime.as_millis() as u64,
+                        "total_ms": report.total.as_millis() as u64,
+                    })
+                });
+                // Normally the API ends the VMM once the answer is out (after_response); a
+                // client that left gets none, and the guest runs on the target all the same.
+                if !answerer.answer(answer) && migrated {
+                    exit.request(ExitReason::Migrated);
+                }
+            }),
+        )?;
+        Ok(deferred)
     }
 
     /// How the guest came to have no PMU, for `info`.
@@ -186,6 +251,9 @@ impl VmApi {
             Boot::Firmware(firmware) => info["firmware"] = json!(firmware.to_string_lossy()),
             Boot::Restore(dir) => info["restored_from"] = json!(dir.to_string_lossy()),
             Boot::Incoming(addr) => info["migrated_in_on"] = json!(addr.to_string()),
+        }
+        if let Some(migration) = self.outgoing.get().and_then(|o| o.control().json()) {
+            info["migration"] = migration;
         }
         info
     }
@@ -298,6 +366,12 @@ fn setting_json(device: &str, setting: &LimitSetting) -> Value {
 
 impl ApiHandler for VmApi {
     fn handle(&self, request: Request) -> Result<Value, String> {
+        if matches!(
+            request,
+            Request::Pause | Request::Resume | Request::Shutdown | Request::Snapshot
+        ) {
+            self.refuse_while_migrating(&request)?;
+        }
         match request {
             Request::Ping => Ok(json!("pong")),
             Request::Info => Ok(self.info()),
@@ -322,8 +396,21 @@ impl ApiHandler for VmApi {
                 tracing::info!("VM resumed");
                 Ok(self.state_result())
             }
-            Request::Snapshot => self.handle_with_files(Request::Snapshot, Vec::new()),
-            Request::Migrate(_) => self.handle_with_files(request, Vec::new()),
+            Request::Snapshot => self
+                .persist
+                .get()
+                .ok_or("the VM is still starting; try again")?
+                .snapshot(&self.vcpus, Vec::new()),
+            Request::Migrate(_) => Err("migrate takes one file, the stream to the target (a \
+                                        connected socket), sent with the request (SCM_RIGHTS); \
+                                        got none"
+                .into()),
+            Request::MigrateCancel => self
+                .outgoing
+                .get()
+                .ok_or("no migration is running")?
+                .control()
+                .cancel(),
             Request::Shutdown => {
                 if self.vcpus.is_paused() {
                     return Err("the VM is paused and cannot react to the power button; \
@@ -346,36 +433,20 @@ impl ApiHandler for VmApi {
         }
     }
 
-    fn handle_with_files(&self, request: Request, files: Vec<File>) -> Result<Value, String> {
+    fn handle_with_files(&self, request: Request, files: Vec<File>) -> Reply {
         match request {
-            Request::Snapshot => self
-                .persist
-                .get()
-                .ok_or("the VM is still starting; try again")?
-                .snapshot(&self.vcpus, files),
-            Request::Migrate(options) => {
-                let persist = self
-                    .persist
+            Request::Snapshot => Reply::Now(self.refuse_while_migrating(&request).and_then(|()| {
+                self.persist
                     .get()
-                    .ok_or("the VM is still starting; try again")?;
-                let [stream]: [File; 1] = files.try_into().map_err(|f: Vec<File>| {
-                    format!(
-                        "migrate takes one file, the stream to the target (a connected \
-                         socket), sent with the request (SCM_RIGHTS); got {}",
-                        f.len()
-                    )
-                })?;
-                let report = persist.migrate(&self.vcpus, stream, options)?;
-                tracing::info!(?report, "migrated; the guest runs on the target");
-                Ok(json!({
-                    "rounds": report.rounds,
-                    "bytes": report.bytes,
-                    "downtime_ms": report.downtime.as_millis() as u64,
-                    "total_ms": report.total.as_millis() as u64,
-                }))
-            }
-            other if files.is_empty() => self.handle(other),
-            other => Err(format!("{} takes no files", other.as_str())),
+                    .ok_or("the VM is still starting; try again")?
+                    .snapshot(&self.vcpus, files)
+            })),
+            Request::Migrate(options) => match self.start_migration(files, options) {
+                Ok(deferred) => Reply::Later(deferred),
+                Err(e) => Reply::Now(Err(e)),
+            },
+            other if files.is_empty() => Reply::Now(self.handle(other)),
+            other => Reply::Now(Err(format!("{} takes no files", other.as_str()))),
         }
     }
 
@@ -389,7 +460,8 @@ impl ApiHandler for VmApi {
 
     fn after_response(&self, request: Request) {
         if let Request::Migrate(_) = request {
-            // The guest runs on the target now; this VMM ends once the answer is out.
+            // The guest runs on the target now; this VMM ends once the answer is out (or
+            // its client left: see start_migration).
             self.exit.request(ExitReason::Migrated);
         }
         if request == Request::Stop {

@@ -41,6 +41,7 @@ use serde_json::{json, Value};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::outgoing::{MigrationControl, Phase};
 use super::{Machine, Persist, Snapshot, SnapshotError};
 use crate::vstate::control::VcpuControl;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -106,6 +107,8 @@ pub enum MigrationError {
          on here"
     )]
     NoConvergence { rounds: u32, dirty: u64, rate: u64 },
+    #[error("canceled (migrate-cancel)")]
+    Canceled,
     #[error("{0}")]
     Vm(String),
 }
@@ -261,61 +264,120 @@ enum Page {
     Data,
 }
 
+/// Whether a page holds only zeros (OR-folded in blocks: the compiler vectorises a fold, not
+/// a short-circuiting search, and a page with data usually shows it in its first block).
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks(256)
+        .all(|block| block.iter().fold(0u8, |acc, b| acc | b) == 0)
+}
+
+/// Runs of set bits in `bits` (pages of a region with `pages` pages), each at most `max`
+/// pages: (first page, count).
+fn dirty_runs(bits: &[u64], pages: u64, max: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut open: Option<(u64, u64)> = None;
+    for (w, &word) in bits.iter().enumerate() {
+        if word == 0 {
+            if let Some(run) = open.take() {
+                runs.push(run);
+            }
+            continue;
+        }
+        for b in 0..64 {
+            let page = w as u64 * 64 + b;
+            if page >= pages {
+                break;
+            }
+            if word & (1 << b) != 0 {
+                open = match open {
+                    Some((first, count)) if count < max => Some((first, count + 1)),
+                    Some(full) => {
+                        runs.push(full);
+                        Some((page, 1))
+                    }
+                    None => Some((page, 1)),
+                };
+            } else if let Some(run) = open.take() {
+                runs.push(run);
+            }
+        }
+    }
+    runs.extend(open);
+    runs
+}
+
+/// What one call of [`send_pages`] did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sent {
+    /// Page data that went out (MEMORY).
+    bytes: u64,
+    /// Pages looked at, whatever went out for them: what the next round's time depends on.
+    handled: u64,
+}
+
 /// Sends the pages whose bits are set (all pages that are not zero for `None`: the target's
-/// memory starts zeroed), in runs of whole pages; returns the bytes sent.
+/// memory starts zeroed), in runs of whole pages. Later rounds read only their dirty runs, so
+/// a last round of a few pages spread over a large guest costs those pages, not the guest.
 fn send_pages(
     stream: &mut impl Write,
     mem: &GuestMemoryMmap,
     dirty: Option<&[Vec<u64>]>,
-) -> Result<u64, MigrationError> {
-    let mut sent = 0;
+    control: &MigrationControl,
+) -> Result<Sent, MigrationError> {
+    // Small runs (a last round's scattered pages) go out several to a write.
+    let mut stream = io::BufWriter::with_capacity(256 << 10, stream);
+    let stream = &mut stream;
+    let mut sent = Sent::default();
+    let max = MAX_RUN / PAGE;
     let mut chunk = vec![0u8; MAX_RUN as usize];
     for (r, region) in mem.iter().enumerate() {
         let base = region.start_addr().0;
-        let is_dirty = |page: u64| match dirty {
-            Some(d) => d
-                .get(r)
-                .and_then(|bits| bits.get((page / 64) as usize))
-                .is_some_and(|w| w & (1 << (page % 64)) != 0),
-            None => true,
+        let pages = region.len() / PAGE;
+        let runs: Vec<(u64, u64)> = match dirty {
+            None => (0..pages)
+                .step_by(max as usize)
+                .map(|first| (first, max.min(pages - first)))
+                .collect(),
+            Some(d) => dirty_runs(d.get(r).map_or(&[][..], Vec::as_slice), pages, max),
         };
-        let mut offset = 0;
-        while offset < region.len() {
-            let len = (region.len() - offset).min(MAX_RUN);
-            let first = offset / PAGE;
-            let pages = len / PAGE;
-            offset += len;
-            if !(first..first + pages).any(is_dirty) {
-                continue;
-            }
+        for (first, count) in runs {
             let addr = base + first * PAGE;
+            let len = count * PAGE;
             let chunk = &mut chunk[..len as usize];
             mem.read_slice(chunk, GuestAddress(addr))
                 .map_err(|_| MigrationError::Range { addr, len })?;
-            let zero = |p: u64| {
-                chunk[(p * PAGE) as usize..((p + 1) * PAGE) as usize]
-                    .iter()
-                    .all(|b| *b == 0)
-            };
+            sent.handled += len;
             // Runs of pages of one kind: data to send, or (in later rounds) pages that became
             // zero, sent as their range only; the first round skips zeros altogether (the
             // target's memory starts zeroed).
-            let kind = |p: u64| match (dirty.is_some() && !is_dirty(first + p), zero(p)) {
-                (true, _) => Page::Skip,
-                (false, true) if dirty.is_none() => Page::Skip,
-                (false, true) => Page::Zero,
-                (false, false) => Page::Data,
+            let kind = |p: u64| match (
+                is_zero(&chunk[(p * PAGE) as usize..((p + 1) * PAGE) as usize]),
+                dirty,
+            ) {
+                (true, None) => Page::Skip,
+                (true, Some(_)) => Page::Zero,
+                (false, _) => Page::Data,
             };
             let mut p = 0;
-            while p < pages {
-                let this = kind(p);
+            let mut this = (count > 0).then(|| kind(0));
+            while let Some(current) = this {
                 let start = p;
-                while p < pages && kind(p) == this {
+                this = None;
+                p += 1;
+                while p < count {
+                    let next = kind(p);
+                    if next != current {
+                        this = Some(next);
+                        break;
+                    }
                     p += 1;
                 }
                 let at = addr + start * PAGE;
                 let run = &chunk[(start * PAGE) as usize..(p * PAGE) as usize];
-                match this {
+                if current != Page::Skip {
+                    control.check()?;
+                }
+                match current {
                     Page::Skip => {}
                     Page::Zero => {
                         write_message(
@@ -326,12 +388,14 @@ fn send_pages(
                     }
                     Page::Data => {
                         write_message(stream, MEMORY, &[&at.to_le_bytes(), run])?;
-                        sent += run.len() as u64;
+                        sent.bytes += run.len() as u64;
+                        control.add_bytes(run.len() as u64);
                     }
                 }
             }
         }
     }
+    stream.flush()?;
     Ok(sent)
 }
 
@@ -355,12 +419,14 @@ pub struct MigrationReport {
 
 impl Persist {
     /// Migrates the running (or paused) VM over `stream`; on success the target runs it and
-    /// this VMM must end. See the module documentation for what a failure leaves.
+    /// this VMM must end. See the module documentation for what a failure leaves. Runs on
+    /// the migration thread (`outgoing`), reporting to and canceled through `control`.
     pub fn migrate(
         &self,
         vcpus: &VcpuControl,
-        mut stream: File,
+        stream: &mut File,
         options: MigrateOptions,
+        control: &MigrationControl,
     ) -> Result<MigrationReport, String> {
         let started = Instant::now();
         let machine: Machine = self
@@ -369,15 +435,16 @@ impl Persist {
         let hello = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
         let was_paused = vcpus.is_paused();
         let fail = |e: MigrationError| format!("migration failed, the VM runs on here: {e}");
-        set_timeouts(&stream, PEER_TIMEOUT).map_err(|e| {
+        set_timeouts(stream, PEER_TIMEOUT).map_err(|e| {
             format!("the file sent with migrate must be a connected stream socket: {e}")
         })?;
-        write_message(&mut stream, HELLO, &[&hello]).map_err(|e| fail(e.into()))?;
-        expect(&mut stream, READY)
+        write_message(stream, HELLO, &[&hello]).map_err(|e| fail(e.into()))?;
+        expect(stream, READY)
             .and_then(|p| answer(&p))
             .map_err(fail)?;
         set_dirty_logging(&self.vm, &self.mem, true).map_err(fail)?;
-        let precopy = self.precopy(&mut stream, options);
+        control.set_phase(Phase::Precopy);
+        let precopy = self.precopy(stream, options, control);
         let mut report = match precopy {
             Ok(report) => report,
             Err(e) => {
@@ -386,6 +453,7 @@ impl Persist {
             }
         };
         // Stop and copy.
+        control.set_phase(Phase::StopAndCopy);
         let paused_at = Instant::now();
         let pause = || -> Result<(), String> {
             if !was_paused {
@@ -411,10 +479,14 @@ impl Persist {
         }
         let state = self.save_vcpus(vcpus).and_then(|vcpu_states| {
             let sent = take_dirty(&self.vm, &self.mem)
-                .and_then(|dirty| send_pages(&mut stream, &self.mem, Some(&dirty)))
+                .and_then(|dirty| send_pages(stream, &self.mem, Some(&dirty), control))
                 .map_err(|e| e.to_string())?;
-            report.bytes += sent;
+            report.bytes += sent.bytes;
             self.state(vcpu_states)
+        });
+        let state = state.and_then(|state| {
+            control.switch().map_err(|e| e.to_string())?;
+            Ok(state)
         });
         let state = match state {
             Ok(state) => state,
@@ -424,7 +496,7 @@ impl Persist {
                 return Err(format!("migration failed, the VM runs on here: {e}"));
             }
         };
-        if let Err(e) = write_message(&mut stream, STATE, &[&state]) {
+        if let Err(e) = write_message(stream, STATE, &[&state]) {
             // Whether the target got all of it is unknown: see the module documentation.
             return Err(format!(
                 "migration stream broke while sending the device state ({e}); the VM stays \
@@ -432,7 +504,7 @@ impl Persist {
                  this VM"
             ));
         }
-        match expect(&mut stream, RESUMED).and_then(|p| answer(&p)) {
+        match expect(stream, RESUMED).and_then(|p| answer(&p)) {
             Ok(()) => {
                 report.downtime = paused_at.elapsed();
                 report.total = started.elapsed();
@@ -459,19 +531,31 @@ impl Persist {
         &self,
         stream: &mut File,
         options: MigrateOptions,
+        control: &MigrationControl,
     ) -> Result<MigrationReport, MigrationError> {
         let mut report = MigrationReport::default();
         // What was written before logging began is in the first round anyway.
         take_dirty(&self.vm, &self.mem)?;
         let t = Instant::now();
-        report.bytes += send_pages(stream, &self.mem, None)?;
-        let mut elapsed = t.elapsed();
-        let mut sent = report.bytes;
+        let first = send_pages(stream, &self.mem, None, control)?;
+        report.bytes += first.bytes;
+        // The speed that predicts the last round: dirty pages handled per second (read,
+        // checked, sent as data or as a zero range) over the later rounds; after the first
+        // round only its data rate is known (it also skipped every zero page, which is fast
+        // and says little about dirty ones).
+        let first_rate = first.bytes as f64 / t.elapsed().as_secs_f64().max(1e-3);
+        let (mut handled, mut later) = (0u64, Duration::ZERO);
         loop {
-            // Bytes per second the link took so far (at least one page per second).
-            let rate = (sent as f64 / elapsed.as_secs_f64().max(1e-3)).max(PAGE as f64);
+            let rate = if handled > 0 {
+                handled as f64 / later.as_secs_f64().max(1e-3)
+            } else {
+                first_rate
+            }
+            .max(PAGE as f64);
             let dirty = take_dirty(&self.vm, &self.mem)?;
             let left = dirty_bytes(&dirty);
+            control.round(report.rounds, left, rate as u64);
+            control.check()?;
             if left as f64 / rate <= options.downtime.as_secs_f64() {
                 // Small enough: these go in the stop-and-copy round, with what comes meanwhile.
                 for (region, bits) in self.mem.iter().zip(&dirty) {
@@ -496,10 +580,10 @@ impl Persist {
             }
             report.rounds += 1;
             let t = Instant::now();
-            let n = send_pages(stream, &self.mem, Some(&dirty))?;
-            elapsed += t.elapsed();
-            sent += n;
-            report.bytes += n;
+            let n = send_pages(stream, &self.mem, Some(&dirty), control)?;
+            later += t.elapsed();
+            handled += n.handled;
+            report.bytes += n.bytes;
         }
     }
 }
@@ -607,21 +691,47 @@ mod tests {
     }
 
     #[test]
+    fn dirty_runs_follow_the_bits_across_words_and_stop_at_the_limits() {
+        let mut bits = vec![0u64; 3];
+        bits[0] = 0b1011 | 1 << 63;
+        bits[1] = 0b1;
+        bits[2] = u64::MAX;
+        assert_eq!(
+            dirty_runs(&bits, 150, 1000),
+            [(0, 2), (3, 1), (63, 2), (128, 22)],
+            "a run crosses a word boundary; pages past the region's end are not in it"
+        );
+        assert_eq!(
+            dirty_runs(&bits, 192, 40),
+            [(0, 2), (3, 1), (63, 2), (128, 40), (168, 24)]
+        );
+        assert!(dirty_runs(&[0, 0], 128, 8).is_empty());
+        assert!(is_zero(&[0u8; 4096]));
+        let mut page = [0u8; 4096];
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+    }
+
+    #[test]
     fn the_first_round_skips_zero_pages_and_later_rounds_send_dirty_ones() {
         let mem = crate::vstate::memory::create(&[(GuestAddress(0), 1 << 20)]).expect("mem");
         mem.write_slice(&[9u8; 10], GuestAddress(0x5000))
             .expect("w");
+        let control = MigrationControl::default();
         let mut wire = Vec::new();
-        assert_eq!(send_pages(&mut wire, &mem, None).expect("send"), 4096);
+        assert_eq!(
+            send_pages(&mut wire, &mem, None, &control)
+                .expect("send")
+                .bytes,
+            4096
+        );
         // Later: page 5 (data) and pages 1-2, which became zero: their range only.
         let mut dirty = vec![vec![0u64; 4]];
         dirty[0][0] = 0b10_0110;
         let mut later = Vec::new();
-        assert_eq!(
-            send_pages(&mut later, &mem, Some(&dirty)).expect("send"),
-            4096,
-            "the zero pages go as a range"
-        );
+        let sent = send_pages(&mut later, &mem, Some(&dirty), &control).expect("send");
+        assert_eq!(sent.bytes, 4096, "the zero pages go as a range");
+        assert_eq!(sent.handled, 3 * 4096, "only the dirty pages were read");
         let target = crate::vstate::memory::create(&[(GuestAddress(0), 1 << 20)]).expect("t");
         target
             .write_slice(&[5u8; 8192], GuestAddress(0x1000))

@@ -20,6 +20,7 @@
 
 pub mod memory;
 pub mod migration;
+pub mod outgoing;
 pub mod restore;
 
 use std::fs::File;

@@ -26,6 +26,74 @@ pub enum KvmFdError {
     Open(kvm_ioctls::Error),
 }
 
+/// Installs the SIGSYS handler that reports a forbidden syscall. The filters trap
+/// (`SECCOMP_RET_TRAP`, as Firecracker's do) instead of killing silently: an operator finds
+/// in the VMM's log which syscall of which thread ended it, not just "killed by SIGSYS".
+pub fn install_sigsys_reporter() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler and an empty mask.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = report_sigsys as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `n` in decimal at the end of `buf`; returns where it starts.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> usize {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || at == 0 {
+            return at;
+        }
+    }
+}
+
+/// The SIGSYS handler: only write and gettid (allowed to every thread, async-signal-safe),
+/// then the end the kill action would have been: one more forbidden call from inside the
+/// handler, while SIGSYS is blocked, makes the kernel force its default action, so the
+/// process dies by SIGSYS as before.
+extern "C" fn report_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo; for SIGSYS its union holds `_sigsys`:
+    // `void *_call_addr` at byte 16, `int _syscall` at byte 24 (x86_64).
+    let nr = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
+    // SAFETY: gettid has no arguments.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    let mut line = [0u8; 160];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        let n = bytes.len().min(line.len() - len);
+        line[len..len + n].copy_from_slice(&bytes[..n]);
+        len += n;
+    };
+    let mut digits = [0u8; 20];
+    put(b"thvc-vmm: seccomp: thread ");
+    let at = decimal(tid.max(0) as u64, &mut digits);
+    put(&digits[at..]);
+    put(b" made the forbidden syscall ");
+    let at = decimal(u64::from(nr.max(0) as u32), &mut digits);
+    put(&digits[at..]);
+    put(b" (see `ausyscall`); the VMM ends by SIGSYS\n");
+    // SAFETY: write of our own stack buffer to stderr.
+    unsafe { libc::write(2, line.as_ptr().cast(), len) };
+    // SAFETY: getppid has no arguments and is on no allow-list: the filter traps it with
+    // SIGSYS blocked, which the kernel turns into the default action.
+    unsafe { libc::syscall(libc::SYS_getppid) };
+    // Only reached without a filter (a test calling the handler): end the same way.
+    // SAFETY: resetting SIGSYS to its default and raising it ends the process.
+    unsafe {
+        libc::signal(libc::SIGSYS, libc::SIG_DFL);
+        libc::raise(libc::SIGSYS);
+    }
+}
+
 /// The stable KVM API version every KVM since Linux 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
 
@@ -103,7 +171,7 @@ pub fn test_forbidden_syscall(kind: ThreadKind) {
         Some(pid) => {
             tracing::warn!("test hook: {} thread signals process {pid}", kind.name());
             let signal = match kind {
-                ThreadKind::Api => crate::vstate::control::kick_signal(),
+                ThreadKind::Api | ThreadKind::Migration => crate::vstate::control::kick_signal(),
                 _ => libc::SIGABRT,
             };
             // SAFETY: tgkill with plain integers; the target is a process the test started

@@ -9,6 +9,7 @@
 //! * [`ThreadKind::Vcpu`]: KVM_RUN and the port-I/O/MMIO device emulation it calls into.
 //! * [`ThreadKind::DeviceWorker`]: virtio device threads (block I/O, TAP, entropy, rate
 //!   limit timers).
+//! * [`ThreadKind::Migration`]: an outgoing live migration (the dirty log, the stream).
 //!
 //! To extend a list, add to the `*_syscalls` function of that kind: the base list every Rust
 //! thread needs is in [`base_syscalls`].
@@ -47,14 +48,16 @@ pub enum ThreadKind {
     Api,
     Vcpu,
     DeviceWorker,
+    Migration,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Main,
         ThreadKind::Api,
         ThreadKind::Vcpu,
         ThreadKind::DeviceWorker,
+        ThreadKind::Migration,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +66,7 @@ impl ThreadKind {
             ThreadKind::Api => "api",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::DeviceWorker => "device-worker",
+            ThreadKind::Migration => "migration",
         }
     }
 }
@@ -131,18 +135,19 @@ mod snapshot_ioctls {
         .to_vec()
     }
 
-    /// What the API thread reads of the VM; for a live migration also the dirty log, and the
-    /// memory slots' logging flag (the slots themselves stay as they are).
+    /// What a snapshot reads of the VM (the API thread's, or a migration's last step).
     pub fn vm() -> Vec<u64> {
-        [
-            KVM_GET_IRQCHIP(),
-            KVM_GET_CLOCK(),
-            KVM_GET_PIT2(),
-            KVM_SET_USER_MEMORY_REGION(),
-            KVM_GET_DIRTY_LOG(),
-        ]
-        .map(u64::from)
-        .to_vec()
+        [KVM_GET_IRQCHIP(), KVM_GET_CLOCK(), KVM_GET_PIT2()]
+            .map(u64::from)
+            .to_vec()
+    }
+
+    /// What a live migration reads of the VM besides: the dirty log, and the memory slots'
+    /// logging flag (the slots themselves stay as they are).
+    pub fn migration() -> Vec<u64> {
+        vm().into_iter()
+            .chain([KVM_SET_USER_MEMORY_REGION(), KVM_GET_DIRTY_LOG()].map(u64::from))
+            .collect()
     }
 }
 
@@ -264,8 +269,19 @@ fn api_syscalls() -> Vec<Allowed> {
         always(libc::SYS_ftruncate),
         always(libc::SYS_fsync),
         when_arg_is(libc::SYS_ioctl, 1, &snapshot_ioctls::vm()),
-        // Migration: timeouts on the stream to the target it was sent.
+    ]
+}
+
+/// The migration thread: the stream to the target (sent with `migrate`, already connected:
+/// reads, writes, its timeouts), the dirty log, the VM's state for the last step, and kicking
+/// the vCPUs out of KVM_RUN to pause them.
+fn migration_syscalls() -> Vec<Allowed> {
+    let kick = crate::vstate::control::kick_signal() as u64;
+    vec![
+        always(libc::SYS_read),
         socket_timeouts(),
+        when_arg_is(libc::SYS_ioctl, 1, &snapshot_ioctls::migration()),
+        tgkill_own_threads(&[kick]),
     ]
 }
 
@@ -347,6 +363,7 @@ pub fn allowed_syscalls(kind: ThreadKind, transport: Transport) -> BTreeMap<i64,
         ThreadKind::Api => api_syscalls(),
         ThreadKind::Vcpu => vcpu_syscalls(transport),
         ThreadKind::DeviceWorker => device_worker_syscalls(),
+        ThreadKind::Migration => migration_syscalls(),
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (syscall, conditions) in base_syscalls().into_iter().chain(own) {
@@ -371,7 +388,9 @@ pub fn filter(
 ) -> Result<Option<BpfProgram>, SeccompError> {
     let mismatch = match mode {
         SeccompMode::Off => return Ok(None),
-        SeccompMode::On => SeccompAction::KillProcess,
+        // SIGSYS to the thread, whose handler (`sandbox::install_sigsys_reporter`) reports
+        // the syscall and ends the process by SIGSYS.
+        SeccompMode::On => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
     let filter = SeccompFilter::new(
@@ -404,6 +423,7 @@ pub struct Filters {
     pub api: Option<BpfProgram>,
     pub vcpu: Option<BpfProgram>,
     pub device_worker: Option<BpfProgram>,
+    pub migration: Option<BpfProgram>,
 }
 
 impl Filters {
@@ -413,6 +433,7 @@ impl Filters {
             api: filter(ThreadKind::Api, mode, transport)?,
             vcpu: filter(ThreadKind::Vcpu, mode, transport)?,
             device_worker: filter(ThreadKind::DeviceWorker, mode, transport)?,
+            migration: filter(ThreadKind::Migration, mode, transport)?,
         })
     }
 }
@@ -488,10 +509,21 @@ mod tests {
         assert_eq!(ioctl_rules(ThreadKind::Main), Some(2), "TCGETS, TCSETS");
         assert_eq!(
             ioctl_rules(ThreadKind::Api),
-            Some(5),
-            "the VM's interrupt controllers, kvmclock and PIT, for snapshots; the dirty log \
-             and its flag for migrations"
+            Some(3),
+            "the VM's interrupt controllers, kvmclock and PIT, for snapshots"
         );
+        assert_eq!(
+            ioctl_rules(ThreadKind::Migration),
+            Some(5),
+            "those, and the dirty log and its flag"
+        );
+        for kind in ThreadKind::ALL {
+            assert_eq!(
+                allowed_syscalls(kind, Transport::Pci).contains_key(&libc::SYS_setsockopt),
+                kind == ThreadKind::Migration,
+                "only the migration sets its stream's timeouts: {kind:?}"
+            );
+        }
         assert_eq!(
             ioctl_rules(ThreadKind::DeviceWorker),
             Some(1),
