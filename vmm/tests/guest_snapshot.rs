@@ -391,9 +391,17 @@ fn live_migration_moves_a_running_guest_to_another_vmm() {
             .contains("a migration is running"),
         "{refused}"
     );
+    let canceled_at = std::time::Instant::now();
     let canceling = common::api_call(&source_api, "migrate-cancel");
     assert_eq!(canceling["migration"], "canceling", "{canceling}");
     let canceled = pending.join().expect("the migrate request");
+    // The source was blocked writing to the stalled target: the cancel shut the stream
+    // down, so it did not wait for the stream's 60 s timeout.
+    assert!(
+        canceled_at.elapsed() < Duration::from_secs(30),
+        "the cancel took {:?}",
+        canceled_at.elapsed()
+    );
     assert!(
         canceled["error"]
             .as_str()
