@@ -164,7 +164,9 @@ impl MigrationControl {
         }
     }
 
-    fn end(&self, result: &Result<MigrationReport, String>, canceled: bool) {
+    /// Records the outcome: a failure after a cancel counts as canceled.
+    fn end(&self, result: &Result<MigrationReport, String>) {
+        let canceled = self.cancel.load(Ordering::SeqCst);
         self.update(|p| {
             p.stream = None;
             p.ended = Some(p.started.elapsed());
@@ -277,7 +279,7 @@ impl Outgoing {
                         result =
                             Err("migration canceled (migrate-cancel); the VM runs on here".into());
                     }
-                    ours.end(&result, canceled);
+                    ours.end(&result);
                     drop(stream);
                     (job.done)(result);
                 }
@@ -306,7 +308,7 @@ impl Outgoing {
         })
         .map_err(|e| {
             let message = "the migration thread is gone".to_string();
-            self.control.end(&Err(message.clone()), false);
+            self.control.end(&Err(message.clone()));
             (e.0.done)(Err(message.clone()));
             message
         })
@@ -336,7 +338,7 @@ mod tests {
             matches!(control.switch(), Err(MigrationError::Canceled)),
             "a cancel before the switch wins"
         );
-        control.end(&Err("canceled".into()), true);
+        control.end(&Err("canceled".into()));
         assert_eq!(control.json().expect("ended")["state"], "canceled");
         assert!(!control.is_running());
 
@@ -345,14 +347,11 @@ mod tests {
         control.switch().expect("switching");
         let e = control.cancel().expect_err("too late");
         assert!(e.contains("too late"), "{e}");
-        control.end(
-            &Ok(MigrationReport {
-                rounds: 3,
-                bytes: 10,
-                ..Default::default()
-            }),
-            false,
-        );
+        control.end(&Ok(MigrationReport {
+            rounds: 3,
+            bytes: 10,
+            ..Default::default()
+        }));
         let shown = control.json().expect("ended");
         assert_eq!(shown["state"], "completed");
         assert_eq!(shown["bytes"], 10);
