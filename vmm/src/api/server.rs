@@ -473,7 +473,10 @@ impl Server {
         for slot in 0..self.connections.len() {
             let idle = self.connections[slot]
                 .as_ref()
-                .is_some_and(|c| now.duration_since(c.last_activity) >= EVICT_IDLE_AFTER);
+                // One waiting for a later answer (a migration) is not idle.
+                .is_some_and(|c| {
+                    c.pending.is_none() && now.duration_since(c.last_activity) >= EVICT_IDLE_AFTER
+                });
             if idle {
                 tracing::debug!("control API: closing idle connection {slot}");
                 self.close(slot);
