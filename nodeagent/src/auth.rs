@@ -70,16 +70,20 @@ pub enum Role {
     Images,
     /// Node-wide operations (drain and the like).
     Host,
+    /// Receiving a VM another node migrates here (ReceiveVm): the account the source
+    /// nodes' SSH connections run as (thvc-migrate), which may do nothing else.
+    Migrate,
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Read,
         Role::VmControl,
         Role::Console,
         Role::Network,
         Role::Images,
         Role::Host,
+        Role::Migrate,
     ];
 
     /// The name used on the command line and in messages.
@@ -91,6 +95,7 @@ impl Role {
             Role::Network => "network",
             Role::Images => "images",
             Role::Host => "host",
+            Role::Migrate => "migrate",
         }
     }
 
@@ -107,6 +112,7 @@ impl Role {
             Role::Network => "thvc-network",
             Role::Images => "thvc-images",
             Role::Host => "thvc-host",
+            Role::Migrate => "thvc-migrate",
         }
     }
 }

@@ -444,6 +444,37 @@ impl Manager {
         owned_path(&job.path)
     }
 
+    /// Drains the node as Drain does, but live-migrates every running VM to node `target`
+    /// instead of shutting it down, one after the other; a migration still running after
+    /// `timeout_seconds` is canceled. A VM that cannot move keeps running here and the job
+    /// fails naming it. Returns the job's path at once: its `Progress` counts the VMs, its
+    /// `Status` shows the migration in progress, its `Cancel` ends that one and skips the
+    /// rest.
+    #[zbus(out_args("job"))]
+    async fn drain_to(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        timeout_seconds: u64,
+        target: String,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let audit = authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::Host,
+            "DrainTo",
+            &target,
+        )
+        .await?;
+        let origin = audit.origin();
+        let job = audit.done_with(
+            self.node.drain_to(timeout_seconds, &target, origin).await,
+            job_id,
+        )?;
+        owned_path(&job.path)
+    }
+
     /// Checks for (`dry_run`) or installs a host image update from `url` ("": the node's
     /// configured update server) as a job: returns the job's path at once; JobRemoved's
     /// message says which version was found or installed (booted at the next reboot), or
@@ -540,6 +571,63 @@ impl Manager {
         .await?;
         let vm = audit.done(self.node.create(&name, &spec_json).await)?;
         owned_path(&vm.path)
+    }
+
+    /// Live-migrates running VM `name` to node `target` (a host name for this node's
+    /// migration ssh configuration) as a job: returns the job's path at once; its
+    /// `Progress` and `Status` follow the migration, its `Cancel` ends it with the VM still
+    /// running here; JobRemoved tells the result. Once the guest runs on the target the VM
+    /// is deleted here (VmRemoved) and exists there. Disks must be on storage both nodes
+    /// reach under the same path.
+    #[zbus(out_args("job"))]
+    async fn migrate_vm(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        target: String,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let audit = authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::VmControl,
+            "MigrateVm",
+            &name,
+        )
+        .await?;
+        let origin = audit.origin();
+        let job = audit.done_with(
+            self.node.start_migrate_job(&name, &target, origin).await,
+            job_id,
+        )?;
+        owned_path(&job.path)
+    }
+
+    /// The receiving end of another node's MigrateVm, called by `thvc-nodeagent
+    /// migrate-receive` (the forced command of the thvc-migrate SSH account) with `link`, a
+    /// stream socket to the SSH connection: creates VM `name` from `spec_json`, starts its
+    /// VMM waiting for the guest and relays the link to it. Returns once the guest runs
+    /// here, the link shut down; when it fails, the VM is removed again.
+    #[zbus(out_args("result"))]
+    async fn receive_vm(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        spec_json: String,
+        link: zbus::zvariant::OwnedFd,
+    ) -> Result<String, BusError> {
+        let audit = authorize_change(
+            conn,
+            Some(&header),
+            &self.node,
+            Role::Migrate,
+            "ReceiveVm",
+            &name,
+        )
+        .await?;
+        audit.done(self.node.receive(&name, &spec_json, link.into()).await)
     }
 
     async fn delete_vm(

@@ -73,6 +73,14 @@ pub trait Manager {
     fn pull_image(&self, url: &str, sha256: &str) -> zbus::Result<String>;
     fn pull_image_job(&self, url: &str, sha256: &str) -> zbus::Result<OwnedObjectPath>;
     fn drain(&self, timeout_seconds: u64) -> zbus::Result<OwnedObjectPath>;
+    fn drain_to(&self, timeout_seconds: u64, target: &str) -> zbus::Result<OwnedObjectPath>;
+    fn migrate_vm(&self, name: &str, target: &str) -> zbus::Result<OwnedObjectPath>;
+    fn receive_vm(
+        &self,
+        name: &str,
+        spec_json: &str,
+        link: zbus::zvariant::Fd<'_>,
+    ) -> zbus::Result<String>;
     fn undrain(&self) -> zbus::Result<()>;
     fn update(&self, url: &str, dry_run: bool) -> zbus::Result<OwnedObjectPath>;
     fn reboot(&self, timeout_seconds: u64) -> zbus::Result<OwnedObjectPath>;
@@ -247,5 +255,7 @@ pub trait Job {
     /// Bytes done and expected (0: unknown) of a pull-image job.
     #[zbus(property(emits_changed_signal = "false"))]
     fn progress(&self) -> zbus::Result<(u64, u64)>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn status(&self) -> zbus::Result<String>;
     fn cancel(&self) -> zbus::Result<()>;
 }

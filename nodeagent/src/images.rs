@@ -73,6 +73,8 @@ pub struct JobControl {
     total: AtomicU64,
     canceled: AtomicBool,
     cancel: tokio::sync::Notify,
+    /// What the job does right now, for its `Status` (a migration's progress as JSON).
+    status: std::sync::Mutex<String>,
 }
 
 impl JobControl {
@@ -105,7 +107,24 @@ impl JobControl {
         self.canceled.load(Ordering::SeqCst)
     }
 
-    async fn canceled(&self) {
+    /// Sets the amount done (a migration's bytes sent).
+    pub fn set_done(&self, done: u64) {
+        self.done.store(done, Ordering::Relaxed);
+    }
+
+    pub fn status(&self) -> String {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_status(&self, status: String) {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+    }
+
+    /// Resolves once [`JobControl::cancel`] was called.
+    pub async fn canceled(&self) {
         loop {
             let notified = self.cancel.notified();
             tokio::pin!(notified);

@@ -85,6 +85,10 @@ impl Layout {
     pub fn api_socket(&self, vm: &str) -> PathBuf {
         self.vm_run_dir(vm).join("api.sock")
     }
+    /// Where the VMM of a VM migrating in here waits for the source's stream (`--incoming`).
+    pub fn incoming_socket(&self, vm: &str) -> PathBuf {
+        self.vm_run_dir(vm).join("incoming.sock")
+    }
     /// The cloud-init seed volume of a VM with `metadata`: rebuilt from the spec at every
     /// start, so it lives with the run (tmpfs) and goes with the VM's run directory.
     pub fn seed_image(&self, vm: &str) -> PathBuf {

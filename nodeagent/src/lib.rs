@@ -15,6 +15,7 @@ pub mod hostinfo;
 pub mod images;
 pub mod layout;
 pub mod metrics;
+pub mod migration;
 pub mod names;
 pub mod network;
 pub mod node;

@@ -67,6 +67,13 @@ struct DaemonArgs {
     /// UEFI firmware (edk2 CloudHv) for VMs with `firmware: "uefi"`.
     #[arg(long, default_value = "/usr/share/thvc/firmware/CLOUDHV.fd")]
     firmware: PathBuf,
+    /// ssh, which carries live migrations to other nodes.
+    #[arg(long, default_value = "/usr/bin/ssh")]
+    ssh: PathBuf,
+    /// ssh's configuration for live migrations: the account (thvc-migrate), key and known
+    /// hosts of the other nodes (see the README, "Live migration between nodes").
+    #[arg(long, default_value = "/usr/lib/thvc/migration/ssh_config")]
+    migration_ssh_config: PathBuf,
     /// qemu-img (Debian's qemu-utils), which converts qcow2 images into raw disks.
     #[arg(long, default_value = "/usr/bin/qemu-img")]
     qemu_img: PathBuf,
@@ -162,6 +169,10 @@ enum Command {
         #[arg(last = true, required = true)]
         vmm_argv: Vec<String>,
     },
+    /// The forced command of the thvc-migrate SSH account: receives a VM another node
+    /// migrates here (its stdin and stdout are the link; see the README, "Live migration
+    /// between nodes"). Talks to the agent on --bus.
+    MigrateReceive,
     /// Internal: ExecStart of thvc-vm@.service; execs the VMM with the argv the daemon wrote.
     #[command(hide = true)]
     ExecVm {
@@ -212,6 +223,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some(Command::Net { action }) => runtime()?.block_on(net_command(&cli.daemon, action)),
+        Some(Command::MigrateReceive) => {
+            // One line on stderr: the source's job repeats it.
+            if let Err(e) = runtime()?.block_on(migrate_receive(&cli.daemon)) {
+                eprintln!("{e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         None => runtime()?.block_on(run_daemon(cli.daemon)),
     }
 }
@@ -235,6 +254,57 @@ async fn net_command(args: &DaemonArgs, action: NetAction) -> Result<()> {
         NetAction::Show => network.show().await?,
     };
     println!("{out}");
+    Ok(())
+}
+
+/// How long `migrate-receive` carries the link: the VMMs bound a migration's waits for each
+/// other (60 s each) but not its length; a day is beyond any guest's memory.
+const RECEIVE_LIMIT: Duration = Duration::from_secs(86_400);
+
+/// `migrate-receive`: the header from stdin, then stdin and stdout to the agent's ReceiveVm.
+/// Its exit status and stderr are what the source's ssh reports.
+async fn migrate_receive(args: &DaemonArgs) -> Result<()> {
+    use std::os::fd::AsFd;
+    // Not through std's Stdin: its buffer would take the VMM's first bytes after the header.
+    let unbuffered_stdin = std::fs::File::from(
+        std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating stdin")?,
+    );
+    let (header, unbuffered_stdin) = tokio::task::spawn_blocking(move || {
+        let mut stdin = unbuffered_stdin;
+        thvc_nodeagent::migration::Header::read_from(&mut stdin).map(|h| (h, stdin))
+    })
+    .await
+    .context("reading the migration header")??;
+    let conn = thvc_nodeagent::client::connect(&BusTarget::parse(&args.bus)).await?;
+    let manager = thvc_nodeagent::client::ManagerProxy::new(&conn).await?;
+    // The agent gets a socket of ours, not our stdin and stdout (sshd's pipes): it ends the
+    // link with shutdown(), which no leftover copy of its descriptor can hold open.
+    let (link, agents) =
+        std::os::unix::net::UnixStream::pair().context("making the link's socketpair")?;
+    let stdin = unbuffered_stdin;
+    let stdout = std::fs::File::from(
+        std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating stdout")?,
+    );
+    let carried = tokio::task::spawn_blocking(move || {
+        thvc_nodeagent::migration::carry_stdio(stdin, stdout, &link, RECEIVE_LIMIT)
+    });
+    let said = manager
+        .receive_vm(&header.name, &header.spec, (&agents).into())
+        .await
+        .with_context(|| format!("receiving VM {}", header.name))?;
+    drop(agents);
+    // The VMM's last words (that the guest runs there) go out before we end.
+    carried
+        .await
+        .context("carrying the link")?
+        .context("carrying the link")?;
+    eprintln!("{said}");
     Ok(())
 }
 
@@ -372,6 +442,10 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         stop_timeout: Duration::from_secs(args.stop_timeout),
         vcpu_overcommit_tenths: args.vcpu_overcommit,
         memory_reserve_mib: args.memory_reserve_mib,
+        migration: thvc_nodeagent::migration::SshLink {
+            ssh: args.ssh,
+            config: args.migration_ssh_config,
+        },
     };
     tracing::info!(runner = vm_runner.kind(), vmm = %cfg.vmm_binary.display(), vmm_user = %cfg.vmm_user, "starting");
     let host: Arc<dyn thvc_nodeagent::host::HostControl> = match args.host_helper {

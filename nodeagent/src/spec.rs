@@ -720,13 +720,23 @@ pub struct VmmRunParams {
     pub firmware: PathBuf,
     /// The NoCloud seed volume, attached read-only after the spec's disks.
     pub seed_disk: Option<PathBuf>,
+    /// A migration's target: the VMM waits on this socket for the source's guest
+    /// (`--incoming unix:PATH`) instead of booting one; the devices stay as the spec says.
+    pub incoming: Option<PathBuf>,
 }
 
 /// The `thvc-vmm` arguments (without the program name) for `spec`.
 pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
-    let mut args = match &spec.boot {
-        Boot::Kernel { kernel, .. } => vec!["--kernel".to_owned(), kernel.display().to_string()],
-        Boot::Firmware(Firmware::Uefi) => {
+    let mut args = match (&spec.boot, &params.incoming) {
+        // The guest's kernel or firmware comes with its memory.
+        (_, Some(socket)) => vec![
+            "--incoming".to_owned(),
+            format!("unix:{}", socket.display()),
+        ],
+        (Boot::Kernel { kernel, .. }, None) => {
+            vec!["--kernel".to_owned(), kernel.display().to_string()]
+        }
+        (Boot::Firmware(Firmware::Uefi), None) => {
             vec![
                 "--firmware".to_owned(),
                 params.firmware.display().to_string(),
@@ -749,9 +759,12 @@ pub fn vmm_args(spec: &ResolvedSpec, params: &VmmRunParams) -> Vec<String> {
         "--platform".to_owned(),
         format!("uuid={}", spec.uuid),
     ]);
-    if let Boot::Kernel {
-        initrd, cmdline, ..
-    } = &spec.boot
+    if let (
+        Boot::Kernel {
+            initrd, cmdline, ..
+        },
+        None,
+    ) = (&spec.boot, &params.incoming)
     {
         if let Some(initrd) = initrd {
             args.push("--initrd".to_owned());
@@ -821,6 +834,7 @@ mod tests {
             switch_to_user: None,
             firmware: "/fw/CLOUDHV.fd".into(),
             seed_disk: None,
+            incoming: None,
         }
     }
 
@@ -1175,6 +1189,40 @@ mod tests {
     }
 
     #[test]
+    fn a_migration_target_waits_for_the_guest_with_the_same_devices() {
+        let (_d, s) = stores();
+        let mut spec = parsed(
+            r#"{"vcpus":2,"memory_mib":256,"kernel":"vmlinuz","cmdline":"console=ttyS0",
+                "disks":[{"path":"root.img"}],"nics":[{"bridge":"br0"}]}"#,
+        );
+        spec.fill_macs("node", "web");
+        let r = spec.resolve("web", &s).unwrap();
+        let booted = vmm_args(&r, &params());
+        let incoming = vmm_args(
+            &r,
+            &VmmRunParams {
+                incoming: Some("/run/thvc/vms/web/incoming.sock".into()),
+                ..params()
+            },
+        );
+        assert_eq!(
+            &incoming[..2],
+            ["--incoming", "unix:/run/thvc/vms/web/incoming.sock"]
+        );
+        for boot_only in ["--kernel", "--initrd", "--cmdline", "--firmware"] {
+            assert!(!incoming.iter().any(|a| a == boot_only), "{incoming:?}");
+        }
+        // Everything else (CPUs, memory, devices, UUID) as a boot would have it.
+        let without_boot: Vec<&String> = booted
+            .iter()
+            .skip(2)
+            .filter(|a| !a.starts_with("console="))
+            .filter(|a| *a != "--cmdline")
+            .collect();
+        assert_eq!(without_boot, incoming.iter().skip(2).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn metadata_becomes_a_read_only_seed_disk_after_the_others() {
         let (_d, s) = stores();
         let mut spec = parsed(
@@ -1202,6 +1250,7 @@ mod tests {
             &r,
             &VmmRunParams {
                 seed_disk: Some("/run/thvc/vms/web/seed.img".into()),
+                incoming: None,
                 ..params()
             },
         );

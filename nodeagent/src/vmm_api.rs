@@ -43,6 +43,8 @@ pub enum Request {
     Resume,
     Shutdown,
     Stop,
+    /// Ends a migration in progress; the guest keeps running here.
+    MigrateCancel,
 }
 
 impl Request {
@@ -54,6 +56,7 @@ impl Request {
             Request::Resume => "resume",
             Request::Shutdown => "shutdown",
             Request::Stop => "stop",
+            Request::MigrateCancel => "migrate-cancel",
         }
     }
 }
@@ -128,3 +131,77 @@ async fn call_inner(
 }
 
 use tokio::io::AsyncReadExt as _;
+
+/// Asks the VMM to live-migrate its guest over `stream` (a connected stream socket, passed
+/// with the request: SCM_RIGHTS), with at most `downtime_ms` of pause. The VMM answers
+/// when the migration ended: no timeout here (a large guest takes minutes; the VMM bounds
+/// its rounds and its waits for the peer, and `migrate-cancel` ends it). Its result is
+/// the VMM's report (bytes, rounds, downtime_ms, ...).
+pub async fn migrate(
+    socket: &Path,
+    stream: std::os::fd::OwnedFd,
+    downtime_ms: Option<u64>,
+) -> Result<serde_json::Value, VmmApiError> {
+    let path = socket.display().to_string();
+    let socket = socket.to_path_buf();
+    let mut request = serde_json::json!({ "request": "migrate" });
+    if let Some(ms) = downtime_ms {
+        request["downtime_ms"] = serde_json::json!(ms);
+    }
+    let line = format!("{request}\n");
+    let io_err = {
+        let path = path.clone();
+        move |source| VmmApiError::Io {
+            path: path.clone(),
+            source,
+        }
+    };
+    let answer = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        use std::io::{BufRead as _, Read as _};
+        use std::os::fd::AsRawFd as _;
+        let conn = std::os::unix::net::UnixStream::connect(&socket)?;
+        let fds = [stream.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(line.as_bytes())];
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+        let sent = nix::sys::socket::sendmsg::<()>(
+            conn.as_raw_fd(),
+            &iov,
+            &cmsg,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+        if sent != line.len() {
+            return Err(std::io::Error::other("the request was sent only in part"));
+        }
+        // The VMM has its own copy now; ours must not keep the stream open.
+        drop(stream);
+        let mut answer = String::new();
+        std::io::BufReader::new(conn)
+            .take(1 << 20)
+            .read_line(&mut answer)?;
+        Ok(answer)
+    })
+    .await
+    .map_err(|e| io_err(std::io::Error::other(e.to_string())))?
+    .map_err(io_err)?;
+    if answer.is_empty() {
+        return Err(VmmApiError::Protocol {
+            path,
+            detail: "the VMM closed the connection without an answer (did it exit?)".to_owned(),
+        });
+    }
+    let resp: Response =
+        serde_json::from_str(answer.trim_end()).map_err(|e| VmmApiError::Protocol {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+    if resp.ok {
+        Ok(resp.result)
+    } else {
+        Err(VmmApiError::Refused {
+            request: "migrate".to_owned(),
+            message: resp.error.unwrap_or_else(|| "no reason given".to_owned()),
+        })
+    }
+}

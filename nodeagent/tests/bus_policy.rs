@@ -321,6 +321,13 @@ fn calls() -> Vec<Call> {
         call(
             Manager,
             MANAGER,
+            "MigrateVm",
+            &["string:nonexistent", "string:node2"],
+            &[VMCTL],
+        ),
+        call(
+            Manager,
+            MANAGER,
             "ApplyVms",
             &["string:", "boolean:false"],
             &[VMCTL],
@@ -387,6 +394,13 @@ fn calls() -> Vec<Call> {
         ),
         // host.
         call(Manager, MANAGER, "Drain", &["uint64:0"], &[HOST]),
+        call(
+            Manager,
+            MANAGER,
+            "DrainTo",
+            &["uint64:0", "string:node2"],
+            &[HOST],
+        ),
         call(Manager, MANAGER, "Undrain", &[], &[HOST]),
         call(
             Manager,

@@ -985,3 +985,382 @@ async fn agent_boots_a_cloud_image_through_uefi_configured_by_cloud_init() {
     assert!(exit.contains("\"code\":0"), "{exit}");
     eprintln!("whole test {:?}", started.elapsed());
 }
+
+/// sshd for a migration's link, as a node runs it for the thvc-migrate account: key only,
+/// the forced command `thvc-nodeagent migrate-receive` talking to the target agent's bus.
+/// It listens on 127.0.0.1:[`SSHD_PORT`] in the source agent's network namespace (where
+/// the source agent's ssh connects); the source's ssh_config calls it `alias`.
+struct MigrationSsh {
+    dir: tempfile::TempDir,
+    sshd: std::process::Child,
+}
+
+const SSHD_PORT: &str = "2222";
+
+impl MigrationSsh {
+    fn start(source: &GuestNode, target: &GuestNode, alias: &str) -> MigrationSsh {
+        let sshd_bin = Path::new("/usr/sbin/sshd");
+        assert!(
+            sshd_bin.is_file(),
+            "/usr/sbin/sshd is not installed, but the migration test needs it: install the \
+             Debian package openssh-server (nodeagent/tests/install-deps.sh does)"
+        );
+        let keygen = require_tool("ssh-keygen", "openssh-client");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        for key in ["host_key", "id_ed25519"] {
+            let out = Command::new(&keygen)
+                .args(["-q", "-t", "ed25519", "-N", ""])
+                .arg("-f")
+                .arg(d.join(key))
+                .output()
+                .expect("run ssh-keygen");
+            assert!(out.status.success(), "ssh-keygen: {out:?}");
+        }
+        let public = |key: &str| {
+            std::fs::read_to_string(d.join(format!("{key}.pub")))
+                .expect("public key")
+                .trim()
+                .to_owned()
+        };
+        let receive = format!(
+            "{AGENT} --bus {} migrate-receive",
+            target.bus.address.replace(',', "\\,")
+        );
+        std::fs::write(
+            d.join("authorized_keys"),
+            format!("restrict,command=\"{receive}\" {}\n", public("id_ed25519")),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("known_hosts"),
+            format!("{alias} {}\n", public("host_key")),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("sshd_config"),
+            format!(
+                "ListenAddress 127.0.0.1:{SSHD_PORT}\nHostKey {host}\nPidFile none\n\
+                 AuthorizedKeysFile {keys}\nPermitRootLogin forced-commands-only\n\
+                 StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 UsePAM no\n",
+                host = d.join("host_key").display(),
+                keys = d.join("authorized_keys").display(),
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("ssh_config"),
+            format!(
+                "Host {alias}\n  HostName 127.0.0.1\n  Port {SSHD_PORT}\n  User root\n  \
+                 HostKeyAlias {alias}\n  IdentityFile {id}\n  IdentitiesOnly yes\n  \
+                 UserKnownHostsFile {known}\n  GlobalKnownHostsFile /dev/null\n  \
+                 StrictHostKeyChecking yes\n  ConnectTimeout 20\n",
+                id = d.join("id_ed25519").display(),
+                known = d.join("known_hosts").display(),
+            ),
+        )
+        .unwrap();
+        // sshd's privilege separation directory (systemd's unit makes it on a node).
+        std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
+        let (ok, out) = source.in_netns(&["ip", "link", "set", "lo", "up"]);
+        assert!(ok, "loopback up: {out}");
+        let log = std::fs::File::create(d.join("sshd.log")).unwrap();
+        let sshd = Command::new("nsenter")
+            .args([
+                "-t",
+                &source.netns_pid().to_string(),
+                "-n",
+                "-m",
+                "-r",
+                "--",
+            ])
+            .arg(sshd_bin)
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stderr(log)
+            .spawn()
+            .expect("start sshd");
+        let started = MigrationSsh { dir, sshd };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !started.log().contains("Server listening") {
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not start:\n{}",
+                started.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        started
+    }
+
+    fn ssh_config(&self) -> PathBuf {
+        self.dir.path().join("ssh_config")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for MigrationSsh {
+    fn drop(&mut self) {
+        let _ = self.sshd.kill();
+        let _ = self.sshd.wait();
+    }
+}
+
+/// Where each thread of the node's VMM for "guest" waits (for a migration that hangs).
+fn vmm_threads(node: &GuestNode) -> String {
+    let Some(p) = node.dirs.vmm_process("guest") else {
+        return "(no VMM recorded)".into();
+    };
+    let pid = p.pid;
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(VMM {pid} is gone)");
+    };
+    for t in tasks.flatten() {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        out += &format!(
+            "{} {}: wchan {} syscall {}\n",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim(),
+            read("syscall").trim()
+        );
+    }
+    out
+}
+
+/// Runs MigrateVm on `m` and returns the job's result and message (bounded), printing the
+/// job's progress as it goes.
+async fn migrate_job(
+    conn: &zbus::Connection,
+    m: &thvc_nodeagent::client::ManagerProxy<'_>,
+    name: &str,
+    target: &str,
+) -> (String, String, Vec<String>) {
+    use futures_util::StreamExt;
+    let mut removed = m.receive_job_removed().await.expect("subscribe");
+    let job = m.migrate_vm(name, target).await.expect("MigrateVm");
+    let proxy = thvc_nodeagent::client::JobProxy::builder(conn)
+        .path(job.clone())
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let mut timed_out = false;
+    loop {
+        tokio::select! {
+            signal = removed.next() => {
+                let signal = signal.expect("the bus stays");
+                let args = signal.args().unwrap();
+                if args.path.as_str() == job.as_str() {
+                    return (args.result.to_string(), args.message.to_string(), seen);
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if Instant::now() >= deadline {
+                    if timed_out {
+                        return ("timeout".into(), format!("the job did not end: {seen:?}"), seen);
+                    }
+                    // Once more, with its cancel: the caller shows what hung.
+                    timed_out = true;
+                    let _ = proxy.cancel().await;
+                }
+                // Each phase once: connecting, precopy, stop-and-copy, switching.
+                if let Ok(status) = proxy.status().await {
+                    let phase = |s: &str| {
+                        serde_json::from_str::<serde_json::Value>(s).ok().map(|v| v["state"].clone())
+                    };
+                    if !status.is_empty() && seen.last().map(|s| phase(s)) != Some(phase(&status)) {
+                        eprintln!("migration: {status}");
+                        seen.push(status);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
+async fn a_running_guest_migrates_to_another_node_over_ssh_and_goes_on_there() {
+    let started = Instant::now();
+    let init = guest_init(&tick_and_reboot_on_request());
+    // Each agent's ssh_config names the other node (node1 the source, node2 the target);
+    // the sshd each one's ssh reaches runs in its own network namespace.
+    let ssh_dir = tempfile::tempdir().unwrap();
+    let config = |to: &str| ssh_dir.path().join(format!("to-{to}"));
+    let (to_node1, to_node2) = (
+        config("node1").to_str().unwrap().to_owned(),
+        config("node2").to_str().unwrap().to_owned(),
+    );
+    let target = GuestNode::start(&["--migration-ssh-config", &to_node1], &init).await;
+    let source = GuestNode::start(&["--migration-ssh-config", &to_node2], &init).await;
+    let ssh = MigrationSsh::start(&source, &target, "node2");
+    std::fs::copy(ssh.ssh_config(), config("node2")).unwrap();
+    let back = MigrationSsh::start(&target, &source, "node1");
+    std::fs::copy(back.ssh_config(), config("node1")).unwrap();
+    // One disk on storage both nodes reach: the target's store has the same file.
+    let shared = source.dirs.state().join("disks/root.img");
+    let target_disk = target.dirs.state().join("disks/root.img");
+    std::fs::remove_file(&target_disk).unwrap();
+    std::fs::hard_link(&shared, &target_disk).unwrap();
+
+    let src_conn = source.connect().await;
+    let src = manager(&src_conn).await;
+    let path = src.create_vm("guest", &guest_spec()).await.unwrap();
+    let v = vm(&src_conn, path).await;
+    v.start().await.expect("Start");
+    let uuid = v.uuid().await.unwrap();
+    let (mut console, mut offset) = (String::new(), 0);
+    let ticking = wait_tick_above(&v, &mut console, &mut offset, 1, GUEST_TIMEOUT).await;
+    check(
+        &source,
+        "guest",
+        ticking.is_some(),
+        "the guest never ticked",
+    );
+    eprintln!("guest ticking on the source after {:?}", started.elapsed());
+
+    // A target that refuses (a VM of that name exists there) leaves the guest running here,
+    // and the job says why, in the target's words.
+    let dst_conn = target.connect().await;
+    let dst = manager(&dst_conn).await;
+    dst.create_vm("guest", &guest_spec()).await.unwrap();
+    let (result, message, _) = migrate_job(&src_conn, &src, "guest", "node2").await;
+    assert_eq!(result, "failed", "{message}");
+    assert!(
+        message.contains("exists on this node already") && message.contains("is running here"),
+        "{message}\n{}",
+        ssh.log()
+    );
+    assert_eq!(v.state().await.unwrap(), "running");
+    let before = last_tick(&console).unwrap_or(0);
+    let still = wait_tick_above(&v, &mut console, &mut offset, before, GUEST_TIMEOUT).await;
+    check(
+        &source,
+        "guest",
+        still.is_some(),
+        "the guest stopped ticking after a refused migration",
+    );
+    dst.delete_vm("guest").await.unwrap();
+    eprintln!("refused migration checked after {:?}", started.elapsed());
+
+    // The real one.
+    read_console_to_end(&v, &mut console, &mut offset).await;
+    let before = last_tick(&console).expect("ticks seen");
+    let (result, message, progress) = migrate_job(&src_conn, &src, "guest", "node2").await;
+    if result != "done" {
+        panic!(
+            "migration {result}: {message}\nsource VMM threads:\n{}\ntarget VMM threads:\n{}\n\
+             sshd:\n{}\n---- source:\n{}\n---- target:\n{}",
+            vmm_threads(&source),
+            vmm_threads(&target),
+            ssh.log(),
+            source.diagnostics("guest"),
+            target.diagnostics("guest")
+        );
+    }
+    assert!(message.contains("runs on node2"), "{message}");
+    eprintln!(
+        "migrated after {:?}: {message}; progress seen: {progress:?}",
+        started.elapsed()
+    );
+    assert!(
+        !vm_names(&src).await.contains(&"guest".to_owned()),
+        "the VM left the source"
+    );
+    assert!(src.get_vm("guest").await.is_err());
+
+    // It exists on the target: same UUID, running, the guest going on from where it was
+    // (no boot on the target: its console has no THVC-BOOT line) and on the target's
+    // network (its TAP on the target's bridge).
+    let dv = vm(
+        &dst_conn,
+        dst.get_vm("guest").await.expect("the VM is on the target"),
+    )
+    .await;
+    assert_eq!(dv.state().await.unwrap(), "running");
+    assert_eq!(dv.uuid().await.unwrap(), uuid);
+    let (mut dconsole, mut doffset) = (String::new(), 0);
+    let next = wait_tick_above(&dv, &mut dconsole, &mut doffset, before, GUEST_TIMEOUT).await;
+    check(
+        &target,
+        "guest",
+        next.is_some(),
+        &format!("no tick above {before} on the target"),
+    );
+    let first = complete_lines(&dconsole).find_map(tick_number);
+    assert!(
+        first.is_some_and(|t| t > before),
+        "the target's first tick {first:?} follows the source's {before}"
+    );
+    assert!(
+        !dconsole.contains("THVC-BOOT="),
+        "the guest booted on the target:\n{dconsole}"
+    );
+    target.ping_guest();
+    let info = info_json(&dv).await;
+    assert!(info["migrated_in_on"].is_string(), "{info}");
+
+    // Drain the target back to the source: DrainTo migrates instead of shutting down.
+    read_console_to_end(&dv, &mut dconsole, &mut doffset).await;
+    let before = last_tick(&dconsole).expect("ticks on the target");
+    let mut removed = dst.receive_job_removed().await.unwrap();
+    let job = dst.drain_to(600, "node1").await.expect("DrainTo");
+    let ended = tokio::time::timeout(GUEST_TIMEOUT, async {
+        use futures_util::StreamExt;
+        while let Some(signal) = removed.next().await {
+            let args = signal.args().unwrap();
+            if args.path.as_str() == job.as_str() {
+                return (args.result.to_string(), args.message.to_string());
+            }
+        }
+        ("no end".to_owned(), String::new())
+    })
+    .await;
+    let Ok((result, message)) = ended else {
+        panic!(
+            "the drain job did not end\nsource VMM threads:\n{}\ntarget VMM threads:\n{}\n\
+             sshd:\n{}\n---- source:\n{}\n---- target:\n{}",
+            vmm_threads(&source),
+            vmm_threads(&target),
+            back.log(),
+            source.diagnostics("guest"),
+            target.diagnostics("guest")
+        );
+    };
+    assert_eq!(result, "done", "{message}\n{}", back.log());
+    assert!(message.contains("1 VM(s) migrated to node1"), "{message}");
+    assert!(dst.drained().await.unwrap());
+    assert!(vm_names(&dst).await.is_empty(), "the target is empty");
+    let back_home = vm(
+        &src_conn,
+        src.get_vm("guest").await.expect("the VM is back"),
+    )
+    .await;
+    assert_eq!(back_home.uuid().await.unwrap(), uuid);
+    let (mut console, mut offset) = (String::new(), 0);
+    let next = wait_tick_above(&back_home, &mut console, &mut offset, before, GUEST_TIMEOUT).await;
+    check(
+        &source,
+        "guest",
+        next.is_some(),
+        &format!("no tick above {before} back on the source"),
+    );
+    assert!(
+        !console.contains("THVC-BOOT="),
+        "the guest booted again:\n{console}"
+    );
+    source.ping_guest();
+    eprintln!("drained back after {:?}: {message}", started.elapsed());
+
+    // The agent controls it like any of its VMs.
+    call_then_wait_state(&source, &back_home, "Stop", back_home.stop(), "stopped").await;
+    eprintln!("done after {:?}", started.elapsed());
+}

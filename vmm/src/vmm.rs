@@ -449,7 +449,9 @@ enum BootFiles {
 }
 
 impl BootFiles {
-    fn open(boot: &Boot) -> Result<Self, VmmError> {
+    /// `group_access` as the API socket's (`--api-socket-group`): an incoming migration's
+    /// Unix socket is as private as the API, since whoever connects to it gives the guest.
+    fn open(boot: &Boot, group_access: bool) -> Result<Self, VmmError> {
         Ok(match boot {
             Boot::Kernel {
                 kernel,
@@ -468,7 +470,9 @@ impl BootFiles {
                 let (snapshot, memory) = Snapshot::open(dir).map_err(RestoreError::from)?;
                 BootFiles::Restore(Box::new(snapshot), memory)
             }
-            Boot::Incoming(addr) => BootFiles::Incoming(restore::IncomingListener::bind(addr)?),
+            Boot::Incoming(addr) => {
+                BootFiles::Incoming(restore::IncomingListener::bind(addr, group_access)?)
+            }
         })
     }
 }
@@ -494,7 +498,7 @@ impl Resources {
         for nic in config.nets.iter().filter(|n| n.fd.is_none()) {
             check_tap_owner(&nic.tap, config.sandbox.user)?;
         }
-        let boot = BootFiles::open(&config.boot)?;
+        let boot = BootFiles::open(&config.boot, config.api_socket_group)?;
         let serial = SerialSink::open(&config.serial).map_err(VmmError::SerialOutput)?;
         let virtio = open_virtio_backends(config)?;
         Ok(Resources {

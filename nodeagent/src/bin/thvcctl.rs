@@ -66,9 +66,14 @@ enum HostAction {
     /// No new VM starts; running VMs are shut down gracefully, stopped after the timeout.
     /// Waits until every VM is down.
     Drain {
-        /// Seconds a VM gets to shut down before it is stopped.
-        #[arg(long, default_value_t = 120)]
-        timeout: u64,
+        /// Seconds a VM gets to shut down before it is stopped (with --to: to migrate
+        /// before its migration is canceled; default then 3600).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Live-migrate the running VMs to this node instead of shutting them down; those
+        /// that cannot move keep running here (the command fails naming them).
+        #[arg(long, value_name = "HOST")]
+        to: Option<String>,
         /// Print the drain job's object path and return.
         #[arg(long)]
         no_wait: bool,
@@ -131,6 +136,16 @@ enum VmAction {
     Stop {
         name: String,
         /// Print the job's object path and return instead of waiting for the job.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Live-migrate a running VM to another node (its disks on storage both reach); prints
+    /// the progress, then what moved. The VM exists on HOST afterwards, not here.
+    Migrate {
+        name: String,
+        /// The target node, as this node's migration ssh configuration names it.
+        host: String,
+        /// Print the job's object path and return.
         #[arg(long)]
         no_wait: bool,
     },
@@ -339,9 +354,16 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Disk { action } => disk(&manager, action, json_out).await,
         Command::Host { action } => match action {
-            HostAction::Drain { timeout, no_wait } => {
+            HostAction::Drain {
+                timeout,
+                to,
+                no_wait,
+            } => {
                 let mut removed = manager.receive_job_removed().await?;
-                let job = manager.drain(timeout).await?;
+                let job = match &to {
+                    Some(target) => manager.drain_to(timeout.unwrap_or(3600), target).await?,
+                    None => manager.drain(timeout.unwrap_or(120)).await?,
+                };
                 if no_wait {
                     println!("{}", job.as_str());
                     return Ok(());
@@ -725,6 +747,11 @@ async fn vm(
             )
             .await?
         }
+        VmAction::Migrate {
+            name,
+            host,
+            no_wait,
+        } => migrate(manager, &name, &host, no_wait).await?,
         VmAction::Shutdown { name, no_wait } => {
             let vm = proxy(name.clone()).await?;
             run_job(manager, &vm, JobKind::Shutdown, &name, no_wait).await?
@@ -961,6 +988,47 @@ async fn run_job(
         return Ok(());
     }
     wait_job(&mut removed, &job, &format!("{what} of {name}")).await
+}
+
+/// `vm migrate`: the job, its progress on stderr while it runs, its message at the end.
+async fn migrate(
+    manager: &client::ManagerProxy<'_>,
+    name: &str,
+    host: &str,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    let mut removed = manager.receive_job_removed().await?;
+    let job = manager.migrate_vm(name, host).await?;
+    if no_wait {
+        println!("{}", job.as_str());
+        return Ok(());
+    }
+    let proxy = client::JobProxy::builder(manager.inner().connection())
+        .path(job.clone())?
+        .build()
+        .await?;
+    let what = format!("migration of {name} to {host}");
+    let end = job_end(&mut removed, &job, &what);
+    tokio::pin!(end);
+    let (result, message) = loop {
+        tokio::select! {
+            end = &mut end => break end?,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                if let (Ok((sent, memory)), Ok(status)) = (proxy.progress().await, proxy.status().await) {
+                    let phase = serde_json::from_str::<serde_json::Value>(&status)
+                        .ok()
+                        .and_then(|s| s["state"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    eprintln!("{name}: {phase} {} MiB sent of {} MiB memory", sent >> 20, memory >> 20);
+                }
+            }
+        }
+    };
+    if result != "done" {
+        anyhow::bail!("{what} {result}: {message}");
+    }
+    println!("{message}");
+    Ok(())
 }
 
 /// Waits for `job`'s JobRemoved on `removed` (subscribed before the job was created); an

@@ -31,7 +31,7 @@ impl JobObject {
 
     /// What the job does: start, stop or shutdown (a Vm's StartJob, StopJob, ShutdownJob),
     /// pull-image (PullImageJob), apply-vms (ApplyVms), drain (Drain), update (Update, also
-    /// its dry run) or reboot (Reboot).
+    /// its dry run), reboot (Reboot) or migrate (MigrateVm).
     #[zbus(property(emits_changed_signal = "const"))]
     fn operation(&self) -> String {
         self.job.operation.as_str().to_owned()
@@ -46,7 +46,8 @@ impl JobObject {
 
     /// (done, total), total 0 while not known. pull-image: bytes downloaded and the image's
     /// size (from Content-Length). apply-vms: the plan's actions finished (done, failed,
-    /// skipped or canceled) and all of them. start, stop, shutdown, drain, update and reboot
+    /// skipped or canceled) and all of them. migrate: bytes sent (pre-copy rounds send
+    /// pages again) and the guest's memory. start, stop, shutdown, drain, update and reboot
     /// report none: (0, 0); a drain or reboot job runs until every VM is down (a reboot's
     /// then until the host goes down), an update until its download is installed. Not
     /// signalled: read it while the job runs.
@@ -55,8 +56,18 @@ impl JobObject {
         self.job.progress()
     }
 
-    /// Cancels a pull-image job (nothing is stored; JobRemoved says `canceled`) or an
-    /// apply-vms job (actions not begun are skipped). VM, drain, update and reboot jobs
+    /// What the job is doing, as JSON, where it says: a migrate job's VMM progress
+    /// (`state` connecting, precopy, stop-and-copy, switching; `rounds`, `bytes`,
+    /// `dirty_bytes`, `rate_bytes_per_s`, `expected_downtime_ms`, `elapsed_ms`); "" for the
+    /// others. Not signalled: read it while the job runs.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn status(&self) -> String {
+        self.job.status()
+    }
+
+    /// Cancels a pull-image job (nothing is stored; JobRemoved says `canceled`), an
+    /// apply-vms job (actions not begun are skipped) or a migrate job (the VM keeps running
+    /// here; canceled once the switch began, it completes). VM, drain, update and reboot jobs
     /// refuse (InvalidState): a Stop ends a Shutdown in progress. Needs the role that may
     /// start the job (images for a pull, host for drain, update and reboot, else vm-control).
     async fn cancel(
@@ -77,14 +88,15 @@ impl JobObject {
             JobOperation::Start
             | JobOperation::Stop
             | JobOperation::Shutdown
-            | JobOperation::ApplyVms => (Role::VmControl, self.job.vm.as_str()),
+            | JobOperation::ApplyVms
+            | JobOperation::Migrate => (Role::VmControl, self.job.vm.as_str()),
         };
         authorize_change(conn, Some(&header), node, role, "CancelJob", object)
             .await?
             .done(self.job.cancel())
     }
 
-    /// The VM's object path for start, stop and shutdown jobs; "/" for the others (an
+    /// The VM's object path for start, stop, shutdown and migrate jobs; "/" for the others (an
     /// apply's VMs are in its plan, a drain's or reboot's are every VM).
     #[zbus(property(emits_changed_signal = "const"))]
     fn vm(&self) -> OwnedObjectPath {

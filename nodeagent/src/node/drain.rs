@@ -2,8 +2,12 @@
 //! marks the node drained at once (persisted in the state directory, so a drained node stays
 //! drained across agent restarts and reboots, and autostart starts nothing on it), refuses new
 //! starts from then on, and runs a drain job: every running VM is shut down gracefully in
-//! parallel, and those still running after `timeout` are stopped. `Undrain` lifts the mark;
-//! it starts nothing (the control plane decides what runs where).
+//! parallel, and those still running after `timeout` are stopped. `DrainTo(timeout, target)`
+//! live-migrates them to another node instead, one after the other (each migration takes
+//! the link's whole bandwidth; in parallel they would all converge later), and a VM that
+//! cannot move keeps running here: the job fails naming it, and the control plane chooses
+//! another target or a plain Drain. `Undrain` lifts the mark; it starts nothing (the
+//! control plane decides what runs where).
 
 use std::time::Duration;
 
@@ -72,6 +76,106 @@ impl Node {
         self.set_drained(true).await?;
         self.start_drain_job(Duration::from_secs(timeout_seconds), origin)
             .await
+    }
+
+    /// Marks the node drained and starts a job that migrates every running VM to `target`
+    /// (see the module docs); a migration still running after `timeout_seconds` is canceled.
+    pub async fn drain_to(
+        self: &Arc<Self>,
+        timeout_seconds: u64,
+        target: &str,
+        origin: crate::audit::Origin,
+    ) -> Result<Arc<Job>, NodeError> {
+        if !(1..=86_400).contains(&timeout_seconds) {
+            return Err(NodeError::InvalidArgument(format!(
+                "the migration timeout must be 1 to 86400 seconds, not {timeout_seconds}"
+            )));
+        }
+        super::migrate::check_target(target)?;
+        self.set_drained(true).await?;
+        let control = Arc::new(crate::images::JobControl::default());
+        let job = self.new_job(JobOperation::Drain, "", "", Some(control), origin);
+        let (target, timeout) = (target.to_owned(), Duration::from_secs(timeout_seconds));
+        self.run_job(job, move |node, job| async move {
+            let Some(control) = job.control.clone() else {
+                return Err(NodeError::Io("drain job without its control".into()));
+            };
+            node.migrate_all(&target, timeout, &control).await
+        })
+        .await
+    }
+
+    /// Migrates the running VMs to `target` one after the other (DrainTo's job).
+    async fn migrate_all(
+        &self,
+        target: &str,
+        timeout: Duration,
+        control: &crate::images::JobControl,
+    ) -> Result<String, NodeError> {
+        let running: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|vm| !vm.state().is_down())
+            .map(|vm| vm.name.clone())
+            .collect();
+        control.set_total(running.len() as u64);
+        let (mut moved, mut failures) = (0, Vec::new());
+        for name in running {
+            if control.is_canceled() {
+                failures.push(format!("{name}: not migrated (the drain was canceled)"));
+                continue;
+            }
+            if self.get(&name).map_or(true, |vm| vm.state().is_down()) {
+                control.advance();
+                continue;
+            }
+            let one = crate::images::JobControl::default();
+            let migration = self.migrate(&name, target, &one);
+            tokio::pin!(migration);
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let (mut timed_out, mut canceled) = (false, false);
+            let result = loop {
+                tokio::select! {
+                    result = &mut migration => break result,
+                    () = &mut deadline, if !timed_out => {
+                        timed_out = true;
+                        one.cancel();
+                    }
+                    () = control.canceled(), if !canceled => {
+                        canceled = true;
+                        one.cancel();
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {
+                        let migration: serde_json::Value =
+                            serde_json::from_str(&one.status()).unwrap_or_default();
+                        control.set_status(
+                            serde_json::json!({"target": target, "vm": name, "migration": migration})
+                                .to_string(),
+                        );
+                    }
+                }
+            };
+            match result {
+                Ok(_) => moved += 1,
+                Err(e) if timed_out => {
+                    failures.push(format!("{name}: not moved within {timeout:?} ({e})"))
+                }
+                Err(e) => failures.push(format!("{name}: {e}")),
+            }
+            control.advance();
+        }
+        if failures.is_empty() {
+            Ok(format!(
+                "the node is drained: {moved} VM(s) migrated to {target}"
+            ))
+        } else {
+            Err(NodeError::Vmm(format!(
+                "the node is drained, but not every VM moved to {target} (those still run \
+                 here): {}",
+                failures.join("; ")
+            )))
+        }
     }
 
     pub async fn undrain(&self) -> Result<(), NodeError> {

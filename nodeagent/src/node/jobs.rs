@@ -23,6 +23,7 @@ pub enum JobOperation {
     ApplyVms,
     Update,
     Reboot,
+    Migrate,
 }
 
 impl JobOperation {
@@ -36,6 +37,7 @@ impl JobOperation {
             JobOperation::ApplyVms => "apply-vms",
             JobOperation::Update => "update",
             JobOperation::Reboot => "reboot",
+            JobOperation::Migrate => "migrate",
         }
     }
 }
@@ -67,8 +69,9 @@ pub struct Job {
     pub vm: String,
     /// The URL an image pull fetches; empty for VM jobs.
     pub image_url: String,
-    /// Progress and cancellation of an image pull (bytes) or an ApplyVms (actions).
-    control: Option<Arc<JobControl>>,
+    /// Progress and cancellation of an image pull (bytes), an ApplyVms (actions) or a
+    /// migration (bytes sent, guest memory).
+    pub(super) control: Option<Arc<JobControl>>,
     /// `<manager path>/job/<id>`.
     pub path: String,
     /// Who started it with which call: its end is audited under these.
@@ -81,6 +84,13 @@ impl Job {
     /// (0, 0) for VM jobs.
     pub fn progress(&self) -> (u64, u64) {
         self.control.as_ref().map_or((0, 0), |p| p.progress())
+    }
+
+    /// What the job is doing, if it says (a migration: the VMM's progress as JSON).
+    pub fn status(&self) -> String {
+        self.control
+            .as_ref()
+            .map_or_else(String::new, |p| p.status())
     }
 
     /// Cancels an image pull (its partial download is removed, nothing is published) or an
@@ -154,7 +164,8 @@ impl Node {
                 | JobOperation::Drain
                 | JobOperation::ApplyVms
                 | JobOperation::Update
-                | JobOperation::Reboot => node.stop(&name, true).await,
+                | JobOperation::Reboot
+                | JobOperation::Migrate => node.stop(&name, true).await,
             }
             .map(|()| String::new())
         })
@@ -187,6 +198,35 @@ impl Node {
             node.pull_image_with(&job.image_url, &sha256, &control)
                 .await
                 .map(|path| path.display().to_string())
+        })
+        .await
+    }
+
+    /// Live-migrates VM `name` to node `target` as a job: progress in bytes, `Status` the
+    /// VMM's migration state, `Cancel` ends it with the VM still running here.
+    pub async fn start_migrate_job(
+        self: &Arc<Self>,
+        name: &str,
+        target: &str,
+        origin: Origin,
+    ) -> Result<Arc<Job>, NodeError> {
+        // Bad arguments and a VM that cannot go are refused at once, not in a failed job.
+        super::migrate::check_target(target)?;
+        let vm = self.get(name)?;
+        if vm.state() != super::VmState::Running {
+            return Err(NodeError::InvalidState(format!(
+                "VM {name} is {}: only a running VM migrates",
+                vm.state().as_str()
+            )));
+        }
+        let control = Arc::new(JobControl::default());
+        let job = self.new_job(JobOperation::Migrate, name, "", Some(control), origin);
+        let target = target.to_owned();
+        self.run_job(job, move |node, job| async move {
+            let Some(control) = job.control.clone() else {
+                return Err(NodeError::Io("migrate job without its control".into()));
+            };
+            node.migrate(&job.vm, &target, &control).await
         })
         .await
     }

@@ -29,11 +29,12 @@ impl Node {
         let _admission = self.admit(&vm)?;
         vm.lock().stop_requested = false;
         vm.lock().reboots.clear();
-        self.launch_locked(&vm).await
+        self.launch_locked(&vm, &Launch::Boot).await
     }
 
-    /// Starts the VMM; the caller holds `vm.ops`. Returns once the VM is running (or failed).
-    pub(super) async fn launch_locked(&self, vm: &Arc<Vm>) -> Result<(), NodeError> {
+    /// Starts the VMM; the caller holds `vm.ops`. Returns once the VM is running (or failed):
+    /// a booted one once its VMM answers, a migrating one once its guest arrived.
+    pub(super) async fn launch_locked(&self, vm: &Arc<Vm>, how: &Launch) -> Result<(), NodeError> {
         let spec = vm.spec();
         let resolved = {
             let (spec, stores, name) = (spec.clone(), self.stores.clone(), vm.name.clone());
@@ -73,7 +74,20 @@ impl Node {
         // A run in progress has no terminal status.
         let status_file = self.cfg.layout.status_file(&vm.name);
         let _ = blocking(move || fsutil::remove_durable(&status_file)).await;
-        self.set_state(vm, VmState::Starting, "").await;
+        let incoming = match how {
+            Launch::Boot => None,
+            Launch::Incoming(socket) => {
+                // The VMM binds it and fails on a stale one.
+                let stale = socket.clone();
+                let _ = blocking(move || std::fs::remove_file(stale)).await;
+                Some(socket.clone())
+            }
+        };
+        let reason = match how {
+            Launch::Boot => "",
+            Launch::Incoming(_) => "receiving a live migration",
+        };
+        self.set_state(vm, VmState::Starting, reason).await;
         let mut taps = Vec::new();
         for (i, nic) in resolved.nics.iter().enumerate() {
             let tap = TapRequest {
@@ -100,6 +114,7 @@ impl Node {
                 .then_some(self.cfg.vmm_user),
             firmware: self.cfg.firmware.clone(),
             seed_disk,
+            incoming,
         };
         let launch = LaunchSpec {
             name: vm.name.clone(),
@@ -124,7 +139,7 @@ impl Node {
         };
         vm.lock().process = true;
         self.watch_exit(vm, generation, exited);
-        self.wait_ready(vm, generation).await
+        self.wait_ready(vm, generation, how).await
     }
 
     /// Builds the VM's NoCloud seed volume in its run directory (a tmpfs: the seed is
@@ -192,8 +207,15 @@ impl Node {
     }
 
     /// Waits until the VMM answers on its API socket. A VMM that serves no API socket is
-    /// taken as running once it survived the start timeout.
-    pub(super) async fn wait_ready(&self, vm: &Arc<Vm>, generation: u64) -> Result<(), NodeError> {
+    /// taken as running once it survived the start timeout. A migration's target runs once
+    /// its VMM says the guest arrived (no longer `migrating-in`): that takes as long as the
+    /// source needs, which the VMMs bound (their waits for the peer, the source's rounds).
+    pub(super) async fn wait_ready(
+        &self,
+        vm: &Arc<Vm>,
+        generation: u64,
+        how: &Launch,
+    ) -> Result<(), NodeError> {
         let deadline = Instant::now() + self.cfg.start_timeout;
         let socket = self.cfg.layout.api_socket(&vm.name);
         let mut rx = vm.state_tx.subscribe();
@@ -210,7 +232,7 @@ impl Node {
                     };
                 }
             }
-            if socket.exists() && vmm_api::call(&socket, Request::Ping).await.is_ok() {
+            if socket.exists() && self.vmm_ready(&socket, how).await {
                 self.transition(
                     vm,
                     |st| st.generation == generation && st.state == VmState::Starting,
@@ -220,7 +242,7 @@ impl Node {
                 .await;
                 continue;
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline && matches!(how, Launch::Boot) {
                 let note = if socket.exists() {
                     "the VMM's API socket does not answer"
                 } else {
@@ -243,6 +265,16 @@ impl Node {
         }
     }
 
+    /// Does the VMM at `socket` run its guest (see [`Node::wait_ready`])?
+    async fn vmm_ready(&self, socket: &Path, how: &Launch) -> bool {
+        match how {
+            Launch::Boot => vmm_api::call(socket, Request::Ping).await.is_ok(),
+            Launch::Incoming(_) => vmm_api::call(socket, Request::Info)
+                .await
+                .is_ok_and(|info| info["state"] != "migrating-in"),
+        }
+    }
+
     pub(super) async fn delete_taps(&self, taps: &[String]) {
         for t in taps {
             if let Err(e) = self.network.delete_tap(t).await {
@@ -253,7 +285,7 @@ impl Node {
 
     /// Handles the end of a VMM process.
     pub(super) async fn on_exit(&self, vm: &Arc<Vm>, generation: u64, outcome: ExitOutcome) {
-        let (stop_requested, taps, reboot_ok) = {
+        let (stop_requested, taps, reboot_ok, migrating_to) = {
             let mut st = vm.lock();
             if st.generation != generation {
                 return;
@@ -271,10 +303,22 @@ impl Node {
             if outcome == ExitOutcome::Exited(3) && reboot_ok {
                 st.reboots.push_back(now);
             }
-            (st.stop_requested, std::mem::take(&mut st.taps), reboot_ok)
+            (
+                st.stop_requested,
+                std::mem::take(&mut st.taps),
+                reboot_ok,
+                st.migrating_to.clone(),
+            )
         };
         self.delete_taps(&taps).await;
         tracing::info!(vm = %vm.name, ?outcome, stop_requested, "VMM exited");
+        if let (Some(target), ExitOutcome::Exited(0)) = (migrating_to, &outcome) {
+            // The MigrateVm job tells whether the guest went (and then deletes the VM
+            // here) or powered off meanwhile; either way nothing is to be restarted.
+            self.end_run(vm, VmState::Stopped, format!("migrated to {target}"), true)
+                .await;
+            return;
+        }
         if stop_requested {
             let reason = match &outcome {
                 ExitOutcome::Exited(0) | ExitOutcome::Exited(3) => "stopped".to_owned(),
@@ -319,7 +363,7 @@ impl Node {
                             return;
                         }
                     }
-                    if let Err(e) = node.launch_locked(&vm).await {
+                    if let Err(e) = node.launch_locked(&vm, &Launch::Boot).await {
                         tracing::warn!(vm = %vm.name, "restart after reboot failed: {e}");
                     }
                 });

@@ -50,6 +50,7 @@ mod image_ops;
 pub mod jobs;
 mod lifecycle;
 pub mod metrics;
+mod migrate;
 mod net_ops;
 mod recovery;
 mod state;
@@ -200,6 +201,8 @@ pub struct NodeConfig {
     pub memory_reserve_mib: u64,
     /// After SIGTERM (and again after SIGKILL), how long to wait for the VMM to exit.
     pub stop_timeout: Duration,
+    /// How this node reaches others for live migration (ssh and its configuration).
+    pub migration: crate::migration::SshLink,
 }
 
 /// Terminal state persisted in the run directory, so a restarted agent reports it truthfully
@@ -247,6 +250,17 @@ struct VmStatus {
     stops_waiting: u32,
     /// The VM's own VMM uid (`--vmm-uids`), fixed for its life.
     vmm_uid: Option<u32>,
+    /// The node a MigrateVm job is moving the guest to: the VMM's exit with status 0
+    /// is then the migration's end (or a power-off meanwhile), not a power-off to act on.
+    migrating_to: Option<String>,
+}
+
+/// How [`Node::launch_locked`] gets the VMM its guest.
+pub(super) enum Launch {
+    /// Boots the spec's kernel or firmware.
+    Boot,
+    /// Receives a migrating guest on this socket (`--incoming`).
+    Incoming(PathBuf),
 }
 
 pub struct Vm {
@@ -308,6 +322,7 @@ impl Vm {
                 awaiting_power_off: false,
                 stops_waiting: 0,
                 vmm_uid: None,
+                migrating_to: None,
             }),
             state_tx,
         })

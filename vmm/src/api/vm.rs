@@ -206,7 +206,13 @@ impl VmApi {
     }
 
     fn state(&self) -> &'static str {
-        if self.vcpus.is_paused() {
+        // An incoming VMM serves its API while it waits for and receives the source's
+        // guest: its supervisor must not take it for a running guest before that is done.
+        if matches!(self.summary.boot, Boot::Incoming(_))
+            && !self.event_loop_running.load(Ordering::SeqCst)
+        {
+            "migrating-in"
+        } else if self.vcpus.is_paused() {
             "paused"
         } else if self.shutdown_requested.load(Ordering::SeqCst) {
             "shutting-down"

@@ -43,16 +43,24 @@ pub enum IncomingListener {
 }
 
 impl IncomingListener {
-    pub fn bind(addr: &MigrationAddr) -> Result<Self, RestoreError> {
+    /// A Unix socket gets mode 0600 (0660 with `group_access`) from the umask at bind time,
+    /// with no window where others may connect: whoever connects gives this VMM its guest.
+    /// Called while the process is single-threaded (the umask is process-wide).
+    pub fn bind(addr: &MigrationAddr, group_access: bool) -> Result<Self, RestoreError> {
         let error = |what| {
             let addr = addr.to_string();
             move |source| RestoreError::Incoming { addr, what, source }
         };
         Ok(match addr {
-            MigrationAddr::Unix(path) => IncomingListener::Unix(
-                std::os::unix::net::UnixListener::bind(path).map_err(error("listen"))?,
-                addr.to_string(),
-            ),
+            MigrationAddr::Unix(path) => {
+                let mask = if group_access { 0o117 } else { 0o177 };
+                // SAFETY: umask only swaps the process's file mode mask.
+                let old = unsafe { libc::umask(mask) };
+                let bound = std::os::unix::net::UnixListener::bind(path);
+                // SAFETY: as above, restoring it.
+                unsafe { libc::umask(old) };
+                IncomingListener::Unix(bound.map_err(error("listen"))?, addr.to_string())
+            }
             MigrationAddr::Tcp(host_port) => IncomingListener::Tcp(
                 std::net::TcpListener::bind(host_port.as_str()).map_err(error("listen"))?,
                 addr.to_string(),

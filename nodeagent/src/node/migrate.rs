@@ -1,0 +1,308 @@
+//! Live migration between nodes: the source's MigrateVm job and the target's ReceiveVm
+//! (the link between them: [`crate::migration`]).
+//!
+//! The VM object moves with the guest: the target creates it from the source's spec (same
+//! name, UUID, MACs, disks) before its VMM receives the guest, and deletes it again when
+//! the guest does not arrive; the source deletes its own once its VMM said the guest runs
+//! on the target. Disks are not copied: they must be on storage both nodes reach under
+//! the same path (a cluster file system or a network block device); a disk the target
+//! cannot open fails its VMM's start, before anything of the guest moved.
+
+use std::os::fd::OwnedFd;
+
+use super::*;
+use crate::images::JobControl;
+use crate::migration::{self, MigrationError, SshLink};
+
+/// How often a migration job updates its progress from the VMM.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// How long the source waits for ssh and its own VMM to end once the guest moved.
+const AFTER_SWITCH: Duration = Duration::from_secs(30);
+/// The most of ssh's error output a failed job repeats.
+const SSH_SAID_MAX: usize = 4096;
+
+impl From<MigrationError> for NodeError {
+    fn from(e: MigrationError) -> Self {
+        match e {
+            MigrationError::BadTarget(_) => NodeError::InvalidArgument(e.to_string()),
+            MigrationError::BadHeader(_) => NodeError::InvalidSpec(e.to_string()),
+            MigrationError::Read(_) | MigrationError::Relay(_) => NodeError::Io(e.to_string()),
+        }
+    }
+}
+
+/// Refuses a target ssh could take for an option, before a job starts.
+pub(super) fn check_target(target: &str) -> Result<(), NodeError> {
+    Ok(migration::check_target(target)?)
+}
+
+impl Node {
+    /// Moves running VM `name` to node `target` (MigrateVm's job): returns what moved.
+    /// When it fails the VM still runs here, untouched, unless its guest powered off.
+    pub(super) async fn migrate(
+        &self,
+        name: &str,
+        target: &str,
+        control: &JobControl,
+    ) -> Result<String, NodeError> {
+        check_target(target)?;
+        let vm = self.get(name)?;
+        let ops = vm.ops.lock().await;
+        vm.ensure_exists()?;
+        if vm.state() != VmState::Running {
+            return Err(NodeError::InvalidState(format!(
+                "VM {name} is {}: only a running VM migrates",
+                vm.state().as_str()
+            )));
+        }
+        let spec = vm.spec();
+        control.set_total(spec.memory_mib << 20);
+        let header = migration::Header::new(name, &vm.spec_json()).line();
+        let (ours, vmm_end) = std::os::unix::net::UnixStream::pair().map_err(io)?;
+        let mut ssh = spawn_ssh(&self.cfg.migration, target, ours.into())?;
+        let said = collect_stderr(ssh.stderr.take());
+        // The header goes first; the socket buffers it while ssh connects.
+        let vmm_end =
+            blocking(move || std::io::Write::write_all(&mut &vmm_end, &header).map(|()| vmm_end))
+                .await?
+                .map_err(|e| NodeError::Io(format!("writing the migration header: {e}")))?;
+        vm.lock().migrating_to = Some(target.to_owned());
+        tracing::info!(vm = %name, target, "live migration begins");
+        let socket = self.cfg.layout.api_socket(name);
+        let moved = watch_migration(
+            &socket,
+            vmm_api::migrate(&socket, vmm_end.into(), None),
+            control,
+        )
+        .await;
+        let report = match moved {
+            Ok(report) => report,
+            Err(e) => {
+                let _ = ssh.start_kill();
+                let _ = ssh.wait().await;
+                vm.lock().migrating_to = None;
+                let said = tokio::time::timeout(Duration::from_secs(1), said)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                let ssh_said = if said.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!("; ssh and the target said: {}", said.trim())
+                };
+                tracing::warn!(vm = %name, target, "live migration failed: {e}{ssh_said}");
+                return Err(NodeError::Vmm(format!(
+                    "migrating VM {name} to {target}: {e}{ssh_said} (VM {name} is {} here)",
+                    vm.state().as_str()
+                )));
+            }
+        };
+        // The guest runs on the target now; its VMM here ends by itself. ssh ends with the
+        // target's receiver, which says whether its agent took the VM.
+        let ssh_status = tokio::time::timeout(AFTER_SWITCH, ssh.wait()).await;
+        if ssh_status.is_err() {
+            let _ = ssh.start_kill();
+            let _ = ssh.wait().await;
+        }
+        let said = tokio::time::timeout(Duration::from_secs(1), said)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let note = match ssh_status {
+            Ok(Ok(status)) if status.success() => String::new(),
+            Ok(Ok(status)) => format!(
+                "; but the target's receiver ended with {status}: {}",
+                said.trim()
+            ),
+            Ok(Err(e)) => format!("; but waiting for ssh failed: {e}"),
+            Err(_) => format!("; but ssh did not end within {AFTER_SWITCH:?}"),
+        };
+        drop(ops);
+        self.wait_down(&vm, AFTER_SWITCH).await;
+        if !vm.state().is_down() {
+            // It must not run a second copy of a guest that runs elsewhere.
+            tracing::warn!(vm = %name, "the source VMM did not end after the switch: stopping it");
+            self.stop(name, false).await?;
+        }
+        self.delete(name).await?;
+        tracing::info!(vm = %name, target, %report, "live migration done{note}");
+        Ok(format!(
+            "VM {name} runs on {target}: {} bytes in {} rounds, {} ms downtime{note}",
+            report["bytes"], report["rounds"], report["downtime_ms"]
+        ))
+    }
+
+    /// Waits up to `limit` for `vm` to be down.
+    async fn wait_down(&self, vm: &Vm, limit: Duration) {
+        let mut rx = vm.state_tx.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|s| s.is_down())).await;
+    }
+
+    /// Receives VM `name` from another node (ReceiveVm): creates it from `spec_json`,
+    /// starts its VMM waiting for the guest, relays the link (a stream socket) to it, and
+    /// returns once the guest runs here. When it fails, nothing of the VM stays here.
+    pub async fn receive(
+        &self,
+        name: &str,
+        spec_json: &str,
+        link: OwnedFd,
+    ) -> Result<String, NodeError> {
+        let link = std::os::unix::net::UnixStream::from(link);
+        // Whatever happens, the receiver sees the link's end (see migration::relay).
+        let ender = link.try_clone().map_err(io)?;
+        let received = self.receive_link(name, spec_json, link).await;
+        let _ = ender.shutdown(std::net::Shutdown::Both);
+        received
+    }
+
+    async fn receive_link(
+        &self,
+        name: &str,
+        spec_json: &str,
+        link: std::os::unix::net::UnixStream,
+    ) -> Result<String, NodeError> {
+        self.refuse_if_drained(name)?;
+        if self.get(name).is_ok() {
+            return Err(NodeError::InvalidState(format!(
+                "a VM named {name} exists on this node already"
+            )));
+        }
+        let vm = self.create(name, spec_json).await?;
+        match self.receive_into(&vm, link).await {
+            Ok(()) => {
+                tracing::info!(vm = %name, "migrated VM received; it runs here");
+                Ok(format!("VM {name} runs here"))
+            }
+            Err(e) => {
+                tracing::warn!(vm = %name, "receiving the migrated VM failed: {e}");
+                if let Err(stop) = self.stop(name, false).await {
+                    tracing::warn!(vm = %name, "stopping its VMM: {stop}");
+                }
+                if let Err(delete) = self.delete(name).await {
+                    tracing::warn!(vm = %name, "removing it again: {delete}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn receive_into(
+        &self,
+        vm: &Arc<Vm>,
+        link: std::os::unix::net::UnixStream,
+    ) -> Result<(), NodeError> {
+        let _ops = vm.ops.lock().await;
+        vm.ensure_exists()?;
+        let _admission = self.admit(vm)?;
+        let socket = self.cfg.layout.incoming_socket(&vm.name);
+        let relay = tokio::spawn(relay_when_listening(
+            socket.clone(),
+            self.cfg.start_timeout,
+            link,
+        ));
+        if let Err(e) = self.launch_locked(vm, &Launch::Incoming(socket)).await {
+            relay.abort();
+            return Err(e);
+        }
+        // The VMM's last word (that the guest runs) is on its way to the source: the relay
+        // ends once the source hung up.
+        match tokio::time::timeout(AFTER_SWITCH, relay).await {
+            Ok(Ok(Ok((inbound, outbound)))) => {
+                tracing::info!(vm = %vm.name, inbound, outbound, "migration link ended")
+            }
+            Ok(Ok(Err(e))) => tracing::warn!(vm = %vm.name, "after the switch: {e}"),
+            Ok(Err(e)) => tracing::warn!(vm = %vm.name, "the relay task: {e}"),
+            Err(_) => tracing::warn!(vm = %vm.name, "the source did not hang up after the switch"),
+        }
+        Ok(())
+    }
+}
+
+/// Runs ssh for the link.
+fn spawn_ssh(
+    link: &SshLink,
+    target: &str,
+    stream: OwnedFd,
+) -> Result<tokio::process::Child, NodeError> {
+    link.command(target, stream)
+        .and_then(|mut cmd| cmd.spawn())
+        .map_err(|e| NodeError::Io(format!("starting {}: {e}", link.ssh.display())))
+}
+
+/// The last [`SSH_SAID_MAX`] bytes ssh writes to stderr.
+fn collect_stderr(stderr: Option<tokio::process::ChildStderr>) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        let Some(mut stderr) = stderr else {
+            return String::new();
+        };
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = stderr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            kept.extend_from_slice(&buf[..n]);
+            let excess = kept.len().saturating_sub(SSH_SAID_MAX);
+            kept.drain(..excess);
+        }
+        String::from_utf8_lossy(&kept).into_owned()
+    })
+}
+
+/// Awaits the VMM's `migrate` answer while copying its progress into the job every
+/// [`PROGRESS_INTERVAL`]; the job's Cancel asks the VMM to end the migration.
+async fn watch_migration(
+    socket: &Path,
+    migrate: impl std::future::Future<Output = Result<serde_json::Value, VmmApiError>>,
+    control: &JobControl,
+) -> Result<serde_json::Value, VmmApiError> {
+    tokio::pin!(migrate);
+    let mut cancel_sent = false;
+    loop {
+        tokio::select! {
+            answer = &mut migrate => return answer,
+            () = control.canceled(), if !cancel_sent => {
+                cancel_sent = true;
+                if let Err(e) = vmm_api::call(socket, Request::MigrateCancel).await {
+                    tracing::warn!("canceling the migration: {e}");
+                }
+            }
+            () = tokio::time::sleep(PROGRESS_INTERVAL) => {
+                if let Ok(info) = vmm_api::call(socket, Request::Info).await {
+                    let progress = &info["migration"];
+                    if let Some(bytes) = progress["bytes"].as_u64() {
+                        control.set_done(bytes);
+                    }
+                    if progress.is_object() {
+                        control.set_status(progress.to_string());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Connects to the incoming VMM's socket once it listens (within `limit`), then relays.
+async fn relay_when_listening(
+    socket: PathBuf,
+    limit: Duration,
+    link: std::os::unix::net::UnixStream,
+) -> Result<(u64, u64), NodeError> {
+    let deadline = Instant::now() + limit;
+    let vmm = loop {
+        match tokio::net::UnixStream::connect(&socket).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(NodeError::Vmm(format!(
+                    "the incoming VMM's socket {}: {e}",
+                    socket.display()
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    Ok(migration::relay(link, vmm).await?)
+}
