@@ -115,6 +115,11 @@ async fn call_inner(
             detail: "connection closed without a response".to_owned(),
         });
     }
+    parse_answer(path, request.as_str(), &answer)
+}
+
+/// The `result` of a response line, or the VMM's refusal.
+fn parse_answer(path: &str, request: &str, answer: &str) -> Result<serde_json::Value, VmmApiError> {
     let resp: Response =
         serde_json::from_str(answer.trim_end()).map_err(|e| VmmApiError::Protocol {
             path: path.to_owned(),
@@ -124,7 +129,7 @@ async fn call_inner(
         Ok(resp.result)
     } else {
         Err(VmmApiError::Refused {
-            request: request.as_str().to_owned(),
+            request: request.to_owned(),
             message: resp.error.unwrap_or_else(|| "no reason given".to_owned()),
         })
     }
@@ -191,17 +196,5 @@ pub async fn migrate(
             detail: "the VMM closed the connection without an answer (did it exit?)".to_owned(),
         });
     }
-    let resp: Response =
-        serde_json::from_str(answer.trim_end()).map_err(|e| VmmApiError::Protocol {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
-    if resp.ok {
-        Ok(resp.result)
-    } else {
-        Err(VmmApiError::Refused {
-            request: "migrate".to_owned(),
-            message: resp.error.unwrap_or_else(|| "no reason given".to_owned()),
-        })
-    }
+    parse_answer(&path, "migrate", &answer)
 }

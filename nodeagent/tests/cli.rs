@@ -38,6 +38,23 @@ async fn thvcctl_drives_a_vm_and_reports_errors_by_name() {
         let (ok, _, err) = thvcctl(&t, &["vm", cmd, "web"]);
         assert!(ok, "{cmd}: {err}");
     }
+    // A migration: a target that is no host name is refused before any job; one
+    // that fails (this node has no migration ssh configuration) leaves the VM running here
+    // and says why. (tests/vm_guest.rs migrates real guests between two agents.)
+    let (ok, _, err) = thvcctl(&t, &["vm", "migrate", "web", "node2;reboot"]);
+    assert!(
+        !ok && err.contains("Error.InvalidArgument") && err.contains("invalid target"),
+        "{err}"
+    );
+    let (ok, _, err) = thvcctl(&t, &["vm", "migrate", "ghost", "node2"]);
+    assert!(!ok && err.contains("Error.NotFound"), "{err}");
+    let (ok, _, err) = thvcctl(&t, &["vm", "migrate", "web", "node2"]);
+    assert!(
+        !ok && err.contains("migration of web to node2 failed") && err.contains("is running here"),
+        "{err}"
+    );
+    let (ok, out, _) = thvcctl(&t, &["--json", "vm", "list"]);
+    assert!(ok && out.contains("running"), "{out}");
     let (ok, out, _) = thvcctl(&t, &["--json", "vm", "list"]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();

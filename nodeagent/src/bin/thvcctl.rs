@@ -144,7 +144,8 @@ enum VmAction {
     Migrate {
         name: String,
         /// The target node, as this node's migration ssh configuration names it.
-        host: String,
+        #[arg(value_name = "HOST")]
+        target: String,
         /// Print the job's object path and return.
         #[arg(long)]
         no_wait: bool,
@@ -749,9 +750,9 @@ async fn vm(
         }
         VmAction::Migrate {
             name,
-            host,
+            target,
             no_wait,
-        } => migrate(manager, &name, &host, no_wait).await?,
+        } => migrate(manager, &name, &target, no_wait).await?,
         VmAction::Shutdown { name, no_wait } => {
             let vm = proxy(name.clone()).await?;
             run_job(manager, &vm, JobKind::Shutdown, &name, no_wait).await?

@@ -62,19 +62,23 @@ impl Node {
         let mut ssh = spawn_ssh(&self.cfg.migration, target, ours.into())?;
         let said = collect_stderr(ssh.stderr.take());
         // The header goes first; the socket buffers it while ssh connects.
-        let vmm_end =
+        let written =
             blocking(move || std::io::Write::write_all(&mut &vmm_end, &header).map(|()| vmm_end))
-                .await?
-                .map_err(|e| NodeError::Io(format!("writing the migration header: {e}")))?;
+                .await?;
         vm.lock().migrating_to = Some(target.to_owned());
         tracing::info!(vm = %name, target, "live migration begins");
         let socket = self.cfg.layout.api_socket(name);
-        let moved = watch_migration(
-            &socket,
-            vmm_api::migrate(&socket, vmm_end.into(), None),
-            control,
-        )
-        .await;
+        let moved = match written {
+            Ok(vmm_end) => watch_migration(
+                &socket,
+                vmm_api::migrate(&socket, vmm_end.into(), None),
+                control,
+            )
+            .await
+            .map_err(|e| e.to_string()),
+            // ssh ended at once: what it said comes with the error below.
+            Err(e) => Err(format!("writing the migration header to ssh: {e}")),
+        };
         let report = match moved {
             Ok(report) => report,
             Err(e) => {
@@ -149,7 +153,7 @@ impl Node {
         spec_json: &str,
         link: OwnedFd,
     ) -> Result<String, NodeError> {
-        let link = std::os::unix::net::UnixStream::from(link);
+        let link = stream_socket(link)?;
         // Whatever happens, the receiver sees the link's end (see migration::relay).
         let ender = link.try_clone().map_err(io)?;
         let received = self.receive_link(name, spec_json, link).await;
@@ -164,6 +168,9 @@ impl Node {
         link: std::os::unix::net::UnixStream,
     ) -> Result<String, NodeError> {
         self.refuse_if_drained(name)?;
+        // Claimed before the VM exists: a second ReceiveVm of the same name (which
+        // CreateVm's idempotence would hand the same VM) is refused, not run twice.
+        let _claim = Receiving::claim(self, name)?;
         if self.get(name).is_ok() {
             return Err(NodeError::InvalidState(format!(
                 "a VM named {name} exists on this node already"
@@ -217,6 +224,45 @@ impl Node {
             Err(_) => tracing::warn!(vm = %vm.name, "the source did not hang up after the switch"),
         }
         Ok(())
+    }
+}
+
+/// A name in [`Node::receiving`] for as long as its ReceiveVm runs.
+struct Receiving<'a>(&'a Node, String);
+
+impl<'a> Receiving<'a> {
+    fn claim(node: &'a Node, name: &str) -> Result<Receiving<'a>, NodeError> {
+        let mut receiving = node.receiving.lock().unwrap_or_else(|p| p.into_inner());
+        if !receiving.insert(name.to_owned()) {
+            return Err(NodeError::InvalidState(format!(
+                "VM {name} is being received here already"
+            )));
+        }
+        Ok(Receiving(node, name.to_owned()))
+    }
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        let mut receiving = self.0.receiving.lock().unwrap_or_else(|p| p.into_inner());
+        receiving.remove(&self.1);
+    }
+}
+
+/// ReceiveVm's link, which must be a stream socket (it is shut down at the end).
+fn stream_socket(fd: OwnedFd) -> Result<std::os::unix::net::UnixStream, NodeError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let file = std::fs::File::from(fd);
+    let is_socket = file.metadata().map_err(io)?.file_type().is_socket();
+    let stream = std::os::unix::net::UnixStream::from(OwnedFd::from(file));
+    // SO_TYPE: a stream socket, not a datagram one.
+    let stream_type = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::SockType);
+    if is_socket && matches!(stream_type, Ok(nix::sys::socket::SockType::Stream)) {
+        Ok(stream)
+    } else {
+        Err(NodeError::InvalidArgument(
+            "ReceiveVm's link must be a stream socket".to_owned(),
+        ))
     }
 }
 
@@ -305,4 +351,21 @@ async fn relay_when_listening(
         }
     };
     Ok(migration::relay(link, vmm).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_must_be_a_stream_socket() {
+        let (pipe, _w) = nix::unistd::pipe().unwrap();
+        let (datagram, _d) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let (stream, _s) = std::os::unix::net::UnixStream::pair().unwrap();
+        for refused in [pipe, OwnedFd::from(datagram)] {
+            let e = stream_socket(refused).unwrap_err();
+            assert!(matches!(e, NodeError::InvalidArgument(_)), "{e}");
+        }
+        stream_socket(OwnedFd::from(stream)).unwrap();
+    }
 }

@@ -408,6 +408,8 @@ pub struct Node {
     pulls: StdMutex<HashSet<String>>,
     /// Disk names with an operation in progress (see `disk_ops`).
     disk_ops: StdMutex<HashSet<String>>,
+    /// VM names a ReceiveVm is bringing here (see `migrate`): one at a time per name.
+    receiving: StdMutex<HashSet<String>>,
     http: reqwest::Client,
     net_lock: Mutex<()>,
     network_state: StdMutex<String>,
@@ -526,6 +528,7 @@ impl Node {
             jobs: jobs::Jobs::default(),
             pulls: StdMutex::new(HashSet::new()),
             disk_ops: StdMutex::new(HashSet::new()),
+            receiving: StdMutex::new(HashSet::new()),
             http,
             net_lock: Mutex::new(()),
             network_state: StdMutex::new(network_state.to_owned()),
