@@ -85,17 +85,29 @@ impl Node {
                 let _ = ssh.start_kill();
                 let _ = ssh.wait().await;
                 vm.lock().migrating_to = None;
-                let said = tokio::time::timeout(Duration::from_secs(1), said)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
+                let said = said_by(said).await;
                 let ssh_said = if said.trim().is_empty() {
                     String::new()
                 } else {
                     format!("; ssh and the target said: {}", said.trim())
                 };
                 tracing::warn!(vm = %name, target, "live migration failed: {e}{ssh_said}");
+                // The device state went out but no answer came back: the VMM keeps the guest
+                // paused (the target may run it), and so must the VM's state say.
+                let paused = vmm_api::call(&socket, Request::Info)
+                    .await
+                    .is_ok_and(|info| info["state"] == "paused");
+                if paused && vm.state() == VmState::Running {
+                    self.set_state(
+                        &vm,
+                        VmState::Paused,
+                        format!(
+                            "the migration to {target} ended without the target's answer: \
+                             check whether the guest runs there, then Stop or Resume it here"
+                        ),
+                    )
+                    .await;
+                }
                 return Err(NodeError::Vmm(format!(
                     "migrating VM {name} to {target}: {e}{ssh_said} (VM {name} is {} here)",
                     vm.state().as_str()
@@ -109,11 +121,7 @@ impl Node {
             let _ = ssh.start_kill();
             let _ = ssh.wait().await;
         }
-        let said = tokio::time::timeout(Duration::from_secs(1), said)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let said = said_by(said).await;
         let note = match ssh_status {
             Ok(Ok(status)) if status.success() => String::new(),
             Ok(Ok(status)) => format!(
@@ -296,6 +304,15 @@ fn collect_stderr(stderr: Option<tokio::process::ChildStderr>) -> tokio::task::J
         }
         String::from_utf8_lossy(&kept).into_owned()
     })
+}
+
+/// What [`collect_stderr`] kept, once ssh is gone.
+async fn said_by(collected: tokio::task::JoinHandle<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(1), collected)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
 }
 
 /// Awaits the VMM's `migrate` answer while copying its progress into the job every
