@@ -919,6 +919,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     let persist = Arc::new(Persist {
         machine: shape,
         vm: vm.shared_fd(),
+        dirty_log: vm.dirty_log(),
         mem: mem.clone(),
         serial: serial.clone(),
         devices: persist_devices,

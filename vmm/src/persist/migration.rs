@@ -45,6 +45,7 @@ use super::outgoing::{MigrationControl, Phase};
 use super::{Machine, Persist, Snapshot, SnapshotError};
 use crate::vstate::control::VcpuControl;
 use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vm::DirtyLog;
 
 pub const HELLO: u32 = 1;
 pub const READY: u32 = 2;
@@ -237,9 +238,66 @@ pub fn set_dirty_logging(fd: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<(
     Ok(())
 }
 
+// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`, which kvm-ioctls does not wrap.
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_bindings::kvm_clear_dirty_log
+);
+
+/// Pages one KVM_CLEAR_DIRTY_LOG covers at most (256 MiB: KVM holds its MMU lock while it
+/// write-protects them, so a large slot goes in several steps, as QEMU does).
+const CLEAR_CHUNK_PAGES: usize = 1 << 16;
+
+/// Write-protects again, and clears in KVM's log, the pages set in `bits` of `slot`
+/// ([`DirtyLog::Manual`]); chunks without a set bit are skipped.
+fn clear_dirty_log(fd: &VmFd, slot: u32, bits: &[u64], pages: u64) -> Result<(), MigrationError> {
+    use vmm_sys_util::ioctl::ioctl_with_ref;
+    for (first_page, num_pages, chunk) in clear_ranges(bits, pages) {
+        let clear = kvm_bindings::kvm_clear_dirty_log {
+            slot,
+            num_pages: num_pages as u32,
+            first_page,
+            __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: chunk.as_ptr() as *mut std::ffi::c_void,
+            },
+        };
+        // SAFETY: KVM reads `num_pages` bits from `dirty_bitmap`, which points into `chunk`
+        // (at least that many bits long), and writes nothing of ours.
+        let rc = unsafe { ioctl_with_ref(fd, KVM_CLEAR_DIRTY_LOG(), &clear) };
+        if rc < 0 {
+            return Err(MigrationError::Kvm {
+                what: "clear the dirty log",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What [`clear_dirty_log`] hands KVM for a slot of `pages` pages: (first page, pages, the
+/// bitmap's words for them) per chunk of [`CLEAR_CHUNK_PAGES`] that has a set bit. KVM wants
+/// the first page and the count a multiple of 64, but for a range that ends at the slot's end.
+fn clear_ranges(bits: &[u64], pages: u64) -> impl Iterator<Item = (u64, u64, &[u64])> {
+    bits.chunks(CLEAR_CHUNK_PAGES / 64)
+        .enumerate()
+        .filter(|(_, chunk)| chunk.iter().any(|w| *w != 0))
+        .map(move |(i, chunk)| {
+            let first_page = (i * CLEAR_CHUNK_PAGES) as u64;
+            let num_pages = (chunk.len() as u64 * 64).min(pages.saturating_sub(first_page));
+            (first_page, num_pages, chunk)
+        })
+}
+
 /// The pages written since the last call, per region, by the guest (KVM) or the VMM
-/// (bitmap): one bit per page.
-fn take_dirty(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, MigrationError> {
+/// (bitmap): one bit per page. With [`DirtyLog::Manual`] the first call after logging was
+/// turned on finds every page set (KVM_DIRTY_LOG_INITIALLY_SET).
+fn take_dirty(
+    fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    mode: DirtyLog,
+) -> Result<Vec<Vec<u64>>, MigrationError> {
     let mut all = Vec::new();
     for (slot, region) in mem.iter().enumerate() {
         let mut bits = fd
@@ -248,6 +306,9 @@ fn take_dirty(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, Migrati
                 what: "read the dirty log",
                 source,
             })?;
+        if mode == DirtyLog::Manual {
+            clear_dirty_log(fd, slot as u32, &bits, region.len() / PAGE)?;
+        }
         let ours: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
         for (word, mine) in bits.iter_mut().zip(ours.get_and_reset()) {
             *word |= mine;
@@ -478,7 +539,7 @@ impl Persist {
             return Err(fail(MigrationError::Vm(e)));
         }
         let state = self.save_vcpus(vcpus).and_then(|vcpu_states| {
-            let sent = take_dirty(&self.vm, &self.mem)
+            let sent = take_dirty(&self.vm, &self.mem, self.dirty_log)
                 .and_then(|dirty| send_pages(stream, &self.mem, Some(&dirty), control))
                 .map_err(|e| e.to_string())?;
             report.bytes += sent.bytes;
@@ -535,7 +596,7 @@ impl Persist {
     ) -> Result<MigrationReport, MigrationError> {
         let mut report = MigrationReport::default();
         // What was written before logging began is in the first round anyway.
-        take_dirty(&self.vm, &self.mem)?;
+        take_dirty(&self.vm, &self.mem, self.dirty_log)?;
         let t = Instant::now();
         let first = send_pages(stream, &self.mem, None, control)?;
         report.bytes += first.bytes;
@@ -552,7 +613,7 @@ impl Persist {
                 first_rate
             }
             .max(PAGE as f64);
-            let dirty = take_dirty(&self.vm, &self.mem)?;
+            let dirty = take_dirty(&self.vm, &self.mem, self.dirty_log)?;
             let left = dirty_bytes(&dirty);
             control.round(report.rounds, left, rate as u64);
             control.check()?;
@@ -651,6 +712,30 @@ pub fn receive_memory(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dirty_log_is_cleared_in_chunks_that_end_with_the_slot() {
+        // 100 pages: one range, to the slot's end (not a multiple of 64).
+        let small = [1u64, 1 << 35];
+        let ranges: Vec<_> = clear_ranges(&small, 100)
+            .map(|(f, n, w)| (f, n, w.len()))
+            .collect();
+        assert_eq!(ranges, [(0, 100, 2)]);
+        // Two chunks and a bit: the empty first chunk is skipped, the last ends the slot.
+        let pages = 2 * CLEAR_CHUNK_PAGES as u64 + 70;
+        let mut bits = vec![0u64; (pages as usize).div_ceil(64)];
+        bits[CLEAR_CHUNK_PAGES / 64] = 1;
+        *bits.last_mut().unwrap() = 1 << 5;
+        let ranges: Vec<_> = clear_ranges(&bits, pages)
+            .map(|(f, n, w)| (f, n, w.len()))
+            .collect();
+        let chunk = CLEAR_CHUNK_PAGES as u64;
+        assert_eq!(
+            ranges,
+            [(chunk, chunk, CLEAR_CHUNK_PAGES / 64), (2 * chunk, 70, 2)]
+        );
+        assert!(clear_ranges(&[0, 0], 128).next().is_none());
+    }
 
     #[test]
     fn messages_round_trip_and_oversized_or_unexpected_ones_are_refused() {

@@ -397,6 +397,8 @@ impl PciPersist {
 pub struct Persist {
     pub machine: MachineShape,
     pub vm: Arc<VmFd>,
+    /// How a migration reads the dirty log.
+    pub dirty_log: crate::vstate::vm::DirtyLog,
     pub mem: GuestMemoryMmap,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub devices: Vec<PersistDevice>,

@@ -142,11 +142,19 @@ mod snapshot_ioctls {
             .to_vec()
     }
 
-    /// What a live migration reads of the VM besides: the dirty log, and the memory slots'
-    /// logging flag (the slots themselves stay as they are).
+    /// What a live migration reads of the VM besides: the dirty log (and, with manual
+    /// protection, its clearing), and the memory slots' logging flag (the slots themselves
+    /// stay as they are).
     pub fn migration() -> Vec<u64> {
         vm().into_iter()
-            .chain([KVM_SET_USER_MEMORY_REGION(), KVM_GET_DIRTY_LOG()].map(u64::from))
+            .chain(
+                [
+                    KVM_SET_USER_MEMORY_REGION(),
+                    KVM_GET_DIRTY_LOG(),
+                    crate::persist::migration::KVM_CLEAR_DIRTY_LOG(),
+                ]
+                .map(u64::from),
+            )
             .collect()
     }
 }
@@ -514,8 +522,8 @@ mod tests {
         );
         assert_eq!(
             ioctl_rules(ThreadKind::Migration),
-            Some(5),
-            "those, and the dirty log and its flag"
+            Some(6),
+            "those, and the dirty log, its clearing and its flag"
         );
         for kind in ThreadKind::ALL {
             assert_eq!(
@@ -575,6 +583,13 @@ mod tests {
             ior(0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>()),
             "KVM_GET_CLOCK"
         );
+        // The one the VMM defines itself, as <linux/kvm.h> has it.
+        assert_eq!(
+            crate::persist::migration::KVM_CLEAR_DIRTY_LOG(),
+            0xc018_aec0,
+            "KVM_CLEAR_DIRTY_LOG"
+        );
+        assert!(snapshot_ioctls::migration().contains(&0xc018_aec0));
     }
 
     #[test]
