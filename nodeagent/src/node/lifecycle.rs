@@ -74,18 +74,14 @@ impl Node {
         // A run in progress has no terminal status.
         let status_file = self.cfg.layout.status_file(&vm.name);
         let _ = blocking(move || fsutil::remove_durable(&status_file)).await;
-        let incoming = match how {
-            Launch::Boot => None,
+        let (incoming, reason) = match how {
+            Launch::Boot => (None, ""),
             Launch::Incoming(socket) => {
                 // The VMM binds it and fails on a stale one.
                 let stale = socket.clone();
                 let _ = blocking(move || std::fs::remove_file(stale)).await;
-                Some(socket.clone())
+                (Some(socket.clone()), "receiving a live migration")
             }
-        };
-        let reason = match how {
-            Launch::Boot => "",
-            Launch::Incoming(_) => "receiving a live migration",
         };
         self.set_state(vm, VmState::Starting, reason).await;
         let mut taps = Vec::new();
