@@ -189,6 +189,25 @@ fn job_id(job: &Arc<Job>) -> Option<u32> {
     Some(job.id)
 }
 
+/// A call that starts a job: authorized for `role` and audited as `action` on `object`
+/// (its end is audited under the same origin), `start` given the origin; returns the job's
+/// path.
+async fn job_call<Fut>(
+    conn: &Connection,
+    header: &Header<'_>,
+    node: &Node,
+    (role, action, object): (Role, &'static str, &str),
+    start: impl FnOnce(audit::Origin) -> Fut,
+) -> Result<OwnedObjectPath, BusError>
+where
+    Fut: std::future::Future<Output = Result<Arc<Job>, NodeError>>,
+{
+    let audit = authorize_change(conn, Some(header), node, role, action, object).await?;
+    let origin = audit.origin();
+    let job = audit.done_with(start(origin).await, job_id)?;
+    owned_path(&job.path)
+}
+
 /// [`authorize`] for a state-changing call on `object` (a VM, image, disk; empty for the
 /// node): a refusal is recorded in the audit trail, an authorized call returns its [`Audit`].
 async fn authorize_change(
@@ -437,11 +456,14 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         timeout_seconds: u64,
     ) -> Result<OwnedObjectPath, BusError> {
-        let audit =
-            authorize_change(conn, Some(&header), &self.node, Role::Host, "Drain", "").await?;
-        let origin = audit.origin();
-        let job = audit.done_with(self.node.drain(timeout_seconds, origin).await, job_id)?;
-        owned_path(&job.path)
+        job_call(
+            conn,
+            &header,
+            &self.node,
+            (Role::Host, "Drain", ""),
+            |origin| self.node.drain(timeout_seconds, origin),
+        )
+        .await
     }
 
     /// Drains the node as Drain does, but live-migrates every running VM to node `target`
@@ -458,21 +480,14 @@ impl Manager {
         timeout_seconds: u64,
         target: String,
     ) -> Result<OwnedObjectPath, BusError> {
-        let audit = authorize_change(
+        job_call(
             conn,
-            Some(&header),
+            &header,
             &self.node,
-            Role::Host,
-            "DrainTo",
-            &target,
+            (Role::Host, "DrainTo", &target),
+            |origin| self.node.drain_to(timeout_seconds, &target, origin),
         )
-        .await?;
-        let origin = audit.origin();
-        let job = audit.done_with(
-            self.node.drain_to(timeout_seconds, &target, origin).await,
-            job_id,
-        )?;
-        owned_path(&job.path)
+        .await
     }
 
     /// Checks for (`dry_run`) or installs a host image update from `url` ("": the node's
@@ -492,14 +507,14 @@ impl Manager {
         } else {
             ("Update", UpdateAction::Install)
         };
-        let audit =
-            authorize_change(conn, Some(&header), &self.node, Role::Host, what, &url).await?;
-        let origin = audit.origin();
-        let job = audit.done_with(
-            self.node.start_update_job(&url, action, origin).await,
-            job_id,
-        )?;
-        owned_path(&job.path)
+        job_call(
+            conn,
+            &header,
+            &self.node,
+            (Role::Host, what, &url),
+            |origin| self.node.start_update_job(&url, action, origin),
+        )
+        .await
     }
 
     /// Reboots the host as a job: no VM starts from now on, every running VM is shut down
@@ -513,14 +528,14 @@ impl Manager {
         #[zbus(connection)] conn: &Connection,
         timeout_seconds: u64,
     ) -> Result<OwnedObjectPath, BusError> {
-        let audit =
-            authorize_change(conn, Some(&header), &self.node, Role::Host, "Reboot", "").await?;
-        let origin = audit.origin();
-        let job = audit.done_with(
-            self.node.start_reboot_job(timeout_seconds, origin).await,
-            job_id,
-        )?;
-        owned_path(&job.path)
+        job_call(
+            conn,
+            &header,
+            &self.node,
+            (Role::Host, "Reboot", ""),
+            |origin| self.node.start_reboot_job(timeout_seconds, origin),
+        )
+        .await
     }
 
     /// Lifts the drain: starts are allowed again. Starts nothing itself.
@@ -587,21 +602,11 @@ impl Manager {
         name: String,
         target: String,
     ) -> Result<OwnedObjectPath, BusError> {
-        let audit = authorize_change(
-            conn,
-            Some(&header),
-            &self.node,
-            Role::VmControl,
-            "MigrateVm",
-            &name,
-        )
-        .await?;
-        let origin = audit.origin();
-        let job = audit.done_with(
-            self.node.start_migrate_job(&name, &target, origin).await,
-            job_id,
-        )?;
-        owned_path(&job.path)
+        let call = (Role::VmControl, "MigrateVm", name.as_str());
+        job_call(conn, &header, &self.node, call, |origin| {
+            self.node.start_migrate_job(&name, &target, origin)
+        })
+        .await
     }
 
     /// The receiving end of another node's MigrateVm, called by `thvc-nodeagent
@@ -758,21 +763,14 @@ impl Manager {
         url: String,
         sha256: String,
     ) -> Result<OwnedObjectPath, BusError> {
-        let audit = authorize_change(
+        job_call(
             conn,
-            Some(&header),
+            &header,
             &self.node,
-            Role::Images,
-            "PullImageJob",
-            &url,
+            (Role::Images, "PullImageJob", &url),
+            |origin| self.node.start_pull_job(&url, &sha256, origin),
         )
-        .await?;
-        let origin = audit.origin();
-        let job = audit.done_with(
-            self.node.start_pull_job(&url, &sha256, origin).await,
-            job_id,
-        )?;
-        owned_path(&job.path)
+        .await
     }
 
     /// Images in the store: (name, size in bytes, verified SHA-256 or "").
@@ -940,21 +938,11 @@ impl VmObject {
         operation: JobOperation,
         action: &'static str,
     ) -> Result<OwnedObjectPath, BusError> {
-        let audit = authorize_change(
-            conn,
-            Some(header),
-            &self.node,
-            Role::VmControl,
-            action,
-            &self.vm.name,
-        )
-        .await?;
-        let origin = audit.origin();
-        let job = audit.done_with(
-            self.node.start_job(&self.vm.name, operation, origin).await,
-            job_id,
-        )?;
-        owned_path(&job.path)
+        let call = (Role::VmControl, action, self.vm.name.as_str());
+        job_call(conn, header, &self.node, call, |origin| {
+            self.node.start_job(&self.vm.name, operation, origin)
+        })
+        .await
     }
 }
 
