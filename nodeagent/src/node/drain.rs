@@ -112,12 +112,7 @@ impl Node {
         timeout: Duration,
         control: &crate::images::JobControl,
     ) -> Result<String, NodeError> {
-        let running: Vec<String> = self
-            .list()
-            .into_iter()
-            .filter(|vm| !vm.state().is_down())
-            .map(|vm| vm.name.clone())
-            .collect();
+        let running = self.running_vms();
         control.set_total(running.len() as u64);
         let (mut moved, mut failures) = (0, Vec::new());
         for name in running {
@@ -178,6 +173,15 @@ impl Node {
         }
     }
 
+    /// The VMs with a VMM now (a drain's work), by name.
+    fn running_vms(&self) -> Vec<String> {
+        self.list()
+            .into_iter()
+            .filter(|vm| !vm.state().is_down())
+            .map(|vm| vm.name.clone())
+            .collect()
+    }
+
     pub async fn undrain(&self) -> Result<(), NodeError> {
         self.set_drained(false).await
     }
@@ -204,12 +208,7 @@ impl Node {
         context: &str,
     ) -> Result<(), NodeError> {
         let node = self;
-        let running: Vec<String> = node
-            .list()
-            .into_iter()
-            .filter(|vm| !vm.state().is_down())
-            .map(|vm| vm.name.clone())
-            .collect();
+        let running = node.running_vms();
         let mut tasks = Vec::new();
         for name in running {
             let node = node.clone();
