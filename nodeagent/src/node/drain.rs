@@ -97,9 +97,7 @@ impl Node {
         let job = self.new_job(JobOperation::Drain, "", "", Some(control), origin);
         let (target, timeout) = (target.to_owned(), Duration::from_secs(timeout_seconds));
         self.run_job(job, move |node, job| async move {
-            let Some(control) = job.control.clone() else {
-                return Err(NodeError::Io("drain job without its control".into()));
-            };
+            let control = job.controlled()?;
             node.migrate_all(&target, timeout, &control).await
         })
         .await

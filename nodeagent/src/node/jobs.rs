@@ -86,6 +86,16 @@ impl Job {
         self.control.as_ref().map_or((0, 0), |p| p.progress())
     }
 
+    /// The control of a job made with one (pulls, ApplyVms, migrations, DrainTo).
+    pub(super) fn controlled(&self) -> Result<Arc<JobControl>, NodeError> {
+        self.control.clone().ok_or_else(|| {
+            NodeError::Io(format!(
+                "{} job without its control",
+                self.operation.as_str()
+            ))
+        })
+    }
+
     /// What the job is doing, if it says (a migration: the VMM's progress as JSON).
     pub fn status(&self) -> String {
         self.control
@@ -192,9 +202,7 @@ impl Node {
         let job = self.new_job(JobOperation::PullImage, "", url, Some(control), origin);
         let sha256 = sha256.to_owned();
         self.run_job(job, move |node, job| async move {
-            let Some(control) = job.control.clone() else {
-                return Err(NodeError::Io("pull job without its control".into()));
-            };
+            let control = job.controlled()?;
             node.pull_image_with(&job.image_url, &sha256, &control)
                 .await
                 .map(|path| path.display().to_string())
@@ -223,9 +231,7 @@ impl Node {
         let job = self.new_job(JobOperation::Migrate, name, "", Some(control), origin);
         let target = target.to_owned();
         self.run_job(job, move |node, job| async move {
-            let Some(control) = job.control.clone() else {
-                return Err(NodeError::Io("migrate job without its control".into()));
-            };
+            let control = job.controlled()?;
             node.migrate(&job.vm, &target, &control).await
         })
         .await
