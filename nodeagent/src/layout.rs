@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! <state>/vms/<name>.json          VM spec (persistent, atomic writes)
+//! <state>/vms/<name>.incoming      marker: the VM came with a live migration not yet
+//!                                  known to run here (see `node::migrate`)
 //! <state>/network.json             last applied network document
 //! <state>/net/                     netconf ownership records (links and TAPs it created)
 //! <state>/images/                  image store (kernels, initrds, read-only disks)
@@ -53,6 +55,11 @@ impl Layout {
     }
     pub fn spec_file(&self, vm: &str) -> PathBuf {
         self.specs_dir().join(format!("{vm}.json"))
+    }
+    /// Present from the start of a ReceiveVm until its guest runs here: an agent that
+    /// finds it at its start knows the VM may never have arrived (see `node::recovery`).
+    pub fn incoming_marker(&self, vm: &str) -> PathBuf {
+        self.specs_dir().join(format!("{vm}.incoming"))
     }
     pub fn images_dir(&self) -> PathBuf {
         self.state_dir.join("images")

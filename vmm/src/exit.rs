@@ -9,6 +9,8 @@
 //! | 4      | the guest crashed its vCPU: an instruction KVM cannot emulate, an        |
 //! |        | exception it cannot deliver, an unknown hardware exit. The guest's fault, |
 //! |        | not the host's: restarting it may well crash it again                    |
+//! | 5      | a migration target (`--incoming`) ended before its guest ran here: the   |
+//! |        | guest is still on its source; nothing here needs cleaning up but the VM   |
 //!
 //! A triple fault stays a reset (3): it is how Linux reboots when nothing else works, and
 //! what a PC does.
@@ -22,6 +24,7 @@ pub const EXIT_ERROR: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_GUEST_RESET: i32 = 3;
 pub const EXIT_GUEST_FAULT: i32 = 4;
+pub const EXIT_NOT_ARRIVED: i32 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitReason {

@@ -68,7 +68,7 @@ fn real_main() -> i32 {
         Err(e) => {
             // The messages already include their causes: print them once.
             eprintln!("thvc-vmm: {e}");
-            EXIT_ERROR
+            e.status()
         }
     }
 }

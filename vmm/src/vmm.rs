@@ -132,6 +132,20 @@ pub enum VmmError {
     VirtioPci(#[from] VirtioPciError),
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    /// Anything that ended a migration target (`--incoming`) before its guest ran: the
+    /// guest is still on its source, nothing of it ran here (exit status 5).
+    #[error("the migrated guest did not arrive: {0}")]
+    NotArrived(Box<VmmError>),
+}
+
+impl VmmError {
+    /// The exit status that tells a supervisor how the VMM ended (see [`crate::exit`]).
+    pub fn status(&self) -> i32 {
+        match self {
+            VmmError::NotArrived(_) => crate::exit::EXIT_NOT_ARRIVED,
+            _ => crate::exit::EXIT_ERROR,
+        }
+    }
 }
 
 /// First interrupt line for virtio devices (4 is COM1).
@@ -737,6 +751,19 @@ fn power_button(
 /// Builds the VM and runs it until the guest powers off or resets, a signal or the API stops
 /// it, or a vCPU fails.
 pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
+    let incoming = matches!(config.boot, Boot::Incoming(_));
+    let mut started = false;
+    run_vm(config, &mut started).map_err(|e| {
+        if incoming && !started {
+            VmmError::NotArrived(Box::new(e))
+        } else {
+            e
+        }
+    })
+}
+
+/// [`run`]'s work; `started` turns true once the guest's vCPUs run.
+fn run_vm(config: VmConfig, started: &mut bool) -> Result<ExitReason, VmmError> {
     let signals = stop_signals().map_err(VmmError::EventLoop)?;
     let filters = Filters::build(config.sandbox.seccomp, config.transport)?;
     let mut resources = Resources::acquire(&config)?;
@@ -966,6 +993,7 @@ pub fn run(config: VmConfig) -> Result<ExitReason, VmmError> {
     sandbox::seccomp::apply(ThreadKind::Main, filters.main.as_ref())?;
     sandbox::test_forbidden_syscall(ThreadKind::Main);
     vcpu_control.release();
+    *started = true;
     if restored {
         // The guest may be on another port of the network now (another TAP, another host).
         for worker in limits.workers() {

@@ -454,7 +454,9 @@ fn live_migration_moves_a_running_guest_to_another_vmm() {
         "{refused}"
     );
     let (status, _, stderr) = refusing.finish();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    // Exit status 5: the guest did not arrive (a supervisor removes what it made for it).
+    assert_eq!(status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("did not arrive"), "{stderr}");
     wait_count_above(&mut source, after_failure + 5);
 
     // The real move.

@@ -75,7 +75,12 @@ impl Node {
         let status_file = self.cfg.layout.status_file(&vm.name);
         let _ = blocking(move || fsutil::remove_durable(&status_file)).await;
         let (incoming, reason) = match how {
-            Launch::Boot => (None, ""),
+            Launch::Boot => {
+                // A VM left from a cut-short migration (see `recover`): booting it here is
+                // the operator's answer to where it runs.
+                self.forget_incoming(&vm.name).await;
+                (None, "")
+            }
             Launch::Incoming(socket) => {
                 // The VMM binds it and fails on a stale one.
                 let stale = socket.clone();

@@ -184,22 +184,51 @@ impl Node {
                 "a VM named {name} exists on this node already"
             )));
         }
-        let vm = self.create(name, spec_json).await?;
-        match self.receive_into(&vm, link).await {
+        // Durable before the VM's spec is: an agent that ends from here until the guest
+        // runs finds it at its next start (recovery: `Node::recover_incoming`).
+        let marker = self.cfg.layout.incoming_marker(name);
+        blocking(move || fsutil::write_atomic(&marker, b"receiving a live migration\n", 0o600))
+            .await?
+            .map_err(io)?;
+        let received = match self.create(name, spec_json).await {
+            Ok(vm) => self.receive_into(&vm, link).await,
+            Err(e) => Err(e),
+        };
+        match received {
             Ok(()) => {
+                self.forget_incoming(name).await;
                 tracing::info!(vm = %name, "migrated VM received; it runs here");
                 Ok(format!("VM {name} runs here"))
             }
             Err(e) => {
                 tracing::warn!(vm = %name, "receiving the migrated VM failed: {e}");
-                if let Err(stop) = self.stop(name, false).await {
-                    tracing::warn!(vm = %name, "stopping its VMM: {stop}");
-                }
-                if let Err(delete) = self.delete(name).await {
-                    tracing::warn!(vm = %name, "removing it again: {delete}");
-                }
+                self.abandon_incoming(name).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Removes what a ReceiveVm made of VM `name` whose guest did not arrive: its VMM
+    /// (killed: it holds no guest), its definition and the incoming marker.
+    pub(super) async fn abandon_incoming(&self, name: &str) {
+        if self.get(name).is_ok() {
+            if let Err(stop) = self.stop(name, false).await {
+                tracing::warn!(vm = %name, "stopping its VMM: {stop}");
+            }
+            if let Err(delete) = self.delete(name).await {
+                tracing::warn!(vm = %name, "removing it again: {delete}");
+            }
+        }
+        self.forget_incoming(name).await;
+    }
+
+    /// The guest of VM `name` runs here (or its VM is gone): no incoming marker any more.
+    pub(super) async fn forget_incoming(&self, name: &str) {
+        let marker = self.cfg.layout.incoming_marker(name);
+        match blocking(move || fsutil::remove_durable(&marker)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(vm = %name, "removing its incoming marker: {e}"),
+            Err(e) => tracing::warn!(vm = %name, "removing its incoming marker: {e}"),
         }
     }
 

@@ -13,9 +13,11 @@ impl Node {
         // Blocking file work (a directory of specs, fsyncs for new UUIDs) off the runtime
         // threads, like every other call's.
         let layout = self.cfg.layout.clone();
-        let (first_since_boot, mut names_found) = blocking(move || {
+        let (first_since_boot, mut names_found, incoming) = blocking(move || {
             let first_since_boot = !layout.boot_marker().exists();
-            load_specs(&layout).map(|found| (first_since_boot, found))
+            let found = load_specs(&layout)?;
+            let incoming = incoming_markers(&layout, &found);
+            Ok::<_, NodeError>((first_since_boot, found, incoming))
         })
         .await??;
         names_found.sort_by(|a, b| a.0.cmp(&b.0));
@@ -41,21 +43,20 @@ impl Node {
             }
         }
         let mut to_autostart = Vec::new();
+        let mut never_arrived = Vec::new();
         for vm in &loaded {
             let terminal = self.read_terminal(&vm.name).await;
             let pending = terminal.as_ref().and_then(|t| t.pending);
+            let incoming = incoming.contains(&vm.name);
             match self.runner.adopt(&vm.name).await {
                 Ok(Adoption::Running(exited)) => {
-                    let paused =
+                    let vmm_state =
                         vmm_api::call(&self.cfg.layout.api_socket(&vm.name), Request::Info)
                             .await
                             .ok()
-                            .and_then(|v| {
-                                v.get("state")
-                                    .and_then(|s| s.as_str())
-                                    .map(|s| s == "paused")
-                            })
-                            .unwrap_or(false);
+                            .and_then(|v| v.get("state")?.as_str().map(str::to_owned));
+                    let paused = vmm_state.as_deref() == Some("paused");
+                    let waiting = vmm_state.as_deref() == Some("migrating-in");
                     let generation = {
                         let mut st = vm.lock();
                         st.generation += 1;
@@ -65,14 +66,23 @@ impl Node {
                             .collect();
                         st.generation
                     };
-                    let state = if paused {
-                        VmState::Paused
+                    let (state, note) = if incoming && waiting {
+                        // Its guest never arrived: the source still has it (below).
+                        never_arrived.push(vm.name.clone());
+                        (VmState::Starting, "receiving a live migration")
+                    } else if paused {
+                        (VmState::Paused, "")
                     } else {
-                        VmState::Running
+                        (VmState::Running, "")
                     };
-                    self.set_state(vm, state, "").await;
+                    self.set_state(vm, state, note).await;
                     tracing::info!(vm = %vm.name, "re-adopted running VMM");
                     self.watch_exit(vm, generation, exited);
+                    if incoming && !waiting && vmm_state.is_some() {
+                        // Migrated in: the guest runs here, the agent ended before it said so.
+                        tracing::info!(vm = %vm.name, "the migrated guest runs here");
+                        self.forget_incoming(&vm.name).await;
+                    }
                     if let Some(kind) = pending {
                         // The previous agent died during a Stop or Shutdown: finish it.
                         tracing::info!(vm = %vm.name, ?kind, "finishing the stop the previous agent began");
@@ -86,6 +96,17 @@ impl Node {
                             });
                         }
                     }
+                }
+                Ok(Adoption::Exited(ExitOutcome::Exited(EXIT_NOT_ARRIVED))) if incoming => {
+                    // Its VMM said so itself: the guest never ran here.
+                    never_arrived.push(vm.name.clone());
+                }
+                Ok(Adoption::Exited(_)) | Ok(Adoption::NotRunning) if incoming => {
+                    // A ReceiveVm cut short, its VMM gone: whether the guest ever ran here
+                    // cannot be known any more, so it neither starts nor goes by itself.
+                    tracing::warn!(vm = %vm.name, "an incoming live migration was cut short; the VM waits for the operator");
+                    self.set_state(vm, VmState::Failed, INCOMING_CUT_SHORT)
+                        .await;
                 }
                 Ok(Adoption::Exited(_)) | Ok(Adoption::NotRunning) if pending.is_some() => {
                     // Stopped as the operator asked; the agent died before recording it.
@@ -117,6 +138,10 @@ impl Node {
                     self.set_state(vm, VmState::Failed, reason).await;
                 }
             }
+        }
+        for name in never_arrived {
+            tracing::warn!(vm = %name, "an incoming live migration was cut short before the guest arrived; removing what it made here");
+            self.abandon_incoming(&name).await;
         }
         if first_since_boot {
             let marker = self.cfg.layout.boot_marker();
@@ -163,6 +188,37 @@ impl Node {
             }
         }
     }
+}
+
+/// thvc-vmm's exit status for a migration target that ended before its guest ran.
+const EXIT_NOT_ARRIVED: i32 = 5;
+
+/// What a VM left by an incoming migration that an agent's end cut short says, when its
+/// VMM is gone: the source's MigrateVm failed, so its guest most likely runs there still,
+/// but the agent may have ended right after the guest began to run here.
+const INCOMING_CUT_SHORT: &str =
+    "an incoming live migration was cut short (the agent ended during it) and its VMM is gone: \
+     if the VM still runs on the node it came from, delete it here; if not, start it here";
+
+/// The names of the loaded VMs with an incoming marker (`Layout::incoming_marker`); markers
+/// without a spec (the agent ended before it wrote the spec) are removed. Blocking.
+fn incoming_markers(layout: &Layout, loaded: &[(String, VmSpec)]) -> HashSet<String> {
+    let mut marked = HashSet::new();
+    let Ok(entries) = std::fs::read_dir(layout.specs_dir()) else {
+        return marked;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(name) = file.strip_suffix(".incoming") else {
+            continue;
+        };
+        if loaded.iter().any(|(n, _)| n == name) {
+            marked.insert(name.to_owned());
+        } else if let Err(e) = fsutil::remove_durable(&entry.path()) {
+            tracing::warn!("removing {}: {e}", entry.path().display());
+        }
+    }
+    marked
 }
 
 /// The persisted specs (`<state>/vms/NAME.json`); files that do not load are logged and

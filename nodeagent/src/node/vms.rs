@@ -103,6 +103,8 @@ impl Node {
         blocking(move || fsutil::remove_durable(&spec_file))
             .await?
             .map_err(io)?;
+        // A VM whose incoming migration was cut short (see `recover`) ends with it.
+        self.forget_incoming(name).await;
         vm.lock().deleted = true;
         self.table().remove(name);
         self.release_uid(&vm).await;

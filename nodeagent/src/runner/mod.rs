@@ -148,6 +148,9 @@ pub fn describe_exit(outcome: &ExitOutcome) -> String {
              or an unknown exit; the guest's fault, not the host's)"
                 .to_owned()
         }
+        ExitOutcome::Exited(5) => "the migrated guest did not arrive (VMM exit status 5: the \
+             migration target ended before the guest ran here; it is still on its source)"
+            .to_owned(),
         ExitOutcome::Exited(c) => format!("the VMM exited with unexpected status {c}"),
         ExitOutcome::Signaled(s) => format!("the VMM was killed by signal {s}"),
         ExitOutcome::Unknown(r) => format!("the VMM ended with unknown status: {r}"),
@@ -166,7 +169,7 @@ mod tests {
 
     #[test]
     fn every_vmm_exit_status_has_its_own_meaning() {
-        let said: Vec<String> = (0..=5)
+        let said: Vec<String> = (0..=6)
             .map(|c| describe_exit(&ExitOutcome::Exited(c)))
             .collect();
         assert!(
@@ -175,7 +178,8 @@ mod tests {
             said[4]
         );
         assert!(said[1].contains("error"));
-        assert!(said[5].contains("unexpected status 5"));
+        assert!(said[5].contains("did not arrive") && said[5].contains("status 5"));
+        assert!(said[6].contains("unexpected status 6"));
         let mut distinct = said.clone();
         distinct.sort();
         distinct.dedup();

@@ -18,6 +18,11 @@
 //! 4096*(i+1), bytes_written 512*(i+1); NIC i: rx_bytes 1000+i, rx_packets 10, tx_bytes
 //! 2000+i, tx_packets 20; errors 0).
 //!
+//! `--incoming unix:PATH` (instead of `--kernel`, as a migration target) listens at PATH and
+//! reports `info` state `migrating-in` until the source's stream brings the line `RUN`: then
+//! it answers `RESUMED` and the guest runs. A stream that ends before `RUN` is a failed
+//! migration, as for thvc-vmm: exit 5 (the guest did not arrive).
+//!
 //! `--user UID:GID` switches user once the console and API socket are open, like thvc-vmm.
 //! `--firmware PATH` instead of `--kernel` (it needs `--transport pci`, as thvc-vmm's UEFI
 //! boot does) and `--platform uuid=UUID` are checked the way thvc-vmm checks them, so a
@@ -31,6 +36,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 static PAUSED: AtomicBool = AtomicBool::new(false);
+/// Waiting for a migration's guest (`--incoming`).
+static MIGRATING_IN: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn exit_zero(_: libc::c_int) {
     // SAFETY: _exit is async-signal-safe.
@@ -69,6 +76,7 @@ fn main() {
             "--config",
             "--user",
             "--kvm-fd",
+            "--incoming",
         ];
         if !takes_value.contains(&a.as_str()) {
             usage(&format!("unknown argument {a}"));
@@ -84,7 +92,25 @@ fn main() {
             }
         }
     }
+    let incoming = opts.get("--incoming").map(|a| {
+        for o in ["--kernel", "--firmware", "--initrd", "--cmdline"] {
+            if opts.contains_key(o) {
+                usage(&format!(
+                    "{o} is not for --incoming: the guest comes from the source"
+                ));
+            }
+        }
+        let path = a
+            .strip_prefix("unix:")
+            .unwrap_or_else(|| usage(&format!("--incoming {a}: expected unix:PATH")));
+        let _ = std::fs::remove_file(path);
+        UnixListener::bind(path).unwrap_or_else(|e| {
+            eprintln!("thvc-fake-vmm: incoming socket {path}: {e}");
+            std::process::exit(1);
+        })
+    });
     let kernel = match (opts.get("--kernel"), opts.get("--firmware")) {
+        _ if incoming.is_some() => String::new(),
         (Some(k), None) => k.clone(),
         (None, Some(f)) => {
             if opts.get("--transport").map(String::as_str) != Some("pci") {
@@ -102,12 +128,13 @@ fn main() {
         }
         _ => usage("exactly one of --kernel and --firmware is required"),
     };
-    if !std::path::Path::new(&kernel).is_file() {
+    if incoming.is_none() && !std::path::Path::new(&kernel).is_file() {
         eprintln!("thvc-fake-vmm: kernel or firmware {kernel} not found");
         std::process::exit(1);
     }
     // Read as thvc-vmm reads them, with the rights of the user it runs as.
-    for file in std::iter::once(&kernel).chain(opts.get("--initrd")) {
+    let boot_files = std::iter::once(&kernel).filter(|_| incoming.is_none());
+    for file in boot_files.chain(opts.get("--initrd")) {
         if let Err(e) = std::fs::File::open(file) {
             eprintln!("thvc-fake-vmm: {file}: {e}");
             std::process::exit(1);
@@ -216,6 +243,10 @@ fn main() {
         }
     }
 
+    if let Some(listener) = incoming {
+        MIGRATING_IN.store(true, Ordering::SeqCst);
+        std::thread::spawn(move || receive_guest(listener));
+    }
     if let Some(code) = num("exit") {
         let after = num("exit_after_ms").unwrap_or(0);
         std::thread::spawn(move || {
@@ -279,6 +310,25 @@ fn main() {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// The migration target's side (see the module docs): one source, `RUN` or exit 1.
+fn receive_guest(listener: UnixListener) {
+    let Ok((stream, _)) = listener.accept() else {
+        std::process::exit(1);
+    };
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+        if line.trim() == "RUN" {
+            MIGRATING_IN.store(false, Ordering::SeqCst);
+            let _ = (&stream).write_all(b"RESUMED\n");
+            return;
+        }
+        line.clear();
+    }
+    eprintln!("thvc-fake-vmm: the migration stream ended before the guest arrived");
+    std::process::exit(5);
 }
 
 /// `--user UID:GID`, as thvc-vmm does it: no supplementary groups, then gid, then uid.
@@ -362,7 +412,13 @@ fn serve_api(listener: UnixListener, api: Api) {
                             Some("info") => (
                                 serde_json::json!({"ok": true, "result": {
                                     "fake": true,
-                                    "state": if PAUSED.load(Ordering::SeqCst) { "paused" } else { "running" },
+                                    "state": if MIGRATING_IN.load(Ordering::SeqCst) {
+                                        "migrating-in"
+                                    } else if PAUSED.load(Ordering::SeqCst) {
+                                        "paused"
+                                    } else {
+                                        "running"
+                                    },
                                     "vcpus": cpus, "memory_mib": memory, "pid": std::process::id(),
                                     "devices": devices}}),
                                 false,
