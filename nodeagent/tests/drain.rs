@@ -151,3 +151,73 @@ async fn thvcctl_drains_and_undrains() {
     );
     assert!(!m.drained().await.unwrap());
 }
+
+/// DrainTo to a node ssh cannot reach (a stand-in ssh that fails as OpenSSH does): the node is
+/// drained, every VM keeps running here, and the job fails naming each with what ssh said.
+/// (The migration itself, and DrainTo's success, are tested with real guests and a real sshd
+/// in tests/vm_guest.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_to_an_unreachable_node_leaves_every_vm_running_here() {
+    use std::os::unix::fs::PermissionsExt;
+    let bus = TestBus::start();
+    let dirs = NodeDirs::new();
+    let ssh = dirs.root.path().join("ssh");
+    std::fs::write(
+        &ssh,
+        // ssh -F CONFIG -T -o BatchMode=yes -- TARGET migrate-receive
+        "#!/bin/sh\nwhile [ \"$1\" != -- ]; do shift; done\n\
+         echo \"ssh: connect to host $2 port 22: Connection refused\" >&2\nexit 255\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dirs.root.path().join("ssh_config");
+    std::fs::write(&config, "").unwrap();
+    let _agent = Agent::start(
+        &bus,
+        &dirs,
+        &[
+            "--ssh",
+            ssh.to_str().unwrap(),
+            "--migration-ssh-config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let conn = connect(&bus).await;
+    let m = manager(&conn).await;
+    let mut vms = Vec::new();
+    for name in ["a", "b"] {
+        let v = vm(&conn, m.create_vm(name, &spec("")).await.unwrap()).await;
+        v.start().await.unwrap();
+        vms.push(v);
+    }
+
+    let mut removed = m.receive_job_removed().await.unwrap();
+    let job = m.drain_to(30, "node9").await.unwrap();
+    assert!(m.drained().await.unwrap(), "drained at once");
+    let args = loop {
+        let signal = tokio::time::timeout(Duration::from_secs(30), removed.next())
+            .await
+            .expect("the drain ends")
+            .expect("signal");
+        let args = signal.args().unwrap();
+        if args.path.as_str() == job.as_str() {
+            break (args.result.to_string(), args.message.to_string());
+        }
+    };
+    let (result, message) = args;
+    assert_eq!(result, "failed", "{message}");
+    assert!(message.contains("not every VM moved to node9"), "{message}");
+    for name in ["a", "b"] {
+        assert!(
+            message.contains(&format!("migrating VM {name} to node9"))
+                && message.contains("connect to host node9 port 22: Connection refused")
+                && message.contains(&format!("(VM {name} is running here)")),
+            "{name}: {message}"
+        );
+    }
+    for v in &vms {
+        assert_eq!(v.state().await.unwrap(), "running");
+    }
+    assert!(m.drained().await.unwrap());
+    m.undrain().await.unwrap();
+}
