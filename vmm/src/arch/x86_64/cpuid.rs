@@ -5,6 +5,13 @@
 //! a tenant gets no nested virtualization, whose emulation in the host kernel is a large
 //! attack surface; and stock kernels (Linux 6.12) turn it on as soon as udev loads
 //! kvm_intel/kvm_amd for the CPU, in every VM that sees the flag.
+//!
+//! AMX is hidden as well: its tile data (8 KiB of XSAVE state per vCPU) would not fit the
+//! 4 KiB XSAVE area that KVM_GET_XSAVE saves for a snapshot or a migration, and the VMM never
+//! asks for the guest permission (ARCH_REQ_XCOMP_GUEST_PERM) that KVM needs to enable it.
+//! KVM itself leaves AMX out without that permission; clearing it here keeps that true
+//! whatever a later kernel reports. So a guest's whole CPU state is what `vstate::state`
+//! saves: no nested virtualization state, no XSAVE state beyond 4 KiB.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -22,6 +29,18 @@ const ECX_VMX: u32 = 1 << 5;
 /// CPUID.80000001H:ECX.SVM
 const ECX_SVM: u32 = 1 << 2;
 const EDX_HTT: u32 = 1 << 28;
+const LEAF_EXT_FEATURES: u32 = 0x7;
+const LEAF_XSAVE: u32 = 0xd;
+/// AMX's own leaves (tile information, TMUL information).
+const LEAF_AMX_TILE: u32 = 0x1d;
+const LEAF_AMX_TMUL: u32 = 0x1e;
+/// CPUID.7.0:EDX AMX-BF16, AMX-TILE, AMX-INT8.
+const EDX7_AMX: u32 = (1 << 22) | (1 << 24) | (1 << 25);
+/// CPUID.7.1:EAX AMX-FP16; CPUID.7.1:EDX AMX-COMPLEX.
+const EAX7_1_AMX_FP16: u32 = 1 << 21;
+const EDX7_1_AMX_COMPLEX: u32 = 1 << 8;
+/// CPUID.0DH.0:EAX XTILECFG and XTILEDATA: the XCR0 bits of AMX's state.
+const XCR0_AMX: u32 = (1 << 17) | (1 << 18);
 /// CPUID.0BH level types.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -80,6 +99,19 @@ pub fn adapt_entry(entry: &mut kvm_cpuid_entry2, vcpu_id: u8, vcpu_count: u8) {
             }
         }
         LEAF_AMD_FEATURES => entry.ecx &= !ECX_SVM,
+        LEAF_EXT_FEATURES if entry.index == 0 => entry.edx &= !EDX7_AMX,
+        LEAF_EXT_FEATURES if entry.index == 1 => {
+            entry.eax &= !EAX7_1_AMX_FP16;
+            entry.edx &= !EDX7_1_AMX_COMPLEX;
+        }
+        LEAF_XSAVE if entry.index == 0 => entry.eax &= !XCR0_AMX,
+        LEAF_XSAVE if entry.index == 17 || entry.index == 18 => {
+            // The sizes and offsets of AMX's XSAVE components: there are none.
+            (entry.eax, entry.ebx, entry.ecx, entry.edx) = (0, 0, 0, 0);
+        }
+        LEAF_AMX_TILE | LEAF_AMX_TMUL => {
+            (entry.eax, entry.ebx, entry.ecx, entry.edx) = (0, 0, 0, 0);
+        }
         LEAF_AMD_SIZE_IDS => {
             // ECX[15:12]: APIC ID size; [7:0]: number of cores - 1.
             entry.ecx = (id_bits(count).max(1) << 12) | (count - 1);
@@ -161,6 +193,42 @@ mod tests {
         amd.ecx = ECX_SVM | 1; // LAHF/SAHF stays
         adapt_entry(&mut amd, 0, 2);
         assert_eq!(amd.ecx, 1);
+    }
+
+    #[test]
+    fn no_amx() {
+        let mut leaf7 = entry(LEAF_EXT_FEATURES, 0);
+        leaf7.edx = EDX7_AMX | 1 << 26; // IBRS/IBPB stays
+        adapt_entry(&mut leaf7, 0, 2);
+        assert_eq!(leaf7.edx, 1 << 26);
+        let mut leaf7_1 = entry(LEAF_EXT_FEATURES, 1);
+        (leaf7_1.eax, leaf7_1.edx) = (EAX7_1_AMX_FP16 | 1 << 4, EDX7_1_AMX_COMPLEX);
+        adapt_entry(&mut leaf7_1, 0, 2);
+        assert_eq!((leaf7_1.eax, leaf7_1.edx), (1 << 4, 0), "AVX-VNNI stays");
+        let mut xsave = entry(LEAF_XSAVE, 0);
+        xsave.eax = XCR0_AMX | 0b111; // x87, SSE, AVX stay
+        adapt_entry(&mut xsave, 0, 2);
+        assert_eq!(xsave.eax, 0b111);
+        for (function, index) in [
+            (LEAF_XSAVE, 17),
+            (LEAF_XSAVE, 18),
+            (LEAF_AMX_TILE, 0),
+            (LEAF_AMX_TMUL, 0),
+        ] {
+            let mut e = entry(function, index);
+            (e.eax, e.ebx, e.ecx, e.edx) = (1, 2, 3, 4);
+            adapt_entry(&mut e, 0, 2);
+            assert_eq!(
+                (e.eax, e.ebx, e.ecx, e.edx),
+                (0, 0, 0, 0),
+                "{function:#x}.{index}"
+            );
+        }
+        // AVX's own XSAVE component leaf is untouched.
+        let mut avx = entry(LEAF_XSAVE, 2);
+        avx.eax = 256;
+        adapt_entry(&mut avx, 0, 2);
+        assert_eq!(avx.eax, 256);
     }
 
     #[test]
