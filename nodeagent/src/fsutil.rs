@@ -120,7 +120,10 @@ pub fn create_dir_all(dir: &Path, mode: u32) -> Result<(), FsError> {
         .map_err(|e| FsError::io("create directory", dir, e))
 }
 
-/// Removes leftovers of interrupted [`write_atomic`] calls in `dir`.
+/// Removes leftovers of interrupted [`write_atomic`] calls in `dir`: temporary files whose
+/// writer is gone. A live writer's are left alone: VM supervisors outlive the agent and write
+/// their records into the run directories at any time (an agent starting while one recorded
+/// its VMM's exit removed its temporary file, and the exit status was lost).
 pub fn remove_stale_temps(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -128,15 +131,45 @@ pub fn remove_stale_temps(dir: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && name.contains(".tmp.") {
+        if name.starts_with('.') && name.contains(".tmp.") && !writer_alive(&name) {
             let _ = fs::remove_file(entry.path());
         }
     }
 }
 
+/// Whether the process that names a temporary file (see [`temp_sibling`]: `.NAME.tmp.PID.N`)
+/// still runs. A reused PID keeps a stale file until a later start: harmless.
+fn writer_alive(temp_name: &str) -> bool {
+    let mut parts = temp_name.rsplit('.');
+    let (Some(_n), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    pid.parse::<u32>()
+        .is_ok_and(|pid| Path::new("/proc").join(pid.to_string()).exists())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_temporary_files_of_writers_that_are_gone_are_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id();
+        gone.wait().unwrap();
+        let live = temp_sibling(&dir.path().join("exit.json")).unwrap();
+        let dead = dir.path().join(format!(".exit.json.tmp.{gone_pid}.0"));
+        let odd = dir.path().join(".exit.json.tmp.x");
+        let kept = dir.path().join("exit.json");
+        for f in [&live, &dead, &odd, &kept] {
+            std::fs::write(f, b"{}").unwrap();
+        }
+        remove_stale_temps(dir.path());
+        assert!(live.exists(), "a live writer's file is its own");
+        assert!(!dead.exists() && !odd.exists());
+        assert!(kept.exists());
+    }
 
     #[test]
     fn atomic_write_replaces_and_cleans_up() {

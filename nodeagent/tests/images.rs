@@ -555,29 +555,39 @@ async fn leftover_temporary_files_are_removed_from_every_store_at_start() {
             .await
             .unwrap();
     }
+    // What the killed agent left (its temporary files name it).
+    let dead = agent.pid();
     agent.kill9();
     let state = dirs.state();
     let images = state.join("images");
     let leftovers = [
-        state.join(".network.json.tmp.1.0"),
-        state.join("vms/.keep.json.tmp.1.1"),
-        state.join("disks/.root.img.tmp.1.2"),
-        images.join(".vmlinuz.tmp.1.3"),
-        images.join("sub/.kernel.tmp.1.4"),
-        images.join(".partial/.x.img.tmp.1.5"),
+        state.join(format!(".network.json.tmp.{dead}.0")),
+        state.join(format!("vms/.keep.json.tmp.{dead}.1")),
+        state.join(format!("disks/.root.img.tmp.{dead}.2")),
+        images.join(format!(".vmlinuz.tmp.{dead}.3")),
+        images.join(format!("sub/.kernel.tmp.{dead}.4")),
+        images.join(format!(".partial/.x.img.tmp.{dead}.5")),
         images.join(".meta/never-published.img.sha256"),
-        images.join(".meta/sub/.kernel.sha256.tmp.1.6"),
-        dirs.run().join(".booted.tmp.1.7"),
-        dirs.run().join("vms/keep/.status.json.tmp.1.8"),
+        images.join(format!(".meta/sub/.kernel.sha256.tmp.{dead}.6")),
+        dirs.run().join(format!(".booted.tmp.{dead}.7")),
+        dirs.run()
+            .join(format!("vms/keep/.status.json.tmp.{dead}.8")),
     ];
     for f in &leftovers {
         std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(f, b"partial").unwrap();
     }
+    // A VM supervisor outlives the agent and may be writing a record right now: its
+    // temporary file (this test's process stands in for it) is not the dead agent's.
+    let live = dirs
+        .run()
+        .join(format!("vms/keep/.exit.json.tmp.{}.9", std::process::id()));
+    std::fs::write(&live, b"partial").unwrap();
     let keep: Vec<std::path::PathBuf> = [
         state.join("vms/keep.json"),
         images.join("vmlinuz"),
         dirs.run().join("vms/keep/status.json"),
+        live,
     ]
     .into_iter()
     .collect();
