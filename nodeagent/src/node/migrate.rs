@@ -185,7 +185,7 @@ impl Node {
             )));
         }
         // Durable before the VM's spec is: an agent that ends from here until the guest
-        // runs finds it at its next start (recovery: `Node::recover_incoming`).
+        // runs finds it at its next start (see `Node::recover`).
         let marker = self.cfg.layout.incoming_marker(name);
         blocking(move || fsutil::write_atomic(&marker, b"receiving a live migration\n", 0o600))
             .await?
@@ -225,10 +225,9 @@ impl Node {
     /// The guest of VM `name` runs here (or its VM is gone): no incoming marker any more.
     pub(super) async fn forget_incoming(&self, name: &str) {
         let marker = self.cfg.layout.incoming_marker(name);
-        match blocking(move || fsutil::remove_durable(&marker)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(vm = %name, "removing its incoming marker: {e}"),
-            Err(e) => tracing::warn!(vm = %name, "removing its incoming marker: {e}"),
+        let removed = blocking(move || fsutil::remove_durable(&marker)).await;
+        if let Err(e) = removed.and_then(|r| r.map_err(io)) {
+            tracing::warn!(vm = %name, "removing its incoming marker: {e}");
         }
     }
 

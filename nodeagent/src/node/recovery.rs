@@ -2,6 +2,7 @@
 //! exits that happened meanwhile reported, autostart VMs started.
 
 use super::*;
+use crate::runner::VMM_EXIT_NOT_ARRIVED;
 
 impl Node {
     // ----- recovery ------------------------------------------------------------------------
@@ -97,7 +98,7 @@ impl Node {
                         }
                     }
                 }
-                Ok(Adoption::Exited(ExitOutcome::Exited(EXIT_NOT_ARRIVED))) if incoming => {
+                Ok(Adoption::Exited(ExitOutcome::Exited(VMM_EXIT_NOT_ARRIVED))) if incoming => {
                     // Its VMM said so itself: the guest never ran here.
                     never_arrived.push(vm.name.clone());
                 }
@@ -189,9 +190,6 @@ impl Node {
         }
     }
 }
-
-/// thvc-vmm's exit status for a migration target that ended before its guest ran.
-const EXIT_NOT_ARRIVED: i32 = 5;
 
 /// What a VM left by an incoming migration that an agent's end cut short says, when its
 /// VMM is gone: the source's MigrateVm failed, so its guest most likely runs there still,

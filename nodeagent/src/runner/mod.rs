@@ -134,6 +134,10 @@ async fn remove_run_dir(vm: &str, dir: PathBuf) -> Result<(), RunnerError> {
     })
 }
 
+/// thvc-vmm's exit status for a migration target (`--incoming`) that ended before its guest
+/// ran: the guest is still on its source (vmm/README.md, "Exit status").
+pub const VMM_EXIT_NOT_ARRIVED: i32 = 5;
+
 /// A human-readable meaning of a VMM exit, for `failed` reasons.
 pub fn describe_exit(outcome: &ExitOutcome) -> String {
     match outcome {
@@ -148,9 +152,11 @@ pub fn describe_exit(outcome: &ExitOutcome) -> String {
              or an unknown exit; the guest's fault, not the host's)"
                 .to_owned()
         }
-        ExitOutcome::Exited(5) => "the migrated guest did not arrive (VMM exit status 5: the \
+        ExitOutcome::Exited(VMM_EXIT_NOT_ARRIVED) => {
+            "the migrated guest did not arrive (VMM exit status 5: the \
              migration target ended before the guest ran here; it is still on its source)"
-            .to_owned(),
+                .to_owned()
+        }
         ExitOutcome::Exited(c) => format!("the VMM exited with unexpected status {c}"),
         ExitOutcome::Signaled(s) => format!("the VMM was killed by signal {s}"),
         ExitOutcome::Unknown(r) => format!("the VMM ended with unknown status: {r}"),
