@@ -224,9 +224,28 @@ impl Node {
         loop {
             {
                 let st = vm.lock();
-                // Also stop waiting when this run's process is gone: a reboot during start
-                // is restarted by a task that needs the ops lock we hold.
-                if st.generation != generation || !st.process || st.state != VmState::Starting {
+                let incoming = matches!(how, Launch::Incoming(_));
+                if incoming && st.generation == generation {
+                    // A migration target's guest has arrived only once its VMM said so; a
+                    // VMM that ended first failed, whatever its end has been recorded as
+                    // yet (its exit may be noticed before the state says so).
+                    match st.state {
+                        VmState::Running | VmState::Paused => return Ok(()),
+                        VmState::Starting if st.process => {}
+                        VmState::Failed => return Err(NodeError::Vmm(st.reason.clone())),
+                        _ => {
+                            return Err(NodeError::Vmm(format!(
+                                "the migrated guest did not arrive: its VMM ended (see {})",
+                                self.runner.vmm_log_location(&vm.name)
+                            )))
+                        }
+                    }
+                } else if st.generation != generation
+                    || !st.process
+                    || st.state != VmState::Starting
+                {
+                    // Also stop waiting when this run's process is gone: a reboot during
+                    // start is restarted by a task that needs the ops lock we hold.
                     return match st.state {
                         VmState::Failed => Err(NodeError::Vmm(st.reason.clone())),
                         _ => Ok(()),
