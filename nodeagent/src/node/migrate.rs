@@ -18,6 +18,8 @@ use crate::migration::{self, MigrationError, SshLink};
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// How long the source waits for ssh and its own VMM to end once the guest moved.
 const AFTER_SWITCH: Duration = Duration::from_secs(30);
+/// How long a failed migration waits for ssh to end by itself before killing it.
+const SSH_LAST_WORDS: Duration = Duration::from_secs(2);
 /// The most of ssh's error output a failed job repeats.
 const SSH_SAID_MAX: usize = 4096;
 
@@ -82,8 +84,15 @@ impl Node {
         let report = match moved {
             Ok(report) => report,
             Err(e) => {
-                let _ = ssh.start_kill();
-                let _ = ssh.wait().await;
+                // An ssh that failed ends by itself within moments, and what it said is
+                // the cause (the VMM's error is its symptom): give it that moment.
+                if tokio::time::timeout(SSH_LAST_WORDS, ssh.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = ssh.start_kill();
+                    let _ = ssh.wait().await;
+                }
                 vm.lock().migrating_to = None;
                 let said = said_by(said).await;
                 let ssh_said = if said.trim().is_empty() {
@@ -287,7 +296,15 @@ impl Drop for Receiving<'_> {
 
 /// ReceiveVm's link, which must be a stream socket (it is shut down at the end).
 fn stream_socket(fd: OwnedFd) -> Result<std::os::unix::net::UnixStream, NodeError> {
+    use std::os::fd::AsRawFd as _;
     use std::os::unix::fs::FileTypeExt as _;
+    // A descriptor that came over D-Bus is not close-on-exec: every supervisor and VMM the
+    // agent started from then on inherited the link, and kept the source's end open after
+    // the agent itself ended (the source then waited for an end that never came).
+    // SAFETY: fcntl(F_SETFD) on a descriptor we own; no memory is passed.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
     let file = std::fs::File::from(fd);
     let is_socket = file.metadata().map_err(io)?.file_type().is_socket();
     let stream = std::os::unix::net::UnixStream::from(OwnedFd::from(file));

@@ -46,6 +46,8 @@ pub enum SuperviseError {
     Wait(std::io::Error),
     #[error("encoding a record: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("closing the descriptors inherited from the agent: {0}")]
+    CloseInherited(std::io::Error),
 }
 
 /// The device a launcher opens for a VMM that runs as a per-VM uid.
@@ -93,6 +95,16 @@ pub fn run(
     args: &[String],
     run_as: Option<&RunAs>,
 ) -> Result<i32, SuperviseError> {
+    // Nothing the agent had open belongs to a VM, and not all of it is close-on-exec (a
+    // descriptor that came over D-Bus, such as a migration link, is not): kept here, it
+    // outlived the agent in the supervisor and the VMM, and held the link open.
+    // SAFETY: close_range only closes descriptors; the supervisor has opened nothing but
+    // stdio yet, so no Rust object owns any of them.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
+        return Err(SuperviseError::CloseInherited(
+            std::io::Error::last_os_error(),
+        ));
+    }
     // SAFETY: installing signal dispositions before any other thread exists.
     unsafe {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
