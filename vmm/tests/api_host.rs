@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 const VMM: &str = env!("CARGO_BIN_EXE_thvc-vmm");
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("thvc-api-host-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// A fresh directory for one test; it is removed when the guard drops, pass or fail.
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("thvc-api-host-{name}-"))
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// A FIFO opened read-write by us, so that the VMM's open() does not block but its read()
@@ -173,9 +174,10 @@ fn refused(c: &mut Client, bad: &[u8], why: &str) -> serde_json::Value {
 
 #[test]
 fn serves_before_the_kernel_is_loaded_on_a_private_socket() {
-    let dir = temp_dir("early");
-    let kernel = StuckKernel::new(&dir);
-    let mut vmm = Vmm::start(&dir, &kernel, |_| {});
+    let tmp = temp_dir("early");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
+    let mut vmm = Vmm::start(dir, &kernel, |_| {});
     let mut c = vmm.connect();
     assert_eq!(
         c.request(b"{\"request\":\"ping\"}\n"),
@@ -203,9 +205,10 @@ fn serves_before_the_kernel_is_loaded_on_a_private_socket() {
 
 #[test]
 fn bad_requests_get_errors_and_the_vmm_keeps_serving() {
-    let dir = temp_dir("bad");
-    let kernel = StuckKernel::new(&dir);
-    let mut vmm = Vmm::start(&dir, &kernel, |_| {});
+    let tmp = temp_dir("bad");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
+    let mut vmm = Vmm::start(dir, &kernel, |_| {});
     let mut c = vmm.connect();
     for bad in [
         &b"\xff\xfe garbage\n"[..],
@@ -250,9 +253,10 @@ fn bad_requests_get_errors_and_the_vmm_keeps_serving() {
 
 #[test]
 fn clients_cannot_starve_start_up_of_file_descriptors() {
-    let dir = temp_dir("nofile");
-    let kernel = StuckKernel::new(&dir);
-    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+    let tmp = temp_dir("nofile");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
+    let mut vmm = Vmm::start(dir, &kernel, |cmd| {
         // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -310,9 +314,10 @@ fn clients_cannot_starve_start_up_of_file_descriptors() {
 
 #[test]
 fn stop_during_start_up_ends_the_vmm_with_status_0() {
-    let dir = temp_dir("stop");
-    let kernel = StuckKernel::new(&dir);
-    let mut vmm = Vmm::start(&dir, &kernel, |_| {});
+    let tmp = temp_dir("stop");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
+    let mut vmm = Vmm::start(dir, &kernel, |_| {});
     let mut c = vmm.connect();
     let v = c.request(b"{\"request\":\"stop\"}\n");
     assert_eq!(v["result"]["state"], "stopping", "{v}");
@@ -322,11 +327,12 @@ fn stop_during_start_up_ends_the_vmm_with_status_0() {
 
 #[test]
 fn a_live_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
-    let dir = temp_dir("stale");
-    let kernel = StuckKernel::new(&dir);
-    let mut first = Vmm::start(&dir, &kernel, |_| {});
+    let tmp = temp_dir("stale");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
+    let mut first = Vmm::start(dir, &kernel, |_| {});
     first.connect();
-    let mut second = Vmm::start(&dir, &kernel, |_| {});
+    let mut second = Vmm::start(dir, &kernel, |_| {});
     let status = second.wait();
     assert_eq!(status.code(), Some(1));
     let err = second.stderr();
@@ -335,17 +341,18 @@ fn a_live_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
     first.child.kill().expect("kill");
     first.child.wait().expect("reap");
     assert!(first.socket.exists());
-    let mut third = Vmm::start(&dir, &kernel, |_| {});
+    let mut third = Vmm::start(dir, &kernel, |_| {});
     let mut c = third.connect();
     assert_eq!(c.request(b"{\"request\":\"ping\"}\n")["result"], "pong");
 }
 
 #[test]
 fn refuses_to_replace_a_file_that_is_not_a_socket() {
-    let dir = temp_dir("notsock");
-    let kernel = StuckKernel::new(&dir);
+    let tmp = temp_dir("notsock");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
     std::fs::write(dir.join("api.sock"), b"keep me").expect("write");
-    let mut vmm = Vmm::start(&dir, &kernel, |_| {});
+    let mut vmm = Vmm::start(dir, &kernel, |_| {});
     assert_eq!(vmm.wait().code(), Some(1));
     assert!(vmm.stderr().contains("is not a socket"));
     assert_eq!(
@@ -358,9 +365,10 @@ fn refuses_to_replace_a_file_that_is_not_a_socket() {
 #[cfg(debug_assertions)]
 #[test]
 fn a_forbidden_syscall_in_the_api_thread_kills_the_process() {
-    let dir = temp_dir("sigsys");
-    let kernel = StuckKernel::new(&dir);
-    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+    let tmp = temp_dir("sigsys");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
+    let mut vmm = Vmm::start(dir, &kernel, |cmd| {
         cmd.env("THVC_TEST_FORBIDDEN_SYSCALL", "api");
     });
     let status = vmm.wait();
@@ -372,7 +380,8 @@ fn a_forbidden_syscall_in_the_api_thread_kills_the_process() {
         "{stderr}"
     );
     // And with --seccomp off the same hook is harmless.
-    let mut unfiltered = Vmm::start(&temp_dir("sigsys-off"), &kernel, |cmd| {
+    let off = temp_dir("sigsys-off");
+    let mut unfiltered = Vmm::start(off.path(), &kernel, |cmd| {
         cmd.env("THVC_TEST_FORBIDDEN_SYSCALL", "api")
             .args(["--seccomp", "off"]);
     });
@@ -389,9 +398,10 @@ fn tgkill_to_another_process_is_killed_by_seccomp() {
         .arg("60")
         .spawn()
         .expect("sleep");
-    let dir = temp_dir("tgkill");
-    let kernel = StuckKernel::new(&dir);
-    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+    let tmp = temp_dir("tgkill");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
+    let mut vmm = Vmm::start(dir, &kernel, |cmd| {
         cmd.env("THVC_TEST_FORBIDDEN_SYSCALL", "api")
             .env("THVC_TEST_TGKILL_PID", bystander.id().to_string());
     });
@@ -414,14 +424,15 @@ fn tgkill_to_another_process_is_killed_by_seccomp() {
 #[test]
 fn inherited_descriptors_are_closed_except_the_handed_ones() {
     use std::os::fd::AsRawFd;
-    let dir = temp_dir("closefds");
-    let kernel = StuckKernel::new(&dir);
+    let tmp = temp_dir("closefds");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
     let secret = dir.join("another-vms-disk");
     std::fs::write(&secret, b"not for this VM").expect("write");
     let leaked = std::fs::File::open(&secret).expect("open");
     let kvm = std::fs::File::open("/dev/kvm").expect("/dev/kvm");
     let (leaked_fd, kvm_fd) = (leaked.as_raw_fd(), kvm.as_raw_fd());
-    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+    let mut vmm = Vmm::start(dir, &kernel, |cmd| {
         cmd.args(["--kvm-fd", "41"]);
         // SAFETY: dup2 is async-signal-safe; runs in the child before exec. The copies at 40
         // and 41 have no close-on-exec flag, as from a careless supervisor.
@@ -456,8 +467,9 @@ fn inherited_descriptors_are_closed_except_the_handed_ones() {
 #[test]
 fn with_user_a_tap_of_another_user_is_refused() {
     const NOBODY: u32 = 65534;
-    let dir = temp_dir("asuser");
-    let kernel = StuckKernel::new(&dir);
+    let tmp = temp_dir("asuser");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
     let user = format!("{NOBODY}:{NOBODY}");
     let tap = format!("thvcu{}", std::process::id() % 100_000);
     let made = Command::new("ip")
@@ -465,7 +477,7 @@ fn with_user_a_tap_of_another_user_is_refused() {
         .status()
         .expect("ip");
     assert!(made.success(), "ip tuntap add {tap}");
-    let mut foreign_tap = Vmm::start(&dir, &kernel, |cmd| {
+    let mut foreign_tap = Vmm::start(dir, &kernel, |cmd| {
         cmd.args(["--user", &user, "--net", &format!("tap={tap}")]);
     });
     let status = foreign_tap.wait();
@@ -477,11 +489,12 @@ fn with_user_a_tap_of_another_user_is_refused() {
 
 #[test]
 fn update_device_changes_rate_limits_and_refuses_bad_requests_without_changing_anything() {
-    let dir = temp_dir("limits");
-    let kernel = StuckKernel::new(&dir);
+    let tmp = temp_dir("limits");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
     let disk = dir.join("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
-    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+    let mut vmm = Vmm::start(dir, &kernel, |cmd| {
         cmd.arg("--disk")
             .arg(format!("path={},bandwidth=10M,ops=2000", disk.display()));
     });
@@ -550,9 +563,10 @@ fn update_device_changes_rate_limits_and_refuses_bad_requests_without_changing_a
 /// namespace of its own, so the TAP it creates is private and goes with it.
 #[test]
 fn update_device_changes_a_nics_rx_and_tx_limits_apart_and_refuses_bad_ones() {
-    let dir = temp_dir("nic-limits");
-    let kernel = StuckKernel::new(&dir);
-    let mut vmm = Vmm::start(&dir, &kernel, |cmd| {
+    let tmp = temp_dir("nic-limits");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
+    let mut vmm = Vmm::start(dir, &kernel, |cmd| {
         cmd.args([
             "--net",
             "tap=thvcapi0,bandwidth=10M,rx_ops=100,tx_bandwidth=1M,tx_bandwidth-burst=64K",
@@ -644,9 +658,10 @@ fn update_device_changes_a_nics_rx_and_tx_limits_apart_and_refuses_bad_ones() {
 /// must say so (the VMM refuses to start on a host that has a PMU it cannot disable).
 #[test]
 fn info_reports_how_the_guest_pmu_is_off_as_this_hosts_kvm_has_it() {
-    let dir = temp_dir("pmu");
-    let kernel = StuckKernel::new(&dir);
-    let mut vmm = Vmm::start(&dir, &kernel, |_| {});
+    let tmp = temp_dir("pmu");
+    let dir = tmp.path();
+    let kernel = StuckKernel::new(dir);
+    let mut vmm = Vmm::start(dir, &kernel, |_| {});
     let mut c = vmm.connect();
     let deadline = Instant::now() + TIMEOUT;
     let pmu = loop {

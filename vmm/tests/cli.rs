@@ -68,8 +68,11 @@ fn out_of_range_values_are_usage_errors() {
 
 #[test]
 fn bad_config_files_are_usage_errors() {
-    let dir = std::env::temp_dir().join(format!("thvc-vmm-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
+    let tmp = tempfile::Builder::new()
+        .prefix("thvc-vmm-cli-")
+        .tempdir()
+        .expect("tmp");
+    let dir = tmp.path();
     let unknown = dir.join("unknown.json");
     std::fs::write(&unknown, r#"{"kernel": "k", "vcpus": 2}"#).expect("write");
     assert_one_line_error(
@@ -89,7 +92,6 @@ fn bad_config_files_are_usage_errors() {
         2,
         "cannot read config file /nonexistent/vm.json",
     );
-    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
 #[test]
@@ -185,8 +187,11 @@ fn restore_usage_errors_and_bad_snapshots() {
         1,
         "snapshot /nonexistent/snap: cannot open state.json",
     );
-    let dir = std::env::temp_dir().join(format!("thvc-cli-restore-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let tmp = tempfile::Builder::new()
+        .prefix("thvc-cli-restore-")
+        .tempdir()
+        .expect("dir");
+    let dir = tmp.path();
     std::fs::write(dir.join("memory"), b"").expect("memory");
     let snap = dir.to_str().expect("utf-8");
     for (state, needle) in [
@@ -206,5 +211,4 @@ fn restore_usage_errors_and_bad_snapshots() {
         std::fs::write(dir.join("state.json"), state).expect("state");
         assert_one_line_error(&run(&["--restore", snap, "--seccomp", "off"]), 1, needle);
     }
-    std::fs::remove_dir_all(&dir).expect("cleanup");
 }

@@ -54,9 +54,10 @@ impl Api {
     }
 }
 
-/// A booted guest with an API socket.
-fn boot(action: &str, extra: &[&str]) -> (Guest, PathBuf) {
-    let socket = tempdir(&format!("api-{action}")).join("vm.sock");
+/// A booted guest with an API socket, and the guard of the socket's directory.
+fn boot(action: &str, extra: &[&str]) -> (tempfile::TempDir, Guest, PathBuf) {
+    let dir = tempdir(&format!("api-{action}"));
+    let socket = dir.path().join("vm.sock");
     let _ = std::fs::remove_file(&socket);
     let mut args = vec!["--api-socket", socket.to_str().expect("utf-8")];
     args.extend_from_slice(extra);
@@ -64,7 +65,7 @@ fn boot(action: &str, extra: &[&str]) -> (Guest, PathBuf) {
         cmd.env("RUST_LOG", "info");
     });
     guest.wait_for("THVC-ACPID=started");
-    (guest, socket)
+    (dir, guest, socket)
 }
 
 fn tick_number(line: &str) -> Option<u64> {
@@ -100,7 +101,7 @@ fn total_exits(info: &Value) -> u64 {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn ping_info_pause_resume_on_a_running_guest() {
-    let (mut guest, socket) = boot("tick", &["--cpus", "2", "--memory", "300"]);
+    let (_dir, mut guest, socket) = boot("tick", &["--cpus", "2", "--memory", "300"]);
     let meta = std::fs::symlink_metadata(&socket).expect("socket exists");
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "socket mode");
@@ -181,7 +182,7 @@ fn ping_info_pause_resume_on_a_running_guest() {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn shutdown_is_a_clean_guest_power_off_with_status_0() {
-    let (mut guest, socket) = boot("tick", &[]);
+    let (_dir, mut guest, socket) = boot("tick", &[]);
     wait_tick_above(&mut guest, 2);
     let mut api = Api::connect(&socket);
     // Refused while paused: a paused guest cannot see the button.
@@ -208,7 +209,7 @@ fn shutdown_is_a_clean_guest_power_off_with_status_0() {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn stop_ends_the_vm_at_once_with_status_0() {
-    let (mut guest, socket) = boot("tick", &[]);
+    let (_dir, mut guest, socket) = boot("tick", &[]);
     wait_tick_above(&mut guest, 2);
     let mut api = Api::connect(&socket);
     assert_eq!(api.call("stop"), serde_json::json!({"state": "stopping"}));
@@ -228,7 +229,7 @@ fn stop_ends_the_vm_at_once_with_status_0() {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn bad_clients_get_errors_while_the_guest_keeps_running() {
-    let (mut guest, socket) = boot("tick", &[]);
+    let (_dir, mut guest, socket) = boot("tick", &[]);
     let before = wait_tick_above(&mut guest, 2);
     let mut api = Api::connect(&socket);
     for (bytes, expected) in [
@@ -281,7 +282,7 @@ fn bad_clients_get_errors_while_the_guest_keeps_running() {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn running_out_of_descriptors_is_survived() {
-    let (mut guest, socket) = boot("tick", &[]);
+    let (_dir, mut guest, socket) = boot("tick", &[]);
     let before = wait_tick_above(&mut guest, 2);
     let pid = guest.child.id() as libc::pid_t;
     let open = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -140,7 +140,8 @@ fn jump_into_mmio_blob() -> Vec<u8> {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn a_guest_kvm_cannot_emulate_exits_with_status_4() {
-    let dir = tempdir("guest-fault");
+    let tmp = tempdir("guest-fault");
+    let dir = tmp.path();
     let blob = dir.join("jump-into-mmio.elf");
     std::fs::write(&blob, jump_into_mmio_blob()).expect("write");
     let disk = dir.join("disk.raw");
@@ -231,7 +232,8 @@ fn boots_an_uncompressed_elf_vmlinux() {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn config_file_and_serial_file() {
-    let dir = tempdir("config");
+    let tmp = tempdir("config");
+    let dir = tmp.path();
     let log = dir.join("console.log");
     let config = dir.join("vm.json");
     let body = serde_json::json!({
@@ -326,7 +328,8 @@ fn terminal_input_reaches_the_guest_console() {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn bad_kernel_gives_one_clear_line_and_status_1() {
-    let dir = tempdir("bad-kernel");
+    let tmp = tempdir("bad-kernel");
+    let dir = tmp.path();
     let junk = dir.join("vmlinuz");
     std::fs::write(&junk, vec![0x5au8; 1 << 20]).expect("write");
     let guest = Guest::start(&["--kernel", junk.to_str().expect("utf-8")]);
@@ -376,7 +379,8 @@ fn reported_pmu(guest: &mut Guest, socket: &std::path::Path) -> String {
 fn guest_cpu(extra: &[&str]) -> GuestCpu {
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let socket = tempdir("cpu").join(format!("vm{run}.sock"));
+    let dir = tempdir("cpu");
+    let socket = dir.path().join(format!("vm{run}.sock"));
     let _ = std::fs::remove_file(&socket);
     let mut args = vec!["--api-socket", socket.to_str().expect("utf-8")];
     args.extend_from_slice(extra);

@@ -106,7 +106,8 @@ fn root_on_virtio_blk_keeps_what_the_guest_wrote_on_pci() {
 }
 
 fn root_on_virtio_blk(transport: Transport) {
-    let dir = tempdir("root");
+    let tmp = tempdir("root");
+    let dir = tmp.path();
     let nonce = format!(
         "written-by-guest-{}-{:?}",
         std::process::id(),
@@ -118,7 +119,7 @@ fn root_on_virtio_blk(transport: Transport) {
          case $(readlink -f /sys/block/vda) in *pci0000*) echo THVC-BUS=pci;; *) echo THVC-BUS=platform;; esac\n\
          echo '{nonce}' > /written.txt\nsync\necho THVC-WRITTEN"
     );
-    let image = root_image(&dir, "root", &init, 32);
+    let image = root_image(dir, "root", &init, 32);
     let mut guest = boot_root_on(transport, &image, &[]);
     assert_eq!(guest.wait_for("THVC-ROOT="), "vda-ext4-rw");
     let bus = match transport {
@@ -144,8 +145,9 @@ fn root_on_virtio_blk(transport: Transport) {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn read_only_disk_cannot_be_written_from_the_guest() {
-    let dir = tempdir("ro");
-    let data = root_image(&dir, "data", "true", 16);
+    let tmp = tempdir("ro");
+    let dir = tmp.path();
+    let data = root_image(dir, "data", "true", 16);
     let before = sha256(&data);
     let init = "echo THVC-RO-FLAG=$(cat /sys/block/vdb/ro)\n\
         if dd if=/dev/zero of=/dev/vdb bs=4096 count=4 oflag=direct 2>/dev/null; then \
@@ -155,7 +157,7 @@ fn read_only_disk_cannot_be_written_from_the_guest() {
         echo THVC-RO-FORCED-WRITE=succeeded; else echo THVC-RO-FORCED-WRITE=failed; fi\n\
         if dd if=/dev/vdb of=/dev/null bs=4096 count=4 iflag=direct 2>/dev/null; then \
         echo THVC-RO-READ=ok; else echo THVC-RO-READ=failed; fi";
-    let root = root_image(&dir, "root", init, 32);
+    let root = root_image(dir, "root", init, 32);
     let ro = format!("path={},readonly=on", data.display());
     let mut guest = boot_root(&root, &["--disk", &ro]);
     assert_eq!(
@@ -175,11 +177,12 @@ fn read_only_disk_cannot_be_written_from_the_guest() {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn hwrng_gives_the_guest_entropy() {
-    let dir = tempdir("rng");
+    let tmp = tempdir("rng");
+    let dir = tmp.path();
     let init = "echo THVC-RNG-CURRENT=$(cat /sys/class/misc/hw_random/rng_current)\n\
         echo THVC-RNG-A=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n')\n\
         echo THVC-RNG-B=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n')";
-    let root = root_image(&dir, "root", init, 32);
+    let root = root_image(dir, "root", init, 32);
     let mut guest = boot_root(&root, &[]);
     assert!(guest
         .wait_for("THVC-RNG-CURRENT=")
@@ -217,14 +220,15 @@ fn virtio_interrupts_cost_the_guest_no_exits_to_the_vmm_on_pci() {
 }
 
 fn virtio_interrupt_exits(transport: Transport) {
-    let dir = tempdir("irq-exits");
+    let tmp = tempdir("irq-exits");
+    let dir = tmp.path();
     let socket = dir.join("vm.sock");
     let _ = std::fs::remove_file(&socket);
     let init = "dd if=/dev/vda of=/dev/null bs=4096 count=3000 iflag=direct 2>/dev/null\n\
         echo THVC-VIRTIO-IRQS=$(awk '/virtio/ { for (i = 2; i <= NF; i++) \
         if ($i ~ /^[0-9]+$/) n += $i } END { print n + 0 }' /proc/interrupts)\n\
         sleep 600";
-    let root = root_image(&dir, "root", init, 32);
+    let root = root_image(dir, "root", init, 32);
     let mut guest = boot_root_on(
         transport,
         &root,
@@ -261,7 +265,8 @@ fn virtio_interrupt_exits(transport: Transport) {
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn a_pci_configuration_read_costs_one_exit_on_pci() {
     const READS_PER_BATCH: u64 = 640; // 10 x 256 bytes, one dword read per 4 bytes
-    let dir = tempdir("cfg-exits");
+    let tmp = tempdir("cfg-exits");
+    let dir = tmp.path();
     let socket = dir.join("vm.sock");
     let _ = std::fs::remove_file(&socket);
     let init = "n=0\n\
@@ -270,7 +275,7 @@ fn a_pci_configuration_read_costs_one_exit_on_pci() {
         dd if=/sys/bus/pci/devices/0000:00:00.0/config of=/dev/null bs=256 count=1 2>/dev/null; done\n\
         n=$((n + 1)); echo THVC-PCICFG=$n\n\
         done\nsleep 600";
-    let root = root_image(&dir, "root", init, 32);
+    let root = root_image(dir, "root", init, 32);
     let mut guest = boot_root_on(
         Transport::Pci,
         &root,
@@ -325,7 +330,8 @@ fn two_guests_on_a_bridge_ping_and_move_16_mib_on_pci() {
 
 fn bridge_transfer(transport: Transport) {
     let _lan = Lan::new();
-    let dir = tempdir("net");
+    let tmp = tempdir("net");
+    let dir = tmp.path();
     let receiver = "ip link set eth0 up\nip addr add 10.77.0.3/24 dev eth0\necho THVC-NET-UP\n\
         mkfifo /tmp/hold\nnc -l -p 5000 <>/tmp/hold >/tmp/recv\n\
         echo THVC-RECV-BYTES=$(wc -c </tmp/recv)\n\
@@ -345,8 +351,8 @@ fn bridge_transfer(transport: Transport) {
         echo THVC-SEND-SHA=$(sha256sum /tmp/data | cut -d' ' -f1)\n\
         n=0; until nc 10.77.0.3 5000 </tmp/data; do n=$((n+1)); [ $n -ge 50 ] && break; sleep 0.2; done\n\
         echo THVC-SENT";
-    let rx_image = root_image(&dir, "receiver", receiver, 32);
-    let tx_image = root_image(&dir, "sender", sender, 32);
+    let rx_image = root_image(dir, "receiver", receiver, 32);
+    let tx_image = root_image(dir, "sender", sender, 32);
     let mut rx = boot_root_on(
         transport,
         &rx_image,
@@ -405,7 +411,8 @@ fn bridge_transfer(transport: Transport) {
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn two_guests_on_a_bridge_ping_each_other_and_the_host() {
     let _lan = Lan::new();
-    let dir = tempdir("ping");
+    let tmp = tempdir("ping");
+    let dir = tmp.path();
     // Each guest stays up after its pings (so its peer can still reach it) until the test
     // stops it with SIGTERM.
     let guest = |me: &str, peer: &str| {
@@ -417,8 +424,8 @@ fn two_guests_on_a_bridge_ping_each_other_and_the_host() {
              while :; do sleep 3600; done"
         )
     };
-    let a_image = root_image(&dir, "a", &guest("10.77.0.2", "10.77.0.3"), 32);
-    let b_image = root_image(&dir, "b", &guest("10.77.0.3", "10.77.0.2"), 32);
+    let a_image = root_image(dir, "a", &guest("10.77.0.2", "10.77.0.3"), 32);
+    let b_image = root_image(dir, "b", &guest("10.77.0.3", "10.77.0.2"), 32);
     let mut a = boot_root(&a_image, &["--net", "tap=thvctap-a"]);
     let mut b = boot_root(&b_image, &["--net", "tap=thvctap-b"]);
     for (name, g) in [("A", &mut a), ("B", &mut b)] {
@@ -453,7 +460,8 @@ fn two_guests_on_a_bridge_ping_each_other_and_the_host() {
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn pci_functions_use_msix_vectors_per_queue() {
     let _lan = Lan::new();
-    let dir = tempdir("pci");
+    let tmp = tempdir("pci");
+    let dir = tmp.path();
     let disk = dir.join("data.raw");
     std::fs::write(&disk, vec![0x5au8; 4 << 20]).expect("disk image");
     let disk_arg = format!("path={},readonly=on", disk.display());
@@ -540,7 +548,8 @@ fn pci_functions_use_msix_vectors_per_queue() {
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn pci_garbage_from_the_guest_leaves_the_vmm_running() {
     let _lan = Lan::new();
-    let dir = tempdir("pci-garbage");
+    let tmp = tempdir("pci-garbage");
+    let dir = tmp.path();
     let socket = dir.join("vm.sock");
     let _ = std::fs::remove_file(&socket);
     let disk = dir.join("data.raw");
@@ -611,7 +620,8 @@ fn pci_garbage_from_the_guest_leaves_the_vmm_running() {
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn multiqueue_disk_and_nic_on_pci_use_every_queue() {
     let _lan = Lan::multi_queue();
-    let dir = tempdir("mq");
+    let tmp = tempdir("mq");
+    let dir = tmp.path();
     let socket = dir.join("vm.sock");
     let _ = std::fs::remove_file(&socket);
     let disk = dir.join("data.raw");
@@ -680,7 +690,8 @@ fn multiqueue_disk_and_nic_on_pci_use_every_queue() {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn a_guest_flooding_bad_descriptors_gets_errors_and_cannot_flood_the_host_log() {
-    let dir = tempdir("blk-flood");
+    let tmp = tempdir("blk-flood");
+    let dir = tmp.path();
     let socket = dir.join("vm.sock");
     let _ = std::fs::remove_file(&socket);
     let disk = dir.join("data.raw");
@@ -788,7 +799,8 @@ const RATE_DD_MIB: u64 = 20;
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn a_disk_bandwidth_limit_holds_and_changes_at_run_time() {
-    let dir = tempdir("blk-limit");
+    let tmp = tempdir("blk-limit");
+    let dir = tmp.path();
     let socket = dir.join("vm.sock");
     let _ = std::fs::remove_file(&socket);
     let data = dir.join("data.raw");
@@ -801,7 +813,7 @@ fn a_disk_bandwidth_limit_holds_and_changes_at_run_time() {
          dd if=/dev/vdb of=/dev/null bs=1M count={RATE_DD_MIB} iflag=direct 2>/dev/null\n\
          b=$(cs); echo THVC-DD-$i=$((b - a)); i=$((i + 1)); done"
     );
-    let root = root_image(&dir, "root", &init, 32);
+    let root = root_image(dir, "root", &init, 32);
     let limited = format!("path={},bandwidth=10M", data.display());
     let mut guest = boot_root(
         &root,

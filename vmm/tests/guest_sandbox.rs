@@ -83,8 +83,9 @@ fn open_files(pid: u32) -> Vec<(PathBuf, bool)> {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn every_thread_of_a_running_vm_is_filtered() {
-    let dir = tempdir("sandbox-threads");
-    let (_, disk_arg) = common::blank_disk(&dir);
+    let tmp = tempdir("sandbox-threads");
+    let dir = tmp.path();
+    let (_, disk_arg) = common::blank_disk(dir);
     let mut guest = Guest::boot("tick", &["--cpus", "2", "--disk", &disk_arg]);
     guest.wait_for("THVC-TICK=3");
     let names = assert_sandboxed(guest.child.id());
@@ -124,11 +125,11 @@ fn a_forbidden_syscall_in_any_thread_kills_the_vmm() {
     }
 }
 
-/// A directory the unprivileged user can create its socket in.
-fn dir_for(name: &str, uid: u32) -> PathBuf {
+/// A directory the unprivileged user can create its socket in; removed when the guard drops.
+fn dir_for(name: &str, uid: u32) -> tempfile::TempDir {
     let dir = tempdir(name);
-    std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).expect("chown");
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).expect("chown");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
     dir
 }
 
@@ -153,10 +154,11 @@ fn api_ping(socket: &Path) {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn boots_as_nobody_with_a_handed_kvm_fd_and_no_capabilities() {
-    let dir = dir_for("sandbox-nobody", NOBODY);
+    let tmp = dir_for("sandbox-nobody", NOBODY);
+    let dir = tmp.path();
     let socket = dir.join("vm.sock");
-    let kernel = image_for(&common::kernel(), &dir, NOBODY);
-    let initrd = image_for(&common::initramfs(), &dir, NOBODY);
+    let kernel = image_for(&common::kernel(), dir, NOBODY);
+    let initrd = image_for(&common::initramfs(), dir, NOBODY);
     let cmdline = format!("{} thvc.action=tick", common::BASE_CMDLINE);
     let kvm = std::fs::OpenOptions::new()
         .read(true)
@@ -213,7 +215,8 @@ fn boots_as_nobody_with_a_handed_kvm_fd_and_no_capabilities() {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn started_as_root_it_drops_to_the_given_user() {
-    let dir = tempdir("sandbox-user");
+    let tmp = tempdir("sandbox-user");
+    let dir = tmp.path();
     let log = dir.join("console.log");
     let socket = dir.join("vm.sock");
     let serial = format!("file:{}", log.display());

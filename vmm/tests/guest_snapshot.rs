@@ -111,8 +111,9 @@ fn a_snapshot_of_a_virtio_pci_guest_continues_too() {
 }
 
 fn snapshot_and_restore(transport: Transport) {
-    let dir = tempdir(&format!("snapshot-{transport:?}"));
-    let (disk, disk_arg) = common::blank_disk(&dir);
+    let tmp = tempdir(&format!("snapshot-{transport:?}"));
+    let dir = tmp.path();
+    let (disk, disk_arg) = common::blank_disk(dir);
     let socket = dir.join("vm.sock");
     let snapshot = dir.join("snap");
     std::fs::create_dir_all(&snapshot).expect("snapshot dir");
@@ -237,7 +238,6 @@ fn snapshot_and_restore(transport: Transport) {
     common::api_call(&socket2, "stop");
     let (status, _, stderr) = restored.finish();
     assert_eq!(status.code(), Some(0), "{stderr}");
-    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
 /// Waits until `path` exists (a VMM that just started binds it).
@@ -283,8 +283,9 @@ fn migrate(socket: &Path, target: &Path) -> Value {
 #[test]
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn live_migration_moves_a_running_guest_to_another_vmm() {
-    let dir = tempdir("migration");
-    let (disk, disk_arg) = common::blank_disk(&dir);
+    let tmp = tempdir("migration");
+    let dir = tmp.path();
+    let (disk, disk_arg) = common::blank_disk(dir);
     let source_api = dir.join("source.sock");
     let shape = [
         "--cpus",
@@ -523,7 +524,6 @@ fn live_migration_moves_a_running_guest_to_another_vmm() {
     common::api_call(&target_api, "stop");
     let (status, _, stderr) = target.finish();
     assert_eq!(status.code(), Some(0), "{stderr}");
-    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
 /// `transmitted` and `received` from ping's summary line.
@@ -551,7 +551,8 @@ fn ping_summary(output: &str) -> (u64, u64) {
 #[ignore = "needs KVM that boots Linux: runs in the test VM via integration/run-tests"]
 fn a_migrated_guest_answers_pings_and_keeps_its_tcp_connection() {
     let _lan = common::Lan::new();
-    let dir = tempdir("migration-net");
+    let tmp = tempdir("migration-net");
+    let dir = tmp.path();
     let source_api = dir.join("source.sock");
     let mac = "52:54:00:77:00:02";
     let net = |tap: &str| format!("tap={tap},mac={mac}");
@@ -671,5 +672,4 @@ fn a_migrated_guest_answers_pings_and_keeps_its_tcp_connection() {
     );
     let _ = target.child.kill();
     let _ = target.finish();
-    std::fs::remove_dir_all(&dir).expect("cleanup");
 }

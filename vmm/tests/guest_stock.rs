@@ -74,7 +74,8 @@ fn a_stock_debian_guest_on_pci_boots_to_running_configures_its_network_and_power
 }
 
 fn stock_guest(transport: Transport) {
-    let dir = tempdir("stock");
+    let tmp = tempdir("stock");
+    let dir = tmp.path();
     let root = dir.join("root.ext4");
     let copy = Command::new("cp")
         .arg("--sparse=always")

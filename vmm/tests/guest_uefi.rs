@@ -144,7 +144,8 @@ fn ssh(key: &Path, command: &str) -> Output {
 fn a_cloud_image_boots_through_uefi_and_cloud_init_configures_it() {
     let firmware = asset("THVC_FIRMWARE");
     let image = asset("THVC_CLOUD_IMAGE");
-    let dir = tempdir("uefi");
+    let tmp = tempdir("uefi");
+    let dir = tmp.path();
     let disk = dir.join("disk.raw");
     run(Command::new("cp")
         .arg("--sparse=always")
@@ -155,7 +156,7 @@ fn a_cloud_image_boots_through_uefi_and_cloud_init_configures_it() {
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
         .arg(&key));
     let public_key = std::fs::read_to_string(dir.join("key.pub")).expect("public key");
-    let seed = nocloud_seed(&dir, &public_key);
+    let seed = nocloud_seed(dir, &public_key);
     let _tap = HostTap::new(TAP, &format!("{HOST_IP}/24"));
     let disk_arg = format!("path={}", disk.display());
     let seed_arg = format!("path={},readonly=on", seed.display());
@@ -257,8 +258,9 @@ fn a_cloud_image_boots_through_uefi_and_cloud_init_configures_it() {
 #[ignore = "needs the test VM (real KVM); run by integration/run-tests"]
 fn the_firmware_boots_the_disks_boot_loader_and_shutdown_powers_the_guest_off() {
     let firmware = asset("THVC_FIRMWARE");
-    let dir = tempdir("uefi-fast");
-    let disk = uefi_test_disk(&dir, "thvc.action=tick");
+    let tmp = tempdir("uefi-fast");
+    let dir = tmp.path();
+    let disk = uefi_test_disk(dir, "thvc.action=tick");
     let disk_arg = format!("path={}", disk.display());
     let socket = dir.join("api.sock");
     let started = Instant::now();
@@ -316,7 +318,8 @@ fn the_firmware_boots_the_disks_boot_loader_and_shutdown_powers_the_guest_off() 
 #[test]
 #[ignore = "needs the test VM (real KVM); run by integration/run-tests"]
 fn a_file_that_is_not_a_pvh_firmware_is_refused() {
-    let dir = tempdir("uefi-bad");
+    let tmp = tempdir("uefi-bad");
+    let dir = tmp.path();
     let fake = dir.join("OVMF.fd");
     std::fs::write(&fake, vec![0xffu8; 2 << 20]).expect("write");
     let disk = dir.join("disk.raw");

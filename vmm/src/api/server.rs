@@ -918,23 +918,25 @@ mod tests {
         }
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("thvc-api-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir
+    fn temp_dir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("thvc-api-{name}-"))
+            .tempdir()
+            .expect("temp dir")
     }
 
-    /// Serves `Mock` on a fresh socket; returns its path and the handler.
-    fn serve(name: &str) -> (PathBuf, Arc<Mock>) {
-        let path = temp_dir(name).join("api.sock");
+    /// Serves `Mock` on a fresh socket; returns the directory guard (the socket goes with it),
+    /// the socket's path and the handler.
+    fn serve(name: &str) -> (tempfile::TempDir, PathBuf, Arc<Mock>) {
+        let dir = temp_dir(name);
+        let path = dir.path().join("api.sock");
         let listener = bind(&path, false).expect("bind");
         let mock = Arc::new(Mock::default());
         let handler: Arc<dyn ApiHandler> = mock.clone();
         let epoll = Epoll::new().expect("epoll");
         let wake = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         std::thread::spawn(move || Server::new(listener, handler, epoll, wake).run());
-        (path, mock)
+        (dir, path, mock)
     }
 
     struct Client {
@@ -981,7 +983,7 @@ mod tests {
 
     #[test]
     fn a_later_answer_holds_its_connection_only() {
-        let (path, mock) = serve("later");
+        let (_dir, path, mock) = serve("later");
         let mut waiting = Client::connect(&path);
         // The ping after migrate is read only once migrate has its answer.
         waiting.send(b"{\"request\":\"migrate\"}\n{\"request\":\"ping\"}\n");
@@ -1049,7 +1051,8 @@ mod tests {
 
     #[test]
     fn socket_is_private_and_stale_sockets_are_replaced() {
-        let dir = temp_dir("bind");
+        let tmp = temp_dir("bind");
+        let dir = tmp.path();
         let path = dir.join("api.sock");
         let listener = bind(&path, false).expect("bind");
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
@@ -1089,7 +1092,7 @@ mod tests {
 
     #[test]
     fn several_requests_per_connection_answered_in_order() {
-        let (path, mock) = serve("order");
+        let (_dir, path, mock) = serve("order");
         let mut c = Client::connect(&path);
         c.send(b"{\"request\":\"ping\"}\n{\"request\":\"info\"}\r\n{\"request\":\"pause\"}\n");
         c.send(b"{\"request\":\"nope\"}\n{\"request\":\"stop\"}\n");
@@ -1112,7 +1115,7 @@ mod tests {
 
     #[test]
     fn garbage_gets_errors_and_the_connection_stays_usable() {
-        let (path, _) = serve("garbage");
+        let (_dir, path, _) = serve("garbage");
         let mut c = Client::connect(&path);
         c.send(b"\xff\xfe\x00garbage\n");
         assert!(c.error().contains("not valid UTF-8"));
@@ -1128,7 +1131,7 @@ mod tests {
 
     #[test]
     fn files_go_with_their_own_request_only_and_too_many_are_refused() {
-        let (path, _) = serve("files");
+        let (_dir, path, _) = serve("files");
         let mut c = Client::connect(&path);
         let file = File::open("/dev/null").expect("a file");
         send_with_files(&c.stream, b"{\"request\":\"ping\"}\n", &[&file, &file]).expect("send");
@@ -1145,7 +1148,7 @@ mod tests {
 
     #[test]
     fn huge_line_is_answered_then_the_connection_closed() {
-        let (path, _) = serve("huge");
+        let (_dir, path, _) = serve("huge");
         let mut c = Client::connect(&path);
         let writer = {
             let mut stream = c.stream.try_clone().expect("clone");
@@ -1165,7 +1168,7 @@ mod tests {
 
     #[test]
     fn half_closed_connection_gets_its_answers_then_eof() {
-        let (path, _) = serve("half");
+        let (_dir, path, _) = serve("half");
         let mut c = Client::connect(&path);
         // No trailing newline: the end of input ends the last request.
         c.send(b"{\"request\":\"ping\"}\n{\"request\":\"info\"}");
@@ -1182,7 +1185,7 @@ mod tests {
 
     #[test]
     fn too_many_connections_are_refused_and_then_served_again() {
-        let (path, _) = serve("many");
+        let (_dir, path, _) = serve("many");
         let mut held: Vec<Client> = (0..MAX_CONNECTIONS)
             .map(|_| Client::connect(&path))
             .collect();
@@ -1211,7 +1214,7 @@ mod tests {
 
     #[test]
     fn a_client_that_never_reads_does_not_block_others() {
-        let (path, _) = serve("noread");
+        let (_dir, path, _) = serve("noread");
         let greedy = UnixStream::connect(&path).expect("connect");
         greedy.set_nonblocking(true).expect("nonblocking");
         let request = b"{\"request\":\"info\"}\n".repeat(1024);

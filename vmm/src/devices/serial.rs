@@ -200,9 +200,11 @@ mod tests {
 
     #[test]
     fn transmitted_bytes_reach_the_file_and_raise_the_irq() {
-        let dir = std::env::temp_dir().join(format!("thvc-serial-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmp");
-        let path = dir.join("console.log");
+        let dir = tempfile::Builder::new()
+            .prefix("thvc-serial-")
+            .tempdir()
+            .expect("tmp");
+        let path = dir.path().join("console.log");
         let irq = Arc::new(EventFd::new(0).expect("eventfd"));
         let sink = SerialSink::open(&SerialTarget::File(path.clone())).expect("open");
         let mut dev = SerialDevice::new(irq.clone(), sink);
@@ -212,7 +214,6 @@ mod tests {
         }
         assert_eq!(std::fs::read(&path).expect("read"), b"hi\n");
         assert!(irq.read().expect("irq raised") > 0);
-        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]

@@ -176,8 +176,13 @@ mod tests {
         crate::vstate::memory::create(&ranges).expect("guest memory")
     }
 
-    fn temp_file(name: &str) -> (std::path::PathBuf, File) {
-        let path = std::env::temp_dir().join(format!("thvc-mem-{}-{name}", std::process::id()));
+    /// A fresh file in a directory of its own; the directory goes when the guard drops.
+    fn temp_file(name: &str) -> (tempfile::TempDir, File) {
+        let dir = tempfile::Builder::new()
+            .prefix("thvc-mem-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join(name);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -185,7 +190,7 @@ mod tests {
             .truncate(true)
             .open(&path)
             .expect("temp file");
-        (path, file)
+        (dir, file)
     }
 
     #[test]
@@ -197,7 +202,7 @@ mod tests {
             .expect("w");
         mem.write_slice(b"high", GuestAddress((1 << 32) + (4 << 20) - 4))
             .expect("w");
-        let (path, file) = temp_file("roundtrip");
+        let (_dir, file) = temp_file("roundtrip");
         let (ranges, written) = save(&mem, &file).expect("save");
         assert_eq!(ranges.len(), 2);
         assert_eq!(ranges[1].offset, 8 << 20);
@@ -217,13 +222,12 @@ mod tests {
             .read_slice(&mut tail, GuestAddress((1 << 32) + (4 << 20) - 4))
             .expect("r");
         assert_eq!(&tail, b"high");
-        std::fs::remove_file(path).expect("cleanup");
     }
 
     #[test]
     fn another_layout_or_a_short_file_is_refused() {
         let mem = memory(&[(0, 4 << 20)]);
-        let (path, file) = temp_file("refused");
+        let (_dir, file) = temp_file("refused");
         let (ranges, _) = save(&mem, &file).expect("save");
         let bigger = memory(&[(0, 8 << 20)]);
         let e = load(&bigger, &file, &ranges).expect_err("layout");
@@ -231,6 +235,5 @@ mod tests {
         file.set_len(1 << 20).expect("truncate");
         let e = load(&mem, &file, &ranges).expect_err("short");
         assert!(matches!(e, MemoryFileError::Short { .. }), "{e}");
-        std::fs::remove_file(path).expect("cleanup");
     }
 }

@@ -372,10 +372,12 @@ pub fn blank_disk(dir: &std::path::Path) -> (PathBuf, String) {
     (disk, arg)
 }
 
-pub fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("thvc-vmm-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
+/// A fresh directory for one test; it is removed when the guard drops, pass or fail.
+pub fn tempdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("thvc-vmm-test-{name}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
 fn ip(args: &[&str]) {

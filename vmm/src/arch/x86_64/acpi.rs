@@ -757,8 +757,11 @@ mod tests {
     /// QEMU's and Cloud Hypervisor's do: the specification says "should not", Linux ignores
     /// the `_ADR`.)
     fn iasl_disassemble(name: &str, table: &[u8]) -> String {
-        let dir = std::env::temp_dir().join(format!("thvc-acpi-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmp");
+        let tmp = tempfile::Builder::new()
+            .prefix("thvc-acpi-")
+            .tempdir()
+            .expect("tmp");
+        let dir = tmp.path();
         let aml = dir.join(format!("{name}.dat"));
         std::fs::write(&aml, table).expect("write");
         let out = std::process::Command::new("iasl")

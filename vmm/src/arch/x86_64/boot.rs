@@ -451,10 +451,15 @@ mod tests {
         assert_eq!(bytes[0x1e8], 2, "e820_entries at its documented offset");
     }
 
-    fn temp_file(name: &str, content: &[u8]) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("thvc-boot-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmp");
-        let path = dir.join(name);
+    fn temp_dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("thvc-boot-")
+            .tempdir()
+            .expect("tmp")
+    }
+
+    fn temp_file(dir: &tempfile::TempDir, name: &str, content: &[u8]) -> PathBuf {
+        let path = dir.path().join(name);
         std::fs::write(&path, content).expect("write");
         path
     }
@@ -466,22 +471,23 @@ mod tests {
     #[test]
     fn garbage_kernels_give_clear_errors() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("mem");
-        let junk = temp_file("junk", &[0x42; 8192]);
+        let dir = temp_dir();
+        let junk = temp_file(&dir, "junk", &[0x42; 8192]);
         let err = load_kernel_at(&mem, &junk).expect_err("junk");
         assert!(
             err.to_string().contains("neither a bzImage nor an ELF"),
             "{err}"
         );
-        let empty = temp_file("empty", &[]);
+        let empty = temp_file(&dir, "empty", &[]);
         assert!(load_kernel_at(&mem, &empty).is_err());
         let mut bad_elf = b"\x7fELF".to_vec();
         bad_elf.resize(100, 0);
-        let bad_elf = temp_file("bad-elf", &bad_elf);
+        let bad_elf = temp_file(&dir, "bad-elf", &bad_elf);
         let err = load_kernel_at(&mem, &bad_elf).expect_err("truncated ELF");
         assert!(err.to_string().starts_with("cannot load kernel"), "{err}");
         let mut bad_bz = vec![0u8; 0x300];
         bad_bz[0x202..0x206].copy_from_slice(b"HdrS");
-        let bad_bz = temp_file("bad-bz", &bad_bz);
+        let bad_bz = temp_file(&dir, "bad-bz", &bad_bz);
         assert!(load_kernel_at(&mem, &bad_bz).is_err());
         let missing = load_kernel_at(&mem, Path::new("/nonexistent/vmlinuz")).expect_err("missing");
         assert!(

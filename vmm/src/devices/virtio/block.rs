@@ -838,13 +838,17 @@ mod tests {
         );
     }
 
-    fn temp_disk(name: &str, size: u64) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("thvc-blk-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmp");
-        let path = dir.join("disk.raw");
+    /// A sparse disk image of `size` bytes in a directory of its own; returns the directory
+    /// guard (the image goes with it) and the image's path.
+    fn temp_disk(name: &str, size: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("thvc-blk-{name}-"))
+            .tempdir()
+            .expect("tmp");
+        let path = dir.path().join("disk.raw");
         let f = File::create(&path).expect("create");
         f.set_len(size).expect("size");
-        path
+        (dir, path)
     }
 
     /// Drives the device through a real ring in guest memory, as the guest driver does.
@@ -909,7 +913,7 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering};
         use std::time::Duration;
 
-        let path = temp_disk("throttled", 1 << 20);
+        let (_dir, path) = temp_disk("throttled", 1 << 20);
         let mut h = Harness::new(&path, false);
         let now = Arc::new(AtomicU64::new(0));
         let clock_now = now.clone();
@@ -962,7 +966,7 @@ mod tests {
 
     #[test]
     fn write_read_flush_get_id_discard_on_a_real_file() {
-        let path = temp_disk("rw", 1 << 20);
+        let (_dir, path) = temp_disk("rw", 1 << 20);
         let mut h = Harness::new(&path, false);
         let mem = h.ring.mem.clone();
         let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
@@ -1050,7 +1054,7 @@ mod tests {
 
     #[test]
     fn buffers_outside_guest_memory_fail_the_request_only() {
-        let path = temp_disk("outside", 1 << 20);
+        let (_dir, path) = temp_disk("outside", 1 << 20);
         let mut h = Harness::new(&path, false);
         let outside = MEM_SIZE as u64 + 0x10_0000;
         for _ in 0..1000 {
@@ -1068,7 +1072,7 @@ mod tests {
 
     #[test]
     fn read_only_disk_refuses_writes_with_ioerr_and_keeps_data() {
-        let path = temp_disk("ro", 64 * 1024);
+        let (_dir, path) = temp_disk("ro", 64 * 1024);
         std::fs::write(&path, vec![0xabu8; 64 * 1024]).expect("fill");
         let (info, _) = open(&path, true, None, 1).expect("open");
         assert_ne!(info.features & VIRTIO_BLK_F_RO, 0);
@@ -1089,7 +1093,7 @@ mod tests {
 
     #[test]
     fn several_queues_share_the_disk_and_announce_mq() {
-        let path = temp_disk("mq", 64 * 1024);
+        let (_dir, path) = temp_disk("mq", 64 * 1024);
         let (one, _) = open(&path, false, None, 1).expect("open");
         assert_eq!(one.features & VIRTIO_BLK_F_MQ, 0, "one queue: no MQ");
         let (info, workers) = open(&path, false, None, 4).expect("open");
@@ -1106,7 +1110,7 @@ mod tests {
 
     #[test]
     fn config_space_and_open_errors() {
-        let path = temp_disk("cfg", 10 * 512 + 100);
+        let (_dir, path) = temp_disk("cfg", 10 * 512 + 100);
         let (info, _) = open(&path, false, None, 1).expect("open");
         assert_eq!(
             u64::from_le_bytes(info.config_space[0..8].try_into().expect("8")),
@@ -1121,7 +1125,7 @@ mod tests {
             open(Path::new("/nonexistent/disk"), false, None, 1),
             Err(BlockError::Open { .. })
         ));
-        let tiny = temp_disk("tiny", 100);
+        let (_tiny_dir, tiny) = temp_disk("tiny", 100);
         assert!(matches!(
             open(&tiny, false, None, 1),
             Err(BlockError::TooSmall(_))
@@ -1136,7 +1140,7 @@ mod tests {
     /// worker spin forever. Now the queue is declared broken and the device needs a reset.
     #[test]
     fn avail_index_far_ahead_breaks_the_queue_instead_of_spinning() {
-        let path = temp_disk("ahead", 1 << 20);
+        let (_dir, path) = temp_disk("ahead", 1 << 20);
         let mut h = Harness::new(&path, false);
         h.ring
             .mem
@@ -1153,7 +1157,7 @@ mod tests {
     /// ring with a valid head index.
     #[test]
     fn random_rings_never_break_the_device() {
-        let path = temp_disk("fuzz", 1 << 20);
+        let (_dir, path) = temp_disk("fuzz", 1 << 20);
         let mut rng = Rng(0x5eed_1234_abcd_0001);
         let mut completed = 0u32;
         for round in 0..300 {
