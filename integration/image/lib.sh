@@ -184,7 +184,8 @@ node_tpm_start() {
 }
 
 # node_start [NAME=VALUE | NAME=@FILE]...: boots $work/disk.raw with those
-# credentials; sets qemu_pid, ssh_port and metrics_port (node-exporter's :9100);
+# credentials; sets qemu_pid, qemu_started (its start, seconds since the epoch), ssh_port
+# and metrics_port (node-exporter's :9100);
 # console in $work/console.log. Extra QEMU arguments in the array qemu_extra.
 # node_console=ttyS1: the node has two serial ports and console.log is the second's (the
 # first's output goes to console-ttyS0.log), for a node given the ttyS1 console add-on.
@@ -224,6 +225,7 @@ node_start() {
         "${tpm_qemu[@]}" "${creds[@]}" "${qemu_extra[@]}" \
         -display none "${serial[@]}" -monitor none &
     qemu_pid=$!
+    qemu_started=$(date +%s)
 }
 
 # node_enroll: the first power-on of a server in setup mode (a new node_disk): systemd-boot
