@@ -27,6 +27,8 @@ image_install_host_tools() {
     command -v ssh >/dev/null || need+=(openssh-client)
     # The boot test tries /var's escrowed recovery key on its LUKS2 header.
     command -v cryptsetup >/dev/null || need+=(cryptsetup-bin)
+    # The e2e test's second build signs with keys in a software HSM (SoftHSM2, PKCS#11).
+    command -v softhsm2-util >/dev/null || need+=(softhsm2)
     for p in python3 zstd curl openssl socat; do command -v "$p" >/dev/null || need+=("$p"); done
     # The boot test's log collector (systemd-journal-remote: its package enables nothing;
     # socat its TLS).
