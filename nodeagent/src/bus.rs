@@ -396,6 +396,14 @@ impl Manager {
         hostinfo::var_recovery_key(&self.node.config().var_recovery_key)
     }
 
+    /// A provisioning boot: Secure Boot off and no /var on the disk yet, so /var is in
+    /// memory and nothing of this boot is kept (VMs and disks made now are lost): the
+    /// control plane places no workloads here until the node has booted with Secure Boot.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn provisioning(&self) -> bool {
+        hostinfo::provisioning(&self.node.config().provisioning_flag)
+    }
+
     #[zbus(property)]
     fn network_state(&self) -> String {
         self.node.network_state()

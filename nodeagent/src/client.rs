@@ -56,6 +56,9 @@ pub trait Manager {
     /// PEM CMS envelope; empty when none (absent from older agents: UnknownProperty).
     #[zbus(property)]
     fn var_recovery_key(&self) -> zbus::Result<String>;
+    /// A provisioning boot, /var in memory (absent from older agents: UnknownProperty).
+    #[zbus(property)]
+    fn provisioning(&self) -> zbus::Result<bool>;
     #[zbus(property)]
     fn network_state(&self) -> zbus::Result<String>;
 

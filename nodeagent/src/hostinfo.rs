@@ -125,6 +125,13 @@ pub fn var_recovery_key(path: &Path) -> String {
     one_pem(path, "CMS")
 }
 
+/// Whether this is a provisioning boot: Secure Boot off and no /var on the disk yet, so /var
+/// is in memory and nothing of this boot is kept (thvc-provisioning-generator marks it with
+/// `path`; image/README.md, "Writing it to a server").
+pub fn provisioning(path: &Path) -> bool {
+    path.exists()
+}
+
 /// The text of `path` when it is exactly one PEM block of type `label` (at most 16 KiB);
 /// otherwise empty (a missing file silently, anything else with a warning).
 fn one_pem(path: &Path, label: &str) -> String {

@@ -126,6 +126,10 @@ struct DaemonArgs {
     /// /usr/lib/thvc/var-recovery-key writes it, for VarRecoveryKey.
     #[arg(long, default_value = "/var/lib/thvc/var-recovery-key.p7m")]
     var_recovery_key: PathBuf,
+    /// Present at a provisioning boot (thvc-provisioning-generator: Secure Boot off, no /var
+    /// on the disk yet, /var in memory), for Provisioning.
+    #[arg(long, default_value = "/run/thvc/provisioning")]
+    provisioning_flag: PathBuf,
     /// Program for host updates and reboots (Manager.Update, Manager.Reboot):
     /// `PATH check|install [URL]` prints the version found or installed (nothing: none
     /// newer), `PATH reboot` starts the reboot. Without it both are refused. The image
@@ -437,6 +441,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         efivars: args.efivars,
         tpm2_srk: args.tpm2_srk,
         var_recovery_key: args.var_recovery_key,
+        provisioning_flag: args.provisioning_flag,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         start_timeout: Duration::from_secs(args.start_timeout),
         stop_timeout: Duration::from_secs(args.stop_timeout),

@@ -529,6 +529,7 @@ async fn manager_reports_image_version_from_os_release() {
     let srk_pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n";
     std::fs::write(&srk, srk_pem).unwrap();
     let recovery = dirs.root.path().join("var-recovery-key.p7m");
+    let provisioning = dirs.root.path().join("provisioning");
     let _agent = Agent::start(
         &bus,
         &dirs,
@@ -543,6 +544,8 @@ async fn manager_reports_image_version_from_os_release() {
             srk.to_str().unwrap(),
             "--var-recovery-key",
             recovery.to_str().unwrap(),
+            "--provisioning-flag",
+            provisioning.to_str().unwrap(),
         ],
     );
     let conn = connect(&bus).await;
@@ -583,6 +586,25 @@ async fn manager_reports_image_version_from_os_release() {
     assert_eq!(m.var_recovery_key().await.unwrap(), envelope);
     let out = stdout_of(std::process::Command::new(THVCCTL).args(recovery_args));
     assert_eq!(out, envelope);
+    // A provisioning boot (the generator's mark): the property and thvcctl status say so.
+    let status_args = ["--bus", bus.address.as_str(), "status"];
+    assert!(!m.provisioning().await.unwrap());
+    assert!(
+        !stdout_of(std::process::Command::new(THVCCTL).args(status_args)).contains("PROVISIONING")
+    );
+    std::fs::write(&provisioning, "").unwrap();
+    assert!(m.provisioning().await.unwrap());
+    assert!(
+        stdout_of(std::process::Command::new(THVCCTL).args(status_args))
+            .contains("PROVISIONING BOOT: /var is in memory")
+    );
+    let json = stdout_of(std::process::Command::new(THVCCTL).args([
+        "--bus",
+        bus.address.as_str(),
+        "--json",
+        "status",
+    ]));
+    assert!(json.contains("\"provisioning\":true"), "{json}");
     assert!(!m.time_synchronized().await.unwrap());
     let _timedated = fake_timedated(&bus, true).await;
     assert!(m.time_synchronized().await.unwrap());
@@ -613,6 +635,7 @@ async fn manager_reports_image_version_from_os_release() {
         "SecureBoot",
         "TpmSrkPublicKey",
         "VarRecoveryKey",
+        "Provisioning",
         "NetworkState",
     ] {
         assert!(all.contains_key(p), "{p} missing from GetAll");

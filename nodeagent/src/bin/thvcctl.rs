@@ -566,6 +566,7 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
     let time_synchronized = newer_property(manager.time_synchronized().await)?;
     let secure_boot = newer_property(manager.secure_boot().await)?;
     let tpm2 = newer_property(manager.tpm_srk_public_key().await)?.map(|pem| !pem.is_empty());
+    let provisioning = newer_property(manager.provisioning().await)?;
     let v = json!({
         "hostname": manager.hostname().await?,
         "version": manager.version().await?,
@@ -580,6 +581,7 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
         "time_synchronized": time_synchronized,
         "secure_boot": secure_boot,
         "tpm2": tpm2,
+        "provisioning": provisioning,
         "drained": manager.drained().await?,
         "vcpus_allocated": manager.allocated_vcpus().await?,
         "vcpus_capacity": manager.vcpu_capacity().await?,
@@ -648,6 +650,12 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
                 None => "TPM2 unknown",
             }
         );
+        if v["provisioning"] == true {
+            println!(
+                "           PROVISIONING BOOT: /var is in memory, nothing of this boot is kept; \
+                 seal the credentials, enroll the Secure Boot keys, reboot"
+            );
+        }
         println!(
             "Allocated: {} of {} vCPUs, {} of {} MiB (running and autostart VMs)",
             v["vcpus_allocated"],
