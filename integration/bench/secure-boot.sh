@@ -55,11 +55,8 @@ creds=(system.hostname=thvc-bench ssh.authorized_keys.thvc-ctl=@"$work/ctl_key.p
 # ready: seconds from QEMU's start until thvcctl -H status answers (at most 600).
 ready() {
     local deadline=$(( $(date +%s) + 600 )) t
-    cat > "$work/ssh-ctl" <<W
-#!/bin/sh
-exec ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o ConnectTimeout=5 -o LogLevel=ERROR -p $ssh_port -i $work/ctl_key "\$@"
-W
-    chmod +x "$work/ssh-ctl"
+    rm -f "$work/known_hosts"   # each disk has host keys of its own
+    node_ssh_setup
     until THVCCTL_SSH="$work/ssh-ctl" "$thvcctl" -H thvc-ctl@127.0.0.1 status > /dev/null 2>&1; do
         node_alive && [ "$(date +%s)" -lt "$deadline" ] || { tail -n 20 "$work/console.log" >&2; return 1; }
         sleep 1
@@ -69,8 +66,7 @@ W
 }
 # poweroff: a clean shutdown (root's key), QEMU's exit awaited.
 poweroff() {
-    ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR \
-        -p "$ssh_port" -i "$work/ctl_key" root@127.0.0.1 systemctl poweroff > /dev/null 2>&1 || true
+    ssh "${sshopts[@]}" -i "$work/ctl_key" root@127.0.0.1 systemctl poweroff > /dev/null 2>&1 || true
     local deadline=$(( $(date +%s) + 120 ))
     while kill -0 "$qemu_pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 1; done
     node_stop

@@ -1,4 +1,5 @@
-# Shared by integration/image/{boot-test,tamper-test,e2e}: host tools, and one
+# Shared by integration/image/{boot-test,tamper-test,provisioning-test,e2e} and
+# integration/bench/secure-boot.sh: host tools, the node's SSH, and one
 # QEMU node (TCG, -cpu max, q35, OVMF, two virtio NICs) booted with SMBIOS
 # type 11 credentials. Source it; it expects `work` (a scratch directory) set.
 #
@@ -266,6 +267,38 @@ node_enroll() {
            tail -n 20 "$work/console.log" >&2 ;;
     esac
     return 1
+}
+
+# node_ssh_setup [KEY]: SSH to the node through QEMU's forward of $ssh_port (again after
+# every node_start: a new port): sets sshopts, and $work/ssh-ctl, an ssh that thvcctl -H
+# runs (THVCCTL_SSH) with KEY (default $work/ctl_key). Keepalives: a node that dies (a kernel
+# panic) ends a command within 30 s instead of leaving it waiting forever.
+node_ssh_setup() {
+    sshopts=(-o StrictHostKeyChecking=no -o UserKnownHostsFile="$work/known_hosts" -o BatchMode=yes
+             -o ConnectTimeout=5 -o ServerAliveInterval=5 -o ServerAliveCountMax=6
+             -o LogLevel=ERROR -p "$ssh_port")
+    cat > "$work/ssh-ctl" <<W
+#!/bin/sh
+exec ssh ${sshopts[*]} -i ${1:-$work/ctl_key} "\$@"
+W
+    chmod +x "$work/ssh-ctl"
+}
+# vm COMMAND: COMMAND as root on the node (key $work/root_key).
+vm() { ssh "${sshopts[@]}" -i "$work/root_key" root@127.0.0.1 "$@"; }
+# check DESCRIPTION COMMAND: COMMAND as root on the node must succeed; says "ok" with its
+# output through the script's log, or fails through the script's fail.
+check() {
+    local what=$1 out; shift
+    if out=$(vm "$@" 2>&1); then log "ok: $what${out:+ ($(echo "$out" | tr '\n' ' ' | cut -c1-200))}"
+    else echo "$out" >&2; fail "$what"; fi
+}
+# node_seal NAME=VALUE|NAME=@FILE: the node seals the credential to its TPM2 onto its ESP
+# (/usr/lib/thvc/seal-credential, as root); prints what it says.
+node_seal() {
+    local name=${1%%=*} value=${1#*=}
+    if [ "${value:0:1}" = @ ]; then vm "/usr/lib/thvc/seal-credential $name" < "${value:1}"
+    else printf '%s' "$value" | vm "/usr/lib/thvc/seal-credential $name"
+    fi
 }
 
 node_stop() {
