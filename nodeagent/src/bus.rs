@@ -396,6 +396,14 @@ impl Manager {
         hostinfo::var_recovery_key(&self.node.config().var_recovery_key)
     }
 
+    /// The PCR signing key /var and the credentials are sealed to (SHA-256 of its public key,
+    /// hex; empty before the first rollover check): a fleet rotating that key publishes
+    /// releases signed by the new key alone once every node reports it.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn pcr_key(&self) -> String {
+        hostinfo::pcr_key(&self.node.config().pcr_key)
+    }
+
     /// A provisioning boot: Secure Boot off and no /var on the disk yet, so /var is in
     /// memory and nothing of this boot is kept (VMs and disks made now are lost): the
     /// control plane places no workloads here until the node has booted with Secure Boot.

@@ -56,6 +56,10 @@ pub trait Manager {
     /// PEM CMS envelope; empty when none (absent from older agents: UnknownProperty).
     #[zbus(property)]
     fn var_recovery_key(&self) -> zbus::Result<String>;
+    /// Hex SHA-256 of the PCR key /var is sealed to; empty when unknown (absent from older
+    /// agents: UnknownProperty).
+    #[zbus(property)]
+    fn pcr_key(&self) -> zbus::Result<String>;
     /// A provisioning boot, /var in memory (absent from older agents: UnknownProperty).
     #[zbus(property)]
     fn provisioning(&self) -> zbus::Result<bool>;

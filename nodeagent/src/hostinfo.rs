@@ -125,6 +125,31 @@ pub fn var_recovery_key(path: &Path) -> String {
     one_pem(path, "CMS")
 }
 
+/// The PCR signing key /var and the node's credentials are sealed to: the SHA-256 of its
+/// public key (DER), the "pkfp" of a UKI's PCR signature, in 64 hex digits, as
+/// thvc-pcr-key-rollover.service writes it to `path` (/var/lib/thvc/pcr-key) once both are
+/// sealed to the image's key (image/README.md, "Rotating the PCR signing key"). Empty before
+/// it ran (missing silently) and when the file says anything else (with a warning).
+pub fn pcr_key(path: &Path) -> String {
+    let Ok(text) = std::fs::read(path) else {
+        return String::new();
+    };
+    match std::str::from_utf8(&text).map(str::trim) {
+        Ok(fp)
+            if fp.len() == 64
+                && fp
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) =>
+        {
+            fp.to_owned()
+        }
+        _ => {
+            tracing::warn!("{}: not one SHA-256 fingerprint in hex", path.display());
+            String::new()
+        }
+    }
+}
+
 /// Whether this is a provisioning boot: Secure Boot off and no /var on the disk yet, so /var
 /// is in memory and nothing of this boot is kept (thvc-provisioning-generator marks it with
 /// `path`; image/README.md, "Writing it to a server").
@@ -638,6 +663,24 @@ mod tests {
         assert_eq!(var_recovery_key(&f), "", "another PEM type");
         std::fs::write(&f, "kbdcgvbh-ddhjfcue-unrhulle-hbfnitcn\n").unwrap();
         assert_eq!(var_recovery_key(&f), "", "a key in clear is never served");
+    }
+
+    #[test]
+    fn pcr_key_only_when_one_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pcr-key");
+        assert_eq!(pcr_key(&f), "", "not rolled over yet: empty");
+        let fp = "3f".repeat(32);
+        std::fs::write(&f, format!("{fp}\n")).unwrap();
+        assert_eq!(pcr_key(&f), fp);
+        std::fs::write(&f, fp.to_uppercase()).unwrap();
+        assert_eq!(pcr_key(&f), "", "the rollover writes lower case");
+        std::fs::write(&f, &fp[..63]).unwrap();
+        assert_eq!(pcr_key(&f), "", "too short");
+        std::fs::write(&f, format!("{fp}\n{fp}\n")).unwrap();
+        assert_eq!(pcr_key(&f), "", "two of them");
+        std::fs::write(&f, [0xffu8; 64]).unwrap();
+        assert_eq!(pcr_key(&f), "", "not text");
     }
 
     #[test]

@@ -126,6 +126,10 @@ struct DaemonArgs {
     /// /usr/lib/thvc/var-recovery-key writes it, for VarRecoveryKey.
     #[arg(long, default_value = "/var/lib/thvc/var-recovery-key.p7m")]
     var_recovery_key: PathBuf,
+    /// The fingerprint of the PCR key /var and the credentials are sealed to, as
+    /// thvc-pcr-key-rollover.service writes it, for PcrKey.
+    #[arg(long, default_value = "/var/lib/thvc/pcr-key")]
+    pcr_key_file: PathBuf,
     /// Present at a provisioning boot (thvc-provisioning-generator: Secure Boot off, no /var
     /// on the disk yet, /var in memory), for Provisioning.
     #[arg(long, default_value = "/run/thvc/provisioning")]
@@ -441,6 +445,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
         efivars: args.efivars,
         tpm2_srk: args.tpm2_srk,
         var_recovery_key: args.var_recovery_key,
+        pcr_key: args.pcr_key_file,
         provisioning_flag: args.provisioning_flag,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         start_timeout: Duration::from_secs(args.start_timeout),

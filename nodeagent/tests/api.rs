@@ -530,6 +530,7 @@ async fn manager_reports_image_version_from_os_release() {
     std::fs::write(&srk, srk_pem).unwrap();
     let recovery = dirs.root.path().join("var-recovery-key.p7m");
     let provisioning = dirs.root.path().join("provisioning");
+    let pcr_key = dirs.root.path().join("pcr-key");
     let _agent = Agent::start(
         &bus,
         &dirs,
@@ -546,6 +547,8 @@ async fn manager_reports_image_version_from_os_release() {
             recovery.to_str().unwrap(),
             "--provisioning-flag",
             provisioning.to_str().unwrap(),
+            "--pcr-key-file",
+            pcr_key.to_str().unwrap(),
         ],
     );
     let conn = connect(&bus).await;
@@ -605,6 +608,28 @@ async fn manager_reports_image_version_from_os_release() {
         "status",
     ]));
     assert!(json.contains("\"provisioning\":true"), "{json}");
+    // The PCR key /var is sealed to: unknown until thvc-pcr-key-rollover wrote it; then
+    // its fingerprint, in the property and both forms of thvcctl status.
+    assert_eq!(m.pcr_key().await.unwrap(), "");
+    assert!(
+        stdout_of(std::process::Command::new(THVCCTL).args(status_args))
+            .contains("PCR key:   not checked yet")
+    );
+    let fp = "0123456789abcdef".repeat(4);
+    std::fs::write(&pcr_key, format!("{fp}\n")).unwrap();
+    assert_eq!(m.pcr_key().await.unwrap(), fp);
+    assert!(
+        stdout_of(std::process::Command::new(THVCCTL).args(status_args)).contains(&format!(
+            "PCR key:   {fp} (/var and the credentials sealed to it)"
+        ))
+    );
+    let json = stdout_of(std::process::Command::new(THVCCTL).args([
+        "--bus",
+        bus.address.as_str(),
+        "--json",
+        "status",
+    ]));
+    assert!(json.contains(&format!("\"pcr_key\":\"{fp}\"")), "{json}");
     assert!(!m.time_synchronized().await.unwrap());
     let _timedated = fake_timedated(&bus, true).await;
     assert!(m.time_synchronized().await.unwrap());

@@ -567,6 +567,7 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
     let secure_boot = newer_property(manager.secure_boot().await)?;
     let tpm2 = newer_property(manager.tpm_srk_public_key().await)?.map(|pem| !pem.is_empty());
     let provisioning = newer_property(manager.provisioning().await)?;
+    let pcr_key = newer_property(manager.pcr_key().await)?;
     let v = json!({
         "hostname": manager.hostname().await?,
         "version": manager.version().await?,
@@ -582,6 +583,7 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
         "secure_boot": secure_boot,
         "tpm2": tpm2,
         "provisioning": provisioning,
+        "pcr_key": pcr_key,
         "drained": manager.drained().await?,
         "vcpus_allocated": manager.allocated_vcpus().await?,
         "vcpus_capacity": manager.vcpu_capacity().await?,
@@ -655,6 +657,11 @@ async fn status(manager: &ManagerProxy<'_>, json_out: bool) -> Result<()> {
                 "           PROVISIONING BOOT: /var is in memory, nothing of this boot is kept; \
                  seal the credentials, enroll the Secure Boot keys, reboot"
             );
+        }
+        match v["pcr_key"].as_str() {
+            Some("") => println!("PCR key:   not checked yet (/var's sealing)"),
+            Some(fp) => println!("PCR key:   {fp} (/var and the credentials sealed to it)"),
+            None => println!("PCR key:   unknown (the agent does not report it)"),
         }
         println!(
             "Allocated: {} of {} vCPUs, {} of {} MiB (running and autostart VMs)",

@@ -193,6 +193,8 @@ pub struct NodeConfig {
     pub tpm2_srk: PathBuf,
     /// /var's recovery key, enveloped for the operator's escrow certificate (PEM CMS).
     pub var_recovery_key: PathBuf,
+    /// The PCR key /var and the credentials are sealed to (thvc-pcr-key-rollover).
+    pub pcr_key: PathBuf,
     /// Exists at a provisioning boot (/var in memory; thvc-provisioning-generator).
     pub provisioning_flag: PathBuf,
     pub shutdown_timeout: Duration,
