@@ -126,7 +126,7 @@ pub fn var_recovery_key(path: &Path) -> String {
 }
 
 /// The PCR signing key /var and the node's credentials are sealed to: the SHA-256 of its
-/// public key (DER), the "pkfp" of a UKI's PCR signature, in 64 hex digits, as
+/// public key in PKCS#1 DER form, the "pkfp" of a UKI's PCR signature, in 64 hex digits, as
 /// thvc-pcr-key-rollover.service writes it to `path` (/var/lib/thvc/pcr-key) once both are
 /// sealed to the image's key (image/README.md, "Rotating the PCR signing key"). Empty before
 /// it ran (missing silently) and when the file says anything else (with a warning).
